@@ -1,0 +1,155 @@
+"""Plain configuration objects and the per-layer spec file (YAML or JSON)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tqcompressor.errors import TQCError
+
+METHODS = ("tq", "kronecker", "svd")
+
+# Which modules are compressed when the user names none, by model_type.
+DEFAULT_TARGET_MODULES = {
+    "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+@dataclass
+class LayerSpec:
+    """How one module is compressed. Shapes are in (out, in) orientation, as ``nn.Linear`` stores
+    them; for an embedding, (vocab, dim)."""
+
+    method: str = "tq"
+    rank: int = 1
+    a_shape: tuple[int, int] | None = None
+    b_shape: tuple[int, int] | None = None
+    step: int = 1  # distillation step at which this module is compressed (1 = first)
+    reason: str = ""  # why the budget solver chose this; empty for explicit specs
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise TQCError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if int(self.rank) < 1:
+            raise TQCError(f"rank must be a positive integer, got {self.rank}")
+        if int(self.step) < 1:
+            raise TQCError(f"step must be 1 or more, got {self.step}")
+        self.a_shape = tuple(int(x) for x in self.a_shape) if self.a_shape is not None else None
+        self.b_shape = tuple(int(x) for x in self.b_shape) if self.b_shape is not None else None
+        if self.method != "svd" and self.a_shape is None and self.b_shape is None:
+            raise TQCError(f"a {self.method} layer spec needs a_shape or b_shape")
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class CompressionConfig:
+    """What to compress and how much. Either a budget (``ratio`` or ``target_params`` of the whole
+    model, every parameter counted once) that is turned into per-layer shapes automatically, or an
+    explicit per-layer ``layers`` spec: ``(module name or pattern, LayerSpec)`` pairs; a module may
+    appear again at a later step to be compressed further."""
+
+    method: str = "tq"
+    ratio: float | None = 0.65
+    target_params: int | None = None
+    target_modules: list[str] | None = None  # name suffixes or glob patterns; None = per-architecture default
+    layers: list[tuple[str, LayerSpec]] | None = None  # (module name or pattern, spec)
+    tie_lm_head: bool = True  # when a tied embedding is factored: keep the head tied to the factors
+    steps: int = 1  # spread the automatic plan over this many distillation steps
+    max_iterations: int = 20  # cap on permutation-search rounds per matrix (tq)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise TQCError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.layers is None:
+            if self.target_params is None and self.ratio is None:
+                raise TQCError("give a ratio (0, 1], a target parameter count, or an explicit layer spec")
+            if self.ratio is not None and not 0 < self.ratio <= 1:
+                raise TQCError(f"ratio must be in (0, 1] (fraction of parameters kept), got {self.ratio}")
+            if self.target_params is not None and self.target_params <= 0:
+                raise TQCError(f"target_params must be positive, got {self.target_params}")
+        if self.steps < 1:
+            raise TQCError(f"steps must be 1 or more, got {self.steps}")
+
+
+def load_spec(path: str | Path) -> CompressionConfig:
+    """Read a per-layer spec file. Format (YAML or JSON)::
+
+        tie_lm_head: false            # optional
+        layers:
+          - modules: [transformer.h.1.mlp.c_fc, ...]   # exact module names or glob patterns
+            method: tq
+            rank: 4
+            a_shape: [768, 384]
+            b_shape: [4, 2]
+            step: 1
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TQCError(f"spec file {path} does not exist; pass a YAML or JSON file with a 'layers' list")
+    try:
+        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise TQCError(f"spec file {path} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+        raise TQCError(f"spec file {path} needs a top-level 'layers' list")
+    layers: list[tuple[str, LayerSpec]] = []
+    allowed = {"modules", "method", "rank", "a_shape", "b_shape", "step"}
+    for i, entry in enumerate(data["layers"]):
+        if not isinstance(entry, dict) or "modules" not in entry:
+            raise TQCError(f"spec file {path}: layers[{i}] needs a 'modules' list")
+        unknown = set(entry) - allowed
+        if unknown:
+            raise TQCError(f"spec file {path}: layers[{i}] has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        fields = {k: v for k, v in entry.items() if k != "modules"}
+        modules = entry["modules"] if isinstance(entry["modules"], list) else [entry["modules"]]
+        for name in modules:
+            layers.append((str(name), LayerSpec(**fields)))
+    return CompressionConfig(method="tq", ratio=None, layers=layers,
+                             tie_lm_head=bool(data.get("tie_lm_head", True)),
+                             max_iterations=int(data.get("max_iterations", 20)))
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    method: str
+    rank: int
+    a_shape: tuple[int, int] | None
+    b_shape: tuple[int, int] | None
+    step: int
+    params_before: int
+    params_after: int
+    relative_error: float
+    seconds: float
+    reason: str = ""
+
+
+@dataclass
+class CompressionReport:
+    params_before: int = 0
+    params_after: int = 0
+    target_params: int | None = None
+    method: str = ""
+    seconds: float = 0.0
+    counting: str = ("every parameter of the model counted once (a tied embedding/LM head once), "
+                     "permutation index buffers excluded")
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["ratio"] = self.ratio
+        return out

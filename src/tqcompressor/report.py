@@ -1,0 +1,35 @@
+"""Plain-text tables for the terminal and report files."""
+
+from __future__ import annotations
+
+
+def table(headers: list[str], rows: list[list], align: str | None = None) -> str:
+    """A Markdown-compatible table (reads fine in a terminal too)."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or "l" + "r" * (len(headers) - 1)
+    def line(row):
+        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)) + " |"
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, align)) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, (tuple, list)):
+        return "x".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def format_compression_table(report: dict) -> str:
+    rows = [[l["name"], l["shape"], l["method"], l["a_shape"], l["b_shape"], l["rank"], l["step"],
+             l["params_before"], l["params_after"], l["relative_error"], l["seconds"]] for l in report["layers"]]
+    body = table(["layer", "shape", "method", "A", "B", "rank", "step", "params before", "params after",
+                  "rel. error", "seconds"], rows, "lllllrrrrrr") if rows else "(no layer compressed)"
+    total = (f"total: {report['params_before']:,} -> {report['params_after']:,} parameters "
+             f"({report['params_after'] / max(report['params_before'], 1):.1%}), {report['seconds']:.1f} s; "
+             f"counting: {report.get('counting', '')}")
+    return body + "\n" + total

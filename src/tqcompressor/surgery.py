@@ -1,0 +1,253 @@
+"""Model surgery: choose per-layer factorizations and swap modules in place, PEFT style."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from tqcompressor.config import DEFAULT_TARGET_MODULES, CompressionConfig, CompressionReport, LayerReport, LayerSpec
+from tqcompressor.decompose import complete_shapes, decompose, relative_error
+from tqcompressor.errors import TQCError
+from tqcompressor.layers import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead, dense_weight_of
+
+FACTORED = (KroneckerLinear, LowRankLinear, KroneckerEmbedding)
+# Small-factor sides the budget solver may pick for B (A takes the rest), and the most Kronecker
+# terms it will use: the method is about a *short* sum of Kronecker products.
+B_SIDES = (1, 2, 3, 4)
+MAX_RANK = 8
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Every parameter once: ``parameters()`` already skips a tied LM head's shared weight."""
+    return sum(p.numel() for p in model.parameters())
+
+
+Plan = list[tuple[str, LayerSpec]]  # (module name, how), in order; a module may appear at several steps
+
+
+def compress(model: nn.Module, config: CompressionConfig, step: int | None = None,
+             progress: bool = True) -> tuple[nn.Module, CompressionReport]:
+    """Replace the target modules of ``model`` by factored layers, in place.
+
+    ``step`` compresses only the layers planned for that distillation step (multi-step KD);
+    ``None`` compresses all of them, step by step. The plan is kept on ``model.tqc_plan`` so later
+    steps and ``save`` see the same choices. A module planned again at a later step (e.g. the
+    embedding halved twice) is re-factored from its current factors.
+    """
+    started = time.perf_counter()
+    plan = getattr(model, "tqc_plan", None) or plan_compression(model, config)
+    model.tqc_plan = plan
+    report = CompressionReport(params_before=count_parameters(model), method=config.method,
+                               target_params=_target_params(model, config) if config.layers is None else None)
+    todo = [(name, spec) for name, spec in sorted(plan, key=lambda item: item[1].step)
+            if (step is None or spec.step == step) and not _already_done(model.get_submodule(name), spec)]
+    bar = tqdm(todo, desc="compressing", unit="layer", disable=not progress)
+    for name, spec in bar:
+        bar.set_postfix_str(name)
+        module = model.get_submodule(name)
+        t0 = time.perf_counter()
+        new, dense, kind = _factor_module(module, spec, config.max_iterations)
+        error = relative_error(dense.double(), new.to_dense().double())
+        is_embedding = module is model.get_input_embeddings()
+        _set_module(model, name, new)
+        if is_embedding:
+            _retie_head(model, module, new, config.tie_lm_head)
+        report.layers.append(LayerReport(
+            name=name, kind=kind, shape=tuple(dense.shape), method=spec.method, rank=new.rank,
+            a_shape=tuple(new.a.shape[1:]) if hasattr(new, "a") else None,
+            b_shape=tuple(new.b.shape[1:]) if hasattr(new, "b") else None, step=spec.step,
+            params_before=sum(p.numel() for p in module.parameters()),
+            params_after=sum(p.numel() for p in new.parameters()),
+            relative_error=error, seconds=time.perf_counter() - t0, reason=spec.reason))
+    report.params_after = count_parameters(model)
+    report.seconds = time.perf_counter() - started
+    return model, report
+
+
+def _already_done(module: nn.Module, spec: LayerSpec) -> bool:
+    """True when ``module`` already has the factorization ``spec`` asks for (resumed runs)."""
+    if isinstance(module, LowRankLinear):
+        return spec.method == "svd" and module.rank == spec.rank
+    if isinstance(module, (KroneckerLinear, KroneckerEmbedding)):
+        return (spec.method != "svd" and module.rank == spec.rank
+                and (spec.b_shape is None or tuple(module.b.shape[1:]) == tuple(spec.b_shape))
+                and (spec.a_shape is None or tuple(module.a.shape[1:]) == tuple(spec.a_shape)))
+    return False
+
+
+def _factor_module(module: nn.Module, spec: LayerSpec, max_iterations: int):
+    if isinstance(module, (nn.Embedding, KroneckerEmbedding)):
+        if spec.method == "svd":
+            raise TQCError("embeddings are factored with 'tq' or 'kronecker', not 'svd'")
+        dense = module.to_dense() if isinstance(module, KroneckerEmbedding) else module.weight.detach()
+        factors = decompose(dense, spec.method, spec.a_shape, spec.b_shape, spec.rank, max_iterations)
+        return KroneckerEmbedding.from_factors(factors), dense, "embedding"
+    if isinstance(module, (KroneckerLinear, LowRankLinear)):
+        dense, kind = module.to_dense(), module.kind
+    else:
+        dense, kind = dense_weight_of(module)
+    bias = module.bias.detach() if module.bias is not None else None
+    if spec.method == "svd":
+        return LowRankLinear.from_factors(decompose(dense, "svd", rank=spec.rank), bias, kind), dense, kind
+    factors = decompose(dense, spec.method, spec.a_shape, spec.b_shape, spec.rank, max_iterations)
+    return KroneckerLinear.from_factors(factors, bias, kind), dense, kind
+
+
+def _retie_head(model: nn.Module, old: nn.Embedding, new: KroneckerEmbedding, tie: bool) -> None:
+    """Keep a tied LM head consistent with a factored embedding: tie it to the same factors, or
+    untie it explicitly into a dense copy of the original table (then it is counted on its own)."""
+    head = model.get_output_embeddings()
+    if isinstance(head, TiedKroneckerHead):  # already tied to the factors: follow the new ones
+        model.set_output_embeddings(TiedKroneckerHead(new, head.bias))
+        return
+    if head is None or isinstance(old, KroneckerEmbedding) or getattr(head, "weight", None) is not old.weight:
+        return
+    bias = head.bias if getattr(head, "bias", None) is not None else None
+    if tie:
+        replacement = TiedKroneckerHead(new, bias)
+    else:
+        replacement = nn.Linear(old.embedding_dim, old.num_embeddings, bias=bias is not None)
+        with torch.no_grad():
+            replacement.weight.copy_(old.weight)
+            if bias is not None:
+                replacement.bias.copy_(bias)
+    model.set_output_embeddings(replacement)
+    model.config.tie_word_embeddings = False  # stop transformers from re-tying to a dense table
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: which module gets which factorization
+
+
+def find_target_modules(model: nn.Module, patterns: list[str] | None) -> list[str]:
+    """Module names matching ``patterns`` (exact name, name suffix after a dot, or glob).
+
+    The LM head is only matched when named explicitly: it is usually tied to the embedding."""
+    if patterns is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", "")
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise TQCError(f"no default target modules for model type {model_type!r}; "
+                           "pass target_modules (e.g. --target-modules q_proj,v_proj)")
+        patterns = DEFAULT_TARGET_MODULES[model_type]
+    names = []
+    unmatched = set(patterns)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D, nn.Embedding, *FACTORED)):
+            continue
+        if module is head and name not in patterns:
+            continue
+        for pattern in patterns:
+            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern):
+                names.append(name)
+                unmatched.discard(pattern)
+                break
+    if unmatched:
+        raise TQCError(f"target module pattern(s) {sorted(unmatched)} match no Linear/Conv1D/Embedding "
+                       f"module of this model; module names look like {_example_names(model)}")
+    return names
+
+
+def _example_names(model: nn.Module) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def plan_compression(model: nn.Module, config: CompressionConfig) -> Plan:
+    if config.layers is not None:
+        return _plan_from_spec(model, config.layers)
+    names = find_target_modules(model, config.target_modules)
+    return _plan_from_budget(model, names, config)
+
+
+def _plan_from_spec(model: nn.Module, layers: list[tuple[str, LayerSpec]]) -> Plan:
+    plan: Plan = []
+    for pattern, spec in layers:
+        matched = find_target_modules(model, [pattern])
+        for name in matched:
+            if spec.method != "svd":
+                try:
+                    complete_shapes(_weight_shape(model.get_submodule(name)), spec.a_shape, spec.b_shape)
+                except TQCError as exc:
+                    raise TQCError(f"{name}: {exc}") from None
+            plan.append((name, spec))
+    return plan
+
+
+def _weight_shape(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Embedding):
+        return tuple(module.weight.shape)
+    if isinstance(module, FACTORED):
+        return tuple(module.to_dense().shape)
+    return tuple(dense_weight_of(module)[0].shape)
+
+
+def _target_params(model: nn.Module, config: CompressionConfig) -> int:
+    total = count_parameters(model)
+    return int(config.target_params) if config.target_params is not None else int(config.ratio * total)
+
+
+def _plan_from_budget(model: nn.Module, names: list[str], config: CompressionConfig) -> Plan:
+    """Turn a whole-model budget into per-layer shapes: every target layer keeps the same fraction
+    ``f`` of its parameters, where ``f`` is what the budget leaves after the untouched parameters.
+    Each layer then takes the factorization with the most parameters that fit under ``f``."""
+    total = count_parameters(model)
+    target = _target_params(model, config)
+    shapes = {name: _weight_shape(model.get_submodule(name)) for name in names}
+    compressible = sum(m * n for m, n in shapes.values())
+    fixed = total - compressible
+    if target >= total:
+        return []
+    if target <= fixed:
+        raise TQCError(f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
+                       "modules; raise the ratio or add target modules (e.g. the embeddings)")
+    keep = (target - fixed) / compressible
+    order = sorted(names, key=_depth, reverse=True)  # upper layers first, as multi-step KD does
+    plan = {}
+    for index, name in enumerate(order):
+        step = 1 + index * config.steps // max(len(order), 1)
+        plan[name] = _choose_shape(shapes[name], keep, config.method, step)
+    return [(name, plan[name]) for name in names]
+
+
+def _depth(name: str) -> int:
+    numbers = re.findall(r"\.(\d+)\.", name)
+    return int(numbers[0]) if numbers else -1
+
+
+def _choose_shape(shape: tuple[int, int], keep: float, method: str, step: int) -> LayerSpec:
+    m, n = shape
+    budget = keep * m * n
+    why = f"keeps {keep:.1%} of every target layer to meet the whole-model budget"
+    if method == "svd":
+        rank = max(1, int(budget // (m + n)))
+        return LayerSpec("svd", rank=rank, step=step, reason=f"largest SVD rank that {why}")
+    best = None  # (params, -size of B, LayerSpec)
+    for m2 in B_SIDES:
+        for n2 in B_SIDES:
+            if m2 * n2 < 2 or m % m2 or n % n2:
+                continue
+            m1, n1 = m // m2, n // n2
+            per_term = m1 * n1 + m2 * n2
+            rank = min(int(budget // per_term), m2 * n2 - 1, m1 * n1, MAX_RANK)
+            if rank < 1:
+                continue
+            key = (rank * per_term, -(m2 * n2))
+            if best is None or key > best[:2]:
+                best = (*key, LayerSpec(method, rank=rank, a_shape=(m1, n1), b_shape=(m2, n2), step=step))
+    if best is None:
+        raise TQCError(f"no Kronecker factorization of a {m}x{n} matrix fits {keep:.1%} of its parameters; "
+                       "raise the ratio or use --method svd")
+    best[2].reason = f"most parameters among Kronecker shapes that {why}"
+    return best[2]

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tqcompressor as tqc
+from tqcompressor import CompressionConfig, LayerSpec, TQCError, compress
+from tqcompressor.checkpoint import STRUCTURE_FILE, WEIGHTS_FILE
+
+
+def compressed_llama(llama_model, tie=True):
+    spec = [("model.embed_tokens", LayerSpec("tq", a_shape=(256, 32), b_shape=(2, 2), rank=2)),
+            ("mlp.up_proj", LayerSpec("tq", b_shape=(2, 4), rank=3)),
+            ("self_attn.q_proj", LayerSpec("svd", rank=8))]
+    model, _ = compress(llama_model, CompressionConfig(layers=spec, ratio=None, tie_lm_head=tie), progress=False)
+    return model
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, llama_model, tokenizer, tie):
+    model = compressed_llama(llama_model, tie)
+    ids = torch.randint(0, 512, (2, 10))
+    expected = model(ids).logits
+    tqc.save(model, tmp_path / "m", tokenizer, base_model="tiny-llama")
+    loaded = tqc.load(tmp_path / "m")
+    assert torch.equal(loaded(ids).logits, expected)
+    assert tqc.count_parameters(loaded) == tqc.count_parameters(model)
+    structure = json.loads((tmp_path / "m" / STRUCTURE_FILE).read_text())
+    assert structure["base_model"] == "tiny-llama" and structure["plan"]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_gpt2_conv1d_round_trip_and_dense_export(tmp_path, gpt2_model, tokenizer):
+    model, _ = compress(gpt2_model, CompressionConfig(method="tq", ratio=0.8), progress=False)
+    ids = torch.randint(0, 512, (1, 9))
+    expected = model(ids).logits
+    tqc.save(model, tmp_path / "c", tokenizer)
+    assert torch.equal(tqc.load(tmp_path / "c")(ids).logits, expected)
+    tqc.export_dense(tmp_path / "c", tmp_path / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert torch.allclose(dense(ids).logits, expected, atol=1e-4)
+
+
+def test_dense_export_of_factored_tied_embedding(tmp_path, llama_model):
+    model = compressed_llama(llama_model, tie=True)
+    ids = torch.randint(0, 512, (1, 7))
+    expected = model(ids).logits
+    tqc.save(model, tmp_path / "c")
+    tqc.export_dense(tmp_path / "c", tmp_path / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert dense.lm_head.weight.data_ptr() == dense.model.embed_tokens.weight.data_ptr()
+    assert torch.allclose(dense(ids).logits, expected, atol=1e-4)
+
+
+def test_missing_corrupt_and_half_written_dirs(tmp_path, llama_model):
+    with pytest.raises(TQCError, match="not a directory"):
+        tqc.load(tmp_path / "nothing")
+    model = compressed_llama(llama_model)
+    tqc.save(model, tmp_path / "m")
+    (tmp_path / "m" / WEIGHTS_FILE).write_bytes(b"garbage")
+    with pytest.raises(TQCError, match="corrupt or half written"):
+        tqc.load(tmp_path / "m")
+    tqc.save(model, tmp_path / "h")
+    (tmp_path / "h" / STRUCTURE_FILE).unlink()
+    with pytest.raises(TQCError, match="half written"):
+        tqc.load(tmp_path / "h")
+    tqc.save(model, tmp_path / "v")
+    structure = json.loads((tmp_path / "v" / STRUCTURE_FILE).read_text())
+    structure["format_version"] = 99
+    (tmp_path / "v" / STRUCTURE_FILE).write_text(json.dumps(structure))
+    with pytest.raises(TQCError, match="upgrade tqcompressor"):
+        tqc.load(tmp_path / "v")

@@ -1,0 +1,67 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import tqcompressor as tqc
+from tqcompressor.cli import app
+
+
+def run_tqc(*args):
+    """Run the real console entry point (so exit codes and stderr are what users see)."""
+    return subprocess.run([sys.executable, "-c", "from tqcompressor.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_compress_info_export(tmp_path, gpt2_dir):
+    out = tmp_path / "c"
+    result = CliRunner().invoke(app, ["compress", "--model", str(gpt2_dir), "--method", "tq", "--ratio", "0.8",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compression.json").read_text())
+    assert report["params_after"] <= 0.8 * report["params_before"]
+    assert report["method"] == "tq" and report["layers"] and "counting" in report
+    assert all({"name", "shape", "a_shape", "b_shape", "rank", "params_before", "params_after",
+                "relative_error", "seconds"} <= set(layer) for layer in report["layers"])
+    assert "total:" in result.output
+    model = tqc.load(out)
+    assert tqc.count_parameters(model) == report["params_after"]
+    info = CliRunner().invoke(app, ["info", str(out)])
+    assert info.exit_code == 0 and "mlp.c_fc" in info.output
+    export = CliRunner().invoke(app, ["export", str(out), "--dense", "--out", str(tmp_path / "d")])
+    assert export.exit_code == 0 and (tmp_path / "d" / "config.json").is_file()
+
+
+def test_compress_with_spec_file(tmp_path, gpt2_dir):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"layers": [{"modules": ["transformer.h.1.mlp.c_fc"], "method": "tq", "rank": 2,
+                                            "b_shape": [4, 2]}]}))
+    result = CliRunner().invoke(app, ["compress", "--model", str(gpt2_dir), "--spec", str(spec),
+                                      "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    layers = json.loads((tmp_path / "s" / "compression.json").read_text())["layers"]
+    assert [(l["name"], l["b_shape"], l["rank"]) for l in layers] == [("transformer.h.1.mlp.c_fc", [4, 2], 2)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compress", "--model", "./no/such/model", "--out", "x"], "does not exist"),
+    (["compress", "--model", "missing.gguf", "--out", "x"], "GGUF file"),
+    (["compress", "--model", "{dir}", "--ratio", "1.5", "--out", "x"], "(0, 1]"),
+    (["compress", "--model", "{dir}", "--method", "magic", "--out", "x"], "unknown method"),
+    (["compress", "--model", "{dir}", "--target-modules", "nope", "--out", "x"], "match no"),
+    (["compress", "--model", "{dir}", "--spec", "{bad_spec}", "--out", "x"], "does not divide"),
+    (["info", "{empty}"], "half written"),
+])
+def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, gpt2_dir, args, message):
+    bad_spec = tmp_path / "bad.yaml"
+    bad_spec.write_text("layers:\n  - modules: [mlp.c_fc]\n    method: tq\n    b_shape: [5, 3]\n")
+    (tmp_path / "empty").mkdir()
+    args = [a.format(dir=gpt2_dir, bad_spec=bad_spec, empty=tmp_path / "empty") for a in args]
+    result = run_tqc(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr

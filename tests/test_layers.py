@@ -1,0 +1,94 @@
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from tqcompressor import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead, TQCError
+from tqcompressor.decompose import relative_error
+
+
+def rel(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.mark.parametrize("method", ["tq", "kronecker"])
+def test_kronecker_linear_forward_equals_dense_reference(method):
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 32)
+    layer = KroneckerLinear.from_linear(linear, method, b_shape=(4, 2), rank=3)
+    x = torch.randn(5, 7, 24)
+    reference = x @ layer.to_dense().T + linear.bias
+    assert rel(layer(x), reference) < 1e-5
+    assert layer(x).shape == (5, 7, 32)
+
+
+def test_kronecker_linear_from_conv1d_uses_transposed_weight():
+    torch.manual_seed(1)
+    conv = Conv1D(32, 16)  # nf=out 32, nx=in 16: weight (16, 32)
+    nn.init.normal_(conv.weight)
+    layer = KroneckerLinear.from_linear(conv, "tq", b_shape=(4, 2), rank=8)  # rank 8 = exact
+    x = torch.randn(3, 16)
+    assert layer.kind == "conv1d"
+    assert rel(layer(x), conv(x)) < 1e-4
+
+
+def test_kronecker_linear_exact_for_scrambled_product():
+    torch.manual_seed(2)
+    k = torch.kron(torch.randn(8, 6), torch.randn(2, 4))
+    w = k[torch.randperm(16)][:, torch.randperm(24)]
+    linear = nn.Linear(24, 16, bias=False)
+    linear.weight.data = w
+    layer = KroneckerLinear.from_linear(linear, "tq", b_shape=(2, 4))
+    assert layer.output_index is not None and layer.input_index is not None
+    x = torch.randn(4, 24)
+    assert rel(layer(x), linear(x)) < 1e-4
+
+
+def test_identity_permutations_are_not_stored():
+    layer = KroneckerLinear.from_linear(nn.Linear(8, 8), "kronecker", b_shape=(2, 2))
+    assert layer.input_index is None and layer.output_index is None
+
+
+def test_low_rank_linear_matches_dense_and_conv1d():
+    torch.manual_seed(3)
+    conv = Conv1D(20, 12)
+    nn.init.normal_(conv.weight)
+    layer = LowRankLinear.from_linear(conv, rank=12)  # full rank: exact
+    x = torch.randn(6, 12)
+    assert rel(layer(x), conv(x)) < 1e-5
+    low = LowRankLinear.from_linear(nn.Linear(12, 20), rank=3)
+    assert rel(low(x), x @ low.to_dense().T + low.bias) < 1e-5
+
+
+def test_kronecker_embedding_lookup_and_tied_head_equal_dense_table():
+    torch.manual_seed(4)
+    emb = nn.Embedding(40, 16)
+    layer = KroneckerEmbedding.from_embedding(emb, "tq", a_shape=(40, 8), b_shape=(1, 2))
+    dense = layer.to_dense()
+    ids = torch.randint(0, 40, (3, 5))
+    assert torch.allclose(layer(ids), dense[ids], atol=1e-6)
+    head = TiedKroneckerHead(layer)
+    h = torch.randn(3, 5, 16)
+    assert rel(head(h), h @ dense.T) < 1e-5
+    assert list(head.parameters()) == []  # shares the embedding's factors
+
+
+def test_kronecker_embedding_with_row_permutation():
+    torch.manual_seed(5)
+    emb = nn.Embedding(24, 12)
+    layer = KroneckerEmbedding.from_embedding(emb, "tq", a_shape=(12, 6), b_shape=(2, 2), rank=2)
+    ids = torch.arange(24)
+    assert torch.allclose(layer(ids), layer.to_dense()[ids], atol=1e-6)
+    h = torch.randn(2, 12)
+    assert rel(layer.project(h), h @ layer.to_dense().T) < 1e-5
+
+
+def test_from_linear_rejects_other_modules():
+    with pytest.raises(TQCError, match="only nn.Linear"):
+        KroneckerLinear.from_linear(nn.Conv2d(3, 3, 3), "tq", b_shape=(1, 1))
+
+
+def test_gradients_flow_to_factors():
+    layer = KroneckerLinear.from_linear(nn.Linear(16, 16), "tq", b_shape=(2, 2), rank=2)
+    layer(torch.randn(4, 16)).sum().backward()
+    assert layer.a.grad is not None and layer.b.grad is not None and layer.bias.grad is not None

@@ -1,0 +1,128 @@
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import tqcompressor as tqc
+from tqcompressor import CompressionConfig, LayerSpec, TQCError, compress, count_parameters, plan_compression
+from tqcompressor.layers import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("method", ["tq", "kronecker", "svd"])
+@pytest.mark.parametrize("ratio", [0.9, 0.7])
+def test_budget_is_met_and_never_exceeded(gpt2_model, method, ratio):
+    before = count_parameters(gpt2_model)
+    model, report = compress(gpt2_model, CompressionConfig(method=method, ratio=ratio), progress=False)
+    assert report.params_before == before
+    assert report.params_after == count_parameters(model) <= ratio * before
+    assert report.params_after > 0.9 * ratio * before  # the budget is used, not wasted
+    kinds = {type(model.get_submodule(l.name)) for l in report.layers}
+    assert kinds == {LowRankLinear if method == "svd" else KroneckerLinear}
+    assert {l.name.split(".", 3)[-1] for l in report.layers} == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+    for layer in report.layers:
+        assert 0 <= layer.relative_error < 1 and layer.params_after < layer.params_before and layer.reason
+
+
+def test_compressed_model_still_runs_and_logits_stay_close_at_high_ratio(llama_model):
+    ids = torch.randint(0, 512, (2, 12))
+    before = llama_model(ids).logits
+    model, report = compress(llama_model, CompressionConfig(method="tq", ratio=0.95), progress=False)
+    after = model(ids).logits
+    assert after.shape == before.shape and torch.isfinite(after).all()
+    assert {l.name.rsplit(".", 1)[-1] for l in report.layers} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                   "gate_proj", "up_proj", "down_proj"}
+
+
+def test_target_modules_patterns(llama_model):
+    config = CompressionConfig(method="svd", ratio=0.9, target_modules=["mlp.*_proj"])
+    names = [name for name, _ in plan_compression(llama_model, config)]
+    assert names and all(".mlp." in n for n in names)
+    with pytest.raises(TQCError, match="match no"):
+        plan_compression(llama_model, CompressionConfig(target_modules=["nonexistent_proj"]))
+
+
+def test_ratio_out_of_range_and_unknown_method():
+    with pytest.raises(TQCError, match=r"\(0, 1\]"):
+        CompressionConfig(ratio=1.5)
+    with pytest.raises(TQCError, match="unknown method"):
+        CompressionConfig(method="magic")
+
+
+def test_budget_below_untouched_parameters_is_explained(gpt2_model):
+    with pytest.raises(TQCError, match="below the"):
+        compress(gpt2_model, CompressionConfig(ratio=0.1), progress=False)
+
+
+def test_multi_step_plan_compresses_upper_layers_first(llama_model):
+    config = CompressionConfig(method="kronecker", ratio=0.8, steps=2)
+    model, first = compress(llama_model, config, step=1, progress=False)
+    assert first.layers and all(".layers.1." in l.name for l in first.layers)
+    model, second = compress(model, config, step=2, progress=False)
+    assert second.layers and all(".layers.0." in l.name for l in second.layers)
+    assert second.params_after < first.params_after
+
+
+def test_tied_embedding_stays_tied_to_factors(llama_model):
+    spec = [("model.embed_tokens", LayerSpec("tq", rank=1, a_shape=(512, 32), b_shape=(1, 2)))]
+    before = count_parameters(llama_model)
+    model, report = compress(llama_model, CompressionConfig(layers=spec, ratio=None), progress=False)
+    assert isinstance(model.get_input_embeddings(), KroneckerEmbedding)
+    head = model.get_output_embeddings()
+    assert isinstance(head, TiedKroneckerHead) and head.embedding is model.get_input_embeddings()
+    assert before - report.params_after == 512 * 64 - (512 * 32 + 2)
+    ids = torch.randint(0, 512, (1, 8))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_untied_head_is_counted_honestly(llama_model):
+    spec = [("model.embed_tokens", LayerSpec("tq", rank=1, a_shape=(512, 32), b_shape=(1, 2)))]
+    before = count_parameters(llama_model)
+    model, report = compress(llama_model, CompressionConfig(layers=spec, ratio=None, tie_lm_head=False), progress=False)
+    assert isinstance(model.get_output_embeddings(), torch.nn.Linear)
+    assert report.params_after == before - 512 * 64 + (512 * 32 + 2) + 512 * 64
+
+
+def test_embedding_halved_twice_over_two_steps(gpt2_model):
+    spec = [("transformer.wte", LayerSpec("tq", a_shape=(512, 32), b_shape=(1, 2), step=1)),
+            ("transformer.wte", LayerSpec("tq", a_shape=(512, 16), b_shape=(1, 4), step=2))]
+    config = CompressionConfig(layers=spec, ratio=None)
+    model, _ = compress(gpt2_model, config, step=1, progress=False)
+    assert model.get_input_embeddings().a.shape[-1] == 32
+    model, report = compress(model, config, step=2, progress=False)
+    assert model.get_input_embeddings().a.shape[-1] == 16
+    assert model.get_output_embeddings().embedding is model.get_input_embeddings()
+
+
+def test_shipped_paper_spec_expresses_the_gpt2_setting():
+    config = tqc.load_spec(REPO / "specs" / "gpt2-tqcompressor.yaml")
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config())
+    plan = plan_compression(model, config)
+    mlps = [(n, s) for n, s in plan if ".mlp." in n]
+    assert sorted({int(n.split(".")[2]) for n, _ in mlps}) == [1, 3, 5, 7, 9, 11]
+    assert all(s.rank == 4 for _, s in mlps)
+    fc = dict(mlps)["transformer.h.1.mlp.c_fc"]
+    assert (fc.a_shape, fc.b_shape) == ((768, 384), (4, 2))  # the paper's A 384x768, B 2x4, transposed
+    wte = [s for n, s in plan if n == "transformer.wte"]
+    assert [(s.a_shape, s.b_shape) for s in wte] == [((50257, 384), (1, 2)), ((50257, 192), (1, 4))]
+    assert sorted({s.step for _, s in plan}) == [1, 2, 3, 4] and config.tie_lm_head is False
+    assert not any(".attn." in n for n, _ in plan)
+
+
+def test_spec_with_shapes_that_do_not_factor(tmp_path, gpt2_model):
+    path = tmp_path / "bad.yaml"
+    path.write_text("layers:\n  - modules: [transformer.h.0.mlp.c_fc]\n    method: tq\n    b_shape: [3, 5]\n")
+    with pytest.raises(TQCError, match="does not divide"):
+        plan_compression(gpt2_model, tqc.load_spec(path))
+
+
+def test_spec_file_errors(tmp_path):
+    with pytest.raises(TQCError, match="does not exist"):
+        tqc.load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("layers: [{modules: [x], method: tq, b_shape: [1, 2], colour: red}]\n")
+    with pytest.raises(TQCError, match="unknown keys"):
+        tqc.load_spec(bad)
