@@ -84,6 +84,119 @@ def export(
     typer.echo(f"wrote {out} (dense; opens with AutoModelForCausalLM.from_pretrained)")
 
 
+def _distill_config(steps, batch_size, seq_len, lr, grad_accum, checkpoint_every, seed) -> "DistillConfig":
+    from tqcompressor.distill import DistillConfig
+
+    return DistillConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum,
+                         checkpoint_every=checkpoint_every, seed=seed)
+
+
+def _check_seq_len(model, seq_len: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and seq_len > limit:
+        raise TQCError(f"--seq-len {seq_len} exceeds the model's context of {limit} tokens")
+
+
+@app.command()
+def distill(
+    teacher: str = typer.Option(DEFAULT_MODEL, help="the original model"),
+    student: Path = typer.Option(..., help="a compressed model dir (from `tqc compress`)"),
+    data: str = typer.Option("teacher", help="text file/dir/glob, a dataset name (wikitext, openwebtext), or 'teacher'"),
+    fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split (0.031 = paper)"),
+    out: Path = typer.Option(..., help="run dir: checkpoints, metrics.jsonl, the final model"),
+    steps: int = typer.Option(100, help="optimizer steps"),
+    batch_size: int = typer.Option(4),
+    seq_len: int = typer.Option(256),
+    lr: float = typer.Option(3e-4),
+    grad_accum: int = typer.Option(1),
+    checkpoint_every: int = typer.Option(50),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
+) -> None:
+    """Distill a compressed student from its teacher (single stage)."""
+    from tqcompressor.checkpoint import load, save
+    from tqcompressor.distill import multistep_distill
+    from tqcompressor.models import load_model
+    from tqcompressor.pipeline import block_source_for, check_student_matches_teacher
+
+    config = _distill_config(steps, batch_size, seq_len, lr, grad_accum, checkpoint_every, seed)
+    student_model = load(student)
+    loaded = load_model(teacher)
+    check_student_matches_teacher(student_model, loaded.model)
+    _check_seq_len(loaded.model, seq_len)
+    blocks = block_source_for(data, loaded, config, out, fraction)
+    result = multistep_distill(loaded.model, student_model, blocks, config, out, resume=resume,
+                               tokenizer=loaded.tokenizer, teacher_name=teacher, data_name=data)
+    save(result.to("cpu"), out / "model", loaded.tokenizer, base_model=teacher)
+    typer.echo(f"wrote {out / 'model'}; metrics in {out / 'metrics.jsonl'}")
+
+
+@app.command(name="eval")
+def eval_command(
+    model: str = typer.Option(..., help="a compressed dir or any model --model accepts"),
+    data: str = typer.Option(..., help="text file/dir/glob or dataset name (wikitext, lambada, ...)"),
+    teacher: Optional[str] = typer.Option(None, help="also report KL and top-1 agreement with this model"),
+    context: int = typer.Option(512, help="window length (tokens)"),
+    stride: Optional[int] = typer.Option(None, help="window stride (tokens); default = context"),
+    max_tokens: Optional[int] = typer.Option(None, help="evaluate on the first N tokens only"),
+    batch_size: int = typer.Option(4),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics to this JSON file"),
+) -> None:
+    """Perplexity (token, word, byte level), KL to the teacher and top-1 agreement."""
+    from tqcompressor.data import tokenize_text
+    from tqcompressor.evaluate import evaluate
+    from tqcompressor.models import load_model
+    from tqcompressor.report import table
+
+    loaded = load_model(model)
+    teacher_model = load_model(teacher).model if teacher else None
+    ids = tokenize_text(data, loaded.tokenizer, max_tokens)
+    metrics = evaluate(loaded.model, ids, context=context, stride=stride, teacher=teacher_model,
+                       batch_size=batch_size, tokenizer=loaded.tokenizer)
+    metrics.update(model=model, data=data)
+    keys = ["perplexity", "word_perplexity", "byte_perplexity", "kl_to_teacher", "top1_agreement", "tokens", "params"]
+    typer.echo(table(["metric", "value"], [[k, metrics[k]] for k in keys if k in metrics]))
+    typer.echo(f"protocol: token level, context {context}, stride {stride or context}")
+    if json_out:
+        json_out.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+@app.command()
+def run(
+    model: str = typer.Option(DEFAULT_MODEL, help="the model to compress (and the teacher)"),
+    method: str = typer.Option("tq", help="tq | kronecker | svd"),
+    ratio: float = typer.Option(0.65, help="fraction of the whole model's parameters to keep"),
+    stages: int = typer.Option(2, help="compression/distillation steps (upper layers first)"),
+    spec: Optional[Path] = typer.Option(None, help="explicit per-layer plan instead of --ratio/--stages"),
+    data: str = typer.Option("teacher", help="distillation text (file/dir/glob, dataset name) or 'teacher'"),
+    fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split"),
+    eval_data: Optional[str] = typer.Option(None, help="evaluation text; default: held-out teacher samples"),
+    eval_tokens: int = typer.Option(8192, help="tokens to evaluate on"),
+    context: int = typer.Option(512, help="evaluation window"),
+    steps: int = typer.Option(60, help="distillation steps per stage"),
+    batch_size: int = typer.Option(4),
+    seq_len: int = typer.Option(256),
+    lr: float = typer.Option(3e-4),
+    grad_accum: int = typer.Option(1),
+    checkpoint_every: int = typer.Option(20),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("out/run"), help="run dir: report.md, results.json, perplexity.png, model/"),
+    resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
+) -> None:
+    """The main job: compress, distill step by step, evaluate, write report.md and a plot."""
+    from tqcompressor.config import CompressionConfig, load_spec
+    from tqcompressor.models import load_model
+    from tqcompressor.pipeline import format_report, run_pipeline
+
+    compression = load_spec(spec) if spec else CompressionConfig(method=method, ratio=ratio, steps=stages)
+    config = _distill_config(steps, batch_size, seq_len, lr, grad_accum, checkpoint_every, seed)
+    loaded = load_model(model)
+    _check_seq_len(loaded.model, max(seq_len, context))
+    result = run_pipeline(loaded, compression, config, data, eval_data, out, eval_tokens, context, resume, fraction)
+    typer.echo(format_report(result))
+    typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'perplexity.png'}, {out / 'model'}")
+
+
 def main() -> None:
     try:
         app()

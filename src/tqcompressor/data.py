@@ -1,0 +1,181 @@
+"""Text sources for distillation and evaluation, packed into fixed-length token blocks.
+
+A source is one of:
+  * a Hugging Face dataset by name: ``wikitext`` (103), ``wikitext-2``, ``openwebtext``,
+    ``lambada`` - streamed, so a large corpus is never loaded whole;
+  * local text files: a path, a directory, or a glob (``data/*.txt``);
+  * ``teacher``: sequences sampled from the teacher model, so distillation needs no data at all.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tqcompressor.errors import TQCError
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    path: str
+    name: str | None
+    column: str
+    documents: int | None = None  # size of the train split, to turn --fraction into a count
+
+
+HUB_DATASETS = {
+    "wikitext": HubDataset("Salesforce/wikitext", "wikitext-103-raw-v1", "text", 1_801_350),
+    "wikitext-103": HubDataset("Salesforce/wikitext", "wikitext-103-raw-v1", "text", 1_801_350),
+    "wikitext-2": HubDataset("Salesforce/wikitext", "wikitext-2-raw-v1", "text", 36_718),
+    "openwebtext": HubDataset("Skylion007/openwebtext", None, "text", 8_013_769),
+    "lambada": HubDataset("EleutherAI/lambada_openai", "default", "text", None),
+}
+
+CHUNK_CHARS = 1 << 16  # local files are read and tokenized in pieces of about this many characters
+
+
+def local_files(source: str) -> list[Path]:
+    """Files named by ``source`` (a file, a directory of ``*.txt``, or a glob); empty if none."""
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*.txt") if p.is_file())
+    return sorted(Path(p) for p in glob.glob(source) if Path(p).is_file())
+
+
+def iter_texts(source: str, split: str = "train", fraction: float | None = None) -> Iterator[str]:
+    """Stream raw text documents (or chunks of local files) from ``source``."""
+    files = local_files(source)
+    if files:
+        yield from _iter_files(files)
+        return
+    if source in HUB_DATASETS:
+        yield from _iter_hub(HUB_DATASETS[source], split, fraction)
+        return
+    if any(ch in source for ch in "/\\*?") or source.endswith(".txt"):
+        raise TQCError(f"no text files at {source!r}; give an existing file, directory or glob, "
+                       f"a dataset name ({', '.join(HUB_DATASETS)}) or 'teacher'")
+    raise TQCError(f"unknown data source {source!r}; use a text file/dir/glob, one of {', '.join(HUB_DATASETS)}, "
+                   "or 'teacher' (samples from the teacher, no data needed)")
+
+
+def _iter_files(files: list[Path]) -> Iterator[str]:
+    for path in files:
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            buffer: list[str] = []
+            size = 0
+            for line in handle:
+                buffer.append(line)
+                size += len(line)
+                if size >= CHUNK_CHARS:
+                    yield "".join(buffer)
+                    buffer, size = [], 0
+            if buffer:
+                yield "".join(buffer)
+
+
+def _iter_hub(spec: HubDataset, split: str, fraction: float | None) -> Iterator[str]:
+    try:
+        from datasets import load_dataset
+
+        dataset = load_dataset(spec.path, spec.name, split=split, streaming=True)
+    except Exception as exc:  # datasets raises many types for "no network" / "not found"
+        raise TQCError(f"could not open the Hugging Face dataset {spec.path!r} ({type(exc).__name__}); this needs "
+                       "hub access - on an offline machine pass local text files instead") from None
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise TQCError(f"--fraction must be in (0, 1], got {fraction}")
+        if spec.documents:
+            dataset = dataset.take(max(1, int(fraction * spec.documents)))
+    for row in dataset:
+        text = row[spec.column]
+        if text and text.strip():
+            yield text
+
+
+def iter_token_blocks(texts: Iterator[str], tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
+    """Concatenate tokenized documents (separated by EOS) and cut them into ``seq_len`` blocks."""
+    eos = tokenizer.eos_token_id
+    pending: list[int] = []
+    for text in texts:
+        pending.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            pending.append(eos)
+        while len(pending) >= seq_len:
+            yield torch.tensor(pending[:seq_len], dtype=torch.long)
+            pending = pending[seq_len:]
+
+
+def tokenize_text(source: str, tokenizer, max_tokens: int | None = None, split: str = "test") -> torch.Tensor:
+    """All tokens of an evaluation text (file or dataset), up to ``max_tokens``."""
+    ids: list[int] = []
+    for text in iter_texts(source, split=split):
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if not ids:
+        raise TQCError(f"{source!r} holds no text to evaluate on")
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def sample_from_teacher(teacher, tokenizer, count: int, seq_len: int, seed: int, batch_size: int = 8) -> Iterator[torch.Tensor]:
+    """Blocks of ``seq_len`` tokens sampled from the teacher (temperature 1, top-k 50), seeded."""
+    device = next(teacher.parameters()).device
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    made = 0
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        while made < count:
+            n = min(batch_size, count - made)
+            prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+            out = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=50,
+                                   max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=tokenizer.eos_token_id)
+            for row in out[:, 1:seq_len + 1].cpu():
+                yield row
+            made += n
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def text_block_source(source: str, tokenizer, seq_len: int, split: str = "train", fraction: float | None = None):
+    """``start -> endless blocks`` over a text source, cycling epochs; ``start`` skips blocks (resume)."""
+    first = next(iter_token_blocks(iter_texts(source, split, fraction), tokenizer, seq_len), None)
+    if first is None:
+        raise TQCError(f"{source!r} holds fewer than {seq_len} tokens; give more text or a smaller --seq-len")
+
+    def stream(start: int) -> Iterator[torch.Tensor]:
+        def forever():
+            while True:
+                yield from iter_token_blocks(iter_texts(source, split, fraction), tokenizer, seq_len)
+        return itertools.islice(forever(), start, None)
+    return stream
+
+
+def teacher_block_source(teacher, tokenizer, seq_len: int, count: int, seed: int, cache: Path | None = None):
+    """``start -> endless blocks`` cycling over ``count`` sequences sampled once from the teacher.
+
+    The samples are cached (safetensors) so that a resumed run trains on the very same data.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if cache is not None and cache.is_file():
+        pool = load_file(str(cache))["blocks"]
+    else:
+        pool = torch.stack(list(tqdm(sample_from_teacher(teacher, tokenizer, count, seq_len, seed),
+                                     total=count, desc="sampling from teacher", unit="seq")))
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"blocks": pool.contiguous()}, str(cache))
+
+    def stream(start: int) -> Iterator[torch.Tensor]:
+        return itertools.islice(itertools.cycle(list(pool)), start, None)
+    return stream

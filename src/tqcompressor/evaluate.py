@@ -1,0 +1,98 @@
+"""Perplexity with the sliding-window protocol, plus KL divergence and top-1 agreement with a teacher.
+
+Windows of ``context`` tokens end every ``stride`` tokens; each token is scored at most once, by
+the first window that reaches it (the protocol of the Hugging Face perplexity guide; with
+``stride == context`` the first token of each window has no context and is not scored). ``stride == context`` gives disjoint windows; a smaller stride gives every scored token
+at least ``context - stride`` tokens of context. Word- and byte-level perplexity divide the same
+total negative log-likelihood by the number of whitespace-separated words / UTF-8 bytes of the
+evaluated text, as lm-evaluation-harness defines them for wikitext.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tqcompressor.errors import TQCError
+
+
+def windows(num_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, scored)`` per window: the last ``scored`` tokens of ``ids[begin:end]`` are scored.
+
+    The first window scores all its tokens but the first; each later one ends ``stride`` tokens
+    further, reaches back a full ``context`` and scores only its new tokens.
+    """
+    if context < 2 or not 0 < stride <= context:
+        raise TQCError(f"need context >= 2 and 0 < stride <= context, got context={context}, stride={stride}")
+    if num_tokens < 2:
+        return []
+    end = min(context, num_tokens)
+    out = [(0, end, end - 1)]
+    while end < num_tokens:
+        new_end = min(end + stride, num_tokens)
+        begin = max(0, new_end - context)
+        # a token needs one earlier token in its window: with stride == context the first token of
+        # each window goes unscored, exactly as in the Hugging Face protocol
+        out.append((begin, new_end, min(new_end - end, new_end - begin - 1)))
+        end = new_end
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, ids: torch.Tensor, context: int = 512, stride: int | None = None, teacher=None,
+             batch_size: int = 4, tokenizer=None, progress: bool = True) -> dict:
+    """Perplexity of ``model`` on the token sequence ``ids``; with ``teacher``, also KL(teacher || model)
+    and top-1 agreement on the same scored positions."""
+    stride = stride or context
+    max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if max_positions and context > max_positions:
+        raise TQCError(f"context {context} exceeds the model's maximum of {max_positions} positions")
+    device = next(model.parameters()).device
+    plan = windows(len(ids), context, stride)
+    if not plan:
+        raise TQCError("not enough tokens to evaluate (need at least 2)")
+    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    batches = [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
+    for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
+        for group in _same_length_groups(batch):
+            inputs = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+            logits = model(inputs).logits.float()
+            teacher_logits = teacher(inputs).logits.float() if teacher is not None else None
+            for row, (b, e, scored) in enumerate(group):
+                length = e - b
+                pred = logits[row, length - scored - 1:length - 1]
+                target = inputs[row, length - scored:]
+                log_probs = F.log_softmax(pred, dim=-1)
+                nll -= float(log_probs.gather(-1, target[:, None]).sum())
+                if teacher_logits is not None:
+                    t_log_probs = F.log_softmax(teacher_logits[row, length - scored - 1:length - 1], dim=-1)
+                    kl += float((t_log_probs.exp() * (t_log_probs - log_probs)).sum())
+                    agree += int((t_log_probs.argmax(-1) == pred.argmax(-1)).sum())
+                count += scored
+    result = {
+        "perplexity": math.exp(nll / count),
+        "nll_per_token": nll / count,
+        "tokens": count,
+        "protocol": {"level": "token", "context": context, "stride": stride},
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    if teacher is not None:
+        result["kl_to_teacher"] = kl / count
+        result["top1_agreement"] = agree / count
+    if tokenizer is not None:
+        text = tokenizer.decode(ids[1:].tolist())
+        words, text_bytes = len(text.split()), len(text.encode("utf-8"))
+        result["word_perplexity"] = math.exp(nll / max(words, 1))
+        result["byte_perplexity"] = math.exp(nll / max(text_bytes, 1))
+        result["bits_per_byte"] = nll / max(text_bytes, 1) / math.log(2)
+    return result
+
+
+def _same_length_groups(batch):
+    groups: dict[int, list] = {}
+    for window in batch:
+        groups.setdefault(window[1] - window[0], []).append(window)
+    return list(groups.values())

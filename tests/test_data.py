@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from tqcompressor import TQCError
+from tqcompressor.data import iter_texts, iter_token_blocks, teacher_block_source, text_block_source, tokenize_text
+
+from conftest import SHARED_DATA, TOY_TEXT
+
+
+def test_local_files_globs_and_blocks(tmp_path, tokenizer):
+    for i in range(2):
+        (tmp_path / f"part{i}.txt").write_text(TOY_TEXT)
+    texts = list(iter_texts(str(tmp_path / "*.txt")))
+    assert "".join(texts) == TOY_TEXT * 2
+    blocks = list(iter_token_blocks(iter(texts), tokenizer, 32))
+    assert blocks and all(b.shape == (32,) and b.dtype == torch.long for b in blocks)
+    assert list(iter_texts(str(tmp_path))) == texts  # a directory means its *.txt files
+
+
+def test_block_source_resumes_at_a_position(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text(TOY_TEXT)
+    source = text_block_source(str(tmp_path / "a.txt"), tokenizer, 16)
+    stream = source(0)
+    full = [next(stream) for _ in range(30)]  # cycles past the end of the file
+    resumed = source(10)
+    assert all(torch.equal(next(resumed), block) for block in full[10:])
+
+
+def test_bad_sources(tmp_path, tokenizer):
+    with pytest.raises(TQCError, match="no text files"):
+        list(iter_texts(str(tmp_path / "missing.txt")))
+    with pytest.raises(TQCError, match="unknown data source"):
+        list(iter_texts("not-a-dataset"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(TQCError, match="fewer than"):
+        text_block_source(str(tmp_path / "empty.txt"), tokenizer, 16)
+    with pytest.raises(TQCError, match="no text"):
+        tokenize_text(str(tmp_path / "empty.txt"), tokenizer)
+
+
+def test_teacher_samples_are_cached_and_reused(tmp_path, llama_model, tokenizer):
+    cache = tmp_path / "samples.safetensors"
+    source = teacher_block_source(llama_model, tokenizer, 12, count=3, seed=0, cache=cache)
+    stream = source(0)
+    first = [next(stream) for _ in range(4)]
+    assert cache.is_file() and all(b.shape == (12,) for b in first)
+    assert torch.equal(first[3], first[0])  # cycles over the pool
+    again = teacher_block_source(None, tokenizer, 12, count=3, seed=0, cache=cache)(1)
+    assert torch.equal(next(again), first[1])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "valid.txt").is_file(), reason="shared WikiText-2 not present")
+def test_reads_shared_wikitext(tokenizer):
+    ids = tokenize_text(str(SHARED_DATA / "test.txt"), tokenizer, max_tokens=500)
+    assert ids.shape == (500,)

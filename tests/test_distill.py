@@ -1,0 +1,124 @@
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import tqcompressor as tqc
+from tqcompressor import CompressionConfig, TQCError
+from tqcompressor.data import text_block_source
+from tqcompressor.distill import DistillConfig, multistep_distill
+
+from conftest import TOY_TEXT, tiny_gpt2
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def setup(tmp_path, tokenizer):
+    teacher = tiny_gpt2(vocab_size=len(tokenizer))
+    (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
+    blocks = text_block_source(str(tmp_path / "train.txt"), tokenizer, 32)
+    compression = CompressionConfig(method="tq", ratio=0.8, steps=2)
+    config = DistillConfig(steps=6, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=2, checkpoint_every=2,
+                           log_every=1, alpha_hidden=0.5, alpha_ce=0.0)  # random teacher: match it, not the text
+    return teacher, blocks, compression, config
+
+
+def test_multistep_distillation_lowers_kd_loss_and_logs(tmp_path, tokenizer):
+    teacher, blocks, compression, config = setup(tmp_path, tokenizer)
+    stages_seen = []
+    student = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "run", compression,
+                                tokenizer=tokenizer, on_stage_end=lambda s, m: stages_seen.append(s), progress=False)
+    assert stages_seen == [1, 2]
+    assert tqc.count_parameters(student) <= 0.8 * tqc.count_parameters(teacher)
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in records] == list(range(1, 13))
+    assert {"loss", "kl", "ce", "hidden", "lr", "tokens_per_s"} <= set(records[0])
+    # distillation brings the student closer to the teacher than compression alone leaves it
+    from tqcompressor.evaluate import evaluate
+    ids = next(blocks(0))
+    one_shot, _ = tqc.compress(copy.deepcopy(teacher), compression, progress=False)
+    before = evaluate(one_shot, ids, context=32, teacher=teacher, progress=False)["kl_to_teacher"]
+    after = evaluate(student, ids, context=32, teacher=teacher, progress=False)["kl_to_teacher"]
+    assert after < before
+    assert (tmp_path / "run" / "checkpoint" / "trainer_state.pt").is_file()
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, tokenizer):
+    teacher, blocks, compression, config = setup(tmp_path, tokenizer)
+    full = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "full", compression,
+                             progress=False)
+    # interrupted after 4 optimizer steps (mid stage 1? no: stage 1 has 6; 8 = mid stage 2)
+    for stop in (4, 8):
+        run = tmp_path / f"cut{stop}"
+        multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, compression, stop_after=stop,
+                          progress=False)
+        resumed = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, compression, resume=True,
+                                    progress=False)
+        full_state, resumed_state = full.state_dict(), resumed.state_dict()
+        assert full_state.keys() == resumed_state.keys()
+        for key in full_state:
+            assert torch.equal(full_state[key], resumed_state[key]), key
+        steps = [json.loads(l)["global_step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 13))  # no step lost or repeated
+
+
+def test_resume_refuses_another_runs_checkpoint_or_an_empty_dir(tmp_path, tokenizer):
+    teacher, blocks, compression, config = setup(tmp_path, tokenizer)
+    multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "a", compression, stop_after=2,
+                      progress=False)
+    other = DistillConfig(**{**config.__dict__, "lr": 5e-4})
+    with pytest.raises(TQCError, match="another run"):
+        multistep_distill(teacher, copy.deepcopy(teacher), blocks, other, tmp_path / "a", compression, resume=True,
+                          progress=False)
+    with pytest.raises(TQCError, match="nothing to resume"):
+        multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "b", compression, resume=True,
+                          progress=False)
+
+
+def test_toy_scale_recipe_runs_end_to_end(tmp_path, tokenizer, gpt2_dir):
+    """recipes/gpt2-tq.yaml at toy scale: the same plan and loss settings, a tiny model, a few steps."""
+    from typer.testing import CliRunner
+    from tqcompressor.cli import app
+
+    recipe = yaml.safe_load((REPO / "recipes" / "gpt2-tq.yaml").read_text())
+    assert recipe["model"] == "gpt2" and recipe["fraction"] == pytest.approx(0.031)
+    (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
+    (tmp_path / "eval.txt").write_text(TOY_TEXT)
+    args = ["run", "--model", str(gpt2_dir), "--method", recipe["method"], "--ratio", "0.8",
+            "--stages", str(recipe["stages"]), "--data", str(tmp_path / "train.txt"),
+            "--eval-data", str(tmp_path / "eval.txt"), "--eval-tokens", "200", "--context", "64",
+            "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    labels = [p["label"] for p in results["points"]]
+    assert labels[:2] == ["teacher", "compressed (no KD)"] and f"after KD stage {recipe['stages']}" in labels
+    assert results["complete"] and (tmp_path / "run" / "perplexity.png").stat().st_size > 1000
+    assert "perplexity" in (tmp_path / "run" / "report.md").read_text()
+    assert tqc.load(tmp_path / "run" / "model") is not None
+
+
+def test_cli_distill_bad_inputs(tmp_path, gpt2_dir, tokenizer):
+    import subprocess, sys
+    other = tiny_gpt2(vocab_size=300)
+    tqc.save(other, tmp_path / "student")
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", "from tqcompressor.cli import main; main()", *args],
+                              capture_output=True, text=True, timeout=300)
+    r = run("distill", "--teacher", str(gpt2_dir), "--student", str(tmp_path / "student"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "does not match the teacher" in r.stderr
+    good = tiny_gpt2(vocab_size=len(tokenizer))
+    tqc.save(good, tmp_path / "good")
+    r = run("distill", "--teacher", str(gpt2_dir), "--student", str(tmp_path / "good"), "--out", str(tmp_path / "o"),
+            "--data", str(tmp_path / "missing.txt"), "--seq-len", "32")
+    assert r.returncode == 2 and "no text files" in r.stderr
+    r = run("distill", "--teacher", str(gpt2_dir), "--student", str(tmp_path / "good"), "--out", str(tmp_path / "o"),
+            "--seq-len", "100000")
+    assert r.returncode == 2 and "exceeds the model's context" in r.stderr
+    (tmp_path / "t.txt").write_text(TOY_TEXT)
+    r = run("distill", "--teacher", str(gpt2_dir), "--student", str(tmp_path / "good"), "--out", str(tmp_path / "o2"),
+            "--data", str(tmp_path / "t.txt"), "--seq-len", "32", "--resume")
+    assert r.returncode == 2 and "nothing to resume" in r.stderr

@@ -1,0 +1,40 @@
+import math
+
+import pytest
+import torch
+
+from tqcompressor import TQCError
+from tqcompressor.evaluate import evaluate, windows
+
+
+@pytest.mark.parametrize("n, context, stride", [(100, 16, 4), (100, 16, 15), (5, 16, 8), (17, 16, 16), (100, 16, 16)])
+def test_windows_score_each_token_once_with_context(n, context, stride):
+    scored = []
+    for begin, end, count in windows(n, context, stride):
+        assert end - begin <= context and 1 <= count <= end - begin - 1
+        scored.extend(range(end - count, end))
+    assert len(scored) == len(set(scored))
+    if stride < context:  # every token but the first
+        assert sorted(scored) == list(range(1, n))
+    else:  # disjoint windows: at most each window's first token goes unscored
+        assert len(scored) >= (n - 1) - n // context
+
+
+def test_perplexity_matches_direct_loss_for_single_window(llama_model):
+    ids = torch.randint(0, 512, (40,))
+    result = evaluate(llama_model, ids, context=64, progress=False)
+    loss = llama_model(ids[None], labels=ids[None]).loss
+    assert result["perplexity"] == pytest.approx(math.exp(float(loss.detach())), rel=1e-4)
+    assert result["tokens"] == 39 and result["protocol"] == {"level": "token", "context": 64, "stride": 64}
+
+
+def test_teacher_against_itself_has_zero_kl_and_full_agreement(llama_model, tokenizer):
+    ids = torch.randint(0, 256, (70,))
+    result = evaluate(llama_model, ids, context=32, stride=16, teacher=llama_model, tokenizer=tokenizer, progress=False)
+    assert abs(result["kl_to_teacher"]) < 1e-5 and result["top1_agreement"] == 1.0
+    assert result["word_perplexity"] > 0 and result["byte_perplexity"] > 0
+
+
+def test_context_beyond_model_is_rejected(llama_model):
+    with pytest.raises(TQCError, match="exceeds the model"):
+        evaluate(llama_model, torch.arange(10), context=4096, progress=False)
