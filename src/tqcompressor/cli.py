@@ -173,7 +173,7 @@ def run(
     eval_data: Optional[str] = typer.Option(None, help="evaluation text; default: held-out teacher samples"),
     eval_tokens: int = typer.Option(8192, help="tokens to evaluate on"),
     context: int = typer.Option(512, help="evaluation window"),
-    steps: int = typer.Option(60, help="distillation steps per stage"),
+    steps: int = typer.Option(40, help="distillation steps per stage"),
     batch_size: int = typer.Option(4),
     seq_len: int = typer.Option(256),
     lr: float = typer.Option(3e-4),

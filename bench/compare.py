@@ -1,0 +1,130 @@
+"""Side by side at equal budgets: tq, kronecker, svd and layer dropping, each distilled on the same data.
+
+Every method gets the same whole-model parameter budget (--ratio of the teacher, all parameters
+counted once), the same distillation data (WikiText-2 valid) and the same number of KD tokens;
+all are evaluated on the same prefix of WikiText-2 test. Writes bench/results/compare.json and
+bench/results/compare.png and prints a table.
+
+    python bench/compare.py                       # CPU, small KD budget
+    python bench/compare.py --device cuda --kd-steps 300 --eval-tokens 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import tqcompressor as tqc
+from tqcompressor.baselines import keep_layers, layer_drop_plan
+from tqcompressor.data import text_block_source, tokenize_text
+from tqcompressor.distill import DistillConfig, multistep_distill
+from tqcompressor.evaluate import evaluate
+from tqcompressor.report import table
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
+METHODS = ["tq", "kronecker", "svd", "layer_drop"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratio", type=float, default=0.65)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--train", default=str(DATA / "valid.txt"))
+    parser.add_argument("--test", default=str(DATA / "test.txt"))
+    parser.add_argument("--eval-tokens", type=int, default=65536)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--kd-steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "compare.json")
+    parser.add_argument("--work", type=Path, default=Path("runs/compare"))
+    args = parser.parse_args()
+
+    loaded = tqc.load_model(args.model)
+    teacher = loaded.model.to(args.device)
+    ids = tokenize_text(args.test, loaded.tokenizer, args.eval_tokens)
+    config = DistillConfig(steps=args.kd_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                           checkpoint_every=10**9, log_every=10)
+    blocks = text_block_source(args.train, loaded.tokenizer, args.seq_len)
+    eval_kwargs = dict(context=args.context, tokenizer=loaded.tokenizer, batch_size=8 if args.device != "cpu" else 4)
+    t0 = time.perf_counter()
+    teacher_metrics = evaluate(teacher, ids, **eval_kwargs)
+    teacher_params = tqc.count_parameters(teacher)
+    result = {
+        "model": args.model, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "ratio": args.ratio, "target_params": int(args.ratio * teacher_params),
+        "teacher": {"params": teacher_params, "perplexity": teacher_metrics["perplexity"]},
+        "kd_tokens": config.steps * config.batch_size * config.seq_len, "kd_data": Path(args.train).name,
+        "eval": {"data": Path(args.test).name, "tokens": teacher_metrics["tokens"], **teacher_metrics["protocol"]},
+        "counting": "every parameter counted once (tied embedding/head once); permutation index buffers excluded",
+        "methods": {},
+    }
+    print(f"teacher: {teacher_params:,} params, perplexity {teacher_metrics['perplexity']:.2f}")
+    for method in args.methods.split(","):
+        started = time.perf_counter()
+        student = copy.deepcopy(teacher).to("cpu")
+        if method == "layer_drop":
+            keep_layers(student, layer_drop_plan(student, int(args.ratio * teacher_params)))
+        else:
+            student, _ = tqc.compress(student, tqc.CompressionConfig(method=method, ratio=args.ratio))
+        student.to(args.device)
+        compressed = evaluate(student, ids, teacher=teacher, **eval_kwargs)
+        student = multistep_distill(teacher, student, blocks, config, args.work / method, compression=None,
+                                    teacher_name=args.model, data_name=args.train)
+        distilled = evaluate(student.eval(), ids, teacher=teacher, **eval_kwargs)
+        result["methods"][method] = {
+            "params": tqc.count_parameters(student),
+            "ppl_compressed": compressed["perplexity"], "ppl_distilled": distilled["perplexity"],
+            "kl_to_teacher": distilled["kl_to_teacher"], "top1_agreement": distilled["top1_agreement"],
+            "kl_to_teacher_before_kd": compressed["kl_to_teacher"], "seconds": time.perf_counter() - started,
+        }
+        print(method, json.dumps(result["methods"][method]))
+        del student
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every method: partial results survive
+    result["seconds"] = time.perf_counter() - t0
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    rows = [[m, r["params"], r["ppl_compressed"], r["ppl_distilled"], r["kl_to_teacher"], r["top1_agreement"]]
+            for m, r in result["methods"].items()]
+    print(table(["method", "params", "ppl compressed", "ppl after KD", "KL to teacher", "top-1 agree"],
+                [["teacher", teacher_params, teacher_metrics["perplexity"], teacher_metrics["perplexity"], 0.0, 1.0]] + rows))
+    print(f"KD: {result['kd_tokens']:,} tokens of {result['kd_data']} per method; eval: {result['eval']}; wrote {args.out}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    teacher = result["teacher"]
+    ax.scatter(teacher["params"] / 1e6, teacher["perplexity"], marker="*", s=150, color="black", label="teacher")
+    for method, r in result["methods"].items():
+        x = r["params"] / 1e6
+        line = ax.plot([x, x], [r["ppl_compressed"], r["ppl_distilled"]], marker="o", label=method)[0]
+        ax.annotate(method, (x, r["ppl_distilled"]), textcoords="offset points", xytext=(6, -4), fontsize=8,
+                    color=line.get_color())
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (M, every parameter counted)")
+    ax.set_ylabel("WikiText-2 test perplexity (log)")
+    ax.set_title(f"{result['model']} at {result['ratio']:.0%}: after compression (top) -> after KD (bottom)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Speed and memory: dense vs factored layers and whole models, measured in one process.
+
+(1) per layer type of SmolLM2 at the shapes `compress --ratio R` chooses: dense nn.Linear vs
+KroneckerLinear vs LowRankLinear (same parameter count), forward time on 8x512 tokens,
+interleaved, median of repeats; (2) whole model: prefill tokens/s (8x512) and greedy generation
+tokens/s (batch 1, 128 new tokens), compressed vs dense teacher; (3) peak memory and on-disk size.
+Writes bench/results/speed.json (or speed-gpu.json with --device cuda) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import tqcompressor as tqc
+from tqcompressor.layers import KroneckerLinear, LowRankLinear
+from tqcompressor.report import table
+
+HERE = Path(__file__).resolve().parent
+MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(fns: dict, device: str, repeats: int) -> dict[str, float]:
+    """Median seconds per call, the candidates run in turn so that drift hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(timed(fn, device))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratio", type=float, default=0.65)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    out = args.out or HERE / "results" / ("speed-gpu.json" if args.device == "cuda" else "speed.json")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+
+    loaded = tqc.load_model(args.model)
+    teacher = loaded.model
+    student, report = tqc.compress(copy.deepcopy(teacher), tqc.CompressionConfig(method="tq", ratio=args.ratio))
+    teacher.to(args.device, dtype)
+    student.to(args.device, dtype)
+
+    # (1) layers
+    layer_rows, layers = [], []
+    with torch.inference_mode():
+        for matrix in MATRICES:
+            name = f"model.layers.10.{matrix}"
+            dense = teacher.get_submodule(name)
+            kron = student.get_submodule(name)
+            rank = max(1, sum(p.numel() for p in kron.parameters()) // (dense.in_features + dense.out_features))
+            low = LowRankLinear.from_linear(dense.float().cpu(), rank).to(args.device, dtype)
+            dense.to(args.device, dtype)
+            x = torch.randn(args.batch, args.seq, dense.in_features, device=args.device, dtype=dtype)
+            t = interleaved({"dense": lambda: dense(x), "kronecker": lambda: kron(x), "lowrank": lambda: low(x)},
+                            args.device, args.repeats * 4)
+            layers.append({"layer": name, "shape": [dense.out_features, dense.in_features],
+                           "a_shape": list(kron.a.shape[1:]), "b_shape": list(kron.b.shape[1:]), "rank": kron.rank,
+                           "seconds": t, "speedup_kronecker": t["dense"] / t["kronecker"],
+                           "speedup_lowrank": t["dense"] / t["lowrank"]})
+            layer_rows.append([matrix, f"{dense.out_features}x{dense.in_features}", t["dense"] * 1e3,
+                               t["kronecker"] * 1e3, t["lowrank"] * 1e3, t["dense"] / t["kronecker"]])
+
+    # (2) whole model
+    ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq), device=args.device)
+    prompt = ids[:1, :16]
+    with torch.inference_mode():
+        prefill = interleaved({"teacher": lambda: teacher(ids), "compressed": lambda: student(ids)}, args.device,
+                              args.repeats)
+        def generate(model):
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        gen = interleaved({"teacher": lambda: generate(teacher), "compressed": lambda: generate(student)},
+                          args.device, max(2, args.repeats // 2))
+
+    # (3) memory and disk
+    memory = {}
+    for label, model in (("teacher", teacher), ("compressed", student)):
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            with torch.inference_mode():
+                model(ids)
+            memory[label] = torch.cuda.max_memory_allocated()
+        else:
+            memory[label] = sum(p.numel() * p.element_size() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        tqc.save(student.float().cpu(), Path(tmp) / "c")
+        teacher.float().cpu().save_pretrained(Path(tmp) / "t")
+        disk = {"teacher": sum(f.stat().st_size for f in (Path(tmp) / "t").glob("*.safetensors")),
+                "compressed": (Path(tmp) / "c" / "model.safetensors").stat().st_size}
+
+    tokens = args.batch * args.seq
+    params = {"teacher": report.params_before, "compressed": report.params_after}
+    result = {
+        "model": args.model, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "ratio": args.ratio,
+        "params": params, "layers": layers,
+        "prefill": {"batch": args.batch, "seq": args.seq, "seconds": prefill,
+                    "tokens_per_s": {k: tokens / v for k, v in prefill.items()},
+                    "speedup": prefill["teacher"] / prefill["compressed"]},
+        "generation": {"new_tokens": args.new_tokens, "seconds": gen,
+                       "tokens_per_s": {k: args.new_tokens / v for k, v in gen.items()},
+                       "speedup": gen["teacher"] / gen["compressed"]},
+        "memory_bytes": memory, "memory_kind": "peak CUDA allocation in prefill" if args.device == "cuda" else "parameter bytes",
+        "disk_bytes": disk,
+        "params_ratio_teacher_over_compressed": params["teacher"] / params["compressed"],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(["layer", "shape", "dense ms", "kronecker ms", "low-rank ms", "kron speedup"], layer_rows))
+    print(table(["", "teacher", "compressed", "ratio"], [
+        ["params", params["teacher"], params["compressed"], params["teacher"] / params["compressed"]],
+        ["prefill tok/s", tokens / prefill["teacher"], tokens / prefill["compressed"], result["prefill"]["speedup"]],
+        ["generate tok/s", args.new_tokens / gen["teacher"], args.new_tokens / gen["compressed"], result["generation"]["speedup"]],
+        ["memory bytes", memory["teacher"], memory["compressed"], memory["teacher"] / memory["compressed"]],
+        ["disk bytes", disk["teacher"], disk["compressed"], disk["teacher"] / disk["compressed"]],
+    ]))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
