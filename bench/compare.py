@@ -47,7 +47,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "compare.json")
     parser.add_argument("--work", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return
 
     loaded = tqc.load_model(args.model)
     teacher = loaded.model.to(args.device)
@@ -102,25 +106,30 @@ def main() -> None:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Grouped bars per method: perplexity right after compression and after KD (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    teacher = result["teacher"]
-    ax.scatter(teacher["params"] / 1e6, teacher["perplexity"], marker="*", s=150, color="black", label="teacher")
-    for method, r in result["methods"].items():
-        x = r["params"] / 1e6
-        line = ax.plot([x, x], [r["ppl_compressed"], r["ppl_distilled"]], marker="o", label=method)[0]
-        ax.annotate(method, (x, r["ppl_distilled"]), textcoords="offset points", xytext=(6, -4), fontsize=8,
-                    color=line.get_color())
+    methods = list(result["methods"])
+    x = range(len(methods))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    before = [result["methods"][m]["ppl_compressed"] for m in methods]
+    after = [result["methods"][m]["ppl_distilled"] for m in methods]
+    ax.bar([i - 0.2 for i in x], before, width=0.4, label="after compression", color="#bbbbbb")
+    bars = ax.bar([i + 0.2 for i in x], after, width=0.4, label="after KD", color="#1f77b4")
+    for bar, value in zip(bars, after):
+        ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
+    ax.axhline(result["teacher"]["perplexity"], color="black", linestyle="--",
+               label=f"teacher {result['teacher']['perplexity']:.1f} ({result['teacher']['params'] / 1e6:.0f}M)")
+    ax.set_xticks(list(x), [f"{m}\n{result['methods'][m]['params'] / 1e6:.1f}M" for m in methods])
     ax.set_yscale("log")
-    ax.set_xlabel("parameters (M, every parameter counted)")
     ax.set_ylabel("WikiText-2 test perplexity (log)")
-    ax.set_title(f"{result['model']} at {result['ratio']:.0%}: after compression (top) -> after KD (bottom)")
+    name = Path(result["model"]).name
+    ax.set_title(f"{name} at {result['ratio']:.0%} params, {result['kd_tokens'] / 1e6:.1f}M KD tokens", fontsize=10)
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

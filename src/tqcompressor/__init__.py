@@ -1,6 +1,7 @@
 """tqcompressor: make pretrained causal LMs smaller with permuted Kronecker factorizations
 (TQCompressor, arXiv:2401.16367) and recover quality with knowledge distillation."""
 
+from tqcompressor import hf_integration  # registers the quantizer plugin: plain from_pretrained works
 from tqcompressor.checkpoint import densify, export_dense, load, save
 from tqcompressor.config import CompressionConfig, CompressionReport, LayerSpec, load_spec
 from tqcompressor.decompose import KroneckerFactors, LowRankFactors, decompose

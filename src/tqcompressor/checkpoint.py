@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -59,6 +59,41 @@ def build(desc: dict, dtype: torch.dtype) -> nn.Module:
     raise TQCError(f"unknown module type {kind!r} in {STRUCTURE_FILE}; was it written by a newer tqcompressor?")
 
 
+def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace the modules named in ``modules`` by empty factored modules (weights load later)."""
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    # transformers initialises modules whose weights are not loaded; factored modules (and the
+    # blocks holding them, whose init touches a child's .weight) are always loaded in full
+    for name in modules:
+        parent = name.rpartition(".")[0]
+        if parent:
+            model.get_submodule(parent)._is_hf_initialized = True
+    embedding = None
+    for name, desc in modules.items():
+        if desc["type"] == "TiedKroneckerHead":
+            continue
+        module = build(desc, dtype)
+        module._is_hf_initialized = True
+        _set(model, name, module)
+        if isinstance(module, KroneckerEmbedding):
+            embedding = module
+    for name, desc in modules.items():
+        if desc["type"] == "TiedKroneckerHead":
+            if embedding is None:
+                raise TQCError(f"tied head {name} but no factored embedding: the structure is corrupt")
+            bias = torch.zeros(embedding.num_embeddings, dtype=dtype) if desc["bias"] else None
+            head = TiedKroneckerHead(embedding, bias)
+            head._is_hf_initialized = True
+            _set(model, name, head)
+    return model
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def structure_of(model: nn.Module) -> dict[str, dict]:
     return {name: d for name, module in model.named_modules() if (d := describe(module)) is not None}
 
@@ -70,17 +105,23 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, base_model: st
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    model.config.save_pretrained(partial)
+    base_model = base_model or getattr(model, "tqc_base_model", None)
+    modules = structure_of(model)
+    config = model.config.to_dict()
+    # the structure again, for transformers' quantizer plugin (plain from_pretrained)
+    config["quantization_config"] = {"quant_method": "tqcompressor", "modules": modules,
+                                     "format_version": FORMAT_VERSION, "base_model": base_model}
+    (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     plan = getattr(model, "tqc_plan", None) or []
     structure = {
         "format_version": FORMAT_VERSION,
-        "base_model": base_model or getattr(model, "tqc_base_model", None),
+        "base_model": base_model,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "modules": structure_of(model),
+        "modules": modules,
         "plan": [{"module": name, **spec.to_dict()} for name, spec in plan],
         **(extra or {}),
     }
-    save_model(model, str(partial / WEIGHTS_FILE))
+    save_file(_state_dict_without_tied_head(model), str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
     # the structure file goes last: its presence marks a complete directory
@@ -89,6 +130,26 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, base_model: st
         shutil.rmtree(directory)
     os.replace(partial, directory)
     return directory
+
+
+def _state_dict_without_tied_head(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor once; a dense LM head tied to the embedding is stored under the embedding's
+    name only, as transformers expects (it re-ties the head on load)."""
+    state = model.state_dict()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is not None and embedding is not None and isinstance(getattr(head, "weight", None), nn.Parameter) \
+            and head.weight is getattr(embedding, "weight", None):
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        state.pop(f"{head_name}.weight", None)
+    seen: dict[int, str] = {}
+    for key in list(state):
+        pointer = state[key].data_ptr()
+        if pointer in seen and state[key].numel() and state[key].data_ptr() == state[seen[pointer]].data_ptr():
+            state.pop(key)  # any other shared tensor: keep its first name
+        else:
+            seen[pointer] = key
+    return {k: v.detach().contiguous() for k, v in state.items()}
 
 
 def read_structure(directory: str | Path) -> dict:
@@ -121,23 +182,10 @@ def load(directory: str | Path) -> nn.Module:
         raise TQCError(f"{directory} is missing {WEIGHTS_FILE} or config.json; re-run `tqc compress`")
     dtype = getattr(torch, structure.get("dtype", "float32"))
     config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the plugin's copy of the structure; we install it ourselves
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    embedding = None
-    for name, desc in structure["modules"].items():
-        if desc["type"] == "TiedKroneckerHead":
-            continue
-        module = build(desc, dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
-        if isinstance(module, KroneckerEmbedding):
-            embedding = module
-    for name, desc in structure["modules"].items():
-        if desc["type"] == "TiedKroneckerHead":
-            if embedding is None:
-                raise TQCError(f"{directory}: tied head {name} but no factored embedding; the dir is corrupt")
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    TiedKroneckerHead(embedding, torch.zeros(embedding.num_embeddings, dtype=dtype) if desc["bias"] else None))
+    install_structure(model, structure["modules"], dtype)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:

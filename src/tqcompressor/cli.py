@@ -27,7 +27,7 @@ def _split(text: Optional[str]) -> Optional[list[str]]:
 @app.command()
 def compress(
     model: str = typer.Option(DEFAULT_MODEL, help="hub id, local HF dir, .gguf file, or 'smollm2-135m'"),
-    method: str = typer.Option("tq", help="tq | kronecker | svd"),
+    method: str = typer.Option("tq", help="tq | kronecker | svd | auto (choose per layer)"),
     ratio: Optional[float] = typer.Option(None, help="fraction of the whole model's parameters to keep, in (0, 1]"),
     target_params: Optional[int] = typer.Option(None, help="absolute parameter budget (instead of --ratio)"),
     target_modules: Optional[str] = typer.Option(None, help="comma-separated module names/patterns"),
@@ -164,7 +164,7 @@ def eval_command(
 @app.command()
 def run(
     model: str = typer.Option(DEFAULT_MODEL, help="the model to compress (and the teacher)"),
-    method: str = typer.Option("tq", help="tq | kronecker | svd"),
+    method: str = typer.Option("tq", help="tq | kronecker | svd | auto (choose per layer)"),
     ratio: float = typer.Option(0.65, help="fraction of the whole model's parameters to keep"),
     stages: int = typer.Option(2, help="compression/distillation steps (upper layers first)"),
     spec: Optional[Path] = typer.Option(None, help="explicit per-layer plan instead of --ratio/--stages"),
@@ -173,7 +173,7 @@ def run(
     eval_data: Optional[str] = typer.Option(None, help="evaluation text; default: held-out teacher samples"),
     eval_tokens: int = typer.Option(8192, help="tokens to evaluate on"),
     context: int = typer.Option(512, help="evaluation window"),
-    steps: int = typer.Option(40, help="distillation steps per stage"),
+    steps: int = typer.Option(30, help="distillation steps per stage"),
     batch_size: int = typer.Option(4),
     seq_len: int = typer.Option(256),
     lr: float = typer.Option(3e-4),

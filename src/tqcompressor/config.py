@@ -11,6 +11,7 @@ import yaml
 from tqcompressor.errors import TQCError
 
 METHODS = ("tq", "kronecker", "svd")
+CONFIG_METHODS = (*METHODS, "auto")  # auto: choose per layer among the methods (and dense)
 
 # Which modules are compressed when the user names none, by model_type.
 DEFAULT_TARGET_MODULES = {
@@ -66,8 +67,8 @@ class CompressionConfig:
     max_iterations: int = 20  # cap on permutation-search rounds per matrix (tq)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise TQCError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in CONFIG_METHODS:
+            raise TQCError(f"unknown method {self.method!r}; choose one of {', '.join(CONFIG_METHODS)}")
         if self.layers is None:
             if self.target_params is None and self.ratio is None:
                 raise TQCError("give a ratio (0, 1], a target parameter count, or an explicit layer spec")
@@ -144,6 +145,8 @@ class CompressionReport:
     counting: str = ("every parameter of the model counted once (a tied embedding/LM head once), "
                      "permutation index buffers excluded")
     layers: list[LayerReport] = field(default_factory=list)
+    # method="auto": per target layer, the candidates measured and the one chosen (dense included)
+    auto: dict[str, dict] | None = None
 
     @property
     def ratio(self) -> float:

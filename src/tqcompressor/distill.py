@@ -191,6 +191,8 @@ def multistep_distill(
         bar.close()
         student = accelerator.unwrap_model(model)
         student.eval()
+        del optimizer, scheduler, model
+        accelerator.free_memory()  # the accelerator keeps references to what it prepared
         if on_stage_end is not None:
             on_stage_end(stage, student)
         state.update(stage_index=stage_index + 1, stage_step=0, stage_compressed=False)

@@ -29,7 +29,32 @@ def format_compression_table(report: dict) -> str:
              l["params_before"], l["params_after"], l["relative_error"], l["seconds"]] for l in report["layers"]]
     body = table(["layer", "shape", "method", "A", "B", "rank", "step", "params before", "params after",
                   "rel. error", "seconds"], rows, "lllllrrrrrr") if rows else "(no layer compressed)"
+    if report.get("auto"):
+        body += "\n\n" + format_auto_table(report["auto"])
     total = (f"total: {report['params_before']:,} -> {report['params_after']:,} parameters "
              f"({report['params_after'] / max(report['params_before'], 1):.1%}), {report['seconds']:.1f} s; "
              f"counting: {report.get('counting', '')}")
     return body + "\n" + total
+
+
+def format_auto_table(auto: dict) -> str:
+    """method="auto": per layer, what was chosen and the best alternatives of each kind."""
+    rows = []
+    for name, entry in auto.items():
+        chosen = entry["chosen"]
+        best = {}
+        for c in entry["menu"]:  # the best candidate of each method at no more parameters than chosen
+            if c["params"] <= chosen["params"] and (c["method"] not in best or c["error"] < best[c["method"]]["error"]):
+                best[c["method"]] = c
+        others = ", ".join(f"{m} {c['error']:.3f}" for m, c in sorted(best.items()) if m != chosen["method"])
+        rows.append([name, _describe(chosen), chosen["params"], chosen["error"], len(entry["menu"]), others])
+    return table(["layer", "auto chose", "params", "rel. error", "menu size",
+                  "best other at <= params (rel. error)"], rows, "llrrrl")
+
+
+def _describe(c: dict) -> str:
+    if c["method"] == "dense":
+        return "dense"
+    if c["method"] == "svd":
+        return f"svd r{c['rank']}"
+    return f"{c['method']} B{c['b_shape'][0]}x{c['b_shape'][1]} r{c['rank']}"

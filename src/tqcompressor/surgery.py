@@ -44,7 +44,9 @@ def compress(model: nn.Module, config: CompressionConfig, step: int | None = Non
     plan = getattr(model, "tqc_plan", None) or plan_compression(model, config)
     model.tqc_plan = plan
     report = CompressionReport(params_before=count_parameters(model), method=config.method,
-                               target_params=_target_params(model, config) if config.layers is None else None)
+                               target_params=_target_params(model, config) if config.layers is None else None,
+                               auto=getattr(model, "tqc_auto", None))
+    cache = getattr(model, "tqc_factor_cache", {})
     todo = [(name, spec) for name, spec in sorted(plan, key=lambda item: item[1].step)
             if (step is None or spec.step == step) and not _already_done(model.get_submodule(name), spec)]
     bar = tqdm(todo, desc="compressing", unit="layer", disable=not progress)
@@ -52,9 +54,9 @@ def compress(model: nn.Module, config: CompressionConfig, step: int | None = Non
         bar.set_postfix_str(name)
         module = model.get_submodule(name)
         t0 = time.perf_counter()
-        new, dense, kind = _factor_module(module, spec, config.max_iterations)
+        new, dense, kind = _factor_module(module, spec, config.max_iterations, cache.pop(name, None))
         error = relative_error(dense.double(), new.to_dense().double())
-        is_embedding = module is model.get_input_embeddings()
+        is_embedding = hasattr(model, "get_input_embeddings") and module is model.get_input_embeddings()
         _set_module(model, name, new)
         if is_embedding:
             _retie_head(model, module, new, config.tie_lm_head)
@@ -81,7 +83,7 @@ def _already_done(module: nn.Module, spec: LayerSpec) -> bool:
     return False
 
 
-def _factor_module(module: nn.Module, spec: LayerSpec, max_iterations: int):
+def _factor_module(module: nn.Module, spec: LayerSpec, max_iterations: int, cached=None):
     if isinstance(module, (nn.Embedding, KroneckerEmbedding)):
         if spec.method == "svd":
             raise TQCError("embeddings are factored with 'tq' or 'kronecker', not 'svd'")
@@ -95,7 +97,7 @@ def _factor_module(module: nn.Module, spec: LayerSpec, max_iterations: int):
     bias = module.bias.detach() if module.bias is not None else None
     if spec.method == "svd":
         return LowRankLinear.from_factors(decompose(dense, "svd", rank=spec.rank), bias, kind), dense, kind
-    factors = decompose(dense, spec.method, spec.a_shape, spec.b_shape, spec.rank, max_iterations)
+    factors = cached or decompose(dense, spec.method, spec.a_shape, spec.b_shape, spec.rank, max_iterations)
     return KroneckerLinear.from_factors(factors, bias, kind), dense, kind
 
 
@@ -168,6 +170,8 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> Plan:
     if config.layers is not None:
         return _plan_from_spec(model, config.layers)
     names = find_target_modules(model, config.target_modules)
+    if config.method == "auto":
+        return _plan_auto(model, names, config)
     return _plan_from_budget(model, names, config)
 
 
@@ -219,6 +223,48 @@ def _plan_from_budget(model: nn.Module, names: list[str], config: CompressionCon
         step = 1 + index * config.steps // max(len(order), 1)
         plan[name] = _choose_shape(shapes[name], keep, config.method, step)
     return [(name, plan[name]) for name in names]
+
+
+def _plan_auto(model: nn.Module, names: list[str], config: CompressionConfig) -> Plan:
+    """Measure a menu of candidates per layer and allocate the budget by error per parameter
+    (see :mod:`tqcompressor.auto`). The permutation searches are kept for ``compress``."""
+    from tqcompressor.auto import allocate, candidate_menu, factors_for
+
+    total, target = count_parameters(model), _target_params(model, config)
+    weights = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            raise TQCError("method 'auto' covers linear layers; factor embeddings with an explicit spec")
+        weights[name] = module.to_dense() if isinstance(module, FACTORED) else dense_weight_of(module)[0]
+    fixed = total - sum(w.numel() for w in weights.values())
+    if target <= fixed:
+        raise TQCError(f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
+                       "modules; raise the ratio or add target modules")
+    menus, searches = {}, {}
+    for name in tqdm(names, desc="measuring candidates", unit="layer"):
+        menus[name], searches[name] = candidate_menu(weights[name], max_iterations=config.max_iterations)
+    norms = {name: float(w.double().pow(2).sum()) for name, w in weights.items()}
+    try:
+        choices = allocate(menus, norms, target - fixed)
+    except ValueError as exc:
+        raise TQCError(f"{exc}; raise the ratio") from None
+    order = sorted(names, key=_depth, reverse=True)
+    steps = {name: 1 + i * config.steps // max(len(order), 1) for i, name in enumerate(order)}
+    plan: Plan = []
+    model.tqc_factor_cache, model.tqc_auto = {}, {}
+    for name in names:
+        choice = choices[name]
+        model.tqc_auto[name] = {"chosen": choice.to_dict(), "menu": [c.to_dict() for c in menus[name]]}
+        if choice.method == "dense":
+            continue
+        reason = (f"auto: {choice.method} at {choice.params:,} params gives error {choice.error:.3f}; "
+                  f"chosen by error reduction per parameter among {len(menus[name])} candidates")
+        plan.append((name, LayerSpec(choice.method, rank=choice.rank, a_shape=choice.a_shape,
+                                     b_shape=choice.b_shape, step=steps[name], reason=reason)))
+        if choice.method in ("tq", "kronecker"):
+            model.tqc_factor_cache[name] = factors_for(weights[name], choice, searches[name])
+    return plan
 
 
 def _depth(name: str) -> int:
