@@ -28,7 +28,7 @@ from tqcompressor.report import table
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
-METHODS = ["tq", "kronecker", "svd", "layer_drop"]
+METHODS = ["tq", "kronecker", "svd", "layer_drop", "auto"]
 
 
 def main() -> None:
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "compare.json")
     parser.add_argument("--work", type=Path, default=Path("runs/compare"))
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
+    parser.add_argument("--merge", type=Path, default=None,
+                        help="start from the methods of this earlier result file (same settings)")
     args = parser.parse_args()
     if args.replot:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
@@ -72,6 +74,12 @@ def main() -> None:
         "counting": "every parameter counted once (tied embedding/head once); permutation index buffers excluded",
         "methods": {},
     }
+    if args.merge is not None:
+        earlier = json.loads(args.merge.read_text())
+        for key in ("ratio", "kd_tokens"):
+            if earlier[key] != result[key]:
+                raise SystemExit(f"--merge: {key} differs ({earlier[key]} vs {result[key]}); use the same settings")
+        result["methods"] = earlier["methods"]
     print(f"teacher: {teacher_params:,} params, perplexity {teacher_metrics['perplexity']:.2f}")
     for method in args.methods.split(","):
         started = time.perf_counter()

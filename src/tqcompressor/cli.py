@@ -74,14 +74,33 @@ def info(directory: Path = typer.Argument(..., help="a dir written by `tqc compr
 @app.command()
 def export(
     directory: Path = typer.Argument(..., help="a dir written by `tqc compress`"),
-    out: Path = typer.Option(..., help="output directory"),
-    dense: bool = typer.Option(True, "--dense", help="merge the factors into a plain HF model dir"),
+    out: Path = typer.Option(..., help="output directory (--dense) or .onnx file (--onnx)"),
+    dense: bool = typer.Option(False, "--dense", help="merge the factors into a plain HF model dir"),
+    onnx: bool = typer.Option(False, "--onnx", help="ONNX graph input_ids -> logits, factored layers kept"),
 ) -> None:
-    """Export a compressed model as a plain Hugging Face model dir (factors merged)."""
-    from tqcompressor.checkpoint import export_dense
+    """Export a compressed model: a plain dense HF dir (--dense) or ONNX (--onnx)."""
+    from tqcompressor.export import export_dense, export_onnx
 
-    export_dense(directory, out)
-    typer.echo(f"wrote {out} (dense; opens with AutoModelForCausalLM.from_pretrained)")
+    if dense == onnx:
+        raise TQCError("choose one of --dense or --onnx")
+    if dense:
+        export_dense(directory, out)
+        typer.echo(f"wrote {out} (dense; opens with AutoModelForCausalLM.from_pretrained)")
+    else:
+        export_onnx(directory, out)
+        typer.echo(f"wrote {out} (ONNX, input_ids -> logits; run it with onnxruntime)")
+
+
+@app.command()
+def push(
+    directory: Path = typer.Argument(..., help="a dir written by `tqc compress`/`tqc run`"),
+    repo: str = typer.Option(..., help="Hub repo id, user/name"),
+    private: bool = typer.Option(False, help="create the repo as private"),
+) -> None:
+    """Upload a compressed model dir to the Hugging Face Hub (needs a token: `hf auth login`)."""
+    from tqcompressor.export import push_to_hub
+
+    typer.echo(f"uploaded: {push_to_hub(directory, repo, private)}")
 
 
 def _distill_config(steps, batch_size, seq_len, lr, grad_accum, checkpoint_every, seed) -> "DistillConfig":
