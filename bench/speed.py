@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefer", default="accuracy", help="budget solver preference: accuracy | speed")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or HERE / "results" / ("speed-gpu.json" if args.device == "cuda" else "speed.json")
@@ -67,7 +68,8 @@ def main() -> None:
 
     loaded = tqc.load_model(args.model)
     teacher = loaded.model
-    student, report = tqc.compress(copy.deepcopy(teacher), tqc.CompressionConfig(method="tq", ratio=args.ratio))
+    student, report = tqc.compress(copy.deepcopy(teacher), tqc.CompressionConfig(method="tq", ratio=args.ratio,
+                                                                                   prefer=args.prefer))
     teacher.to(args.device, dtype)
     student.to(args.device, dtype)
 
@@ -125,6 +127,7 @@ def main() -> None:
     result = {
         "model": args.model, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "ratio": args.ratio,
+        "prefer": args.prefer,
         "params": params, "layers": layers,
         "prefill": {"batch": args.batch, "seq": args.seq, "seconds": prefill,
                     "tokens_per_s": {k: tokens / v for k, v in prefill.items()},

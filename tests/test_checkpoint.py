@@ -71,3 +71,14 @@ def test_missing_corrupt_and_half_written_dirs(tmp_path, llama_model):
     (tmp_path / "v" / STRUCTURE_FILE).write_text(json.dumps(structure))
     with pytest.raises(TQCError, match="upgrade tqcompressor"):
         tqc.load(tmp_path / "v")
+
+
+def test_mismatched_base_model_and_missing_tokenizer(tmp_path, llama_model, gpt2_model):
+    from tqcompressor.checkpoint import load_tokenizer
+    model = compressed_llama(llama_model)
+    tqc.save(model, tmp_path / "m")
+    gpt2_model.config.save_pretrained(tmp_path / "m")  # config.json of another model
+    with pytest.raises(TQCError, match="different models"):
+        tqc.load(tmp_path / "m")
+    with pytest.raises(TQCError, match="no tokenizer"):
+        load_tokenizer(tmp_path / "m")

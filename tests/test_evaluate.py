@@ -38,3 +38,33 @@ def test_teacher_against_itself_has_zero_kl_and_full_agreement(llama_model, toke
 def test_context_beyond_model_is_rejected(llama_model):
     with pytest.raises(TQCError, match="exceeds the model"):
         evaluate(llama_model, torch.arange(10), context=4096, progress=False)
+
+
+def test_lambada_last_word_metrics(llama_model, tokenizer):
+    from tqcompressor.evaluate import lambada
+    texts = ["the quick brown fox jumps over the lazy dog", "a model that is smaller runs faster", "oneword"]
+    result = lambada(llama_model, tokenizer, texts, progress=False)
+    assert result["lambada_examples"] == 2 and 0 <= result["lambada_accuracy"] <= 1
+    assert result["lambada_perplexity"] > 1
+
+
+def test_tqc_eval_lambada_file_and_perplexity_json(tmp_path, gpt2_dir):
+    import json
+    from typer.testing import CliRunner
+    from tqcompressor.cli import app
+    passages = tmp_path / "lambada.txt"
+    passages.write_text("the quick brown fox jumps over the lazy dog\nknowledge distillation trains the student\n")
+    result = CliRunner().invoke(app, ["eval", "--model", str(gpt2_dir), "--data", f"lambada:{passages}",
+                                      "--json", str(tmp_path / "l.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "l.json").read_text())["lambada_examples"] == 2
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog . " * 30)
+    result = CliRunner().invoke(app, ["eval", "--model", str(gpt2_dir), "--data", str(text), "--context", "64",
+                                      "--stride", "32", "--teacher", str(gpt2_dir), "--json", str(tmp_path / "p.json")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "p.json").read_text())
+    assert {"perplexity", "kl_to_teacher", "top1_agreement", "tokens", "params", "word_perplexity",
+            "byte_perplexity"} <= set(metrics)
+    assert metrics["protocol"] == {"level": "token", "context": 64, "stride": 32}
+    assert metrics["kl_to_teacher"] < 1e-5

@@ -30,7 +30,8 @@ def test_default_model_compress_save_load_evaluate(smollm2, tmp_path):
     assert 5 < teacher_ppl < 200  # a real pretrained model, not random weights
 
     student = tqc.load_model("smollm2-135m").model
-    config = tqc.CompressionConfig(method="tq", ratio=0.97, target_modules=["layers.29.mlp.*"])
+    config = tqc.CompressionConfig(method="tq", ratio=None, target_params=tqc.count_parameters(student) - 1_000_000,
+                                   target_modules=["layers.29.mlp.*"])
     student, report = tqc.compress(student, config, progress=False)
     assert report.params_after < report.params_before and len(report.layers) == 3
     assert all(layer.relative_error < 0.95 for layer in report.layers)

@@ -126,3 +126,13 @@ def test_spec_file_errors(tmp_path):
     bad.write_text("layers: [{modules: [x], method: tq, b_shape: [1, 2], colour: red}]\n")
     with pytest.raises(TQCError, match="unknown keys"):
         tqc.load_spec(bad)
+
+
+def test_prefer_speed_picks_one_row_b_factors(llama_model):
+    config = CompressionConfig(method="tq", ratio=0.8, prefer="speed")
+    plan = plan_compression(llama_model, config)
+    assert plan and all(spec.b_shape[0] == 1 for _, spec in plan)
+    model, report = compress(llama_model, config, progress=False)
+    assert report.params_after <= 0.8 * report.params_before
+    with pytest.raises(TQCError, match="prefer"):
+        CompressionConfig(prefer="fast")

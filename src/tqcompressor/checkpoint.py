@@ -65,6 +65,10 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
         dtype = next(model.parameters()).dtype
     # transformers initialises modules whose weights are not loaded; factored modules (and the
     # blocks holding them, whose init touches a child's .weight) are always loaded in full
+    unknown = [name for name in modules if not _has(model, name)]
+    if unknown:
+        raise TQCError(f"the saved structure names modules this base model does not have ({unknown[:3]}): "
+                       "config.json and the compressed weights come from different models")
     for name in modules:
         parent = name.rpartition(".")[0]
         if parent:
@@ -92,6 +96,14 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def structure_of(model: nn.Module) -> dict[str, dict]:
@@ -210,10 +222,14 @@ def _is_tied_alias(model: nn.Module, key: str) -> bool:
 def load_tokenizer(directory: str | Path):
     from transformers import AutoTokenizer
 
+    # transformers builds an empty tokenizer from config.json alone; insist on real tokenizer files
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if not any((Path(directory) / name).is_file() for name in files):
+        raise TQCError(f"{directory} has no tokenizer files; save it together with its tokenizer (tqc compress and tqc run do)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError):
-        raise TQCError(f"{directory} has no tokenizer files; save with a tokenizer or pass --tokenizer") from None
+        raise TQCError(f"{directory} has no tokenizer files; save it together with its tokenizer (tqc compress and tqc run do)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -35,6 +35,7 @@ def compress(
     steps: int = typer.Option(1, help="spread the automatic plan over this many distillation steps"),
     out: Path = typer.Option(..., help="output directory"),
     max_iterations: int = typer.Option(20, help="permutation-search rounds per matrix (tq)"),
+    prefer: str = typer.Option("accuracy", help="budget solver: accuracy | speed (B one row wide: faster layers)"),
 ) -> None:
     """Compress a model and write a model dir plus compression.json."""
     from tqcompressor.checkpoint import save
@@ -49,7 +50,8 @@ def compress(
         if ratio is None and target_params is None:
             ratio = 0.65
         config = CompressionConfig(method=method, ratio=ratio, target_params=target_params,
-                                   target_modules=_split(target_modules), steps=steps, max_iterations=max_iterations)
+                                   target_modules=_split(target_modules), steps=steps, max_iterations=max_iterations,
+                                   prefer=prefer)
     loaded = load_model(model)
     compressed, report = run_compress(loaded.model, config)
     save(compressed, out, loaded.tokenizer, base_model=model)
@@ -153,11 +155,12 @@ def distill(
 @app.command(name="eval")
 def eval_command(
     model: str = typer.Option(..., help="a compressed dir or any model --model accepts"),
-    data: str = typer.Option(..., help="text file/dir/glob or dataset name (wikitext, lambada, ...)"),
+    data: str = typer.Option(..., help="text file/dir/glob, a dataset name (wikitext), or lambada / lambada:FILE "
+                                       "for last-word accuracy"),
     teacher: Optional[str] = typer.Option(None, help="also report KL and top-1 agreement with this model"),
     context: int = typer.Option(512, help="window length (tokens)"),
     stride: Optional[int] = typer.Option(None, help="window stride (tokens); default = context"),
-    max_tokens: Optional[int] = typer.Option(None, help="evaluate on the first N tokens only"),
+    max_tokens: Optional[int] = typer.Option(None, help="evaluate on the first N tokens (LAMBADA: N examples)"),
     batch_size: int = typer.Option(4),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics to this JSON file"),
 ) -> None:
@@ -168,6 +171,18 @@ def eval_command(
     from tqcompressor.report import table
 
     loaded = load_model(model)
+    if data == "lambada" or data.startswith("lambada:"):
+        from tqcompressor.data import iter_texts
+        from tqcompressor.evaluate import lambada
+
+        # "lambada" streams the hub dataset; "lambada:FILE" reads one passage per line from a file
+        source = data.split(":", 1)[1] if ":" in data else "lambada"
+        texts = iter_texts(source, split="test") if source == "lambada" else open(source, encoding="utf-8")
+        metrics = lambada(loaded.model, loaded.tokenizer, texts, max_examples=max_tokens)
+        typer.echo(table(["metric", "value"], [[k, v] for k, v in metrics.items()]))
+        if json_out:
+            json_out.write_text(json.dumps({**metrics, "model": model, "data": data}, indent=2) + "\n")
+        return
     teacher_model = load_model(teacher).model if teacher else None
     ids = tokenize_text(data, loaded.tokenizer, max_tokens)
     metrics = evaluate(loaded.model, ids, context=context, stride=stride, teacher=teacher_model,

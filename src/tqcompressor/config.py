@@ -65,8 +65,11 @@ class CompressionConfig:
     tie_lm_head: bool = True  # when a tied embedding is factored: keep the head tied to the factors
     steps: int = 1  # spread the automatic plan over this many distillation steps
     max_iterations: int = 20  # cap on permutation-search rounds per matrix (tq)
+    prefer: str = "accuracy"  # budget solver: "accuracy" (any small B) or "speed" (B one row wide)
 
     def __post_init__(self) -> None:
+        if self.prefer not in ("accuracy", "speed"):
+            raise TQCError(f"prefer must be 'accuracy' or 'speed', got {self.prefer!r}")
         if self.method not in CONFIG_METHODS:
             raise TQCError(f"unknown method {self.method!r}; choose one of {', '.join(CONFIG_METHODS)}")
         if self.layers is None:

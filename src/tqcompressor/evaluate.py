@@ -96,3 +96,32 @@ def _same_length_groups(batch):
     for window in batch:
         groups.setdefault(window[1] - window[0], []).append(window)
     return list(groups.values())
+
+
+@torch.no_grad()
+def lambada(model, tokenizer, texts, max_examples: int | None = None, progress: bool = True) -> dict:
+    """LAMBADA last-word accuracy and perplexity: the model sees a passage without its last word and
+    must produce that word (all its tokens greedily correct); perplexity is over the last word's tokens."""
+    device = next(model.parameters()).device
+    correct, nll, count, examples = 0, 0.0, 0, 0
+    for text in tqdm(texts, desc="lambada", unit="example", disable=not progress):
+        text = text.strip()
+        if " " not in text:
+            continue
+        context, word = text.rsplit(" ", 1)
+        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        target_ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([context_ids + target_ids], device=device)
+        logits = model(ids).logits[0, len(context_ids) - 1:-1].float()
+        target = ids[0, len(context_ids):]
+        log_probs = F.log_softmax(logits, dim=-1)
+        nll -= float(log_probs.gather(-1, target[:, None]).sum())
+        count += len(target_ids)
+        correct += int(bool((logits.argmax(-1) == target).all()))
+        examples += 1
+        if max_examples is not None and examples >= max_examples:
+            break
+    if examples == 0:
+        raise TQCError("no LAMBADA examples to evaluate")
+    return {"lambada_accuracy": correct / examples, "lambada_perplexity": math.exp(nll / count),
+            "lambada_examples": examples}

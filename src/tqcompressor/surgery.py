@@ -21,6 +21,10 @@ FACTORED = (KroneckerLinear, LowRankLinear, KroneckerEmbedding)
 # terms it will use: the method is about a *short* sum of Kronecker products.
 B_SIDES = (1, 2, 3, 4)
 MAX_RANK = 8
+# prefer="speed": B is one row wide (1 x n2). A rank-r Kronecker layer costs about r/n2 + r/m1 of
+# the dense FLOPs; with m2 = 1 that is about its parameter fraction, so the layer gets faster as
+# it gets smaller (with m2 = 2 or 3 it costs as much as, or more than, the dense layer).
+SPEED_B_WIDTHS = (2, 3, 4, 6, 8, 9, 12, 16)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -221,7 +225,7 @@ def _plan_from_budget(model: nn.Module, names: list[str], config: CompressionCon
     plan = {}
     for index, name in enumerate(order):
         step = 1 + index * config.steps // max(len(order), 1)
-        plan[name] = _choose_shape(shapes[name], keep, config.method, step)
+        plan[name] = _choose_shape(shapes[name], keep, config.method, step, config.prefer)
     return [(name, plan[name]) for name in names]
 
 
@@ -272,7 +276,7 @@ def _depth(name: str) -> int:
     return int(numbers[0]) if numbers else -1
 
 
-def _choose_shape(shape: tuple[int, int], keep: float, method: str, step: int) -> LayerSpec:
+def _choose_shape(shape: tuple[int, int], keep: float, method: str, step: int, prefer: str = "accuracy") -> LayerSpec:
     m, n = shape
     budget = keep * m * n
     why = f"keeps {keep:.1%} of every target layer to meet the whole-model budget"
@@ -280,20 +284,22 @@ def _choose_shape(shape: tuple[int, int], keep: float, method: str, step: int) -
         rank = max(1, int(budget // (m + n)))
         return LayerSpec("svd", rank=rank, step=step, reason=f"largest SVD rank that {why}")
     best = None  # (params, -size of B, LayerSpec)
-    for m2 in B_SIDES:
-        for n2 in B_SIDES:
-            if m2 * n2 < 2 or m % m2 or n % n2:
-                continue
-            m1, n1 = m // m2, n // n2
-            per_term = m1 * n1 + m2 * n2
-            rank = min(int(budget // per_term), m2 * n2 - 1, m1 * n1, MAX_RANK)
-            if rank < 1:
-                continue
-            key = (rank * per_term, -(m2 * n2))
-            if best is None or key > best[:2]:
-                best = (*key, LayerSpec(method, rank=rank, a_shape=(m1, n1), b_shape=(m2, n2), step=step))
+    b_shapes = ([(1, w) for w in SPEED_B_WIDTHS] if prefer == "speed"
+                else [(m2, n2) for m2 in B_SIDES for n2 in B_SIDES])
+    for m2, n2 in b_shapes:
+        if m2 * n2 < 2 or m % m2 or n % n2:
+            continue
+        m1, n1 = m // m2, n // n2
+        per_term = m1 * n1 + m2 * n2
+        rank = min(int(budget // per_term), m2 * n2 - 1, m1 * n1, MAX_RANK)
+        if rank < 1:
+            continue
+        key = (rank * per_term, -(m2 * n2))
+        if best is None or key > best[:2]:
+            best = (*key, LayerSpec(method, rank=rank, a_shape=(m1, n1), b_shape=(m2, n2), step=step))
     if best is None:
         raise TQCError(f"no Kronecker factorization of a {m}x{n} matrix fits {keep:.1%} of its parameters; "
                        "raise the ratio or use --method svd")
-    best[2].reason = f"most parameters among Kronecker shapes that {why}"
+    kind = "one-row B shapes (fast: FLOPs follow parameters)" if prefer == "speed" else "Kronecker shapes"
+    best[2].reason = f"most parameters among {kind} that {why}"
     return best[2]
