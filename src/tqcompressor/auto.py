@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from tqcompressor.decompose import KroneckerFactors, nearest_kronecker, permuted_kronecker, rearrange
+from tqcompressor.decompose import KroneckerFactors, kronecker_sum, nearest_kronecker, permuted_kronecker, rearrange
 
 KRONECKER_B_SHAPES = ((2, 4), (4, 2), (1, 2), (2, 2))
 KRONECKER_RANKS = (1, 2, 3, 4, 6, 8)
@@ -96,7 +96,6 @@ def factors_for(weight: Tensor, choice: Candidate, searches: dict) -> KroneckerF
     a, b = nearest_kronecker(w[row][:, col], choice.a_shape, choice.b_shape, choice.rank)
     plain_a, plain_b = nearest_kronecker(w, choice.a_shape, choice.b_shape, choice.rank)
     if choice.method == "tq":  # never worse than the identity permutation
-        from tqcompressor.decompose import kronecker_sum
         err_perm = (w[row][:, col] - kronecker_sum(a, b)).norm()
         err_plain = (w - kronecker_sum(plain_a, plain_b)).norm()
         if err_plain < err_perm:

@@ -201,6 +201,7 @@ def run(
     method: str = typer.Option("tq", help="tq | kronecker | svd | auto (choose per layer)"),
     ratio: float = typer.Option(0.65, help="fraction of the whole model's parameters to keep"),
     stages: int = typer.Option(2, help="compression/distillation steps (upper layers first)"),
+    prefer: str = typer.Option("accuracy", help="budget solver: accuracy | speed (B one row wide: faster layers)"),
     spec: Optional[Path] = typer.Option(None, help="explicit per-layer plan instead of --ratio/--stages"),
     data: str = typer.Option("teacher", help="distillation text (file/dir/glob, dataset name) or 'teacher'"),
     fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split"),
@@ -222,7 +223,8 @@ def run(
     from tqcompressor.models import load_model
     from tqcompressor.pipeline import format_report, run_pipeline
 
-    compression = load_spec(spec) if spec else CompressionConfig(method=method, ratio=ratio, steps=stages)
+    compression = load_spec(spec) if spec else CompressionConfig(method=method, ratio=ratio, steps=stages,
+                                                                 prefer=prefer)
     config = _distill_config(steps, batch_size, seq_len, lr, grad_accum, checkpoint_every, seed)
     loaded = load_model(model)
     _check_seq_len(loaded.model, max(seq_len, context))

@@ -22,16 +22,20 @@ def dense_weight_of(module: nn.Module) -> tuple[Tensor, str]:
 def kronecker_matmul(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``x @ (sum_k A_k (x) B_k)^T`` for ``x: (..., n1*n2)`` without forming the Kronecker sum.
 
-    Uses ``(A (x) B) vec(X) = vec(A X B^T)``: contract the small factor first, then do one big
-    matrix multiply with all ``A_k`` side by side.
+    Uses ``(A (x) B) vec(X) = vec(A X B^T)`` as two plain matrix multiplies: contract the small
+    factor first (``X B^T`` for all k at once), then one big multiply with all ``A_k`` side by
+    side. With a one-row ``B`` (m2 = 1) no activation is transposed at all.
     """
     rank, m1, n1 = a.shape
     _, m2, n2 = b.shape
     lead = x.shape[:-1]
-    xs = x.reshape(-1, n1, n2)
-    t = torch.einsum("bjq,kpq->bpkj", xs, b).reshape(-1, rank * n1)  # (N*m2, r*n1)
-    a_cat = a.permute(1, 0, 2).reshape(m1, rank * n1)
-    y = (t @ a_cat.T).reshape(-1, m2, m1).transpose(1, 2)  # (N, m1, m2)
+    t = x.reshape(-1, n2) @ b.permute(2, 1, 0).reshape(n2, m2 * rank)  # (N*n1, m2*r): [(b,j), (p,k)]
+    a_cat = a.permute(1, 2, 0).reshape(m1, n1 * rank)  # [i, (j,k)]
+    if m2 == 1:
+        y = t.reshape(-1, n1 * rank) @ a_cat.T  # (N, m1)
+    else:
+        t = t.reshape(-1, n1, m2, rank).transpose(1, 2).reshape(-1, n1 * rank)  # (N*m2, n1*r)
+        y = (t @ a_cat.T).reshape(-1, m2, m1).transpose(1, 2)  # (N, m1, m2)
     return y.reshape(*lead, m1 * m2)
 
 

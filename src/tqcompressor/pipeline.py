@@ -8,8 +8,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
+from tqcompressor.checkpoint import save
 from tqcompressor.config import CompressionConfig
-from tqcompressor.data import teacher_block_source, text_block_source, tokenize_text
+from tqcompressor.data import sample_from_teacher, teacher_block_source, text_block_source, tokenize_text
 from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.errors import TQCError
 from tqcompressor.evaluate import evaluate
@@ -29,9 +32,7 @@ def block_source_for(data: str, loaded: LoadedModel, config: DistillConfig, out_
 def eval_tokens_for(eval_data: str | None, loaded: LoadedModel, max_tokens: int, seq_len: int):
     if eval_data is None or eval_data == "teacher":
         # held-out teacher samples (another seed than the training samples)
-        from tqcompressor.data import sample_from_teacher
         count = max(1, max_tokens // seq_len)
-        import torch
         return torch.cat(list(sample_from_teacher(loaded.model, loaded.tokenizer, count, seq_len, seed=12345)))
     return tokenize_text(eval_data, loaded.tokenizer, max_tokens)
 
@@ -58,7 +59,7 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
 
     record("teacher", 0, teacher)
     student = copy.deepcopy(teacher)
-    if not resume or not any(r["label"] == "compressed (no KD)" for r in rows):
+    if not any(r["label"] == "compressed (no KD)" for r in rows):
         one_shot, _ = compress(copy.deepcopy(teacher), compression)  # every stage at once, no distillation
         record("compressed (no KD)", 0, one_shot)
         del one_shot
@@ -67,7 +68,6 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
     student = multistep_distill(teacher, student, blocks, distill, out_dir, compression, resume=resume,
                                 tokenizer=loaded.tokenizer, teacher_name=loaded.source, data_name=data,
                                 on_stage_end=lambda stage, model: record(f"after KD stage {stage}", stage, model))
-    from tqcompressor.checkpoint import save
     student.to("cpu")
     save(student, out_dir / "model", loaded.tokenizer, base_model=loaded.source)
     return _write(out_dir, loaded, compression, distill, data, eval_data, rows, started, final=True)
