@@ -88,18 +88,14 @@ def factors_for(weight: Tensor, choice: Candidate, searches: dict) -> KroneckerF
     """The Kronecker factors of a chosen tq/kronecker candidate, reusing its permutation search."""
     w = weight.detach().to(torch.float64)
     m, n = w.shape
-    if choice.method == "tq" and choice.b_shape in searches:
+    row, col = torch.arange(m), torch.arange(n)
+    a, b = nearest_kronecker(w, choice.a_shape, choice.b_shape, choice.rank)
+    if choice.method == "tq" and choice.b_shape in searches:  # keep the permutation only if it helps
         found = searches[choice.b_shape]
-        row, col = found.row_perm, found.col_perm
-    else:
-        row, col = torch.arange(m), torch.arange(n)
-    a, b = nearest_kronecker(w[row][:, col], choice.a_shape, choice.b_shape, choice.rank)
-    plain_a, plain_b = nearest_kronecker(w, choice.a_shape, choice.b_shape, choice.rank)
-    if choice.method == "tq":  # never worse than the identity permutation
-        err_perm = (w[row][:, col] - kronecker_sum(a, b)).norm()
-        err_plain = (w - kronecker_sum(plain_a, plain_b)).norm()
-        if err_plain < err_perm:
-            a, b, row, col = plain_a, plain_b, torch.arange(m), torch.arange(n)
+        permuted = w[found.row_perm][:, found.col_perm]
+        perm_a, perm_b = nearest_kronecker(permuted, choice.a_shape, choice.b_shape, choice.rank)
+        if (permuted - kronecker_sum(perm_a, perm_b)).norm() <= (w - kronecker_sum(a, b)).norm():
+            a, b, row, col = perm_a, perm_b, found.row_perm, found.col_perm
     dtype = weight.dtype
     return KroneckerFactors(a.to(dtype), b.to(dtype), row, col)
 

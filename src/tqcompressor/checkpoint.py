@@ -237,7 +237,6 @@ def load_tokenizer(directory: str | Path):
 
 def densify(model: nn.Module) -> nn.Module:
     """Replace every factored module by the plain module it stands for (weights merged)."""
-    embedding = model.get_input_embeddings()
     for name, module in list(model.named_modules()):
         if isinstance(module, (KroneckerLinear, LowRankLinear)):
             weight = module.to_dense()
@@ -267,7 +266,6 @@ def densify(model: nn.Module) -> nn.Module:
             linear.bias.data = head.bias.detach().clone()
         model.set_output_embeddings(linear)
         model.config.tie_word_embeddings = True
-    del embedding
     return model
 
 
