@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from tqcompressor import CompressionConfig, compress, count_parameters
-from tqcompressor.auto import Candidate, allocate, candidate_menu
+from tqcompressor.auto import Candidate, allocate, candidate_menu, factors_for
 from tqcompressor.layers import KroneckerLinear, LowRankLinear
 
 
@@ -73,3 +73,55 @@ def test_menu_errors_match_real_decompositions():
         if c.method == "kronecker" and c.rank == 2 and c.b_shape == (2, 4):
             f = decompose(w, "kronecker", b_shape=(2, 4), rank=2)
             assert abs(relative_error(w, f.to_dense()) - c.error) < 1e-5
+
+
+def test_menu_output_errors_match_real_decompositions():
+    from tqcompressor.decompose import decompose, output_error, truncated_svd
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 48, generator=g, dtype=torch.float64)
+    x = torch.randn(500, 48, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, 48, dtype=torch.float64)
+    cov = x.T @ x / len(x)
+    menu, searches = candidate_menu(w, cov)
+    checked = set()  # the menu measures with the slightly damped covariance: agree to 1e-4
+    for c in menu:
+        if c.method == "svd" and c.rank == 3:
+            assert abs(output_error(w, truncated_svd(w, 3, cov).to_dense(), cov) - c.error) < 1e-4
+            checked.add("svd")
+        if c.method == "kronecker" and c.rank == 2 and c.b_shape == (2, 4):
+            f = decompose(w, "kronecker", b_shape=(2, 4), rank=2)
+            assert abs(output_error(w, f.to_dense(), cov) - c.error) < 1e-4
+            checked.add("kronecker")
+        if c.method == "tq" and c.rank == 3 and c.b_shape == (2, 4):
+            f = factors_for(w, c, searches, cov)  # what compress would install
+            assert abs(output_error(w, f.to_dense(), cov) - c.error) < 1e-4
+            checked.add("tq")
+    assert checked == {"svd", "kronecker", "tq"}
+
+
+def test_calibrated_auto_weighs_layers_by_loss_and_installs_aware_factors():
+    from tests.conftest import tiny_llama
+    from tqcompressor.calibration import calibrate
+    from tqcompressor.decompose import truncated_svd
+
+    model = tiny_llama()
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    names = [n for n, _ in model.named_modules() if n.endswith(("q_proj", "up_proj", "down_proj"))]
+    stats = calibrate(model, names, ids, progress=False)
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    config = CompressionConfig(method="auto", ratio=0.85, target_modules=["q_proj", "up_proj", "down_proj"])
+    before = count_parameters(model)
+    model, report = compress(model, config, progress=False, calibration=stats)
+    assert report.params_after <= 0.85 * before
+    entry = report.auto[names[0]]
+    assert entry["metric"].startswith("relative output error") and entry["layer_weight"] > 0
+    for name, spec in model.tqc_plan:
+        layer = model.get_submodule(name)
+        if spec.method == "svd":  # the activation-aware fit, not the plain SVD
+            expected = truncated_svd(weights[name], spec.rank, stats[name].input_cov).to_dense()
+            assert torch.allclose(layer.to_dense(), expected, atol=1e-5)
+    # a second run from raw token ids makes the same choices
+    again = tiny_llama()
+    again, _ = compress(again, config, progress=False, calibration=ids)
+    assert [(n, s.method, s.rank, s.b_shape) for n, s in again.tqc_plan] == \
+           [(n, s.method, s.rank, s.b_shape) for n, s in model.tqc_plan]

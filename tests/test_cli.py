@@ -65,3 +65,21 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, gpt2_dir, args, mes
     lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_compress_auto_with_calibration_text(tmp_path, gpt2_dir):
+    from conftest import TOY_TEXT
+
+    (tmp_path / "cal.txt").write_text(TOY_TEXT * 5)
+    out = tmp_path / "a"
+    result = CliRunner().invoke(app, ["compress", "--model", str(gpt2_dir), "--method", "auto", "--ratio", "0.8",
+                                      "--calibration", str(tmp_path / "cal.txt"), "--calibration-tokens", "512",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compression.json").read_text())
+    assert report["params_after"] <= 0.8 * report["params_before"]
+    assert all(entry["metric"] == "relative output error on the calibration text" for entry in report["auto"].values())
+    assert tqc.count_parameters(tqc.load(out)) == report["params_after"]
+    refused = run_tqc("compress", "--model", str(gpt2_dir), "--method", "tq", "--calibration", "teacher",
+                      "--calibration-tokens", "64", "--out", str(tmp_path / "t"))
+    assert refused.returncode == 2 and "calibration text is used by" in refused.stderr

@@ -122,3 +122,23 @@ def test_cli_distill_bad_inputs(tmp_path, gpt2_dir, tokenizer):
     r = run("distill", "--teacher", str(gpt2_dir), "--student", str(tmp_path / "good"), "--out", str(tmp_path / "o2"),
             "--data", str(tmp_path / "t.txt"), "--seq-len", "32", "--resume")
     assert r.returncode == 2 and "nothing to resume" in r.stderr
+
+
+def test_resumed_calibrated_svd_run_fits_later_stages_activation_aware(tmp_path, tokenizer):
+    """A resumed run has no fitted factors in memory; with calibration it still fits svd layers aware."""
+    teacher, blocks, _, config = setup(tmp_path, tokenizer)
+    compression = CompressionConfig(method="svd", ratio=0.8, steps=2)
+    calibration = torch.stack([next(blocks(0)) for _ in range(1)] + [b for b, _ in zip(blocks(1), range(3))])
+    runs = {}
+    for label in ("straight", "resumed"):
+        student = copy.deepcopy(teacher)
+        student.tqc_plan = tqc.plan_compression(student, compression, calibration)
+        out = tmp_path / label
+        if label == "resumed":
+            multistep_distill(teacher, student, blocks, config, out, compression, stop_after=3, progress=False,
+                              calibration=calibration)
+            student = copy.deepcopy(teacher)  # a fresh process: the plan comes back from the checkpoint
+        runs[label] = multistep_distill(teacher, student, blocks, config, out, compression, resume=label == "resumed",
+                                        progress=False, calibration=calibration)
+    for (name, a), (_, b) in zip(runs["straight"].named_parameters(), runs["resumed"].named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name

@@ -36,6 +36,9 @@ def compress(
     out: Path = typer.Option(..., help="output directory"),
     max_iterations: int = typer.Option(20, help="permutation-search rounds per matrix (tq)"),
     prefer: str = typer.Option("accuracy", help="budget solver: accuracy | speed (B one row wide: faster layers)"),
+    calibration: Optional[str] = typer.Option(
+        None, help="text (file/dir/glob, dataset name) or 'teacher' for activation-aware svd/auto"),
+    calibration_tokens: int = typer.Option(8192, help="calibration tokens (in blocks of 256)"),
 ) -> None:
     """Compress a model and write a model dir plus compression.json."""
     from tqcompressor.checkpoint import save
@@ -53,7 +56,12 @@ def compress(
                                    target_modules=_split(target_modules), steps=steps, max_iterations=max_iterations,
                                    prefer=prefer)
     loaded = load_model(model)
-    compressed, report = run_compress(loaded.model, config)
+    ids = None
+    if calibration is not None:
+        from tqcompressor.data import calibration_ids
+
+        ids = calibration_ids(calibration, loaded.model, loaded.tokenizer, calibration_tokens)
+    compressed, report = run_compress(loaded.model, config, calibration=ids)
     save(compressed, out, loaded.tokenizer, base_model=model)
     (Path(out) / "compression.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     typer.echo(format_compression_table(report.to_dict()))
@@ -217,6 +225,7 @@ def run(
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("out/run"), help="run dir: report.md, results.json, perplexity.png, model/"),
     resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
+    calibration_tokens: int = typer.Option(8192, help="svd/auto: distillation tokens used to calibrate the plan"),
 ) -> None:
     """The main job: compress, distill step by step, evaluate, write report.md and a plot."""
     from tqcompressor.config import CompressionConfig, load_spec
@@ -228,7 +237,8 @@ def run(
     config = _distill_config(steps, batch_size, seq_len, lr, grad_accum, checkpoint_every, seed)
     loaded = load_model(model)
     _check_seq_len(loaded.model, max(seq_len, context))
-    result = run_pipeline(loaded, compression, config, data, eval_data, out, eval_tokens, context, resume, fraction)
+    result = run_pipeline(loaded, compression, config, data, eval_data, out, eval_tokens, context, resume, fraction,
+                          calibration_tokens)
     typer.echo(format_report(result))
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'perplexity.png'}, {out / 'model'}")
 

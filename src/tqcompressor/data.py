@@ -179,3 +179,16 @@ def teacher_block_source(teacher, tokenizer, seq_len: int, count: int, seed: int
     def stream(start: int) -> Iterator[torch.Tensor]:
         return itertools.islice(itertools.cycle(list(pool)), start, None)
     return stream
+
+
+def calibration_ids(source: str, model, tokenizer, tokens: int = 8192, seq_len: int = 256) -> torch.Tensor:
+    """``(blocks, seq_len)`` token ids for calibration: the first ``tokens`` of a text source, or
+    sequences sampled from ``model`` when ``source`` is ``'teacher'`` (no data needed). Blocks are
+    shortened to the model's context when it is shorter than ``seq_len``."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    seq_len = min(seq_len, limit or seq_len)
+    count = max(1, tokens // seq_len)
+    if source == "teacher":
+        return torch.stack(list(sample_from_teacher(model, tokenizer, count, seq_len, seed=4242)))
+    blocks = list(itertools.islice(text_block_source(source, tokenizer, seq_len)(0), count))
+    return torch.stack(blocks)

@@ -100,12 +100,14 @@ def multistep_distill(
     stop_after: int | None = None,
     on_stage_end: Callable[[int, object], None] | None = None,
     progress: bool = True,
+    calibration: torch.Tensor | None = None,
 ):
     """Distill ``student`` from ``teacher``; with ``compression`` the student is compressed stage by
     stage (the plan's ``step`` numbers) and distilled ``config.steps`` steps after each stage.
 
     ``stop_after`` ends the run after that many optimizer steps in total (to simulate an
-    interruption in tests). Returns the student (unwrapped, on the training device).
+    interruption in tests). ``calibration`` (token ids) fits planned svd layers activation-aware
+    when no fitted factors are at hand (a resumed run). Returns the student (unwrapped, on the training device).
     """
     from accelerate import Accelerator
 
@@ -138,7 +140,7 @@ def multistep_distill(
         stage = stages[stage_index]
         if compression is not None and not (state["stage_index"] == stage_index and state["stage_compressed"]):
             student.to("cpu")
-            compress(student, compression, step=stage, progress=progress)
+            compress(student, compression, step=stage, progress=progress, calibration=calibration)
         state.update(stage_index=stage_index, stage_compressed=True)
         student.to(accelerator.device).requires_grad_(True)  # a copy of the (frozen) teacher starts frozen
         optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr,

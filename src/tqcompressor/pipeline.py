@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import time
 from dataclasses import asdict
@@ -18,7 +19,9 @@ from tqcompressor.errors import TQCError
 from tqcompressor.evaluate import evaluate
 from tqcompressor.models import LoadedModel
 from tqcompressor.report import table
-from tqcompressor.surgery import compress, count_parameters
+from tqcompressor.surgery import compress, count_parameters, plan_compression
+
+CALIBRATED_METHODS = ("svd", "auto")  # these use calibration text (the distillation data) when planning
 
 
 def block_source_for(data: str, loaded: LoadedModel, config: DistillConfig, out_dir: Path, fraction=None):
@@ -39,7 +42,7 @@ def eval_tokens_for(eval_data: str | None, loaded: LoadedModel, max_tokens: int,
 
 def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: DistillConfig, data: str,
                  eval_data: str | None, out_dir: str | Path, eval_tokens: int = 16384, context: int = 512,
-                 resume: bool = False, fraction: float | None = None) -> dict:
+                 resume: bool = False, fraction: float | None = None, calibration_tokens: int = 8192) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -59,14 +62,21 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
 
     record("teacher", 0, teacher)
     student = copy.deepcopy(teacher)
+    blocks = block_source_for(data, loaded, distill, out_dir, fraction)
+    calibration = None
+    if compression.layers is None and compression.method in CALIBRATED_METHODS:
+        # activation-aware svd/auto: plan once from the first distillation blocks; the one-shot
+        # copy and the student then share the plan (deepcopy carries it)
+        calibration = torch.stack(list(itertools.islice(blocks(0), max(1, calibration_tokens // distill.seq_len))))
+        student.tqc_plan = plan_compression(student, compression, calibration)
     if not any(r["label"] == "compressed (no KD)" for r in rows):
-        one_shot, _ = compress(copy.deepcopy(teacher), compression)  # every stage at once, no distillation
+        one_shot, _ = compress(copy.deepcopy(student), compression)  # every stage at once, no distillation
         record("compressed (no KD)", 0, one_shot)
         del one_shot
 
-    blocks = block_source_for(data, loaded, distill, out_dir, fraction)
     student = multistep_distill(teacher, student, blocks, distill, out_dir, compression, resume=resume,
                                 tokenizer=loaded.tokenizer, teacher_name=loaded.source, data_name=data,
+                                calibration=calibration,
                                 on_stage_end=lambda stage, model: record(f"after KD stage {stage}", stage, model))
     student.to("cpu")
     save(student, out_dir / "model", loaded.tokenizer, base_model=loaded.source)

@@ -7,12 +7,12 @@ import re
 import time
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from tqcompressor.config import DEFAULT_TARGET_MODULES, CompressionConfig, CompressionReport, LayerReport, LayerSpec
-from tqcompressor.decompose import complete_shapes, decompose, relative_error
+from tqcompressor.decompose import complete_shapes, decompose, relative_error, truncated_svd
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead, dense_weight_of
 
@@ -36,8 +36,14 @@ Plan = list[tuple[str, LayerSpec]]  # (module name, how), in order; a module may
 
 
 def compress(model: nn.Module, config: CompressionConfig, step: int | None = None,
-             progress: bool = True) -> tuple[nn.Module, CompressionReport]:
+             progress: bool = True, calibration: Tensor | dict | None = None) -> tuple[nn.Module, CompressionReport]:
     """Replace the target modules of ``model`` by factored layers, in place.
+
+    ``calibration`` (token ids, shape (blocks, seq_len), or statistics from
+    :func:`tqcompressor.calibration.calibrate`) makes ``svd`` activation-aware and lets ``auto``
+    weigh layers by their effect on the loss; the Kronecker methods fit weights and do not use it.
+    When the plan already exists (later distillation steps, resumed runs), the svd layers of this
+    step are fitted to the inputs they see in the model as it is now.
 
     ``step`` compresses only the layers planned for that distillation step (multi-step KD);
     ``None`` compresses all of them, step by step. The plan is kept on ``model.tqc_plan`` so later
@@ -45,7 +51,8 @@ def compress(model: nn.Module, config: CompressionConfig, step: int | None = Non
     embedding halved twice) is re-factored from its current factors.
     """
     started = time.perf_counter()
-    plan = getattr(model, "tqc_plan", None) or plan_compression(model, config)
+    plan_was_ready = bool(getattr(model, "tqc_plan", None))
+    plan = getattr(model, "tqc_plan", None) or plan_compression(model, config, calibration)
     model.tqc_plan = plan
     report = CompressionReport(params_before=count_parameters(model), method=config.method,
                                target_params=_target_params(model, config) if config.layers is None else None,
@@ -53,6 +60,13 @@ def compress(model: nn.Module, config: CompressionConfig, step: int | None = Non
     cache = getattr(model, "tqc_factor_cache", {})
     todo = [(name, spec) for name, spec in sorted(plan, key=lambda item: item[1].step)
             if (step is None or spec.step == step) and not _already_done(model.get_submodule(name), spec)]
+    if calibration is not None and plan_was_ready:
+        # a later distillation step (or a resumed run): fit this step's svd layers to the inputs
+        # they see now, in the partly compressed and distilled model
+        missing = [(name, spec) for name, spec in todo if spec.method == "svd"]
+        stats = _statistics(model, [name for name, _ in missing], calibration) if missing else {}
+        for name, spec in missing:
+            cache[name] = truncated_svd(_dense_of(model.get_submodule(name)), spec.rank, stats[name].input_cov)
     bar = tqdm(todo, desc="compressing", unit="layer", disable=not progress)
     for name, spec in bar:
         bar.set_postfix_str(name)
@@ -100,7 +114,8 @@ def _factor_module(module: nn.Module, spec: LayerSpec, max_iterations: int, cach
         dense, kind = dense_weight_of(module)
     bias = module.bias.detach() if module.bias is not None else None
     if spec.method == "svd":
-        return LowRankLinear.from_factors(decompose(dense, "svd", rank=spec.rank), bias, kind), dense, kind
+        factors = cached or decompose(dense, "svd", rank=spec.rank)
+        return LowRankLinear.from_factors(factors, bias, kind), dense, kind
     factors = cached or decompose(dense, spec.method, spec.a_shape, spec.b_shape, spec.rank, max_iterations)
     return KroneckerLinear.from_factors(factors, bias, kind), dense, kind
 
@@ -170,13 +185,38 @@ def _example_names(model: nn.Module) -> str:
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
-def plan_compression(model: nn.Module, config: CompressionConfig) -> Plan:
+def plan_compression(model: nn.Module, config: CompressionConfig, calibration: Tensor | dict | None = None) -> Plan:
+    if calibration is not None and (config.layers is not None or config.method not in ("svd", "auto")):
+        raise TQCError("calibration text is used by --method svd and --method auto with a budget; "
+                       "drop it for tq/kronecker or explicit specs")
     if config.layers is not None:
         return _plan_from_spec(model, config.layers)
     names = find_target_modules(model, config.target_modules)
+    stats = _statistics(model, names, calibration)
     if config.method == "auto":
-        return _plan_auto(model, names, config)
-    return _plan_from_budget(model, names, config)
+        return _plan_auto(model, names, config, stats)
+    plan = _plan_from_budget(model, names, config)
+    if stats is not None:  # activation-aware SVD: fit now, while the statistics are at hand
+        model.tqc_factor_cache = {name: truncated_svd(_dense_of(model.get_submodule(name)), spec.rank,
+                                                      stats[name].input_cov)
+                                  for name, spec in plan}
+        for _, spec in plan:
+            spec.reason += " (activation-aware: minimises the output error on the calibration text)"
+    return plan
+
+
+def _statistics(model: nn.Module, names: list[str], calibration) -> dict | None:
+    from tqcompressor.calibration import calibrate
+
+    if calibration is None or isinstance(calibration, dict):
+        return calibration
+    if not isinstance(calibration, Tensor):
+        raise TQCError("calibration must be token ids (a blocks x seq_len tensor) or statistics from calibrate()")
+    return calibrate(model, names, calibration)
+
+
+def _dense_of(module: nn.Module) -> Tensor:
+    return module.to_dense() if isinstance(module, FACTORED) else dense_weight_of(module)[0]
 
 
 def _plan_from_spec(model: nn.Module, layers: list[tuple[str, LayerSpec]]) -> Plan:
@@ -229,10 +269,10 @@ def _plan_from_budget(model: nn.Module, names: list[str], config: CompressionCon
     return [(name, plan[name]) for name in names]
 
 
-def _plan_auto(model: nn.Module, names: list[str], config: CompressionConfig) -> Plan:
+def _plan_auto(model: nn.Module, names: list[str], config: CompressionConfig, stats: dict | None = None) -> Plan:
     """Measure a menu of candidates per layer and allocate the budget by error per parameter
-    (see :mod:`tqcompressor.auto`). The permutation searches are kept for ``compress``."""
-    from tqcompressor.auto import allocate, candidate_menu, factors_for
+    (see :mod:`tqcompressor.auto`). The chosen factors are kept for ``compress``."""
+    from tqcompressor.auto import allocate, candidate_menu, factors_for, layer_scale
 
     total, target = count_parameters(model), _target_params(model, config)
     weights = {}
@@ -240,34 +280,36 @@ def _plan_auto(model: nn.Module, names: list[str], config: CompressionConfig) ->
         module = model.get_submodule(name)
         if isinstance(module, nn.Embedding):
             raise TQCError("method 'auto' covers linear layers; factor embeddings with an explicit spec")
-        weights[name] = module.to_dense() if isinstance(module, FACTORED) else dense_weight_of(module)[0]
+        weights[name] = _dense_of(module)
     fixed = total - sum(w.numel() for w in weights.values())
     if target <= fixed:
         raise TQCError(f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
                        "modules; raise the ratio or add target modules")
+    cov = {name: stats[name].input_cov if stats else None for name in names}
     menus, searches = {}, {}
     for name in tqdm(names, desc="measuring candidates", unit="layer"):
-        menus[name], searches[name] = candidate_menu(weights[name], max_iterations=config.max_iterations)
-    norms = {name: float(w.double().pow(2).sum()) for name, w in weights.items()}
+        menus[name], searches[name] = candidate_menu(weights[name], cov[name], max_iterations=config.max_iterations)
+    scales = {name: layer_scale(w, stats[name] if stats else None) for name, w in weights.items()}
     try:
-        choices = allocate(menus, norms, target - fixed)
+        choices = allocate(menus, scales, target - fixed)
     except ValueError as exc:
         raise TQCError(f"{exc}; raise the ratio") from None
+    metric = "relative output error on the calibration text" if stats else "relative weight error"
     order = sorted(names, key=_depth, reverse=True)
     steps = {name: 1 + i * config.steps // max(len(order), 1) for i, name in enumerate(order)}
     plan: Plan = []
     model.tqc_factor_cache, model.tqc_auto = {}, {}
     for name in names:
         choice = choices[name]
-        model.tqc_auto[name] = {"chosen": choice.to_dict(), "menu": [c.to_dict() for c in menus[name]]}
+        model.tqc_auto[name] = {"chosen": choice.to_dict(), "metric": metric, "layer_weight": scales[name],
+                                "menu": [c.to_dict() for c in menus[name]]}
         if choice.method == "dense":
             continue
-        reason = (f"auto: {choice.method} at {choice.params:,} params gives error {choice.error:.3f}; "
-                  f"chosen by error reduction per parameter among {len(menus[name])} candidates")
+        reason = (f"auto: {choice.method} at {choice.params:,} params gives {metric} {choice.error:.3f}; "
+                  f"chosen by weighted error reduction per parameter among {len(menus[name])} candidates")
         plan.append((name, LayerSpec(choice.method, rank=choice.rank, a_shape=choice.a_shape,
                                      b_shape=choice.b_shape, step=steps[name], reason=reason)))
-        if choice.method in ("tq", "kronecker"):
-            model.tqc_factor_cache[name] = factors_for(weights[name], choice, searches[name])
+        model.tqc_factor_cache[name] = factors_for(weights[name], choice, searches[name], cov[name])
     return plan
 
 

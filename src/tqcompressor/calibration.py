@@ -1,0 +1,81 @@
+"""Calibration: what a few batches of text say about each layer, for activation-aware compression.
+
+One pass of forward + backward over the calibration tokens records, for every target module,
+
+* ``input_cov``: the second moment ``E[x x^T]`` of its inputs. The output error of a
+  replacement ``W'`` is ``E||(W - W') x||^2 = tr(D C D^T)``, so this turns weight error into
+  output error (and lets SVD minimise it directly);
+* ``grad_sq``: the mean squared gradient of the language-model loss with respect to the module's
+  output, per output element. A second-order Taylor step with a diagonal, per-layer-constant Fisher
+  estimate says the loss grows by about ``grad_sq * E||delta y||^2 / 2``, which makes output errors
+  of different layers comparable (the budget goes where the loss is sensitive).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tqcompressor.errors import TQCError
+
+
+@dataclass
+class LayerStatistics:
+    input_cov: Tensor  # (in, in) float64, E[x x^T] over calibration tokens
+    grad_sq: float  # mean over tokens of ||dL/dy||^2 / out_features
+    tokens: int
+
+
+@torch.enable_grad()
+def calibrate(model: nn.Module, names: list[str], ids: Tensor, batch_size: int = 4,
+              progress: bool = True) -> dict[str, LayerStatistics]:
+    """Statistics of the modules ``names`` of ``model`` over token blocks ``ids`` (batch, seq_len)."""
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise TQCError(f"calibration tokens must be a (blocks, seq_len >= 2) tensor, got shape {tuple(ids.shape)}")
+    cov: dict[str, Tensor] = {}
+    grad: dict[str, float] = {name: 0.0 for name in names}
+    out_features: dict[str, int] = {}
+
+    def pre_hook(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            cov[name] = cov.get(name, 0) + x.T @ x
+        return hook
+
+    def backward_hook(name):
+        def hook(module, grad_input, grad_output):
+            g = grad_output[0].detach().double()
+            grad[name] += float(g.square().sum())
+            out_features[name] = g.shape[-1]
+        return hook
+
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(pre_hook(name)))
+        handles.append(module.register_full_backward_hook(backward_hook(name)))
+    was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:  # gradients must flow back through every layer; restored below
+        p.requires_grad_(True)
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(ids), batch_size), desc="calibrating", unit="batch", disable=not progress):
+            batch = ids[start:start + batch_size].to(device)
+            # the loss summed over tokens: every token's gradient counts with the same weight
+            loss = model(batch, labels=batch).loss * batch[:, 1:].numel()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(False)
+    tokens = ids.numel()
+    return {name: LayerStatistics((cov[name] / tokens).cpu(), grad[name] / tokens / out_features[name], tokens)
+            for name in names}

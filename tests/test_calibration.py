@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from tests.conftest import tiny_gpt2, tiny_llama
+from tqcompressor import CompressionConfig, TQCError, compress
+from tqcompressor.calibration import calibrate
+from tqcompressor.layers import LowRankLinear
+
+
+def test_input_covariance_is_the_second_moment_of_the_layer_inputs():
+    model = tiny_llama()
+    ids = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(0))
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    x = torch.cat(seen)
+    stats = calibrate(model, ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"], ids,
+                      batch_size=2, progress=False)
+    got = stats["model.layers.1.mlp.down_proj"]
+    assert got.tokens == 48 and got.input_cov.shape == (128, 128)
+    assert torch.allclose(got.input_cov, x.T @ x / len(x), rtol=1e-6, atol=1e-9)
+    assert all(s.grad_sq > 0 for s in stats.values())
+
+
+def test_calibration_leaves_the_model_as_it_was():
+    model = tiny_gpt2()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, 512, (2, 16))
+    calibrate(model, ["transformer.h.0.mlp.c_fc"], ids, progress=False)  # Conv1D: inputs are (.., in) too
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    assert not model.transformer.h[0].mlp.c_fc._forward_pre_hooks
+
+
+def test_calibrated_svd_is_activation_aware_and_beats_plain_svd_on_the_calibration_text():
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    teacher = tiny_llama()
+    with torch.no_grad():
+        reference = teacher(ids).logits
+    losses = {}
+    for label, calibration in (("plain", None), ("aware", ids)):
+        model = tiny_llama()
+        model, report = compress(model, CompressionConfig(method="svd", ratio=0.7), progress=False,
+                                 calibration=calibration)
+        assert isinstance(model.model.layers[0].mlp.up_proj, LowRankLinear)
+        with torch.no_grad():
+            losses[label] = float((model(ids).logits - reference).square().mean())
+    assert losses["aware"] < losses["plain"]
+    assert "activation-aware" in report.layers[0].reason
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(5, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)])
+def test_bad_calibration_input_is_a_clear_error(bad):
+    with pytest.raises(TQCError, match="calibration tokens"):
+        calibrate(tiny_llama(), ["model.layers.0.mlp.up_proj"], bad, progress=False)
+
+
+def test_calibration_with_a_kronecker_method_is_refused():
+    with pytest.raises(TQCError, match="calibration text is used by"):
+        compress(tiny_llama(), CompressionConfig(method="tq", ratio=0.8), progress=False,
+                 calibration=torch.zeros(2, 8, dtype=torch.long))
