@@ -1,8 +1,10 @@
-"""Side by side at equal budgets: tq, kronecker, svd and layer dropping, each distilled on the same data.
+"""Side by side at equal budgets: tq, kronecker, svd, layer dropping and auto, each distilled on the same data.
 
 Every method gets the same whole-model parameter budget (--ratio of the teacher, all parameters
 counted once), the same distillation data (WikiText-2 valid) and the same number of KD tokens;
-all are evaluated on the same prefix of WikiText-2 test. Writes bench/results/compare.json and
+all are evaluated on the same prefix of WikiText-2 test. ``svd_aware`` and ``auto`` also see
+--calibration-tokens of the distillation data before compressing (activation-aware SVD; auto's
+loss-weighted output errors); the other methods fit weights only. Writes bench/results/compare.json and
 bench/results/compare.png and prints a table.
 
     python bench/compare.py                       # CPU, small KD budget
@@ -21,14 +23,17 @@ import torch
 
 import tqcompressor as tqc
 from tqcompressor.baselines import keep_layers, layer_drop_plan
-from tqcompressor.data import text_block_source, tokenize_text
+from tqcompressor.calibration import calibrate
+from tqcompressor.data import calibration_ids, text_block_source, tokenize_text
 from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.evaluate import evaluate
 from tqcompressor.report import table
+from tqcompressor.surgery import find_target_modules
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
-METHODS = ["tq", "kronecker", "svd", "layer_drop", "auto"]
+METHODS = ["tq", "kronecker", "svd", "layer_drop", "svd_aware", "auto"]
+CALIBRATED = {"svd_aware": "svd", "auto": "auto"}  # bench name -> CompressionConfig method, with calibration
 
 
 def main() -> None:
@@ -44,6 +49,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "compare.json")
     parser.add_argument("--work", type=Path, default=Path("runs/compare"))
@@ -72,6 +78,7 @@ def main() -> None:
         "kd_tokens": config.steps * config.batch_size * config.seq_len, "kd_data": Path(args.train).name,
         "eval": {"data": Path(args.test).name, "tokens": teacher_metrics["tokens"], **teacher_metrics["protocol"]},
         "counting": "every parameter counted once (tied embedding/head once); permutation index buffers excluded",
+        "calibration": {"methods": sorted(CALIBRATED), "tokens": args.calibration_tokens, "data": Path(args.train).name},
         "methods": {},
     }
     if args.merge is not None:
@@ -86,6 +93,12 @@ def main() -> None:
         student = copy.deepcopy(teacher).to("cpu")
         if method == "layer_drop":
             keep_layers(student, layer_drop_plan(student, int(args.ratio * teacher_params)))
+        elif method in CALIBRATED:
+            config_c = tqc.CompressionConfig(method=CALIBRATED[method], ratio=args.ratio)
+            names = find_target_modules(student, config_c.target_modules)
+            stats = calibrate(teacher, names, calibration_ids(args.train, teacher, loaded.tokenizer,
+                                                              args.calibration_tokens))
+            student, _ = tqc.compress(student, config_c, calibration=stats)
         else:
             student, _ = tqc.compress(student, tqc.CompressionConfig(method=method, ratio=args.ratio))
         student.to(args.device)

@@ -61,22 +61,32 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefer", default="accuracy", help="budget solver preference: accuracy | speed")
+    parser.add_argument("--method", default="tq", help="tq | kronecker | svd | auto (the layer shapes are what is timed)")
+    parser.add_argument("--calibration", default=None, help="calibration text for svd/auto (auto needs it to work well)")
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    out = args.out or HERE / "results" / ("speed-gpu.json" if args.device == "cuda" else "speed.json")
+    suffix = "" if args.method == "tq" else f"-{args.method}"
+    out = args.out or HERE / "results" / (f"speed-gpu{suffix}.json" if args.device == "cuda" else f"speed{suffix}.json")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
 
     loaded = tqc.load_model(args.model)
     teacher = loaded.model
-    student, report = tqc.compress(copy.deepcopy(teacher), tqc.CompressionConfig(method="tq", ratio=args.ratio,
-                                                                                   prefer=args.prefer))
+    calibration = None
+    if args.calibration:
+        from tqcompressor.data import calibration_ids
+
+        calibration = calibration_ids(args.calibration, teacher, loaded.tokenizer, args.calibration_tokens)
+    student, report = tqc.compress(copy.deepcopy(teacher), tqc.CompressionConfig(method=args.method, ratio=args.ratio,
+                                                                                   prefer=args.prefer),
+                                   calibration=calibration)
     teacher.to(args.device, dtype)
     student.to(args.device, dtype)
 
     # (1) layers
     layer_rows, layers = [], []
     with torch.inference_mode():
-        for matrix in MATRICES:
+        for matrix in MATRICES if args.method in ("tq", "kronecker") else []:  # per-layer Kronecker vs low-rank
             name = f"model.layers.10.{matrix}"
             dense = teacher.get_submodule(name)
             kron = student.get_submodule(name)
@@ -127,7 +137,9 @@ def main() -> None:
     result = {
         "model": args.model, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "ratio": args.ratio,
-        "prefer": args.prefer,
+        "prefer": args.prefer, "method": args.method, "calibrated": calibration is not None,
+        "layers_by_kind": {kind: sum(1 for layer in report.layers if layer.method == kind)
+                           for kind in sorted({layer.method for layer in report.layers})},
         "params": params, "layers": layers,
         "prefill": {"batch": args.batch, "seq": args.seq, "seconds": prefill,
                     "tokens_per_s": {k: tokens / v for k, v in prefill.items()},

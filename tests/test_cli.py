@@ -80,6 +80,8 @@ def test_compress_auto_with_calibration_text(tmp_path, gpt2_dir):
     assert report["params_after"] <= 0.8 * report["params_before"]
     assert all(entry["metric"] == "relative output error on the calibration text" for entry in report["auto"].values())
     assert tqc.count_parameters(tqc.load(out)) == report["params_after"]
+    info = CliRunner().invoke(app, ["info", str(out)])
+    assert info.exit_code == 0 and "errors are the relative output error" in info.output and "auto chose" in info.output
     refused = run_tqc("compress", "--model", str(gpt2_dir), "--method", "tq", "--calibration", "teacher",
                       "--calibration-tokens", "64", "--out", str(tmp_path / "t"))
     assert refused.returncode == 2 and "calibration text is used by" in refused.stderr

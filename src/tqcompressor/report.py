@@ -48,8 +48,10 @@ def format_auto_table(auto: dict) -> str:
                 best[c["method"]] = c
         others = ", ".join(f"{m} {c['error']:.3f}" for m, c in sorted(best.items()) if m != chosen["method"])
         rows.append([name, _describe(chosen), chosen["params"], chosen["error"], len(entry["menu"]), others])
-    return table(["layer", "auto chose", "params", "rel. error", "menu size",
-                  "best other at <= params (rel. error)"], rows, "llrrrl")
+    metric = next(iter(auto.values())).get("metric", "relative weight error") if auto else ""
+    return (f"auto, errors are the {metric}:\n"
+            + table(["layer", "auto chose", "params", "rel. error", "menu size",
+                     "best other at <= params (rel. error)"], rows, "llrrrl"))
 
 
 def _describe(c: dict) -> str:
