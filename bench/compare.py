@@ -2,9 +2,9 @@
 
 Every method gets the same whole-model parameter budget (--ratio of the teacher, all parameters
 counted once), the same distillation data (WikiText-2 valid) and the same number of KD tokens;
-all are evaluated on the same prefix of WikiText-2 test. ``svd_aware`` and ``auto`` also see
---calibration-tokens of the distillation data before compressing (activation-aware SVD; auto's
-loss-weighted output errors); the other methods fit weights only. Writes bench/results/compare.json and
+all are evaluated on the same prefix of WikiText-2 test. ``tq_aware``, ``svd_aware`` and ``auto``
+also see --calibration-tokens of the distillation data before compressing (RMS-weighted input
+columns for tq; activation-aware SVD; auto's loss-weighted output errors); the others fit weights only. Writes bench/results/compare.json and
 bench/results/compare.png and prints a table.
 
     python bench/compare.py                       # CPU, small KD budget
@@ -32,8 +32,8 @@ from tqcompressor.surgery import find_target_modules
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
-METHODS = ["tq", "kronecker", "svd", "layer_drop", "svd_aware", "auto"]
-CALIBRATED = {"svd_aware": "svd", "auto": "auto"}  # bench name -> CompressionConfig method, with calibration
+METHODS = ["tq", "kronecker", "svd", "layer_drop", "tq_aware", "svd_aware", "auto"]
+CALIBRATED = {"tq_aware": "tq", "svd_aware": "svd", "auto": "auto"}  # bench name -> CompressionConfig method, with calibration
 
 
 def main() -> None:

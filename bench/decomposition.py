@@ -5,7 +5,7 @@ method at the same parameter count, then times a full-model `compress` at --rati
 Writes bench/results/decomposition.json and prints a table.
 
 With --whole-model it instead compresses the whole model with every method at the same budget
-(tq, kronecker, svd, svd_aware, auto without and with calibration) and reports the whole-model
+(tq, kronecker, svd, tq_aware, svd_aware, auto without and with calibration) and reports the whole-model
 totals: relative weight error sqrt(sum ||dW||^2 / sum ||W||^2) and the loss proxy that calibrated
 auto minimises, sqrt(sum g_l tr(dW C dW^T) / sum g_l tr(W C W^T)) (C: input second moment, g_l:
 squared output gradient, from --calibration-tokens of WikiText-2 valid), with the seconds each
@@ -31,7 +31,8 @@ from tqcompressor.report import table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
-WHOLE_MODEL_METHODS = ["tq", "kronecker", "svd", "svd_aware", "auto_weights", "auto"]
+WHOLE_MODEL_METHODS = ["tq", "kronecker", "svd", "tq_aware", "svd_aware", "auto_weights", "auto"]
+CALIBRATED = {"tq_aware": "tq", "svd_aware": "svd", "auto": "auto"}  # bench label -> method, with calibration
 MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(WHOLE_MODEL_METHODS))
     parser.add_argument("--calibration", default=str(DATA / "valid.txt"))
     parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--merge", action="store_true", help="--whole-model: keep the other methods already in --out")
     args = parser.parse_args()
     if args.whole_model:
         whole_model(args)
@@ -114,8 +116,8 @@ def whole_model(args) -> None:
     base_loss = sum(_loss_proxy(w, stats[name]) for name, w in originals.items())
     methods, rows = {}, []
     for label in args.methods.split(","):
-        method = {"svd_aware": "svd", "auto_weights": "auto"}.get(label, label)
-        calibrated = label in ("svd_aware", "auto")
+        method = {**CALIBRATED, "auto_weights": "auto"}.get(label, label)
+        calibrated = label in CALIBRATED
         student = copy.deepcopy(teacher)
         t0 = time.perf_counter()
         student, report = tqc.compress(student, tqc.CompressionConfig(method=method, ratio=args.ratio),
@@ -144,6 +146,8 @@ def whole_model(args) -> None:
               "seconds_note": "compress time incl. the calibration pass for calibrated methods, model loading excluded",
               "methods": methods}
     out = args.out or RESULTS / "decomposition-whole-model.json"
+    if args.merge and out.is_file():
+        result["methods"] = {**json.loads(out.read_text())["methods"], **methods}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(["method", "params", "weight error", "loss-proxy error", "seconds", "layers"], rows))

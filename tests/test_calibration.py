@@ -59,7 +59,21 @@ def test_bad_calibration_input_is_a_clear_error(bad):
         calibrate(tiny_llama(), ["model.layers.0.mlp.up_proj"], bad, progress=False)
 
 
-def test_calibration_with_a_kronecker_method_is_refused():
-    with pytest.raises(TQCError, match="calibration text is used by"):
-        compress(tiny_llama(), CompressionConfig(method="tq", ratio=0.8), progress=False,
-                 calibration=torch.zeros(2, 8, dtype=torch.long))
+def test_calibration_with_a_spec_file_is_refused():
+    from tqcompressor import LayerSpec
+
+    config = CompressionConfig(layers=[("up_proj", LayerSpec("tq", rank=1, b_shape=(2, 2)))])
+    with pytest.raises(TQCError, match="not with a spec file"):
+        compress(tiny_llama(), config, progress=False, calibration=torch.zeros(2, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("method", ["tq", "kronecker"])
+def test_calibrated_kronecker_methods_weight_input_columns_and_stay_plain_layers(method):
+    from tqcompressor.layers import KroneckerLinear
+
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(2))
+    model = tiny_llama()
+    model, report = compress(model, CompressionConfig(method=method, ratio=0.8), progress=False, calibration=ids)
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, KroneckerLinear)  # the weighting is folded into A and B: same layer type
+    assert "weighted by their RMS" in report.layers[0].reason

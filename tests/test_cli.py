@@ -82,6 +82,9 @@ def test_compress_auto_with_calibration_text(tmp_path, gpt2_dir):
     assert tqc.count_parameters(tqc.load(out)) == report["params_after"]
     info = CliRunner().invoke(app, ["info", str(out)])
     assert info.exit_code == 0 and "errors are the relative output error" in info.output and "auto chose" in info.output
-    refused = run_tqc("compress", "--model", str(gpt2_dir), "--method", "tq", "--calibration", "teacher",
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"layers": [{"modules": ["transformer.h.1.mlp.c_fc"], "method": "tq", "rank": 2,
+                                            "b_shape": [4, 2]}]}))
+    refused = run_tqc("compress", "--model", str(gpt2_dir), "--spec", str(spec), "--calibration", "teacher",
                       "--calibration-tokens", "64", "--out", str(tmp_path / "t"))
-    assert refused.returncode == 2 and "calibration text is used by" in refused.stderr
+    assert refused.returncode == 2 and "not with a spec file" in refused.stderr

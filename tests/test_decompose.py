@@ -130,3 +130,31 @@ def test_whitening_inverts_and_damps():
     assert torch.allclose(root @ root.T, damped, rtol=1e-6, atol=1e-10)
     with pytest.raises(TQCError, match="square"):
         whitening(torch.ones(3, 4))
+
+
+def test_kronecker_scaling_recovers_an_exact_kronecker_scale():
+    from tqcompressor.decompose import kronecker_scaling
+
+    d_a, d_b = torch.rand(6, dtype=torch.float64) + 0.5, torch.rand(4, dtype=torch.float64) + 0.5
+    got_a, got_b = kronecker_scaling(torch.kron(d_a, d_b), 6, 4)
+    assert torch.allclose(torch.kron(got_a, got_b), torch.kron(d_a, d_b), rtol=1e-10)
+    assert bool((got_a > 0).all()) and bool((got_b > 0).all())
+
+
+@pytest.mark.parametrize("method", ["kronecker", "tq"])
+def test_input_scaled_kronecker_fit_is_folded_into_the_factors(method):
+    from tqcompressor.decompose import nearest_kronecker
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 24, generator=g, dtype=torch.float64)
+    scale = torch.kron(torch.logspace(0, 2, 6, dtype=torch.float64), torch.rand(4, generator=g, dtype=torch.float64) + 0.5)
+    weighted = decompose(w, method, b_shape=(2, 4), rank=2, input_scale=scale)
+    plain = decompose(w, method, b_shape=(2, 4), rank=2)
+    assert weighted.a.shape == plain.a.shape and weighted.b.shape == plain.b.shape  # same layer, no extra buffer
+    # the error that counts when input column j is ~scale[j] large: the weighted fit wins
+    assert relative_error(w * scale, weighted.to_dense() * scale) < relative_error(w * scale, plain.to_dense() * scale)
+    if method == "kronecker":  # exact: it is the Van Loan fit of W diag(s), unscaled
+        a, b = nearest_kronecker(w * scale, (8, 6), (2, 4), 2)
+        assert torch.allclose(weighted.to_dense() * scale, kronecker_sum(a, b), atol=1e-9)
+    with pytest.raises(TQCError, match="positive numbers"):
+        decompose(w, method, b_shape=(2, 4), input_scale=-scale)

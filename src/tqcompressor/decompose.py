@@ -90,12 +90,15 @@ def decompose(
     b_shape: tuple[int, int] | None = None,
     rank: int = 1,
     max_iterations: int = 20,
+    input_scale: Tensor | None = None,
 ) -> Factorization:
     """Factor ``weight`` (out x in) with ``method`` in ``tq``, ``kronecker`` or ``svd``.
 
     For ``svd`` the shapes are ignored and ``rank`` is the SVD rank. For the Kronecker methods
     ``a_shape`` and ``b_shape`` must multiply out to ``weight.shape``; give one and the other is
-    derived.
+    derived. ``input_scale`` (one positive number per input column, e.g. the RMS of each input
+    channel on calibration text) makes the Kronecker methods fit the column-weighted matrix, i.e.
+    care more about the inputs that are large (see :func:`scaled_kronecker`).
     """
     if weight.dim() != 2:
         raise TQCError(f"decompose expects a 2-D weight matrix, got shape {tuple(weight.shape)}")
@@ -106,6 +109,9 @@ def decompose(
     if method == "svd":
         return truncated_svd(weight, rank)
     a_shape, b_shape = complete_shapes(tuple(weight.shape), a_shape, b_shape)
+    if input_scale is not None:
+        return _cast(scaled_kronecker(weight, input_scale, a_shape, b_shape, rank,
+                                      search=method == "tq", max_iterations=max_iterations), weight.dtype)
     if method == "kronecker":
         w = weight.detach().to(torch.float64)
         a, b = nearest_kronecker(w, a_shape, b_shape, rank)
@@ -113,6 +119,41 @@ def decompose(
         factors.history = [relative_error(w, kronecker_sum(a, b))]
         return _cast(factors, weight.dtype)
     return _cast(permuted_kronecker(weight, a_shape, b_shape, rank, max_iterations), weight.dtype)
+
+
+def scaled_kronecker(weight: Tensor, input_scale: Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int],
+                     rank: int = 1, search: bool = True, max_iterations: int = 20) -> KroneckerFactors:
+    """Kronecker fit weighted by input-column scales, folded into the factors (no extra buffer).
+
+    The permutation search (``search``) runs on ``W diag(s)``. The fit then uses the nearest
+    Kronecker-structured scale ``d_A (x) d_B`` of the permuted ``s`` (a rank-1 fit), because
+    ``(A' (x) B') (D_A (x) D_B)^-1 = (A' D_A^-1) (x) (B' D_B^-1)``: the weighting costs nothing at
+    run time. ``history`` holds the relative error of the weighted fit.
+    """
+    w = weight.detach().to(torch.float64)
+    s = input_scale.detach().to(torch.float64).flatten()
+    if s.numel() != w.shape[1] or not bool((s > 0).all()):
+        raise TQCError(f"input_scale must hold {w.shape[1]} positive numbers (one per input column), "
+                       f"got {s.numel()}")
+    if search:
+        found = permuted_kronecker(w * s, a_shape, b_shape, rank, max_iterations)
+        row_perm, col_perm = found.row_perm, found.col_perm
+    else:
+        row_perm, col_perm = torch.arange(w.shape[0]), torch.arange(w.shape[1])
+    d_a, d_b = kronecker_scaling(s[col_perm], a_shape[1], b_shape[1])
+    scaled = w[row_perm][:, col_perm] * torch.kron(d_a, d_b)
+    a, b = nearest_kronecker(scaled, a_shape, b_shape, rank)
+    history = [relative_error(scaled, kronecker_sum(a, b))]
+    return KroneckerFactors((a / d_a).contiguous(), (b / d_b).contiguous(), row_perm, col_perm, history)
+
+
+def kronecker_scaling(scale: Tensor, n1: int, n2: int) -> tuple[Tensor, Tensor]:
+    """Positive ``d_a`` (n1), ``d_b`` (n2) with ``d_a (x) d_b`` closest to ``scale`` (length n1*n2):
+    the leading singular pair of ``scale`` as an n1 x n2 matrix (positive, by Perron-Frobenius)."""
+    u, sv, vh = torch.linalg.svd(scale.reshape(n1, n2).to(torch.float64), full_matrices=False)
+    root = sv[0].sqrt()
+    floor = float(scale.min()) ** 0.5 * 1e-3  # keep every channel's scale positive
+    return (u[:, 0].abs() * root).clamp_min(floor), (vh[0].abs() * root).clamp_min(floor)
 
 
 def complete_shapes(

@@ -40,10 +40,11 @@ def compress(model: nn.Module, config: CompressionConfig, step: int | None = Non
     """Replace the target modules of ``model`` by factored layers, in place.
 
     ``calibration`` (token ids, shape (blocks, seq_len), or statistics from
-    :func:`tqcompressor.calibration.calibrate`) makes ``svd`` activation-aware and lets ``auto``
-    weigh layers by their effect on the loss; the Kronecker methods fit weights and do not use it.
-    When the plan already exists (later distillation steps, resumed runs), the svd layers of this
-    step are fitted to the inputs they see in the model as it is now.
+    :func:`tqcompressor.calibration.calibrate`) makes the fits activation-aware: ``svd`` minimises
+    the output error, ``tq``/``kronecker`` weight each input column by its RMS (folded into the
+    factors), and ``auto`` weighs layers by their effect on the loss. When the plan already exists
+    (later distillation steps, resumed runs), this step's linear layers are fitted to the inputs
+    they see in the model as it is now.
 
     ``step`` compresses only the layers planned for that distillation step (multi-step KD);
     ``None`` compresses all of them, step by step. The plan is kept on ``model.tqc_plan`` so later
@@ -61,12 +62,12 @@ def compress(model: nn.Module, config: CompressionConfig, step: int | None = Non
     todo = [(name, spec) for name, spec in sorted(plan, key=lambda item: item[1].step)
             if (step is None or spec.step == step) and not _already_done(model.get_submodule(name), spec)]
     if calibration is not None and plan_was_ready:
-        # a later distillation step (or a resumed run): fit this step's svd layers to the inputs
+        # a later distillation step (or a resumed run): fit this step's linear layers to the inputs
         # they see now, in the partly compressed and distilled model
-        missing = [(name, spec) for name, spec in todo if spec.method == "svd"]
+        missing = [(name, spec) for name, spec in todo if not _is_embedding(model.get_submodule(name))]
         stats = _statistics(model, [name for name, _ in missing], calibration) if missing else {}
         for name, spec in missing:
-            cache[name] = truncated_svd(_dense_of(model.get_submodule(name)), spec.rank, stats[name].input_cov)
+            cache[name] = _aware_factors(model.get_submodule(name), spec, stats[name], config.max_iterations)
     bar = tqdm(todo, desc="compressing", unit="layer", disable=not progress)
     for name, spec in bar:
         bar.set_postfix_str(name)
@@ -186,23 +187,41 @@ def _example_names(model: nn.Module) -> str:
 
 
 def plan_compression(model: nn.Module, config: CompressionConfig, calibration: Tensor | dict | None = None) -> Plan:
-    if calibration is not None and (config.layers is not None or config.method not in ("svd", "auto")):
-        raise TQCError("calibration text is used by --method svd and --method auto with a budget; "
-                       "drop it for tq/kronecker or explicit specs")
+    if calibration is not None and config.layers is not None:
+        raise TQCError("calibration text works with a budget (--ratio / --target-params), not with a spec file")
     if config.layers is not None:
         return _plan_from_spec(model, config.layers)
     names = find_target_modules(model, config.target_modules)
-    stats = _statistics(model, names, calibration)
+    linear = [name for name in names if not _is_embedding(model.get_submodule(name))]
+    if calibration is not None and len(linear) < len(names) and config.method == "auto":
+        raise TQCError("method 'auto' covers linear layers; factor embeddings with an explicit spec")
+    stats = _statistics(model, linear, calibration)
     if config.method == "auto":
         return _plan_auto(model, names, config, stats)
     plan = _plan_from_budget(model, names, config)
-    if stats is not None:  # activation-aware SVD: fit now, while the statistics are at hand
-        model.tqc_factor_cache = {name: truncated_svd(_dense_of(model.get_submodule(name)), spec.rank,
-                                                      stats[name].input_cov)
-                                  for name, spec in plan}
-        for _, spec in plan:
-            spec.reason += " (activation-aware: minimises the output error on the calibration text)"
+    if stats is not None:  # activation-aware fits: do them now, while the statistics are at hand
+        model.tqc_factor_cache = {name: _aware_factors(model.get_submodule(name), spec, stats[name],
+                                                       config.max_iterations)
+                                  for name, spec in plan if name in stats}
+        for name, spec in plan:
+            if name in stats:
+                spec.reason += (" (activation-aware: minimises the output error on the calibration text)"
+                                if spec.method == "svd" else " (input columns weighted by their RMS on the calibration text)")
     return plan
+
+
+def _is_embedding(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Embedding, KroneckerEmbedding))
+
+
+def _aware_factors(module: nn.Module, spec: LayerSpec, stats, max_iterations: int):
+    """Factors fitted with calibration statistics: output-error SVD, or a column-weighted Kronecker fit."""
+    dense = _dense_of(module)
+    if spec.method == "svd":
+        return truncated_svd(dense, spec.rank, stats.input_cov)
+    rms = stats.input_cov.diagonal().clamp_min(0).sqrt()
+    rms = rms.clamp_min(1e-6 * float(rms.mean()) + 1e-30)  # a channel never seen still gets a little weight
+    return decompose(dense, spec.method, spec.a_shape, spec.b_shape, spec.rank, max_iterations, input_scale=rms)
 
 
 def _statistics(model: nn.Module, names: list[str], calibration) -> dict | None:
