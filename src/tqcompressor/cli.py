@@ -37,7 +37,7 @@ def compress(
     max_iterations: int = typer.Option(20, help="permutation-search rounds per matrix (tq)"),
     prefer: str = typer.Option("accuracy", help="budget solver: accuracy | speed (B one row wide: faster layers)"),
     calibration: Optional[str] = typer.Option(
-        None, help="text (file/dir/glob, dataset name) or 'teacher' for activation-aware svd/auto"),
+        None, help="text (file/dir/glob, dataset name) or 'teacher': activation-aware fits (best with --method auto)"),
     calibration_tokens: int = typer.Option(8192, help="calibration tokens (in blocks of 256)"),
 ) -> None:
     """Compress a model and write a model dir plus compression.json."""
