@@ -125,3 +125,13 @@ def test_calibrated_auto_weighs_layers_by_loss_and_installs_aware_factors():
     again, _ = compress(again, config, progress=False, calibration=ids)
     assert [(n, s.method, s.rank, s.b_shape) for n, s in again.tqc_plan] == \
            [(n, s.method, s.rank, s.b_shape) for n, s in model.tqc_plan]
+
+
+def test_auto_refuses_embeddings_before_any_work():
+    import pytest
+    from tests.conftest import tiny_llama
+    from tqcompressor import TQCError
+
+    config = CompressionConfig(method="auto", ratio=0.9, target_modules=["embed_tokens", "up_proj"])
+    with pytest.raises(TQCError, match="covers linear layers"):
+        compress(tiny_llama(), config, progress=False)

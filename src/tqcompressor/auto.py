@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from tqcompressor.decompose import (KroneckerFactors, LowRankFactors, kronecker_sum, nearest_kronecker, output_error,
-                                    permuted_kronecker, rearrange, truncated_svd, whitening)
+                                    damped_eigen, permuted_kronecker, rearrange, truncated_svd)
 
 KRONECKER_B_SHAPES = ((2, 4), (4, 2), (1, 2), (2, 2))
 KRONECKER_RANKS = (1, 2, 3, 4, 6, 8)
@@ -65,8 +65,8 @@ def candidate_menu(weight: Tensor, input_cov: Tensor | None = None, b_shapes=KRO
     if input_cov is None:
         singular, sketch = torch.linalg.svdvals(w), None
     else:
-        root_cov, _ = whitening(input_cov)
-        singular, sketch = torch.linalg.svdvals(w @ root_cov), _OutputSketch(input_cov)
+        sketch = _OutputSketch(input_cov)
+        singular = torch.linalg.svdvals(w @ sketch.root)
     tail = _tail_energy(singular)
     for fraction in svd_fractions:
         rank = max(1, int(fraction * m * n / (m + n)))
@@ -119,11 +119,10 @@ class _OutputSketch:
     the rest counted at their mean eigenvalue (exact when ``k`` covers ``C``)."""
 
     def __init__(self, input_cov: Tensor, k: int = 128) -> None:
-        root, _ = whitening(input_cov)
-        c = root @ root.T
-        values, vectors = torch.linalg.eigh(c)
+        values, vectors = damped_eigen(input_cov)  # ascending
+        self.root = vectors * values.sqrt()  # C = root root^T
         k = min(k, len(values))
-        self.top = vectors[:, -k:] * values[-k:].sqrt()
+        self.top = self.root[:, -k:]
         self.basis = vectors[:, -k:]
         self.rest = float(values[:-k].mean()) if k < len(values) else 0.0
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqcompressor.errors import TQCError
 
 METHODS = ("tq", "kronecker", "svd")
-WHITENING_DAMPING = 1e-4  # relative ridge on an input covariance (best of 1e-4..1e-1 on SmolLM2, one-shot ppl)
+WHITENING_DAMPING = 1e-4  # relative ridge on an input covariance: keeps S^-1 finite, barely moves the metric
 
 
 @dataclass
@@ -252,7 +252,13 @@ def truncated_svd(weight: Tensor, rank: int, input_cov: Tensor | None = None,
 
 
 def whitening(input_cov: Tensor, damping: float = WHITENING_DAMPING) -> tuple[Tensor, Tensor]:
-    """``(S, S^-1)`` with ``S S^T = C + damping * mean(diag C) * I`` (float64).
+    """``(S, S^-1)`` with ``S S^T = C + damping * mean(diag C) * I`` (float64)."""
+    values, vectors = damped_eigen(input_cov, damping)
+    return vectors * values.sqrt(), (vectors / values.sqrt()).T
+
+
+def damped_eigen(input_cov: Tensor, damping: float = WHITENING_DAMPING) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of ``C + damping * mean(diag C) * I``.
 
     The damping keeps directions the calibration text never excited from blowing up ``S^-1``."""
     c = input_cov.detach().to(torch.float64)
@@ -260,8 +266,7 @@ def whitening(input_cov: Tensor, damping: float = WHITENING_DAMPING) -> tuple[Te
         raise TQCError(f"an input covariance must be square, got shape {tuple(c.shape)}")
     scale = float(c.diagonal().mean()) or 1.0
     values, vectors = torch.linalg.eigh(c / scale + damping * torch.eye(len(c), dtype=c.dtype))
-    values = values.clamp_min(damping)
-    return vectors * (values * scale).sqrt(), (vectors / (values * scale).sqrt()).T
+    return values.clamp_min(damping) * scale, vectors
 
 
 def output_error(weight: Tensor, approx: Tensor, input_cov: Tensor) -> float:

@@ -64,9 +64,9 @@ def compress(model: nn.Module, config: CompressionConfig, step: int | None = Non
     if calibration is not None and plan_was_ready:
         # a later distillation step (or a resumed run): fit this step's linear layers to the inputs
         # they see now, in the partly compressed and distilled model
-        missing = [(name, spec) for name, spec in todo if not _is_embedding(model.get_submodule(name))]
-        stats = _statistics(model, [name for name, _ in missing], calibration) if missing else {}
-        for name, spec in missing:
+        refit = [(name, spec) for name, spec in todo if not _is_embedding(model.get_submodule(name))]
+        stats = _statistics(model, [name for name, _ in refit], calibration) if refit else {}
+        for name, spec in refit:
             cache[name] = _aware_factors(model.get_submodule(name), spec, stats[name], config.max_iterations)
     bar = tqdm(todo, desc="compressing", unit="layer", disable=not progress)
     for name, spec in bar:
@@ -193,7 +193,7 @@ def plan_compression(model: nn.Module, config: CompressionConfig, calibration: T
         return _plan_from_spec(model, config.layers)
     names = find_target_modules(model, config.target_modules)
     linear = [name for name in names if not _is_embedding(model.get_submodule(name))]
-    if calibration is not None and len(linear) < len(names) and config.method == "auto":
+    if config.method == "auto" and len(linear) < len(names):
         raise TQCError("method 'auto' covers linear layers; factor embeddings with an explicit spec")
     stats = _statistics(model, linear, calibration)
     if config.method == "auto":
@@ -294,12 +294,7 @@ def _plan_auto(model: nn.Module, names: list[str], config: CompressionConfig, st
     from tqcompressor.auto import allocate, candidate_menu, factors_for, layer_scale
 
     total, target = count_parameters(model), _target_params(model, config)
-    weights = {}
-    for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, nn.Embedding):
-            raise TQCError("method 'auto' covers linear layers; factor embeddings with an explicit spec")
-        weights[name] = _dense_of(module)
+    weights = {name: _dense_of(model.get_submodule(name)) for name in names}
     fixed = total - sum(w.numel() for w in weights.values())
     if target <= fixed:
         raise TQCError(f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
