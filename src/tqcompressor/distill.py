@@ -106,8 +106,9 @@ def multistep_distill(
     stage (the plan's ``step`` numbers) and distilled ``config.steps`` steps after each stage.
 
     ``stop_after`` ends the run after that many optimizer steps in total (to simulate an
-    interruption in tests). ``calibration`` (token ids) fits planned svd layers activation-aware
-    when no fitted factors are at hand (a resumed run). Returns the student (unwrapped, on the training device).
+    interruption in tests). ``calibration`` (token ids) fits the layers of every stage after the first
+    to the inputs they see in the distilled student, so a resumed run compresses exactly as an
+    uninterrupted one. Returns the student (unwrapped, on the training device).
     """
     from accelerate import Accelerator
 
@@ -140,6 +141,10 @@ def multistep_distill(
         stage = stages[stage_index]
         if compression is not None and not (state["stage_index"] == stage_index and state["stage_compressed"]):
             student.to("cpu")
+            if calibration is not None and stage_index > 0:  # factors fitted before distilling are stale now
+                cache = getattr(student, "tqc_factor_cache", {})
+                for name in [name for name, spec in student.tqc_plan if spec.step == stage]:
+                    cache.pop(name, None)
             compress(student, compression, step=stage, progress=progress, calibration=calibration)
         state.update(stage_index=stage_index, stage_compressed=True)
         student.to(accelerator.device).requires_grad_(True)  # a copy of the (frozen) teacher starts frozen

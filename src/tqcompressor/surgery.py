@@ -43,8 +43,8 @@ def compress(model: nn.Module, config: CompressionConfig, step: int | None = Non
     :func:`tqcompressor.calibration.calibrate`) makes the fits activation-aware: ``svd`` minimises
     the output error, ``tq``/``kronecker`` weight each input column by its RMS (folded into the
     factors), and ``auto`` weighs layers by their effect on the loss. When the plan already exists
-    (later distillation steps, resumed runs), this step's linear layers are fitted to the inputs
-    they see in the model as it is now.
+    (later distillation steps, resumed runs), this step's linear layers without fitted factors are
+    fitted to the inputs they see in the model as it is now.
 
     ``step`` compresses only the layers planned for that distillation step (multi-step KD);
     ``None`` compresses all of them, step by step. The plan is kept on ``model.tqc_plan`` so later
@@ -62,9 +62,10 @@ def compress(model: nn.Module, config: CompressionConfig, step: int | None = Non
     todo = [(name, spec) for name, spec in sorted(plan, key=lambda item: item[1].step)
             if (step is None or spec.step == step) and not _already_done(model.get_submodule(name), spec)]
     if calibration is not None and plan_was_ready:
-        # a later distillation step (or a resumed run): fit this step's linear layers to the inputs
-        # they see now, in the partly compressed and distilled model
-        refit = [(name, spec) for name, spec in todo if not _is_embedding(model.get_submodule(name))]
+        # a later distillation step (or a resumed run): fit this step's linear layers that have no
+        # fitted factors to the inputs they see now, in the partly compressed and distilled model
+        refit = [(name, spec) for name, spec in todo
+                 if name not in cache and not _is_embedding(model.get_submodule(name))]
         stats = _statistics(model, [name for name, _ in refit], calibration) if refit else {}
         for name, spec in refit:
             cache[name] = _aware_factors(model.get_submodule(name), spec, stats[name], config.max_iterations)
