@@ -92,3 +92,66 @@ def test_gradients_flow_to_factors():
     layer = KroneckerLinear.from_linear(nn.Linear(16, 16), "tq", b_shape=(2, 2), rank=2)
     layer(torch.randn(4, 16)).sum().backward()
     assert layer.a.grad is not None and layer.b.grad is not None and layer.bias.grad is not None
+
+
+def _random_layer(a_shape, b_shape, rank, row_perm, col_perm, seed=0):
+    torch.manual_seed(seed)
+    layer = KroneckerLinear(a_shape, b_shape, rank, bias=True, row_perm=row_perm, col_perm=col_perm)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+        if col_perm:
+            layer.input_index.copy_(torch.randperm(layer.in_features))
+        if row_perm:
+            layer.output_index.copy_(torch.randperm(layer.out_features))
+    layer.refresh_gathers()
+    return layer
+
+
+# (A, B, rank) covering both contraction orders, one-row B, one-column B and a 1x1 B
+SHAPES = [((6, 4), (3, 2), 2), ((4, 8), (3, 3), 4), ((8, 4), (3, 3), 4), ((10, 3), (1, 4), 3),
+          ((5, 6), (2, 1), 2), ((7, 5), (1, 1), 1)]
+
+
+@pytest.mark.parametrize("a_shape, b_shape, rank", SHAPES)
+@pytest.mark.parametrize("perms", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("lead", [(1,), (2, 25)])  # one token (generation path) and many
+def test_fused_gathers_keep_forward_and_gradients_equal_to_dense(a_shape, b_shape, rank, perms, lead):
+    layer = _random_layer(a_shape, b_shape, rank, *perms)
+    x = torch.randn(*lead, layer.in_features, requires_grad=True)
+    dense = layer.to_dense()
+    reference = x @ dense.T + layer.bias
+    out = layer(x)
+    assert out.shape == reference.shape and rel(out, reference) < 1e-5
+    grad_out = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, grad_out)
+    (gx_ref,) = torch.autograd.grad(reference, x, grad_out)
+    assert rel(gx, gx_ref) < 1e-5
+
+
+def test_contraction_order_follows_multiply_adds():
+    from tqcompressor.layers import kronecker_macs, kronecker_order
+
+    assert kronecker_order((576, 64), (1, 9), 5) == "b"  # one-row B: contract B first
+    assert kronecker_order((384, 768), (2, 4), 4) == "b"  # the paper's GPT-2 MLP shape
+    assert kronecker_order((192, 512), (3, 3), 5) == "a"  # wide A: contract A first
+    assert kronecker_order((192, 192), (3, 3), 5) == "a"  # a tie: A reads the input once
+    # a 3x3 B at rank 5 costs 5/3 of the dense layer; a 1x9 B at rank 5 about its parameter share
+    assert kronecker_macs((192, 192), (3, 3), 5, "a") == 5 * (3 * 192 * 192 + 3 * 3 * 192)
+    layer = KroneckerLinear((576, 64), (1, 9), 5)
+    assert layer.macs_per_token == 5 * (64 * 9 + 576 * 64) < 576 * 576
+    assert LowRankLinear(576, 1536, 10).macs_per_token == 10 * (576 + 1536)
+
+
+def test_fused_gathers_follow_loading_copying_and_moving():
+    import copy
+
+    layer = _random_layer((4, 8), (3, 3), 2, True, True)
+    x = torch.randn(3, layer.in_features)
+    fresh = KroneckerLinear((4, 8), (3, 3), 2, row_perm=True, col_perm=True)
+    assert "input_gather" not in fresh.state_dict()  # derived, never saved
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), layer(x))
+    assert torch.equal(copy.deepcopy(layer)(x), layer(x))
+    wide = copy.deepcopy(layer).to(torch.float64)
+    assert wide.input_gather.dtype == torch.long and rel(wide(x.double()), layer(x).double()) < 1e-6

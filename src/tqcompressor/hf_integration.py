@@ -51,6 +51,10 @@ class TQCompressorQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # the fused gathers are derived buffers, not in the checkpoint: build them from the loaded permutations
+        for module in model.modules():
+            if hasattr(module, "refresh_gathers"):
+                module.refresh_gathers()
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

@@ -21,9 +21,10 @@ FACTORED = (KroneckerLinear, LowRankLinear, KroneckerEmbedding)
 # terms it will use: the method is about a *short* sum of Kronecker products.
 B_SIDES = (1, 2, 3, 4)
 MAX_RANK = 8
-# prefer="speed": B is one row wide (1 x n2). A rank-r Kronecker layer costs about r/n2 + r/m1 of
-# the dense FLOPs; with m2 = 1 that is about its parameter fraction, so the layer gets faster as
-# it gets smaller (with m2 = 2 or 3 it costs as much as, or more than, the dense layer).
+# prefer="speed": B is one row wide (1 x n2). A rank-r Kronecker layer costs
+# r * min(1/m1 + 1/n2, 1/n1 + 1/m2) of the dense FLOPs (B or A contracted first, whichever is
+# cheaper); with m2 = 1 that is about its parameter fraction, so the layer gets faster as it gets
+# smaller (with a 3x3 B and rank 5 it costs 1.7x the dense layer).
 SPEED_B_WIDTHS = (2, 3, 4, 6, 8, 9, 12, 16)
 
 
