@@ -2,8 +2,11 @@
 
 (1) per layer type of SmolLM2 at the shapes `compress --ratio R` chooses: dense nn.Linear vs
 KroneckerLinear vs LowRankLinear (same parameter count), forward time on 8x512 tokens,
-interleaved, median of repeats; (2) whole model: prefill tokens/s (8x512) and greedy generation
-tokens/s (batch 1, 128 new tokens), compressed vs dense teacher; (3) peak memory and on-disk size.
+interleaved, median of repeats; (2) whole model, compressed vs dense teacher: prefill tokens/s
+(8x512 prompt tokens: KV cache for all of them, logits for the last position only, as `generate`
+does), scoring tokens/s (the same forward with logits at every position, as perplexity evaluation
+does), greedy generation tokens/s (batch 1, 128 new tokens), and where prefill time goes (profiler,
+by kind of op); (3) peak memory and on-disk size.
 Writes bench/results/speed.json (or speed-gpu.json with --device cuda) and prints a table.
 """
 
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 import tqcompressor as tqc
 from tqcompressor.layers import KroneckerLinear, LowRankLinear
@@ -49,6 +53,51 @@ def interleaved(fns: dict, device: str, repeats: int) -> dict[str, float]:
         for name, fn in fns.items():
             samples[name].append(timed(fn, device))
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def op_kind(name: str) -> str:
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+        return "matmul"
+    if "scaled_dot_product" in name or "flash" in name:
+        return "attention"
+    if name in ("aten::gather", "aten::index_select", "aten::index"):
+        return "gather"
+    if name in ("aten::copy_", "aten::clone", "aten::cat"):
+        return "copy"
+    return "other"
+
+
+def time_by_op_kind(fn, device: str) -> dict[str, float]:
+    """Seconds of one call of ``fn`` spent in each kind of op (self time, as the profiler sees it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    seconds: dict[str, float] = {}
+    for event in prof.key_averages():
+        micros = event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
+        kind = op_kind(event.key)
+        seconds[kind] = seconds.get(kind, 0.0) + micros / 1e6
+    return seconds
+
+
+def linear_macs_per_token(model: torch.nn.Module) -> int:
+    """Multiply-adds per token in the decoder's linear layers (dense, Kronecker or low-rank); the
+    LM head is left out (prefill computes logits for one position)."""
+    head = model.get_output_embeddings()
+    total = 0
+    for module in model.modules():
+        if module is head:
+            continue
+        if isinstance(module, (KroneckerLinear, LowRankLinear)):
+            total += module.macs_per_token
+        elif isinstance(module, torch.nn.Linear):
+            total += module.in_features * module.out_features
+        elif isinstance(module, Conv1D):
+            total += module.weight.numel()
+    return total
 
 
 def main() -> None:
@@ -107,8 +156,12 @@ def main() -> None:
     ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq), device=args.device)
     prompt = ids[:1, :16]
     with torch.inference_mode():
-        prefill = interleaved({"teacher": lambda: teacher(ids), "compressed": lambda: student(ids)}, args.device,
+        prefill = interleaved({"teacher": lambda: teacher(ids, logits_to_keep=1),
+                               "compressed": lambda: student(ids, logits_to_keep=1)}, args.device, args.repeats)
+        scoring = interleaved({"teacher": lambda: teacher(ids), "compressed": lambda: student(ids)}, args.device,
                               args.repeats)
+        breakdown = {label: time_by_op_kind(lambda: model(ids, logits_to_keep=1), args.device)
+                     for label, model in (("teacher", teacher), ("compressed", student))}
         def generate(model):
             return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
                                   min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
@@ -134,6 +187,12 @@ def main() -> None:
 
     tokens = args.batch * args.seq
     params = {"teacher": report.params_before, "compressed": report.params_after}
+    macs = {"teacher": linear_macs_per_token(teacher), "compressed": linear_macs_per_token(student)}
+    # If the compressed linear layers ran at the dense layers' speed per multiply-add and nothing
+    # else changed (attention, norms, activations take the teacher's time), prefill would speed up by:
+    teacher_time = breakdown["teacher"]
+    fixed = sum(v for k, v in teacher_time.items() if k != "matmul")
+    ceiling = sum(teacher_time.values()) / (fixed + teacher_time["matmul"] * macs["compressed"] / macs["teacher"])
     result = {
         "model": args.model, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "ratio": args.ratio,
@@ -141,9 +200,16 @@ def main() -> None:
         "layers_by_kind": {kind: sum(1 for layer in report.layers if layer.method == kind)
                            for kind in sorted({layer.method for layer in report.layers})},
         "params": params, "layers": layers,
-        "prefill": {"batch": args.batch, "seq": args.seq, "seconds": prefill,
+        "prefill": {"batch": args.batch, "seq": args.seq, "logits": "last position", "seconds": prefill,
                     "tokens_per_s": {k: tokens / v for k, v in prefill.items()},
                     "speedup": prefill["teacher"] / prefill["compressed"]},
+        "scoring": {"batch": args.batch, "seq": args.seq, "logits": "every position", "seconds": scoring,
+                    "tokens_per_s": {k: tokens / v for k, v in scoring.items()},
+                    "speedup": scoring["teacher"] / scoring["compressed"]},
+        "prefill_seconds_by_op_kind": breakdown,
+        "linear_macs_per_token": macs,
+        "prefill_ceiling": {"speedup": ceiling, "assumes": "compressed linear layers at the teacher's matmul "
+                            "time per multiply-add; every other op at the teacher's measured time"},
         "generation": {"new_tokens": args.new_tokens, "seconds": gen,
                        "tokens_per_s": {k: args.new_tokens / v for k, v in gen.items()},
                        "speedup": gen["teacher"] / gen["compressed"]},
@@ -156,11 +222,17 @@ def main() -> None:
     print(table(["layer", "shape", "dense ms", "kronecker ms", "low-rank ms", "kron speedup"], layer_rows))
     print(table(["", "teacher", "compressed", "ratio"], [
         ["params", params["teacher"], params["compressed"], params["teacher"] / params["compressed"]],
+        ["linear MACs/token", macs["teacher"], macs["compressed"], macs["teacher"] / macs["compressed"]],
         ["prefill tok/s", tokens / prefill["teacher"], tokens / prefill["compressed"], result["prefill"]["speedup"]],
+        ["scoring tok/s", tokens / scoring["teacher"], tokens / scoring["compressed"], result["scoring"]["speedup"]],
         ["generate tok/s", args.new_tokens / gen["teacher"], args.new_tokens / gen["compressed"], result["generation"]["speedup"]],
         ["memory bytes", memory["teacher"], memory["compressed"], memory["teacher"] / memory["compressed"]],
         ["disk bytes", disk["teacher"], disk["compressed"], disk["teacher"] / disk["compressed"]],
     ]))
+    kinds = sorted(set(breakdown["teacher"]) | set(breakdown["compressed"]))
+    print(table(["prefill s by op", *kinds], [[label, *(seconds.get(k, 0.0) for k in kinds)]
+                                              for label, seconds in breakdown.items()]))
+    print(f"prefill ceiling at dense matmul efficiency: {ceiling:.3g}x (measured {result['prefill']['speedup']:.3g}x)")
     print(f"wrote {out}")
 
 
