@@ -85,16 +85,36 @@ def gather_columns(x: Tensor, index: Tensor) -> Tensor:
     return torch.gather(x, 1, index.expand(x.shape[0], -1))
 
 
-def kronecker_matmul(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``x @ (sum_k A_k (x) B_k)^T`` for ``x: (..., n1*n2)`` without forming the Kronecker sum."""
+def compose_gathers(first: Tensor | None, second: Tensor | None, device: torch.device) -> Tensor | None:
+    """The one gather equal to gathering by ``first`` and then by ``second`` (``None``: identity)."""
+    if first is None or second is None:
+        index = first if second is None else second
+    else:
+        index = first[second.to(first.device)]
+    return None if index is None else index.to(device)
+
+
+def gathered_kronecker(x: Tensor, a: Tensor, b: Tensor, order: str, input_gather: Tensor | None,
+                       output_gather: Tensor | None) -> Tensor:
+    """:func:`kronecker_contract` on 2-D ``x`` between one gather on each side (``None``: none)."""
+    if input_gather is not None:
+        x = gather_columns(x, input_gather)
+    y = kronecker_contract(x, a, b, order)
+    return y if output_gather is None else gather_columns(y, output_gather)
+
+
+def kronecker_matmul(x: Tensor, a: Tensor, b: Tensor, input_index: Tensor | None = None,
+                     output_index: Tensor | None = None) -> Tensor:
+    """``x[..., input_index] @ (sum_k A_k (x) B_k)^T``, then ``[..., output_index]`` (``None``: no
+    permutation), for ``x: (..., n1*n2)`` without forming the Kronecker sum. The permutations are
+    fused with the contraction's layouts here, on every call; layers keep the fused gathers."""
     rank, m1, n1 = a.shape
     _, m2, n2 = b.shape
     order = kronecker_order((m1, n1), (m2, n2), rank)
     input_layout, output_layout = kronecker_layouts((m1, n1), (m2, n2), order)
-    flat = _gather_last(x.reshape(-1, n1 * n2), None if input_layout is None else input_layout.to(x.device))
-    y = kronecker_contract(flat, a, b, order)
-    y = _gather_last(y, None if output_layout is None else output_layout.to(x.device))
-    return y.reshape(*x.shape[:-1], m1 * m2)
+    y = gathered_kronecker(x.reshape(-1, n1 * n2), a, b, order, compose_gathers(input_index, input_layout, x.device),
+                           compose_gathers(output_layout, output_index, x.device))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class KroneckerLinear(nn.Module):
@@ -135,8 +155,9 @@ class KroneckerLinear(nn.Module):
         only if you write into ``input_index`` / ``output_index`` by hand."""
         input_layout, output_layout = kronecker_layouts(tuple(self.a.shape[1:]), tuple(self.b.shape[1:]), self.order)
         device = self.a.device
-        self.register_buffer("input_gather", _compose(self.input_index, input_layout, device), persistent=False)
-        self.register_buffer("output_gather", _compose(output_layout, self.output_index, device), persistent=False)
+        self.register_buffer("input_gather", compose_gathers(self.input_index, input_layout, device), persistent=False)
+        self.register_buffer("output_gather", compose_gathers(output_layout, self.output_index, device),
+                             persistent=False)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -198,12 +219,8 @@ class KroneckerLinear(nn.Module):
         return kronecker_macs(tuple(self.a.shape[1:]), tuple(self.b.shape[1:]), self.rank, self.order)
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if self.input_gather is not None:
-            flat = gather_columns(flat, self.input_gather)
-        y = kronecker_contract(flat, self.a, self.b, self.order)
-        if self.output_gather is not None:
-            y = gather_columns(y, self.output_gather)
+        y = gathered_kronecker(x.reshape(-1, self.in_features), self.a, self.b, self.order, self.input_gather,
+                               self.output_gather)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -218,15 +235,6 @@ def _gather_last(x: Tensor, index: Tensor | None) -> Tensor:
     if index is None:
         return x
     return gather_columns(x.reshape(-1, x.shape[-1]), index).reshape(*x.shape[:-1], index.numel())
-
-
-def _compose(first: Tensor | None, second: Tensor | None, device: torch.device) -> Tensor | None:
-    """The one gather equal to gathering by ``first`` and then by ``second`` (``None``: identity)."""
-    if first is None or second is None:
-        index = first if second is None else second
-    else:
-        index = first[second.to(first.device)]
-    return None if index is None else index.to(device)
 
 
 class LowRankLinear(nn.Module):
@@ -348,8 +356,7 @@ class KroneckerEmbedding(nn.Module):
 
     def project(self, hidden: Tensor) -> Tensor:
         """``hidden @ E^T``: logits for an LM head tied to this embedding."""
-        logits = kronecker_matmul(_gather_last(hidden, self.input_index), self.a, self.b)
-        return _gather_last(logits, self.token_index)
+        return kronecker_matmul(hidden, self.a, self.b, self.input_index, self.token_index)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, A={tuple(self.a.shape[1:])}, "
