@@ -150,6 +150,8 @@ class CompressionReport:
     layers: list[LayerReport] = field(default_factory=list)
     # method="auto": per target layer, the candidates measured and the one chosen (dense included)
     auto: dict[str, dict] | None = None
+    # MLPs whose down projection's input gather was folded into the layers feeding it (exact)
+    folded_mlps: list[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:

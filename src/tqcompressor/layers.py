@@ -94,6 +94,14 @@ def compose_gathers(first: Tensor | None, second: Tensor | None, device: torch.d
     return None if index is None else index.to(device)
 
 
+def _unless_identity(index: Tensor | None) -> Tensor | None:
+    """``None`` for the identity gather (e.g. after folding), so that it is skipped. A meta
+    tensor (a model built before its weights load) is kept; loading refreshes the gathers."""
+    if index is None or (not index.is_meta and torch.equal(index.cpu(), torch.arange(index.numel()))):
+        return None
+    return index
+
+
 def gathered_kronecker(x: Tensor, a: Tensor, b: Tensor, order: str, input_gather: Tensor | None,
                        output_gather: Tensor | None) -> Tensor:
     """:func:`kronecker_contract` on 2-D ``x`` between one gather on each side (``None``: none)."""
@@ -155,8 +163,9 @@ class KroneckerLinear(nn.Module):
         only if you write into ``input_index`` / ``output_index`` by hand."""
         input_layout, output_layout = kronecker_layouts(tuple(self.a.shape[1:]), tuple(self.b.shape[1:]), self.order)
         device = self.a.device
-        self.register_buffer("input_gather", compose_gathers(self.input_index, input_layout, device), persistent=False)
-        self.register_buffer("output_gather", compose_gathers(output_layout, self.output_index, device),
+        self.register_buffer("input_gather", _unless_identity(compose_gathers(self.input_index, input_layout, device)),
+                             persistent=False)
+        self.register_buffer("output_gather", _unless_identity(compose_gathers(output_layout, self.output_index, device)),
                              persistent=False)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:

@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from tqcompressor.config import DEFAULT_TARGET_MODULES, CompressionConfig, CompressionReport, LayerReport, LayerSpec
 from tqcompressor.decompose import complete_shapes, decompose, relative_error, truncated_svd
 from tqcompressor.errors import TQCError
+from tqcompressor.folding import fold_mlp_permutations
 from tqcompressor.layers import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead, dense_weight_of
 
 FACTORED = (KroneckerLinear, LowRankLinear, KroneckerEmbedding)
@@ -88,9 +89,17 @@ def compress(model: nn.Module, config: CompressionConfig, step: int | None = Non
             params_before=sum(p.numel() for p in module.parameters()),
             params_after=sum(p.numel() for p in new.parameters()),
             relative_error=error, seconds=time.perf_counter() - t0, reason=spec.reason))
+    # exact, free at run time; layers a later step still factors from their weights stay untouched
+    report.folded_mlps = fold_mlp_permutations(model, skip=_pending(model, plan) | set(cache))
     report.params_after = count_parameters(model)
     report.seconds = time.perf_counter() - started
     return model, report
+
+
+def _pending(model: nn.Module, plan: Plan) -> set[str]:
+    """Modules whose last planned factorization is not in place yet."""
+    last = {name: spec for name, spec in sorted(plan, key=lambda item: item[1].step)}
+    return {name for name, spec in last.items() if not _already_done(model.get_submodule(name), spec)}
 
 
 def _already_done(module: nn.Module, spec: LayerSpec) -> bool:

@@ -1,0 +1,103 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tqcompressor as tqc
+import tqcompressor.surgery as surgery
+from tqcompressor import CompressionConfig, LayerSpec, compress
+from tqcompressor.checkpoint import densify
+from tqcompressor.folding import fold_mlp_permutations
+from tqcompressor.layers import KroneckerLinear, LowRankLinear
+
+from conftest import tiny_gpt2, tiny_llama
+
+
+def compress_unfolded(model, config, monkeypatch, **kwargs):
+    with monkeypatch.context() as patch:
+        patch.setattr(surgery, "fold_mlp_permutations", lambda model, skip=frozenset(): [])
+        return compress(model, config, progress=False, **kwargs)
+
+
+def consumers(model):
+    return [m for n, m in model.named_modules() if n.endswith(("mlp.down_proj", "mlp.c_proj"))]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_folding_removes_the_down_projection_gather_and_keeps_the_logits(make, monkeypatch):
+    model, _ = compress_unfolded(make(), CompressionConfig(method="tq", ratio=0.8), monkeypatch)
+    ids = torch.randint(0, 512, (2, 12))
+    before = model(ids).logits
+    assert all(m.input_gather is not None for m in consumers(model))
+    folded = fold_mlp_permutations(model)
+    assert len(folded) == 2
+    assert all(isinstance(m, KroneckerLinear) and m.input_gather is None for m in consumers(model))
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-6)
+    assert fold_mlp_permutations(model) == []  # nothing left to fold
+
+
+def test_compress_folds_and_the_folded_model_saves_loads_and_exports(tmp_path, monkeypatch):
+    # only the down projections are factored: the dense gate/up rows take the gather
+    config = CompressionConfig(method="tq", ratio=None, layers=[("down_proj", LayerSpec("tq", rank=2, b_shape=(2, 2)))])
+    reference, _ = compress_unfolded(tiny_llama(), config, monkeypatch)
+    model, report = compress(tiny_llama(), config, progress=False)
+    assert report.folded_mlps == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    gate = model.model.layers[0].mlp.gate_proj
+    assert isinstance(gate, nn.Linear) and not torch.equal(gate.weight, reference.model.layers[0].mlp.gate_proj.weight)
+    ids = torch.randint(0, 512, (2, 12))
+    expected = reference(ids).logits
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-6)
+    tqc.save(model, tmp_path / "m")
+    loaded = tqc.load(tmp_path / "m")
+    assert all(m.input_gather is None for m in consumers(loaded))
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(densify(copy.deepcopy(model))(ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_low_rank_and_kronecker_producers_without_permutations(monkeypatch):
+    model = tiny_llama()
+    ids = torch.randint(0, 512, (2, 12))
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        mlp.gate_proj = LowRankLinear.from_linear(mlp.gate_proj, rank=8)
+        mlp.up_proj = KroneckerLinear.from_linear(mlp.up_proj, "kronecker", b_shape=(2, 2), rank=2)  # no output perm
+        mlp.down_proj = KroneckerLinear.from_linear(mlp.down_proj, "tq", b_shape=(2, 2), rank=2)
+    assert model.model.layers[0].mlp.up_proj.output_index is None
+    before = model(ids).logits
+    assert len(fold_mlp_permutations(model)) == 2
+    assert model.model.layers[0].mlp.up_proj.output_index is not None  # the gather now lives here
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-6)
+
+
+class MixingMLP(nn.Module):
+    """Not feature-wise between the projections: folding would change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = nn.Linear(16, 32)
+        self.up_proj = KroneckerLinear.from_linear(nn.Linear(16, 32), "kronecker", b_shape=(2, 2))
+        self.down_proj = KroneckerLinear.from_linear(nn.Linear(32, 16), "tq", b_shape=(2, 2))
+
+    def forward(self, x):
+        return self.down_proj(torch.flip(self.gate_proj(x), dims=[-1]) * self.up_proj(x))
+
+
+def test_an_mlp_that_mixes_features_is_left_exactly_as_it_was():
+    torch.manual_seed(0)
+    mlp = MixingMLP()
+    state = copy.deepcopy(mlp.state_dict())
+    x = torch.randn(4, 16)
+    before = mlp(x)
+    assert fold_mlp_permutations(mlp) == []
+    assert mlp.state_dict().keys() == state.keys()  # no permutation buffer left behind
+    assert all(torch.equal(mlp.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(mlp(x), before)
+
+
+def test_multi_step_folds_an_mlp_only_once_all_its_layers_are_factored():
+    config = CompressionConfig(method="tq", ratio=0.8, steps=2)
+    model, first = compress(tiny_llama(), config, step=1, progress=False)
+    assert first.folded_mlps == ["model.layers.1.mlp"]  # layers.0 is factored at step 2
+    model, second = compress(model, config, step=2, progress=False)
+    assert second.folded_mlps == ["model.layers.0.mlp"]
