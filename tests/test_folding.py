@@ -73,19 +73,22 @@ def test_low_rank_and_kronecker_producers_without_permutations(monkeypatch):
 class MixingMLP(nn.Module):
     """Not feature-wise between the projections: folding would change it."""
 
-    def __init__(self):
+    def __init__(self, up_b_shape):
         super().__init__()
         self.gate_proj = nn.Linear(16, 32)
-        self.up_proj = KroneckerLinear.from_linear(nn.Linear(16, 32), "kronecker", b_shape=(2, 2))
+        self.up_proj = KroneckerLinear.from_linear(nn.Linear(16, 32), "tq", b_shape=up_b_shape)
+        self.up_proj.register_buffer("output_index", torch.randperm(32))  # a fold drops it for a 1-row B
+        self.up_proj.refresh_gathers()
         self.down_proj = KroneckerLinear.from_linear(nn.Linear(32, 16), "tq", b_shape=(2, 2))
 
     def forward(self, x):
         return self.down_proj(torch.flip(self.gate_proj(x), dims=[-1]) * self.up_proj(x))
 
 
-def test_an_mlp_that_mixes_features_is_left_exactly_as_it_was():
+@pytest.mark.parametrize("up_b_shape", [(1, 2), (2, 2)])
+def test_an_mlp_that_mixes_features_is_left_exactly_as_it_was(up_b_shape):
     torch.manual_seed(0)
-    mlp = MixingMLP()
+    mlp = MixingMLP(up_b_shape)
     state = copy.deepcopy(mlp.state_dict())
     x = torch.randn(4, 16)
     before = mlp(x)
@@ -101,3 +104,26 @@ def test_multi_step_folds_an_mlp_only_once_all_its_layers_are_factored():
     assert first.folded_mlps == ["model.layers.1.mlp"]  # layers.0 is factored at step 2
     model, second = compress(model, config, step=2, progress=False)
     assert second.folded_mlps == ["model.layers.0.mlp"]
+
+
+def count_gathers(model, ids):
+    from torch.profiler import profile
+
+    with profile() as prof, torch.no_grad():
+        model(ids)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::gather")
+
+
+@pytest.mark.parametrize("b_shape", [(1, 4), (2, 2)])
+def test_folding_never_adds_a_gather(b_shape):
+    model = tiny_llama()
+    ids = torch.randint(0, 512, (2, 12))
+    for layer in model.model.layers:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(layer.mlp, name, KroneckerLinear.from_linear(getattr(layer.mlp, name), "tq", b_shape=b_shape, rank=2))
+    before, gathers = model(ids).logits, count_gathers(model, ids)
+    assert len(fold_mlp_permutations(model)) == 2
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-6)
+    assert count_gathers(model, ids) <= gathers - 2  # each down projection's input gather is gone
+    if b_shape[0] == 1:
+        assert all(layer.mlp.gate_proj.output_gather is None for layer in model.model.layers)

@@ -4,9 +4,9 @@ In an MLP ``down(act(gate(x)) * up(x))`` the activation and the product act on e
 alone, so gathering their output columns is the same as gathering the columns of ``gate(x)`` and
 ``up(x)`` first. A ``KroneckerLinear`` down projection starts with such a gather (its searched
 column permutation fused with the contraction's layout); folding moves it into the producers'
-stored weights (a dense layer's rows, a low-rank ``U``'s rows) or output permutation (a Kronecker
-producer, whose output gather it composes with, so it costs nothing there). The down projection
-then gathers nothing. This is a reparametrisation of the stored state, not a runtime switch:
+stored weights (a dense layer's rows, a low-rank ``U``'s rows, a one-row-``B`` Kronecker layer's
+``A`` rows) or output permutation (any other Kronecker producer, whose output gather it composes
+with, so it costs nothing there). The down projection then gathers nothing. This is a reparametrisation of the stored state, not a runtime switch:
 ``save`` / ``load``, ``to_dense`` and export see the folded model and compute the same function.
 """
 
@@ -88,7 +88,14 @@ def _permute_outputs(module: nn.Module, gather: Tensor) -> None:
     with torch.no_grad():
         if isinstance(module, KroneckerLinear):
             current = module.output_index.cpu() if module.output_index is not None else torch.arange(module.out_features)
-            _set_index(module, "output_index", current[gather])
+            if module.b.shape[1] == 1:
+                # one-row B: output row i is row i of A, so the whole output permutation moves into
+                # A's rows and the layer keeps no output gather (a gather here would cost as much
+                # as the one removed from the consumer)
+                module.a.copy_(module.a[:, current[gather].to(module.a.device)])
+                module.register_buffer("output_index", None)
+            else:  # composes with the output gather the layer does anyway (its layout, m2 > 1)
+                _set_index(module, "output_index", current[gather])
             module.refresh_gathers()
         elif isinstance(module, LowRankLinear):
             module.u.copy_(module.u[gather.to(module.u.device)])
@@ -113,6 +120,8 @@ def _restore(module: nn.Module, state: dict[str, Tensor]) -> None:
         for name in ("input_index", "output_index"):
             if name not in state:  # registered by the fold
                 module.register_buffer(name, None)
+            elif getattr(module, name) is None:  # dropped by the fold
+                module.register_buffer(name, state[name].clone())
     with torch.no_grad():
         for key, value in state.items():
             target = module.get_buffer(key) if key in dict(module.named_buffers()) else module.get_parameter(key)
