@@ -5,8 +5,9 @@ KroneckerLinear vs LowRankLinear (same parameter count), forward time on 8x512 t
 interleaved, median of repeats; (2) whole model, compressed vs dense teacher: prefill tokens/s
 (8x512 prompt tokens: KV cache for all of them, logits for the last position only, as `generate`
 does), scoring tokens/s (the same forward with logits at every position, as perplexity evaluation
-does), greedy generation tokens/s (batch 1, 128 new tokens), and where prefill time goes (profiler,
-by kind of op); (3) peak memory and on-disk size.
+does), greedy generation tokens/s (batch 1, 128 new tokens; with --compile also with a static KV
+cache and torch.compile), and where prefill time goes (profiler, by kind of op); (3) peak memory
+and on-disk size.
 Writes bench/results/speed.json (or speed-gpu.json with --device cuda) and prints a table.
 """
 
@@ -113,6 +114,9 @@ def main() -> None:
     parser.add_argument("--method", default="tq", help="tq | kronecker | svd | auto (the layer shapes are what is timed)")
     parser.add_argument("--calibration", default=None, help="calibration text for svd/auto (auto needs it to work well)")
     parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time generation with a static KV cache and torch.compile (CUDA graphs on GPU), "
+                             "as generate(cache_implementation='static') does on CUDA")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     suffix = "" if args.method == "tq" else f"-{args.method}"
@@ -162,11 +166,23 @@ def main() -> None:
                               args.repeats)
         breakdown = {label: time_by_op_kind(lambda: model(ids, logits_to_keep=1), args.device)
                      for label, model in (("teacher", teacher), ("compressed", student))}
-        def generate(model):
+        def generate(model, **kwargs):
             return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
-                                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+                                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, **kwargs)
         gen = interleaved({"teacher": lambda: generate(teacher), "compressed": lambda: generate(student)},
                           args.device, max(2, args.repeats // 2))
+        gen_compiled = None
+        if args.compile:
+            from transformers import CompileConfig
+
+            compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead" if args.device == "cuda" else "default")
+            compile_config._compile_all_devices = True  # generate only auto-compiles on accelerators otherwise
+            static = {"cache_implementation": "static", "compile_config": compile_config}
+            gen_compiled = interleaved({"teacher": lambda: generate(teacher, **static),
+                                        "compressed": lambda: generate(student, **static)},
+                                       args.device, max(2, args.repeats // 2))  # the warm-up call compiles
+            same_tokens = {label: torch.equal(generate(model), generate(model, **static))
+                           for label, model in (("teacher", teacher), ("compressed", student))}
 
     # (3) memory and disk
     memory = {}
@@ -213,6 +229,12 @@ def main() -> None:
         "generation": {"new_tokens": args.new_tokens, "seconds": gen,
                        "tokens_per_s": {k: args.new_tokens / v for k, v in gen.items()},
                        "speedup": gen["teacher"] / gen["compressed"]},
+        "generation_compiled": None if gen_compiled is None else {
+            "new_tokens": args.new_tokens, "how": "static KV cache, torch.compile(fullgraph) of the forward, "
+            + ("CUDA graphs (reduce-overhead)" if args.device == "cuda" else "inductor default mode"),
+            "seconds": gen_compiled, "tokens_per_s": {k: args.new_tokens / v for k, v in gen_compiled.items()},
+            "speedup": gen_compiled["teacher"] / gen_compiled["compressed"],
+            "same_tokens_as_eager": same_tokens},
         "memory_bytes": memory, "memory_kind": "peak CUDA allocation in prefill" if args.device == "cuda" else "parameter bytes",
         "disk_bytes": disk,
         "params_ratio_teacher_over_compressed": params["teacher"] / params["compressed"],
@@ -226,6 +248,9 @@ def main() -> None:
         ["prefill tok/s", tokens / prefill["teacher"], tokens / prefill["compressed"], result["prefill"]["speedup"]],
         ["scoring tok/s", tokens / scoring["teacher"], tokens / scoring["compressed"], result["scoring"]["speedup"]],
         ["generate tok/s", args.new_tokens / gen["teacher"], args.new_tokens / gen["compressed"], result["generation"]["speedup"]],
+        *([["generate tok/s, compiled", args.new_tokens / gen_compiled["teacher"],
+            args.new_tokens / gen_compiled["compressed"], gen_compiled["teacher"] / gen_compiled["compressed"]]]
+          if gen_compiled else []),
         ["memory bytes", memory["teacher"], memory["compressed"], memory["teacher"] / memory["compressed"]],
         ["disk bytes", disk["teacher"], disk["compressed"], disk["teacher"] / disk["compressed"]],
     ]))
