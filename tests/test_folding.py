@@ -127,3 +127,23 @@ def test_folding_never_adds_a_gather(b_shape):
     assert count_gathers(model, ids) <= gathers - 2  # each down projection's input gather is gone
     if b_shape[0] == 1:
         assert all(layer.mlp.gate_proj.output_gather is None for layer in model.model.layers)
+
+
+class DecoderLayerWithFc(nn.Module):
+    """fc1/fc2 inside a block whose forward needs more than hidden states (as in OPT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = KroneckerLinear.from_linear(nn.Linear(32, 16), "tq", b_shape=(2, 2))
+
+    def forward(self, x, attention_mask):
+        return self.fc2(torch.relu(self.fc1(x))) * attention_mask
+
+
+def test_a_block_that_cannot_be_probed_alone_is_skipped():
+    torch.manual_seed(0)
+    block = DecoderLayerWithFc()
+    state = copy.deepcopy(block.state_dict())
+    assert fold_mlp_permutations(block) == []
+    assert all(torch.equal(block.state_dict()[k], v) for k, v in state.items())
