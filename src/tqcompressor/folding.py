@@ -6,8 +6,9 @@ alone, so gathering their output columns is the same as gathering the columns of
 column permutation fused with the contraction's layout); folding moves it into the producers'
 stored weights (a dense layer's rows, a low-rank ``U``'s rows, a one-row-``B`` Kronecker layer's
 ``A`` rows) or output permutation (any other Kronecker producer, whose output gather it composes
-with, so it costs nothing there). The down projection then gathers nothing. This is a reparametrisation of the stored state, not a runtime switch:
-``save`` / ``load``, ``to_dense`` and export see the folded model and compute the same function.
+with, so it costs nothing there). The down projection then gathers nothing. This is a
+reparametrisation of the stored state, not a runtime switch: ``save`` / ``load``, ``to_dense``
+and export see the folded model and compute the same function.
 """
 
 from __future__ import annotations
@@ -59,14 +60,14 @@ def _fold_checked(mlp: nn.Module, consumer: KroneckerLinear, producers: list[nn.
     x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
     try:
         with torch.no_grad():
-            before = mlp(x)
-    except Exception:  # a block that is not a plain MLP (e.g. fc1/fc2 inside a decoder layer): leave it
+            try:
+                before = mlp(x)
+            except Exception:  # a block that is not a plain MLP (e.g. fc1/fc2 inside a decoder layer): leave it
+                return False
+            _fold(consumer, producers)
+            after = mlp(x)
+    finally:
         mlp.train(was_training)
-        return False
-    with torch.no_grad():
-        _fold(consumer, producers)
-        after = mlp(x)
-    mlp.train(was_training)
     scale = before.abs().max().clamp_min(1e-12)
     tolerance = 1e-4 if param.dtype in (torch.float32, torch.float64) else 3e-2
     if ((after - before).abs().max() / scale) <= tolerance:
@@ -127,9 +128,9 @@ def _restore(module: nn.Module, state: dict[str, Tensor]) -> None:
                 module.register_buffer(name, None)
             elif getattr(module, name) is None:  # dropped by the fold
                 module.register_buffer(name, state[name].clone())
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
     with torch.no_grad():
         for key, value in state.items():
-            target = module.get_buffer(key) if key in dict(module.named_buffers()) else module.get_parameter(key)
-            target.copy_(value)
+            tensors[key].copy_(value)
     if isinstance(module, KroneckerLinear):
         module.refresh_gathers()
