@@ -55,7 +55,7 @@ def test_compress_folds_and_the_folded_model_saves_loads_and_exports(tmp_path, m
     torch.testing.assert_close(densify(copy.deepcopy(model))(ids).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_low_rank_and_kronecker_producers_without_permutations(monkeypatch):
+def test_low_rank_and_kronecker_producers_without_permutations():
     model = tiny_llama()
     ids = torch.randint(0, 512, (2, 12))
     for layer in model.model.layers:

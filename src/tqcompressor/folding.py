@@ -122,15 +122,10 @@ def _set_index(module: KroneckerLinear, name: str, index: Tensor) -> None:
 
 
 def _restore(module: nn.Module, state: dict[str, Tensor]) -> None:
-    if isinstance(module, KroneckerLinear):
+    if isinstance(module, KroneckerLinear):  # the fold may have added or dropped an index buffer
         for name in ("input_index", "output_index"):
-            if name not in state:  # registered by the fold
+            if name not in state:
                 module.register_buffer(name, None)
-            elif getattr(module, name) is None:  # dropped by the fold
-                module.register_buffer(name, state[name].clone())
-    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
-    with torch.no_grad():
-        for key, value in state.items():
-            tensors[key].copy_(value)
-    if isinstance(module, KroneckerLinear):
-        module.refresh_gathers()
+            elif getattr(module, name) is None:
+                module.register_buffer(name, torch.empty_like(state[name]))
+    module.load_state_dict(state)  # a KroneckerLinear rebuilds its gathers on load
