@@ -6,9 +6,12 @@ interleaved, median of repeats; (2) whole model, compressed vs dense teacher: pr
 (8x512 prompt tokens: KV cache for all of them, logits for the last position only, as `generate`
 does), scoring tokens/s (the same forward with logits at every position, as perplexity evaluation
 does), greedy generation tokens/s (batch 1, 128 new tokens; with --compile also with a static KV
-cache and torch.compile), and where prefill time goes (profiler, by kind of op); (3) peak memory
+cache and torch.compile, and prefill with both models compiled), and where prefill time goes (profiler, by kind of op); (3) peak memory
 and on-disk size.
 Writes bench/results/speed.json (or speed-gpu.json with --device cuda) and prints a table.
+`--architecture gpt2` times a model of that Hugging Face architecture at its default sizes (GPT-2
+small) with random weights instead of a pretrained one: speed depends on the shapes only, and no
+hub is needed.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ from tqcompressor.layers import KroneckerLinear, LowRankLinear
 from tqcompressor.report import table
 
 HERE = Path(__file__).resolve().parent
-MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+# Per-layer timing: one block's matrices of each distinct shape, by architecture.
+SAMPLE_LAYERS = {
+    "llama": ("model.layers.10.", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj",
+                                   "mlp.down_proj"]),
+    "gpt2": ("transformer.h.5.", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
+}
 
 
 def sync(device: str) -> None:
@@ -84,6 +92,20 @@ def time_by_op_kind(fn, device: str) -> dict[str, float]:
     return seconds
 
 
+def out_in(module: torch.nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a dense nn.Linear or GPT-2 Conv1D."""
+    if isinstance(module, Conv1D):
+        return module.nf, module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
+def random_model(architecture: str) -> torch.nn.Module:
+    """A model of a Hugging Face architecture at its default sizes, randomly initialised."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(architecture)).eval()
+
+
 def linear_macs_per_token(model: torch.nn.Module) -> int:
     """Multiply-adds per token in the decoder's linear layers (dense, Kronecker or low-rank); the
     LM head is left out (prefill computes logits for one position)."""
@@ -104,6 +126,9 @@ def linear_macs_per_token(model: torch.nn.Module) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--architecture", default=None,
+                        help="time a randomly initialised model of this HF architecture (e.g. gpt2: GPT-2 small) "
+                             "instead of --model")
     parser.add_argument("--ratio", type=float, default=0.65)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
@@ -116,15 +141,21 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--compile", action="store_true",
                         help="also time generation with a static KV cache and torch.compile (CUDA graphs on GPU), "
-                             "as generate(cache_implementation='static') does on CUDA")
+                             "as generate(cache_implementation='static') does on CUDA, and prefill with both "
+                             "models compiled")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    suffix = "" if args.method == "tq" else f"-{args.method}"
+    suffix = (f"-{args.architecture}" if args.architecture else "") + ("" if args.method == "tq" else f"-{args.method}")
     out = args.out or HERE / "results" / (f"speed-gpu{suffix}.json" if args.device == "cuda" else f"speed{suffix}.json")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
 
-    loaded = tqc.load_model(args.model)
-    teacher = loaded.model
+    if args.architecture:
+        if args.calibration:
+            parser.error("--calibration needs a pretrained --model with a tokenizer, not --architecture")
+        teacher, args.model = random_model(args.architecture), f"{args.architecture} (random weights)"
+    else:
+        loaded = tqc.load_model(args.model)
+        teacher = loaded.model
     calibration = None
     if args.calibration:
         from tqcompressor.data import calibration_ids
@@ -139,21 +170,23 @@ def main() -> None:
     # (1) layers
     layer_rows, layers = [], []
     with torch.inference_mode():
-        for matrix in MATRICES if args.method in ("tq", "kronecker") else []:  # per-layer Kronecker vs low-rank
-            name = f"model.layers.10.{matrix}"
+        block, matrices = SAMPLE_LAYERS.get(teacher.config.model_type, ("", []))
+        for matrix in matrices if args.method in ("tq", "kronecker") else []:  # per-layer Kronecker vs low-rank
+            name = block + matrix
             dense = teacher.get_submodule(name)
             kron = student.get_submodule(name)
-            rank = max(1, sum(p.numel() for p in kron.parameters()) // (dense.in_features + dense.out_features))
+            out_features, in_features = out_in(dense)
+            rank = max(1, sum(p.numel() for p in kron.parameters()) // (in_features + out_features))
             low = LowRankLinear.from_linear(dense.float().cpu(), rank).to(args.device, dtype)
             dense.to(args.device, dtype)
-            x = torch.randn(args.batch, args.seq, dense.in_features, device=args.device, dtype=dtype)
+            x = torch.randn(args.batch, args.seq, in_features, device=args.device, dtype=dtype)
             t = interleaved({"dense": lambda: dense(x), "kronecker": lambda: kron(x), "lowrank": lambda: low(x)},
                             args.device, args.repeats * 4)
-            layers.append({"layer": name, "shape": [dense.out_features, dense.in_features],
+            layers.append({"layer": name, "shape": [out_features, in_features],
                            "a_shape": list(kron.a.shape[1:]), "b_shape": list(kron.b.shape[1:]), "rank": kron.rank,
                            "seconds": t, "speedup_kronecker": t["dense"] / t["kronecker"],
                            "speedup_lowrank": t["dense"] / t["lowrank"]})
-            layer_rows.append([matrix, f"{dense.out_features}x{dense.in_features}", t["dense"] * 1e3,
+            layer_rows.append([matrix, f"{out_features}x{in_features}", t["dense"] * 1e3,
                                t["kronecker"] * 1e3, t["lowrank"] * 1e3, t["dense"] / t["kronecker"]])
 
     # (2) whole model
@@ -171,7 +204,7 @@ def main() -> None:
                                   min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, **kwargs)
         gen = interleaved({"teacher": lambda: generate(teacher), "compressed": lambda: generate(student)},
                           args.device, max(2, args.repeats // 2))
-        gen_compiled = None
+        gen_compiled = prefill_compiled = None
         if args.compile:
             from transformers import CompileConfig
 
@@ -183,6 +216,15 @@ def main() -> None:
                                        args.device, max(2, args.repeats // 2))  # the warm-up call compiles
             same_tokens = {label: torch.equal(generate(model), generate(model, **static))
                            for label, model in (("teacher", teacher), ("compressed", student))}
+            # Prefill with both forwards compiled: inductor fuses the chains of element-wise ops in
+            # norms and activations, which eager runs as one kernel each.
+            compiled = {"teacher": torch.compile(teacher, fullgraph=True, dynamic=False),
+                        "compressed": torch.compile(student, fullgraph=True, dynamic=False)}
+            prefill_compiled = interleaved({label: (lambda m=m: m(ids, logits_to_keep=1))
+                                            for label, m in compiled.items()}, args.device, args.repeats)
+            compiled_logit_diff = {label: (compiled[label](ids, logits_to_keep=1).logits.float()
+                                           - model(ids, logits_to_keep=1).logits.float()).abs().max().item()
+                                   for label, model in (("teacher", teacher), ("compressed", student))}
 
     # (3) memory and disk
     memory = {}
@@ -222,6 +264,11 @@ def main() -> None:
         "scoring": {"batch": args.batch, "seq": args.seq, "logits": "every position", "seconds": scoring,
                     "tokens_per_s": {k: tokens / v for k, v in scoring.items()},
                     "speedup": scoring["teacher"] / scoring["compressed"]},
+        "prefill_compiled": None if prefill_compiled is None else {
+            "how": "torch.compile(fullgraph=True, dynamic=False) of both models' forward, inductor default mode",
+            "seconds": prefill_compiled, "tokens_per_s": {k: tokens / v for k, v in prefill_compiled.items()},
+            "speedup": prefill_compiled["teacher"] / prefill_compiled["compressed"],
+            "max_abs_logit_diff_vs_eager": compiled_logit_diff},
         "prefill_seconds_by_op_kind": breakdown,
         "linear_macs_per_token": macs,
         "prefill_ceiling": {"speedup": ceiling, "assumes": "compressed linear layers at the teacher's matmul "
@@ -246,6 +293,8 @@ def main() -> None:
         ["params", params["teacher"], params["compressed"], params["teacher"] / params["compressed"]],
         ["linear MACs/token", macs["teacher"], macs["compressed"], macs["teacher"] / macs["compressed"]],
         ["prefill tok/s", tokens / prefill["teacher"], tokens / prefill["compressed"], result["prefill"]["speedup"]],
+        *([["prefill tok/s, compiled", tokens / prefill_compiled["teacher"], tokens / prefill_compiled["compressed"],
+            prefill_compiled["teacher"] / prefill_compiled["compressed"]]] if prefill_compiled else []),
         ["scoring tok/s", tokens / scoring["teacher"], tokens / scoring["compressed"], result["scoring"]["speedup"]],
         ["generate tok/s", args.new_tokens / gen["teacher"], args.new_tokens / gen["compressed"], result["generation"]["speedup"]],
         *([["generate tok/s, compiled", args.new_tokens / gen_compiled["teacher"],
