@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -253,7 +254,11 @@ def main() -> None:
     ceiling = sum(teacher_time.values()) / (fixed + teacher_time["matmul"] * macs["compressed"] / macs["teacher"])
     result = {
         "model": args.model, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "ratio": args.ratio,
+        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        # glibc malloc returns big freed blocks to the OS, so every large activation page-faults anew;
+        # a caching allocator (LD_PRELOAD=libtcmalloc_minimal.so.4) keeps them (norms, activations)
+        "allocator": Path(os.environ["LD_PRELOAD"]).name if os.environ.get("LD_PRELOAD") else "system malloc",
+        "ratio": args.ratio,
         "prefer": args.prefer, "method": args.method, "calibrated": calibration is not None,
         "layers_by_kind": {kind: sum(1 for layer in report.layers if layer.method == kind)
                            for kind in sorted({layer.method for layer in report.layers})},
