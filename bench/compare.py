@@ -103,7 +103,7 @@ def main() -> None:
             student, _ = tqc.compress(student, tqc.CompressionConfig(method=method, ratio=args.ratio))
         student.to(args.device)
         compressed = evaluate(student, ids, teacher=teacher, **eval_kwargs)
-        student = multistep_distill(teacher, student, blocks, config, args.work / method, compression=None,
+        student = multistep_distill(teacher, student, blocks, config, args.work / method, plan=None,
                                     teacher_name=args.model, data_name=args.train)
         distilled = evaluate(student.eval(), ids, teacher=teacher, **eval_kwargs)
         result["methods"][method] = {

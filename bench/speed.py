@@ -29,7 +29,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 import tqcompressor as tqc
-from tqcompressor.layers import KroneckerLinear, LowRankLinear
+from tqcompressor import KroneckerLinear, LowRankLinear
 from tqcompressor.report import table
 
 HERE = Path(__file__).resolve().parent
@@ -115,7 +115,7 @@ def linear_macs_per_token(model: torch.nn.Module) -> int:
     for module in model.modules():
         if module is head:
             continue
-        if isinstance(module, (KroneckerLinear, LowRankLinear)):
+        if hasattr(module, "macs_per_token"):  # any factored structure's module
             total += module.macs_per_token
         elif isinstance(module, torch.nn.Linear):
             total += module.in_features * module.out_features

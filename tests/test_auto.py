@@ -3,7 +3,7 @@ from torch import nn
 
 from tqcompressor import CompressionConfig, compress, count_parameters
 from tqcompressor.auto import Candidate, allocate, candidate_menu, factors_for
-from tqcompressor.layers import KroneckerLinear, LowRankLinear
+from tqcompressor import KroneckerLinear, LowRankLinear
 
 
 class ThreeLayers(nn.Module):
@@ -48,7 +48,7 @@ def test_auto_is_deterministic_and_never_exceeds_budget():
             config = CompressionConfig(method="auto", ratio=ratio, target_modules=["kron", "lowrank", "dense"])
             model, report = compress(model, config, progress=False)
             assert report.params_after <= ratio * report.params_before
-            plans.append([(n, s.method, s.rank, s.b_shape) for n, s in model.tqc_plan])
+            plans.append(report.plan.to_list())
         assert plans[0] == plans[1]
 
 
@@ -64,19 +64,26 @@ def test_allocate_follows_error_per_parameter():
 
 
 def test_menu_errors_match_real_decompositions():
-    from tqcompressor.decompose import decompose, relative_error
+    from tqcompressor import decompose
+    from tqcompressor.decompose import relative_error
     w = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
     menu, _ = candidate_menu(w)
+    checked = set()
     for c in menu:
-        if c.method == "svd" and c.rank == 4:
-            assert abs(relative_error(w, decompose(w, "svd", rank=4).to_dense()) - c.error) < 1e-5
-        if c.method == "kronecker" and c.rank == 2 and c.b_shape == (2, 4):
+        if c.method == "svd":
+            assert abs(relative_error(w, decompose(w, "svd", **c.settings).to_dense()) - c.error) < 1e-5
+            checked.add("svd")
+        if c.method == "kronecker" and c.settings["rank"] == 2 and c.settings["b_shape"] == [2, 4]:
             f = decompose(w, "kronecker", b_shape=(2, 4), rank=2)
             assert abs(relative_error(w, f.to_dense()) - c.error) < 1e-5
+            checked.add("kronecker")
+    assert checked == {"svd", "kronecker"}
 
 
 def test_menu_output_errors_match_real_decompositions():
-    from tqcompressor.decompose import decompose, output_error, truncated_svd
+    from tqcompressor import decompose
+    from tqcompressor.decompose import output_error
+    from tqcompressor.structures.lowrank import truncated_svd
 
     g = torch.Generator().manual_seed(2)
     w = torch.randn(32, 48, generator=g, dtype=torch.float64)
@@ -85,14 +92,14 @@ def test_menu_output_errors_match_real_decompositions():
     menu, searches = candidate_menu(w, cov)
     checked = set()  # the menu measures with the slightly damped covariance: agree to 1e-4
     for c in menu:
-        if c.method == "svd" and c.rank == 3:
+        if c.method == "svd" and c.settings["rank"] == 3:
             assert abs(output_error(w, truncated_svd(w, 3, cov).to_dense(), cov) - c.error) < 1e-4
             checked.add("svd")
-        if c.method == "kronecker" and c.rank == 2 and c.b_shape == (2, 4):
+        if c.method == "kronecker" and c.settings["rank"] == 2 and c.settings["b_shape"] == [2, 4]:
             f = decompose(w, "kronecker", b_shape=(2, 4), rank=2)
             assert abs(output_error(w, f.to_dense(), cov) - c.error) < 1e-4
             checked.add("kronecker")
-        if c.method == "tq" and c.rank == 3 and c.b_shape == (2, 4):
+        if c.method == "tq" and c.settings["rank"] == 3 and c.settings["b_shape"] == [2, 4]:
             f = factors_for(w, c, searches, cov)  # what compress would install
             assert abs(output_error(w, f.to_dense(), cov) - c.error) < 1e-4
             checked.add("tq")
@@ -102,7 +109,7 @@ def test_menu_output_errors_match_real_decompositions():
 def test_calibrated_auto_weighs_layers_by_loss_and_installs_aware_factors():
     from tests.conftest import tiny_llama
     from tqcompressor.calibration import calibrate
-    from tqcompressor.decompose import truncated_svd
+    from tqcompressor.structures.lowrank import truncated_svd
 
     model = tiny_llama()
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -115,16 +122,15 @@ def test_calibrated_auto_weighs_layers_by_loss_and_installs_aware_factors():
     assert report.params_after <= 0.85 * before
     entry = report.auto[names[0]]
     assert entry["metric"].startswith("relative output error") and entry["layer_weight"] > 0
-    for name, spec in model.tqc_plan:
-        layer = model.get_submodule(name)
-        if spec.method == "svd":  # the activation-aware fit, not the plain SVD
-            expected = truncated_svd(weights[name], spec.rank, stats[name].input_cov).to_dense()
+    for entry in report.plan.layers:
+        layer = model.get_submodule(entry.name)
+        if entry.spec.method == "svd":  # the activation-aware fit, not the plain SVD
+            expected = truncated_svd(weights[entry.name], entry.spec.settings.rank, stats[entry.name].input_cov).to_dense()
             assert torch.allclose(layer.to_dense(), expected, atol=1e-5)
     # a second run from raw token ids makes the same choices
     again = tiny_llama()
-    again, _ = compress(again, config, progress=False, calibration=ids)
-    assert [(n, s.method, s.rank, s.b_shape) for n, s in again.tqc_plan] == \
-           [(n, s.method, s.rank, s.b_shape) for n, s in model.tqc_plan]
+    again, again_report = compress(again, config, progress=False, calibration=ids)
+    assert again_report.plan.to_list() == report.plan.to_list()
 
 
 def test_auto_refuses_embeddings_before_any_work():

@@ -4,7 +4,7 @@ import torch
 from tests.conftest import tiny_gpt2, tiny_llama
 from tqcompressor import CompressionConfig, TQCError, compress
 from tqcompressor.calibration import calibrate
-from tqcompressor.layers import LowRankLinear
+from tqcompressor import LowRankLinear
 
 
 def test_input_covariance_is_the_second_moment_of_the_layer_inputs():
@@ -69,7 +69,7 @@ def test_calibration_with_a_spec_file_is_refused():
 
 @pytest.mark.parametrize("method", ["tq", "kronecker"])
 def test_calibrated_kronecker_methods_weight_input_columns_and_stay_plain_layers(method):
-    from tqcompressor.layers import KroneckerLinear
+    from tqcompressor import KroneckerLinear
 
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(2))
     model = tiny_llama()

@@ -13,21 +13,22 @@ def compressed_llama(llama_model, tie=True):
     spec = [("model.embed_tokens", LayerSpec("tq", a_shape=(256, 32), b_shape=(2, 2), rank=2)),
             ("mlp.up_proj", LayerSpec("tq", b_shape=(2, 4), rank=3)),
             ("self_attn.q_proj", LayerSpec("svd", rank=8))]
-    model, _ = compress(llama_model, CompressionConfig(layers=spec, ratio=None, tie_lm_head=tie), progress=False)
-    return model
+    model, report = compress(llama_model, CompressionConfig(layers=spec, ratio=None, tie_lm_head=tie), progress=False)
+    return model, report.plan
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_save_load_round_trip_gives_identical_logits(tmp_path, llama_model, tokenizer, tie):
-    model = compressed_llama(llama_model, tie)
+    model, plan = compressed_llama(llama_model, tie)
     ids = torch.randint(0, 512, (2, 10))
     expected = model(ids).logits
-    tqc.save(model, tmp_path / "m", tokenizer, base_model="tiny-llama")
+    tqc.save(model, tmp_path / "m", tokenizer, base_model="tiny-llama", plan=plan)
     loaded = tqc.load(tmp_path / "m")
     assert torch.equal(loaded(ids).logits, expected)
     assert tqc.count_parameters(loaded) == tqc.count_parameters(model)
     structure = json.loads((tmp_path / "m" / STRUCTURE_FILE).read_text())
-    assert structure["base_model"] == "tiny-llama" and structure["plan"]
+    assert structure["base_model"] == "tiny-llama" and structure["plan"] == plan.to_list()
+    assert tqc.read_plan(tmp_path / "m").to_list() == plan.to_list()
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -43,7 +44,7 @@ def test_gpt2_conv1d_round_trip_and_dense_export(tmp_path, gpt2_model, tokenizer
 
 
 def test_dense_export_of_factored_tied_embedding(tmp_path, llama_model):
-    model = compressed_llama(llama_model, tie=True)
+    model, _ = compressed_llama(llama_model, tie=True)
     ids = torch.randint(0, 512, (1, 7))
     expected = model(ids).logits
     tqc.save(model, tmp_path / "c")
@@ -56,7 +57,7 @@ def test_dense_export_of_factored_tied_embedding(tmp_path, llama_model):
 def test_missing_corrupt_and_half_written_dirs(tmp_path, llama_model):
     with pytest.raises(TQCError, match="not a directory"):
         tqc.load(tmp_path / "nothing")
-    model = compressed_llama(llama_model)
+    model, _ = compressed_llama(llama_model)
     tqc.save(model, tmp_path / "m")
     (tmp_path / "m" / WEIGHTS_FILE).write_bytes(b"garbage")
     with pytest.raises(TQCError, match="corrupt or half written"):
@@ -75,7 +76,7 @@ def test_missing_corrupt_and_half_written_dirs(tmp_path, llama_model):
 
 def test_mismatched_base_model_and_missing_tokenizer(tmp_path, llama_model, gpt2_model):
     from tqcompressor.checkpoint import load_tokenizer
-    model = compressed_llama(llama_model)
+    model, _ = compressed_llama(llama_model)
     tqc.save(model, tmp_path / "m")
     gpt2_model.config.save_pretrained(tmp_path / "m")  # config.json of another model
     with pytest.raises(TQCError, match="different models"):

@@ -24,8 +24,9 @@ def test_compress_info_export(tmp_path, gpt2_dir):
     report = json.loads((out / "compression.json").read_text())
     assert report["params_after"] <= 0.8 * report["params_before"]
     assert report["method"] == "tq" and report["layers"] and "counting" in report
-    assert all({"name", "shape", "a_shape", "b_shape", "rank", "params_before", "params_after",
-                "relative_error", "seconds"} <= set(layer) for layer in report["layers"])
+    assert all({"name", "shape", "method", "settings", "params_before", "params_after", "relative_error",
+                "seconds"} <= set(layer) for layer in report["layers"])
+    assert all({"rank", "a_shape", "b_shape"} == set(layer["settings"]) for layer in report["layers"])
     assert "total:" in result.output
     model = tqc.load(out)
     assert tqc.count_parameters(model) == report["params_after"]
@@ -43,7 +44,8 @@ def test_compress_with_spec_file(tmp_path, gpt2_dir):
                                       "--out", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
     layers = json.loads((tmp_path / "s" / "compression.json").read_text())["layers"]
-    assert [(l["name"], l["b_shape"], l["rank"]) for l in layers] == [("transformer.h.1.mlp.c_fc", [4, 2], 2)]
+    assert [(l["name"], l["settings"]["b_shape"], l["settings"]["rank"]) for l in layers] == \
+           [("transformer.h.1.mlp.c_fc", [4, 2], 2)]
 
 
 @pytest.mark.parametrize("args, message", [

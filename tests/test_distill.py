@@ -20,16 +20,16 @@ def setup(tmp_path, tokenizer):
     teacher = tiny_gpt2(vocab_size=len(tokenizer))
     (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
     blocks = text_block_source(str(tmp_path / "train.txt"), tokenizer, 32)
-    compression = CompressionConfig(method="tq", ratio=0.8, steps=2)
+    plan = tqc.plan_compression(teacher, CompressionConfig(method="tq", ratio=0.8, steps=2))
     config = DistillConfig(steps=6, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=2, checkpoint_every=2,
                            log_every=1, alpha_hidden=0.5, alpha_ce=0.0)  # random teacher: match it, not the text
-    return teacher, blocks, compression, config
+    return teacher, blocks, plan, config
 
 
 def test_multistep_distillation_lowers_kd_loss_and_logs(tmp_path, tokenizer):
-    teacher, blocks, compression, config = setup(tmp_path, tokenizer)
+    teacher, blocks, plan, config = setup(tmp_path, tokenizer)
     stages_seen = []
-    student = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "run", compression,
+    student = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "run", plan,
                                 tokenizer=tokenizer, on_stage_end=lambda s, m: stages_seen.append(s), progress=False)
     assert stages_seen == [1, 2]
     assert tqc.count_parameters(student) <= 0.8 * tqc.count_parameters(teacher)
@@ -39,7 +39,8 @@ def test_multistep_distillation_lowers_kd_loss_and_logs(tmp_path, tokenizer):
     # distillation brings the student closer to the teacher than compression alone leaves it
     from tqcompressor.evaluate import evaluate
     ids = next(blocks(0))
-    one_shot, _ = tqc.compress(copy.deepcopy(teacher), compression, progress=False)
+    one_shot = copy.deepcopy(teacher)
+    tqc.apply_plan(one_shot, plan, progress=False)
     before = evaluate(one_shot, ids, context=32, teacher=teacher, progress=False)["kl_to_teacher"]
     after = evaluate(student, ids, context=32, teacher=teacher, progress=False)["kl_to_teacher"]
     assert after < before
@@ -47,15 +48,15 @@ def test_multistep_distillation_lowers_kd_loss_and_logs(tmp_path, tokenizer):
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, tokenizer):
-    teacher, blocks, compression, config = setup(tmp_path, tokenizer)
-    full = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "full", compression,
+    teacher, blocks, plan, config = setup(tmp_path, tokenizer)
+    full = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "full", plan,
                              progress=False)
     # interrupted after 4 optimizer steps (mid stage 1? no: stage 1 has 6; 8 = mid stage 2)
     for stop in (4, 8):
         run = tmp_path / f"cut{stop}"
-        multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, compression, stop_after=stop,
+        multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, stop_after=stop,
                           progress=False)
-        resumed = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, compression, resume=True,
+        resumed = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, resume=True,
                                     progress=False)
         full_state, resumed_state = full.state_dict(), resumed.state_dict()
         assert full_state.keys() == resumed_state.keys()
@@ -66,15 +67,15 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tokenizer):
 
 
 def test_resume_refuses_another_runs_checkpoint_or_an_empty_dir(tmp_path, tokenizer):
-    teacher, blocks, compression, config = setup(tmp_path, tokenizer)
-    multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "a", compression, stop_after=2,
+    teacher, blocks, plan, config = setup(tmp_path, tokenizer)
+    multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "a", plan, stop_after=2,
                       progress=False)
     other = DistillConfig(**{**config.__dict__, "lr": 5e-4})
     with pytest.raises(TQCError, match="another run"):
-        multistep_distill(teacher, copy.deepcopy(teacher), blocks, other, tmp_path / "a", compression, resume=True,
+        multistep_distill(teacher, copy.deepcopy(teacher), blocks, other, tmp_path / "a", plan, resume=True,
                           progress=False)
     with pytest.raises(TQCError, match="nothing to resume"):
-        multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "b", compression, resume=True,
+        multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "b", plan, resume=True,
                           progress=False)
 
 
@@ -125,20 +126,22 @@ def test_cli_distill_bad_inputs(tmp_path, gpt2_dir, tokenizer):
 
 
 def test_resumed_calibrated_svd_run_fits_later_stages_activation_aware(tmp_path, tokenizer):
-    """A resumed run has no fitted factors in memory; with calibration it still fits svd layers aware."""
+    """A resumed run (a new process that plans again) compresses its later stages exactly as an uninterrupted one:
+    activation-aware fits to the distilled student."""
     teacher, blocks, _, config = setup(tmp_path, tokenizer)
     compression = CompressionConfig(method="svd", ratio=0.8, steps=2)
     calibration = torch.stack([next(blocks(0)) for _ in range(1)] + [b for b, _ in zip(blocks(1), range(3))])
     runs = {}
     for label in ("straight", "resumed"):
         student = copy.deepcopy(teacher)
-        student.tqc_plan = tqc.plan_compression(student, compression, calibration)
+        plan = tqc.plan_compression(student, compression, calibration)
         out = tmp_path / label
         if label == "resumed":
-            multistep_distill(teacher, student, blocks, config, out, compression, stop_after=3, progress=False,
+            multistep_distill(teacher, student, blocks, config, out, plan, stop_after=3, progress=False,
                               calibration=calibration)
-            student = copy.deepcopy(teacher)  # a fresh process: the plan comes back from the checkpoint
-        runs[label] = multistep_distill(teacher, student, blocks, config, out, compression, resume=label == "resumed",
+            # a fresh process plans again; the stage-1 factors it fitted are not in the checkpoint
+            student, plan = copy.deepcopy(teacher), tqc.plan_compression(copy.deepcopy(teacher), compression, calibration)
+        runs[label] = multistep_distill(teacher, student, blocks, config, out, plan, resume=label == "resumed",
                                         progress=False, calibration=calibration)
     for (name, a), (_, b) in zip(runs["straight"].named_parameters(), runs["resumed"].named_parameters()):
         assert torch.allclose(a, b, atol=1e-5), name

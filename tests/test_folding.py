@@ -9,7 +9,7 @@ import tqcompressor.surgery as surgery
 from tqcompressor import CompressionConfig, LayerSpec, compress
 from tqcompressor.checkpoint import densify
 from tqcompressor.folding import fold_mlp_permutations
-from tqcompressor.layers import KroneckerLinear, LowRankLinear
+from tqcompressor import KroneckerLinear, LowRankLinear
 
 from conftest import tiny_gpt2, tiny_llama
 
@@ -99,10 +99,11 @@ def test_an_mlp_that_mixes_features_is_left_exactly_as_it_was(up_b_shape):
 
 
 def test_multi_step_folds_an_mlp_only_once_all_its_layers_are_factored():
-    config = CompressionConfig(method="tq", ratio=0.8, steps=2)
-    model, first = compress(tiny_llama(), config, step=1, progress=False)
+    model = tiny_llama()
+    plan = tqc.plan_compression(model, CompressionConfig(method="tq", ratio=0.8, steps=2))
+    first = tqc.apply_plan(model, plan, step=1, progress=False)
     assert first.folded_mlps == ["model.layers.1.mlp"]  # layers.0 is factored at step 2
-    model, second = compress(model, config, step=2, progress=False)
+    second = tqc.apply_plan(model, plan, step=2, progress=False)
     assert second.folded_mlps == ["model.layers.0.mlp"]
 
 

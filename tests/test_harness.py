@@ -11,7 +11,7 @@ def test_hflm_scores_compressed_dir_like_its_dense_export(tmp_path, llama_model,
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from tqcompressor.layers import KroneckerLinear
+    from tqcompressor import KroneckerLinear
 
     model, _ = tqc.compress(llama_model, tqc.CompressionConfig(method="tq", ratio=0.8), progress=False)
     tqc.save(model, tmp_path / "c", tokenizer)

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tqcompressor as tqc
 from tqcompressor import CompressionConfig, LayerSpec, TQCError
-from tqcompressor.layers import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead
+from tqcompressor import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead
 
 
 def llama_spec():

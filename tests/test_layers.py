@@ -130,7 +130,7 @@ def test_fused_gathers_keep_forward_and_gradients_equal_to_dense(a_shape, b_shap
 
 
 def test_contraction_order_follows_multiply_adds():
-    from tqcompressor.layers import kronecker_macs, kronecker_order
+    from tqcompressor.structures.kronecker import kronecker_macs, kronecker_order
 
     assert kronecker_order((576, 64), (1, 9), 5) == "b"  # one-row B: contract B first
     assert kronecker_order((384, 768), (2, 4), 4) == "b"  # the paper's GPT-2 MLP shape

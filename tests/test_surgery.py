@@ -5,8 +5,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tqc
-from tqcompressor import CompressionConfig, LayerSpec, TQCError, compress, count_parameters, plan_compression
-from tqcompressor.layers import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead
+from tqcompressor import (CompressionConfig, LayerSpec, TQCError, apply_plan, compress, count_parameters,
+                          plan_compression)
+from tqcompressor import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def test_compressed_model_still_runs_and_logits_stay_close_at_high_ratio(llama_m
 
 def test_target_modules_patterns(llama_model):
     config = CompressionConfig(method="svd", ratio=0.9, target_modules=["mlp.*_proj"])
-    names = [name for name, _ in plan_compression(llama_model, config)]
+    names = [entry.name for entry in plan_compression(llama_model, config).layers]
     assert names and all(".mlp." in n for n in names)
     with pytest.raises(TQCError, match="match no"):
         plan_compression(llama_model, CompressionConfig(target_modules=["nonexistent_proj"]))
@@ -57,10 +58,11 @@ def test_budget_below_untouched_parameters_is_explained(gpt2_model):
 
 
 def test_multi_step_plan_compresses_upper_layers_first(llama_model):
-    config = CompressionConfig(method="kronecker", ratio=0.8, steps=2)
-    model, first = compress(llama_model, config, step=1, progress=False)
+    plan = plan_compression(llama_model, CompressionConfig(method="kronecker", ratio=0.8, steps=2))
+    assert plan.steps() == [1, 2]
+    first = apply_plan(llama_model, plan, step=1, progress=False)
     assert first.layers and all(".layers.1." in l.name for l in first.layers)
-    model, second = compress(model, config, step=2, progress=False)
+    second = apply_plan(llama_model, plan, step=2, progress=False)
     assert second.layers and all(".layers.0." in l.name for l in second.layers)
     assert second.params_after < first.params_after
 
@@ -88,10 +90,11 @@ def test_untied_head_is_counted_honestly(llama_model):
 def test_embedding_halved_twice_over_two_steps(gpt2_model):
     spec = [("transformer.wte", LayerSpec("tq", a_shape=(512, 32), b_shape=(1, 2), step=1)),
             ("transformer.wte", LayerSpec("tq", a_shape=(512, 16), b_shape=(1, 4), step=2))]
-    config = CompressionConfig(layers=spec, ratio=None)
-    model, _ = compress(gpt2_model, config, step=1, progress=False)
+    plan = plan_compression(gpt2_model, CompressionConfig(layers=spec, ratio=None))
+    model = gpt2_model
+    apply_plan(model, plan, step=1, progress=False)
     assert model.get_input_embeddings().a.shape[-1] == 32
-    model, report = compress(model, config, step=2, progress=False)
+    apply_plan(model, plan, step=2, progress=False)
     assert model.get_input_embeddings().a.shape[-1] == 16
     assert model.get_output_embeddings().embedding is model.get_input_embeddings()
 
@@ -101,15 +104,15 @@ def test_shipped_paper_spec_expresses_the_gpt2_setting():
     with torch.device("meta"):
         model = GPT2LMHeadModel(GPT2Config())
     plan = plan_compression(model, config)
-    mlps = [(n, s) for n, s in plan if ".mlp." in n]
+    mlps = [(e.name, e.spec.settings) for e in plan.layers if ".mlp." in e.name]
     assert sorted({int(n.split(".")[2]) for n, _ in mlps}) == [1, 3, 5, 7, 9, 11]
     assert all(s.rank == 4 for _, s in mlps)
     fc = dict(mlps)["transformer.h.1.mlp.c_fc"]
     assert (fc.a_shape, fc.b_shape) == ((768, 384), (4, 2))  # the paper's A 384x768, B 2x4, transposed
-    wte = [s for n, s in plan if n == "transformer.wte"]
+    wte = [e.spec.settings for e in plan.layers if e.name == "transformer.wte"]
     assert [(s.a_shape, s.b_shape) for s in wte] == [((50257, 384), (1, 2)), ((50257, 192), (1, 4))]
-    assert sorted({s.step for _, s in plan}) == [1, 2, 3, 4] and config.tie_lm_head is False
-    assert not any(".attn." in n for n, _ in plan)
+    assert plan.steps() == [1, 2, 3, 4] and config.tie_lm_head is False and plan.tie_lm_head is False
+    assert not any(".attn." in e.name for e in plan.layers)
 
 
 def test_spec_with_shapes_that_do_not_factor(tmp_path, gpt2_model):
@@ -124,14 +127,14 @@ def test_spec_file_errors(tmp_path):
         tqc.load_spec(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("layers: [{modules: [x], method: tq, b_shape: [1, 2], colour: red}]\n")
-    with pytest.raises(TQCError, match="unknown keys"):
+    with pytest.raises(TQCError, match=r"layers\[0\]: method 'tq' has no setting\(s\) \['colour'\]"):
         tqc.load_spec(bad)
 
 
 def test_prefer_speed_picks_one_row_b_factors(llama_model):
     config = CompressionConfig(method="tq", ratio=0.8, prefer="speed")
     plan = plan_compression(llama_model, config)
-    assert plan and all(spec.b_shape[0] == 1 for _, spec in plan)
+    assert plan.layers and all(e.spec.settings.b_shape[0] == 1 for e in plan.layers)
     model, report = compress(llama_model, config, progress=False)
     assert report.params_after <= 0.8 * report.params_before
     with pytest.raises(TQCError, match="prefer"):

@@ -3,21 +3,24 @@
 
 from tqcompressor import hf_integration  # registers the quantizer plugin: plain from_pretrained works
 from tqcompressor.calibration import calibrate
-from tqcompressor.checkpoint import densify, export_dense, load, save
+from tqcompressor.checkpoint import densify, export_dense, load, read_plan, save
 from tqcompressor.config import CompressionConfig, CompressionReport, LayerSpec, load_spec
 from tqcompressor.data import calibration_ids
-from tqcompressor.decompose import KroneckerFactors, LowRankFactors, decompose
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead
+from tqcompressor.layers import TiedKroneckerHead
 from tqcompressor.models import load_model
-from tqcompressor.surgery import compress, count_parameters, plan_compression
+from tqcompressor.planning import LayerPlan, Plan, count_parameters, plan_compression
+from tqcompressor.structures import Structure, compression_methods, decompose, get_structure, register
+from tqcompressor.structures.kronecker import KroneckerEmbedding, KroneckerFactors, KroneckerLinear
+from tqcompressor.structures.lowrank import LowRankFactors, LowRankLinear
+from tqcompressor.surgery import apply_plan, compress
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompressionConfig", "CompressionReport", "KroneckerEmbedding", "KroneckerFactors", "KroneckerLinear",
-    "LayerSpec", "LowRankFactors", "LowRankLinear", "TQCError", "TiedKroneckerHead", "calibrate",
-    "calibration_ids", "compress",
-    "count_parameters", "decompose", "densify", "export_dense", "load", "load_model", "load_spec",
-    "plan_compression", "save",
+    "LayerPlan", "LayerSpec", "LowRankFactors", "LowRankLinear", "Plan", "Structure", "TQCError",
+    "TiedKroneckerHead", "apply_plan", "calibrate", "calibration_ids", "compress", "compression_methods",
+    "count_parameters", "decompose", "densify", "export_dense", "get_structure", "load", "load_model", "load_spec",
+    "plan_compression", "read_plan", "register", "save",
 ]

@@ -17,11 +17,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from tqcompressor.config import LayerSpec
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead
+from tqcompressor.layers import TiedKroneckerHead, bias_of
+from tqcompressor.planning import Plan
+from tqcompressor.structures import module_classes
+from tqcompressor.structures.dense import plain_module
 
 FORMAT_VERSION = 1
 STRUCTURE_FILE = "tqcompressor.json"
@@ -30,33 +31,19 @@ WEIGHTS_FILE = "model.safetensors"
 
 def describe(module: nn.Module) -> dict | None:
     """Constructor arguments of a factored module (``None`` for any other module)."""
-    if isinstance(module, KroneckerLinear):
-        return {"type": "KroneckerLinear", "a_shape": list(module.a.shape[1:]), "b_shape": list(module.b.shape[1:]),
-                "rank": module.rank, "bias": module.bias is not None, "row_perm": module.output_index is not None,
-                "col_perm": module.input_index is not None, "kind": module.kind}
-    if isinstance(module, LowRankLinear):
-        return {"type": "LowRankLinear", "in_features": module.in_features, "out_features": module.out_features,
-                "rank": module.rank, "bias": module.bias is not None, "kind": module.kind}
-    if isinstance(module, KroneckerEmbedding):
-        return {"type": "KroneckerEmbedding", "a_shape": list(module.a.shape[1:]), "b_shape": list(module.b.shape[1:]),
-                "rank": module.rank, "row_perm": module.token_index is not None,
-                "col_perm": module.input_index is not None}
-    if isinstance(module, TiedKroneckerHead):
+    if isinstance(module, TiedKroneckerHead):  # shares the embedding's factors: only its bias is its own
         return {"type": "TiedKroneckerHead", "bias": module.bias is not None}
+    if type(module).__name__ in module_classes():
+        return {"type": type(module).__name__, **module.config()}
     return None
 
 
 def build(desc: dict, dtype: torch.dtype) -> nn.Module:
-    kind = desc["type"]
-    if kind == "KroneckerLinear":
-        return KroneckerLinear(tuple(desc["a_shape"]), tuple(desc["b_shape"]), desc["rank"], desc["bias"],
-                               desc["row_perm"], desc["col_perm"], desc["kind"], dtype)
-    if kind == "LowRankLinear":
-        return LowRankLinear(desc["in_features"], desc["out_features"], desc["rank"], desc["bias"], desc["kind"], dtype)
-    if kind == "KroneckerEmbedding":
-        return KroneckerEmbedding(tuple(desc["a_shape"]), tuple(desc["b_shape"]), desc["rank"], desc["row_perm"],
-                                  desc["col_perm"], dtype)
-    raise TQCError(f"unknown module type {kind!r} in {STRUCTURE_FILE}; was it written by a newer tqcompressor?")
+    cls = module_classes().get(desc["type"])
+    if cls is None:
+        raise TQCError(f"unknown module type {desc['type']!r} in {STRUCTURE_FILE}; was it written by a newer "
+                       "tqcompressor?")
+    return cls.from_config({k: v for k, v in desc.items() if k != "type"}, dtype)
 
 
 def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.dtype | None = None) -> nn.Module:
@@ -80,7 +67,7 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
         module = build(desc, dtype)
         module._is_hf_initialized = True
         _set(model, name, module)
-        if isinstance(module, KroneckerEmbedding):
+        if getattr(module, "kind", None) == "embedding":
             embedding = module
     for name, desc in modules.items():
         if desc["type"] == "TiedKroneckerHead":
@@ -111,26 +98,26 @@ def structure_of(model: nn.Module) -> dict[str, dict]:
 
 
 def save(model: nn.Module, directory: str | Path, tokenizer=None, base_model: str | None = None,
-         extra: dict | None = None) -> Path:
-    """Write the model to ``directory`` atomically: into a temporary sibling, then renamed."""
+         plan: Plan | None = None, extra: dict | None = None) -> Path:
+    """Write the model to ``directory`` atomically: into a temporary sibling, then renamed.
+    ``plan`` (from :func:`tqcompressor.compress`'s report or planning) is recorded in
+    ``tqcompressor.json``, so that ``tqc info`` and later steps can see how each layer was chosen."""
     directory = Path(directory)
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    base_model = base_model or getattr(model, "tqc_base_model", None)
     modules = structure_of(model)
     config = model.config.to_dict()
     # the structure again, for transformers' quantizer plugin (plain from_pretrained)
     config["quantization_config"] = {"quant_method": "tqcompressor", "modules": modules,
                                      "format_version": FORMAT_VERSION, "base_model": base_model}
     (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-    plan = getattr(model, "tqc_plan", None) or []
     structure = {
         "format_version": FORMAT_VERSION,
         "base_model": base_model,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "modules": modules,
-        "plan": [{"module": name, **spec.to_dict()} for name, spec in plan],
+        "plan": plan.to_list() if plan is not None else [],
         **(extra or {}),
     }
     save_file(_state_dict_without_tied_head(model), str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -207,10 +194,13 @@ def load(directory: str | Path) -> nn.Module:
     if missing or unexpected:
         raise TQCError(f"{weights} does not match its structure file (missing {missing[:3]}, unexpected "
                        f"{unexpected[:3]}); re-run `tqc compress`")
-    model.tqc_plan = [(entry.pop("module"), LayerSpec(**entry)) for entry in structure.get("plan", [])]
-    model.tqc_base_model = structure.get("base_model")
     model.eval()
     return model
+
+
+def read_plan(directory: str | Path) -> Plan:
+    """The plan a compressed dir was made with (without factors: those are its weights)."""
+    return Plan.from_list(read_structure(directory).get("plan", []))
 
 
 def _is_tied_alias(model: nn.Module, key: str) -> bool:
@@ -238,25 +228,10 @@ def load_tokenizer(directory: str | Path):
 def densify(model: nn.Module) -> nn.Module:
     """Replace every factored module by the plain module it stands for (weights merged)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, (KroneckerLinear, LowRankLinear)):
-            weight = module.to_dense()
-            if module.kind == "conv1d":
-                dense = Conv1D(module.out_features, module.in_features)
-                dense.weight.data = weight.T.contiguous().clone()
-            else:
-                dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-                dense.weight.data = weight.clone()
-            if module.bias is not None:
-                dense.bias.data = module.bias.detach().clone()
-            elif module.kind == "conv1d":
-                dense.bias.data.zero_()
-        elif isinstance(module, KroneckerEmbedding):
-            dense = nn.Embedding(module.num_embeddings, module.embedding_dim)
-            dense.weight.data = module.to_dense().clone()
-        else:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, dense)
+        if type(module).__name__ in module_classes():
+            dense = plain_module(module.to_dense(), bias_of(module), module.kind)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, dense)
     head = model.get_output_embeddings()
     if isinstance(head, TiedKroneckerHead):
         new_embedding = model.get_input_embeddings()

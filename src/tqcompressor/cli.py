@@ -6,6 +6,8 @@ and exits with status 2.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -20,6 +22,45 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Compress Hugging Face causal LMs with permuted Kronecker factorizations (TQCompressor).")
 
 
+def _methods_help(auto: bool = True) -> str:
+    from tqcompressor.structures import compression_methods
+
+    return " | ".join(compression_methods() + (["auto (choose per layer)"] if auto else []))
+
+
+# Distillation options shared by `tqc distill` and `tqc run`: name -> (type, default, help)
+DISTILL_OPTIONS = {
+    "batch_size": (int, 4, "token blocks per optimizer step"),
+    "seq_len": (int, 256, "tokens per block"),
+    "lr": (float, 3e-4, "peak learning rate (warm-up, then cosine)"),
+    "grad_accum": (int, 1, "micro-batches per optimizer step"),
+    "seed": (int, 0, "seed of the student's training run"),
+}
+
+
+def with_distill_options(command):
+    """Give ``command`` the options of :data:`DISTILL_OPTIONS`; it receives them as one
+    :class:`~tqcompressor.distill.DistillConfig` ``kd`` (with its own ``steps`` and
+    ``checkpoint_every``, which differ between commands)."""
+    own = [p for name, p in inspect.signature(command).parameters.items() if name != "kd"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                default=typer.Option(default, help=text))
+              for name, (kind, default, text) in DISTILL_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(**options):
+        from tqcompressor.distill import DistillConfig
+
+        kd = DistillConfig(steps=options["steps"], checkpoint_every=options["checkpoint_every"],
+                           **{name: options.pop(name) for name in DISTILL_OPTIONS})
+        return command(kd=kd, **options)
+
+    parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared
+    wrapper.__signature__ = inspect.Signature(parameters)
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}  # typer reads these, not the original's
+    return wrapper
+
+
 def _split(text: Optional[str]) -> Optional[list[str]]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
@@ -27,7 +68,7 @@ def _split(text: Optional[str]) -> Optional[list[str]]:
 @app.command()
 def compress(
     model: str = typer.Option(DEFAULT_MODEL, help="hub id, local HF dir, .gguf file, or 'smollm2-135m'"),
-    method: str = typer.Option("tq", help="tq | kronecker | svd | auto (choose per layer)"),
+    method: str = typer.Option("tq", help=_methods_help()),
     ratio: Optional[float] = typer.Option(None, help="fraction of the whole model's parameters to keep, in (0, 1]"),
     target_params: Optional[int] = typer.Option(None, help="absolute parameter budget (instead of --ratio)"),
     target_modules: Optional[str] = typer.Option(None, help="comma-separated module names/patterns"),
@@ -62,7 +103,7 @@ def compress(
 
         ids = calibration_ids(calibration, loaded.model, loaded.tokenizer, calibration_tokens)
     compressed, report = run_compress(loaded.model, config, calibration=ids)
-    save(compressed, out, loaded.tokenizer, base_model=model)
+    save(compressed, out, loaded.tokenizer, base_model=model, plan=report.plan)
     (Path(out) / "compression.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     typer.echo(format_compression_table(report.to_dict()))
     typer.echo(f"wrote {out}")
@@ -113,13 +154,6 @@ def push(
     typer.echo(f"uploaded: {push_to_hub(directory, repo, private)}")
 
 
-def _distill_config(steps, batch_size, seq_len, lr, grad_accum, checkpoint_every, seed) -> "DistillConfig":
-    from tqcompressor.distill import DistillConfig
-
-    return DistillConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum,
-                         checkpoint_every=checkpoint_every, seed=seed)
-
-
 def _check_seq_len(model, seq_len: int) -> None:
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit and seq_len > limit:
@@ -127,6 +161,7 @@ def _check_seq_len(model, seq_len: int) -> None:
 
 
 @app.command()
+@with_distill_options
 def distill(
     teacher: str = typer.Option(DEFAULT_MODEL, help="the original model"),
     student: Path = typer.Option(..., help="a compressed model dir (from `tqc compress`)"),
@@ -134,13 +169,9 @@ def distill(
     fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split (0.031 = paper)"),
     out: Path = typer.Option(..., help="run dir: checkpoints, metrics.jsonl, the final model"),
     steps: int = typer.Option(100, help="optimizer steps"),
-    batch_size: int = typer.Option(4),
-    seq_len: int = typer.Option(256),
-    lr: float = typer.Option(3e-4),
-    grad_accum: int = typer.Option(1),
-    checkpoint_every: int = typer.Option(50),
-    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(50, help="optimizer steps between checkpoints"),
     resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
+    kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
     """Distill a compressed student from its teacher (single stage)."""
     from tqcompressor.checkpoint import load, save
@@ -148,13 +179,12 @@ def distill(
     from tqcompressor.models import load_model
     from tqcompressor.pipeline import block_source_for, check_student_matches_teacher
 
-    config = _distill_config(steps, batch_size, seq_len, lr, grad_accum, checkpoint_every, seed)
     student_model = load(student)
     loaded = load_model(teacher)
     check_student_matches_teacher(student_model, loaded.model)
-    _check_seq_len(loaded.model, seq_len)
-    blocks = block_source_for(data, loaded, config, out, fraction)
-    result = multistep_distill(loaded.model, student_model, blocks, config, out, resume=resume,
+    _check_seq_len(loaded.model, kd.seq_len)
+    blocks = block_source_for(data, loaded, kd, out, fraction)
+    result = multistep_distill(loaded.model, student_model, blocks, kd, out, resume=resume,
                                tokenizer=loaded.tokenizer, teacher_name=teacher, data_name=data)
     save(result.to("cpu"), out / "model", loaded.tokenizer, base_model=teacher)
     typer.echo(f"wrote {out / 'model'}; metrics in {out / 'metrics.jsonl'}")
@@ -204,9 +234,10 @@ def eval_command(
 
 
 @app.command()
+@with_distill_options
 def run(
     model: str = typer.Option(DEFAULT_MODEL, help="the model to compress (and the teacher)"),
-    method: str = typer.Option("tq", help="tq | kronecker | svd | auto (choose per layer)"),
+    method: str = typer.Option("tq", help=_methods_help()),
     ratio: float = typer.Option(0.65, help="fraction of the whole model's parameters to keep"),
     stages: int = typer.Option(2, help="compression/distillation steps (upper layers first)"),
     prefer: str = typer.Option("accuracy", help="budget solver: accuracy | speed (B one row wide: faster layers)"),
@@ -217,15 +248,11 @@ def run(
     eval_tokens: int = typer.Option(8192, help="tokens to evaluate on"),
     context: int = typer.Option(512, help="evaluation window"),
     steps: int = typer.Option(30, help="distillation steps per stage"),
-    batch_size: int = typer.Option(4),
-    seq_len: int = typer.Option(256),
-    lr: float = typer.Option(3e-4),
-    grad_accum: int = typer.Option(1),
-    checkpoint_every: int = typer.Option(20),
-    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(20, help="optimizer steps between checkpoints"),
     out: Path = typer.Option(Path("out/run"), help="run dir: report.md, results.json, perplexity.png, model/"),
     resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
     calibration_tokens: int = typer.Option(8192, help="svd/auto: distillation tokens used to calibrate the plan"),
+    kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
     """The main job: compress, distill step by step, evaluate, write report.md and a plot."""
     from tqcompressor.config import CompressionConfig, load_spec
@@ -234,10 +261,9 @@ def run(
 
     compression = load_spec(spec) if spec else CompressionConfig(method=method, ratio=ratio, steps=stages,
                                                                  prefer=prefer)
-    config = _distill_config(steps, batch_size, seq_len, lr, grad_accum, checkpoint_every, seed)
     loaded = load_model(model)
-    _check_seq_len(loaded.model, max(seq_len, context))
-    result = run_pipeline(loaded, compression, config, data, eval_data, out, eval_tokens, context, resume, fraction,
+    _check_seq_len(loaded.model, max(kd.seq_len, context))
+    result = run_pipeline(loaded, compression, kd, data, eval_data, out, eval_tokens, context, resume, fraction,
                           calibration_tokens)
     typer.echo(format_report(result))
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'perplexity.png'}, {out / 'model'}")

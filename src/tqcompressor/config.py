@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from tqcompressor.errors import TQCError
-
-METHODS = ("tq", "kronecker", "svd")
-CONFIG_METHODS = (*METHODS, "auto")  # auto: choose per layer among the methods (and dense)
+from tqcompressor.structures import Structure, get_structure, settings_dict
 
 # Which modules are compressed when the user names none, by model_type.
 DEFAULT_TARGET_MODULES = {
@@ -22,32 +21,36 @@ DEFAULT_TARGET_MODULES = {
 }
 
 
-@dataclass
 class LayerSpec:
-    """How one module is compressed. Shapes are in (out, in) orientation, as ``nn.Linear`` stores
-    them; for an embedding, (vocab, dim)."""
+    """How one module is compressed: a registered structure (``method``), that structure's own
+    settings (e.g. ``rank``, ``a_shape``, ``b_shape`` for ``tq``), and the distillation step at
+    which it happens. ``LayerSpec("tq", rank=4, b_shape=(2, 4), step=2)``."""
 
-    method: str = "tq"
-    rank: int = 1
-    a_shape: tuple[int, int] | None = None
-    b_shape: tuple[int, int] | None = None
-    step: int = 1  # distillation step at which this module is compressed (1 = first)
-    reason: str = ""  # why the budget solver chose this; empty for explicit specs
+    def __init__(self, method: str = "tq", *, step: int = 1, reason: str = "", **settings: Any) -> None:
+        structure = get_structure(method)
+        if int(step) < 1:
+            raise TQCError(f"step must be 1 or more, got {step}")
+        self.method, self.step, self.reason = method, int(step), reason
+        self.settings = structure.make_settings(settings)
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise TQCError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if int(self.rank) < 1:
-            raise TQCError(f"rank must be a positive integer, got {self.rank}")
-        if int(self.step) < 1:
-            raise TQCError(f"step must be 1 or more, got {self.step}")
-        self.a_shape = tuple(int(x) for x in self.a_shape) if self.a_shape is not None else None
-        self.b_shape = tuple(int(x) for x in self.b_shape) if self.b_shape is not None else None
-        if self.method != "svd" and self.a_shape is None and self.b_shape is None:
-            raise TQCError(f"a {self.method} layer spec needs a_shape or b_shape")
+    @property
+    def structure(self) -> Structure:
+        return get_structure(self.method)
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        return {"method": self.method, **settings_dict(self.settings), "step": self.step, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> LayerSpec:
+        """Inverse of :meth:`to_dict`; fields set to null by older versions are skipped."""
+        fields = {k: v for k, v in entry.items() if v is not None}
+        return cls(**fields)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayerSpec) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"LayerSpec({self.to_dict()})"
 
 
 @dataclass
@@ -70,8 +73,8 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         if self.prefer not in ("accuracy", "speed"):
             raise TQCError(f"prefer must be 'accuracy' or 'speed', got {self.prefer!r}")
-        if self.method not in CONFIG_METHODS:
-            raise TQCError(f"unknown method {self.method!r}; choose one of {', '.join(CONFIG_METHODS)}")
+        if self.method != "auto":  # auto: choose per layer among every structure (and dense)
+            get_structure(self.method)
         if self.layers is None:
             if self.target_params is None and self.ratio is None:
                 raise TQCError("give a ratio (0, 1], a target parameter count, or an explicit layer spec")
@@ -105,17 +108,17 @@ def load_spec(path: str | Path) -> CompressionConfig:
     if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
         raise TQCError(f"spec file {path} needs a top-level 'layers' list")
     layers: list[tuple[str, LayerSpec]] = []
-    allowed = {"modules", "method", "rank", "a_shape", "b_shape", "step"}
     for i, entry in enumerate(data["layers"]):
         if not isinstance(entry, dict) or "modules" not in entry:
             raise TQCError(f"spec file {path}: layers[{i}] needs a 'modules' list")
-        unknown = set(entry) - allowed
-        if unknown:
-            raise TQCError(f"spec file {path}: layers[{i}] has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
         fields = {k: v for k, v in entry.items() if k != "modules"}
+        try:  # each structure checks its own settings
+            spec = LayerSpec(**fields)
+        except (TQCError, TypeError) as exc:
+            raise TQCError(f"spec file {path}: layers[{i}]: {exc}") from None
         modules = entry["modules"] if isinstance(entry["modules"], list) else [entry["modules"]]
         for name in modules:
-            layers.append((str(name), LayerSpec(**fields)))
+            layers.append((str(name), spec))
     return CompressionConfig(method="tq", ratio=None, layers=layers,
                              tie_lm_head=bool(data.get("tie_lm_head", True)),
                              max_iterations=int(data.get("max_iterations", 20)))
@@ -127,9 +130,7 @@ class LayerReport:
     kind: str
     shape: tuple[int, int]
     method: str
-    rank: int
-    a_shape: tuple[int, int] | None
-    b_shape: tuple[int, int] | None
+    settings: dict  # the structure's settings as built (every field filled in)
     step: int
     params_before: int
     params_after: int
@@ -152,12 +153,14 @@ class CompressionReport:
     auto: dict[str, dict] | None = None
     # MLPs whose down projection's input gather was folded into the layers feeding it (exact)
     folded_mlps: list[str] = field(default_factory=list)
+    plan: Any = None  # the Plan that was applied (not part of compression.json: tqcompressor.json has it)
 
     @property
     def ratio(self) -> float:
         return self.params_after / max(self.params_before, 1)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
+        out = asdict(replace(self, plan=None))
+        del out["plan"]
         out["ratio"] = self.ratio
         return out

@@ -1,10 +1,12 @@
 """Multi-step knowledge distillation: compress a group of layers, distill, compress the next, ...
 
-The loop is plain PyTorch driven through ``accelerate`` so that the same code runs on a laptop CPU
-and under ``accelerate launch`` on many GPUs (DDP, bf16 autocast). Checkpoints are written
-atomically (into ``checkpoint.partial``, then renamed) with the model, optimizer, scheduler, data
-position and RNG state, so ``resume=True`` continues an interrupted run with no step lost or
-repeated.
+Two levels: :func:`multistep_distill` is the stage loop (apply a step of the plan, train,
+evaluate); :func:`train_stage` trains one stage from a :class:`TrainerState` (model, optimizer,
+scheduler, position in the run and data), which is exactly what a checkpoint saves, with the RNG
+state, and what resume restores. The loop is plain PyTorch driven through ``accelerate`` so that
+the same code runs on a laptop CPU and under ``accelerate launch`` on many GPUs (DDP, bf16
+autocast). Checkpoints are written atomically (into ``checkpoint.partial``, then renamed), so
+``resume=True`` continues an interrupted run with no step lost or repeated.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +29,9 @@ from tqdm.auto import tqdm
 
 from tqcompressor.checkpoint import load as load_compressed
 from tqcompressor.checkpoint import save as save_compressed
-from tqcompressor.config import CompressionConfig
 from tqcompressor.errors import TQCError
-from tqcompressor.surgery import compress
+from tqcompressor.planning import Plan
+from tqcompressor.surgery import apply_plan
 
 STATE_FILE = "trainer_state.pt"
 
@@ -78,11 +81,46 @@ def distillation_loss(student_out, teacher_out, input_ids: torch.Tensor, config:
     return parts
 
 
-def run_fingerprint(teacher_name: str, data_name: str, compression: CompressionConfig | None,
-                    distill: DistillConfig, stages: list[int]) -> str:
+@dataclass
+class Position:
+    """Where a run is: stage, steps done, blocks of data consumed."""
+
+    stage_index: int = 0
+    stage_step: int = 0
+    global_step: int = 0
+    data_position: int = 0
+    stage_compressed: bool = False  # this stage's layers are factored already
+
+
+@dataclass
+class TrainerState:
+    """What one stage of training changes: the model (as prepared by ``accelerate``), its optimizer
+    and schedule, and the position. A checkpoint saves this and the torch RNG state."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    position: Position = field(default_factory=Position)
+
+
+@dataclass
+class RunOutputs:
+    """Where a run writes, and what identifies it."""
+
+    checkpoint: Path
+    metrics: Path
+    fingerprint: str
+    tokenizer: Any = None
+    plan: Plan | None = None
+
+
+def run_fingerprint(teacher_name: str, data_name: str, plan: Plan | None, distill: DistillConfig) -> str:
     """Identifies a run, so that ``resume`` refuses a checkpoint of a different one."""
-    payload = {"teacher": teacher_name, "data": data_name, "stages": stages,
-               "compression": repr(compression), "distill": asdict(distill) | {"checkpoint_every": None, "log_every": None}}
+    compression = None if plan is None else {"layers": plan.to_list(), "method": plan.method,
+                                             "tie_lm_head": plan.tie_lm_head, "max_iterations": plan.max_iterations}
+    payload = {"teacher": teacher_name, "data": data_name, "stages": plan.steps() if plan else [1],
+               "compression": compression,
+               "distill": asdict(distill) | {"checkpoint_every": None, "log_every": None}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -92,7 +130,7 @@ def multistep_distill(
     blocks: BlockSource,
     config: DistillConfig,
     out_dir: str | Path,
-    compression: CompressionConfig | None = None,
+    plan: Plan | None = None,
     resume: bool = False,
     tokenizer=None,
     teacher_name: str = "teacher",
@@ -102,7 +140,7 @@ def multistep_distill(
     progress: bool = True,
     calibration: torch.Tensor | None = None,
 ):
-    """Distill ``student`` from ``teacher``; with ``compression`` the student is compressed stage by
+    """Distill ``student`` from ``teacher``; with a ``plan`` the student is compressed stage by
     stage (the plan's ``step`` numbers) and distilled ``config.steps`` steps after each stage.
 
     ``stop_after`` ends the run after that many optimizer steps in total (to simulate an
@@ -114,15 +152,13 @@ def multistep_distill(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stages = _stages(student, compression)
-    fingerprint = run_fingerprint(teacher_name, data_name, compression, config, stages)
-    state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "data_position": 0, "fingerprint": fingerprint,
-             "stage_compressed": False}
-    checkpoint = out_dir / "checkpoint"
-    trainer_state = None
+    stages = plan.steps() if plan is not None else [1]
+    outputs = RunOutputs(out_dir / "checkpoint", out_dir / "metrics.jsonl",
+                         run_fingerprint(teacher_name, data_name, plan, config), tokenizer, plan)
+    position, saved = Position(), None
     if resume:
-        student, trainer_state = _load_checkpoint(checkpoint, fingerprint)
-        state.update({k: trainer_state[k] for k in state if k in trainer_state})
+        student, saved = _load_checkpoint(outputs.checkpoint, outputs.fingerprint)
+        position = Position(**{k: saved[k] for k in asdict(position) if k in saved})
     precision = config.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
@@ -130,90 +166,93 @@ def multistep_distill(
     teacher.to(accelerator.device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    if trainer_state is None:
+    if saved is None:
         torch.manual_seed(config.seed)
     else:
-        torch.set_rng_state(trainer_state["torch_rng"])
+        torch.set_rng_state(saved["torch_rng"])
 
-    metrics_path = out_dir / "metrics.jsonl"
-    stream = _sharded(blocks(state["data_position"]), accelerator)
-    for stage_index in range(state["stage_index"], len(stages)):
+    stream = _sharded(blocks(position.data_position), accelerator)
+    for stage_index in range(position.stage_index, len(stages)):
         stage = stages[stage_index]
-        if compression is not None and not (state["stage_index"] == stage_index and state["stage_compressed"]):
+        if plan is not None and not (position.stage_index == stage_index and position.stage_compressed):
             student.to("cpu")
-            if calibration is not None and stage_index > 0:  # factors fitted before distilling are stale now
-                cache = getattr(student, "tqc_factor_cache", {})
-                for name in [name for name, spec in student.tqc_plan if spec.step == stage]:
-                    cache.pop(name, None)
-            compress(student, compression, step=stage, progress=progress, calibration=calibration)
-        state.update(stage_index=stage_index, stage_compressed=True)
-        student.to(accelerator.device).requires_grad_(True)  # a copy of the (frozen) teacher starts frozen
-        optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr,
-                                      weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
-        if trainer_state is not None and state["stage_step"] > 0:
-            optimizer.load_state_dict(trainer_state["optimizer"])
-            scheduler.load_state_dict(trainer_state["scheduler"])
-        trainer_state = None
-        model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-        model.train()
-        bar = tqdm(total=config.steps, initial=state["stage_step"], desc=f"distill stage {stage}",
-                   unit="step", disable=not (progress and accelerator.is_main_process))
-        started, tokens = time.perf_counter(), 0
-        while state["stage_step"] < config.steps:
-            if stop_after is not None and state["global_step"] >= stop_after:
-                return accelerator.unwrap_model(model)
-            for _ in range(config.grad_accum):
-                batch = torch.stack([next(stream) for _ in range(config.batch_size)]).to(accelerator.device)
-                state["data_position"] += config.batch_size * accelerator.num_processes
-                with accelerator.accumulate(model), accelerator.autocast():
-                    hidden = config.alpha_hidden > 0
-                    with torch.no_grad():
-                        teacher_out = teacher(batch, output_hidden_states=hidden)
-                    parts = distillation_loss(model(batch, output_hidden_states=hidden), teacher_out, batch, config)
-                    accelerator.backward(parts["loss"])
-                    if accelerator.sync_gradients and config.clip:
-                        accelerator.clip_grad_norm_(model.parameters(), config.clip)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad()
-                tokens += batch.numel() * accelerator.num_processes
-            state["stage_step"] += 1
-            state["global_step"] += 1
-            rate = tokens / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{parts['loss'].item():.3f}", kl=f"{parts['kl'].item():.3f}", tok_s=f"{rate:.0f}")
-            bar.update(1)
-            if accelerator.is_main_process and (state["stage_step"] % config.log_every == 0
-                                                or state["stage_step"] == config.steps):
-                record = {"stage": stage, "step": state["stage_step"], "global_step": state["global_step"],
-                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate,
-                          **{k: float(v.detach()) for k, v in parts.items()}}
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            if state["stage_step"] % config.checkpoint_every == 0 or state["stage_step"] == config.steps:
-                if accelerator.is_main_process:
-                    _save_checkpoint(checkpoint, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler, state)
-                accelerator.wait_for_everyone()
-        bar.close()
-        student = accelerator.unwrap_model(model)
+            # factors fitted before distilling are stale after it: refit them to the distilled student
+            stage_plan = plan.without_factors(stage) if calibration is not None and stage_index > 0 else plan
+            apply_plan(student, stage_plan, step=stage, calibration=calibration, progress=progress)
+        position.stage_index, position.stage_compressed = stage_index, True
+        trainer = _new_trainer(student, config, accelerator, position, saved if position.stage_step > 0 else None)
+        saved = None
+        finished = train_stage(trainer, teacher, stream, stage, config, accelerator, outputs, stop_after, progress)
+        student = accelerator.unwrap_model(trainer.model)
+        if not finished:
+            return student
         student.eval()
-        del optimizer, scheduler, model
+        del trainer
         accelerator.free_memory()  # the accelerator keeps references to what it prepared
         if on_stage_end is not None:
             on_stage_end(stage, student)
-        state.update(stage_index=stage_index + 1, stage_step=0, stage_compressed=False)
+        position.stage_index, position.stage_step, position.stage_compressed = stage_index + 1, 0, False
     return student
 
 
-def _stages(student, compression: CompressionConfig | None) -> list[int]:
-    if compression is None:
-        return [1]
-    from tqcompressor.surgery import plan_compression
+def _new_trainer(student, config: DistillConfig, accelerator, position: Position, saved: dict | None) -> TrainerState:
+    """Optimizer and schedule for one stage, restored from a checkpoint taken inside it."""
+    student.to(accelerator.device).requires_grad_(True)  # a copy of the (frozen) teacher starts frozen
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    return TrainerState(model, optimizer, scheduler, position)
 
-    plan = getattr(student, "tqc_plan", None) or plan_compression(student, compression)
-    student.tqc_plan = plan
-    return sorted({spec.step for _, spec in plan}) or [1]
+
+def train_stage(trainer: TrainerState, teacher, stream: Iterator[torch.Tensor], stage: int, config: DistillConfig,
+                accelerator, outputs: RunOutputs, stop_after: int | None = None, progress: bool = True) -> bool:
+    """Train until the stage has ``config.steps`` optimizer steps; log every ``log_every`` and
+    checkpoint every ``checkpoint_every`` steps. Returns False when ``stop_after`` cut it short."""
+    model, optimizer, scheduler, position = trainer.model, trainer.optimizer, trainer.scheduler, trainer.position
+    model.train()
+    bar = tqdm(total=config.steps, initial=position.stage_step, desc=f"distill stage {stage}",
+               unit="step", disable=not (progress and accelerator.is_main_process))
+    started, tokens = time.perf_counter(), 0
+    while position.stage_step < config.steps:
+        if stop_after is not None and position.global_step >= stop_after:
+            return False
+        for _ in range(config.grad_accum):
+            batch = torch.stack([next(stream) for _ in range(config.batch_size)]).to(accelerator.device)
+            position.data_position += config.batch_size * accelerator.num_processes
+            with accelerator.accumulate(model), accelerator.autocast():
+                hidden = config.alpha_hidden > 0
+                with torch.no_grad():
+                    teacher_out = teacher(batch, output_hidden_states=hidden)
+                parts = distillation_loss(model(batch, output_hidden_states=hidden), teacher_out, batch, config)
+                accelerator.backward(parts["loss"])
+                if accelerator.sync_gradients and config.clip:
+                    accelerator.clip_grad_norm_(model.parameters(), config.clip)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            tokens += batch.numel() * accelerator.num_processes
+        position.stage_step += 1
+        position.global_step += 1
+        rate = tokens / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{parts['loss'].item():.3f}", kl=f"{parts['kl'].item():.3f}", tok_s=f"{rate:.0f}")
+        bar.update(1)
+        if accelerator.is_main_process and (position.stage_step % config.log_every == 0
+                                            or position.stage_step == config.steps):
+            record = {"stage": stage, "step": position.stage_step, "global_step": position.global_step,
+                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate,
+                      **{k: float(v.detach()) for k, v in parts.items()}}
+            with outputs.metrics.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if position.stage_step % config.checkpoint_every == 0 or position.stage_step == config.steps:
+            if accelerator.is_main_process:
+                _save_checkpoint(outputs, trainer, accelerator.unwrap_model(model))
+            accelerator.wait_for_everyone()
+    bar.close()
+    return True
 
 
 def _warmup_cosine(warmup: int, total: int):
@@ -232,12 +271,14 @@ def _sharded(stream: Iterator[torch.Tensor], accelerator) -> Iterator[torch.Tens
     return itertools.islice(stream, accelerator.process_index, None, accelerator.num_processes)
 
 
-def _save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, state: dict) -> None:
+def _save_checkpoint(outputs: RunOutputs, trainer: TrainerState, student) -> None:
+    path = outputs.checkpoint
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    save_compressed(model, partial / "model", tokenizer)
-    torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    save_compressed(student, partial / "model", outputs.tokenizer, plan=outputs.plan)
+    torch.save({**asdict(trainer.position), "fingerprint": outputs.fingerprint,
+                "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, partial / STATE_FILE)
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

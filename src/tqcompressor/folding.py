@@ -9,6 +9,10 @@ stored weights (a dense layer's rows, a low-rank ``U``'s rows, a one-row-``B`` K
 with, so it costs nothing there). The down projection then gathers nothing. This is a
 reparametrisation of the stored state, not a runtime switch: ``save`` / ``load``, ``to_dense``
 and export see the folded model and compute the same function.
+
+The structures' modules take part through two methods: a consumer's ``take_input_gathered()``
+and a producer's ``permute_outputs(gather)``; plain ``nn.Linear`` / ``Conv1D`` producers are
+permuted here.
 """
 
 from __future__ import annotations
@@ -17,8 +21,6 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from tqcompressor.decompose import inverse_permutation
-from tqcompressor.layers import KroneckerLinear, LowRankLinear, kronecker_layouts
 
 # consumer -> the producers whose outputs reach it through feature-wise ops only
 MLP_PRODUCERS = {"down_proj": ("gate_proj", "up_proj"), "c_proj": ("c_fc",), "fc2": ("fc1",)}
@@ -39,7 +41,7 @@ def fold_mlp_permutations(model: nn.Module, skip: set[str] | frozenset[str] = fr
             consumer = getattr(mlp, consumer_name, None)
             producers = [getattr(mlp, p, None) for p in producer_names]
             full = [f"{name}.{n}" if name else n for n in (consumer_name, *producer_names)]
-            if (not isinstance(consumer, KroneckerLinear) or consumer.input_gather is None
+            if (not hasattr(consumer, "take_input_gathered") or consumer.input_gather is None
                     or not all(_can_permute_outputs(p) for p in producers) or skip.intersection(full)):
                 continue
             if _fold_checked(mlp, consumer, producers):
@@ -48,14 +50,15 @@ def fold_mlp_permutations(model: nn.Module, skip: set[str] | frozenset[str] = fr
 
 
 def _can_permute_outputs(module: nn.Module | None) -> bool:
-    return type(module) in (nn.Linear, Conv1D, LowRankLinear, KroneckerLinear)
+    """Dense layers, and factored ones that say how (``permute_outputs``)."""
+    return type(module) in (nn.Linear, Conv1D) or hasattr(module, "permute_outputs")
 
 
-def _fold_checked(mlp: nn.Module, consumer: KroneckerLinear, producers: list[nn.Module]) -> bool:
+def _fold_checked(mlp: nn.Module, consumer: nn.Module, producers: list[nn.Module]) -> bool:
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in (consumer, *producers)]
     was_training = mlp.training
     mlp.eval()
-    param = consumer.a
+    param = next(consumer.parameters())
     in_features = producers[0].weight.shape[0] if isinstance(producers[0], Conv1D) else producers[0].in_features
     x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
     try:
@@ -77,35 +80,20 @@ def _fold_checked(mlp: nn.Module, consumer: KroneckerLinear, producers: list[nn.
     return False
 
 
-def _fold(consumer: KroneckerLinear, producers: list[nn.Module]) -> None:
+def _fold(consumer: nn.Module, producers: list[nn.Module]) -> None:
     gather = consumer.input_gather.cpu()
     for producer in producers:
         _permute_outputs(producer, gather)
-    # the consumer now receives its input already gathered: its permutation becomes the inverse of
-    # its contraction layout, which makes the fused gather the identity (and refresh drops it)
-    input_layout, _ = kronecker_layouts(tuple(consumer.a.shape[1:]), tuple(consumer.b.shape[1:]), consumer.order)
-    index = inverse_permutation(input_layout) if input_layout is not None else torch.arange(consumer.in_features)
-    _set_index(consumer, "input_index", index)
-    consumer.refresh_gathers()
+    consumer.take_input_gathered()
 
 
 def _permute_outputs(module: nn.Module, gather: Tensor) -> None:
     """Make ``module(x)`` return ``module(x)[..., gather]`` by changing its stored state."""
+    if hasattr(module, "permute_outputs"):
+        module.permute_outputs(gather)
+        return
     with torch.no_grad():
-        if isinstance(module, KroneckerLinear):
-            current = module.output_index.cpu() if module.output_index is not None else torch.arange(module.out_features)
-            if module.b.shape[1] == 1:
-                # one-row B: output row i is row i of A, so the whole output permutation moves into
-                # A's rows and the layer keeps no output gather (a gather here would cost as much
-                # as the one removed from the consumer)
-                module.a.copy_(module.a[:, current[gather].to(module.a.device)])
-                module.register_buffer("output_index", None)
-            else:  # composes with the output gather the layer does anyway (its layout, m2 > 1)
-                _set_index(module, "output_index", current[gather])
-            module.refresh_gathers()
-        elif isinstance(module, LowRankLinear):
-            module.u.copy_(module.u[gather.to(module.u.device)])
-        elif isinstance(module, Conv1D):  # GPT-2 stores (in, out)
+        if isinstance(module, Conv1D):  # GPT-2 stores (in, out)
             module.weight.copy_(module.weight[:, gather.to(module.weight.device)])
         else:
             module.weight.copy_(module.weight[gather.to(module.weight.device)])
@@ -113,17 +101,9 @@ def _permute_outputs(module: nn.Module, gather: Tensor) -> None:
             module.bias.copy_(module.bias[gather.to(module.bias.device)])
 
 
-def _set_index(module: KroneckerLinear, name: str, index: Tensor) -> None:
-    device = module.a.device
-    if getattr(module, name) is None:
-        module.register_buffer(name, index.to(device))
-    else:
-        getattr(module, name).copy_(index)
-
-
 def _restore(module: nn.Module, state: dict[str, Tensor]) -> None:
-    if isinstance(module, KroneckerLinear):  # the fold may have added or dropped an index buffer
-        for name in ("input_index", "output_index"):
+    for name in ("input_index", "output_index"):  # the fold may have added or dropped an index buffer
+        if hasattr(module, name):
             if name not in state:
                 module.register_buffer(name, None)
             elif getattr(module, name) is None:

@@ -19,7 +19,8 @@ from tqcompressor.errors import TQCError
 from tqcompressor.evaluate import evaluate
 from tqcompressor.models import LoadedModel
 from tqcompressor.report import table
-from tqcompressor.surgery import compress, count_parameters, plan_compression
+from tqcompressor.planning import count_parameters, plan_compression
+from tqcompressor.surgery import apply_plan
 
 CALIBRATED_METHODS = ("svd", "auto")  # these use calibration text (the distillation data) when planning
 
@@ -65,21 +66,21 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
     blocks = block_source_for(data, loaded, distill, out_dir, fraction)
     calibration = None
     if compression.layers is None and compression.method in CALIBRATED_METHODS:
-        # activation-aware svd/auto: plan once from the first distillation blocks; the one-shot
-        # copy and the student then share the plan (deepcopy carries it)
+        # activation-aware svd/auto: plan once from the first distillation blocks
         calibration = torch.stack(list(itertools.islice(blocks(0), max(1, calibration_tokens // distill.seq_len))))
-        student.tqc_plan = plan_compression(student, compression, calibration)
+    plan = plan_compression(student, compression, calibration)
     if not any(r["label"] == "compressed (no KD)" for r in rows):
-        one_shot, _ = compress(copy.deepcopy(student), compression)  # every stage at once, no distillation
+        one_shot = copy.deepcopy(student)
+        apply_plan(one_shot, plan)  # every stage at once, no distillation
         record("compressed (no KD)", 0, one_shot)
         del one_shot
 
-    student = multistep_distill(teacher, student, blocks, distill, out_dir, compression, resume=resume,
+    student = multistep_distill(teacher, student, blocks, distill, out_dir, plan, resume=resume,
                                 tokenizer=loaded.tokenizer, teacher_name=loaded.source, data_name=data,
                                 calibration=calibration,
                                 on_stage_end=lambda stage, model: record(f"after KD stage {stage}", stage, model))
     student.to("cpu")
-    save(student, out_dir / "model", loaded.tokenizer, base_model=loaded.source)
+    save(student, out_dir / "model", loaded.tokenizer, base_model=loaded.source, plan=plan)
     return _write(out_dir, loaded, compression, distill, data, eval_data, rows, started, final=True)
 
 

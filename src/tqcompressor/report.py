@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tqcompressor.structures import REGISTRY
+
 
 def table(headers: list[str], rows: list[list], align: str | None = None) -> str:
     """A Markdown-compatible table (reads fine in a terminal too)."""
@@ -25,10 +27,10 @@ def _fmt(value) -> str:
 
 
 def format_compression_table(report: dict) -> str:
-    rows = [[l["name"], l["shape"], l["method"], l["a_shape"], l["b_shape"], l["rank"], l["step"],
-             l["params_before"], l["params_after"], l["relative_error"], l["seconds"]] for l in report["layers"]]
-    body = table(["layer", "shape", "method", "A", "B", "rank", "step", "params before", "params after",
-                  "rel. error", "seconds"], rows, "lllllrrrrrr") if rows else "(no layer compressed)"
+    rows = [[l["name"], l["shape"], l["method"], _settings_text(_layer_settings(l)), l["step"], l["params_before"],
+             l["params_after"], l["relative_error"], l["seconds"]] for l in report["layers"]]
+    body = table(["layer", "shape", "method", "settings", "step", "params before", "params after",
+                  "rel. error", "seconds"], rows, "llllrrrrr") if rows else "(no layer compressed)"
     if report.get("auto"):
         body += "\n\n" + format_auto_table(report["auto"])
     total = (f"total: {report['params_before']:,} -> {report['params_after']:,} parameters "
@@ -55,8 +57,17 @@ def format_auto_table(auto: dict) -> str:
 
 
 def _describe(c: dict) -> str:
-    if c["method"] == "dense":
-        return "dense"
-    if c["method"] == "svd":
-        return f"svd r{c['rank']}"
-    return f"{c['method']} B{c['b_shape'][0]}x{c['b_shape'][1]} r{c['rank']}"
+    """A candidate or layer in a few characters, as its structure words it (e.g. ``tq B2x4 r3``)."""
+    return REGISTRY[c["method"]].describe(c)
+
+
+def _layer_settings(layer: dict) -> dict:
+    """A layer's settings; compression.json files written before the structure registry kept
+    rank and shapes as fields of the layer itself."""
+    if "settings" in layer:
+        return layer["settings"]
+    return {k: layer[k] for k in ("rank", "a_shape", "b_shape") if layer.get(k) is not None}
+
+
+def _settings_text(settings: dict) -> str:
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in settings.items())

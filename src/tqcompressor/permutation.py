@@ -1,0 +1,187 @@
+"""TQCompressor's permutation search: pure tensor code.
+
+Find row and column permutations ``P_r``, ``P_c`` so that ``W[row_perm][:, col_perm]`` is as close
+as possible to a short sum of Kronecker products; the Kronecker structures use it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from tqcompressor.decompose import kronecker_sum, nearest_kronecker, relative_error
+
+
+class PermutedKronecker(NamedTuple):
+    """``W[row_perm][:, col_perm] ~= sum_k A_k (x) B_k``; ``history``: relative error after each accepted step."""
+
+    a: Tensor  # (rank, m1, n1)
+    b: Tensor  # (rank, m2, n2)
+    row_perm: Tensor  # (m,) int64
+    col_perm: Tensor  # (n,) int64
+    history: list[float]
+
+
+
+def permuted_kronecker(
+    weight: Tensor,
+    a_shape: tuple[int, int],
+    b_shape: tuple[int, int],
+    rank: int = 1,
+    max_iterations: int = 20,
+) -> PermutedKronecker:
+    """Search row and column permutations that make ``weight`` closest to a Kronecker sum.
+
+    The search alternates, as in the TQCompressor paper: fit the factors to the currently
+    permuted matrix (Van Loan); then, holding the factors, move every row (and then every column)
+    of ``W`` to the position of the Kronecker sum it matches best - a linear assignment problem
+    solved exactly with scipy's ``linear_sum_assignment``. Each step can only lower the error (the
+    current permutation is one of the candidates); a step that does not lower it is rejected and
+    the search stops. Everything is deterministic (no random start), so the same weight always
+    gives the same factors.
+
+    Alternation is local, so it starts from three points and keeps the best result:
+    the identity (so ``tq`` is never worse than plain ``kronecker``); a spectral grouping that
+    reads the Kronecker index structure off the singular vectors of ``W`` (exact for a scrambled
+    ``A (x) B``); and a similarity grouping that puts rows (columns) pointing the same way into
+    one small block of ``B``, which is what makes trained weights fit the structure best.
+    """
+    w = weight.detach().to(torch.float64)
+    m, n = w.shape
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    starts = [
+        (torch.arange(m), torch.arange(n)),
+        spectral_grouping(w, a_shape, b_shape),
+        (similarity_grouping(w, m2) if m1 > 1 else torch.arange(m),
+         similarity_grouping(w.T, n2) if n1 > 1 else torch.arange(n)),
+    ]
+    best: PermutedKronecker | None = None
+    for row_perm, col_perm in starts:
+        result = _alternate(w, a_shape, b_shape, rank, row_perm, col_perm, max_iterations)
+        if best is None or result.history[-1] < best.history[-1]:
+            best = result
+    return best
+
+
+def _alternate(w, a_shape, b_shape, rank, row_perm, col_perm, max_iterations) -> PermutedKronecker:
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    # A permutation inside one factor is absorbed by that factor, so with a factor dimension of
+    # one the corresponding permutation cannot help: skip its (possibly huge) assignment problem.
+    search_rows = m1 > 1 and m2 > 1
+    search_cols = n1 > 1 and n2 > 1
+    a, b = nearest_kronecker(w[row_perm][:, col_perm], a_shape, b_shape, rank)
+    history = [relative_error(w[row_perm][:, col_perm], kronecker_sum(a, b))]
+    for _ in range(max_iterations):
+        improved = False
+        for axis, enabled in ((0, search_rows), (1, search_cols)):
+            if not enabled:
+                continue
+            target = kronecker_sum(a, b)
+            if axis == 0:
+                new_row_perm, new_col_perm = assign(w[:, col_perm], target), col_perm
+            else:
+                new_row_perm, new_col_perm = row_perm, assign(w[row_perm].T, target.T)
+            permuted = w[new_row_perm][:, new_col_perm]
+            new_a, new_b = nearest_kronecker(permuted, a_shape, b_shape, rank)
+            error = relative_error(permuted, kronecker_sum(new_a, new_b))
+            if error < history[-1] * (1 - 1e-9):
+                row_perm, col_perm, a, b = new_row_perm, new_col_perm, new_a, new_b
+                history.append(error)
+                improved = True
+        if not improved:
+            break
+    return PermutedKronecker(a, b, row_perm, col_perm, history)
+
+
+def assign(rows: Tensor, target: Tensor) -> Tensor:
+    """Permutation ``p`` minimising ``||rows[p] - target||_F`` (an exact linear assignment).
+
+    ``cost[r, s] = ||rows[r] - target[s]||^2 = const - 2 rows[r].target[s] + ||target[s]||^2``.
+    """
+    cost = (target * target).sum(1)[None, :] - 2.0 * rows @ target.T
+    row_ind, col_ind = linear_sum_assignment(cost.cpu().numpy())
+    perm = torch.empty(rows.shape[0], dtype=torch.long)
+    perm[torch.as_tensor(col_ind)] = torch.as_tensor(row_ind, dtype=torch.long)
+    return perm
+
+
+def similarity_grouping(vectors: Tensor, group_size: int) -> Tensor:
+    """Order the rows of ``vectors`` so that each run of ``group_size`` rows points the same way.
+
+    Greedy: take the largest remaining row, add the ``group_size - 1`` remaining rows with the
+    highest cosine similarity to it. Rows within one block of ``B`` then differ mostly by a
+    common pattern, which a few Kronecker terms capture.
+    """
+    count = vectors.shape[0]
+    if group_size == 1:
+        return torch.arange(count)
+    unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    similarity = unit @ unit.T
+    free = torch.ones(count, dtype=torch.bool)
+    order: list[int] = []
+    for seed in torch.argsort(vectors.norm(dim=1), descending=True).tolist():
+        if not free[seed]:
+            continue
+        free[seed] = False
+        scores = similarity[seed].masked_fill(~free, -float("inf"))
+        mates = torch.topk(scores, group_size - 1).indices
+        free[mates] = False
+        order += [seed, *mates.tolist()]
+    return torch.tensor(order, dtype=torch.long)
+
+
+def spectral_grouping(w: Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Start permutations read off the singular vectors of ``W``.
+
+    For ``W = P_r (A (x) B) P_c`` the singular vectors are permuted Kronecker products of the
+    factors' singular vectors. Dividing the left vector of ``u_A1 (x) u_B2`` by the top one,
+    ``u_A1 (x) u_B1``, leaves ``u_B2[i2] / u_B1[i2]``: a function of the B-index ``i2`` alone, so
+    rows with equal ratios share ``i2``. The same holds for the A-index and for the columns.
+    For each index we pick the singular vector whose ratios fall most cleanly into the expected
+    number of equal-sized groups, then resolve the two labels into one permutation.
+    """
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    return _grouping(u, m1, m2), _grouping(vh.T, n1, n2)
+
+
+def _grouping(vectors: Tensor, size1: int, size2: int) -> Tensor:
+    count = vectors.shape[0]
+    if size1 == 1 or size2 == 1 or vectors.shape[1] < 2:
+        return torch.arange(count)
+    top = vectors[:, :1]
+    safe = torch.where(top.abs() < 1e-12, torch.full_like(top, 1e-12), top)
+    ratios = (vectors[:, 1:] / safe).T  # (candidates, count)
+    # index 1 (the A-index) takes size1 values, each shared by size2 rows; index 2 the reverse
+    label1 = _best_labels(ratios, groups=size1, group_size=size2)
+    label2 = _best_labels(ratios, groups=size2, group_size=size1)
+    # cost 0 where both labels agree with a position; the assignment makes it a permutation
+    pos1 = torch.arange(size1).repeat_interleave(size2)
+    pos2 = torch.arange(size2).repeat(size1)
+    cost = (label1[:, None] != pos1[None]).double() + (label2[:, None] != pos2[None]).double()
+    row_ind, col_ind = linear_sum_assignment(cost.numpy())
+    perm = torch.empty(count, dtype=torch.long)
+    perm[torch.as_tensor(col_ind)] = torch.as_tensor(row_ind, dtype=torch.long)
+    return perm
+
+
+def _best_labels(ratios: Tensor, groups: int, group_size: int) -> Tensor:
+    """Labels from the candidate vector that splits most cleanly into ``groups`` equal groups.
+
+    Score = widest spread inside a group / narrowest gap between neighbouring groups (sorted),
+    so a vector with too few distinct values (gap 0) or too many (spread > 0) scores badly.
+    """
+    values, order = ratios.sort(dim=1)
+    chunks = values.reshape(values.shape[0], groups, group_size)
+    spread = (chunks[..., -1] - chunks[..., 0]).amax(dim=1)
+    gaps = (chunks[:, 1:, 0] - chunks[:, :-1, -1]).amin(dim=1)
+    score = spread / gaps.clamp_min(1e-300)
+    score = torch.nan_to_num(score, nan=np.inf)
+    best = int(score.argmin())
+    labels = torch.empty(ratios.shape[1], dtype=torch.long)
+    labels[order[best]] = torch.arange(groups).repeat_interleave(group_size)
+    return labels

@@ -1,0 +1,256 @@
+"""Planning: which module gets which structure, at which distillation step. Returns a :class:`Plan`
+value; nothing here changes the model (applying a plan is :mod:`tqcompressor.surgery`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from tqcompressor.config import DEFAULT_TARGET_MODULES, CompressionConfig, LayerSpec
+from tqcompressor.errors import TQCError
+from tqcompressor.layers import dense_weight_of
+from tqcompressor.structures import REGISTRY, get_structure, module_classes, settings_dict
+
+
+@dataclass
+class LayerPlan:
+    """One module's compression: how (``spec``), and its factors when planning already fitted them
+    (``auto``, calibrated fits); ``None``: fitted when applied, to the module's weight at that time."""
+
+    name: str
+    spec: LayerSpec
+    factors: Any = None
+
+
+@dataclass
+class Plan:
+    """A whole model's compression, passed explicitly to :func:`tqcompressor.surgery.apply_plan`,
+    to multi-step distillation and to :func:`tqcompressor.save`. A module may appear at several
+    steps (e.g. an embedding halved twice); later steps re-factor its current factors."""
+
+    layers: list[LayerPlan] = field(default_factory=list)
+    method: str = ""
+    target_params: int | None = None
+    tie_lm_head: bool = True  # a factored tied embedding keeps the LM head tied to its factors
+    max_iterations: int = 20  # permutation-search rounds per matrix, for fits done when applying
+    auto: dict[str, dict] | None = None  # method="auto": per target layer, the candidates and the choice
+
+    def steps(self) -> list[int]:
+        return sorted({entry.spec.step for entry in self.layers}) or [1]
+
+    def without_factors(self, step: int) -> Plan:
+        """The same plan, with the factors of ``step``'s layers dropped (to refit them later)."""
+        layers = [LayerPlan(e.name, e.spec, None if e.spec.step == step else e.factors) for e in self.layers]
+        return dataclasses.replace(self, layers=layers)
+
+    def to_list(self) -> list[dict]:
+        """The per-layer plan as ``tqcompressor.json`` stores it (factors are in the weights)."""
+        return [{"module": entry.name, **entry.spec.to_dict()} for entry in self.layers]
+
+    @classmethod
+    def from_list(cls, entries: list[dict], **fields: Any) -> Plan:
+        layers = [LayerPlan(e["module"], LayerSpec.from_dict({k: v for k, v in e.items() if k != "module"}))
+                  for e in entries]
+        return cls(layers, **fields)
+
+
+def plan_compression(model: nn.Module, config: CompressionConfig, calibration: Tensor | dict | None = None,
+                     progress: bool = True) -> Plan:
+    """Turn ``config`` into a :class:`Plan` for ``model``. ``calibration`` (token ids, shape
+    (blocks, seq_len), or statistics from :func:`tqcompressor.calibration.calibrate`) makes the fits
+    activation-aware (each structure's own way) and lets ``auto`` weigh layers by their effect on
+    the loss; those factors are fitted here, while the statistics are at hand."""
+    settings = dict(method=config.method, tie_lm_head=config.tie_lm_head, max_iterations=config.max_iterations)
+    if calibration is not None and config.layers is not None:
+        raise TQCError("calibration text works with a budget (--ratio / --target-params), not with a spec file")
+    if config.layers is not None:
+        return Plan(_layers_from_spec(model, config.layers), **settings)
+    names = find_target_modules(model, config.target_modules)
+    linear = [name for name in names if not is_embedding(model.get_submodule(name))]
+    if config.method == "auto" and len(linear) < len(names):
+        raise TQCError("method 'auto' covers linear layers; factor embeddings with an explicit spec")
+    stats = layer_statistics(model, linear, calibration)
+    target = target_params(model, config)
+    if config.method == "auto":
+        layers, record = _plan_auto(model, names, config, stats, progress)
+        return Plan(layers, target_params=target, auto=record, **settings)
+    layers = _layers_from_budget(model, names, config)
+    if stats is not None:
+        for entry in layers:
+            if entry.name in stats:
+                weight = dense_weight_of(model.get_submodule(entry.name))[0]
+                structure = entry.spec.structure
+                entry.factors = structure.fit(weight, entry.spec.settings, stats[entry.name], config.max_iterations)
+                entry.spec.reason += structure.calibrated_note
+    return Plan(layers, target_params=target, **settings)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Every parameter once: ``parameters()`` already skips a tied LM head's shared weight."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def target_params(model: nn.Module, config: CompressionConfig) -> int | None:
+    if config.layers is not None:
+        return None
+    total = count_parameters(model)
+    return int(config.target_params) if config.target_params is not None else int(config.ratio * total)
+
+
+def is_embedding(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) or getattr(module, "kind", None) == "embedding"
+
+
+def layer_statistics(model: nn.Module, names: list[str], calibration) -> dict | None:
+    """Calibration statistics of ``names``: computed from token ids, or passed through."""
+    from tqcompressor.calibration import calibrate
+
+    if calibration is None or isinstance(calibration, dict):
+        return calibration
+    if not isinstance(calibration, Tensor):
+        raise TQCError("calibration must be token ids (a blocks x seq_len tensor) or statistics from calibrate()")
+    return calibrate(model, names, calibration)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which modules
+
+
+def _factorable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D, nn.Embedding, *module_classes().values()))
+
+
+def find_target_modules(model: nn.Module, patterns: list[str] | None) -> list[str]:
+    """Module names matching ``patterns`` (exact name, name suffix after a dot, or glob).
+
+    The LM head is only matched when named explicitly: it is usually tied to the embedding."""
+    if patterns is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", "")
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise TQCError(f"no default target modules for model type {model_type!r}; "
+                           "pass target_modules (e.g. --target-modules q_proj,v_proj)")
+        patterns = DEFAULT_TARGET_MODULES[model_type]
+    names = []
+    unmatched = set(patterns)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if not _factorable(module):
+            continue
+        if module is head and name not in patterns:
+            continue
+        for pattern in patterns:
+            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern):
+                names.append(name)
+                unmatched.discard(pattern)
+                break
+    if unmatched:
+        raise TQCError(f"target module pattern(s) {sorted(unmatched)} match no Linear/Conv1D/Embedding "
+                       f"module of this model; module names look like {_example_names(model)}")
+    return names
+
+
+def _example_names(model: nn.Module) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def _depth(name: str) -> int:
+    numbers = re.findall(r"\.(\d+)\.", name)
+    return int(numbers[0]) if numbers else -1
+
+
+def _steps_upper_first(names: list[str], steps: int) -> dict[str, int]:
+    """Spread layers over ``steps`` distillation steps, upper layers first, as multi-step KD does."""
+    order = sorted(names, key=_depth, reverse=True)
+    return {name: 1 + i * steps // max(len(order), 1) for i, name in enumerate(order)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Three ways to plan: an explicit spec, one budget for every layer, auto
+
+
+def _layers_from_spec(model: nn.Module, layers: list[tuple[str, LayerSpec]]) -> list[LayerPlan]:
+    plan = []
+    for pattern, spec in layers:
+        for name in find_target_modules(model, [pattern]):
+            try:
+                spec.structure.check(spec.settings, tuple(dense_weight_of(model.get_submodule(name))[0].shape))
+            except TQCError as exc:
+                raise TQCError(f"{name}: {exc}") from None
+            plan.append(LayerPlan(name, spec))
+    return plan
+
+
+def _layers_from_budget(model: nn.Module, names: list[str], config: CompressionConfig) -> list[LayerPlan]:
+    """Turn a whole-model budget into per-layer settings: every target layer keeps the same fraction
+    ``f`` of its parameters, where ``f`` is what the budget leaves after the untouched parameters.
+    Each layer then takes the settings of ``config.method`` with the most parameters under ``f``."""
+    total, target = count_parameters(model), target_params(model, config)
+    shapes = {name: tuple(dense_weight_of(model.get_submodule(name))[0].shape) for name in names}
+    compressible = sum(m * n for m, n in shapes.values())
+    fixed = total - compressible
+    if target >= total:
+        return []
+    if target <= fixed:
+        raise TQCError(f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
+                       "modules; raise the ratio or add target modules (e.g. the embeddings)")
+    keep = (target - fixed) / compressible
+    structure = get_structure(config.method)
+    steps = _steps_upper_first(names, config.steps)
+    why = f"keeps {keep:.1%} of every target layer to meet the whole-model budget"
+    plan = []
+    for name in names:
+        found = structure.for_budget(shapes[name], keep, config.prefer)
+        if found is None:
+            m, n = shapes[name]
+            raise TQCError(f"no {config.method} factorization of a {m}x{n} matrix fits {keep:.1%} of its parameters; "
+                           "raise the ratio or use --method svd")
+        settings, phrase = found
+        plan.append(LayerPlan(name, LayerSpec(config.method, step=steps[name], reason=f"{phrase} {why}",
+                                              **settings_dict(settings))))
+    return plan
+
+
+def _plan_auto(model: nn.Module, names: list[str], config: CompressionConfig, stats: dict | None,
+               progress: bool) -> tuple[list[LayerPlan], dict]:
+    """Measure every structure's candidates per layer and allocate the budget by error per
+    parameter (see :mod:`tqcompressor.auto`). The chosen factors are fitted here."""
+    from tqcompressor.auto import allocate, candidate_menu, factors_for, layer_scale
+
+    total, target = count_parameters(model), target_params(model, config)
+    weights = {name: dense_weight_of(model.get_submodule(name))[0] for name in names}
+    fixed = total - sum(w.numel() for w in weights.values())
+    if target <= fixed:
+        raise TQCError(f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
+                       "modules; raise the ratio or add target modules")
+    cov = {name: stats[name].input_cov if stats else None for name in names}
+    menus, states = {}, {}
+    for name in tqdm(names, desc="measuring candidates", unit="layer", disable=not progress):
+        menus[name], states[name] = candidate_menu(weights[name], cov[name], max_iterations=config.max_iterations)
+    scales = {name: layer_scale(w, stats[name] if stats else None) for name, w in weights.items()}
+    try:
+        choices = allocate(menus, scales, target - fixed)
+    except ValueError as exc:
+        raise TQCError(f"{exc}; raise the ratio") from None
+    metric = "relative output error on the calibration text" if stats else "relative weight error"
+    steps = _steps_upper_first(names, config.steps)
+    layers, record = [], {}
+    for name in names:
+        choice = choices[name]
+        record[name] = {"chosen": choice.to_dict(), "metric": metric, "layer_weight": scales[name],
+                        "menu": [c.to_dict() for c in menus[name]]}
+        if not REGISTRY[choice.method].compresses:
+            continue  # kept dense
+        reason = (f"auto: {choice.method} at {choice.params:,} params gives {metric} {choice.error:.3f}; "
+                  f"chosen by weighted error reduction per parameter among {len(menus[name])} candidates")
+        spec = LayerSpec(choice.method, step=steps[name], reason=reason, **choice.settings)
+        layers.append(LayerPlan(name, spec, factors_for(weights[name], choice, states[name], cov[name])))
+    return layers, record
+

@@ -1,0 +1,177 @@
+"""``svd``: ``W ~= U V``, the low-rank baseline; with calibration statistics the activation-aware
+fit that minimises the output error (as SVD-LLM does)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from tqcompressor.decompose import WHITENING_DAMPING, tail_energy, whitening
+from tqcompressor.errors import TQCError
+from tqcompressor.layers import bias_of, dense_weight_of
+from tqcompressor.structures.base import Candidate, Structure, register
+
+SVD_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # auto's menu: fractions of m*n
+
+
+@dataclass
+class LowRankSettings:
+    rank: int = 1
+
+    def __post_init__(self) -> None:
+        if int(self.rank) < 1:
+            raise TQCError(f"rank must be a positive integer, got {self.rank}")
+
+
+@dataclass
+class LowRankFactors:
+    """``W ~= u @ v``."""
+
+    u: Tensor  # (m, rank)
+    v: Tensor  # (rank, n)
+    history: list[float] = field(default_factory=list)  # relative error in the metric minimised
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.u.shape[0], self.v.shape[1])
+
+    @property
+    def num_params(self) -> int:
+        return self.u.numel() + self.v.numel()
+
+    def to_dense(self) -> Tensor:
+        return self.u @ self.v
+
+
+def truncated_svd(weight: Tensor, rank: int, input_cov: Tensor | None = None,
+                  damping: float = WHITENING_DAMPING) -> LowRankFactors:
+    """Best rank-``rank`` ``U V``. Without ``input_cov`` it minimises ``||W - U V||_F``; with the
+    second moment ``C = E[x x^T]`` of the layer's inputs it minimises the *output* error
+    ``E||(W - U V) x||^2`` (activation-aware, as in SVD-LLM): the SVD of ``W S`` with ``C = S S^T``,
+    mapped back by ``S^-1``. ``history`` holds the relative error in the metric that was minimised."""
+    w = weight.detach().to(torch.float64)
+    if rank > min(w.shape):
+        raise TQCError(f"SVD rank {rank} exceeds min{tuple(w.shape)}")
+    if input_cov is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        back = None
+    else:
+        root_cov, back = whitening(input_cov, damping)
+        u, s, vh = torch.linalg.svd(w @ root_cov, full_matrices=False)
+    root = s[:rank].sqrt()
+    left, right = u[:, :rank] * root, vh[:rank] * root[:, None]
+    if back is not None:
+        right = right @ back
+    history = [float((s[rank:].square().sum() / s.square().sum().clamp_min(1e-300)).sqrt())]
+    return LowRankFactors(left.to(weight.dtype).contiguous(), right.to(weight.dtype).contiguous(), history)
+
+
+class LowRankLinear(nn.Module):
+    """``y = U (V x) + bias``: the truncated-SVD baseline as a drop-in layer."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 kind: str = "linear", dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+        self.u = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype))
+        self.v = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_factors(cls, factors: LowRankFactors, bias: Tensor | None = None, kind: str = "linear") -> LowRankLinear:
+        m, n = factors.shape
+        layer = cls(n, m, factors.rank, bias is not None, kind, factors.u.dtype)
+        with torch.no_grad():
+            layer.u.copy_(factors.u)
+            layer.v.copy_(factors.v)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, rank: int) -> LowRankLinear:
+        """Factor a dense ``nn.Linear`` / ``Conv1D`` by truncated SVD."""
+        weight, kind = dense_weight_of(module)
+        return cls.from_factors(truncated_svd(weight, rank), bias_of(module), kind)
+
+    def config(self) -> dict:
+        """Constructor arguments, as ``tqcompressor.json`` stores them."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+                "bias": self.bias is not None, "kind": self.kind}
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype) -> LowRankLinear:
+        return cls(config["in_features"], config["out_features"], config["rank"], config["bias"], config["kind"], dtype)
+
+    def permute_outputs(self, gather: Tensor) -> None:
+        """Make this layer return ``y[..., gather]`` by permuting the rows of ``U`` (folding)."""
+        with torch.no_grad():
+            self.u.copy_(self.u[gather.to(self.u.device)])
+            if self.bias is not None:
+                self.bias.copy_(self.bias[gather.to(self.bias.device)])
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    def to_dense(self) -> Tensor:
+        return (self.u @ self.v).detach()
+
+    @property
+    def macs_per_token(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.v), self.u, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+
+
+class LowRank(Structure):
+    name = "svd"
+    help = "truncated SVD U V (activation-aware with calibration)"
+    settings_type = LowRankSettings
+    module_types = (LowRankLinear,)
+    calibrated_note = " (activation-aware: minimises the output error on the calibration text)"
+
+    def settings_of(self, module: LowRankLinear) -> LowRankSettings:
+        return LowRankSettings(rank=module.rank)
+
+    def describe(self, settings: dict) -> str:
+        return f"svd r{settings['rank']}"
+
+    def fit(self, weight: Tensor, settings: LowRankSettings, stats=None, max_iterations: int = 20) -> LowRankFactors:
+        return truncated_svd(weight, settings.rank, stats.input_cov if stats is not None else None)
+
+    def module(self, factors: LowRankFactors, bias: Tensor | None, kind: str) -> LowRankLinear:
+        return LowRankLinear.from_factors(factors, bias, kind)
+
+    def for_budget(self, shape, keep, prefer):
+        m, n = shape
+        return LowRankSettings(rank=max(1, int(keep * m * n // (m + n)))), "largest SVD rank that"
+
+    def candidates(self, weight: Tensor, sketch=None, max_iterations: int = 10) -> tuple[list[Candidate], None]:
+        w = weight.detach().to(torch.float64)
+        m, n = w.shape
+        tail = tail_energy(torch.linalg.svdvals(w if sketch is None else w @ sketch.root))
+        menu = []
+        for fraction in SVD_FRACTIONS:
+            rank = max(1, int(fraction * m * n / (m + n)))
+            if rank < min(m, n):
+                menu.append(Candidate("svd", rank * (m + n), (tail[rank] / tail[0]) ** 0.5, {"rank": rank},
+                                      macs=rank * (m + n)))
+        return menu, None
+
+    def fit_candidate(self, weight: Tensor, candidate: Candidate, state, input_cov) -> LowRankFactors:
+        return truncated_svd(weight, candidate.settings["rank"], input_cov)
+
+
+register(LowRank())
