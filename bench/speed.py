@@ -29,7 +29,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 import tqcompressor as tqc
-from tqcompressor import KroneckerLinear, LowRankLinear
+from tqcompressor import LowRankLinear
 from tqcompressor.report import table
 
 HERE = Path(__file__).resolve().parent

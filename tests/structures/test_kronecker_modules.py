@@ -3,8 +3,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from tqcompressor import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead, TQCError
-from tqcompressor.decompose import relative_error
+from tqcompressor import KroneckerEmbedding, KroneckerLinear, TiedKroneckerHead, TQCError
 
 
 def rel(a, b):
@@ -47,17 +46,6 @@ def test_kronecker_linear_exact_for_scrambled_product():
 def test_identity_permutations_are_not_stored():
     layer = KroneckerLinear.from_linear(nn.Linear(8, 8), "kronecker", b_shape=(2, 2))
     assert layer.input_index is None and layer.output_index is None
-
-
-def test_low_rank_linear_matches_dense_and_conv1d():
-    torch.manual_seed(3)
-    conv = Conv1D(20, 12)
-    nn.init.normal_(conv.weight)
-    layer = LowRankLinear.from_linear(conv, rank=12)  # full rank: exact
-    x = torch.randn(6, 12)
-    assert rel(layer(x), conv(x)) < 1e-5
-    low = LowRankLinear.from_linear(nn.Linear(12, 20), rank=3)
-    assert rel(low(x), x @ low.to_dense().T + low.bias) < 1e-5
 
 
 def test_kronecker_embedding_lookup_and_tied_head_equal_dense_table():
@@ -140,7 +128,6 @@ def test_contraction_order_follows_multiply_adds():
     assert kronecker_macs((192, 192), (3, 3), 5, "a") == 5 * (3 * 192 * 192 + 3 * 3 * 192)
     layer = KroneckerLinear((576, 64), (1, 9), 5)
     assert layer.macs_per_token == 5 * (64 * 9 + 576 * 64) < 576 * 576
-    assert LowRankLinear(576, 1536, 10).macs_per_token == 10 * (576 + 1536)
 
 
 def test_fused_gathers_follow_loading_copying_and_moving():
