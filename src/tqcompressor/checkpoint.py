@@ -93,8 +93,19 @@ def _has(model: nn.Module, name: str) -> bool:
         return False
 
 
+def factored_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The factored modules of ``model``, outermost only: a structure built from other factored
+    modules (say a Kronecker layer plus a low-rank one) is saved and densified as one."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(outer + ".") for outer, _ in found)
+        if not inside and describe(module) is not None:
+            found.append((name, module))
+    return found
+
+
 def structure_of(model: nn.Module) -> dict[str, dict]:
-    return {name: d for name, module in model.named_modules() if (d := describe(module)) is not None}
+    return {name: describe(module) for name, module in factored_modules(model)}
 
 
 def save(model: nn.Module, directory: str | Path, tokenizer=None, base_model: str | None = None,
@@ -227,11 +238,12 @@ def load_tokenizer(directory: str | Path):
 
 def densify(model: nn.Module) -> nn.Module:
     """Replace every factored module by the plain module it stands for (weights merged)."""
-    for name, module in list(model.named_modules()):
-        if type(module).__name__ in module_classes():
-            dense = plain_module(module.to_dense(), bias_of(module), module.kind)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, dense)
+    for name, module in factored_modules(model):
+        if isinstance(module, TiedKroneckerHead):
+            continue  # re-tied below
+        dense = plain_module(module.to_dense(), bias_of(module), module.kind)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
     head = model.get_output_embeddings()
     if isinstance(head, TiedKroneckerHead):
         new_embedding = model.get_input_embeddings()
