@@ -9,7 +9,7 @@ from tqcompressor.errors import TQCError
 
 from tqcompressor.structures.base import (REGISTRY, Candidate, Structure, all_structures, compression_methods,
                                           get_structure, module_classes, register, settings_dict, structure_of)
-from tqcompressor.structures import dense, kronecker, lowrank  # noqa: E402,F401  (each registers itself)
+from tqcompressor.structures import dense, kronecker, kronecker_lowrank, lowrank  # noqa: E402,F401  (each registers itself)
 
 
 def decompose(weight: Tensor, method: str = "tq", max_iterations: int = 20, **settings):

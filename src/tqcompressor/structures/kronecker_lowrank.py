@@ -1,0 +1,209 @@
+"""``tq_lowrank``: a permuted Kronecker sum plus a low-rank residual,
+``W ~= P_r (sum_k A_k (x) B_k) P_c + U V``.
+
+The Kronecker part captures the repeated block structure, the low-rank part what it misses.
+Fit: the Kronecker part first (as ``tq``: permutation search; with calibration, input columns
+weighted by their RMS), then the truncated SVD of the residual ``W - K`` (with calibration,
+activation-aware: it minimises the output error of the whole layer given ``K``), then a few
+alternations between the two (see :func:`fit_kronecker_lowrank`).
+
+``auto`` measures this structure at one B shape, a few Kronecker ranks and several residual ranks.
+To stay cheap its candidates use no permutation search and no alternation (one SVD of the
+rearranged matrix, then one SVD of the residual per Kronecker rank serves every residual rank),
+and the factors it installs are exactly those it measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tqcompressor.decompose import kronecker_sum, nearest_kronecker, output_error, relative_error, tail_energy
+from tqcompressor.errors import TQCError
+from tqcompressor.structures.base import Candidate, Structure, register
+from tqcompressor.structures.kronecker import (KroneckerFactors, KroneckerLinear, KroneckerSettings, fit_kronecker,
+                                               input_rms, kronecker_macs, kronecker_order)
+from tqcompressor.structures.kronecker import Kronecker as _Kronecker
+from tqcompressor.structures.lowrank import LowRankFactors, LowRankLinear, truncated_svd
+
+AUTO_B_SHAPES = ((2, 4), (4, 2))  # the first that divides the matrix is measured
+AUTO_KRONECKER_RANKS = (1, 2, 3)
+AUTO_RESIDUAL_FRACTIONS = (0.05, 0.1, 0.2, 0.3)  # of m*n
+ALTERNATION_ROUNDS = 30  # Kronecker <-> residual refits after the first fit
+ALTERNATION_GAIN = 1e-4  # stop once a round lowers the error by less than this fraction
+
+
+@dataclass
+class KroneckerLowRankSettings:
+    rank: int = 1  # Kronecker terms
+    a_shape: tuple[int, int] | None = None
+    b_shape: tuple[int, int] | None = None
+    residual_rank: int = 1
+
+    def __post_init__(self) -> None:
+        KroneckerSettings(self.rank, self.a_shape, self.b_shape)  # the same checks as tq's
+        self.a_shape = tuple(int(x) for x in self.a_shape) if self.a_shape is not None else None
+        self.b_shape = tuple(int(x) for x in self.b_shape) if self.b_shape is not None else None
+        if int(self.residual_rank) < 1:
+            raise TQCError(f"residual_rank must be a positive integer, got {self.residual_rank}")
+
+
+@dataclass
+class KroneckerLowRankFactors:
+    kronecker: KroneckerFactors
+    lowrank: LowRankFactors
+
+    @property
+    def num_params(self) -> int:
+        return self.kronecker.num_params + self.lowrank.num_params
+
+    def to_dense(self) -> Tensor:
+        return self.kronecker.to_dense() + self.lowrank.to_dense()
+
+
+def fit_kronecker_lowrank(weight: Tensor, settings: KroneckerLowRankSettings, input_cov: Tensor | None = None,
+                          search: bool = True, max_iterations: int = 20, weighted_kronecker: bool = True,
+                          rounds: int = ALTERNATION_ROUNDS) -> KroneckerLowRankFactors:
+    """Kronecker part first (as ``tq``, or plain without ``search``), then the best
+    rank-``residual_rank`` ``U V`` of the residual (in the output metric when ``input_cov`` is
+    given); then up to ``rounds`` alternations, each refitting the Kronecker factors (the
+    permutations stay) to ``W - U V`` and ``U V`` to ``W - K``. Each half-step minimises the
+    Frobenius error given the other part, so without ``input_cov`` the error never grows; with it,
+    the round with the lowest output error is kept. ``weighted_kronecker``: with ``input_cov``,
+    the first Kronecker fit weights input columns by their RMS (as ``tq`` does)."""
+    w = weight.detach().to(torch.float64)
+    scale = input_rms(input_cov) if input_cov is not None and weighted_kronecker else None
+    kron = fit_kronecker(w, settings.a_shape, settings.b_shape, settings.rank, search, max_iterations, scale)
+    low = truncated_svd(w - kron.to_dense(), settings.residual_rank, input_cov)
+    best, best_error = (kron, low), _error(w, kron.to_dense() + low.to_dense(), input_cov)
+    a_shape, b_shape = tuple(kron.a.shape[1:]), tuple(kron.b.shape[1:])
+    for _ in range(rounds):
+        target = (w - low.to_dense())[kron.row_perm][:, kron.col_perm]
+        kron = KroneckerFactors(*nearest_kronecker(target, a_shape, b_shape, settings.rank), kron.row_perm, kron.col_perm)
+        low = truncated_svd(w - kron.to_dense(), settings.residual_rank, input_cov)
+        error = _error(w, kron.to_dense() + low.to_dense(), input_cov)
+        improved = error < best_error * (1 - ALTERNATION_GAIN)
+        if error < best_error:
+            best, best_error = (kron, low), error
+        if not improved:
+            break
+    kron, low = best
+    return KroneckerLowRankFactors(kron.to(weight.dtype),
+                                   LowRankFactors(low.u.to(weight.dtype), low.v.to(weight.dtype), [best_error]))
+
+
+def _error(w: Tensor, approx: Tensor, input_cov: Tensor | None) -> float:
+    return relative_error(w, approx) if input_cov is None else output_error(w, approx, input_cov)
+
+
+class KroneckerLowRankLinear(nn.Module):
+    """``y = K x + U (V x) + bias``: a :class:`KroneckerLinear` and a :class:`LowRankLinear` side by side."""
+
+    def __init__(self, kronecker: KroneckerLinear, lowrank: LowRankLinear) -> None:
+        super().__init__()
+        self.kronecker, self.lowrank = kronecker, lowrank  # the bias lives in the low-rank part
+        self.in_features, self.out_features, self.kind = lowrank.in_features, lowrank.out_features, lowrank.kind
+
+    @classmethod
+    def from_factors(cls, factors: KroneckerLowRankFactors, bias: Tensor | None = None,
+                     kind: str = "linear") -> KroneckerLowRankLinear:
+        return cls(KroneckerLinear.from_factors(factors.kronecker, None, kind),
+                   LowRankLinear.from_factors(factors.lowrank, bias, kind))
+
+    def config(self) -> dict:
+        return {"kronecker": self.kronecker.config(), "lowrank": self.lowrank.config()}
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype) -> KroneckerLowRankLinear:
+        return cls(KroneckerLinear.from_config(config["kronecker"], dtype), LowRankLinear.from_config(config["lowrank"], dtype))
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.lowrank.bias
+
+    def to_dense(self) -> Tensor:
+        return self.kronecker.to_dense() + self.lowrank.to_dense()
+
+    @property
+    def macs_per_token(self) -> int:
+        return self.kronecker.macs_per_token + self.lowrank.macs_per_token
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.kronecker(x) + self.lowrank(x)
+
+
+class KroneckerLowRank(Structure):
+    name = "tq_lowrank"
+    help = "permuted Kronecker products plus a low-rank residual"
+    settings_type = KroneckerLowRankSettings
+    module_types = (KroneckerLowRankLinear,)
+    calibrated_note = " (Kronecker part RMS-weighted, residual activation-aware, on the calibration text)"
+
+    def check(self, settings: KroneckerLowRankSettings, shape: tuple[int, int]) -> None:
+        _Kronecker("tq", True, "").check(KroneckerSettings(settings.rank, settings.a_shape, settings.b_shape), shape)
+
+    def settings_of(self, module: KroneckerLowRankLinear) -> KroneckerLowRankSettings:
+        k = module.kronecker
+        return KroneckerLowRankSettings(k.rank, tuple(k.a.shape[1:]), tuple(k.b.shape[1:]), module.lowrank.rank)
+
+    def describe(self, settings: dict) -> str:
+        b_shape = settings.get("b_shape")
+        shape = f" B{b_shape[0]}x{b_shape[1]}" if b_shape else ""
+        return f"tq{shape} r{settings['rank']} + svd r{settings['residual_rank']}"
+
+    def fit(self, weight: Tensor, settings, stats=None, max_iterations: int = 20) -> KroneckerLowRankFactors:
+        return fit_kronecker_lowrank(weight, settings, stats.input_cov if stats is not None else None,
+                                     max_iterations=max_iterations)
+
+    def module(self, factors: KroneckerLowRankFactors, bias: Tensor | None, kind: str) -> KroneckerLowRankLinear:
+        return KroneckerLowRankLinear.from_factors(factors, bias, kind)
+
+    def for_budget(self, shape, keep, prefer):
+        """Half of the layer's budget to the Kronecker part (tq's shapes), the rest to the residual."""
+        m, n = shape
+        found = _Kronecker("tq", True, "").for_budget(shape, keep / 2, prefer)
+        if found is None:
+            return None
+        kron = found[0]
+        kron_params = kron.rank * (kron.a_shape[0] * kron.a_shape[1] + kron.b_shape[0] * kron.b_shape[1])
+        residual_rank = int((keep * m * n - kron_params) // (m + n))
+        if residual_rank < 1:
+            return None
+        settings = KroneckerLowRankSettings(kron.rank, kron.a_shape, kron.b_shape, residual_rank)
+        return settings, "half the budget to Kronecker shapes, the rest to the residual's SVD rank, so that it"
+
+    def candidates(self, weight: Tensor, sketch=None, max_iterations: int = 10) -> tuple[list[Candidate], None]:
+        w = weight.detach().to(torch.float64)
+        m, n = w.shape
+        b_shape = next(((p, q) for p, q in AUTO_B_SHAPES if m % p == 0 and n % q == 0), None)
+        if b_shape is None:
+            return [], None
+        a_shape = (m // b_shape[0], n // b_shape[1])
+        total = float(w.square().sum()) if sketch is None else float((w @ sketch.root).square().sum())
+        menu = []
+        for rank in AUTO_KRONECKER_RANKS:
+            if rank >= b_shape[0] * b_shape[1]:
+                continue
+            a, b = nearest_kronecker(w, a_shape, b_shape, rank)
+            residual = w - kronecker_sum(a, b)
+            tail = tail_energy(torch.linalg.svdvals(residual if sketch is None else residual @ sketch.root))
+            kron_params = rank * (a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1])
+            kron_macs = kronecker_macs(a_shape, b_shape, rank, kronecker_order(a_shape, b_shape, rank))
+            for residual_rank in sorted({max(1, int(f * m * n / (m + n))) for f in AUTO_RESIDUAL_FRACTIONS}):
+                params = kron_params + residual_rank * (m + n)
+                if residual_rank >= min(m, n) or params >= m * n:
+                    continue
+                settings = {"rank": rank, "a_shape": list(a_shape), "b_shape": list(b_shape),
+                            "residual_rank": residual_rank}
+                menu.append(Candidate(self.name, params, (tail[residual_rank] / max(total, 1e-300)) ** 0.5, settings,
+                                      macs=kron_macs + residual_rank * (m + n)))
+        return menu, None
+
+    def fit_candidate(self, weight: Tensor, candidate: Candidate, state, input_cov) -> KroneckerLowRankFactors:
+        settings = self.make_settings(candidate.settings)
+        return fit_kronecker_lowrank(weight, settings, input_cov, search=False, weighted_kronecker=False, rounds=0)
+
+
+register(KroneckerLowRank())
