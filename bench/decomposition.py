@@ -99,6 +99,17 @@ def main() -> None:
           f"({report.params_before:,} -> {report.params_after:,} parameters); wrote {args.out}")
 
 
+def _commit() -> str:
+    """The commit this run measured, marked when the working tree differs from it."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                           text=True).stdout.strip()
+    return head + ("+uncommitted" if dirty else "")
+
+
 def whole_model(args) -> None:
     from tqcompressor.calibration import calibrate
     from tqcompressor.data import calibration_ids
@@ -139,7 +150,8 @@ def whole_model(args) -> None:
         rows.append([label, report.params_after, methods[label]["weight_error"], methods[label]["loss_proxy_error"],
                      seconds, " ".join(f"{k}:{v}" for k, v in sorted(kinds.items()))])
         print(label, json.dumps(methods[label]), flush=True)
-    result = {"model": args.model, "ratio": args.ratio, "params_before": tqc.count_parameters(teacher),
+    result = {"commit": _commit(), "device": "cpu", "model": args.model, "ratio": args.ratio,
+              "params_before": tqc.count_parameters(teacher), "methods_run": args.methods.split(","),
               "calibration": {"data": Path(args.calibration).name, "tokens": args.calibration_tokens,
                               "seconds": calibration_seconds},
               "torch_threads": torch.get_num_threads(),
