@@ -18,6 +18,23 @@ from torch import Tensor, nn
 from tqcompressor.errors import TQCError
 
 
+class Factors:
+    """Base of every structure's factors dataclass (which adds ``to_dense()``): ``num_params``
+    counts its floating-point tensors and nested factors; integer permutations are index
+    buffers, not parameters."""
+
+    @property
+    def num_params(self) -> int:
+        total = 0
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, Tensor) and value.is_floating_point():
+                total += value.numel()
+            elif isinstance(value, Factors):
+                total += value.num_params
+        return total
+
+
 @dataclass
 class Candidate:
     """One way to store one matrix, measured for ``auto``: parameters, relative error (in the

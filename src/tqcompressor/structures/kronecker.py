@@ -19,7 +19,7 @@ from tqcompressor.errors import TQCError
 from tqcompressor.layers import (bias_of, compose_gathers, dense_weight_of, gather_columns, gather_last,
                                  unless_identity)
 from tqcompressor.permutation import permuted_kronecker
-from tqcompressor.structures.base import Candidate, Structure, register
+from tqcompressor.structures.base import Candidate, Factors, Structure, register
 
 # Budget solver: small-factor sides it may pick for B (A takes the rest), and the most Kronecker
 # terms it will use: the method is about a *short* sum of Kronecker products.
@@ -54,7 +54,7 @@ class KroneckerSettings:
 
 
 @dataclass
-class KroneckerFactors:
+class KroneckerFactors(Factors):
     """``W ~= (sum_k A_k (x) B_k)[inv(row_perm)][:, inv(col_perm)]``."""
 
     a: Tensor  # (rank, m1, n1)
@@ -71,11 +71,6 @@ class KroneckerFactors:
     def shape(self) -> tuple[int, int]:
         return (self.a.shape[1] * self.b.shape[1], self.a.shape[2] * self.b.shape[2])
 
-    @property
-    def num_params(self) -> int:
-        """Trainable numbers stored; the permutations are integer index buffers, not parameters."""
-        return self.a.numel() + self.b.numel()
-
     def to_dense(self) -> Tensor:
         k = kronecker_sum(self.a, self.b)
         return k[inverse_permutation(self.row_perm)][:, inverse_permutation(self.col_perm)]
@@ -86,6 +81,15 @@ class KroneckerFactors:
 
 # ---------------------------------------------------------------------------------------------
 # Fitting: pure tensor math
+
+
+def stored_factors(a: Tensor, b: Tensor, row_index: Tensor | None, col_index: Tensor | None) -> KroneckerFactors:
+    """The factors a module holds: ``row_index`` maps rows back to ``W``'s (the inverse of
+    ``row_perm``), ``col_index`` is ``col_perm``; ``None`` is the identity."""
+    m, n = a.shape[1] * b.shape[1], a.shape[2] * b.shape[2]
+    row = inverse_permutation(row_index) if row_index is not None else torch.arange(m)
+    col = col_index if col_index is not None else torch.arange(n)
+    return KroneckerFactors(a.detach(), b.detach(), row.cpu(), col.cpu())
 
 
 def fit_kronecker(weight: Tensor, a_shape: tuple[int, int] | None, b_shape: tuple[int, int] | None, rank: int = 1,
@@ -379,10 +383,7 @@ class KroneckerLinear(nn.Module):
         return self.a.shape[0]
 
     def factors(self) -> KroneckerFactors:
-        m, n = self.out_features, self.in_features
-        row = inverse_permutation(self.output_index) if self.output_index is not None else torch.arange(m)
-        col = self.input_index if self.input_index is not None else torch.arange(n)
-        return KroneckerFactors(self.a.detach(), self.b.detach(), row.cpu(), col.cpu())
+        return stored_factors(self.a, self.b, self.output_index, self.input_index)
 
     def to_dense(self) -> Tensor:
         """The (out, in) weight this layer represents, for export and checks only."""
@@ -469,10 +470,7 @@ class KroneckerEmbedding(nn.Module):
         return self.to_dense()
 
     def factors(self) -> KroneckerFactors:
-        m, n = self.num_embeddings, self.embedding_dim
-        row = inverse_permutation(self.token_index) if self.token_index is not None else torch.arange(m)
-        col = self.input_index if self.input_index is not None else torch.arange(n)
-        return KroneckerFactors(self.a.detach(), self.b.detach(), row.cpu(), col.cpu())
+        return stored_factors(self.a, self.b, self.token_index, self.input_index)
 
     def to_dense(self) -> Tensor:
         return self.factors().to_dense()

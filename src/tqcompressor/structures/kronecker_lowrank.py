@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from tqcompressor.decompose import kronecker_sum, nearest_kronecker, output_error, relative_error, tail_energy
 from tqcompressor.errors import TQCError
-from tqcompressor.structures.base import Candidate, Structure, register
+from tqcompressor.structures.base import Candidate, Factors, Structure, register
 from tqcompressor.structures.kronecker import (KroneckerFactors, KroneckerLinear, KroneckerSettings, fit_kronecker,
                                                input_rms, kronecker_macs, kronecker_order)
 from tqcompressor.structures.kronecker import Kronecker as _Kronecker
@@ -51,13 +51,9 @@ class KroneckerLowRankSettings:
 
 
 @dataclass
-class KroneckerLowRankFactors:
+class KroneckerLowRankFactors(Factors):
     kronecker: KroneckerFactors
     lowrank: LowRankFactors
-
-    @property
-    def num_params(self) -> int:
-        return self.kronecker.num_params + self.lowrank.num_params
 
     def to_dense(self) -> Tensor:
         return self.kronecker.to_dense() + self.lowrank.to_dense()

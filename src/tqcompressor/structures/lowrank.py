@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from tqcompressor.decompose import WHITENING_DAMPING, tail_energy, whitening
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import bias_of, dense_weight_of
-from tqcompressor.structures.base import Candidate, Structure, register
+from tqcompressor.structures.base import Candidate, Factors, Structure, register
 
 SVD_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # auto's menu: fractions of m*n
 
@@ -27,7 +27,7 @@ class LowRankSettings:
 
 
 @dataclass
-class LowRankFactors:
+class LowRankFactors(Factors):
     """``W ~= u @ v``."""
 
     u: Tensor  # (m, rank)
@@ -41,10 +41,6 @@ class LowRankFactors:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.u.shape[0], self.v.shape[1])
-
-    @property
-    def num_params(self) -> int:
-        return self.u.numel() + self.v.numel()
 
     def to_dense(self) -> Tensor:
         return self.u @ self.v
