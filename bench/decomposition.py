@@ -115,6 +115,7 @@ def whole_model(args) -> None:
     from tqcompressor.data import calibration_ids
     from tqcompressor.surgery import find_target_modules
 
+    commit = _commit()  # the code this run imports now; the tree may change while it runs
     loaded = tqc.load_model(args.model)
     teacher = loaded.model
     names = find_target_modules(teacher, None)
@@ -150,7 +151,7 @@ def whole_model(args) -> None:
         rows.append([label, report.params_after, methods[label]["weight_error"], methods[label]["loss_proxy_error"],
                      seconds, " ".join(f"{k}:{v}" for k, v in sorted(kinds.items()))])
         print(label, json.dumps(methods[label]), flush=True)
-    result = {"commit": _commit(), "device": "cpu", "model": args.model, "ratio": args.ratio,
+    result = {"commit": commit, "device": "cpu", "model": args.model, "ratio": args.ratio,
               "params_before": tqc.count_parameters(teacher), "methods_run": args.methods.split(","),
               "calibration": {"data": Path(args.calibration).name, "tokens": args.calibration_tokens,
                               "seconds": calibration_seconds},
