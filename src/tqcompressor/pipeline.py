@@ -18,11 +18,10 @@ from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.errors import TQCError
 from tqcompressor.evaluate import evaluate
 from tqcompressor.models import LoadedModel
-from tqcompressor.report import table
 from tqcompressor.planning import count_parameters, plan_compression
+from tqcompressor.report import table
+from tqcompressor.structures import get_structure
 from tqcompressor.surgery import apply_plan
-
-CALIBRATED_METHODS = ("svd", "auto")  # these use calibration text (the distillation data) when planning
 
 
 def block_source_for(data: str, loaded: LoadedModel, config: DistillConfig, out_dir: Path, fraction=None):
@@ -65,8 +64,9 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
     student = copy.deepcopy(teacher)
     blocks = block_source_for(data, loaded, distill, out_dir, fraction)
     calibration = None
-    if compression.layers is None and compression.method in CALIBRATED_METHODS:
-        # activation-aware svd/auto: plan once from the first distillation blocks
+    if compression.layers is None and (compression.method == "auto"
+                                       or get_structure(compression.method).calibrated_in_run):
+        # activation-aware fits (auto, svd, ...): plan once from the first distillation blocks
         calibration = torch.stack(list(itertools.islice(blocks(0), max(1, calibration_tokens // distill.seq_len))))
     plan = plan_compression(student, compression, calibration)
     if not any(r["label"] == "compressed (no KD)" for r in rows):

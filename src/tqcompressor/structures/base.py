@@ -61,6 +61,7 @@ class Structure:
     embeddings: bool = False  # can it replace an nn.Embedding
     compresses: bool = True  # False only for 'dense', auto's "keep the layer as it is"
     calibrated_note: str = ""  # added to a layer's reason when its fit used calibration statistics
+    calibrated_in_run: bool = False  # `tqc run` calibrates it on the distillation data before planning
 
     # -- settings ---------------------------------------------------------------------------
     def make_settings(self, fields: dict[str, Any]) -> Any:

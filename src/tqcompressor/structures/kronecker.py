@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tqcompressor.decompose import (complete_shapes, inverse_permutation, kronecker_sum, nearest_kronecker,
-                                    output_error, rearrange, relative_error, tail_energy)
+from tqcompressor.decompose import (WHITENING_DAMPING, complete_shapes, damped_eigen, inverse_permutation,
+                                    kronecker_sum, nearest_kronecker, output_error, rearrange, relative_error,
+                                    tail_energy)
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import (bias_of, compose_gathers, dense_weight_of, gather_columns, gather_last,
                                  unless_identity)
@@ -152,6 +153,56 @@ def input_rms(input_cov: Tensor) -> Tensor:
     """Each input channel's RMS on the calibration text; a channel never seen still gets a little weight."""
     rms = input_cov.diagonal().clamp_min(0).sqrt()
     return rms.clamp_min(1e-6 * float(rms.mean()) + 1e-30)
+
+
+def output_metric_kronecker(w: Tensor, input_cov: Tensor, a: Tensor, b: Tensor, max_iterations: int = 25,
+                            tolerance: float = 1e-4, damping: float = WHITENING_DAMPING) -> tuple[Tensor, Tensor, list[float]]:
+    """Refine ``sum_k A_k (x) B_k ~= w`` (already permuted) in the output metric
+    ``tr(D C D^T)``, ``D = w - sum_k A_k (x) B_k``, ``C`` the damped input second moment (as the
+    activation-aware SVD uses it), by exact alternating least squares from ``(a, b)``.
+
+    With B fixed the best A solves one linear system of size ``rank*n1`` (shared by every row
+    block of A) whose matrix and right-hand side contract ``C`` and ``w C`` with B; then the same
+    for B. Each half-step can only lower the error; it stops when a full step lowers the relative
+    error by less than ``tolerance`` or after ``max_iterations``. Float64 throughout. Returns
+    ``(a, b, history)`` with the relative output error before and after each step.
+    """
+    w = w.detach().to(torch.float64)
+    rank, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    values, vectors = damped_eigen(input_cov, damping)
+    c = (vectors * values) @ vectors.T
+    c4 = c.reshape(n1, n2, n1, n2)
+    p4 = (w @ c).reshape(m1, m2, n1, n2)
+    total = float((w @ c * w).sum())
+    a, b = a.to(torch.float64).clone(), b.to(torch.float64).clone()
+
+    def error(a, b) -> float:
+        d = w - kronecker_sum(a, b)
+        return (max(float((d @ c * d).sum()), 0.0) / max(total, 1e-300)) ** 0.5
+
+    def solve(gram: Tensor, rhs: Tensor) -> Tensor:
+        ridge = 1e-12 * float(gram.diagonal().mean()) or 1e-300  # only guards exact singularity
+        return torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), rhs)
+
+    history = [error(a, b)]
+    for _ in range(max_iterations):
+        # A-step: G[(k,j1),(l,j1')] = sum_{i2,j2,j2'} B_k[i2,j2] C[(j1,j2),(j1',j2')] B_l[i2,j2']
+        gram = torch.einsum("kpq,aqbs,lps->kalb", b, c4, b).reshape(rank * n1, rank * n1)
+        rhs = torch.einsum("kpq,ipaq->kai", b, p4).reshape(rank * n1, m1)
+        a = solve(gram, rhs).reshape(rank, n1, m1).transpose(1, 2).contiguous()
+        # B-step: H[(k,j2),(l,j2')] = sum_{i1,j1,j1'} A_k[i1,j1] C[(j1,j2),(j1',j2')] A_l[i1,j1']
+        pairs = torch.einsum("kia,lib->kalb", a, a)
+        gram = torch.einsum("kalb,aqbs->kqls", pairs, c4).reshape(rank * n2, rank * n2)
+        rhs = torch.einsum("kia,ipaq->kqp", a, p4).reshape(rank * n2, m2)
+        b = solve(gram, rhs).reshape(rank, n2, m2).transpose(1, 2).contiguous()
+        # keep each term's two factors at the same scale (the product is unchanged)
+        ratio = (a.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1).clamp_min(1e-300)).clamp_min(1e-300).sqrt()
+        a, b = a / ratio[:, None, None], b * ratio[:, None, None]
+        history.append(error(a, b))
+        if history[-1] > history[-2] * (1 - tolerance):
+            break
+    return a, b, history
 
 
 def kronecker_errors(w: Tensor, a_shape, b_shape, ranks: list[int], row_perm: Tensor, col_perm: Tensor,

@@ -4,8 +4,9 @@
 The Kronecker part captures the repeated block structure, the low-rank part what it misses.
 Fit: the Kronecker part first (as ``tq``: permutation search; with calibration, input columns
 weighted by their RMS), then the truncated SVD of the residual ``W - K`` (with calibration,
-activation-aware: it minimises the output error of the whole layer given ``K``), then a few
-alternations between the two (see :func:`fit_kronecker_lowrank`).
+activation-aware: it minimises the output error of the whole layer given ``K``), then
+alternations between the two; with calibration both parts are refitted in the output metric
+(see :func:`fit_kronecker_lowrank`).
 
 ``auto`` measures this structure at one B shape, a few Kronecker ranks and several residual ranks.
 To stay cheap its candidates use no permutation search and no alternation (one SVD of the
@@ -24,7 +25,7 @@ from tqcompressor.decompose import kronecker_sum, nearest_kronecker, output_erro
 from tqcompressor.errors import TQCError
 from tqcompressor.structures.base import Candidate, Factors, Structure, register
 from tqcompressor.structures.kronecker import (KroneckerFactors, KroneckerLinear, KroneckerSettings, fit_kronecker,
-                                               input_rms, kronecker_macs, kronecker_order)
+                                               input_rms, kronecker_macs, kronecker_order, output_metric_kronecker)
 from tqcompressor.structures.kronecker import Kronecker as _Kronecker
 from tqcompressor.structures.lowrank import LowRankFactors, LowRankLinear, truncated_svd
 
@@ -33,6 +34,7 @@ AUTO_KRONECKER_RANKS = (1, 2, 3)
 AUTO_RESIDUAL_FRACTIONS = (0.05, 0.1, 0.2, 0.3)  # of m*n
 ALTERNATION_ROUNDS = 30  # Kronecker <-> residual refits after the first fit
 ALTERNATION_GAIN = 1e-4  # stop once a round lowers the error by less than this fraction
+ALS_STEPS_PER_ROUND = 3  # with calibration: output-metric least-squares steps of the Kronecker part per round
 
 
 @dataclass
@@ -63,12 +65,12 @@ def fit_kronecker_lowrank(weight: Tensor, settings: KroneckerLowRankSettings, in
                           search: bool = True, max_iterations: int = 20, weighted_kronecker: bool = True,
                           rounds: int = ALTERNATION_ROUNDS) -> KroneckerLowRankFactors:
     """Kronecker part first (as ``tq``, or plain without ``search``), then the best
-    rank-``residual_rank`` ``U V`` of the residual (in the output metric when ``input_cov`` is
-    given); then up to ``rounds`` alternations, each refitting the Kronecker factors (the
-    permutations stay) to ``W - U V`` and ``U V`` to ``W - K``. Each half-step minimises the
-    Frobenius error given the other part, so without ``input_cov`` the error never grows; with it,
-    the round with the lowest output error is kept. ``weighted_kronecker``: with ``input_cov``,
-    the first Kronecker fit weights input columns by their RMS (as ``tq`` does)."""
+    rank-``residual_rank`` ``U V`` of the residual; then up to ``rounds`` alternations, each
+    refitting the Kronecker factors (the permutations stay) to ``W - U V`` and ``U V`` to
+    ``W - K``. Without ``input_cov`` both half-steps minimise the Frobenius error; with it both
+    minimise the output error ``tr(D C D^T)`` (:func:`output_metric_kronecker`, activation-aware
+    SVD), so the error never grows; the best round is kept. ``weighted_kronecker``: with
+    ``input_cov``, the first Kronecker fit weights input columns by their RMS (as ``tq`` does)."""
     w = weight.detach().to(torch.float64)
     scale = input_rms(input_cov) if input_cov is not None and weighted_kronecker else None
     kron = fit_kronecker(w, settings.a_shape, settings.b_shape, settings.rank, search, max_iterations, scale)
@@ -77,7 +79,12 @@ def fit_kronecker_lowrank(weight: Tensor, settings: KroneckerLowRankSettings, in
     a_shape, b_shape = tuple(kron.a.shape[1:]), tuple(kron.b.shape[1:])
     for _ in range(rounds):
         target = (w - low.to_dense())[kron.row_perm][:, kron.col_perm]
-        kron = KroneckerFactors(*nearest_kronecker(target, a_shape, b_shape, settings.rank), kron.row_perm, kron.col_perm)
+        if input_cov is None:
+            a, b = nearest_kronecker(target, a_shape, b_shape, settings.rank)
+        else:
+            cov = input_cov.double()[kron.col_perm][:, kron.col_perm]
+            a, b, _ = output_metric_kronecker(target, cov, kron.a.double(), kron.b.double(), ALS_STEPS_PER_ROUND)
+        kron = KroneckerFactors(a, b, kron.row_perm, kron.col_perm)
         low = truncated_svd(w - kron.to_dense(), settings.residual_rank, input_cov)
         error = _error(w, kron.to_dense() + low.to_dense(), input_cov)
         improved = error < best_error * (1 - ALTERNATION_GAIN)
@@ -135,7 +142,8 @@ class KroneckerLowRank(Structure):
     help = "permuted Kronecker products plus a low-rank residual"
     settings_type = KroneckerLowRankSettings
     module_types = (KroneckerLowRankLinear,)
-    calibrated_note = " (Kronecker part RMS-weighted, residual activation-aware, on the calibration text)"
+    calibrated_note = " (both parts fitted in the output metric of the calibration text, alternately)"
+    calibrated_in_run = True
 
     def check(self, settings: KroneckerLowRankSettings, shape: tuple[int, int]) -> None:
         _Kronecker("tq", True, "").check(KroneckerSettings(settings.rank, settings.a_shape, settings.b_shape), shape)

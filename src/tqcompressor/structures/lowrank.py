@@ -137,6 +137,7 @@ class LowRank(Structure):
     settings_type = LowRankSettings
     module_types = (LowRankLinear,)
     calibrated_note = " (activation-aware: minimises the output error on the calibration text)"
+    calibrated_in_run = True
 
     def settings_of(self, module: LowRankLinear) -> LowRankSettings:
         return LowRankSettings(rank=module.rank)
