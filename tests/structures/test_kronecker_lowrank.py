@@ -56,6 +56,17 @@ def test_calibrated_residual_minimises_the_output_error():
     assert output_error(w, aware, cov) < output_error(w, plain, cov)
 
 
+def test_calibrated_alternation_refits_both_parts_in_the_output_metric():
+    g = torch.Generator().manual_seed(2)
+    w = planted(seed=2, scramble=False) + 0.1 * torch.randn(32, 48, generator=g, dtype=torch.float64)
+    x = torch.randn(500, 48, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 48, dtype=torch.float64)
+    cov = x.T @ x / len(x)
+    settings = KroneckerLowRankSettings(rank=1, b_shape=(2, 4), residual_rank=2)
+    once = fit_kronecker_lowrank(w, settings, cov, search=False, rounds=0)
+    alternated = fit_kronecker_lowrank(w, settings, cov, search=False)
+    assert output_error(w, alternated.to_dense(), cov) < 0.7 * output_error(w, once.to_dense(), cov)
+
+
 def test_auto_buys_it_where_it_measures_better():
     model = nn.Sequential(nn.Linear(48, 32, bias=False))
     model[0].weight.data = planted(scramble=False).float()  # auto measures it without a permutation search
