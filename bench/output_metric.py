@@ -1,6 +1,7 @@
 """Output error of Kronecker-family fits against activation-aware SVD on real SmolLM2-135M matrices.
 
-For each matrix (every projection type of a few blocks) and about half of its parameters:
+For each matrix (every projection type of a few blocks) at about half of its parameters (``tq`` at
+the rank closest to half; the others at no more parameters than that):
 
 * ``svd_aware``: truncated SVD minimising the output error (SVD-LLM);
 * ``tq_aware``: ``tq`` as calibrated today (permutation search, input columns weighted by RMS);
@@ -52,7 +53,7 @@ def fits(weight: torch.Tensor, stats, b_shape: tuple[int, int]) -> tuple[dict[st
     m, n = weight.shape
     a_shape = (m // b_shape[0], n // b_shape[1])
     per_term = a_shape[0] * a_shape[1] + b_shape[0] * b_shape[1]
-    rank = max(1, int(0.5 * m * n // per_term))
+    rank = max(1, round(0.5 * m * n / per_term))  # B 2x4: rank 4, half the parameters (+32)
     svd, svd_rank = tqc.get_structure("svd"), int(rank * per_term // (m + n))  # the same parameters
     out = {}
     t0 = time.perf_counter()
@@ -74,7 +75,10 @@ def fits(weight: torch.Tensor, stats, b_shape: tuple[int, int]) -> tuple[dict[st
     t0 = time.perf_counter()
     fitted = both.fit(weight, both.make_settings({"rank": half, "b_shape": b_shape, "residual_rank": residual}), stats)
     out["tq_lowrank"] = (fitted.to_dense(), time.perf_counter() - t0)
-    return out, {"kronecker_rank": rank, "svd_rank": svd_rank, "lowrank_split": [half, residual]}
+    params = {"svd_aware": svd_rank * (m + n), "tq_aware": rank * per_term, "tq_als": rank * per_term,
+              "tq_lowrank": half * per_term + residual * (m + n)}
+    return out, {"kronecker_rank": rank, "svd_rank": svd_rank, "lowrank_split": [half, residual], "params": params,
+                 "params_fraction": rank * per_term / (m * n)}
 
 
 def main() -> None:
@@ -106,7 +110,8 @@ def main() -> None:
     wins = {k: sum(m["output_error"][k] < m["output_error"]["svd_aware"] for m in matrices.values())
             for k in methods if k != "svd_aware"}
     result = {"commit": measured, "device": "cpu", "torch_threads": torch.get_num_threads(), "model": args.model,
-              "layers": layers, "b_shape": list(b_shape), "params_fraction": 0.5,
+              "layers": layers, "b_shape": list(b_shape),
+              "sizes": "tq at the rank closest to half the parameters; svd_aware and tq_lowrank at no more parameters",
               "calibration": {"data": Path(args.calibration).name, "tokens": args.calibration_tokens},
               "metric": "relative output error sqrt(tr(D C D^T) / tr(W C W^T)), C = E[x x^T] on the calibration text",
               "matrices": matrices, "below_svd_aware": wins}
