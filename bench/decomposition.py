@@ -32,7 +32,7 @@ from tqcompressor.report import table
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 WHOLE_MODEL_METHODS = ["tq", "kronecker", "svd", "tq_aware", "svd_aware", "auto_weights", "auto"]
-CALIBRATED = {"tq_aware": "tq", "svd_aware": "svd", "auto": "auto"}  # bench label -> method, with calibration
+CALIBRATED = {"tq_aware": "tq", "svd_aware": "svd", "tq_lowrank_aware": "tq_lowrank", "auto": "auto"}  # label -> method, calibrated
 MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
