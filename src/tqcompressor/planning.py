@@ -83,12 +83,12 @@ def plan_compression(model: nn.Module, config: CompressionConfig, calibration: T
         return Plan(layers, target_params=target, auto=record, **settings)
     layers = _layers_from_budget(model, names, config)
     if stats is not None:
-        for entry in layers:
-            if entry.name in stats:
-                weight = dense_weight_of(model.get_submodule(entry.name))[0]
-                structure = entry.spec.structure
-                entry.factors = structure.fit(weight, entry.spec.settings, stats[entry.name], config.max_iterations)
-                entry.spec.reason += structure.calibrated_note
+        calibrated = [entry for entry in layers if entry.name in stats]
+        for entry in tqdm(calibrated, desc="fitting to the calibration text", unit="layer", disable=not progress):
+            weight = dense_weight_of(model.get_submodule(entry.name))[0]
+            structure = entry.spec.structure
+            entry.factors = structure.fit(weight, entry.spec.settings, stats[entry.name], config.max_iterations)
+            entry.spec.reason += structure.calibrated_note
     return Plan(layers, target_params=target, **settings)
 
 
