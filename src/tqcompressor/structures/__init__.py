@@ -8,7 +8,7 @@ from torch import Tensor
 from tqcompressor.errors import TQCError
 
 from tqcompressor.structures.base import (REGISTRY, Candidate, Structure, all_structures, compression_methods,
-                                          get_structure, module_classes, register, settings_dict, structure_of)
+                                          get_structure, module_classes, register, settings_dict)
 from tqcompressor.structures import dense, kronecker, kronecker_lowrank, lowrank  # noqa: E402,F401  (each registers itself)
 
 
@@ -24,4 +24,4 @@ def decompose(weight: Tensor, method: str = "tq", max_iterations: int = 20, **se
 
 
 __all__ = ["REGISTRY", "Candidate", "Structure", "all_structures", "compression_methods", "decompose",
-           "get_structure", "module_classes", "register", "settings_dict", "structure_of"]
+           "get_structure", "module_classes", "register", "settings_dict"]

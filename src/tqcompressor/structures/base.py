@@ -146,11 +146,6 @@ def module_classes() -> dict[str, type]:
     return {cls.__name__: cls for structure in REGISTRY.values() for cls in structure.module_types}
 
 
-def structure_of(module: nn.Module) -> Structure | None:
-    """The (first registered) structure that builds modules of this type, if any."""
-    return next((s for s in REGISTRY.values() if s.compresses and type(module) in s.module_types), None)
-
-
 def settings_dict(settings: Any) -> dict:
     """JSON-ready spec fields (tuples as lists)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()}
