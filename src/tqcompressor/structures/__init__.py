@@ -6,7 +6,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from tqcompressor.errors import TQCError
-
 from tqcompressor.structures.base import (REGISTRY, Candidate, Structure, all_structures, compression_methods,
                                           get_structure, module_classes, register, settings_dict)
 from tqcompressor.structures import dense, kronecker, kronecker_lowrank, lowrank  # noqa: E402,F401  (each registers itself)
