@@ -19,7 +19,7 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import TiedKroneckerHead, bias_of
+from tqcompressor.layers import TiedKroneckerHead, bias_of, set_module
 from tqcompressor.planning import Plan
 from tqcompressor.structures import module_classes
 from tqcompressor.structures.dense import plain_module
@@ -66,7 +66,7 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
             continue
         module = build(desc, dtype)
         module._is_hf_initialized = True
-        _set(model, name, module)
+        set_module(model, name, module)
         if getattr(module, "kind", None) == "embedding":
             embedding = module
     for name, desc in modules.items():
@@ -76,13 +76,8 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
             bias = torch.zeros(embedding.num_embeddings, dtype=dtype) if desc["bias"] else None
             head = TiedKroneckerHead(embedding, bias)
             head._is_hf_initialized = True
-            _set(model, name, head)
+            set_module(model, name, head)
     return model
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _has(model: nn.Module, name: str) -> bool:
@@ -241,9 +236,7 @@ def densify(model: nn.Module) -> nn.Module:
     for name, module in factored_modules(model):
         if isinstance(module, TiedKroneckerHead):
             continue  # re-tied below
-        dense = plain_module(module.to_dense(), bias_of(module), module.kind)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, dense)
+        set_module(model, name, plain_module(module.to_dense(), bias_of(module), module.kind))
     head = model.get_output_embeddings()
     if isinstance(head, TiedKroneckerHead):
         new_embedding = model.get_input_embeddings()

@@ -28,6 +28,12 @@ def dense_weight_of(module: nn.Module) -> tuple[Tensor, str]:
                    "layers are supported")
 
 
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` inside ``model`` (replacing what is there)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def bias_of(module: nn.Module) -> Tensor | None:
     bias = getattr(module, "bias", None)
     return bias.detach() if bias is not None else None

@@ -12,7 +12,7 @@ from tqcompressor.config import CompressionConfig, CompressionReport, LayerRepor
 from tqcompressor.decompose import relative_error
 from tqcompressor.errors import TQCError
 from tqcompressor.folding import fold_mlp_permutations
-from tqcompressor.layers import TiedKroneckerHead, bias_of, dense_weight_of
+from tqcompressor.layers import TiedKroneckerHead, bias_of, dense_weight_of, set_module
 from tqcompressor.planning import (LayerPlan, Plan, count_parameters, find_target_modules, is_embedding,
                                    layer_statistics, plan_compression)
 from tqcompressor.structures import all_structures, settings_dict
@@ -76,7 +76,7 @@ def _replace(model: nn.Module, entry: LayerPlan, factors, plan: Plan) -> LayerRe
     new = structure.module(factors, bias_of(module), kind)
     error = relative_error(weight.double(), new.to_dense().double())
     was_input_embedding = hasattr(model, "get_input_embeddings") and module is model.get_input_embeddings()
-    _set_module(model, entry.name, new)
+    set_module(model, entry.name, new)
     if was_input_embedding:
         _retie_head(model, module, new, plan.tie_lm_head)
     return LayerReport(name=entry.name, kind=kind, shape=tuple(weight.shape), method=entry.spec.method,
@@ -116,8 +116,3 @@ def _retie_head(model: nn.Module, old: nn.Module, new: nn.Module, tie: bool) -> 
                 replacement.bias.copy_(bias)
     model.set_output_embeddings(replacement)
     model.config.tie_word_embeddings = False  # stop transformers from re-tying to a dense table
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
