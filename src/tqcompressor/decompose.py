@@ -113,6 +113,11 @@ def output_error(weight: Tensor, approx: Tensor, input_cov: Tensor) -> float:
     return float(((d @ c * d).sum() / (w @ c * w).sum().clamp_min(1e-300)).clamp_min(0).sqrt())
 
 
+def fit_error(weight: Tensor, approx: Tensor, input_cov: Tensor | None = None) -> float:
+    """The relative error a fit minimises: Frobenius without ``input_cov``, output error with it."""
+    return relative_error(weight, approx) if input_cov is None else output_error(weight, approx, input_cov)
+
+
 def tail_energy(singular: Tensor) -> list[float]:
     """``tail[r]`` = sum of squared singular values beyond the first ``r``."""
     sq = (singular.double() ** 2).flip(0).cumsum(0).flip(0).tolist()

@@ -123,8 +123,8 @@ def layer_statistics(model: nn.Module, names: list[str], calibration) -> dict | 
 # Which modules
 
 
-def _factorable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D, nn.Embedding, *module_classes().values()))
+def _factorable_types() -> tuple[type, ...]:
+    return (nn.Linear, Conv1D, nn.Embedding, *module_classes().values())
 
 
 def find_target_modules(model: nn.Module, patterns: list[str] | None) -> list[str]:
@@ -140,8 +140,9 @@ def find_target_modules(model: nn.Module, patterns: list[str] | None) -> list[st
     names = []
     unmatched = set(patterns)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    factorable = _factorable_types()
     for name, module in model.named_modules():
-        if not _factorable(module):
+        if not isinstance(module, factorable):
             continue
         if module is head and name not in patterns:
             continue

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tqcompressor.decompose import (WHITENING_DAMPING, complete_shapes, damped_eigen, inverse_permutation,
-                                    kronecker_sum, nearest_kronecker, output_error, rearrange, relative_error,
+from tqcompressor.decompose import (WHITENING_DAMPING, complete_shapes, damped_eigen, fit_error,
+                                    inverse_permutation, kronecker_sum, nearest_kronecker, rearrange, relative_error,
                                     tail_energy)
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import (bias_of, compose_gathers, dense_weight_of, gather_columns, gather_last,
@@ -641,13 +641,9 @@ class Kronecker(Structure):
             found = state[b_shape]
             perm_a, perm_b = nearest_kronecker(w[found.row_perm][:, found.col_perm], a_shape, b_shape, rank)
             permuted = KroneckerFactors(perm_a, perm_b, found.row_perm, found.col_perm)
-            if _error(w, permuted.to_dense(), input_cov) <= _error(w, kronecker_sum(a, b), input_cov):
+            if fit_error(w, permuted.to_dense(), input_cov) <= fit_error(w, kronecker_sum(a, b), input_cov):
                 a, b, row, col = perm_a, perm_b, found.row_perm, found.col_perm
         return KroneckerFactors(a.to(weight.dtype), b.to(weight.dtype), row, col)
-
-
-def _error(w: Tensor, approx: Tensor, input_cov: Tensor | None) -> float:
-    return float((w - approx).norm()) if input_cov is None else output_error(w, approx, input_cov)
 
 
 register(Kronecker("tq", search=True, help="permuted Kronecker products (TQCompressor): search P_r, P_c"))

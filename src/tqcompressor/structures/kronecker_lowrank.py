@@ -21,12 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tqcompressor.decompose import kronecker_sum, nearest_kronecker, output_error, relative_error, tail_energy
+from tqcompressor.decompose import fit_error, kronecker_sum, nearest_kronecker, tail_energy
 from tqcompressor.errors import TQCError
-from tqcompressor.structures.base import Candidate, Factors, Structure, register
+from tqcompressor.structures.base import Candidate, Factors, Structure, get_structure, register
 from tqcompressor.structures.kronecker import (KroneckerFactors, KroneckerLinear, KroneckerSettings, fit_kronecker,
                                                input_rms, kronecker_macs, kronecker_order, output_metric_kronecker)
-from tqcompressor.structures.kronecker import Kronecker as _Kronecker
 from tqcompressor.structures.lowrank import LowRankFactors, LowRankLinear, truncated_svd
 
 AUTO_B_SHAPES = ((2, 4), (4, 2))  # the first that divides the matrix is measured
@@ -75,7 +74,7 @@ def fit_kronecker_lowrank(weight: Tensor, settings: KroneckerLowRankSettings, in
     scale = input_rms(input_cov) if input_cov is not None and weighted_kronecker else None
     kron = fit_kronecker(w, settings.a_shape, settings.b_shape, settings.rank, search, max_iterations, scale)
     low = truncated_svd(w - kron.to_dense(), settings.residual_rank, input_cov)
-    best, best_error = (kron, low), _error(w, kron.to_dense() + low.to_dense(), input_cov)
+    best, best_error = (kron, low), fit_error(w, kron.to_dense() + low.to_dense(), input_cov)
     a_shape, b_shape = tuple(kron.a.shape[1:]), tuple(kron.b.shape[1:])
     for _ in range(rounds):
         target = (w - low.to_dense())[kron.row_perm][:, kron.col_perm]
@@ -86,7 +85,7 @@ def fit_kronecker_lowrank(weight: Tensor, settings: KroneckerLowRankSettings, in
             a, b, _ = output_metric_kronecker(target, cov, kron.a.double(), kron.b.double(), ALS_STEPS_PER_ROUND)
         kron = KroneckerFactors(a, b, kron.row_perm, kron.col_perm)
         low = truncated_svd(w - kron.to_dense(), settings.residual_rank, input_cov)
-        error = _error(w, kron.to_dense() + low.to_dense(), input_cov)
+        error = fit_error(w, kron.to_dense() + low.to_dense(), input_cov)
         improved = error < best_error * (1 - ALTERNATION_GAIN)
         if error < best_error:
             best, best_error = (kron, low), error
@@ -95,10 +94,6 @@ def fit_kronecker_lowrank(weight: Tensor, settings: KroneckerLowRankSettings, in
     kron, low = best
     return KroneckerLowRankFactors(kron.to(weight.dtype),
                                    LowRankFactors(low.u.to(weight.dtype), low.v.to(weight.dtype), [best_error]))
-
-
-def _error(w: Tensor, approx: Tensor, input_cov: Tensor | None) -> float:
-    return relative_error(w, approx) if input_cov is None else output_error(w, approx, input_cov)
 
 
 class KroneckerLowRankLinear(nn.Module):
@@ -146,7 +141,7 @@ class KroneckerLowRank(Structure):
     calibrated_in_run = True
 
     def check(self, settings: KroneckerLowRankSettings, shape: tuple[int, int]) -> None:
-        _Kronecker("tq", True, "").check(KroneckerSettings(settings.rank, settings.a_shape, settings.b_shape), shape)
+        get_structure("tq").check(KroneckerSettings(settings.rank, settings.a_shape, settings.b_shape), shape)
 
     def settings_of(self, module: KroneckerLowRankLinear) -> KroneckerLowRankSettings:
         k = module.kronecker
@@ -167,7 +162,7 @@ class KroneckerLowRank(Structure):
     def for_budget(self, shape, keep, prefer):
         """Half of the layer's budget to the Kronecker part (tq's shapes), the rest to the residual."""
         m, n = shape
-        found = _Kronecker("tq", True, "").for_budget(shape, keep / 2, prefer)
+        found = get_structure("tq").for_budget(shape, keep / 2, prefer)
         if found is None:
             return None
         kron = found[0]
