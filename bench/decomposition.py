@@ -29,6 +29,8 @@ import tqcompressor as tqc
 from tqcompressor.decompose import relative_error
 from tqcompressor.report import table
 
+from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 WHOLE_MODEL_METHODS = ["tq", "kronecker", "svd", "tq_aware", "svd_aware", "auto_weights", "auto"]
@@ -99,23 +101,12 @@ def main() -> None:
           f"({report.params_before:,} -> {report.params_after:,} parameters); wrote {args.out}")
 
 
-def _commit() -> str:
-    """The commit this run measured, marked when the working tree differs from it."""
-    import subprocess
-
-    here = Path(__file__).resolve().parent
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
-                           text=True).stdout.strip()
-    return head + ("+uncommitted" if dirty else "")
-
-
 def whole_model(args) -> None:
     from tqcompressor.calibration import calibrate
     from tqcompressor.data import calibration_ids
     from tqcompressor.surgery import find_target_modules
 
-    commit = _commit()  # the code this run imports now; the tree may change while it runs
+    commit = git_commit()  # the code this run imports now; the tree may change while it runs
     loaded = tqc.load_model(args.model)
     teacher = loaded.model
     names = find_target_modules(teacher, None)

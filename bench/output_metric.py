@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -36,15 +35,10 @@ from tqcompressor.planning import find_target_modules
 from tqcompressor.report import table
 from tqcompressor.structures.kronecker import KroneckerFactors, output_metric_kronecker
 
+from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
-
-
-def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True,
-                           text=True).stdout.strip()
-    return head + ("+uncommitted" if dirty else "")
 
 
 def fits(weight: torch.Tensor, stats, b_shape: tuple[int, int]) -> tuple[dict[str, tuple[torch.Tensor, float]], dict]:
@@ -91,7 +85,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "output-metric.json")
     args = parser.parse_args()
     b_shape = tuple(int(x) for x in args.b_shape.split(","))
-    measured = commit()  # the code this run imports now; the tree may change while it runs
+    measured = git_commit()  # the code this run imports now; the tree may change while it runs
     loaded = tqc.load_model(args.model)
     layers = [int(x) for x in args.layers.split(",")]
     names = [n for n in find_target_modules(loaded.model, None) if int(n.split(".")[2]) in layers]
