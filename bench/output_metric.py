@@ -4,9 +4,13 @@ For each matrix (every projection type of a few blocks) at about half of its par
 the rank closest to half; the others at no more parameters than that):
 
 * ``svd_aware``: truncated SVD minimising the output error (SVD-LLM);
-* ``tq_aware``: ``tq`` as calibrated today (permutation search, input columns weighted by RMS);
-* ``tq_als``: ``tq_aware``'s permutations, factors refitted by exact least squares in the output
+* ``tq_rms``: ``tq``'s weight-space permutation search and fit with input columns weighted by
+  their RMS (how calibrated ``tq`` worked before the output-metric fit);
+* ``tq_als``: ``tq_rms``'s permutations, factors refitted by exact least squares in the output
   metric (``output_metric_kronecker``);
+* ``kronecker_aware``: calibrated ``kronecker``: no permutations, factors by least squares in the
+  output metric;
+* ``tq_aware``: calibrated ``tq``: permutations searched in the output metric as well;
 * ``tq_lowrank``: ``tq_lowrank`` with calibration (half the parameters to the Kronecker part,
   half to the residual; both refitted alternately in the output metric).
 
@@ -30,10 +34,10 @@ import torch
 import tqcompressor as tqc
 from tqcompressor.calibration import calibrate
 from tqcompressor.data import calibration_ids
-from tqcompressor.decompose import output_error
+from tqcompressor.decompose import output_error, output_metric_kronecker
 from tqcompressor.planning import find_target_modules
 from tqcompressor.report import table
-from tqcompressor.structures.kronecker import KroneckerFactors, output_metric_kronecker
+from tqcompressor.structures.kronecker import KroneckerFactors, input_rms, scaled_kronecker
 
 from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
 
@@ -53,23 +57,28 @@ def fits(weight: torch.Tensor, stats, b_shape: tuple[int, int]) -> tuple[dict[st
     t0 = time.perf_counter()
     out["svd_aware"] = (svd.fit(weight, svd.make_settings({"rank": svd_rank}), stats).to_dense(),
                         time.perf_counter() - t0)
-    tq = tqc.get_structure("tq")
     t0 = time.perf_counter()
-    aware = tq.fit(weight, tq.make_settings({"rank": rank, "b_shape": b_shape}), stats)
-    out["tq_aware"] = (aware.to_dense(), time.perf_counter() - t0)
+    rms = scaled_kronecker(weight.double(), input_rms(stats.input_cov), (m // b_shape[0], n // b_shape[1]), b_shape, rank)
+    out["tq_rms"] = (rms.to_dense(), time.perf_counter() - t0)
     t0 = time.perf_counter()
-    w = weight.double()[aware.row_perm][:, aware.col_perm]
-    cov = stats.input_cov.double()[aware.col_perm][:, aware.col_perm]
-    a, b, _ = output_metric_kronecker(w, cov, aware.a.double(), aware.b.double())
-    refined = KroneckerFactors(a, b, aware.row_perm, aware.col_perm)
-    out["tq_als"] = (refined.to_dense(), out["tq_aware"][1] + time.perf_counter() - t0)
+    w = weight.double()[rms.row_perm][:, rms.col_perm]
+    cov = stats.input_cov.double()[rms.col_perm][:, rms.col_perm]
+    a, b, _ = output_metric_kronecker(w, cov, rms.a.double(), rms.b.double())
+    out["tq_als"] = (KroneckerFactors(a, b, rms.row_perm, rms.col_perm).to_dense(),
+                     out["tq_rms"][1] + time.perf_counter() - t0)
+    for method in ("kronecker", "tq"):  # calibrated: output-metric least squares (and search, for tq)
+        structure = tqc.get_structure(method)
+        t0 = time.perf_counter()
+        fitted = structure.fit(weight, structure.make_settings({"rank": rank, "b_shape": b_shape}), stats)
+        out[f"{method}_aware"] = (fitted.to_dense(), time.perf_counter() - t0)
     both = tqc.get_structure("tq_lowrank")
     half = max(1, rank // 2)
     residual = max(1, int((rank - half) * per_term // (m + n)))
     t0 = time.perf_counter()
     fitted = both.fit(weight, both.make_settings({"rank": half, "b_shape": b_shape, "residual_rank": residual}), stats)
     out["tq_lowrank"] = (fitted.to_dense(), time.perf_counter() - t0)
-    params = {"svd_aware": svd_rank * (m + n), "tq_aware": rank * per_term, "tq_als": rank * per_term,
+    params = {"svd_aware": svd_rank * (m + n), **{k: rank * per_term for k in ("tq_rms", "tq_als", "kronecker_aware",
+                                                                                "tq_aware")},
               "tq_lowrank": half * per_term + residual * (m + n)}
     return out, {"kronecker_rank": rank, "svd_rank": svd_rank, "lowrank_split": [half, residual], "params": params,
                  "params_fraction": rank * per_term / (m * n)}

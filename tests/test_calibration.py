@@ -68,12 +68,21 @@ def test_calibration_with_a_spec_file_is_refused():
 
 
 @pytest.mark.parametrize("method", ["tq", "kronecker"])
-def test_calibrated_kronecker_methods_weight_input_columns_and_stay_plain_layers(method):
+def test_calibrated_kronecker_methods_fit_the_outputs_and_stay_plain_layers(method):
+    import copy
+
     from tqcompressor import KroneckerLinear
+    from tqcompressor.decompose import output_error
 
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(2))
-    model = tiny_llama()
-    model, report = compress(model, CompressionConfig(method=method, ratio=0.8), progress=False, calibration=ids)
-    layer = model.model.layers[0].mlp.up_proj
-    assert isinstance(layer, KroneckerLinear)  # the weighting is folded into A and B: same layer type
-    assert "weighted by their RMS" in report.layers[0].reason
+    model, name = tiny_llama(), "model.layers.0.self_attn.o_proj"  # (MLP layers get their permutations folded)
+    stats = calibrate(model, [name], ids, progress=False)
+    weight = model.get_submodule(name).weight.detach().clone()
+    config = CompressionConfig(method=method, ratio=0.8)
+    calibrated, report = compress(copy.deepcopy(model), config, progress=False, calibration=ids)
+    plain, _ = compress(copy.deepcopy(model), config, progress=False)
+    layer = calibrated.get_submodule(name)
+    assert isinstance(layer, KroneckerLinear)  # same layer type, only other factors
+    assert "fitted to the outputs on the calibration text" in next(l.reason for l in report.layers if l.name == name)
+    errors = [output_error(weight, m.get_submodule(name).to_dense(), stats[name].input_cov) for m in (calibrated, plain)]
+    assert errors[0] < errors[1]

@@ -251,7 +251,8 @@ def run(
     checkpoint_every: int = typer.Option(20, help="optimizer steps between checkpoints"),
     out: Path = typer.Option(Path("out/run"), help="run dir: report.md, results.json, perplexity.png, model/"),
     resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
-    calibration_tokens: int = typer.Option(8192, help="svd/auto: distillation tokens used to calibrate the plan"),
+    calibration_tokens: int = typer.Option(8192, help="distillation tokens the fits are calibrated on "
+                                           "(0: weight-space fits, e.g. the paper's tq as is)"),
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
     """The main job: compress, distill step by step, evaluate, write report.md and a plot."""

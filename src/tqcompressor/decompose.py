@@ -107,6 +107,65 @@ def damped_eigen(input_cov: Tensor, damping: float = WHITENING_DAMPING) -> tuple
     return values.clamp_min(damping) * scale, vectors
 
 
+def damped_cov(input_cov: Tensor, damping: float = WHITENING_DAMPING) -> Tensor:
+    """``C + damping * mean(diag C) * I`` in float64: the metric the output-error fits minimise
+    (the same ridge as :func:`damped_eigen`, without an eigendecomposition)."""
+    c = input_cov.detach().to(torch.float64)
+    if c.dim() != 2 or c.shape[0] != c.shape[1]:
+        raise TQCError(f"an input covariance must be square, got shape {tuple(c.shape)}")
+    return c + (damping * (float(c.diagonal().mean()) or 1.0)) * torch.eye(len(c), dtype=c.dtype)
+
+
+def output_metric_kronecker(w: Tensor, input_cov: Tensor, a: Tensor, b: Tensor, max_iterations: int = 25,
+                            tolerance: float = 1e-4, damping: float = WHITENING_DAMPING) -> tuple[Tensor, Tensor, list[float]]:
+    """Refine ``sum_k A_k (x) B_k ~= w`` (already permuted) in the output metric
+    ``tr(D C D^T)``, ``D = w - sum_k A_k (x) B_k``, ``C`` the damped input second moment (as the
+    activation-aware SVD uses it), by exact alternating least squares from ``(a, b)``.
+
+    With B fixed the best A solves one linear system of size ``rank*n1`` (shared by every row
+    block of A) whose matrix and right-hand side contract ``C`` and ``w C`` with B; then the same
+    for B. Each half-step can only lower the error; it stops when a full step lowers the relative
+    error by less than ``tolerance`` or after ``max_iterations``. Float64 throughout. Returns
+    ``(a, b, history)`` with the relative output error before and after each step.
+    """
+    w = w.detach().to(torch.float64)
+    rank, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    c = damped_cov(input_cov, damping)
+    c4 = c.reshape(n1, n2, n1, n2)
+    p4 = (w @ c).reshape(m1, m2, n1, n2)
+    total = float((w @ c * w).sum())
+    a, b = a.to(torch.float64).clone(), b.to(torch.float64).clone()
+
+    def error(a, b) -> float:
+        d = w - kronecker_sum(a, b)
+        return (max(float((d @ c * d).sum()), 0.0) / max(total, 1e-300)) ** 0.5
+
+    def solve(gram: Tensor, rhs: Tensor) -> Tensor:
+        ridge = 1e-12 * float(gram.diagonal().mean()) or 1e-300  # only guards exact singularity
+        return torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), rhs)
+
+    history = [error(a, b)]
+    for _ in range(max_iterations):
+        # A-step: G[(k,j1),(l,j1')] = sum_{i2,j2,j2'} B_k[i2,j2] C[(j1,j2),(j1',j2')] B_l[i2,j2']
+        gram = torch.einsum("kpq,aqbs,lps->kalb", b, c4, b).reshape(rank * n1, rank * n1)
+        rhs = torch.einsum("kpq,ipaq->kai", b, p4).reshape(rank * n1, m1)
+        a = solve(gram, rhs).reshape(rank, n1, m1).transpose(1, 2).contiguous()
+        # B-step: H[(k,j2),(l,j2')] = sum_{i1,j1,j1'} A_k[i1,j1] C[(j1,j2),(j1',j2')] A_l[i1,j1']
+        pairs = torch.einsum("kia,lib->kalb", a, a)
+        gram = torch.einsum("kalb,aqbs->kqls", pairs, c4).reshape(rank * n2, rank * n2)
+        rhs = torch.einsum("kia,ipaq->kqp", a, p4).reshape(rank * n2, m2)
+        b = solve(gram, rhs).reshape(rank, n2, m2).transpose(1, 2).contiguous()
+        # keep each term's two factors at the same scale (the product is unchanged)
+        ratio = (a.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1).clamp_min(1e-300)).clamp_min(1e-300).sqrt()
+        a, b = a / ratio[:, None, None], b * ratio[:, None, None]
+        history.append(error(a, b))
+        if history[-1] > history[-2] * (1 - tolerance):
+            break
+    return a, b, history
+
+
+
 def output_error(weight: Tensor, approx: Tensor, input_cov: Tensor) -> float:
     """Relative output error ``sqrt(tr(D C D^T) / tr(W C W^T))`` with ``D = W - approx``."""
     w, d, c = weight.double(), weight.double() - approx.double(), input_cov.double()

@@ -13,7 +13,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from tqcompressor.decompose import kronecker_sum, nearest_kronecker, relative_error
+from tqcompressor.decompose import (damped_cov, kronecker_sum, nearest_kronecker, output_metric_kronecker,
+                                    relative_error)
 
 
 class PermutedKronecker(NamedTuple):
@@ -26,13 +27,13 @@ class PermutedKronecker(NamedTuple):
     history: list[float]
 
 
-
 def permuted_kronecker(
     weight: Tensor,
     a_shape: tuple[int, int],
     b_shape: tuple[int, int],
     rank: int = 1,
     max_iterations: int = 20,
+    starts: list[tuple[Tensor, Tensor]] | None = None,
 ) -> PermutedKronecker:
     """Search row and column permutations that make ``weight`` closest to a Kronecker sum.
 
@@ -49,6 +50,11 @@ def permuted_kronecker(
     reads the Kronecker index structure off the singular vectors of ``W`` (exact for a scrambled
     ``A (x) B``); and a similarity grouping that puts rows (columns) pointing the same way into
     one small block of ``B``, which is what makes trained weights fit the structure best.
+    ``starts``: more ``(row_perm, col_perm)`` start points (e.g. the permutations found earlier).
+
+    The search is local: from a start with a few labels wrong it finds a planted structure; from
+    scratch only a noiseless single product is found for certain (measured in
+    ``bench/decomposition.py --planted``).
     """
     w = weight.detach().to(torch.float64)
     m, n = w.shape
@@ -58,6 +64,7 @@ def permuted_kronecker(
         spectral_grouping(w, a_shape, b_shape),
         (similarity_grouping(w, m2) if m1 > 1 else torch.arange(m),
          similarity_grouping(w.T, n2) if n1 > 1 else torch.arange(n)),
+        *(starts or []),
     ]
     best: PermutedKronecker | None = None
     for row_perm, col_perm in starts:
@@ -97,16 +104,81 @@ def _alternate(w, a_shape, b_shape, rank, row_perm, col_perm, max_iterations) ->
     return PermutedKronecker(a, b, row_perm, col_perm, history)
 
 
+def output_metric_search(w: Tensor, input_cov: Tensor, rank: int, starts: list[tuple[Tensor, Tensor, Tensor, Tensor]],
+                         max_iterations: int = 20, tolerance: float = 1e-4) -> PermutedKronecker:
+    """Permutations and factors that make ``sum_k A_k (x) B_k`` reproduce the *outputs* of ``w``
+    on inputs with second moment ``input_cov``: minimise ``tr(D C D^T)``,
+    ``D = W - P_r^T K P_c^T``.
+
+    ``starts``: ``(row_perm, col_perm, a, b)`` start points; each is refined in the output metric
+    by exact alternating least squares (:func:`output_metric_kronecker`) and the best one is then
+    searched further. Rows of ``W`` do not interact with ``C``, so the row step assigns each row
+    to the Kronecker row with the least exact output cost ``(W_i - K_j) C (W_i - K_j)^T``. Columns
+    carry their input channel's statistics with them, so the column step weights each column's
+    squared distance by that channel's energy ``C_jj`` (the diagonal of ``C``). Each step refits
+    the factors in the output metric and is kept only if the exact output error drops.
+    ``history``: the relative output error after each accepted step.
+    """
+    w = w.detach().to(torch.float64)
+    c = damped_cov(input_cov)
+    m, n = w.shape
+    rank_a, m1, n1 = starts[0][2].shape
+    _, m2, n2 = starts[0][3].shape
+    search_rows, search_cols = m1 > 1 and m2 > 1, n1 > 1 and n2 > 1
+
+    def refit(row_perm, col_perm, a, b, iterations):
+        a, b, history = output_metric_kronecker(w[row_perm][:, col_perm], c[col_perm][:, col_perm], a, b,
+                                                iterations, tolerance, damping=0.0)
+        return a, b, history[-1]
+
+    fitted = [(r, col, *refit(r, col, a.double(), b.double(), 25)) for r, col, a, b in starts]
+    row_perm, col_perm, a, b, error = min(fitted, key=lambda f: f[4])
+    history = [error]
+    for _ in range(max_iterations if (search_rows or search_cols) else 0):
+        improved = False
+        for axis, enabled in ((0, search_rows), (1, search_cols)):
+            if not enabled:
+                continue
+            k = kronecker_sum(a, b)
+            if axis == 0:
+                new_row, new_col = output_row_assignment(w[:, col_perm], c[col_perm][:, col_perm], k), col_perm
+            else:
+                cost = c.diagonal()[:, None] * ((k * k).sum(0)[None, :] - 2.0 * w[row_perm].T @ k)
+                new_row, new_col = row_perm, _assignment(cost)
+            new_a, new_b, new_error = refit(new_row, new_col, a, b, 5)
+            if new_error < history[-1] * (1 - tolerance):
+                row_perm, col_perm, a, b = new_row, new_col, new_a, new_b
+                history.append(new_error)
+                improved = True
+        if not improved:
+            break
+    if len(history) > 1:  # converge the factors of the final permutations
+        a, b, error = refit(row_perm, col_perm, a, b, 25)
+        history[-1] = min(history[-1], error)
+    return PermutedKronecker(a, b, row_perm, col_perm, history)
+
+
+def output_row_assignment(w: Tensor, c: Tensor, target: Tensor) -> Tensor:
+    """Permutation ``p`` minimising the output error ``tr(D C D^T)`` of ``D = w[p] - target``
+    (columns of ``w`` and ``c`` already in ``target``'s order): exact, since each row's cost
+    ``(w_i - t_j) C (w_i - t_j)^T`` does not depend on the other rows."""
+    return _assignment(((target @ c) * target).sum(1)[None, :] - 2.0 * (w @ c) @ target.T)
+
+
+def _assignment(cost: Tensor) -> Tensor:
+    """Permutation ``p`` with ``sum_s cost[p[s], s]`` minimal: item ``p[s]`` goes to position ``s``."""
+    row_ind, col_ind = linear_sum_assignment(cost.cpu().numpy())
+    perm = torch.empty(cost.shape[0], dtype=torch.long)
+    perm[torch.as_tensor(col_ind)] = torch.as_tensor(row_ind, dtype=torch.long)
+    return perm
+
+
 def assign(rows: Tensor, target: Tensor) -> Tensor:
     """Permutation ``p`` minimising ``||rows[p] - target||_F`` (an exact linear assignment).
 
     ``cost[r, s] = ||rows[r] - target[s]||^2 = const - 2 rows[r].target[s] + ||target[s]||^2``.
     """
-    cost = (target * target).sum(1)[None, :] - 2.0 * rows @ target.T
-    row_ind, col_ind = linear_sum_assignment(cost.cpu().numpy())
-    perm = torch.empty(rows.shape[0], dtype=torch.long)
-    perm[torch.as_tensor(col_ind)] = torch.as_tensor(row_ind, dtype=torch.long)
-    return perm
+    return _assignment((target * target).sum(1)[None, :] - 2.0 * rows @ target.T)
 
 
 def similarity_grouping(vectors: Tensor, group_size: int) -> Tensor:

@@ -64,9 +64,9 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
     student = copy.deepcopy(teacher)
     blocks = block_source_for(data, loaded, distill, out_dir, fraction)
     calibration = None
-    if compression.layers is None and (compression.method == "auto"
-                                       or get_structure(compression.method).calibrated_in_run):
-        # activation-aware fits (auto, svd, ...): plan once from the first distillation blocks
+    if calibration_tokens > 0 and compression.layers is None and (
+            compression.method == "auto" or get_structure(compression.method).calibrated_in_run):
+        # fits in the output metric (auto, svd, tq, ...): plan once from the first distillation blocks
         calibration = torch.stack(list(itertools.islice(blocks(0), max(1, calibration_tokens // distill.seq_len))))
     plan = plan_compression(student, compression, calibration)
     if not any(r["label"] == "compressed (no KD)" for r in rows):

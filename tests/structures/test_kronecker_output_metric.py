@@ -1,9 +1,12 @@
 """The exact output-metric Kronecker fit (alternating least squares in tr(D C D^T))."""
 
+import pytest
 import torch
 
+import tqcompressor as tqc
 from tqcompressor.decompose import WHITENING_DAMPING, damped_eigen, kronecker_sum, nearest_kronecker, output_error
-from tqcompressor.structures.kronecker import output_metric_kronecker
+from tqcompressor.decompose import output_metric_kronecker
+from tqcompressor.structures.kronecker import input_rms, scaled_kronecker
 
 
 def problem(m1=3, n1=2, m2=2, n2=3, seed=0):
@@ -67,3 +70,25 @@ def test_stops_on_relative_improvement():
     a0, b0 = nearest_kronecker(w, (3, 2), (2, 3), 1)
     _, _, history = output_metric_kronecker(w, cov, a0, b0, max_iterations=1000, tolerance=1e-2)
     assert len(history) < 1000 and history[-1] > history[-2] * (1 - 1e-2)
+
+
+def test_calibrated_tq_and_kronecker_fit_the_outputs_better_than_rms_weighting():
+    """With calibration, ``kronecker`` is fitted by least squares in the output metric and ``tq``
+    also searches its permutations there: tq <= kronecker, and each well below its RMS-weighted
+    weight-space fit."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(32, 48, generator=g, dtype=torch.float64)
+    mix = torch.randn(48, 48, generator=g, dtype=torch.float64) * torch.logspace(0, -1, 48, dtype=torch.float64)
+    x = torch.randn(600, 48, generator=g, dtype=torch.float64) @ mix  # correlated, unequal channels
+    cov = x.T @ x / len(x)
+    stats = type("Stats", (), {"input_cov": cov})()
+    errors = {}
+    for method in ("tq", "kronecker"):
+        structure = tqc.get_structure(method)
+        fitted = structure.fit(w, structure.make_settings({"rank": 2, "b_shape": (2, 4)}), stats)
+        errors[method] = output_error(w, fitted.to_dense(), damped(cov))
+        assert fitted.history[-1] == pytest.approx(errors[method], rel=1e-9)
+    assert errors["tq"] <= errors["kronecker"] + 1e-12
+    for method, search in (("tq", True), ("kronecker", False)):
+        rms = scaled_kronecker(w, input_rms(cov), (16, 12), (2, 4), 2, search=search)
+        assert errors[method] < 0.9 * output_error(w, rms.to_dense(), damped(cov))

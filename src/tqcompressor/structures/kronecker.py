@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tqcompressor.decompose import (WHITENING_DAMPING, complete_shapes, damped_eigen, fit_error,
+from tqcompressor.decompose import (complete_shapes, fit_error, output_metric_kronecker,
                                     inverse_permutation, kronecker_sum, nearest_kronecker, rearrange, relative_error,
                                     tail_energy)
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import (bias_of, compose_gathers, dense_weight_of, gather_columns, gather_last,
                                  unless_identity)
-from tqcompressor.permutation import permuted_kronecker
+from tqcompressor.permutation import output_metric_search, permuted_kronecker
 from tqcompressor.structures.base import Candidate, Factors, Structure, register
 
 # Budget solver: small-factor sides it may pick for B (A takes the rest), and the most Kronecker
@@ -94,16 +94,20 @@ def stored_factors(a: Tensor, b: Tensor, row_index: Tensor | None, col_index: Te
 
 
 def fit_kronecker(weight: Tensor, a_shape: tuple[int, int] | None, b_shape: tuple[int, int] | None, rank: int = 1,
-                  search: bool = True, max_iterations: int = 20, input_scale: Tensor | None = None) -> KroneckerFactors:
+                  search: bool = True, max_iterations: int = 20, input_scale: Tensor | None = None,
+                  input_cov: Tensor | None = None) -> KroneckerFactors:
     """Factor ``weight`` (out x in); ``search``: TQCompressor's permutation search. Give one of the
-    shapes and the other is derived. ``input_scale`` (one positive number per input column, e.g.
-    each input channel's RMS on calibration text) fits the column-weighted matrix instead, caring
-    more about the inputs that are large (see :func:`scaled_kronecker`)."""
+    shapes and the other is derived. ``input_cov`` (the second moment of the layer's inputs on
+    calibration text) fits in the output metric (:func:`output_metric_fit`). ``input_scale`` (one
+    positive number per input column, e.g. each input channel's RMS) fits the column-weighted
+    matrix instead (see :func:`scaled_kronecker`)."""
     if weight.dim() != 2:
         raise TQCError(f"a Kronecker fit expects a 2-D weight matrix, got shape {tuple(weight.shape)}")
     a_shape, b_shape = complete_shapes(tuple(weight.shape), a_shape, b_shape)
     w = weight.detach().to(torch.float64)
-    if input_scale is not None:
+    if input_cov is not None:
+        factors = output_metric_fit(w, input_cov, a_shape, b_shape, rank, search, max_iterations)
+    elif input_scale is not None:
         factors = scaled_kronecker(w, input_scale, a_shape, b_shape, rank, search, max_iterations)
     elif search:
         factors = KroneckerFactors(*permuted_kronecker(w, a_shape, b_shape, rank, max_iterations))
@@ -112,6 +116,27 @@ def fit_kronecker(weight: Tensor, a_shape: tuple[int, int] | None, b_shape: tupl
         factors = KroneckerFactors(a, b, torch.arange(w.shape[0]), torch.arange(w.shape[1]),
                                    [relative_error(w, kronecker_sum(a, b))])
     return factors.to(weight.dtype)
+
+
+def output_metric_fit(weight: Tensor, input_cov: Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int],
+                      rank: int = 1, search: bool = True, max_iterations: int = 20) -> KroneckerFactors:
+    """The Kronecker fit with the least output error ``tr(D C D^T)`` we can find, ``C`` the input
+    second moment. Each start is refined by exact least squares in that metric: no permutation
+    (Van Loan's factors, and the fit of the RMS-weighted matrix, :func:`scaled_kronecker`) and, for
+    ``tq``, the weight-space permutation search of the RMS-weighted matrix; ``tq`` has every start
+    ``kronecker`` has, so it never ends worse.
+    For ``tq`` the permutations are then searched in the output metric itself
+    (:func:`tqcompressor.permutation.output_metric_search`). ``history``: relative output error."""
+    w = weight.detach().to(torch.float64)
+    m, n = w.shape
+    scale = input_rms(input_cov)
+    plain = nearest_kronecker(w, a_shape, b_shape, rank)
+    starts = [(torch.arange(m), torch.arange(n), *plain)]
+    for searched in (False, True) if search else (False,):
+        weighted = scaled_kronecker(w, scale, a_shape, b_shape, rank, searched, max_iterations)
+        starts.append((weighted.row_perm, weighted.col_perm, weighted.a, weighted.b))
+    found = output_metric_search(w, input_cov, rank, starts, max_iterations if search else 0)
+    return KroneckerFactors(*found)
 
 
 def scaled_kronecker(weight: Tensor, input_scale: Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int],
@@ -153,56 +178,6 @@ def input_rms(input_cov: Tensor) -> Tensor:
     """Each input channel's RMS on the calibration text; a channel never seen still gets a little weight."""
     rms = input_cov.diagonal().clamp_min(0).sqrt()
     return rms.clamp_min(1e-6 * float(rms.mean()) + 1e-30)
-
-
-def output_metric_kronecker(w: Tensor, input_cov: Tensor, a: Tensor, b: Tensor, max_iterations: int = 25,
-                            tolerance: float = 1e-4, damping: float = WHITENING_DAMPING) -> tuple[Tensor, Tensor, list[float]]:
-    """Refine ``sum_k A_k (x) B_k ~= w`` (already permuted) in the output metric
-    ``tr(D C D^T)``, ``D = w - sum_k A_k (x) B_k``, ``C`` the damped input second moment (as the
-    activation-aware SVD uses it), by exact alternating least squares from ``(a, b)``.
-
-    With B fixed the best A solves one linear system of size ``rank*n1`` (shared by every row
-    block of A) whose matrix and right-hand side contract ``C`` and ``w C`` with B; then the same
-    for B. Each half-step can only lower the error; it stops when a full step lowers the relative
-    error by less than ``tolerance`` or after ``max_iterations``. Float64 throughout. Returns
-    ``(a, b, history)`` with the relative output error before and after each step.
-    """
-    w = w.detach().to(torch.float64)
-    rank, m1, n1 = a.shape
-    _, m2, n2 = b.shape
-    values, vectors = damped_eigen(input_cov, damping)
-    c = (vectors * values) @ vectors.T
-    c4 = c.reshape(n1, n2, n1, n2)
-    p4 = (w @ c).reshape(m1, m2, n1, n2)
-    total = float((w @ c * w).sum())
-    a, b = a.to(torch.float64).clone(), b.to(torch.float64).clone()
-
-    def error(a, b) -> float:
-        d = w - kronecker_sum(a, b)
-        return (max(float((d @ c * d).sum()), 0.0) / max(total, 1e-300)) ** 0.5
-
-    def solve(gram: Tensor, rhs: Tensor) -> Tensor:
-        ridge = 1e-12 * float(gram.diagonal().mean()) or 1e-300  # only guards exact singularity
-        return torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), rhs)
-
-    history = [error(a, b)]
-    for _ in range(max_iterations):
-        # A-step: G[(k,j1),(l,j1')] = sum_{i2,j2,j2'} B_k[i2,j2] C[(j1,j2),(j1',j2')] B_l[i2,j2']
-        gram = torch.einsum("kpq,aqbs,lps->kalb", b, c4, b).reshape(rank * n1, rank * n1)
-        rhs = torch.einsum("kpq,ipaq->kai", b, p4).reshape(rank * n1, m1)
-        a = solve(gram, rhs).reshape(rank, n1, m1).transpose(1, 2).contiguous()
-        # B-step: H[(k,j2),(l,j2')] = sum_{i1,j1,j1'} A_k[i1,j1] C[(j1,j2),(j1',j2')] A_l[i1,j1']
-        pairs = torch.einsum("kia,lib->kalb", a, a)
-        gram = torch.einsum("kalb,aqbs->kqls", pairs, c4).reshape(rank * n2, rank * n2)
-        rhs = torch.einsum("kia,ipaq->kqp", a, p4).reshape(rank * n2, m2)
-        b = solve(gram, rhs).reshape(rank, n2, m2).transpose(1, 2).contiguous()
-        # keep each term's two factors at the same scale (the product is unchanged)
-        ratio = (a.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1).clamp_min(1e-300)).clamp_min(1e-300).sqrt()
-        a, b = a / ratio[:, None, None], b * ratio[:, None, None]
-        history.append(error(a, b))
-        if history[-1] > history[-2] * (1 - tolerance):
-            break
-    return a, b, history
 
 
 def kronecker_errors(w: Tensor, a_shape, b_shape, ranks: list[int], row_perm: Tensor, col_perm: Tensor,
@@ -552,10 +527,12 @@ class Kronecker(Structure):
     settings_type = KroneckerSettings
     module_types = (KroneckerLinear, KroneckerEmbedding)
     embeddings = True
-    calibrated_note = " (input columns weighted by their RMS on the calibration text)"
+    calibrated_in_run = True
 
     def __init__(self, name: str, search: bool, help: str) -> None:
         self.name, self.search, self.help = name, search, help
+        searched = ", permutations searched in the same metric" if search else ""
+        self.calibrated_note = f" (factors fitted to the outputs on the calibration text by least squares{searched})"
 
     def check(self, settings: KroneckerSettings, shape: tuple[int, int]) -> None:
         complete_shapes(shape, settings.a_shape, settings.b_shape)
@@ -569,9 +546,8 @@ class Kronecker(Structure):
         return f"{self.name}{shape} r{settings['rank']}"
 
     def fit(self, weight: Tensor, settings: KroneckerSettings, stats=None, max_iterations: int = 20) -> KroneckerFactors:
-        scale = input_rms(stats.input_cov) if stats is not None else None
         return fit_kronecker(weight, settings.a_shape, settings.b_shape, settings.rank, self.search, max_iterations,
-                             input_scale=scale)
+                             input_cov=stats.input_cov if stats is not None else None)
 
     def module(self, factors: KroneckerFactors, bias: Tensor | None, kind: str) -> nn.Module:
         if kind == "embedding":

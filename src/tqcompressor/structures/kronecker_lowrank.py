@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tqcompressor.decompose import fit_error, kronecker_sum, nearest_kronecker, tail_energy
+from tqcompressor.decompose import fit_error, kronecker_sum, nearest_kronecker, output_metric_kronecker, tail_energy
 from tqcompressor.errors import TQCError
 from tqcompressor.structures.base import Candidate, Factors, Structure, get_structure, register
 from tqcompressor.structures.kronecker import (KroneckerFactors, KroneckerLinear, KroneckerSettings, fit_kronecker,
-                                               input_rms, kronecker_macs, kronecker_order, output_metric_kronecker)
+                                               input_rms, kronecker_macs, kronecker_order)
 from tqcompressor.structures.lowrank import LowRankFactors, LowRankLinear, truncated_svd
 
 AUTO_B_SHAPES = ((2, 4), (4, 2))  # the first that divides the matrix is measured
