@@ -4,6 +4,11 @@ For a few layers and every matrix type (q/k/v/o, gate/up/down) it factors the we
 method at the same parameter count, then times a full-model `compress` at --ratio 0.65.
 Writes bench/results/decomposition.json and prints a table.
 
+With --planted it measures the permutation search where the answer is known: scrambled sums of
+Kronecker products (with and without noise) of a few sizes, from its own starts and from the true
+permutations with a fraction of the labels shuffled (how far its local search reaches), and the
+number of steps it accepts on a random matrix. Writes bench/results/decomposition-planted.json.
+
 With --whole-model it instead compresses the whole model with every method at the same budget
 (tq, kronecker, svd, tq_aware, svd_aware, auto without and with calibration) and reports the whole-model
 totals: relative weight error sqrt(sum ||dW||^2 / sum ||W||^2) and the loss proxy that calibrated
@@ -12,7 +17,8 @@ squared output gradient, from --calibration-tokens of WikiText-2 valid), with th
 method took. Writes bench/results/decomposition-whole-model.json.
 
     python bench/decomposition.py [--layers 0,10,20,29] [--b-shape 2,4] [--rank 4]
-    python bench/decomposition.py --whole-model
+    python bench/decomposition.py --whole-model [--methods tq_aware,svd_aware] [--out ...]
+    python bench/decomposition.py --planted
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from provenance import git_commit  # bench/provenance.py (scripts run from bench
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 WHOLE_MODEL_METHODS = ["tq", "kronecker", "svd", "tq_aware", "svd_aware", "auto_weights", "auto"]
-CALIBRATED = {"tq_aware": "tq", "svd_aware": "svd", "tq_lowrank_aware": "tq_lowrank", "auto": "auto"}  # label -> method, calibrated
+CALIBRATED = {"tq_aware": "tq", "kronecker_aware": "kronecker", "svd_aware": "svd", "tq_lowrank_aware": "tq_lowrank",
+              "auto": "auto"}  # label -> method, calibrated
 MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -51,10 +58,13 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(WHOLE_MODEL_METHODS))
     parser.add_argument("--calibration", default=str(DATA / "valid.txt"))
     parser.add_argument("--calibration-tokens", type=int, default=8192)
-    parser.add_argument("--merge", action="store_true", help="--whole-model: keep the other methods already in --out")
+    parser.add_argument("--planted", action="store_true", help="the permutation search on planted structure instead")
     args = parser.parse_args()
     if args.whole_model:
         whole_model(args)
+        return
+    if args.planted:
+        planted(args)
         return
     args.out = args.out or RESULTS / "decomposition.json"
     b_shape = tuple(int(x) for x in args.b_shape.split(","))
@@ -150,12 +160,72 @@ def whole_model(args) -> None:
               "seconds_note": "compress time incl. the calibration pass for calibrated methods, model loading excluded",
               "methods": methods}
     out = args.out or RESULTS / "decomposition-whole-model.json"
-    if args.merge and out.is_file():
-        result["methods"] = {**json.loads(out.read_text())["methods"], **methods}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(["method", "params", "weight error", "loss-proxy error", "seconds", "layers"], rows))
     print(f"wrote {out}")
+
+
+PLANTED_SHAPES = [((16, 16), (4, 4)), ((288, 144), (2, 4))]  # 64 x 64 and 576 x 576 (q_proj's shape)
+PLANTED_CASES = [(1, 0.0), (1, 0.05), (2, 0.0), (3, 0.0), (4, 0.0), (2, 0.05)]  # (Kronecker rank, relative noise)
+SHUFFLED = (0.05, 0.2, 0.5)  # fractions of row and column labels moved away from the truth
+
+
+def planted(args) -> None:
+    from tqcompressor.decompose import inverse_permutation, kronecker_sum, nearest_kronecker
+    from tqcompressor.permutation import permuted_kronecker
+
+    commit = git_commit()
+    cases, rows = [], []
+    for a_shape, b_shape in PLANTED_SHAPES:
+        for rank, noise in PLANTED_CASES:
+            g = torch.Generator().manual_seed(rank * 100 + int(noise * 1000))
+            a = torch.randn(rank, *a_shape, generator=g, dtype=torch.float64)
+            b = torch.randn(rank, *b_shape, generator=g, dtype=torch.float64)
+            clean = kronecker_sum(a, b)
+            w = clean + noise * clean.norm() / clean.numel() ** 0.5 * torch.randn(clean.shape, generator=g,
+                                                                                   dtype=torch.float64)
+            truth = relative_error(w, kronecker_sum(*nearest_kronecker(w, a_shape, b_shape, rank)))
+            rows_perm, cols_perm = torch.randperm(w.shape[0], generator=g), torch.randperm(w.shape[1], generator=g)
+            scrambled = w[rows_perm][:, cols_perm]
+            plain = relative_error(scrambled, kronecker_sum(*nearest_kronecker(scrambled, a_shape, b_shape, rank)))
+            t0 = time.perf_counter()
+            found = permuted_kronecker(scrambled, a_shape, b_shape, rank)
+            seconds = time.perf_counter() - t0
+            from_shuffled = {}
+            for fraction in SHUFFLED:
+                start = tuple(_shuffle(inverse_permutation(p), fraction, seed) for seed, p in enumerate((rows_perm, cols_perm)))
+                from_shuffled[fraction] = permuted_kronecker(scrambled, a_shape, b_shape, rank, max_iterations=50,
+                                                             starts=[start]).history[-1]
+            case = {"a_shape": list(a_shape), "b_shape": list(b_shape), "rank": rank, "noise": noise,
+                    "planted_error": truth, "kronecker_error": plain, "tq_error": found.history[-1],
+                    "tq_steps_accepted": len(found.history) - 1, "tq_seconds": seconds,
+                    "tq_error_from_truth_with_labels_shuffled": from_shuffled}
+            cases.append(case)
+            rows.append([f"{clean.shape[0]}x{clean.shape[1]} B{b_shape[0]}x{b_shape[1]}", rank, noise, truth, plain,
+                         found.history[-1], *from_shuffled.values()])
+            print(json.dumps(case), flush=True)
+    w = torch.randn(576, 1536, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    random_search = permuted_kronecker(w, (288, 384), (2, 4), 4)
+    result = {"commit": commit, "device": "cpu", "torch_threads": torch.get_num_threads(),
+              "metric": "relative Frobenius error of the best rank-r Kronecker fit", "cases": cases,
+              "random_576x1536": {"b_shape": [2, 4], "rank": 4, "steps_accepted": len(random_search.history) - 1,
+                                  "history": random_search.history}}
+    out = args.out or RESULTS / "decomposition-planted.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(["matrix", "rank", "noise", "planted", "kronecker", "tq", *(f"tq from truth, {f:.0%} moved" for f in SHUFFLED)],
+                rows))
+    print(f"random 576x1536, B 2x4, rank 4: {len(random_search.history) - 1} search steps accepted; wrote {out}")
+
+
+def _shuffle(perm: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """``perm`` with ``fraction`` of its entries moved among themselves."""
+    g = torch.Generator().manual_seed(seed)
+    moved = torch.randperm(len(perm), generator=g)[: int(fraction * len(perm))]
+    perm = perm.clone()
+    perm[moved] = perm[moved[torch.randperm(len(moved), generator=g)]]
+    return perm
 
 
 def _loss_proxy(d: torch.Tensor, stats) -> float:
