@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from tests.conftest import tiny_gpt2, tiny_llama
-from tqcompressor import CompressionConfig, TQCError, compress
+from tqcompressor import CompressionConfig, LowRankLinear, TQCError, compress
 from tqcompressor.calibration import calibrate
-from tqcompressor import LowRankLinear
+from tqcompressor.planning import plan_compression
 
 
 def test_input_covariance_is_the_second_moment_of_the_layer_inputs():
@@ -59,12 +59,21 @@ def test_bad_calibration_input_is_a_clear_error(bad):
         calibrate(tiny_llama(), ["model.layers.0.mlp.up_proj"], bad, progress=False)
 
 
-def test_calibration_with_a_spec_file_is_refused():
+def test_calibration_with_a_spec_file_fits_each_module_once_at_its_first_step():
     from tqcompressor import LayerSpec
 
-    config = CompressionConfig(layers=[("up_proj", LayerSpec("tq", rank=1, b_shape=(2, 2)))])
-    with pytest.raises(TQCError, match="not with a spec file"):
-        compress(tiny_llama(), config, progress=False, calibration=torch.zeros(2, 8, dtype=torch.long))
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3))
+    config = CompressionConfig(layers=[("up_proj", LayerSpec("tq", rank=1, b_shape=(2, 2), step=1)),
+                                       ("up_proj", LayerSpec("tq", rank=1, b_shape=(2, 4), step=2)),
+                                       ("embed_tokens", LayerSpec("tq", rank=1, b_shape=(1, 2), step=1))])
+    plan = plan_compression(tiny_llama(), config, calibration=ids, progress=False)
+    fitted = {(e.name, e.spec.step): e for e in plan.layers}
+    up = [name for name, step in fitted if name.endswith("up_proj") and step == 1]
+    assert up and all(fitted[(name, 1)].factors is not None for name in up)
+    assert all("calibration text" in fitted[(name, 1)].spec.reason for name in up)
+    assert all(fitted[(name, 2)].factors is None for name in up)  # re-factors the step-1 factors later
+    assert fitted[("model.embed_tokens", 1)].factors is None  # embeddings: fitted in weight space when applied
+    assert all(fitted[(name, 2)].spec.reason.count("calibration text") == 0 for name in up)
 
 
 @pytest.mark.parametrize("method", ["tq", "kronecker"])

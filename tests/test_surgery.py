@@ -115,6 +115,31 @@ def test_shipped_paper_spec_expresses_the_gpt2_setting():
     assert not any(".attn." in e.name for e in plan.layers)
 
 
+def test_shipped_paper_style_spec_for_the_llama_family_fits_smollm2():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = tqc.load_spec(REPO / "specs" / "smollm2-tqcompressor.yaml")
+    shape = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(shape)
+    plan = plan_compression(model, config)  # checks every shape against the model
+    mlps = {e.name: e.spec for e in plan.layers if ".mlp." in e.name}
+    assert sorted({int(n.split(".")[2]) for n in mlps}) == list(range(1, 30, 2))
+    assert {e.spec.step for e in plan.layers if ".mlp." in e.name and int(e.name.split(".")[2]) >= 15} == {2}
+    assert len(mlps) == 15 * 3 and all(s.settings.rank == 4 for s in mlps.values())
+    embedding = [e.spec.settings for e in plan.layers if e.name == "model.embed_tokens"]
+    assert [(s.a_shape, s.b_shape) for s in embedding] == [((49152, 288), (1, 2)), ((49152, 144), (1, 4))]
+    assert plan.steps() == [1, 2, 3, 4] and plan.tie_lm_head and not any(".self_attn." in e.name for e in plan.layers)
+    # about 93M parameters in all, as its header says: the last factorization of each module counts
+    last = {e.name: e.spec.settings for e in sorted(plan.layers, key=lambda e: e.spec.step)}
+    saved = 0
+    for name, s in last.items():
+        dense = s.a_shape[0] * s.b_shape[0] * s.a_shape[1] * s.b_shape[1]
+        saved += dense - s.rank * (s.a_shape[0] * s.a_shape[1] + s.b_shape[0] * s.b_shape[1])
+    assert 92e6 < tqc.count_parameters(model) - saved < 94e6
+
+
 def test_spec_with_shapes_that_do_not_factor(tmp_path, gpt2_model):
     path = tmp_path / "bad.yaml"
     path.write_text("layers:\n  - modules: [transformer.h.0.mlp.c_fc]\n    method: tq\n    b_shape: [3, 5]\n")

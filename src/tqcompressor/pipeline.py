@@ -64,8 +64,8 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
     student = copy.deepcopy(teacher)
     blocks = block_source_for(data, loaded, distill, out_dir, fraction)
     calibration = None
-    if calibration_tokens > 0 and compression.layers is None and (
-            compression.method == "auto" or get_structure(compression.method).calibrated_in_run):
+    methods = {spec.method for _, spec in compression.layers} if compression.layers else {compression.method}
+    if calibration_tokens > 0 and any(m == "auto" or get_structure(m).calibrated_in_run for m in methods):
         # fits in the output metric (auto, svd, tq, ...): plan once from the first distillation blocks
         calibration = torch.stack(list(itertools.islice(blocks(0), max(1, calibration_tokens // distill.seq_len))))
     plan = plan_compression(student, compression, calibration)

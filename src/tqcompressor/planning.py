@@ -68,10 +68,14 @@ def plan_compression(model: nn.Module, config: CompressionConfig, calibration: T
     activation-aware (each structure's own way) and lets ``auto`` weigh layers by their effect on
     the loss; those factors are fitted here, while the statistics are at hand."""
     settings = dict(method=config.method, tie_lm_head=config.tie_lm_head, max_iterations=config.max_iterations)
-    if calibration is not None and config.layers is not None:
-        raise TQCError("calibration text works with a budget (--ratio / --target-params), not with a spec file")
     if config.layers is not None:
-        return Plan(_layers_from_spec(model, config.layers), **settings)
+        layers = _layers_from_spec(model, config.layers)
+        first = {}  # a module planned at several steps: only its first factorization sees the dense weight
+        for entry in sorted(layers, key=lambda e: e.spec.step):
+            first.setdefault(entry.name, entry)
+        linear = [name for name in first if not is_embedding(model.get_submodule(name))]
+        _fit_calibrated(model, list(first.values()), layer_statistics(model, linear, calibration), config, progress)
+        return Plan(layers, **settings)
     names = find_target_modules(model, config.target_modules)
     linear = [name for name in names if not is_embedding(model.get_submodule(name))]
     if config.method == "auto" and len(linear) < len(names):
@@ -82,14 +86,20 @@ def plan_compression(model: nn.Module, config: CompressionConfig, calibration: T
         layers, record = _plan_auto(model, names, config, stats, progress)
         return Plan(layers, target_params=target, auto=record, **settings)
     layers = _layers_from_budget(model, names, config)
-    if stats is not None:
-        calibrated = [entry for entry in layers if entry.name in stats]
-        for entry in tqdm(calibrated, desc="fitting to the calibration text", unit="layer", disable=not progress):
-            weight = dense_weight_of(model.get_submodule(entry.name))[0]
-            structure = entry.spec.structure
-            entry.factors = structure.fit(weight, entry.spec.settings, stats[entry.name], config.max_iterations)
-            entry.spec.reason += structure.calibrated_note
+    _fit_calibrated(model, layers, stats, config, progress)
     return Plan(layers, target_params=target, **settings)
+
+
+def _fit_calibrated(model: nn.Module, layers: list[LayerPlan], stats: dict | None, config: CompressionConfig,
+                    progress: bool) -> None:
+    """Fit the layers that have calibration statistics now, while the statistics are at hand."""
+    calibrated = [entry for entry in layers if stats is not None and entry.name in stats]
+    for entry in tqdm(calibrated, desc="fitting to the calibration text", unit="layer", disable=not progress):
+        weight = dense_weight_of(model.get_submodule(entry.name))[0]
+        structure = entry.spec.structure
+        entry.factors = structure.fit(weight, entry.spec.settings, stats[entry.name], config.max_iterations)
+        # a fresh spec: the modules of one spec-file group share theirs
+        entry.spec = LayerSpec.from_dict({**entry.spec.to_dict(), "reason": entry.spec.reason + structure.calibrated_note})
 
 
 def count_parameters(model: nn.Module) -> int:
