@@ -33,6 +33,7 @@ import torch
 
 import tqcompressor as tqc
 from tqcompressor.decompose import relative_error
+from tqcompressor.layers import dense_weight_of
 from tqcompressor.report import table
 
 from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
@@ -133,13 +134,14 @@ def whole_model(args) -> None:
         calibrated = label in CALIBRATED
         student = copy.deepcopy(teacher)
         t0 = time.perf_counter()
-        student, report = tqc.compress(student, tqc.CompressionConfig(method=method, ratio=args.ratio),
-                                       calibration=stats if calibrated else None)
+        plan = tqc.plan_compression(student, tqc.CompressionConfig(method=method, ratio=args.ratio),
+                                    calibration=stats if calibrated else None)
+        approximations = planned_approximations(student, plan)
+        report = tqc.apply_plan(student, plan)
         seconds = time.perf_counter() - t0 + (calibration_seconds if calibrated else 0.0)
         weight_sq = loss_sq = 0.0
         for name, w in originals.items():
-            module = student.get_submodule(name)
-            approx = module.to_dense().double() if hasattr(module, "to_dense") else module.weight.detach().double()
+            approx = approximations.get(name, w)
             weight_sq += float((w - approx).square().sum())
             loss_sq += _loss_proxy(w - approx, stats[name])
         kinds = {}
@@ -164,6 +166,23 @@ def whole_model(args) -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(["method", "params", "weight error", "loss-proxy error", "seconds", "layers"], rows))
     print(f"wrote {out}")
+
+
+def planned_approximations(model, plan) -> dict[str, torch.Tensor]:
+    """Each planned layer's dense approximation (float64) in the original row and column order.
+
+    Measured from the plan's factors, before :func:`tqcompressor.apply_plan` folds MLP permutations
+    into neighbouring layers (after folding a layer's ``to_dense()`` is in another order). Layers the
+    plan fits only when applied are fitted here and their factors kept in the plan, so applying it
+    does not fit them again."""
+    out = {}
+    for entry in plan.layers:
+        if entry.factors is None:
+            weight = dense_weight_of(model.get_submodule(entry.name))[0]
+            entry.factors = entry.spec.structure.fit(weight, entry.spec.settings, None, plan.max_iterations)
+        factors = entry.factors
+        out[entry.name] = (factors if isinstance(factors, torch.Tensor) else factors.to_dense()).detach().double()
+    return out
 
 
 PLANTED_SHAPES = [((16, 16), (4, 4)), ((288, 144), (2, 4))]  # 64 x 64 and 576 x 576 (q_proj's shape)

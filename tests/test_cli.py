@@ -87,6 +87,8 @@ def test_compress_auto_with_calibration_text(tmp_path, gpt2_dir):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"layers": [{"modules": ["transformer.h.1.mlp.c_fc"], "method": "tq", "rank": 2,
                                             "b_shape": [4, 2]}]}))
-    refused = run_tqc("compress", "--model", str(gpt2_dir), "--spec", str(spec), "--calibration", "teacher",
-                      "--calibration-tokens", "64", "--out", str(tmp_path / "t"))
-    assert refused.returncode == 2 and "not with a spec file" in refused.stderr
+    with_spec = run_tqc("compress", "--model", str(gpt2_dir), "--spec", str(spec), "--calibration", "teacher",
+                        "--calibration-tokens", "64", "--out", str(tmp_path / "t"))
+    assert with_spec.returncode == 0, with_spec.stderr  # spec files take calibration too
+    layer = json.loads((tmp_path / "t" / "compression.json").read_text())["layers"][0]
+    assert "calibration text" in layer["reason"]

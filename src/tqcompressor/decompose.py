@@ -133,37 +133,47 @@ def output_metric_kronecker(w: Tensor, input_cov: Tensor, a: Tensor, b: Tensor, 
     _, m2, n2 = b.shape
     c = damped_cov(input_cov, damping)
     c4 = c.reshape(n1, n2, n1, n2)
-    p4 = (w @ c).reshape(m1, m2, n1, n2)
-    total = float((w @ c * w).sum())
+    p = w @ c
+    p4 = p.reshape(m1, m2, n1, n2)
+    total = max(float((p * w).sum()), 1e-300)
     a, b = a.to(torch.float64).clone(), b.to(torch.float64).clone()
 
-    def error(a, b) -> float:
-        d = w - kronecker_sum(a, b)
-        return (max(float((d @ c * d).sum()), 0.0) / max(total, 1e-300)) ** 0.5
+    # With the factor x of one side stacked as the unknowns of the system (gram, rhs) that the other
+    # side sets up, tr(D C D^T) = tr(W C W^T) - 2 <x, rhs> + <x, gram x>: each step's error costs
+    # no product with C (the exact error is computed once, at the end).
+    def a_system(b):  # G[(k,j1),(l,j1')] = sum_{i2,j2,j2'} B_k[i2,j2] C[(j1,j2),(j1',j2')] B_l[i2,j2']
+        gram = torch.einsum("kpq,aqbs,lps->kalb", b, c4, b).reshape(rank * n1, rank * n1)
+        return gram, torch.einsum("kpq,ipaq->kai", b, p4).reshape(rank * n1, m1)
+
+    def b_system(a):  # H[(k,j2),(l,j2')] = sum_{i1,j1,j1'} A_k[i1,j1] C[(j1,j2),(j1',j2')] A_l[i1,j1']
+        pairs = torch.einsum("kia,lib->kalb", a, a)
+        gram = torch.einsum("kalb,aqbs->kqls", pairs, c4).reshape(rank * n2, rank * n2)
+        return gram, torch.einsum("kia,ipaq->kqp", a, p4).reshape(rank * n2, m2)
+
+    def error(gram, rhs, x) -> float:
+        return (max(total - 2 * float((x * rhs).sum()) + float((x * (gram @ x)).sum()), 0.0) / total) ** 0.5
 
     def solve(gram: Tensor, rhs: Tensor) -> Tensor:
         ridge = 1e-12 * float(gram.diagonal().mean()) or 1e-300  # only guards exact singularity
         return torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), rhs)
 
-    history = [error(a, b)]
+    gram, rhs = a_system(b)
+    history = [error(gram, rhs, a.transpose(1, 2).reshape(rank * n1, m1))]
     for _ in range(max_iterations):
-        # A-step: G[(k,j1),(l,j1')] = sum_{i2,j2,j2'} B_k[i2,j2] C[(j1,j2),(j1',j2')] B_l[i2,j2']
-        gram = torch.einsum("kpq,aqbs,lps->kalb", b, c4, b).reshape(rank * n1, rank * n1)
-        rhs = torch.einsum("kpq,ipaq->kai", b, p4).reshape(rank * n1, m1)
         a = solve(gram, rhs).reshape(rank, n1, m1).transpose(1, 2).contiguous()
-        # B-step: H[(k,j2),(l,j2')] = sum_{i1,j1,j1'} A_k[i1,j1] C[(j1,j2),(j1',j2')] A_l[i1,j1']
-        pairs = torch.einsum("kia,lib->kalb", a, a)
-        gram = torch.einsum("kalb,aqbs->kqls", pairs, c4).reshape(rank * n2, rank * n2)
-        rhs = torch.einsum("kia,ipaq->kqp", a, p4).reshape(rank * n2, m2)
-        b = solve(gram, rhs).reshape(rank, n2, m2).transpose(1, 2).contiguous()
+        gram, rhs = b_system(a)
+        x = solve(gram, rhs)
+        b = x.reshape(rank, n2, m2).transpose(1, 2).contiguous()
+        history.append(error(gram, rhs, x))
         # keep each term's two factors at the same scale (the product is unchanged)
         ratio = (a.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1).clamp_min(1e-300)).clamp_min(1e-300).sqrt()
         a, b = a / ratio[:, None, None], b * ratio[:, None, None]
-        history.append(error(a, b))
+        gram, rhs = a_system(b)
         if history[-1] > history[-2] * (1 - tolerance):
             break
+    d = w - kronecker_sum(a, b)  # the last error exactly (the expansion above cancels when it is tiny)
+    history[-1] = (max(float((d @ c * d).sum()), 0.0) / total) ** 0.5
     return a, b, history
-
 
 
 def output_error(weight: Tensor, approx: Tensor, input_cov: Tensor) -> float:

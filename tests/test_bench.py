@@ -1,0 +1,43 @@
+"""The benchmark scripts' own measuring code (the scripts run from bench/; the runs are not tests)."""
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+import tqcompressor as tqc
+from tests.conftest import tiny_llama
+from tqcompressor.decompose import relative_error
+from tqcompressor.planning import find_target_modules
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    sys.path.insert(0, str(BENCH))  # the scripts import their sibling provenance.py
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_whole_model_errors_are_measured_in_the_original_order_not_the_folded_one():
+    decomposition = bench_module("decomposition")
+    model = tiny_llama()
+    originals = {n: model.get_submodule(n).weight.detach().double().clone()
+                 for n in find_target_modules(model, None)}
+    plan = tqc.plan_compression(model, tqc.CompressionConfig(method="tq", ratio=0.7), progress=False)
+    approximations = decomposition.planned_approximations(model, plan)
+    report = tqc.apply_plan(model, plan, progress=False)
+    assert report.folded_mlps  # the case that matters: permutations moved between MLP layers
+    for layer in report.layers:  # the error the report states for each layer, measured when it was swapped in
+        assert relative_error(originals[layer.name], approximations[layer.name]) == pytest.approx(layer.relative_error,
+                                                                                                  rel=1e-4)
+    up = next(n for n in originals if n.endswith("up_proj") and any(n.startswith(f) for f in report.folded_mlps))
+    after_folding = model.get_submodule(up).to_dense().double()
+    assert relative_error(originals[up], approximations[up]) < 1.0 < relative_error(originals[up], after_folding)
