@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import TiedKroneckerHead, bias_of, set_module
+from tqcompressor.outputs import check_writable, claim_directory, remove_ours
 from tqcompressor.planning import Plan
 from tqcompressor.structures import module_classes
 from tqcompressor.structures.dense import plain_module
@@ -108,10 +108,10 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, base_model: st
     """Write the model to ``directory`` atomically: into a temporary sibling, then renamed.
     ``plan`` (from :func:`tqcompressor.compress`'s report or planning) is recorded in
     ``tqcompressor.json``, so that ``tqc info`` and later steps can see how each layer was chosen."""
-    directory = Path(directory)
+    directory = check_writable(directory)
     partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    remove_ours(partial)
+    claim_directory(partial)
     modules = structure_of(model)
     config = model.config.to_dict()
     # the structure again, for transformers' quantizer plugin (plain from_pretrained)
@@ -131,8 +131,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, base_model: st
         tokenizer.save_pretrained(partial)
     # the structure file goes last: its presence marks a complete directory
     (partial / STRUCTURE_FILE).write_text(json.dumps(structure, indent=2) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
+    remove_ours(directory)
     os.replace(partial, directory)
     return directory
 
@@ -252,7 +251,7 @@ def densify(model: nn.Module) -> nn.Module:
 def export_dense(directory: str | Path, out: str | Path) -> Path:
     """Merge the factors of a compressed dir into a plain HF model dir (``from_pretrained`` opens it)."""
     model = densify(load(directory))
-    out = Path(out)
+    out = claim_directory(out)
     model.save_pretrained(out)
     try:
         load_tokenizer(directory).save_pretrained(out)

@@ -17,6 +17,7 @@ import typer
 
 from tqcompressor.errors import TQCError
 from tqcompressor.models import DEFAULT_MODEL
+from tqcompressor.outputs import check_writable, claim_directory
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress Hugging Face causal LMs with permuted Kronecker factorizations (TQCompressor).")
@@ -88,6 +89,7 @@ def compress(
     from tqcompressor.report import format_compression_table
     from tqcompressor.surgery import compress as run_compress
 
+    check_writable(out)  # before the long work, not after it
     if spec is not None:
         config = load_spec(spec)
     else:
@@ -135,6 +137,7 @@ def export(
     if dense == onnx:
         raise TQCError("choose one of --dense or --onnx")
     if dense:
+        check_writable(out)
         export_dense(directory, out)
         typer.echo(f"wrote {out} (dense; opens with AutoModelForCausalLM.from_pretrained)")
     else:
@@ -179,6 +182,7 @@ def distill(
     from tqcompressor.models import load_model
     from tqcompressor.pipeline import block_source_for, check_student_matches_teacher
 
+    claim_directory(out)  # before anything is written there (teacher samples, checkpoints)
     student_model = load(student)
     loaded = load_model(teacher)
     check_student_matches_teacher(student_model, loaded.model)
@@ -262,6 +266,7 @@ def run(
 
     compression = load_spec(spec) if spec else CompressionConfig(method=method, ratio=ratio, steps=stages,
                                                                  prefer=prefer)
+    claim_directory(out)
     loaded = load_model(model)
     _check_seq_len(loaded.model, max(kd.seq_len, context))
     result = run_pipeline(loaded, compression, kd, data, eval_data, out, eval_tokens, context, resume, fraction,

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from tqcompressor.checkpoint import load as load_compressed
 from tqcompressor.checkpoint import save as save_compressed
 from tqcompressor.errors import TQCError
+from tqcompressor.outputs import claim_directory
 from tqcompressor.planning import Plan
 from tqcompressor.surgery import apply_plan
 
@@ -150,8 +151,7 @@ def multistep_distill(
     """
     from accelerate import Accelerator
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim_directory(out_dir)
     stages = plan.steps() if plan is not None else [1]
     outputs = RunOutputs(out_dir / "checkpoint", out_dir / "metrics.jsonl",
                          run_fingerprint(teacher_name, data_name, plan, config), tokenizer, plan)

@@ -18,6 +18,7 @@ from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.errors import TQCError
 from tqcompressor.evaluate import evaluate
 from tqcompressor.models import LoadedModel
+from tqcompressor.outputs import claim_directory
 from tqcompressor.planning import count_parameters, plan_compression
 from tqcompressor.report import table
 from tqcompressor.structures import get_structure
@@ -43,8 +44,7 @@ def eval_tokens_for(eval_data: str | None, loaded: LoadedModel, max_tokens: int,
 def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: DistillConfig, data: str,
                  eval_data: str | None, out_dir: str | Path, eval_tokens: int = 16384, context: int = 512,
                  resume: bool = False, fraction: float | None = None, calibration_tokens: int = 8192) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = claim_directory(out_dir)
     started = time.perf_counter()
     teacher = loaded.model
     ids = eval_tokens_for(eval_data, loaded, eval_tokens, context)
