@@ -117,7 +117,8 @@ def damped_cov(input_cov: Tensor, damping: float = WHITENING_DAMPING) -> Tensor:
 
 
 def output_metric_kronecker(w: Tensor, input_cov: Tensor, a: Tensor, b: Tensor, max_iterations: int = 25,
-                            tolerance: float = 1e-4, damping: float = WHITENING_DAMPING) -> tuple[Tensor, Tensor, list[float]]:
+                            tolerance: float = 1e-4, damping: float = WHITENING_DAMPING,
+                            product: Tensor | None = None) -> tuple[Tensor, Tensor, list[float]]:
     """Refine ``sum_k A_k (x) B_k ~= w`` (already permuted) in the output metric
     ``tr(D C D^T)``, ``D = w - sum_k A_k (x) B_k``, ``C`` the damped input second moment (as the
     activation-aware SVD uses it), by exact alternating least squares from ``(a, b)``.
@@ -125,37 +126,48 @@ def output_metric_kronecker(w: Tensor, input_cov: Tensor, a: Tensor, b: Tensor, 
     With B fixed the best A solves one linear system of size ``rank*n1`` (shared by every row
     block of A) whose matrix and right-hand side contract ``C`` and ``w C`` with B; then the same
     for B. Each half-step can only lower the error; it stops when a full step lowers the relative
-    error by less than ``tolerance`` or after ``max_iterations``. Float64 throughout. Returns
-    ``(a, b, history)`` with the relative output error before and after each step.
+    error by less than ``tolerance`` or after ``max_iterations``. Float64 throughout. ``product``:
+    ``w @ C`` (damped) when the caller has it. Returns ``(a, b, history)`` with the relative output
+    error before and after each step.
     """
     w = w.detach().to(torch.float64)
     rank, m1, n1 = a.shape
     _, m2, n2 = b.shape
     c = damped_cov(input_cov, damping)
-    c4 = c.reshape(n1, n2, n1, n2)
-    p = w @ c
-    p4 = p.reshape(m1, m2, n1, n2)
+    p = product if product is not None else w @ c
     total = max(float((p * w).sum()), 1e-300)
+    # C and W C with the A-indices in front: every contraction below is one matrix product
+    c_blocks = c.reshape(n1, n2, n1, n2).permute(0, 2, 1, 3).reshape(n1 * n1, n2 * n2)  # [(j1,j1'), (j2,j2')]
+    p_blocks = p.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)  # [(i1,j1), (i2,j2)]
     a, b = a.to(torch.float64).clone(), b.to(torch.float64).clone()
 
     # With the factor x of one side stacked as the unknowns of the system (gram, rhs) that the other
     # side sets up, tr(D C D^T) = tr(W C W^T) - 2 <x, rhs> + <x, gram x>: each step's error costs
     # no product with C (the exact error is computed once, at the end).
     def a_system(b):  # G[(k,j1),(l,j1')] = sum_{i2,j2,j2'} B_k[i2,j2] C[(j1,j2),(j1',j2')] B_l[i2,j2']
-        gram = torch.einsum("kpq,aqbs,lps->kalb", b, c4, b).reshape(rank * n1, rank * n1)
-        return gram, torch.einsum("kpq,ipaq->kai", b, p4).reshape(rank * n1, m1)
+        pairs = torch.einsum("kpq,lps->klqs", b, b).reshape(rank * rank, n2 * n2)
+        gram = (c_blocks @ pairs.T).reshape(n1, n1, rank, rank).permute(2, 0, 3, 1).reshape(rank * n1, rank * n1)
+        rhs = (p_blocks @ b.reshape(rank, m2 * n2).T).reshape(m1, n1, rank).permute(2, 1, 0)
+        return gram, rhs.reshape(rank * n1, m1)
 
     def b_system(a):  # H[(k,j2),(l,j2')] = sum_{i1,j1,j1'} A_k[i1,j1] C[(j1,j2),(j1',j2')] A_l[i1,j1']
-        pairs = torch.einsum("kia,lib->kalb", a, a)
-        gram = torch.einsum("kalb,aqbs->kqls", pairs, c4).reshape(rank * n2, rank * n2)
-        return gram, torch.einsum("kia,ipaq->kqp", a, p4).reshape(rank * n2, m2)
+        stacked = a.permute(1, 0, 2).reshape(m1, rank * n1)
+        pairs = (stacked.T @ stacked).reshape(rank, n1, rank, n1).permute(0, 2, 1, 3).reshape(rank * rank, n1 * n1)
+        gram = (pairs @ c_blocks).reshape(rank, rank, n2, n2).permute(0, 2, 1, 3).reshape(rank * n2, rank * n2)
+        rhs = (a.reshape(rank, m1 * n1) @ p_blocks).reshape(rank, m2, n2).permute(0, 2, 1)
+        return gram, rhs.reshape(rank * n2, m2)
 
     def error(gram, rhs, x) -> float:
         return (max(total - 2 * float((x * rhs).sum()) + float((x * (gram @ x)).sum()), 0.0) / total) ** 0.5
 
     def solve(gram: Tensor, rhs: Tensor) -> Tensor:
-        ridge = 1e-12 * float(gram.diagonal().mean()) or 1e-300  # only guards exact singularity
-        return torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), rhs)
+        # gram is symmetric positive (semi)definite: Cholesky, half the work of a general solve
+        ridged = gram.clone()
+        ridged.diagonal().add_(1e-12 * float(gram.diagonal().mean()) or 1e-300)  # only guards exact singularity
+        factor, info = torch.linalg.cholesky_ex(ridged)
+        if int(info) != 0:  # not numerically positive definite after all: a general solve
+            return torch.linalg.lstsq(gram, rhs).solution
+        return torch.cholesky_solve(rhs, factor)
 
     gram, rhs = a_system(b)
     history = [error(gram, rhs, a.transpose(1, 2).reshape(rank * n1, m1))]
@@ -199,6 +211,7 @@ class OutputSketch:
     candidates of ``auto`` in the output metric."""
 
     def __init__(self, input_cov: Tensor, k: int = 128) -> None:
+        self.cov = damped_cov(input_cov)  # the metric itself, for fits that solve in it
         values, vectors = damped_eigen(input_cov)  # ascending
         self.root = vectors * values.sqrt()  # C = root root^T
         k = min(k, len(values))

@@ -104,13 +104,19 @@ def _alternate(w, a_shape, b_shape, rank, row_perm, col_perm, max_iterations) ->
     return PermutedKronecker(a, b, row_perm, col_perm, history)
 
 
+# least-squares steps in the output-metric search: to converge a start or the final permutations
+# (stopped earlier when a step gains less than the tolerance), and after each permutation step, to
+# judge it. On SmolLM2 matrices 25 steps and 20 rounds lower the error by 0.4% more, at twice the time.
+CONVERGE_STEPS, STEP_STEPS = 10, 3
+
+
 def output_metric_search(w: Tensor, input_cov: Tensor, rank: int, starts: list[tuple[Tensor, Tensor, Tensor, Tensor]],
-                         max_iterations: int = 20, tolerance: float = 1e-4) -> PermutedKronecker:
+                         max_iterations: int = 3, tolerance: float = 1e-3) -> PermutedKronecker:
     """Permutations and factors that make ``sum_k A_k (x) B_k`` reproduce the *outputs* of ``w``
     on inputs with second moment ``input_cov``: minimise ``tr(D C D^T)``,
     ``D = W - P_r^T K P_c^T``.
 
-    ``starts``: ``(row_perm, col_perm, a, b)`` start points; each is refined in the output metric
+    ``starts``: ``(row_perm, col_perm, a, b)`` start points; each is converged in the output metric
     by exact alternating least squares (:func:`output_metric_kronecker`) and the best one is then
     searched further. Rows of ``W`` do not interact with ``C``, so the row step assigns each row
     to the Kronecker row with the least exact output cost ``(W_i - K_j) C (W_i - K_j)^T``. Columns
@@ -126,12 +132,15 @@ def output_metric_search(w: Tensor, input_cov: Tensor, rank: int, starts: list[t
     _, m2, n2 = starts[0][3].shape
     search_rows, search_cols = m1 > 1 and m2 > 1, n1 > 1 and n2 > 1
 
+    wc = w @ c
+
     def refit(row_perm, col_perm, a, b, iterations):
         a, b, history = output_metric_kronecker(w[row_perm][:, col_perm], c[col_perm][:, col_perm], a, b,
-                                                iterations, tolerance, damping=0.0)
+                                                iterations, tolerance, damping=0.0,
+                                                product=wc[row_perm][:, col_perm])
         return a, b, history[-1]
 
-    fitted = [(r, col, *refit(r, col, a.double(), b.double(), 25)) for r, col, a, b in starts]
+    fitted = [(r, col, *refit(r, col, a.double(), b.double(), CONVERGE_STEPS)) for r, col, a, b in starts]
     row_perm, col_perm, a, b, error = min(fitted, key=lambda f: f[4])
     history = [error]
     for _ in range(max_iterations if (search_rows or search_cols) else 0):
@@ -141,11 +150,12 @@ def output_metric_search(w: Tensor, input_cov: Tensor, rank: int, starts: list[t
                 continue
             k = kronecker_sum(a, b)
             if axis == 0:
-                new_row, new_col = output_row_assignment(w[:, col_perm], c[col_perm][:, col_perm], k), col_perm
+                new_row = output_row_assignment(w[:, col_perm], c[col_perm][:, col_perm], k, wc[:, col_perm])
+                new_col = col_perm
             else:
                 cost = c.diagonal()[:, None] * ((k * k).sum(0)[None, :] - 2.0 * w[row_perm].T @ k)
                 new_row, new_col = row_perm, _assignment(cost)
-            new_a, new_b, new_error = refit(new_row, new_col, a, b, 5)
+            new_a, new_b, new_error = refit(new_row, new_col, a, b, STEP_STEPS)
             if new_error < history[-1] * (1 - tolerance):
                 row_perm, col_perm, a, b = new_row, new_col, new_a, new_b
                 history.append(new_error)
@@ -153,16 +163,17 @@ def output_metric_search(w: Tensor, input_cov: Tensor, rank: int, starts: list[t
         if not improved:
             break
     if len(history) > 1:  # converge the factors of the final permutations
-        a, b, error = refit(row_perm, col_perm, a, b, 25)
+        a, b, error = refit(row_perm, col_perm, a, b, CONVERGE_STEPS)
         history[-1] = min(history[-1], error)
     return PermutedKronecker(a, b, row_perm, col_perm, history)
 
 
-def output_row_assignment(w: Tensor, c: Tensor, target: Tensor) -> Tensor:
+def output_row_assignment(w: Tensor, c: Tensor, target: Tensor, product: Tensor | None = None) -> Tensor:
     """Permutation ``p`` minimising the output error ``tr(D C D^T)`` of ``D = w[p] - target``
     (columns of ``w`` and ``c`` already in ``target``'s order): exact, since each row's cost
-    ``(w_i - t_j) C (w_i - t_j)^T`` does not depend on the other rows."""
-    return _assignment(((target @ c) * target).sum(1)[None, :] - 2.0 * (w @ c) @ target.T)
+    ``(w_i - t_j) C (w_i - t_j)^T`` does not depend on the other rows. ``product``: ``w @ c``."""
+    wc = product if product is not None else w @ c
+    return _assignment(((target @ c) * target).sum(1)[None, :] - 2.0 * wc @ target.T)
 
 
 def _assignment(cost: Tensor) -> Tensor:

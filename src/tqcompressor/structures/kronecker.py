@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tqcompressor.decompose import (complete_shapes, fit_error, output_metric_kronecker,
+from tqcompressor.decompose import (complete_shapes, damped_cov, output_metric_kronecker,
                                     inverse_permutation, kronecker_sum, nearest_kronecker, rearrange, relative_error,
                                     tail_energy)
 from tqcompressor.errors import TQCError
@@ -34,6 +34,8 @@ SPEED_B_WIDTHS = (2, 3, 4, 6, 8, 9, 12, 16)
 # auto's menu: B shapes and ranks measured per matrix
 AUTO_B_SHAPES = ((2, 4), (4, 2), (1, 2), (2, 2))
 AUTO_RANKS = (1, 2, 3, 4, 6, 8)
+OUTPUT_SEARCH_ROUNDS = 3  # permutation rounds in the output metric (each costs a least-squares refit)
+AUTO_LEAST_SQUARES_STEPS = 5  # with calibration: output-metric refinement of each candidate (cheap, most of the gain)
 
 
 @dataclass
@@ -121,21 +123,18 @@ def fit_kronecker(weight: Tensor, a_shape: tuple[int, int] | None, b_shape: tupl
 def output_metric_fit(weight: Tensor, input_cov: Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int],
                       rank: int = 1, search: bool = True, max_iterations: int = 20) -> KroneckerFactors:
     """The Kronecker fit with the least output error ``tr(D C D^T)`` we can find, ``C`` the input
-    second moment. Each start is refined by exact least squares in that metric: no permutation
-    (Van Loan's factors, and the fit of the RMS-weighted matrix, :func:`scaled_kronecker`) and, for
-    ``tq``, the weight-space permutation search of the RMS-weighted matrix; ``tq`` has every start
-    ``kronecker`` has, so it never ends worse.
+    second moment. Each start is converged by exact least squares in that metric: no permutation
+    (Van Loan's factors) and, for ``tq``, the weight-space permutation search of the RMS-weighted
+    matrix (:func:`scaled_kronecker`); ``tq`` has ``kronecker``'s start, so it never ends worse.
     For ``tq`` the permutations are then searched in the output metric itself
     (:func:`tqcompressor.permutation.output_metric_search`). ``history``: relative output error."""
     w = weight.detach().to(torch.float64)
     m, n = w.shape
-    scale = input_rms(input_cov)
-    plain = nearest_kronecker(w, a_shape, b_shape, rank)
-    starts = [(torch.arange(m), torch.arange(n), *plain)]
-    for searched in (False, True) if search else (False,):
-        weighted = scaled_kronecker(w, scale, a_shape, b_shape, rank, searched, max_iterations)
+    starts = [(torch.arange(m), torch.arange(n), *nearest_kronecker(w, a_shape, b_shape, rank))]
+    if search:
+        weighted = scaled_kronecker(w, input_rms(input_cov), a_shape, b_shape, rank, True, max_iterations)
         starts.append((weighted.row_perm, weighted.col_perm, weighted.a, weighted.b))
-    found = output_metric_search(w, input_cov, rank, starts, max_iterations if search else 0)
+    found = output_metric_search(w, input_cov, rank, starts, min(max_iterations, OUTPUT_SEARCH_ROUNDS) if search else 0)
     return KroneckerFactors(*found)
 
 
@@ -579,10 +578,13 @@ class Kronecker(Structure):
     def candidates(self, weight: Tensor, sketch=None, max_iterations: int = 10) -> tuple[list[Candidate], dict]:
         """Every B shape of :data:`AUTO_B_SHAPES` at every rank of :data:`AUTO_RANKS` that fits. For
         ``tq`` one permutation search per B shape (at its largest rank) serves every rank, and a
-        rank's error is never worse than without permutations."""
+        rank's error is never worse than without permutations. With ``sketch`` (calibration) each
+        candidate is fitted in the output metric as ``auto`` would install it
+        (:func:`candidate_factors`) and that error is measured. ``state``: each candidate's
+        permutations, so that :meth:`fit_candidate` installs exactly what was measured."""
         w = weight.detach().to(torch.float64)
         m, n = w.shape
-        menu, searches = [], {}
+        menu, starts = [], {}
         identity = (torch.arange(m), torch.arange(n))
         for b_shape in AUTO_B_SHAPES:
             m2, n2 = b_shape
@@ -593,33 +595,47 @@ class Kronecker(Structure):
             if not usable:
                 continue
             errors = kronecker_errors(w, a_shape, b_shape, usable, *identity, sketch)
+            starts.update({(b_shape, r): identity for r in usable})
             if self.search:
                 found = permuted_kronecker(w, a_shape, b_shape, max(usable), max_iterations)
-                searches[b_shape] = found
                 permuted = kronecker_errors(w, a_shape, b_shape, usable, found.row_perm, found.col_perm, sketch)
-                errors = {r: min(permuted[r], errors[r]) for r in usable}
+                for r in usable:
+                    if permuted[r] < errors[r]:
+                        errors[r], starts[(b_shape, r)] = permuted[r], (found.row_perm, found.col_perm)
             for rank in usable:
+                if sketch is not None:
+                    errors[rank] = candidate_factors(w, sketch.cov, a_shape, b_shape, rank,
+                                                     starts[(b_shape, rank)]).history[-1]
                 menu.append(Candidate(self.name, rank * (a_shape[0] * a_shape[1] + m2 * n2), errors[rank],
                                       {"rank": rank, "a_shape": list(a_shape), "b_shape": list(b_shape)},
                                       macs=kronecker_macs(a_shape, b_shape, rank, kronecker_order(a_shape, b_shape, rank))))
-        return menu, searches
+        return menu, starts
 
     def fit_candidate(self, weight: Tensor, candidate: Candidate, state: dict, input_cov: Tensor | None) -> KroneckerFactors:
-        """The plain fit; for ``tq`` the permutation search from the menu, kept only where it beats
-        no permutation (in the output metric when ``input_cov`` is given)."""
+        """The factors measured for ``candidate``: Van Loan's fit at the permutations the menu chose,
+        refined in the output metric when ``input_cov`` is given."""
         w = weight.detach().to(torch.float64)
-        m, n = w.shape
         a_shape, b_shape = tuple(candidate.settings["a_shape"]), tuple(candidate.settings["b_shape"])
         rank = candidate.settings["rank"]
-        row, col = torch.arange(m), torch.arange(n)
-        a, b = nearest_kronecker(w, a_shape, b_shape, rank)
-        if self.search and b_shape in state:
-            found = state[b_shape]
-            perm_a, perm_b = nearest_kronecker(w[found.row_perm][:, found.col_perm], a_shape, b_shape, rank)
-            permuted = KroneckerFactors(perm_a, perm_b, found.row_perm, found.col_perm)
-            if fit_error(w, permuted.to_dense(), input_cov) <= fit_error(w, kronecker_sum(a, b), input_cov):
-                a, b, row, col = perm_a, perm_b, found.row_perm, found.col_perm
-        return KroneckerFactors(a.to(weight.dtype), b.to(weight.dtype), row, col)
+        rows, cols = state[(b_shape, rank)]
+        cov = damped_cov(input_cov) if input_cov is not None else None
+        return candidate_factors(w, cov, a_shape, b_shape, rank, (rows, cols)).to(weight.dtype)
+
+
+def candidate_factors(w: Tensor, cov: Tensor | None, a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int,
+                      perms: tuple[Tensor, Tensor]) -> KroneckerFactors:
+    """``auto``'s fit of one Kronecker candidate: Van Loan's factors of ``w`` at the permutations
+    ``perms``, then (given the damped covariance ``cov``) :data:`AUTO_LEAST_SQUARES_STEPS` steps of
+    least squares in the output metric. Deterministic: the menu and the installed layer agree.
+    ``history``: the relative error (output error with ``cov``)."""
+    rows, cols = perms
+    permuted = w[rows][:, cols]
+    a, b = nearest_kronecker(permuted, a_shape, b_shape, rank)
+    if cov is None:
+        return KroneckerFactors(a, b, rows, cols, [relative_error(permuted, kronecker_sum(a, b))])
+    a, b, history = output_metric_kronecker(permuted, cov[cols][:, cols], a, b, AUTO_LEAST_SQUARES_STEPS,
+                                            tolerance=1e-3, damping=0.0)
+    return KroneckerFactors(a, b, rows, cols, [history[-1]])
 
 
 register(Kronecker("tq", search=True, help="permuted Kronecker products (TQCompressor): search P_r, P_c"))

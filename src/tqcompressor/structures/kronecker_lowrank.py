@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tqcompressor.decompose import fit_error, kronecker_sum, nearest_kronecker, output_metric_kronecker, tail_energy
+from tqcompressor.decompose import (fit_error, kronecker_sum, nearest_kronecker, output_metric_kronecker, tail_energy,
+                                    whitening)
 from tqcompressor.errors import TQCError
 from tqcompressor.structures.base import Candidate, Factors, Structure, get_structure, register
 from tqcompressor.structures.kronecker import (KroneckerFactors, KroneckerLinear, KroneckerSettings, fit_kronecker,
@@ -73,7 +74,8 @@ def fit_kronecker_lowrank(weight: Tensor, settings: KroneckerLowRankSettings, in
     w = weight.detach().to(torch.float64)
     scale = input_rms(input_cov) if input_cov is not None and weighted_kronecker else None
     kron = fit_kronecker(w, settings.a_shape, settings.b_shape, settings.rank, search, max_iterations, scale)
-    low = truncated_svd(w - kron.to_dense(), settings.residual_rank, input_cov)
+    whitened = whitening(input_cov) if input_cov is not None else None  # once: every round uses the same inputs
+    low = truncated_svd(w - kron.to_dense(), settings.residual_rank, input_cov, whitened=whitened)
     best, best_error = (kron, low), fit_error(w, kron.to_dense() + low.to_dense(), input_cov)
     a_shape, b_shape = tuple(kron.a.shape[1:]), tuple(kron.b.shape[1:])
     for _ in range(rounds):
@@ -84,7 +86,7 @@ def fit_kronecker_lowrank(weight: Tensor, settings: KroneckerLowRankSettings, in
             cov = input_cov.double()[kron.col_perm][:, kron.col_perm]
             a, b, _ = output_metric_kronecker(target, cov, kron.a.double(), kron.b.double(), ALS_STEPS_PER_ROUND)
         kron = KroneckerFactors(a, b, kron.row_perm, kron.col_perm)
-        low = truncated_svd(w - kron.to_dense(), settings.residual_rank, input_cov)
+        low = truncated_svd(w - kron.to_dense(), settings.residual_rank, input_cov, whitened=whitened)
         error = fit_error(w, kron.to_dense() + low.to_dense(), input_cov)
         improved = error < best_error * (1 - ALTERNATION_GAIN)
         if error < best_error:

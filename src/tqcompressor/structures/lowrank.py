@@ -47,11 +47,13 @@ class LowRankFactors(Factors):
 
 
 def truncated_svd(weight: Tensor, rank: int, input_cov: Tensor | None = None,
-                  damping: float = WHITENING_DAMPING) -> LowRankFactors:
+                  damping: float = WHITENING_DAMPING, whitened: tuple[Tensor, Tensor] | None = None) -> LowRankFactors:
     """Best rank-``rank`` ``U V``. Without ``input_cov`` it minimises ``||W - U V||_F``; with the
     second moment ``C = E[x x^T]`` of the layer's inputs it minimises the *output* error
     ``E||(W - U V) x||^2`` (activation-aware, as in SVD-LLM): the SVD of ``W S`` with ``C = S S^T``,
-    mapped back by ``S^-1``. ``history`` holds the relative error in the metric that was minimised."""
+    mapped back by ``S^-1``. ``whitened``: ``(S, S^-1)`` from :func:`whitening`, when the caller
+    fits many matrices against the same inputs. ``history`` holds the relative error in the
+    metric that was minimised."""
     w = weight.detach().to(torch.float64)
     if rank > min(w.shape):
         raise TQCError(f"SVD rank {rank} exceeds min{tuple(w.shape)}")
@@ -59,7 +61,7 @@ def truncated_svd(weight: Tensor, rank: int, input_cov: Tensor | None = None,
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         back = None
     else:
-        root_cov, back = whitening(input_cov, damping)
+        root_cov, back = whitened if whitened is not None else whitening(input_cov, damping)
         u, s, vh = torch.linalg.svd(w @ root_cov, full_matrices=False)
     root = s[:rank].sqrt()
     left, right = u[:, :rank] * root, vh[:rank] * root[:, None]
