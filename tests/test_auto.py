@@ -96,10 +96,8 @@ def test_menu_output_errors_match_real_decompositions():
             assert abs(output_error(w, truncated_svd(w, 3, cov).to_dense(), cov) - c.error) < 1e-4
             checked.add("svd")
         if c.method == "kronecker" and c.settings["rank"] == 2 and c.settings["b_shape"] == [2, 4]:
-            installed = factors_for(w, c, searches, cov)  # refined in the output metric
-            assert abs(output_error(w, installed.to_dense(), cov) - c.error) < 1e-4
-            weight_space = decompose(w, "kronecker", b_shape=(2, 4), rank=2)
-            assert c.error < output_error(w, weight_space.to_dense(), cov)
+            f = decompose(w, "kronecker", b_shape=(2, 4), rank=2)  # kronecker's candidates stay Van Loan's
+            assert abs(output_error(w, f.to_dense(), cov) - c.error) < 1e-4
             checked.add("kronecker")
         if c.method == "tq" and c.settings["rank"] == 3 and c.settings["b_shape"] == [2, 4]:
             f = factors_for(w, c, searches, cov)  # what compress would install

@@ -35,7 +35,7 @@ SPEED_B_WIDTHS = (2, 3, 4, 6, 8, 9, 12, 16)
 AUTO_B_SHAPES = ((2, 4), (4, 2), (1, 2), (2, 2))
 AUTO_RANKS = (1, 2, 3, 4, 6, 8)
 OUTPUT_SEARCH_ROUNDS = 3  # permutation rounds in the output metric (each costs a least-squares refit)
-AUTO_LEAST_SQUARES_STEPS = 5  # with calibration: output-metric refinement of each candidate (cheap, most of the gain)
+AUTO_LEAST_SQUARES_STEPS = 3  # with calibration: output-metric refinement of each tq candidate (most of the gain)
 
 
 @dataclass
@@ -579,9 +579,11 @@ class Kronecker(Structure):
         """Every B shape of :data:`AUTO_B_SHAPES` at every rank of :data:`AUTO_RANKS` that fits. For
         ``tq`` one permutation search per B shape (at its largest rank) serves every rank, and a
         rank's error is never worse than without permutations. With ``sketch`` (calibration) each
-        candidate is fitted in the output metric as ``auto`` would install it
-        (:func:`candidate_factors`) and that error is measured. ``state``: each candidate's
-        permutations, so that :meth:`fit_candidate` installs exactly what was measured."""
+        ``tq`` candidate is fitted in the output metric as ``auto`` would install it
+        (:func:`candidate_factors`) and that error is measured; ``kronecker``'s stay Van Loan's
+        (``tq``'s candidates include the unpermuted fit, refined, so refining ``kronecker``'s too
+        would double the cost for nothing). ``state``: each candidate's permutations, so that
+        :meth:`fit_candidate` installs exactly what was measured."""
         w = weight.detach().to(torch.float64)
         m, n = w.shape
         menu, starts = [], {}
@@ -603,7 +605,7 @@ class Kronecker(Structure):
                     if permuted[r] < errors[r]:
                         errors[r], starts[(b_shape, r)] = permuted[r], (found.row_perm, found.col_perm)
             for rank in usable:
-                if sketch is not None:
+                if sketch is not None and self.search:
                     errors[rank] = candidate_factors(w, sketch.cov, a_shape, b_shape, rank,
                                                      starts[(b_shape, rank)]).history[-1]
                 menu.append(Candidate(self.name, rank * (a_shape[0] * a_shape[1] + m2 * n2), errors[rank],
@@ -618,7 +620,7 @@ class Kronecker(Structure):
         a_shape, b_shape = tuple(candidate.settings["a_shape"]), tuple(candidate.settings["b_shape"])
         rank = candidate.settings["rank"]
         rows, cols = state[(b_shape, rank)]
-        cov = damped_cov(input_cov) if input_cov is not None else None
+        cov = damped_cov(input_cov) if input_cov is not None and self.search else None
         return candidate_factors(w, cov, a_shape, b_shape, rank, (rows, cols)).to(weight.dtype)
 
 
