@@ -145,3 +145,22 @@ def test_resumed_calibrated_svd_run_fits_later_stages_activation_aware(tmp_path,
                                         progress=False, calibration=calibration)
     for (name, a), (_, b) in zip(runs["straight"].named_parameters(), runs["resumed"].named_parameters()):
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "-1", "lr must be a positive learning rate, got -1.0"),
+    ("--steps", "0", "steps must be positive, got 0"),
+    ("--batch-size", "-2", "batch-size must be positive, got -2"),
+    ("--seq-len", "0", "seq-len must be positive, got 0"),
+    ("--grad-accum", "0", "grad-accum must be positive, got 0"),
+    ("--checkpoint-every", "0", "checkpoint-every must be positive, got 0"),
+])
+def test_distillation_settings_that_cannot_work_get_one_line(tmp_path, gpt2_dir, option, value, message):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "from tqcompressor.cli import main; main()", "distill", "--teacher",
+                        str(gpt2_dir), "--student", str(gpt2_dir), "--out", str(tmp_path / "o"), option, value],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {message}", r.stderr
+    assert not (tmp_path / "o" / "model").exists()

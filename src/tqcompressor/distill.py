@@ -58,6 +58,27 @@ class DistillConfig:
     seed: int = 0
     mixed_precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
 
+    def __post_init__(self) -> None:
+        """One clear line for a setting that cannot work (instead of a torch traceback later, or
+        a run that silently trains nothing)."""
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "seq_len": self.seq_len, "checkpoint_every": self.checkpoint_every,
+                    "log_every": self.log_every, "temperature": self.temperature}
+        for name, value in positive.items():
+            if not value > 0:
+                raise TQCError(f"{name.replace('_', '-')} must be positive, got {value}")
+        if not self.lr > 0:
+            raise TQCError(f"lr must be a positive learning rate, got {self.lr}")
+        non_negative = {"warmup_steps": self.warmup_steps, "weight_decay": self.weight_decay, "clip": self.clip,
+                        "alpha_kl": self.alpha_kl, "alpha_ce": self.alpha_ce, "alpha_hidden": self.alpha_hidden}
+        for name, value in non_negative.items():
+            if not value >= 0:
+                raise TQCError(f"{name.replace('_', '-')} must be 0 or more, got {value}")
+        if self.alpha_kl + self.alpha_ce + self.alpha_hidden <= 0:
+            raise TQCError("the distillation loss has no term: give alpha_kl, alpha_ce or alpha_hidden a weight")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+            raise TQCError(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+
 
 BlockSource = Callable[[int], Iterator[torch.Tensor]]  # start block index -> endless stream of token blocks
 
