@@ -164,3 +164,18 @@ def test_distillation_settings_that_cannot_work_get_one_line(tmp_path, gpt2_dir,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == f"error: {message}", r.stderr
     assert not (tmp_path / "o" / "model").exists()
+
+
+def test_metrics_hold_each_step_once_after_an_interruption_between_checkpoints(tmp_path, tokenizer):
+    teacher, blocks, plan, config = setup(tmp_path, tokenizer)
+    run = tmp_path / "run"
+    # checkpoints every 2 steps: stopping after 3 loses step 3, which the resumed run does again
+    multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, stop_after=3, progress=False)
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write('{"stage": 1, "step": 4, "glo')  # a line cut off by the kill
+    multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, resume=True, progress=False)
+    steps = [json.loads(line)["global_step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+    multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, stop_after=2, progress=False)
+    steps = [json.loads(line)["global_step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # a fresh run in the same directory starts a fresh log

@@ -180,6 +180,7 @@ def multistep_distill(
     if resume:
         student, saved = _load_checkpoint(outputs.checkpoint, outputs.fingerprint)
         position = Position(**{k: saved[k] for k in asdict(position) if k in saved})
+    _keep_metrics_until(outputs.metrics, position.global_step)  # steps after the checkpoint run again: log them once
     precision = config.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
@@ -274,6 +275,23 @@ def train_stage(trainer: TrainerState, teacher, stream: Iterator[torch.Tensor], 
             accelerator.wait_for_everyone()
     bar.close()
     return True
+
+
+def _keep_metrics_until(path: Path, global_step: int) -> None:
+    """Drop the records after ``global_step`` (all of them for a fresh run), atomically; a line cut
+    off by a kill is dropped too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["global_step"] <= global_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)
 
 
 def _warmup_cosine(warmup: int, total: int):
