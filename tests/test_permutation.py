@@ -94,7 +94,7 @@ def test_output_metric_search_never_ends_above_its_best_start_and_its_steps_only
     for seed in range(2):
         rows, cols = torch.randperm(24, generator=g), torch.randperm(32, generator=g)
         starts.append((rows, cols, *nearest_kronecker(w[rows][:, cols], (m1, n1), (m2, n2), 2)))
-    found = output_metric_search(w, cov, 2, starts, max_iterations=10)
+    found = output_metric_search(w, cov, starts, max_iterations=10)
     for rows, cols, a, b in starts:
         refined = output_metric_kronecker(w[rows][:, cols], cov[cols][:, cols], a, b, CONVERGE_STEPS, 1e-4)[2][-1]
         assert found.history[0] <= refined + 1e-12

@@ -266,7 +266,7 @@ def run(
 
     compression = load_spec(spec) if spec else CompressionConfig(method=method, ratio=ratio, steps=stages,
                                                                  prefer=prefer)
-    claim_directory(out)
+    check_writable(out)  # before loading anything; run_pipeline claims it
     loaded = load_model(model)
     _check_seq_len(loaded.model, max(kd.seq_len, context))
     result = run_pipeline(loaded, compression, kd, data, eval_data, out, eval_tokens, context, resume, fraction,

@@ -99,10 +99,7 @@ def damped_eigen(input_cov: Tensor, damping: float = WHITENING_DAMPING) -> tuple
     """Eigenvalues (ascending) and eigenvectors of ``C + damping * mean(diag C) * I``.
 
     The damping keeps directions the calibration text never excited from blowing up ``S^-1``."""
-    c = input_cov.detach().to(torch.float64)
-    if c.dim() != 2 or c.shape[0] != c.shape[1]:
-        raise TQCError(f"an input covariance must be square, got shape {tuple(c.shape)}")
-    scale = float(c.diagonal().mean()) or 1.0
+    c, scale = _covariance(input_cov)
     values, vectors = torch.linalg.eigh(c / scale + damping * torch.eye(len(c), dtype=c.dtype))
     return values.clamp_min(damping) * scale, vectors
 
@@ -110,10 +107,16 @@ def damped_eigen(input_cov: Tensor, damping: float = WHITENING_DAMPING) -> tuple
 def damped_cov(input_cov: Tensor, damping: float = WHITENING_DAMPING) -> Tensor:
     """``C + damping * mean(diag C) * I`` in float64: the metric the output-error fits minimise
     (the same ridge as :func:`damped_eigen`, without an eigendecomposition)."""
+    c, scale = _covariance(input_cov)
+    return c + (damping * scale) * torch.eye(len(c), dtype=c.dtype)
+
+
+def _covariance(input_cov: Tensor) -> tuple[Tensor, float]:
+    """``input_cov`` in float64 (checked square) and the scale its ridge is relative to."""
     c = input_cov.detach().to(torch.float64)
     if c.dim() != 2 or c.shape[0] != c.shape[1]:
         raise TQCError(f"an input covariance must be square, got shape {tuple(c.shape)}")
-    return c + (damping * (float(c.diagonal().mean()) or 1.0)) * torch.eye(len(c), dtype=c.dtype)
+    return c, float(c.diagonal().mean()) or 1.0
 
 
 def output_metric_kronecker(w: Tensor, input_cov: Tensor, a: Tensor, b: Tensor, max_iterations: int = 25,

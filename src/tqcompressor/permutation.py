@@ -111,13 +111,13 @@ def _alternate(w, a_shape, b_shape, rank, row_perm, col_perm, max_iterations) ->
 CONVERGE_STEPS, STEP_STEPS = 10, 3
 
 
-def output_metric_search(w: Tensor, input_cov: Tensor, rank: int, starts: list[tuple[Tensor, Tensor, Tensor, Tensor]],
+def output_metric_search(w: Tensor, input_cov: Tensor, starts: list[tuple[Tensor, Tensor, Tensor, Tensor]],
                          max_iterations: int = 3, tolerance: float = 1e-4) -> PermutedKronecker:
     """Permutations and factors that make ``sum_k A_k (x) B_k`` reproduce the *outputs* of ``w``
     on inputs with second moment ``input_cov``: minimise ``tr(D C D^T)``,
     ``D = W - P_r^T K P_c^T``.
 
-    ``starts``: ``(row_perm, col_perm, a, b)`` start points; each is converged in the output metric
+    ``starts``: ``(row_perm, col_perm, a, b)`` start points (the rank is that of ``a``); each is converged in the output metric
     by exact alternating least squares (:func:`output_metric_kronecker`) and the best one is then
     searched further. Rows of ``W`` do not interact with ``C``, so the row step assigns each row
     to the Kronecker row with the least exact output cost ``(W_i - K_j) C (W_i - K_j)^T``. Columns
@@ -128,11 +128,9 @@ def output_metric_search(w: Tensor, input_cov: Tensor, rank: int, starts: list[t
     """
     w = w.detach().to(torch.float64)
     c = damped_cov(input_cov)
-    m, n = w.shape
-    rank_a, m1, n1 = starts[0][2].shape
+    _, m1, n1 = starts[0][2].shape
     _, m2, n2 = starts[0][3].shape
     search_rows, search_cols = m1 > 1 and m2 > 1, n1 > 1 and n2 > 1
-
     wc = w @ c
 
     def refit(row_perm, col_perm, a, b, iterations):
@@ -154,8 +152,7 @@ def output_metric_search(w: Tensor, input_cov: Tensor, rank: int, starts: list[t
                 new_row = output_row_assignment(w[:, col_perm], c[col_perm][:, col_perm], k, wc[:, col_perm])
                 new_col = col_perm
             else:
-                cost = c.diagonal()[:, None] * ((k * k).sum(0)[None, :] - 2.0 * w[row_perm].T @ k)
-                new_row, new_col = row_perm, _assignment(cost)
+                new_row, new_col = row_perm, assign(w[row_perm].T, k.T, weights=c.diagonal())
             new_a, new_b, new_error = refit(new_row, new_col, a, b, STEP_STEPS)
             if new_error < history[-1] * (1 - tolerance):
                 row_perm, col_perm, a, b = new_row, new_col, new_a, new_b
@@ -185,12 +182,14 @@ def _assignment(cost: Tensor) -> Tensor:
     return perm
 
 
-def assign(rows: Tensor, target: Tensor) -> Tensor:
-    """Permutation ``p`` minimising ``||rows[p] - target||_F`` (an exact linear assignment).
+def assign(rows: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Permutation ``p`` minimising ``sum_s weights[p[s]] ||rows[p[s]] - target[s]||^2`` (an exact
+    linear assignment; unweighted: ``||rows[p] - target||_F``). Each row carries its weight along.
 
     ``cost[r, s] = ||rows[r] - target[s]||^2 = const - 2 rows[r].target[s] + ||target[s]||^2``.
     """
-    return _assignment((target * target).sum(1)[None, :] - 2.0 * rows @ target.T)
+    cost = (target * target).sum(1)[None, :] - 2.0 * rows @ target.T
+    return _assignment(cost if weights is None else weights[:, None] * cost)
 
 
 def similarity_grouping(vectors: Tensor, group_size: int) -> Tensor:

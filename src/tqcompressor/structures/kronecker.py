@@ -134,7 +134,7 @@ def output_metric_fit(weight: Tensor, input_cov: Tensor, a_shape: tuple[int, int
     if search:
         weighted = scaled_kronecker(w, input_rms(input_cov), a_shape, b_shape, rank, True, max_iterations)
         starts.append((weighted.row_perm, weighted.col_perm, weighted.a, weighted.b))
-    found = output_metric_search(w, input_cov, rank, starts, min(max_iterations, OUTPUT_SEARCH_ROUNDS) if search else 0)
+    found = output_metric_search(w, input_cov, starts, min(max_iterations, OUTPUT_SEARCH_ROUNDS) if search else 0)
     return KroneckerFactors(*found)
 
 
