@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from transformers.pytorch_utils import Conv1D
 
 import tqcompressor as tqc
 from tqcompressor import LowRankLinear
+from tqcompressor.footprint import interleaved, sync
 from tqcompressor.report import table
 
 HERE = Path(__file__).resolve().parent
@@ -39,30 +39,6 @@ SAMPLE_LAYERS = {
                                    "mlp.down_proj"]),
     "gpt2": ("transformer.h.5.", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
 }
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def interleaved(fns: dict, device: str, repeats: int) -> dict[str, float]:
-    """Median seconds per call, the candidates run in turn so that drift hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(timed(fn, device))
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def op_kind(name: str) -> str:

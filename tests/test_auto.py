@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -141,3 +142,21 @@ def test_auto_refuses_embeddings_before_any_work():
     config = CompressionConfig(method="auto", ratio=0.9, target_modules=["embed_tokens", "up_proj"])
     with pytest.raises(TQCError, match="covers linear layers"):
         compress(tiny_llama(), config, progress=False)
+
+
+def test_menu_restricted_to_named_methods_keeps_dense():
+    w = torch.randn(32, 48, generator=torch.Generator().manual_seed(3))
+    menu, states = candidate_menu(w, methods=["svd"])
+    assert {c.method for c in menu} == {"svd", "dense"}
+    assert "tq" not in states
+
+
+def test_auto_methods_are_checked():
+    from tqcompressor.config import CompressionConfig
+    from tqcompressor.errors import TQCError
+
+    assert CompressionConfig(method="auto", auto_methods=["svd", "tq_lowrank"]).auto_methods == ["svd", "tq_lowrank"]
+    with pytest.raises(TQCError, match="unknown"):
+        CompressionConfig(method="auto", auto_methods=["svdd"])
+    with pytest.raises(TQCError, match="only applies to method 'auto'"):
+        CompressionConfig(method="svd", auto_methods=["svd"])

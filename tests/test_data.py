@@ -53,3 +53,23 @@ def test_teacher_samples_are_cached_and_reused(tmp_path, llama_model, tokenizer)
 def test_reads_shared_wikitext(tokenizer):
     ids = tokenize_text(str(SHARED_DATA / "test.txt"), tokenizer, max_tokens=500)
     assert ids.shape == (500,)
+
+
+def test_mixed_source_takes_its_share_evenly_and_resumes_exactly():
+    from tqcompressor.data import mixed_block_source
+
+    def numbered(offset):  # block i of a source is a tensor holding offset + i
+        def stream(start):
+            return (torch.tensor([offset + i]) for i in __import__("itertools").count(start))
+        return stream
+
+    mixed = mixed_block_source(numbered(0), numbered(1000), 0.25)
+    first = [int(b) for b, _ in zip(mixed(0), range(40))]
+    teacher = [b for b in first if b >= 1000]
+    assert len(teacher) == 10 and teacher == list(range(1000, 1010))  # a quarter, in order
+    assert [b for b in first if b < 1000] == list(range(30))  # the text in order, nothing skipped
+    assert all(b >= 1000 for b in first[3::4])  # evenly spread
+    assert [int(b) for b, _ in zip(mixed(17), range(23))] == first[17:]  # resume at any block
+    assert [int(b) for b, _ in zip(mixed_block_source(numbered(0), numbered(1000), 0.0)(0), range(5))] == list(range(5))
+    with pytest.raises(TQCError, match="teacher fraction"):
+        mixed_block_source(numbered(0), numbered(1000), 1.5)

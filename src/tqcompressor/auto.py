@@ -34,16 +34,19 @@ from tqcompressor.decompose import OutputSketch
 from tqcompressor.structures import REGISTRY, Candidate, all_structures
 
 
-def candidate_menu(weight: Tensor, input_cov: Tensor | None = None,
-                   max_iterations: int = 10) -> tuple[list[Candidate], dict]:
-    """Every structure's candidates for one matrix, and per structure the state its
-    ``fit_candidate`` reuses (e.g. the permutation searches).
+def candidate_menu(weight: Tensor, input_cov: Tensor | None = None, max_iterations: int = 10,
+                   methods: list[str] | None = None) -> tuple[list[Candidate], dict]:
+    """Every structure's candidates for one matrix (only those named in ``methods``, keeping the
+    layer dense always included), and per structure the state its ``fit_candidate`` reuses (e.g.
+    the permutation searches).
 
     Errors are relative Frobenius errors of the weight, or, given the covariance of the layer's
     inputs, relative *output* errors (and the SVD candidates are then activation-aware)."""
     sketch = OutputSketch(input_cov) if input_cov is not None else None
     menu, states = [], {}
     for structure in all_structures():
+        if methods is not None and structure.compresses and structure.name not in methods:
+            continue
         candidates, states[structure.name] = structure.candidates(weight, sketch, max_iterations)
         menu += candidates
     return menu, states

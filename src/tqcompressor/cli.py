@@ -18,6 +18,7 @@ import typer
 from tqcompressor.errors import TQCError
 from tqcompressor.models import DEFAULT_MODEL
 from tqcompressor.outputs import check_writable, claim_directory
+from tqcompressor.recipe import TEACHER_FRACTION
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress Hugging Face causal LMs with permuted Kronecker factorizations (TQCompressor).")
@@ -78,6 +79,8 @@ def compress(
     out: Path = typer.Option(..., help="output directory"),
     max_iterations: int = typer.Option(20, help="permutation-search rounds per matrix (tq)"),
     prefer: str = typer.Option("accuracy", help="budget solver: accuracy | speed (B one row wide: faster layers)"),
+    auto_methods: Optional[str] = typer.Option(None, help="--method auto: comma-separated structures it may "
+                                                "choose (default: all; keeping a layer dense is always allowed)"),
     calibration: Optional[str] = typer.Option(
         None, help="text (file/dir/glob, dataset name) or 'teacher': activation-aware fits (best with --method auto)"),
     calibration_tokens: int = typer.Option(8192, help="calibration tokens (in blocks of 256)"),
@@ -97,7 +100,7 @@ def compress(
             ratio = 0.65
         config = CompressionConfig(method=method, ratio=ratio, target_params=target_params,
                                    target_modules=_split(target_modules), steps=steps, max_iterations=max_iterations,
-                                   prefer=prefer)
+                                   prefer=prefer, auto_methods=_split(auto_methods))
     loaded = load_model(model)
     ids = None
     if calibration is not None:
@@ -170,6 +173,8 @@ def distill(
     student: Path = typer.Option(..., help="a compressed model dir (from `tqc compress`)"),
     data: str = typer.Option("teacher", help="text file/dir/glob, a dataset name (wikitext, openwebtext), or 'teacher'"),
     fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split (0.031 = paper)"),
+    teacher_fraction: float = typer.Option(TEACHER_FRACTION, help="fraction of the distillation (and calibration) "
+                                           "blocks sampled from the teacher, mixed evenly into --data"),
     out: Path = typer.Option(..., help="run dir: checkpoints, metrics.jsonl, the final model"),
     steps: int = typer.Option(100, help="optimizer steps"),
     checkpoint_every: int = typer.Option(50, help="optimizer steps between checkpoints"),
@@ -180,16 +185,17 @@ def distill(
     from tqcompressor.checkpoint import load, save
     from tqcompressor.distill import multistep_distill
     from tqcompressor.models import load_model
-    from tqcompressor.pipeline import block_source_for, check_student_matches_teacher
+    from tqcompressor.pipeline import block_source_for, check_student_matches_teacher, data_name
 
     claim_directory(out)  # before anything is written there (teacher samples, checkpoints)
     student_model = load(student)
     loaded = load_model(teacher)
     check_student_matches_teacher(student_model, loaded.model)
     _check_seq_len(loaded.model, kd.seq_len)
-    blocks = block_source_for(data, loaded, kd, out, fraction)
+    blocks = block_source_for(data, loaded, kd, out, fraction, teacher_fraction)
     result = multistep_distill(loaded.model, student_model, blocks, kd, out, resume=resume,
-                               tokenizer=loaded.tokenizer, teacher_name=teacher, data_name=data)
+                               tokenizer=loaded.tokenizer, teacher_name=teacher,
+                               data_name=data_name(data, teacher_fraction))
     save(result.to("cpu"), out / "model", loaded.tokenizer, base_model=teacher)
     typer.echo(f"wrote {out / 'model'}; metrics in {out / 'metrics.jsonl'}")
 
@@ -245,9 +251,13 @@ def run(
     ratio: float = typer.Option(0.65, help="fraction of the whole model's parameters to keep"),
     stages: int = typer.Option(2, help="compression/distillation steps (upper layers first)"),
     prefer: str = typer.Option("accuracy", help="budget solver: accuracy | speed (B one row wide: faster layers)"),
+    auto_methods: Optional[str] = typer.Option(None, help="--method auto: comma-separated structures it may "
+                                                "choose (default: all; keeping a layer dense is always allowed)"),
     spec: Optional[Path] = typer.Option(None, help="explicit per-layer plan instead of --ratio/--stages"),
     data: str = typer.Option("teacher", help="distillation text (file/dir/glob, dataset name) or 'teacher'"),
     fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split"),
+    teacher_fraction: float = typer.Option(TEACHER_FRACTION, help="fraction of the distillation (and calibration) "
+                                           "blocks sampled from the teacher, mixed evenly into --data"),
     eval_data: Optional[str] = typer.Option(None, help="evaluation text; default: held-out teacher samples"),
     eval_tokens: int = typer.Option(8192, help="tokens to evaluate on"),
     context: int = typer.Option(512, help="evaluation window"),
@@ -265,12 +275,12 @@ def run(
     from tqcompressor.pipeline import format_report, run_pipeline
 
     compression = load_spec(spec) if spec else CompressionConfig(method=method, ratio=ratio, steps=stages,
-                                                                 prefer=prefer)
+                                                                 prefer=prefer, auto_methods=_split(auto_methods))
     check_writable(out)  # before loading anything; run_pipeline claims it
     loaded = load_model(model)
     _check_seq_len(loaded.model, max(kd.seq_len, context))
     result = run_pipeline(loaded, compression, kd, data, eval_data, out, eval_tokens, context, resume, fraction,
-                          calibration_tokens)
+                          calibration_tokens, teacher_fraction)
     typer.echo(format_report(result))
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'perplexity.png'}, {out / 'model'}")
 

@@ -69,12 +69,17 @@ class CompressionConfig:
     steps: int = 1  # spread the automatic plan over this many distillation steps
     max_iterations: int = 20  # cap on permutation-search rounds per matrix (tq)
     prefer: str = "accuracy"  # budget solver: "accuracy" (any small B) or "speed" (B one row wide)
+    auto_methods: list[str] | None = None  # method="auto": the structures it may choose (None: all)
 
     def __post_init__(self) -> None:
         if self.prefer not in ("accuracy", "speed"):
             raise TQCError(f"prefer must be 'accuracy' or 'speed', got {self.prefer!r}")
         if self.method != "auto":  # auto: choose per layer among every structure (and dense)
             get_structure(self.method)
+        for name in self.auto_methods or []:
+            get_structure(name)  # one clear line for an unknown name
+        if self.auto_methods is not None and self.method != "auto":
+            raise TQCError("auto_methods (--auto-methods) only applies to method 'auto'")
         if self.layers is None:
             if self.target_params is None and self.ratio is None:
                 raise TQCError("give a ratio (0, 1], a target parameter count, or an explicit layer spec")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,24 +161,29 @@ def text_block_source(source: str, tokenizer, seq_len: int, split: str = "train"
     return stream
 
 
-def teacher_block_source(teacher, tokenizer, seq_len: int, count: int, seed: int, cache: Path | None = None):
-    """``start -> endless blocks`` cycling over ``count`` sequences sampled once from the teacher.
-
-    The samples are cached (safetensors) so that a resumed run trains on the very same data.
-    """
+def teacher_samples(teacher, tokenizer, count: int, seq_len: int, seed: int, cache: Path | None = None) -> torch.Tensor:
+    """``(count, seq_len)`` token ids sampled from the teacher, cached (safetensors) when ``cache``
+    is given, so that a resumed run sees the very same samples without sampling again."""
     from safetensors.torch import load_file, save_file
 
     if cache is not None and cache.is_file():
-        pool = load_file(str(cache))["blocks"]
-    else:
-        pool = torch.stack(list(tqdm(sample_from_teacher(teacher, tokenizer, count, seq_len, seed),
-                                     total=count, desc="sampling from teacher", unit="seq")))
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"blocks": pool.contiguous()}, str(cache))
+        return load_file(str(cache))["blocks"]
+    pool = torch.stack(list(tqdm(sample_from_teacher(teacher, tokenizer, count, seq_len, seed),
+                                 total=count, desc="sampling from teacher", unit="seq")))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"blocks": pool.contiguous()}, str(cache))
+    return pool
+
+
+def teacher_block_source(teacher, tokenizer, seq_len: int, count: int, seed: int, cache: Path | None = None):
+    """``start -> endless blocks`` cycling over ``count`` sequences sampled once from the teacher
+    (see :func:`teacher_samples`)."""
+    pool = list(teacher_samples(teacher, tokenizer, count, seq_len, seed, cache))
 
     def stream(start: int) -> Iterator[torch.Tensor]:
-        return itertools.islice(itertools.cycle(list(pool)), start, None)
+        return itertools.islice(itertools.cycle(pool), start, None)
+
     return stream
 
 
@@ -192,3 +198,22 @@ def calibration_ids(source: str, model, tokenizer, tokens: int = 8192, seq_len: 
         return torch.stack(list(sample_from_teacher(model, tokenizer, count, seq_len, seed=4242)))
     blocks = list(itertools.islice(text_block_source(source, tokenizer, seq_len)(0), count))
     return torch.stack(blocks)
+
+
+def mixed_block_source(text_blocks, teacher_blocks, teacher_fraction: float):
+    """``start -> endless blocks`` taking a ``teacher_fraction`` of its blocks from ``teacher_blocks``
+    and the rest from ``text_blocks``, evenly interleaved and deterministic (block ``i`` is the
+    teacher's when ``floor((i + 1) f) > floor(i f)``), so that ``start`` resumes exactly."""
+    if not 0 <= teacher_fraction <= 1:
+        raise TQCError(f"the teacher fraction must be in [0, 1], got {teacher_fraction}")
+
+    def from_teacher(i: int) -> bool:
+        return math.floor((i + 1) * teacher_fraction) > math.floor(i * teacher_fraction)
+
+    def stream(start: int) -> Iterator[torch.Tensor]:
+        taken = sum(from_teacher(i) for i in range(start))
+        teacher, text = teacher_blocks(taken), text_blocks(start - taken)
+        for i in itertools.count(start):
+            yield next(teacher) if from_teacher(i) else next(text)
+
+    return stream

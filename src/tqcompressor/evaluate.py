@@ -125,3 +125,20 @@ def lambada(model, tokenizer, texts, max_examples: int | None = None, progress: 
         raise TQCError("no LAMBADA examples to evaluate")
     return {"lambada_accuracy": correct / examples, "lambada_perplexity": math.exp(nll / count),
             "lambada_examples": examples}
+
+
+@torch.no_grad()
+def greedy_continuations(models: dict, tokenizer, prompts: list[str], new_tokens: int = 24) -> list[dict]:
+    """Each prompt continued greedily by each model (e.g. ``{"teacher": t, "student": s}``):
+    ``[{"prompt": ..., "teacher": ..., "student": ...}, ...]``, the continuations as text."""
+    rows = []
+    for prompt in prompts:
+        row = {"prompt": prompt}
+        for name, model in models.items():
+            device = next(model.parameters()).device
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+            out = model.eval().generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                        max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id)
+            row[name] = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        rows.append(row)
+    return rows

@@ -1,4 +1,9 @@
-"""The main job: compress, distill in steps, evaluate at every point, write a report and a plot."""
+"""The main job: compress, distill in steps, evaluate at every point on two domains, write a report.
+
+The report answers what a user asks before adopting the student: how close it is to the teacher
+on the evaluation text and on text the distillation never saw (samples of the teacher with a
+held-out seed), what the plan looks like, how both continue the same prompts, and what the student
+costs to hold and to run."""
 
 from __future__ import annotations
 
@@ -10,13 +15,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from tqcompressor.checkpoint import save
 from tqcompressor.config import CompressionConfig
-from tqcompressor.data import sample_from_teacher, teacher_block_source, text_block_source, tokenize_text
+from tqcompressor.data import (mixed_block_source, teacher_block_source, teacher_samples, text_block_source,
+                               tokenize_text)
 from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.errors import TQCError
-from tqcompressor.evaluate import evaluate
+from tqcompressor.evaluate import evaluate, greedy_continuations
+from tqcompressor.figures import plan_cells, plot_plan, plot_points
+from tqcompressor.footprint import directory_bytes, memory_bytes, speed_ratios
 from tqcompressor.models import LoadedModel
 from tqcompressor.outputs import claim_directory
 from tqcompressor.planning import count_parameters, plan_compression
@@ -24,30 +33,64 @@ from tqcompressor.report import table
 from tqcompressor.structures import get_structure
 from tqcompressor.surgery import apply_plan
 
+EVAL_SEED = 12345  # the held-out teacher samples; no training or calibration sample uses this seed
+TEACHER_DOMAIN = "teacher samples"
+PROMPTS = ["The history of the city begins", "In 1998, the band released", "Photosynthesis is the process by which",
+           "The best way to learn a new language is"]
+METRICS = ("perplexity", "kl_to_teacher", "top1_agreement", "tokens")
 
-def block_source_for(data: str, loaded: LoadedModel, config: DistillConfig, out_dir: Path, fraction=None):
+
+def block_source_for(data: str, loaded: LoadedModel, config: DistillConfig, out_dir: Path, fraction=None,
+                     teacher_fraction: float = 0.0, total_blocks: int | None = None):
+    """The distillation (and calibration) blocks: text, teacher samples, or an even mix of both
+    (``teacher_fraction`` of the blocks sampled from the teacher, with the run's seed)."""
+    if config.seed == EVAL_SEED and (data == "teacher" or teacher_fraction > 0):
+        raise TQCError(f"seed {EVAL_SEED} is reserved for the held-out evaluation samples; pick another --seed")
+    total = total_blocks or config.steps * config.batch_size * config.grad_accum
+
+    def teacher_source(count: int):
+        return teacher_block_source(loaded.model, loaded.tokenizer, config.seq_len, max(1, min(count, 512)),
+                                    config.seed, out_dir / "teacher_samples.safetensors")
+
     if data == "teacher":
-        needed = min(config.steps * config.batch_size * config.grad_accum, 512)
-        return teacher_block_source(loaded.model, loaded.tokenizer, config.seq_len, needed, config.seed,
-                                    out_dir / "teacher_samples.safetensors")
-    return text_block_source(data, loaded.tokenizer, config.seq_len, fraction=fraction)
+        return teacher_source(total)
+    text = text_block_source(data, loaded.tokenizer, config.seq_len, fraction=fraction)
+    if teacher_fraction <= 0:
+        return text
+    return mixed_block_source(text, teacher_source(int(total * teacher_fraction) + 1), teacher_fraction)
 
 
-def eval_tokens_for(eval_data: str | None, loaded: LoadedModel, max_tokens: int, seq_len: int):
-    if eval_data is None or eval_data == "teacher":
-        # held-out teacher samples (another seed than the training samples)
-        count = max(1, max_tokens // seq_len)
-        return torch.cat(list(sample_from_teacher(loaded.model, loaded.tokenizer, count, seq_len, seed=12345)))
-    return tokenize_text(eval_data, loaded.tokenizer, max_tokens)
+def data_name(data: str, teacher_fraction: float) -> str:
+    """What identifies the distillation data of a run (for resume): the source and the teacher's share."""
+    return data if teacher_fraction <= 0 or data == "teacher" else f"{data} + {teacher_fraction:g} teacher samples"
+
+
+def evaluation_sets(eval_data: str | None, loaded: LoadedModel, max_tokens: int, context: int,
+                    out_dir: Path) -> dict[str, torch.Tensor]:
+    """Named token sequences to evaluate on: ``eval_data`` (when it is a text) and always the
+    teacher's own distribution, sampled with :data:`EVAL_SEED` (cached in ``out_dir``)."""
+    sets = {}
+    if eval_data is not None and eval_data != "teacher":
+        sets[eval_data] = tokenize_text(eval_data, loaded.tokenizer, max_tokens)
+    count = max(1, max_tokens // context)
+    samples = teacher_samples(loaded.model, loaded.tokenizer, count, context, EVAL_SEED,
+                              out_dir / "eval_teacher_samples.safetensors")
+    sets[TEACHER_DOMAIN] = samples.reshape(-1)
+    return sets
 
 
 def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: DistillConfig, data: str,
                  eval_data: str | None, out_dir: str | Path, eval_tokens: int = 16384, context: int = 512,
-                 resume: bool = False, fraction: float | None = None, calibration_tokens: int = 8192) -> dict:
+                 resume: bool = False, fraction: float | None = None, calibration_tokens: int = 8192,
+                 teacher_fraction: float = 0.0) -> dict:
     out_dir = claim_directory(out_dir)
     started = time.perf_counter()
     teacher = loaded.model
-    ids = eval_tokens_for(eval_data, loaded, eval_tokens, context)
+    settings = {"data": data, "teacher_fraction": teacher_fraction, "eval_data": eval_data,
+                "calibration_tokens": calibration_tokens, "compression": compression, "distill": distill}
+    phase = _phases(started)
+    phase("evaluation text and held-out teacher samples")
+    eval_sets = evaluation_sets(eval_data, loaded, eval_tokens, context, out_dir)
     results_path = out_dir / "results.json"
     previous = json.loads(results_path.read_text()) if resume and results_path.is_file() else {}
     rows = previous.get("points", [])
@@ -55,19 +98,26 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
     def record(label: str, stage: int, model) -> None:
         if any(r["label"] == label for r in rows):
             return
-        metrics = evaluate(model, ids, context=context, teacher=None if model is teacher else teacher,
-                           tokenizer=loaded.tokenizer)
-        rows.append({"label": label, "stage": stage, **metrics})
-        _write(out_dir, loaded, compression, distill, data, eval_data, rows, started)
+        phase(f"evaluating: {label}")
+        domains = {name: evaluate(model, ids, context=context, teacher=None if model is teacher else teacher,
+                                  tokenizer=loaded.tokenizer) for name, ids in eval_sets.items()}
+        primary = next(iter(domains.values()))  # the evaluation text: the headline numbers
+        rows.append({"label": label, "stage": stage, **primary,
+                     "domains": {name: {k: m[k] for k in METRICS if k in m} for name, m in domains.items()}})
+        _write(out_dir, loaded, settings, rows, started)
 
     record("teacher", 0, teacher)
     student = copy.deepcopy(teacher)
-    blocks = block_source_for(data, loaded, distill, out_dir, fraction)
+    stages = compression.steps if compression.layers is None else len({s.step for _, s in compression.layers})
+    blocks = block_source_for(data, loaded, distill, out_dir, fraction, teacher_fraction,
+                              total_blocks=distill.steps * distill.batch_size * distill.grad_accum * stages)
     calibration = None
     methods = {spec.method for _, spec in compression.layers} if compression.layers else {compression.method}
     if calibration_tokens > 0 and any(m == "auto" or get_structure(m).calibrated_in_run for m in methods):
         # fits in the output metric (auto, svd, tq, ...): plan once from the first distillation blocks
+        phase(f"calibration on {calibration_tokens:,} tokens of the distillation data")
         calibration = torch.stack(list(itertools.islice(blocks(0), max(1, calibration_tokens // distill.seq_len))))
+    phase(f"planning ({compression.method})")
     plan = plan_compression(student, compression, calibration)
     if not any(r["label"] == "compressed (no KD)" for r in rows):
         one_shot = copy.deepcopy(student)
@@ -75,28 +125,66 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
         record("compressed (no KD)", 0, one_shot)
         del one_shot
 
+    phase(f"distillation: {len(plan.steps())} stage(s) of {distill.steps} steps")
     student = multistep_distill(teacher, student, blocks, distill, out_dir, plan, resume=resume,
-                                tokenizer=loaded.tokenizer, teacher_name=loaded.source, data_name=data,
+                                tokenizer=loaded.tokenizer, teacher_name=loaded.source,
+                                data_name=data_name(data, teacher_fraction),
                                 calibration=calibration,
                                 on_stage_end=lambda stage, model: record(f"after KD stage {stage}", stage, model))
     student.to("cpu")
     save(student, out_dir / "model", loaded.tokenizer, base_model=loaded.source, plan=plan)
-    return _write(out_dir, loaded, compression, distill, data, eval_data, rows, started, final=True)
+    phase("plan picture, continuations, memory and speed")
+    extras = {"plan_cells": plan_cells(teacher, student),
+              "continuations": greedy_continuations({"teacher": teacher, "student": student}, loaded.tokenizer,
+                                                    PROMPTS),
+              "footprint": footprint(teacher, student, out_dir / "model", next(iter(eval_sets.values())), context)}
+    plot_plan(extras["plan_cells"], out_dir / "plan.png", f"{loaded.source}: the plan ({compression.method})")
+    return _write(out_dir, loaded, settings, rows, started, extras)
 
 
-def _write(out_dir: Path, loaded, compression, distill, data, eval_data, rows, started, final=False) -> dict:
+def footprint(teacher, student, model_dir: Path, ids: torch.Tensor, context: int) -> dict:
+    """Parameters, bytes in memory and on disk, and student/teacher time ratios (a few seconds)."""
+    length = min(context, 256, len(ids))
+    prompt = ids[:length].reshape(1, -1)
+    return {
+        "teacher": {"params": count_parameters(teacher), "memory_bytes": memory_bytes(teacher),
+                    "disk_bytes": memory_bytes(teacher)},  # what saving its tensors as they are in memory takes
+        "student": {"params": count_parameters(student), "memory_bytes": memory_bytes(student),
+                    "disk_bytes": directory_bytes(model_dir)},
+        "speed": speed_ratios(teacher, student, prompt),
+        "disk_note": "student: the saved model dir (weights, config, tokenizer); teacher: its tensors' bytes in "
+                     "memory (fp32 as loaded), which is what its weights take on disk as safetensors",
+    }
+
+
+def _phases(started: float):
+    """Print each phase of the run with the time elapsed so far (the bars show each phase's own ETA)."""
+    def phase(text: str) -> None:
+        tqdm.write(f"[{time.perf_counter() - started:6.0f} s] {text}")
+    return phase
+
+
+def _write(out_dir: Path, loaded, settings: dict, rows: list[dict], started: float, extras: dict | None = None) -> dict:
+    compression, distill = settings["compression"], settings["distill"]
     result = {
         "base_model": loaded.source,
         "method": compression.method,
         "ratio": compression.ratio,
-        "data": data,
-        "eval_data": eval_data or "teacher samples",
+        "stages": sorted({r["stage"] for r in rows if r["stage"] > 0}),
+        "data": settings["data"],
+        "teacher_fraction": settings["teacher_fraction"],
+        "calibration_tokens": settings["calibration_tokens"],
+        "eval_data": settings["eval_data"] or TEACHER_DOMAIN,
+        "second_domain": f"{TEACHER_DOMAIN}: sequences sampled from the teacher (temperature 1, top-k 50, from the "
+                         f"start token) with seed {EVAL_SEED}, which no distillation or calibration sample uses",
         "kd_tokens_per_stage": distill.steps * distill.batch_size * distill.grad_accum * distill.seq_len,
         "distill": asdict(distill),
+        "compression": {k: v for k, v in asdict(compression).items() if k != "layers"},
         "counting": "every parameter counted once (tied embedding/head once); permutation index buffers excluded",
         "points": rows,
+        **(extras or {}),
         "seconds": time.perf_counter() - started,
-        "complete": final,
+        "complete": extras is not None,
     }
     (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "report.md").write_text(format_report(result))
@@ -105,44 +193,78 @@ def _write(out_dir: Path, loaded, compression, distill, data, eval_data, rows, s
 
 
 def format_report(result: dict) -> str:
-    rows = [[r["label"], r["params"], r["perplexity"], r.get("kl_to_teacher"), r.get("top1_agreement")]
-            for r in result["points"]]
-    protocol = result["points"][0]["protocol"] if result["points"] else {}
+    points = result["points"]
+    domains = list(points[0]["domains"]) if points and "domains" in points[0] else []
+    headers = ["model", "params"]
+    for name in domains:
+        short = "teacher samples" if name == TEACHER_DOMAIN else Path(name).name
+        headers += [f"ppl ({short})", f"KL ({short})", f"top-1 ({short})"]
+    rows = [[p["label"], p["params"]] + [x for name in domains for x in
+                                         (p["domains"][name]["perplexity"], p["domains"][name].get("kl_to_teacher"),
+                                          p["domains"][name].get("top1_agreement"))] for p in points]
+    protocol = points[0]["protocol"] if points else {}
     lines = [
         f"# tqcompressor run: {result['base_model']}, method {result['method']}, ratio {result['ratio']}",
         "",
-        table(["model", "params", "perplexity", "KL to teacher", "top-1 agreement"], rows),
-        "",
-        f"Perplexity: token level, sliding window (context {protocol.get('context')}, stride {protocol.get('stride')}), "
-        f"{result['points'][0]['tokens'] if result['points'] else 0:,} scored tokens of {result['eval_data']}.",
-        f"Distillation data: {result['data']}; {result['kd_tokens_per_stage']:,} tokens per stage.",
-        f"Parameters: {result['counting']}.",
-        f"Wall time: {result['seconds']:.0f} s.",
+        table(headers, rows),
         "",
         "![perplexity vs parameters](perplexity.png)",
+        "",
+    ]
+    if "plan_cells" in result:
+        lines += _plan_section(result["plan_cells"])
+    if "continuations" in result:
+        lines += _continuations_section(result["continuations"])
+    if "footprint" in result:
+        lines += _footprint_section(result["footprint"])
+    tokens = ", ".join(f"{points[0]['domains'][n]['tokens']:,} of {n}" for n in domains) if domains else ""
+    lines += [
+        "## How this was measured",
+        "",
+        f"- Perplexity, KL(teacher || student) and top-1 agreement: token level, sliding window (context "
+        f"{protocol.get('context')}, stride {protocol.get('stride')}), scored tokens: {tokens}.",
+        f"- Second domain: {result.get('second_domain', '')}.",
+        f"- Distillation data: {result['data']}"
+        + (f", {result['teacher_fraction']:.0%} of the blocks sampled from the teacher" if result.get('teacher_fraction')
+           else "") + f"; {result['kd_tokens_per_stage']:,} tokens per stage; calibration: the first "
+        f"{result.get('calibration_tokens', 0):,} tokens of the same blocks.",
+        f"- Parameters: {result['counting']}.",
+        f"- Wall time: {result['seconds']:.0f} s.",
         "",
     ]
     return "\n".join(lines)
 
 
-def plot_points(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+def _plan_section(cells: list[dict]) -> list[str]:
+    counts: dict[str, int] = {}
+    for c in cells:
+        counts[c["method"]] = counts.get(c["method"], 0) + 1
+    summary = ", ".join(f"{n} {m}" for m, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return ["## The plan", "", f"Linear layers of the blocks: {summary}.", "", "![the plan](plan.png)", ""]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+def _continuations_section(rows: list[dict]) -> list[str]:
+    lines = ["## The same prompts, continued greedily", ""]
     for r in rows:
-        ax.scatter(r["params"] / 1e6, r["perplexity"], s=40)
-        ax.annotate(r["label"], (r["params"] / 1e6, r["perplexity"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlabel("parameters (M, all counted)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        lines += [f"**{r['prompt']}**", "", f"- teacher: {_one_line(r['teacher'])}",
+                  f"- student: {_one_line(r['student'])}", ""]
+    return lines
+
+
+def _footprint_section(f: dict) -> list[str]:
+    t, s, speed = f["teacher"], f["student"], f["speed"]
+    mb = 2 ** 20
+    rows = [["parameters", t["params"], s["params"], s["params"] / t["params"]],
+            ["memory (MiB)", t["memory_bytes"] / mb, s["memory_bytes"] / mb, s["memory_bytes"] / t["memory_bytes"]],
+            ["disk (MiB)", t["disk_bytes"] / mb, s["disk_bytes"] / mb, s["disk_bytes"] / t["disk_bytes"]],
+            ["prefill time", "", "", speed["prefill_time_ratio"]],
+            ["generation time", "", "", speed["generation_time_ratio"]]]
+    return ["## What it costs to hold and run", "", table(["", "teacher", "student", "student / teacher"], rows), "",
+            f"Times: {speed['protocol']}. Disk: {f['disk_note']}.", ""]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def check_student_matches_teacher(student, teacher) -> None:

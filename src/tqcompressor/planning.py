@@ -244,7 +244,8 @@ def _plan_auto(model: nn.Module, names: list[str], config: CompressionConfig, st
     cov = {name: stats[name].input_cov if stats else None for name in names}
     menus, states = {}, {}
     for name in tqdm(names, desc="measuring candidates", unit="layer", disable=not progress):
-        menus[name], states[name] = candidate_menu(weights[name], cov[name], max_iterations=config.max_iterations)
+        menus[name], states[name] = candidate_menu(weights[name], cov[name], config.max_iterations,
+                                                       config.auto_methods)
     scales = {name: layer_scale(w, stats[name] if stats else None) for name, w in weights.items()}
     try:
         choices = allocate(menus, scales, target - fixed)

@@ -1,0 +1,143 @@
+"""Which recipe should `tqc run` (and `make demo`) use on 2 CPU cores? A small sweep, one process.
+
+Every point compresses SmolLM2-135M to --ratio with calibrated ``auto`` (--auto-methods), then
+distils it, and is evaluated like the main job: perplexity, KL(teacher || student) and top-1
+agreement on WikiText-2 test and on held-out teacher samples (a domain the distillation never saw).
+What varies (see RUNS):
+
+* ``teacher_fraction``: the share of the calibration and distillation blocks sampled from the
+  teacher, the rest WikiText-2 valid (calibrating on one corpus fits that corpus);
+* ``stages``: compress everything, then distil (1), or the upper half of the layers first (2),
+  at the same total number of optimizer steps;
+* ``lr``: the peak learning rate.
+
+One-shot points (calibrate, plan, no distillation) come first, for every fraction in --fractions.
+Writes bench/results/recipe.json (commit, every setting, device, per point metrics and seconds) and
+prints a table.
+
+    python bench/recipe.py [--steps 40] [--ratio 0.65]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from provenance import HERE, git_commit
+from tqcompressor.config import CompressionConfig
+from tqcompressor.distill import DistillConfig, multistep_distill
+from tqcompressor.evaluate import evaluate
+from tqcompressor.models import load_model
+from tqcompressor.pipeline import block_source_for, evaluation_sets
+from tqcompressor.planning import plan_compression
+from tqcompressor.report import table
+from tqcompressor.surgery import apply_plan
+
+DATA = HERE.parent.parent / "shared" / "data" / "wikitext-2"
+RUNS = [  # distillation points; the same total number of optimizer steps each
+    {"teacher_fraction": 0.0, "stages": 1, "lr": 3e-4},
+    {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4},
+    {"teacher_fraction": 0.5, "stages": 2, "lr": 3e-4},
+    {"teacher_fraction": 0.5, "stages": 1, "lr": 1e-3},
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratio", type=float, default=0.65)
+    parser.add_argument("--auto-methods", default="svd", help="structures auto may choose")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (split across stages)")
+    parser.add_argument("--fractions", default="0,0.25,0.5", help="teacher fractions of the one-shot points")
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--runs", default=None, help="indices of RUNS to do (default: all)")
+    parser.add_argument("--out", default=str(HERE / "results" / "recipe.json"))
+    args = parser.parse_args()
+    commit, started = git_commit(), time.perf_counter()
+    torch.manual_seed(0)
+    loaded = load_model()
+    teacher = loaded.model
+    work = Path(tempfile.mkdtemp(prefix="recipe-"))
+    eval_sets = evaluation_sets(str(DATA / "test.txt"), loaded, args.eval_tokens, 512, work)
+    runs = [RUNS[int(i)] for i in args.runs.split(",")] if args.runs else RUNS
+    total_blocks = args.steps * 4
+    result = {"commit": commit, "device": f"cpu: {platform.processor() or platform.machine()}, "
+                                          f"{torch.get_num_threads()} threads",
+              "settings": vars(args) | {"batch_size": 4, "seq_len": 256, "context": 512,
+                                        "data": str(DATA / "valid.txt"), "eval": list(eval_sets)},
+              "teacher": measure(teacher, None, eval_sets), "points": []}
+
+    def plan_for(fraction: float, stages: int, out: Path):
+        kd = DistillConfig(steps=args.steps // stages, seq_len=256, batch_size=4)
+        blocks = block_source_for(str(DATA / "valid.txt"), loaded, kd, work, teacher_fraction=fraction,
+                                  total_blocks=total_blocks)
+        calibration = torch.stack(list(itertools.islice(blocks(0), args.calibration_tokens // 256)))
+        compression = CompressionConfig(method="auto", ratio=args.ratio, steps=stages,
+                                        auto_methods=args.auto_methods.split(","))
+        student = copy.deepcopy(teacher)
+        plan = plan_compression(student, compression, calibration)
+        return student, plan, blocks, calibration, kd
+
+    # the largest fraction first: its teacher samples (cached in ``work``) serve the smaller ones
+    for fraction in sorted((float(f) for f in args.fractions.split(",")), reverse=True):
+        t = time.perf_counter()
+        student, plan, *_ = plan_for(fraction, 1, work)
+        apply_plan(student, plan)
+        result["points"].append({"kind": "one-shot", "teacher_fraction": fraction,
+                                 **measure(student, teacher, eval_sets), "seconds": time.perf_counter() - t})
+        save(result, args.out)
+    for run in runs:
+        t = time.perf_counter()
+        student, plan, blocks, calibration, kd = plan_for(run["teacher_fraction"], run["stages"], work)
+        kd = DistillConfig(**{**vars(kd), "lr": run["lr"]})
+        out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+        student = multistep_distill(teacher, student, blocks, kd, out, plan, calibration=calibration)
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        result["points"].append({"kind": "distilled", **run, "steps_per_stage": kd.steps,
+                                 "kd_tokens": kd.steps * run["stages"] * 4 * 256,
+                                 "tokens_per_s": [m["tokens_per_s"] for m in metrics if m["step"] == kd.steps],
+                                 **measure(student.to("cpu"), teacher, eval_sets),
+                                 "seconds": time.perf_counter() - t})
+        save(result, args.out)
+    result["seconds"] = time.perf_counter() - started
+    save(result, args.out)
+    print(format_table(result))
+
+
+def measure(model, teacher, eval_sets: dict) -> dict:
+    out = {"params": sum(p.numel() for p in model.parameters())}
+    for name, ids in eval_sets.items():
+        m = evaluate(model, ids, context=512, teacher=teacher)
+        out[Path(name).name if "/" in name else name] = {k: m.get(k) for k in ("perplexity", "kl_to_teacher",
+                                                                                "top1_agreement")}
+    return out
+
+
+def save(result: dict, path: str) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def format_table(result: dict) -> str:
+    domains = [k for k in result["teacher"] if k != "params"]
+    rows = []
+    for p in [{"kind": "teacher", **result["teacher"]}] + result["points"]:
+        setting = "" if p["kind"] == "teacher" else f"f={p['teacher_fraction']}"
+        if p["kind"] == "distilled":
+            setting += f", {p['stages']} stage(s), lr {p['lr']:g}, {p['kd_tokens']:,} tokens"
+        rows.append([p["kind"], setting, p["params"]] + [x for d in domains for x in
+                                                           (p[d]["perplexity"], p[d]["kl_to_teacher"])]
+                    + [p.get("seconds")])
+    headers = ["point", "setting", "params"] + [f"{h} ({d})" for d in domains for h in ("ppl", "KL")] + ["s"]
+    return table(headers, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The pictures of a run: perplexity against parameters, and the plan as a grid of blocks x matrices."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from tqcompressor.structures import REGISTRY
+
+BLOCK = re.compile(r"\.(\d+)\.")  # the block index in names like model.layers.10.mlp.up_proj
+
+
+def plan_cells(teacher: nn.Module, student: nn.Module) -> list[dict]:
+    """One cell per linear layer of the numbered blocks: block index, matrix name (e.g.
+    ``self_attn.q_proj``), the structure the student has there (``dense`` when untouched) and the
+    fraction of the teacher's parameters it keeps."""
+    structure_of = {cls: name for name, s in REGISTRY.items() for cls in s.module_types}
+    cells = []
+    for name, module in teacher.named_modules():
+        found = BLOCK.search(name)
+        if not found or not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        replaced = student.get_submodule(name)
+        before = sum(p.numel() for p in module.parameters())
+        after = sum(p.numel() for p in replaced.parameters())
+        cells.append({"block": int(found.group(1)), "matrix": name[found.end():],
+                      "method": structure_of.get(type(replaced), "dense"), "kept": after / before})
+    return cells
+
+
+def plot_plan(cells: list[dict], path: Path, title: str) -> None:
+    """Blocks down, matrices across; colour = structure, shade and label = fraction of parameters kept."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    matrices = list(dict.fromkeys(c["matrix"] for c in cells))
+    blocks = sorted({c["block"] for c in cells})
+    methods = sorted({c["method"] for c in cells}, key=lambda m: (m != "dense", m))
+    palette = dict(zip(methods, ["#bbbbbb", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]))
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(matrices), 1.0 + 0.22 * len(blocks)))
+    for c in cells:
+        x, y = matrices.index(c["matrix"]), blocks.index(c["block"])
+        alpha = 1.0 if c["method"] == "dense" else 0.35 + 0.65 * (1 - min(c["kept"], 1.0))
+        ax.add_patch(plt.Rectangle((x, y), 1, 1, color=palette[c["method"]], alpha=alpha, linewidth=0))
+        if c["method"] != "dense":
+            ax.text(x + 0.5, y + 0.5, f"{100 * c['kept']:.0f}%", ha="center", va="center", fontsize=6)
+    ax.set_xlim(0, len(matrices))
+    ax.set_ylim(len(blocks), 0)
+    ax.set_xticks([i + 0.5 for i in range(len(matrices))], [m.split(".")[-1] for m in matrices], fontsize=7)
+    ax.set_yticks([i + 0.5 for i in range(len(blocks))], [str(b) for b in blocks], fontsize=6)
+    ax.set_ylabel("block")
+    ax.set_title(title, fontsize=9)
+    ax.legend(handles=[Patch(color=palette[m], label=m) for m in methods], fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), title="structure (label: % kept)", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_points(rows: list[dict], path: Path, title: str) -> None:
+    """Perplexity (log scale) against parameters, one labelled point per stage."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["params"] / 1e6, r["perplexity"], s=40)
+        ax.annotate(r["label"], (r["params"] / 1e6, r["perplexity"]), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)
+    ax.set_xlabel("parameters (M, all counted)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt

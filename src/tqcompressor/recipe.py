@@ -1,0 +1,8 @@
+"""The defaults of `tqc run`: the recipe the measurements on 2 CPU cores support (see the README's
+"Choosing the main job's recipe" and bench/results/recipe-*.json). A light module: the CLI reads it
+before importing torch."""
+
+METHOD = "auto"
+STAGES = 2
+STEPS = 30  # optimizer steps per stage
+TEACHER_FRACTION = 0.0  # of the distillation and calibration blocks, sampled from the teacher

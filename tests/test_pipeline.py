@@ -1,0 +1,62 @@
+"""The main job end to end at toy scale: what the report holds."""
+
+import json
+
+from typer.testing import CliRunner
+
+import tqcompressor as tqc
+from tqcompressor.cli import app
+from tqcompressor.pipeline import PROMPTS, TEACHER_DOMAIN
+
+from conftest import TOY_TEXT
+
+
+def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt2_dir):
+    (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
+    (tmp_path / "eval.txt").write_text(TOY_TEXT)
+    out = tmp_path / "run"
+    args = ["run", "--model", str(gpt2_dir), "--method", "auto", "--auto-methods", "svd", "--ratio", "0.8",
+            "--stages", "2", "--data", str(tmp_path / "train.txt"), "--teacher-fraction", "0.5",
+            "--calibration-tokens", "128", "--eval-data", str(tmp_path / "eval.txt"), "--eval-tokens", "256",
+            "--context", "64", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and results["teacher_fraction"] == 0.5
+    assert [p["label"] for p in results["points"]] == ["teacher", "compressed (no KD)", "after KD stage 1",
+                                                       "after KD stage 2"]
+    for point in results["points"]:
+        assert set(point["domains"]) == {str(tmp_path / "eval.txt"), TEACHER_DOMAIN}
+        assert point["domains"][str(tmp_path / "eval.txt")]["perplexity"] == point["perplexity"]
+        samples = point["domains"][TEACHER_DOMAIN]
+        assert samples["tokens"] > 0 and samples["perplexity"] > 1
+        if point["label"] != "teacher":
+            assert samples["kl_to_teacher"] >= 0 and 0 <= samples["top1_agreement"] <= 1
+    # the plan: every linear layer of both blocks, svd or dense, and svd ones smaller than the teacher's
+    cells = results["plan_cells"]
+    assert {c["block"] for c in cells} == {0, 1} and len(cells) == 8
+    assert {c["method"] for c in cells} <= {"svd", "dense"} and any(c["method"] == "svd" for c in cells)
+    assert all(c["kept"] < 1 for c in cells if c["method"] == "svd")
+    assert [c["prompt"] for c in results["continuations"]] == PROMPTS
+    assert all(isinstance(c["teacher"], str) and isinstance(c["student"], str) for c in results["continuations"])
+    cost = results["footprint"]
+    assert cost["student"]["params"] == results["points"][-1]["params"] < cost["teacher"]["params"]
+    assert cost["student"]["memory_bytes"] < cost["teacher"]["memory_bytes"]
+    assert cost["speed"]["prefill_time_ratio"] > 0 and cost["speed"]["generation_time_ratio"] > 0
+    for picture in ("plan.png", "perplexity.png"):
+        assert (out / picture).stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    for section in ("## The plan", "## The same prompts, continued greedily", "## What it costs to hold and run",
+                    "## How this was measured", "ppl (teacher samples)", "50% of the blocks sampled from the teacher"):
+        assert section in report, section
+    assert tqc.load(out / "model") is not None
+
+
+def test_the_evaluation_seed_is_not_used_for_training(tmp_path, gpt2_dir):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "from tqcompressor.cli import main; main()", "run", "--model",
+                        str(gpt2_dir), "--data", "teacher", "--seed", "12345", "--out", str(tmp_path / "o"),
+                        "--seq-len", "32", "--context", "64"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "seed 12345 is reserved" in r.stderr, r.stderr
