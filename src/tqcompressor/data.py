@@ -127,7 +127,7 @@ def tokenize_text(source: str, tokenizer, max_tokens: int | None = None, split: 
 
 
 @torch.no_grad()
-def sample_from_teacher(teacher, tokenizer, count: int, seq_len: int, seed: int, batch_size: int = 8) -> Iterator[torch.Tensor]:
+def sample_from_teacher(teacher, tokenizer, count: int, seq_len: int, seed: int, batch_size: int = 32) -> Iterator[torch.Tensor]:
     """Blocks of ``seq_len`` tokens sampled from the teacher (temperature 1, top-k 50), seeded."""
     device = next(teacher.parameters()).device
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
