@@ -83,3 +83,21 @@ def test_mismatched_base_model_and_missing_tokenizer(tmp_path, llama_model, gpt2
         tqc.load(tmp_path / "m")
     with pytest.raises(TQCError, match="no tokenizer"):
         load_tokenizer(tmp_path / "m")
+
+
+@pytest.mark.parametrize("edit, message", [
+    # a huge shape edited in the structure file: it does not stand for the base layer
+    (lambda m: m["model.layers.0.mlp.up_proj"].update(a_shape=[100000000, 100000000]), "layer is 128x64"),
+    # a shape edited consistently with the base layer, but not with the weights file
+    (lambda m: m["model.layers.0.mlp.up_proj"].update(a_shape=[32, 32], b_shape=[4, 2]), "in its structure file"),
+    # edited consistently with nothing: a low-rank layer standing for another shape than its base layer
+    (lambda m: m["model.layers.0.self_attn.q_proj"].update(out_features=96), "base model's layer is 64x64"),
+])
+def test_shapes_are_checked_before_anything_is_allocated(tmp_path, llama_model, edit, message):
+    model, _ = compressed_llama(llama_model)
+    tqc.save(model, tmp_path / "m")
+    structure = json.loads((tmp_path / "m" / STRUCTURE_FILE).read_text())
+    edit(structure["modules"])
+    (tmp_path / "m" / STRUCTURE_FILE).write_text(json.dumps(structure))
+    with pytest.raises(TQCError, match=message):
+        tqc.load(tmp_path / "m")

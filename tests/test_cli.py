@@ -56,8 +56,13 @@ def test_compress_with_spec_file(tmp_path, gpt2_dir):
     (["compress", "--model", "{dir}", "--target-modules", "nope", "--out", "x"], "match no"),
     (["compress", "--model", "{dir}", "--spec", "{bad_spec}", "--out", "x"], "does not divide"),
     (["info", "{empty}"], "half written"),
+    (["eval", "--model", "nosuchmodel", "--data", "{bad_spec}"], "neither a local path nor in the Hugging Face cache"),
+    (["compress", "--model", "{dir}", "--method", "svd", "--auto-methods", "svd", "--out", "x"],
+     "only applies to --method auto"),
+    (["compress", "--model", "{dir}", "--method", "auto", "--auto-methods", "svdd", "--out", "x"], "unknown method"),
 ])
-def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, gpt2_dir, args, message):
+def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, gpt2_dir, args, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the same answer wherever the tests run
     bad_spec = tmp_path / "bad.yaml"
     bad_spec.write_text("layers:\n  - modules: [mlp.c_fc]\n    method: tq\n    b_shape: [5, 3]\n")
     (tmp_path / "empty").mkdir()

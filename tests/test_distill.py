@@ -179,3 +179,24 @@ def test_metrics_hold_each_step_once_after_an_interruption_between_checkpoints(t
     multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, stop_after=2, progress=False)
     steps = [json.loads(line)["global_step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]  # a fresh run in the same directory starts a fresh log
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one_or_says_which_file(tmp_path, tokenizer):
+    teacher, blocks, plan, config = setup(tmp_path, tokenizer)
+    full = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "full", plan, progress=False)
+    run = tmp_path / "cut"
+    # checkpoints after steps 2 and 4; the one of step 4 is then damaged (a disk error, a bad copy)
+    multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, stop_after=5, progress=False)
+    assert (run / "checkpoint.previous" / "trainer_state.pt").is_file()
+    (run / "checkpoint" / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    resumed = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, resume=True,
+                                progress=False)
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name  # from step 2 the run is the same
+    steps = [json.loads(line)["global_step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+    # nothing readable left: one line naming the damaged files
+    for name in ("checkpoint", "checkpoint.previous"):
+        (run / name / "trainer_state.pt").write_bytes(b"garbage")
+    with pytest.raises(TQCError, match=r"cannot read the checkpoint .*checkpoint \(.*damaged"):
+        multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, resume=True, progress=False)

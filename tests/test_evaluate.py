@@ -6,6 +6,8 @@ import torch
 from tqcompressor import TQCError
 from tqcompressor.evaluate import evaluate, windows
 
+from conftest import TOY_TEXT
+
 
 @pytest.mark.parametrize("n, context, stride", [(100, 16, 4), (100, 16, 15), (5, 16, 8), (17, 16, 16), (100, 16, 16)])
 def test_windows_score_each_token_once_with_context(n, context, stride):
@@ -68,3 +70,16 @@ def test_tqc_eval_lambada_file_and_perplexity_json(tmp_path, gpt2_dir):
             "byte_perplexity"} <= set(metrics)
     assert metrics["protocol"] == {"level": "token", "context": 64, "stride": 32}
     assert metrics["kl_to_teacher"] < 1e-5
+
+
+def test_word_and_byte_perplexity_divide_by_the_scored_text_only(llama_model, tokenizer):
+    """With disjoint windows the first token of each window is not scored: its word/bytes are not counted."""
+    ids = torch.tensor(tokenizer(TOY_TEXT, add_special_tokens=False)["input_ids"][:96])
+    result = evaluate(llama_model, ids, context=32, tokenizer=tokenizer, progress=False)
+    nll = result["nll_per_token"] * result["tokens"]
+    scored = [tokenizer.decode(ids[e - s:e].tolist()) for _, e, s in windows(len(ids), 32, 32)]
+    assert result["tokens"] == 93  # 3 windows, each without its first token
+    assert result["byte_perplexity"] == pytest.approx(math.exp(nll / sum(len(t.encode()) for t in scored)))
+    assert result["word_perplexity"] == pytest.approx(math.exp(nll / sum(len(t.split()) for t in scored)))
+    everything = tokenizer.decode(ids[1:].tolist())
+    assert sum(len(t.encode()) for t in scored) < len(everything.encode())

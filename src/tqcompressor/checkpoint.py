@@ -188,6 +188,7 @@ def load(directory: str | Path) -> nn.Module:
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the plugin's copy of the structure; we install it ourselves
+    check_shapes(directory, config, structure["modules"], dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     install_structure(model, structure["modules"], dtype)
     try:
@@ -201,6 +202,43 @@ def load(directory: str | Path) -> nn.Module:
                        f"{unexpected[:3]}); re-run `tqc compress`")
     model.eval()
     return model
+
+
+def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch.dtype) -> None:
+    """Before anything is allocated: every factored module must stand for a matrix of its base
+    layer's shape, and every tensor it expects must have the shape stored in the weights file
+    (a dir is input from elsewhere too; an edited shape must not become a huge allocation)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from tqcompressor.layers import dense_weight_of
+
+    with torch.device("meta"):  # shapes only, no memory
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        base = {name: tuple(dense_weight_of(skeleton.get_submodule(name))[0].shape)
+                for name in modules if _has(skeleton, name)}
+        install_structure(skeleton, modules, dtype)
+    for name, shape in base.items():
+        module = skeleton.get_submodule(name)
+        if hasattr(module, "num_embeddings"):
+            stands_for = (module.num_embeddings, module.embedding_dim)
+        elif hasattr(module, "out_features"):
+            stands_for = (module.out_features, module.in_features)
+        else:
+            continue  # a tied head: the embedding's shape is checked
+        if stands_for != shape:
+            raise TQCError(f"{directory}: module {name} is saved as a {stands_for[0]}x{stands_for[1]} matrix but "
+                           f"the base model's layer is {shape[0]}x{shape[1]}; the dir is corrupt")
+    try:
+        with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as stored:
+            shapes = {key: tuple(stored.get_slice(key).get_shape()) for key in stored.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise TQCError(f"{directory / WEIGHTS_FILE} could not be read ({str(exc).splitlines()[0]}); the dir is "
+                       "corrupt or half written, re-run `tqc compress`") from None
+    for key, tensor in skeleton.state_dict().items():
+        if key in shapes and shapes[key] != tuple(tensor.shape):
+            raise TQCError(f"{directory}: {key} has shape {list(shapes[key])} in {WEIGHTS_FILE} but "
+                           f"{list(tensor.shape)} in its structure file; the dir is corrupt")
 
 
 def read_plan(directory: str | Path) -> Plan:

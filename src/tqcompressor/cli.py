@@ -18,7 +18,7 @@ import typer
 from tqcompressor.errors import TQCError
 from tqcompressor.models import DEFAULT_MODEL
 from tqcompressor.outputs import check_writable, claim_directory
-from tqcompressor.recipe import TEACHER_FRACTION
+from tqcompressor import recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress Hugging Face causal LMs with permuted Kronecker factorizations (TQCompressor).")
@@ -34,7 +34,7 @@ def _methods_help(auto: bool = True) -> str:
 DISTILL_OPTIONS = {
     "batch_size": (int, 4, "token blocks per optimizer step"),
     "seq_len": (int, 256, "tokens per block"),
-    "lr": (float, 3e-4, "peak learning rate (warm-up, then cosine)"),
+    "lr": (float, recipe.LR, "peak learning rate (warm-up, then cosine)"),
     "grad_accum": (int, 1, "micro-batches per optimizer step"),
     "seed": (int, 0, "seed of the student's training run"),
 }
@@ -63,6 +63,17 @@ def with_distill_options(command):
     return wrapper
 
 
+def _auto_methods(text: Optional[str], method: str) -> Optional[list[str]]:
+    """What ``--method auto`` may choose: the named structures, all of them ('all'), or the recipe's."""
+    if method != "auto":
+        if text:
+            raise TQCError("--auto-methods only applies to --method auto")
+        return None
+    if text is None:
+        return list(recipe.AUTO_METHODS)
+    return None if text.strip() == "all" else _split(text)
+
+
 def _split(text: Optional[str]) -> Optional[list[str]]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
@@ -79,8 +90,8 @@ def compress(
     out: Path = typer.Option(..., help="output directory"),
     max_iterations: int = typer.Option(20, help="permutation-search rounds per matrix (tq)"),
     prefer: str = typer.Option("accuracy", help="budget solver: accuracy | speed (B one row wide: faster layers)"),
-    auto_methods: Optional[str] = typer.Option(None, help="--method auto: comma-separated structures it may "
-                                                "choose (default: all; keeping a layer dense is always allowed)"),
+    auto_methods: Optional[str] = typer.Option(None, help="--method auto: comma-separated structures it may choose, "
+                                                f"or 'all' (default: {','.join(recipe.AUTO_METHODS)}; dense is always allowed)"),
     calibration: Optional[str] = typer.Option(
         None, help="text (file/dir/glob, dataset name) or 'teacher': activation-aware fits (best with --method auto)"),
     calibration_tokens: int = typer.Option(8192, help="calibration tokens (in blocks of 256)"),
@@ -100,7 +111,7 @@ def compress(
             ratio = 0.65
         config = CompressionConfig(method=method, ratio=ratio, target_params=target_params,
                                    target_modules=_split(target_modules), steps=steps, max_iterations=max_iterations,
-                                   prefer=prefer, auto_methods=_split(auto_methods))
+                                   prefer=prefer, auto_methods=_auto_methods(auto_methods, method))
     loaded = load_model(model)
     ids = None
     if calibration is not None:
@@ -173,7 +184,7 @@ def distill(
     student: Path = typer.Option(..., help="a compressed model dir (from `tqc compress`)"),
     data: str = typer.Option("teacher", help="text file/dir/glob, a dataset name (wikitext, openwebtext), or 'teacher'"),
     fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split (0.031 = paper)"),
-    teacher_fraction: float = typer.Option(TEACHER_FRACTION, help="fraction of the distillation (and calibration) "
+    teacher_fraction: float = typer.Option(recipe.TEACHER_FRACTION, help="fraction of the distillation (and calibration) "
                                            "blocks sampled from the teacher, mixed evenly into --data"),
     out: Path = typer.Option(..., help="run dir: checkpoints, metrics.jsonl, the final model"),
     steps: int = typer.Option(100, help="optimizer steps"),
@@ -247,21 +258,21 @@ def eval_command(
 @with_distill_options
 def run(
     model: str = typer.Option(DEFAULT_MODEL, help="the model to compress (and the teacher)"),
-    method: str = typer.Option("tq", help=_methods_help()),
+    method: str = typer.Option(recipe.METHOD, help=_methods_help()),
     ratio: float = typer.Option(0.65, help="fraction of the whole model's parameters to keep"),
-    stages: int = typer.Option(2, help="compression/distillation steps (upper layers first)"),
+    stages: int = typer.Option(recipe.STAGES, help="compression/distillation steps (upper layers first)"),
     prefer: str = typer.Option("accuracy", help="budget solver: accuracy | speed (B one row wide: faster layers)"),
-    auto_methods: Optional[str] = typer.Option(None, help="--method auto: comma-separated structures it may "
-                                                "choose (default: all; keeping a layer dense is always allowed)"),
+    auto_methods: Optional[str] = typer.Option(None, help="--method auto: comma-separated structures it may choose, "
+                                                f"or 'all' (default: {','.join(recipe.AUTO_METHODS)}; dense is always allowed)"),
     spec: Optional[Path] = typer.Option(None, help="explicit per-layer plan instead of --ratio/--stages"),
     data: str = typer.Option("teacher", help="distillation text (file/dir/glob, dataset name) or 'teacher'"),
     fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split"),
-    teacher_fraction: float = typer.Option(TEACHER_FRACTION, help="fraction of the distillation (and calibration) "
+    teacher_fraction: float = typer.Option(recipe.TEACHER_FRACTION, help="fraction of the distillation (and calibration) "
                                            "blocks sampled from the teacher, mixed evenly into --data"),
     eval_data: Optional[str] = typer.Option(None, help="evaluation text; default: held-out teacher samples"),
     eval_tokens: int = typer.Option(8192, help="tokens to evaluate on"),
     context: int = typer.Option(512, help="evaluation window"),
-    steps: int = typer.Option(30, help="distillation steps per stage"),
+    steps: int = typer.Option(recipe.STEPS, help="distillation steps per stage"),
     checkpoint_every: int = typer.Option(20, help="optimizer steps between checkpoints"),
     out: Path = typer.Option(Path("out/run"), help="run dir: report.md, results.json, perplexity.png, model/"),
     resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
@@ -275,7 +286,7 @@ def run(
     from tqcompressor.pipeline import format_report, run_pipeline
 
     compression = load_spec(spec) if spec else CompressionConfig(method=method, ratio=ratio, steps=stages,
-                                                                 prefer=prefer, auto_methods=_split(auto_methods))
+                                                                 prefer=prefer, auto_methods=_auto_methods(auto_methods, method))
     check_writable(out)  # before loading anything; run_pipeline claims it
     loaded = load_model(model)
     _check_seq_len(loaded.model, max(kd.seq_len, context))

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -192,6 +193,8 @@ def multistep_distill(
         torch.manual_seed(config.seed)
     else:
         torch.set_rng_state(saved["torch_rng"])
+        if "cuda_rng" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
 
     stream = _sharded(blocks(position.data_position), accelerator)
     for stage_index in range(position.stage_index, len(stages)):
@@ -311,31 +314,46 @@ def _sharded(stream: Iterator[torch.Tensor], accelerator) -> Iterator[torch.Tens
 
 
 def _save_checkpoint(outputs: RunOutputs, trainer: TrainerState, student) -> None:
+    """Write ``checkpoint.partial``, then rename: the last good checkpoint becomes
+    ``checkpoint.previous`` (kept, in case the new one is damaged later) and the new one ``checkpoint``."""
     path = outputs.checkpoint
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     save_compressed(student, partial / "model", outputs.tokenizer, plan=outputs.plan)
+    rng = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generators
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
     torch.save({**asdict(trainer.position), "fingerprint": outputs.fingerprint,
                 "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, partial / STATE_FILE)
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+                **rng}, partial / STATE_FILE)
+    previous = path.with_name(path.name + ".previous")
     if path.exists():
-        os.replace(path, old)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(path, previous)
     os.replace(partial, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_checkpoint(path: Path, fingerprint: str):
-    if not (path / STATE_FILE).is_file():
-        old = path.with_name(path.name + ".old")
-        if (old / STATE_FILE).is_file():  # interrupted between the two renames
-            path = old
-        else:
-            raise TQCError(f"nothing to resume: {path} holds no checkpoint; run without --resume")
-    state = torch.load(path / STATE_FILE, weights_only=True)
-    if state.get("fingerprint") != fingerprint:
-        raise TQCError(f"{path} belongs to another run (different teacher, data, plan or settings); "
-                       "use a new --out dir or the original settings")
-    return load_compressed(path / "model"), state
+    """The newest readable checkpoint: ``checkpoint``, else ``checkpoint.previous`` (interrupted
+    between the renames, or the newest one damaged). One line when none can be read."""
+    damaged = []
+    for candidate in (path, path.with_name(path.name + ".previous")):
+        if not (candidate / STATE_FILE).is_file():
+            continue
+        try:
+            state = torch.load(candidate / STATE_FILE, weights_only=True)
+            model = load_compressed(candidate / "model")
+        except (TQCError, RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+            damaged.append(f"{candidate} ({type(exc).__name__})")
+            continue
+        if state.get("fingerprint") != fingerprint:
+            raise TQCError(f"{candidate} belongs to another run (different teacher, data, plan or settings); "
+                           "use a new --out dir or the original settings")
+        if damaged:
+            tqdm.write(f"warning: {damaged[0]} cannot be read; resuming from the previous checkpoint, {candidate}")
+        return model, state
+    if damaged:
+        raise TQCError(f"cannot read the checkpoint {' or '.join(damaged)}; it is damaged: run again without "
+                       "--resume (or into a new --out dir)")
+    raise TQCError(f"nothing to resume: {path} holds no checkpoint; run without --resume")

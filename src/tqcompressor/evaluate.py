@@ -5,7 +5,7 @@ the first window that reaches it (the protocol of the Hugging Face perplexity gu
 ``stride == context`` the first token of each window has no context and is not scored). ``stride == context`` gives disjoint windows; a smaller stride gives every scored token
 at least ``context - stride`` tokens of context. Word- and byte-level perplexity divide the same
 total negative log-likelihood by the number of whitespace-separated words / UTF-8 bytes of the
-evaluated text, as lm-evaluation-harness defines them for wikitext.
+scored tokens (decoded window by window), as lm-evaluation-harness defines them for wikitext.
 """
 
 from __future__ import annotations
@@ -82,9 +82,9 @@ def evaluate(model, ids: torch.Tensor, context: int = 512, stride: int | None = 
     if teacher is not None:
         result["kl_to_teacher"] = kl / count
         result["top1_agreement"] = agree / count
-    if tokenizer is not None:
-        text = tokenizer.decode(ids[1:].tolist())
-        words, text_bytes = len(text.split()), len(text.encode("utf-8"))
+    if tokenizer is not None:  # words and bytes of the scored tokens only, like the NLL they divide
+        spans = [tokenizer.decode(ids[e - scored:e].tolist()) for _, e, scored in plan]
+        words, text_bytes = sum(len(t.split()) for t in spans), sum(len(t.encode("utf-8")) for t in spans)
         result["word_perplexity"] = math.exp(nll / max(words, 1))
         result["byte_perplexity"] = math.exp(nll / max(text_bytes, 1))
         result["bits_per_byte"] = nll / max(text_bytes, 1) / math.log(2)

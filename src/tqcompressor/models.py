@@ -57,6 +57,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
     looks_local = path.exists() or name.startswith((".", "/", "~"))
     if looks_local and not path.exists() and gguf_file is None:
         raise TQCError(f"model path {name} does not exist")
+    if not path.exists() and gguf_file is None and not _in_hub_cache(location) and not _hub_reachable():
+        raise TQCError(f"{name!r} is neither a local path nor in the Hugging Face cache, and the hub cannot be "
+                       f"reached from here; pass a local HF model dir, a .gguf file, or '{DEFAULT_MODEL}'")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -73,6 +76,34 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, name)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub client rejects is not in the cache either
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers at all: without this check an unknown name on an offline
+    machine costs a minute of retries and a screen of warnings before the error."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _drop_gguf_quantization(model: nn.Module) -> None:

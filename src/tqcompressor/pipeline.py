@@ -89,6 +89,10 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
     settings = {"data": data, "teacher_fraction": teacher_fraction, "eval_data": eval_data,
                 "calibration_tokens": calibration_tokens, "compression": compression, "distill": distill}
     phase = _phases(started)
+    stages = compression.steps if compression.layers is None else len({s.step for _, s in compression.layers})
+    phase("distillation data" + (" (sampling from the teacher)" if data == "teacher" or teacher_fraction else ""))
+    blocks = block_source_for(data, loaded, distill, out_dir, fraction, teacher_fraction,
+                              total_blocks=distill.steps * distill.batch_size * distill.grad_accum * stages)
     phase("evaluation text and held-out teacher samples")
     eval_sets = evaluation_sets(eval_data, loaded, eval_tokens, context, out_dir)
     results_path = out_dir / "results.json"
@@ -108,9 +112,6 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
 
     record("teacher", 0, teacher)
     student = copy.deepcopy(teacher)
-    stages = compression.steps if compression.layers is None else len({s.step for _, s in compression.layers})
-    blocks = block_source_for(data, loaded, distill, out_dir, fraction, teacher_fraction,
-                              total_blocks=distill.steps * distill.batch_size * distill.grad_accum * stages)
     calibration = None
     methods = {spec.method for _, spec in compression.layers} if compression.layers else {compression.method}
     if calibration_tokens > 0 and any(m == "auto" or get_structure(m).calibrated_in_run for m in methods):
