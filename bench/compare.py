@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import tqcompressor as tqc
+from provenance import git_commit
 from tqcompressor.baselines import keep_layers, layer_drop_plan
 from tqcompressor.calibration import calibrate
 from tqcompressor.data import calibration_ids, text_block_source, tokenize_text
@@ -55,12 +56,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/compare"))
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
     parser.add_argument("--merge", type=Path, default=None,
-                        help="start from the methods of this earlier result file (same settings)")
+                        help="continue an interrupted run: keep the methods of this result file, which must come "
+                             "from the same commit (committed) and the very same settings")
     args = parser.parse_args()
     if args.replot:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
 
+    commit = git_commit()
+    settings = {k: str(v) for k, v in vars(args).items() if k not in ("methods", "out", "work", "replot", "merge")}
     loaded = tqc.load_model(args.model)
     teacher = loaded.model.to(args.device)
     ids = tokenize_text(args.test, loaded.tokenizer, args.eval_tokens)
@@ -72,6 +76,7 @@ def main() -> None:
     teacher_metrics = evaluate(teacher, ids, **eval_kwargs)
     teacher_params = tqc.count_parameters(teacher)
     result = {
+        "commit": commit, "settings": settings,
         "model": args.model, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "ratio": args.ratio, "target_params": int(args.ratio * teacher_params),
         "teacher": {"params": teacher_params, "perplexity": teacher_metrics["perplexity"]},
@@ -82,11 +87,7 @@ def main() -> None:
         "methods": {},
     }
     if args.merge is not None:
-        earlier = json.loads(args.merge.read_text())
-        for key in ("ratio", "kd_tokens"):
-            if earlier[key] != result[key]:
-                raise SystemExit(f"--merge: {key} differs ({earlier[key]} vs {result[key]}); use the same settings")
-        result["methods"] = earlier["methods"]
+        result["methods"] = mergeable(json.loads(args.merge.read_text()), result)["methods"]
     print(f"teacher: {teacher_params:,} params, perplexity {teacher_metrics['perplexity']:.2f}")
     for method in args.methods.split(","):
         started = time.perf_counter()
@@ -124,6 +125,19 @@ def main() -> None:
     print(table(["method", "params", "ppl compressed", "ppl after KD", "KL to teacher", "top-1 agree"],
                 [["teacher", teacher_params, teacher_metrics["perplexity"], teacher_metrics["perplexity"], 0.0, 1.0]] + rows))
     print(f"KD: {result['kd_tokens']:,} tokens of {result['kd_data']} per method; eval: {result['eval']}; wrote {args.out}")
+
+
+def mergeable(earlier: dict, result: dict) -> dict:
+    """``earlier`` if it is the same run (one commit, committed, every setting equal) interrupted; a
+    result file is one run of one commit, so anything else is refused."""
+    if "+uncommitted" in result["commit"] or earlier.get("commit") != result["commit"]:
+        raise SystemExit(f"--merge: the earlier file is from commit {earlier.get('commit')}, this run from "
+                         f"{result['commit']}; a result file is one run of one committed version: run all methods")
+    differ = sorted(k for k in set(earlier.get("settings", {})) | set(result["settings"])
+                    if earlier.get("settings", {}).get(k) != result["settings"].get(k))
+    if differ:
+        raise SystemExit(f"--merge: settings differ ({', '.join(differ)}); use the very same settings")
+    return earlier
 
 
 def plot(result: dict, path: Path) -> None:

@@ -164,3 +164,30 @@ def test_prefer_speed_picks_one_row_b_factors(llama_model):
     assert report.params_after <= 0.8 * report.params_before
     with pytest.raises(TQCError, match="prefer"):
         CompressionConfig(prefer="fast")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["tq", "kronecker", "svd", "tq_lowrank", "auto"])
+@pytest.mark.parametrize("ratio", [0.7, 0.3, 0.12])
+@pytest.mark.parametrize("embedding", [False, True])
+def test_the_budget_is_met_or_refused_with_one_line(family, method, ratio, embedding):
+    """The README's promise, over ratios, methods, model families and an untied embedding target:
+    the compressed model never has more parameters than the budget; a budget that cannot be met
+    is refused with a TQCError."""
+    from conftest import tiny_gpt2, tiny_llama
+
+    if embedding and method == "auto":
+        return  # auto covers linear layers only
+    model = tiny_gpt2() if family == "gpt2" else tiny_llama()
+    before = count_parameters(model)
+    targets = None
+    if embedding:
+        linear = ["attn.c_attn", "mlp.c_fc"] if family == "gpt2" else ["q_proj", "up_proj"]
+        targets = linear + (["transformer.wte"] if family == "gpt2" else ["model.embed_tokens"])
+    config = CompressionConfig(method=method, ratio=ratio, target_modules=targets, tie_lm_head=not embedding)
+    try:
+        compressed, report = compress(model, config, progress=False)
+    except TQCError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert report.params_after == count_parameters(compressed) <= ratio * before

@@ -187,6 +187,16 @@ def _steps_upper_first(names: list[str], steps: int) -> dict[str, int]:
 # Three ways to plan: an explicit spec, one budget for every layer, auto
 
 
+def _head_to_untie(model: nn.Module, names: list[str], config: CompressionConfig) -> int:
+    """Parameters a dense LM head will add: factoring an embedding the head is tied to, with
+    ``tie_lm_head=False``, gives the head its own copy of the weight."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    embedding_name = next((n for n in names if model.get_submodule(n) is embedding), None)
+    if config.tie_lm_head or embedding_name is None or head is None or head.weight is not embedding.weight:
+        return 0
+    return head.weight.numel()
+
+
 def _layers_from_spec(model: nn.Module, layers: list[tuple[str, LayerSpec]]) -> list[LayerPlan]:
     plan = []
     for pattern, spec in layers:
@@ -206,7 +216,7 @@ def _layers_from_budget(model: nn.Module, names: list[str], config: CompressionC
     total, target = count_parameters(model), target_params(model, config)
     shapes = {name: tuple(dense_weight_of(model.get_submodule(name))[0].shape) for name in names}
     compressible = sum(m * n for m, n in shapes.values())
-    fixed = total - compressible
+    fixed = total - compressible + _head_to_untie(model, names, config)
     if target >= total:
         return []
     if target <= fixed:

@@ -155,7 +155,8 @@ class LowRank(Structure):
 
     def for_budget(self, shape, keep, prefer):
         m, n = shape
-        return LowRankSettings(rank=max(1, int(keep * m * n // (m + n)))), "largest SVD rank that"
+        rank = int(keep * m * n // (m + n))
+        return (LowRankSettings(rank=rank), "largest SVD rank that") if rank >= 1 else None
 
     def candidates(self, weight: Tensor, sketch=None, max_iterations: int = 10) -> tuple[list[Candidate], None]:
         w = weight.detach().to(torch.float64)
