@@ -18,14 +18,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: compress SmolLM2-135M to ~65% with tq in 2 stages (weight-space fit, as recorded in docs/), distill on WikiText-2 valid
-# (teacher samples if the shared data is absent), evaluate on WikiText-2 test, write out/demo/report.md.
+# The main job with the default recipe (src/tqcompressor/recipe.py, chosen by bench/recipe.py): compress
+# SmolLM2-135M to ~65% with calibrated auto, distill on WikiText-2 valid mixed with teacher samples (teacher
+# samples only if the shared data is absent), evaluate on WikiText-2 test and on held-out teacher samples,
+# write out/demo/report.md.
 demo: install
 	@if [ -f $(DATA)/valid.txt ]; then \
-	  $(BIN)/tqc run --model smollm2-135m --method tq --ratio 0.65 --calibration-tokens 0 --data $(DATA)/valid.txt \
-	    --eval-data $(DATA)/test.txt --out out/demo; \
+	  $(BIN)/tqc run --model smollm2-135m --ratio 0.65 --data $(DATA)/valid.txt --eval-data $(DATA)/test.txt \
+	    --out out/demo; \
 	else \
-	  $(BIN)/tqc run --model smollm2-135m --method tq --ratio 0.65 --calibration-tokens 0 --data teacher --out out/demo; \
+	  $(BIN)/tqc run --model smollm2-135m --ratio 0.65 --data teacher --out out/demo; \
 	fi
 
 test: install

@@ -16,13 +16,16 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
     (tmp_path / "eval.txt").write_text(TOY_TEXT)
     out = tmp_path / "run"
     args = ["run", "--model", str(gpt2_dir), "--method", "auto", "--auto-methods", "svd", "--ratio", "0.8",
-            "--stages", "2", "--data", str(tmp_path / "train.txt"), "--teacher-fraction", "0.5",
+            "--stages", "2", "--data", str(tmp_path / "train.txt"), "--teacher-fraction", "0.5", "--teacher-pool", "3",
             "--calibration-tokens", "128", "--eval-data", str(tmp_path / "eval.txt"), "--eval-tokens", "256",
             "--context", "64", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
-    assert results["complete"] and results["teacher_fraction"] == 0.5
+    assert results["complete"] and results["teacher_fraction"] == 0.5 and results["teacher_pool_blocks"] == 3
+    from safetensors.torch import load_file
+    pool = load_file(str(out / "teacher_samples-seed0-3x32.safetensors"))["blocks"]
+    assert pool.shape == (3, 32)  # 2 stages x 2 steps x 2 blocks, half of them the teacher's: capped at 3
     assert [p["label"] for p in results["points"]] == ["teacher", "compressed (no KD)", "after KD stage 1",
                                                        "after KD stage 2"]
     for point in results["points"]:

@@ -17,7 +17,7 @@ import typer
 
 from tqcompressor.errors import TQCError
 from tqcompressor.models import DEFAULT_MODEL
-from tqcompressor.outputs import check_writable, claim_directory
+from tqcompressor.outputs import check_writable, claim_directory, is_main_process
 from tqcompressor import recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -37,6 +37,8 @@ DISTILL_OPTIONS = {
     "lr": (float, recipe.LR, "peak learning rate (warm-up, then cosine)"),
     "grad_accum": (int, 1, "micro-batches per optimizer step"),
     "seed": (int, 0, "seed of the student's training run"),
+    "log_every": (int, 10, "optimizer steps between records in metrics.jsonl"),
+    "teacher_dtype": (str, "fp32", "the teacher's weights in training: fp32 | bf16 | fp16 (half the memory)"),
 }
 
 
@@ -186,6 +188,8 @@ def distill(
     fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split (0.031 = paper)"),
     teacher_fraction: float = typer.Option(recipe.TEACHER_FRACTION, help="fraction of the distillation (and calibration) "
                                            "blocks sampled from the teacher, mixed evenly into --data"),
+    teacher_pool: int = typer.Option(recipe.TEACHER_POOL, help="teacher blocks sampled once (then cycled) for "
+                                     "--data teacher or --teacher-fraction"),
     out: Path = typer.Option(..., help="run dir: checkpoints, metrics.jsonl, the final model"),
     steps: int = typer.Option(100, help="optimizer steps"),
     checkpoint_every: int = typer.Option(50, help="optimizer steps between checkpoints"),
@@ -198,17 +202,20 @@ def distill(
     from tqcompressor.models import load_model
     from tqcompressor.pipeline import block_source_for, check_student_matches_teacher, data_name
 
-    claim_directory(out)  # before anything is written there (teacher samples, checkpoints)
+    check_writable(out)  # before anything is written there (teacher samples, checkpoints)
+    if is_main_process():
+        claim_directory(out)
     student_model = load(student)
     loaded = load_model(teacher)
     check_student_matches_teacher(student_model, loaded.model)
     _check_seq_len(loaded.model, kd.seq_len)
-    blocks = block_source_for(data, loaded, kd, out, fraction, teacher_fraction)
+    blocks = block_source_for(data, loaded, kd, out, fraction, teacher_fraction, teacher_pool=teacher_pool)
     result = multistep_distill(loaded.model, student_model, blocks, kd, out, resume=resume,
                                tokenizer=loaded.tokenizer, teacher_name=teacher,
-                               data_name=data_name(data, teacher_fraction))
-    save(result.to("cpu"), out / "model", loaded.tokenizer, base_model=teacher)
-    typer.echo(f"wrote {out / 'model'}; metrics in {out / 'metrics.jsonl'}")
+                               data_name=data_name(data, teacher_fraction, teacher_pool))
+    if is_main_process():  # under torchrun / accelerate launch, rank 0 writes
+        save(result.to("cpu"), out / "model", loaded.tokenizer, base_model=teacher)
+        typer.echo(f"wrote {out / 'model'}; metrics in {out / 'metrics.jsonl'}")
 
 
 @app.command(name="eval")
@@ -269,6 +276,8 @@ def run(
     fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split"),
     teacher_fraction: float = typer.Option(recipe.TEACHER_FRACTION, help="fraction of the distillation (and calibration) "
                                            "blocks sampled from the teacher, mixed evenly into --data"),
+    teacher_pool: int = typer.Option(recipe.TEACHER_POOL, help="teacher blocks sampled once (then cycled) for "
+                                     "--data teacher or --teacher-fraction"),
     eval_data: Optional[str] = typer.Option(None, help="evaluation text; default: held-out teacher samples"),
     eval_tokens: int = typer.Option(8192, help="tokens to evaluate on"),
     context: int = typer.Option(512, help="evaluation window"),
@@ -291,7 +300,9 @@ def run(
     loaded = load_model(model)
     _check_seq_len(loaded.model, max(kd.seq_len, context))
     result = run_pipeline(loaded, compression, kd, data, eval_data, out, eval_tokens, context, resume, fraction,
-                          calibration_tokens, teacher_fraction)
+                          calibration_tokens, teacher_fraction, teacher_pool)
+    if not result:
+        return  # not rank 0 of a multi-process run: rank 0 reports
     typer.echo(format_report(result))
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'perplexity.png'}, {out / 'model'}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import itertools
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tqcompressor.errors import TQCError
+from tqcompressor.outputs import is_main_process
 
 
 @dataclass(frozen=True)
@@ -170,9 +172,11 @@ def teacher_samples(teacher, tokenizer, count: int, seq_len: int, seed: int, cac
         return load_file(str(cache))["blocks"]
     pool = torch.stack(list(tqdm(sample_from_teacher(teacher, tokenizer, count, seq_len, seed),
                                  total=count, desc="sampling from teacher", unit="seq")))
-    if cache is not None:
+    if cache is not None and is_main_process():  # one writer under torchrun; the others sample the same
         cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"blocks": pool.contiguous()}, str(cache))
+        partial = cache.with_name(cache.name + ".partial")
+        save_file({"blocks": pool.contiguous()}, str(partial))
+        os.replace(partial, cache)  # atomic: a reader never sees half a file
     return pool
 
 

@@ -31,11 +31,12 @@ from tqdm.auto import tqdm
 from tqcompressor.checkpoint import load as load_compressed
 from tqcompressor.checkpoint import save as save_compressed
 from tqcompressor.errors import TQCError
-from tqcompressor.outputs import claim_directory
+from tqcompressor.outputs import check_writable, claim_directory
 from tqcompressor.planning import Plan
 from tqcompressor.surgery import apply_plan
 
 STATE_FILE = "trainer_state.pt"
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -58,6 +59,7 @@ class DistillConfig:
     log_every: int = 10
     seed: int = 0
     mixed_precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
+    teacher_dtype: str = "fp32"  # the teacher's weights: fp32 | bf16 | fp16 (its memory limits distillation at scale)
 
     def __post_init__(self) -> None:
         """One clear line for a setting that cannot work (instead of a torch traceback later, or
@@ -77,6 +79,8 @@ class DistillConfig:
                 raise TQCError(f"{name.replace('_', '-')} must be 0 or more, got {value}")
         if self.alpha_kl + self.alpha_ce + self.alpha_hidden <= 0:
             raise TQCError("the distillation loss has no term: give alpha_kl, alpha_ce or alpha_hidden a weight")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise TQCError(f"teacher dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise TQCError(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
 
@@ -173,7 +177,12 @@ def multistep_distill(
     """
     from accelerate import Accelerator
 
-    out_dir = claim_directory(out_dir)
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accum)
+    out_dir = Path(out_dir)
+    check_writable(out_dir)  # every process refuses a user's directory; only the main one writes
     stages = plan.steps() if plan is not None else [1]
     outputs = RunOutputs(out_dir / "checkpoint", out_dir / "metrics.jsonl",
                          run_fingerprint(teacher_name, data_name, plan, config), tokenizer, plan)
@@ -181,12 +190,12 @@ def multistep_distill(
     if resume:
         student, saved = _load_checkpoint(outputs.checkpoint, outputs.fingerprint)
         position = Position(**{k: saved[k] for k in asdict(position) if k in saved})
-    _keep_metrics_until(outputs.metrics, position.global_step)  # steps after the checkpoint run again: log them once
-    precision = config.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accum)
-    teacher.to(accelerator.device).eval()
+    if accelerator.is_main_process:
+        claim_directory(out_dir)
+        _keep_metrics_until(outputs.metrics, position.global_step)  # steps after the checkpoint run again: once
+    accelerator.wait_for_everyone()
+    # the teacher only runs forward: never wrapped for DDP, never holding gradients, in its own precision
+    teacher.to(accelerator.device, dtype=TEACHER_DTYPES[config.teacher_dtype]).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     if saved is None:
@@ -228,7 +237,9 @@ def _new_trainer(student, config: DistillConfig, accelerator, position: Position
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-    model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    # the scheduler is not prepared: accelerate would step it once per process, and the schedule is
+    # defined per optimizer step whatever the number of processes
+    model, optimizer = accelerator.prepare(student, optimizer)
     return TrainerState(model, optimizer, scheduler, position)
 
 

@@ -46,3 +46,11 @@ def remove_ours(path: Path) -> None:
     if path.exists():
         check_writable(path)
         shutil.rmtree(path)
+
+
+def is_main_process() -> bool:
+    """True in a single process, and in rank 0 of a multi-process run (torchrun, accelerate
+    launch): the one process that writes results, models and caches."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

@@ -27,8 +27,9 @@ from tqcompressor.evaluate import evaluate, greedy_continuations
 from tqcompressor.figures import plan_cells, plot_plan, plot_points
 from tqcompressor.footprint import directory_bytes, memory_bytes, speed_ratios
 from tqcompressor.models import LoadedModel
-from tqcompressor.outputs import claim_directory
+from tqcompressor.outputs import check_writable, claim_directory, is_main_process
 from tqcompressor.planning import count_parameters, plan_compression
+from tqcompressor.recipe import TEACHER_POOL
 from tqcompressor.report import table
 from tqcompressor.structures import get_structure
 from tqcompressor.surgery import apply_plan
@@ -41,16 +42,21 @@ METRICS = ("perplexity", "kl_to_teacher", "top1_agreement", "tokens")
 
 
 def block_source_for(data: str, loaded: LoadedModel, config: DistillConfig, out_dir: Path, fraction=None,
-                     teacher_fraction: float = 0.0, total_blocks: int | None = None):
+                     teacher_fraction: float = 0.0, total_blocks: int | None = None,
+                     teacher_pool: int = TEACHER_POOL):
     """The distillation (and calibration) blocks: text, teacher samples, or an even mix of both
-    (``teacher_fraction`` of the blocks sampled from the teacher, with the run's seed)."""
+    (``teacher_fraction`` of the blocks sampled from the teacher, with the run's seed). The teacher's
+    blocks are sampled once, at most ``teacher_pool`` of them, and cycled."""
     if config.seed == EVAL_SEED and (data == "teacher" or teacher_fraction > 0):
         raise TQCError(f"seed {EVAL_SEED} is reserved for the held-out evaluation samples; pick another --seed")
+    if teacher_pool < 1:
+        raise TQCError(f"the teacher pool must hold at least 1 block, got {teacher_pool}")
     total = total_blocks or config.steps * config.batch_size * config.grad_accum
 
     def teacher_source(count: int):
-        return teacher_block_source(loaded.model, loaded.tokenizer, config.seq_len, max(1, min(count, 512)),
-                                    config.seed, out_dir / "teacher_samples.safetensors")
+        count = max(1, min(count, teacher_pool))
+        cache = out_dir / f"teacher_samples-seed{config.seed}-{count}x{config.seq_len}.safetensors"
+        return teacher_block_source(loaded.model, loaded.tokenizer, config.seq_len, count, config.seed, cache)
 
     if data == "teacher":
         return teacher_source(total)
@@ -60,9 +66,11 @@ def block_source_for(data: str, loaded: LoadedModel, config: DistillConfig, out_
     return mixed_block_source(text, teacher_source(int(total * teacher_fraction) + 1), teacher_fraction)
 
 
-def data_name(data: str, teacher_fraction: float) -> str:
+def data_name(data: str, teacher_fraction: float, teacher_pool: int = TEACHER_POOL) -> str:
     """What identifies the distillation data of a run (for resume): the source and the teacher's share."""
-    return data if teacher_fraction <= 0 or data == "teacher" else f"{data} + {teacher_fraction:g} teacher samples"
+    if data == "teacher":
+        return f"teacher (pool {teacher_pool})"
+    return data if teacher_fraction <= 0 else f"{data} + {teacher_fraction:g} teacher samples (pool {teacher_pool})"
 
 
 def evaluation_sets(eval_data: str | None, loaded: LoadedModel, max_tokens: int, context: int,
@@ -74,7 +82,7 @@ def evaluation_sets(eval_data: str | None, loaded: LoadedModel, max_tokens: int,
         sets[eval_data] = tokenize_text(eval_data, loaded.tokenizer, max_tokens)
     count = max(1, max_tokens // context)
     samples = teacher_samples(loaded.model, loaded.tokenizer, count, context, EVAL_SEED,
-                              out_dir / "eval_teacher_samples.safetensors")
+                              out_dir / f"eval_teacher_samples-seed{EVAL_SEED}-{count}x{context}.safetensors")
     sets[TEACHER_DOMAIN] = samples.reshape(-1)
     return sets
 
@@ -82,17 +90,18 @@ def evaluation_sets(eval_data: str | None, loaded: LoadedModel, max_tokens: int,
 def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: DistillConfig, data: str,
                  eval_data: str | None, out_dir: str | Path, eval_tokens: int = 16384, context: int = 512,
                  resume: bool = False, fraction: float | None = None, calibration_tokens: int = 8192,
-                 teacher_fraction: float = 0.0) -> dict:
-    out_dir = claim_directory(out_dir)
+                 teacher_fraction: float = 0.0, teacher_pool: int = TEACHER_POOL) -> dict:
+    main = is_main_process()  # under torchrun / accelerate launch every rank trains; rank 0 writes
+    out_dir = claim_directory(out_dir) if main else check_writable(out_dir)
     started = time.perf_counter()
     teacher = loaded.model
-    settings = {"data": data, "teacher_fraction": teacher_fraction, "eval_data": eval_data,
+    settings = {"data": data, "teacher_fraction": teacher_fraction, "teacher_pool": teacher_pool, "eval_data": eval_data,
                 "calibration_tokens": calibration_tokens, "compression": compression, "distill": distill}
     phase = _phases(started)
     stages = compression.steps if compression.layers is None else len({s.step for _, s in compression.layers})
     phase("distillation data" + (" (sampling from the teacher)" if data == "teacher" or teacher_fraction else ""))
     blocks = block_source_for(data, loaded, distill, out_dir, fraction, teacher_fraction,
-                              total_blocks=distill.steps * distill.batch_size * distill.grad_accum * stages)
+                              distill.steps * distill.batch_size * distill.grad_accum * stages, teacher_pool)
     phase("evaluation text and held-out teacher samples")
     eval_sets = evaluation_sets(eval_data, loaded, eval_tokens, context, out_dir)
     results_path = out_dir / "results.json"
@@ -108,7 +117,8 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
         primary = next(iter(domains.values()))  # the evaluation text: the headline numbers
         rows.append({"label": label, "stage": stage, **primary,
                      "domains": {name: {k: m[k] for k in METRICS if k in m} for name, m in domains.items()}})
-        _write(out_dir, loaded, settings, rows, started)
+        if main:
+            _write(out_dir, loaded, settings, rows, started)
 
     record("teacher", 0, teacher)
     student = copy.deepcopy(teacher)
@@ -129,12 +139,15 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
     phase(f"distillation: {len(plan.steps())} stage(s) of {distill.steps} steps")
     student = multistep_distill(teacher, student, blocks, distill, out_dir, plan, resume=resume,
                                 tokenizer=loaded.tokenizer, teacher_name=loaded.source,
-                                data_name=data_name(data, teacher_fraction),
+                                data_name=data_name(data, teacher_fraction, teacher_pool),
                                 calibration=calibration,
                                 on_stage_end=lambda stage, model: record(f"after KD stage {stage}", stage, model))
     student.to("cpu")
+    if not main:
+        return {}
     save(student, out_dir / "model", loaded.tokenizer, base_model=loaded.source, plan=plan)
     phase("plan picture, continuations, memory and speed")
+    student.to(next(teacher.parameters()).device)  # side by side on one device
     extras = {"plan_cells": plan_cells(teacher, student),
               "continuations": greedy_continuations({"teacher": teacher, "student": student}, loaded.tokenizer,
                                                     PROMPTS),
@@ -174,6 +187,7 @@ def _write(out_dir: Path, loaded, settings: dict, rows: list[dict], started: flo
         "stages": sorted({r["stage"] for r in rows if r["stage"] > 0}),
         "data": settings["data"],
         "teacher_fraction": settings["teacher_fraction"],
+        "teacher_pool_blocks": settings["teacher_pool"],
         "calibration_tokens": settings["calibration_tokens"],
         "eval_data": settings["eval_data"] or TEACHER_DOMAIN,
         "second_domain": f"{TEACHER_DOMAIN}: sequences sampled from the teacher (temperature 1, top-k 50, from the "
