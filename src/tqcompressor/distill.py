@@ -276,13 +276,15 @@ def train_stage(trainer: TrainerState, teacher, stream: Iterator[torch.Tensor], 
         rate = tokens / (time.perf_counter() - started)
         bar.set_postfix(loss=f"{parts['loss'].item():.3f}", kl=f"{parts['kl'].item():.3f}", tok_s=f"{rate:.0f}")
         bar.update(1)
-        if accelerator.is_main_process and (position.stage_step % config.log_every == 0
-                                            or position.stage_step == config.steps):
-            record = {"stage": stage, "step": position.stage_step, "global_step": position.global_step,
-                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate,
-                      **{k: float(v.detach()) for k, v in parts.items()}}
-            with outputs.metrics.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+        if position.stage_step % config.log_every == 0 or position.stage_step == config.steps:
+            # the losses of the whole global batch: every process's, averaged (a collective: all call it)
+            losses = accelerator.reduce({k: v.detach() for k, v in parts.items()}, reduction="mean")
+            if accelerator.is_main_process:
+                record = {"stage": stage, "step": position.stage_step, "global_step": position.global_step,
+                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate,
+                          **{k: float(v) for k, v in losses.items()}}
+                with outputs.metrics.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
         if position.stage_step % config.checkpoint_every == 0 or position.stage_step == config.steps:
             if accelerator.is_main_process:
                 _save_checkpoint(outputs, trainer, accelerator.unwrap_model(model))

@@ -8,6 +8,7 @@ continued). Anything else is refused with one line that says what to do.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,6 @@ def remove_ours(path: Path) -> None:
 def is_main_process() -> bool:
     """True in a single process, and in rank 0 of a multi-process run (torchrun, accelerate
     launch): the one process that writes results, models and caches."""
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    # read from the launcher's environment: building accelerate's PartialState here, before the
+    # Accelerator, would fix the distributed state too early (on CPU it then sees one process)
+    return int(os.environ.get("RANK", "0")) == 0
