@@ -34,9 +34,8 @@ import torch
 from provenance import HERE, git_commit
 from tqcompressor.config import CompressionConfig
 from tqcompressor.distill import DistillConfig, multistep_distill
-from tqcompressor.evaluate import evaluate
 from tqcompressor.models import load_model
-from tqcompressor.pipeline import block_source_for, evaluation_sets
+from tqcompressor.pipeline import block_source_for, evaluate_domains, evaluation_sets
 from tqcompressor.planning import plan_compression
 from tqcompressor.report import table
 from tqcompressor.surgery import apply_plan
@@ -73,9 +72,9 @@ def main() -> None:
                                           f"{torch.get_num_threads()} threads",
               "settings": vars(args) | {"batch_size": 4, "seq_len": 256, "context": 512,
                                         "data": str(DATA / "valid.txt"), "eval": list(eval_sets)},
-              "teacher": measure(teacher, None, eval_sets), "points": []}
+              "teacher": measure(teacher, teacher, eval_sets), "points": []}
 
-    def plan_for(fraction: float, stages: int, out: Path):
+    def plan_for(fraction: float, stages: int):
         kd = DistillConfig(steps=args.steps // stages, seq_len=256, batch_size=4)
         blocks = block_source_for(str(DATA / "valid.txt"), loaded, kd, work, teacher_fraction=fraction,
                                   total_blocks=total_blocks)
@@ -86,17 +85,17 @@ def main() -> None:
         plan = plan_compression(student, compression, calibration)
         return student, plan, blocks, calibration, kd
 
-    # the largest fraction first: its teacher samples (cached in ``work``) serve the smaller ones
+    # the largest fraction first (the order of the committed recipe.json)
     for fraction in sorted((float(f) for f in args.fractions.split(",")), reverse=True):
         t = time.perf_counter()
-        student, plan, *_ = plan_for(fraction, 1, work)
+        student, plan, *_ = plan_for(fraction, 1)
         apply_plan(student, plan)
         result["points"].append({"kind": "one-shot", "teacher_fraction": fraction,
                                  **measure(student, teacher, eval_sets), "seconds": time.perf_counter() - t})
         save(result, args.out)
     for run in runs:
         t = time.perf_counter()
-        student, plan, blocks, calibration, kd = plan_for(run["teacher_fraction"], run["stages"], work)
+        student, plan, blocks, calibration, kd = plan_for(run["teacher_fraction"], run["stages"])
         kd = DistillConfig(**{**vars(kd), "lr": run["lr"]})
         out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
         student = multistep_distill(teacher, student, blocks, kd, out, plan, calibration=calibration)
@@ -114,8 +113,7 @@ def main() -> None:
 
 def measure(model, teacher, eval_sets: dict) -> dict:
     out = {"params": sum(p.numel() for p in model.parameters())}
-    for name, ids in eval_sets.items():
-        m = evaluate(model, ids, context=512, teacher=teacher)
+    for name, m in evaluate_domains(model, teacher, eval_sets, 512).items():
         out[Path(name).name if "/" in name else name] = {k: m.get(k) for k in ("perplexity", "kl_to_teacher",
                                                                                 "top1_agreement")}
     return out

@@ -215,7 +215,7 @@ def mixed_block_source(text_blocks, teacher_blocks, teacher_fraction: float):
         return math.floor((i + 1) * teacher_fraction) > math.floor(i * teacher_fraction)
 
     def stream(start: int) -> Iterator[torch.Tensor]:
-        taken = sum(from_teacher(i) for i in range(start))
+        taken = math.floor(start * teacher_fraction)  # blocks before ``start`` that were the teacher's (telescoping)
         teacher, text = teacher_blocks(taken), text_blocks(start - taken)
         for i in itertools.count(start):
             yield next(teacher) if from_teacher(i) else next(text)

@@ -90,14 +90,13 @@ def _in_hub_cache(repo_id: str) -> bool:
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub's host answers at all: without this check an unknown name on an offline
     machine costs a minute of retries and a screen of warnings before the error."""
-    import os
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
     from huggingface_hub import constants
 
+    if constants.HF_HUB_OFFLINE:  # the hub client's own reading of HF_HUB_OFFLINE
+        return False
     url = urlparse(constants.ENDPOINT)
     try:
         with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):

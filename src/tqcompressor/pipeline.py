@@ -87,6 +87,13 @@ def evaluation_sets(eval_data: str | None, loaded: LoadedModel, max_tokens: int,
     return sets
 
 
+def evaluate_domains(model, teacher, eval_sets: dict[str, torch.Tensor], context: int, tokenizer=None) -> dict:
+    """:func:`~tqcompressor.evaluate.evaluate` on each named set, against ``teacher`` (KL, top-1)
+    unless ``model`` is the teacher itself."""
+    return {name: evaluate(model, ids, context=context, teacher=None if model is teacher else teacher,
+                           tokenizer=tokenizer) for name, ids in eval_sets.items()}
+
+
 def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: DistillConfig, data: str,
                  eval_data: str | None, out_dir: str | Path, eval_tokens: int = 16384, context: int = 512,
                  resume: bool = False, fraction: float | None = None, calibration_tokens: int = 8192,
@@ -112,8 +119,7 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
         if any(r["label"] == label for r in rows):
             return
         phase(f"evaluating: {label}")
-        domains = {name: evaluate(model, ids, context=context, teacher=None if model is teacher else teacher,
-                                  tokenizer=loaded.tokenizer) for name, ids in eval_sets.items()}
+        domains = evaluate_domains(model, teacher, eval_sets, context, loaded.tokenizer)
         primary = next(iter(domains.values()))  # the evaluation text: the headline numbers
         rows.append({"label": label, "stage": stage, **primary,
                      "domains": {name: {k: m[k] for k in METRICS if k in m} for name, m in domains.items()}})
