@@ -63,3 +63,12 @@ def test_the_evaluation_seed_is_not_used_for_training(tmp_path, gpt2_dir):
                         str(gpt2_dir), "--data", "teacher", "--seed", "12345", "--out", str(tmp_path / "o"),
                         "--seq-len", "32", "--context", "64"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "seed 12345 is reserved" in r.stderr, r.stderr
+
+
+def test_a_teacher_fraction_outside_0_1_is_refused_before_sampling(tmp_path, gpt2_dir):
+    (tmp_path / "train.txt").write_text(TOY_TEXT)
+    result = CliRunner().invoke(app, ["run", "--model", str(gpt2_dir), "--data", str(tmp_path / "train.txt"),
+                                      "--teacher-fraction", "1.5", "--seq-len", "32", "--context", "64",
+                                      "--out", str(tmp_path / "o")])
+    assert "the teacher fraction must be in [0, 1], got 1.5" in str(result.exception)
+    assert not list((tmp_path / "o").glob("teacher_samples*"))  # nothing was sampled

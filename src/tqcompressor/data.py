@@ -204,12 +204,16 @@ def calibration_ids(source: str, model, tokenizer, tokens: int = 8192, seq_len: 
     return torch.stack(blocks)
 
 
+def check_teacher_fraction(teacher_fraction: float) -> None:
+    if not 0 <= teacher_fraction <= 1:
+        raise TQCError(f"the teacher fraction must be in [0, 1], got {teacher_fraction}")
+
+
 def mixed_block_source(text_blocks, teacher_blocks, teacher_fraction: float):
     """``start -> endless blocks`` taking a ``teacher_fraction`` of its blocks from ``teacher_blocks``
     and the rest from ``text_blocks``, evenly interleaved and deterministic (block ``i`` is the
     teacher's when ``floor((i + 1) f) > floor(i f)``), so that ``start`` resumes exactly."""
-    if not 0 <= teacher_fraction <= 1:
-        raise TQCError(f"the teacher fraction must be in [0, 1], got {teacher_fraction}")
+    check_teacher_fraction(teacher_fraction)
 
     def from_teacher(i: int) -> bool:
         return math.floor((i + 1) * teacher_fraction) > math.floor(i * teacher_fraction)

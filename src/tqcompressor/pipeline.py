@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from tqcompressor.checkpoint import save
 from tqcompressor.config import CompressionConfig
-from tqcompressor.data import (mixed_block_source, teacher_block_source, teacher_samples, text_block_source,
-                               tokenize_text)
+from tqcompressor.data import (check_teacher_fraction, mixed_block_source, teacher_block_source, teacher_samples,
+                               text_block_source, tokenize_text)
 from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.errors import TQCError
 from tqcompressor.evaluate import evaluate, greedy_continuations
@@ -51,6 +51,7 @@ def block_source_for(data: str, loaded: LoadedModel, config: DistillConfig, out_
         raise TQCError(f"seed {EVAL_SEED} is reserved for the held-out evaluation samples; pick another --seed")
     if teacher_pool < 1:
         raise TQCError(f"the teacher pool must hold at least 1 block, got {teacher_pool}")
+    check_teacher_fraction(teacher_fraction)  # before any sampling
     total = total_blocks or config.steps * config.batch_size * config.grad_accum
 
     def teacher_source(count: int):
