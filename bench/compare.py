@@ -8,21 +8,30 @@ columns for tq; activation-aware SVD; auto's loss-weighted output errors); the o
 bench/results/compare.png and prints a table.
 
     python bench/compare.py                       # CPU, small KD budget
-    python bench/compare.py --device cuda --kd-steps 300 --eval-tokens 65536
+    python bench/compare.py --device cuda --kd-steps 300 --batch-size 16 --workers 2 --threads 7
+
+Compression runs on the CPU. With ``--workers N`` it runs in N processes beside the main one,
+which distils and evaluates each student as soon as it is ready: on a GPU machine the slowest fit
+(calibrated ``tq``) then overlaps the other methods' distillation. Methods start in the order given,
+and the JSON is rewritten after each, so a run stopped early keeps what it finished (``finished``).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import json
+import multiprocessing
+import os
+import platform
 import time
 from pathlib import Path
 
 import torch
 
 import tqcompressor as tqc
-from provenance import git_commit
+from provenance import git_commit, versions
 from tqcompressor.baselines import keep_layers, layer_drop_plan
 from tqcompressor.calibration import calibrate
 from tqcompressor.data import calibration_ids, text_block_source, tokenize_text
@@ -34,14 +43,16 @@ from tqcompressor.surgery import find_target_modules
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
 METHODS = ["tq", "kronecker", "svd", "layer_drop", "tq_aware", "svd_aware", "auto"]
-CALIBRATED = {"tq_aware": "tq", "svd_aware": "svd", "auto": "auto"}  # bench name -> CompressionConfig method, with calibration
+# bench name -> CompressionConfig method, with calibration (tq/kronecker: fitted in the output metric)
+CALIBRATED = {"tq_aware": "tq", "kronecker_aware": "kronecker", "tq_lowrank_aware": "tq_lowrank",
+              "svd_aware": "svd", "auto": "auto"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratio", type=float, default=0.65)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, started in this order")
     parser.add_argument("--train", default=str(DATA / "valid.txt"))
     parser.add_argument("--test", default=str(DATA / "test.txt"))
     parser.add_argument("--eval-tokens", type=int, default=65536)
@@ -52,6 +63,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="compress in this many processes beside the main one (0: one after another, in it)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of each compressing worker")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "compare.json")
     parser.add_argument("--work", type=Path, default=Path("runs/compare"))
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
@@ -62,11 +76,15 @@ def main() -> None:
     if args.replot:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS and m not in CALIBRATED]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS + list(CALIBRATED))}")
 
     commit = git_commit()
     settings = {k: str(v) for k, v in vars(args).items() if k not in ("methods", "out", "work", "replot", "merge")}
     loaded = tqc.load_model(args.model)
-    teacher = loaded.model.to(args.device)
+    teacher = copy.deepcopy(loaded.model).to(args.device)
     ids = tokenize_text(args.test, loaded.tokenizer, args.eval_tokens)
     config = DistillConfig(steps=args.kd_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                            checkpoint_every=10**9, log_every=10)
@@ -76,32 +94,23 @@ def main() -> None:
     teacher_metrics = evaluate(teacher, ids, **eval_kwargs)
     teacher_params = tqc.count_parameters(teacher)
     result = {
-        "commit": commit, "settings": settings,
+        "commit": commit, "settings": settings, "versions": versions(),
         "model": args.model, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "cpu": {"cores": os.cpu_count(), "machine": platform.machine()},
         "ratio": args.ratio, "target_params": int(args.ratio * teacher_params),
         "teacher": {"params": teacher_params, "perplexity": teacher_metrics["perplexity"]},
         "kd_tokens": config.steps * config.batch_size * config.seq_len, "kd_data": Path(args.train).name,
         "eval": {"data": Path(args.test).name, "tokens": teacher_metrics["tokens"], **teacher_metrics["protocol"]},
         "counting": "every parameter counted once (tied embedding/head once); permutation index buffers excluded",
-        "calibration": {"methods": sorted(CALIBRATED), "tokens": args.calibration_tokens, "data": Path(args.train).name},
-        "methods": {},
+        "calibration": {"methods": [m for m in methods if m in CALIBRATED], "tokens": args.calibration_tokens, "data": Path(args.train).name},
+        "requested": methods, "finished": False, "methods": {},
     }
     if args.merge is not None:
         result["methods"] = mergeable(json.loads(args.merge.read_text()), result)["methods"]
     print(f"teacher: {teacher_params:,} params, perplexity {teacher_metrics['perplexity']:.2f}")
-    for method in args.methods.split(","):
+    todo = [m for m in methods if m not in result["methods"]]
+    for method, student, compress_seconds in compressed_students(todo, loaded, args):
         started = time.perf_counter()
-        student = copy.deepcopy(teacher).to("cpu")
-        if method == "layer_drop":
-            keep_layers(student, layer_drop_plan(student, int(args.ratio * teacher_params)))
-        elif method in CALIBRATED:
-            config_c = tqc.CompressionConfig(method=CALIBRATED[method], ratio=args.ratio)
-            names = find_target_modules(student, config_c.target_modules)
-            stats = calibrate(teacher, names, calibration_ids(args.train, teacher, loaded.tokenizer,
-                                                              args.calibration_tokens))
-            student, _ = tqc.compress(student, config_c, calibration=stats)
-        else:
-            student, _ = tqc.compress(student, tqc.CompressionConfig(method=method, ratio=args.ratio))
         student.to(args.device)
         compressed = evaluate(student, ids, teacher=teacher, **eval_kwargs)
         student = multistep_distill(teacher, student, blocks, config, args.work / method, plan=None,
@@ -111,13 +120,16 @@ def main() -> None:
             "params": tqc.count_parameters(student),
             "ppl_compressed": compressed["perplexity"], "ppl_distilled": distilled["perplexity"],
             "kl_to_teacher": distilled["kl_to_teacher"], "top1_agreement": distilled["top1_agreement"],
-            "kl_to_teacher_before_kd": compressed["kl_to_teacher"], "seconds": time.perf_counter() - started,
+            "kl_to_teacher_before_kd": compressed["kl_to_teacher"],
+            "compress_seconds": compress_seconds, "kd_and_eval_seconds": time.perf_counter() - started,
+            "seconds": compress_seconds + time.perf_counter() - started,
         }
-        print(method, json.dumps(result["methods"][method]))
+        print(method, json.dumps(result["methods"][method]), flush=True)
         del student
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every method: partial results survive
     result["seconds"] = time.perf_counter() - t0
+    result["finished"] = True
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
     rows = [[m, r["params"], r["ppl_compressed"], r["ppl_distilled"], r["kl_to_teacher"], r["top1_agreement"]]
@@ -125,6 +137,52 @@ def main() -> None:
     print(table(["method", "params", "ppl compressed", "ppl after KD", "KL to teacher", "top-1 agree"],
                 [["teacher", teacher_params, teacher_metrics["perplexity"], teacher_metrics["perplexity"], 0.0, 1.0]] + rows))
     print(f"KD: {result['kd_tokens']:,} tokens of {result['kd_data']} per method; eval: {result['eval']}; wrote {args.out}")
+
+
+def build_student(method: str, base, tokenizer, args) -> torch.nn.Module:
+    """``base`` (a CPU copy of the teacher, consumed) compressed by ``method`` to ``args.ratio``."""
+    ratio = args.ratio
+    if method == "layer_drop":
+        keep_layers(base, layer_drop_plan(base, int(ratio * tqc.count_parameters(base))))
+        return base
+    if method not in CALIBRATED:
+        return tqc.compress(base, tqc.CompressionConfig(method=method, ratio=ratio))[0]
+    config = tqc.CompressionConfig(method=CALIBRATED[method], ratio=ratio)
+    teacher = copy.deepcopy(base)  # statistics of the teacher's own layer inputs
+    names = find_target_modules(teacher, config.target_modules)
+    stats = calibrate(teacher, names, calibration_ids(args.train, teacher, tokenizer,
+                                                      args.calibration_tokens))
+    del teacher
+    return tqc.compress(base, config, calibration=stats)[0]
+
+
+def compressed_students(methods: list[str], loaded, args):
+    """``(method, student on CPU, seconds)`` for each method, in order of completion."""
+    if args.workers == 0:
+        for method in methods:
+            started = time.perf_counter()
+            yield method, build_student(method, copy.deepcopy(loaded.model), loaded.tokenizer, args), time.perf_counter() - started
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    # spawn: the main process holds a CUDA context, which a forked child must not inherit
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(compress_in_worker, m, args, args.work / f"{m}.student.pt") for m in methods]
+        for future in concurrent.futures.as_completed(futures):
+            method, path, seconds = future.result()
+            student = torch.load(path, weights_only=False)  # our own file of this run, written by the worker
+            path.unlink()
+            yield method, student, seconds
+
+
+def compress_in_worker(method: str, args, path: Path) -> tuple[str, Path, float]:
+    """Runs in a worker process: load the model, compress it, pickle the student to ``path``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    loaded = tqc.load_model(args.model)
+    student = build_student(method, loaded.model, loaded.tokenizer, args)
+    torch.save(student, path)
+    return method, path, time.perf_counter() - started
 
 
 def mergeable(earlier: dict, result: dict) -> dict:
