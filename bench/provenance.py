@@ -11,11 +11,13 @@ HERE = Path(__file__).resolve().parent
 
 def git_commit() -> str:
     """HEAD, marked ``+uncommitted`` when tracked files differ from it. Call it when a run starts:
-    that is the code the run imports. Where the tree is a copy without ``.git``, the caller states
-    the commit in ``BENCH_COMMIT``."""
+    that is the code the run imports. Where the tree is a copy (a lent GPU machine carries the
+    working tree beside a ``.git`` of an earlier commit), the caller states the commit in ``BENCH_COMMIT``."""
+    if os.environ.get("BENCH_COMMIT"):  # the tree is a copy (a lent GPU machine), whose .git may be stale or absent
+        return os.environ["BENCH_COMMIT"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    if not head:  # a copy of the tree without .git (a lent GPU machine): the commit it was copied from, if given
-        return os.environ.get("BENCH_COMMIT", "unknown (no git repository, BENCH_COMMIT unset)")
+    if not head:
+        return "unknown (no git repository; set BENCH_COMMIT)"
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True,
                            text=True).stdout.strip()
     return head + ("+uncommitted" if dirty else "")
