@@ -97,3 +97,18 @@ def test_compress_auto_with_calibration_text(tmp_path, gpt2_dir):
     assert with_spec.returncode == 0, with_spec.stderr  # spec files take calibration too
     layer = json.loads((tmp_path / "t" / "compression.json").read_text())["layers"][0]
     assert "calibration text" in layer["reason"]
+
+
+def test_a_dir_of_config_and_weights_compresses_with_no_target_names_and_text_needs_a_tokenizer(tmp_path):
+    from tests.test_architectures import tiny_model
+
+    tiny_model("qwen3").save_pretrained(tmp_path / "bare")  # config.json + model.safetensors only
+    targets = CliRunner().invoke(app, ["info", str(tmp_path / "bare"), "--targets"])
+    assert targets.exit_code == 0 and "14 target modules" in targets.output and "mlp.down_proj" in targets.output
+    result = run_tqc("compress", "--model", str(tmp_path / "bare"), "--ratio", "0.7", "--out", str(tmp_path / "c"))
+    assert result.returncode == 0, result.stderr
+    assert tqc.count_parameters(tqc.load(tmp_path / "c")) <= 0.7 * tqc.count_parameters(tiny_model("qwen3"))
+    (tmp_path / "text.txt").write_text("some words to score\n" * 50)
+    refused = run_tqc("eval", "--model", str(tmp_path / "c"), "--data", str(tmp_path / "text.txt"))
+    assert refused.returncode == 2 and "has no usable tokenizer" in refused.stderr
+    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1

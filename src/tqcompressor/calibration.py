@@ -45,18 +45,23 @@ def calibrate(model: nn.Module, names: list[str], ids: Tensor, batch_size: int =
             cov[name] = cov.get(name, 0) + x.T @ x
         return hook
 
-    def backward_hook(name):
-        def hook(module, grad_input, grad_output):
-            g = grad_output[0].detach().double()
-            grad[name] += float(g.square().sum())
+    def output_hook(name):
+        # a hook on the output tensor, not a module backward hook: those wrap the output in a view
+        # that models adding into it in place (Falcon, `mlp_output += attention_output`) cannot modify
+        def on_gradient(g):
+            grad[name] += float(g.detach().double().square().sum())
             out_features[name] = g.shape[-1]
+
+        def hook(module, args, output):
+            if output.requires_grad:
+                output.register_hook(on_gradient)
         return hook
 
     handles = []
     for name in names:
         module = model.get_submodule(name)
         handles.append(module.register_forward_pre_hook(pre_hook(name)))
-        handles.append(module.register_full_backward_hook(backward_hook(name)))
+        handles.append(module.register_forward_hook(output_hook(name)))
     was_training = model.training
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:  # gradients must flow back through every layer; restored below

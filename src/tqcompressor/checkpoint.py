@@ -19,6 +19,7 @@ from torch import nn
 
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import TiedKroneckerHead, bias_of, set_module
+from tqcompressor.models import MissingTokenizer, load_tokenizer_or_missing
 from tqcompressor.outputs import check_writable, claim_directory, remove_ours
 from tqcompressor.planning import Plan
 from tqcompressor.structures import module_classes
@@ -127,7 +128,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, base_model: st
         **(extra or {}),
     }
     save_file(_state_dict_without_tied_head(model), str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
-    if tokenizer is not None:
+    if tokenizer is not None and not isinstance(tokenizer, MissingTokenizer):
         tokenizer.save_pretrained(partial)
     # the structure file goes last: its presence marks a complete directory
     (partial / STRUCTURE_FILE).write_text(json.dumps(structure, indent=2) + "\n")
@@ -253,18 +254,11 @@ def _is_tied_alias(model: nn.Module, key: str) -> bool:
 
 
 def load_tokenizer(directory: str | Path):
-    from transformers import AutoTokenizer
-
-    # transformers builds an empty tokenizer from config.json alone; insist on real tokenizer files
-    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    if not any((Path(directory) / name).is_file() for name in files):
-        raise TQCError(f"{directory} has no tokenizer files; save it together with its tokenizer (tqc compress and tqc run do)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError):
-        raise TQCError(f"{directory} has no tokenizer files; save it together with its tokenizer (tqc compress and tqc run do)") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    """The tokenizer saved in ``directory``; a clear error where it has none."""
+    tokenizer = load_tokenizer_or_missing(str(directory), str(directory), None)
+    if isinstance(tokenizer, MissingTokenizer):
+        raise TQCError(f"{directory} has no tokenizer files; save it together with its tokenizer (tqc compress and "
+                       "tqc run do)")
     return tokenizer
 
 

@@ -128,16 +128,38 @@ def compress(
 
 
 @app.command()
-def info(directory: Path = typer.Argument(..., help="a dir written by `tqc compress`")) -> None:
-    """Print the compression table of a compressed model dir."""
+def info(
+    directory: str = typer.Argument(..., help="a dir written by `tqc compress`; with --targets any model reference"),
+    targets: bool = typer.Option(False, "--targets", help="list the modules that would be compressed, and their "
+                                 "parameters, without compressing anything"),
+    target_modules: Optional[str] = typer.Option(None, help="with --targets: the patterns you would pass to compress"),
+) -> None:
+    """Print the compression table of a compressed model dir, or (--targets) what a model offers."""
     from tqcompressor.checkpoint import read_structure
     from tqcompressor.report import format_compression_table
 
-    read_structure(directory)
-    path = directory / "compression.json"
+    if targets:
+        typer.echo(_targets_table(directory, _split(target_modules)))
+        return
+    read_structure(Path(directory))
+    path = Path(directory) / "compression.json"
     if not path.is_file():
         raise TQCError(f"{directory} has no compression.json; it was not written by `tqc compress`")
     typer.echo(format_compression_table(json.loads(path.read_text())))
+
+
+def _targets_table(model_name: str, patterns: Optional[list[str]]) -> str:
+    from tqcompressor.models import load_model
+    from tqcompressor.planning import count_parameters, find_target_modules, target_summary
+    from tqcompressor.report import table
+
+    model = load_model(model_name).model
+    rows = target_summary(model, find_target_modules(model, patterns))
+    total, in_targets = count_parameters(model), sum(r[3] for r in rows)
+    how = "the modules named" if patterns else "the default: every Linear/Conv1D in the decoder blocks"
+    return (table(["module", "class", "weight shape", "params"], [list(r) for r in rows], "lllr")
+            + f"\n{len(rows)} target modules ({how}) hold {in_targets:,} of the model's {total:,} parameters "
+              f"({in_targets / total:.1%}); the rest (embeddings, norms, head, routers) stays as it is unless named")
 
 
 @app.command()

@@ -12,15 +12,6 @@ import yaml
 from tqcompressor.errors import TQCError
 from tqcompressor.structures import Structure, get_structure, settings_dict
 
-# Which modules are compressed when the user names none, by model_type.
-DEFAULT_TARGET_MODULES = {
-    "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-
-
 class LayerSpec:
     """How one module is compressed: a registered structure (``method``), that structure's own
     settings (e.g. ``rank``, ``a_shape``, ``b_shape`` for ``tq``), and the distillation step at

@@ -18,8 +18,46 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 @dataclass
 class LoadedModel:
     model: nn.Module
-    tokenizer: object
+    tokenizer: object  # a transformers tokenizer, or MissingTokenizer
     source: str  # what the user asked for, recorded in compressed dirs as the base model
+
+
+class MissingTokenizer:
+    """Stands in for the tokenizer of a model that has none (a dir of config and weights only).
+    Compressing needs no tokenizer; a step that reads or writes text says so when it first uses it."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        self._message = (f"model {model!r} has no usable tokenizer ({reason}); this step reads or writes text and "
+                         f"needs one: add the tokenizer files to the model dir (compressing without text needs none)")
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy, pickle and friends probe for these
+            raise AttributeError(name)
+        raise TQCError(self._message)
+
+    def __call__(self, *args, **kwargs):
+        raise TQCError(self._message)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer_or_missing(name: str, location: str, gguf_file: str | None):
+    """The model's tokenizer, or a :class:`MissingTokenizer` saying why there is none."""
+    from transformers import AutoTokenizer
+
+    folder = Path(location)
+    # transformers builds an empty tokenizer from config.json alone for some families: insist on real files
+    if gguf_file is None and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return MissingTokenizer(name, "its dir holds no tokenizer files")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return MissingTokenizer(name, first)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def resolve_alias(name: str) -> tuple[str, str | None]:
@@ -43,13 +81,13 @@ def resolve_alias(name: str) -> tuple[str, str | None]:
 def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a local dir, a ``.gguf`` file, a
     directory written by :func:`tqcompressor.save`, or the alias ``smollm2-135m``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from tqcompressor.checkpoint import STRUCTURE_FILE, load, load_tokenizer
+    from tqcompressor.checkpoint import STRUCTURE_FILE, load
 
     path = Path(name)
     if path.is_dir() and (path / STRUCTURE_FILE).is_file():
-        return LoadedModel(load(path), load_tokenizer(path), name)
+        return LoadedModel(load(path), load_tokenizer_or_missing(name, str(path), None), name)
     if path.is_dir() and not (path / "config.json").is_file():
         raise TQCError(f"{name} is a directory but has no config.json; point --model at a Hugging Face model dir, "
                        "a .gguf file, a hub id or a tqcompressor output dir")
@@ -65,7 +103,6 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
         kwargs["dtype"] = dtype
     try:
         logging.getLogger("transformers").setLevel(logging.ERROR)
-        tokenizer = AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -73,9 +110,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
                        f"with hub access, a local HF model dir, a .gguf file, or '{DEFAULT_MODEL}'") from None
     _drop_gguf_quantization(model)
     model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, name)
+    return LoadedModel(model, load_tokenizer_or_missing(name, location, gguf_file), name)
 
 
 def _in_hub_cache(repo_id: str) -> bool:

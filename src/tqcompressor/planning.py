@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from tqcompressor.config import DEFAULT_TARGET_MODULES, CompressionConfig, LayerSpec
+from tqcompressor.config import CompressionConfig, LayerSpec
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import dense_weight_of
 from tqcompressor.structures import REGISTRY, get_structure, module_classes, settings_dict
@@ -138,15 +138,12 @@ def _factorable_types() -> tuple[type, ...]:
 
 
 def find_target_modules(model: nn.Module, patterns: list[str] | None) -> list[str]:
-    """Module names matching ``patterns`` (exact name, name suffix after a dot, or glob).
+    """Module names matching ``patterns`` (exact name, name suffix after a dot, or glob); with no
+    patterns, :func:`default_target_modules`.
 
     The LM head is only matched when named explicitly: it is usually tied to the embedding."""
     if patterns is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", "")
-        if model_type not in DEFAULT_TARGET_MODULES:
-            raise TQCError(f"no default target modules for model type {model_type!r}; "
-                           "pass target_modules (e.g. --target-modules q_proj,v_proj)")
-        patterns = DEFAULT_TARGET_MODULES[model_type]
+        return default_target_modules(model)
     names = []
     unmatched = set(patterns)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -165,6 +162,62 @@ def find_target_modules(model: nn.Module, patterns: list[str] | None) -> list[st
         raise TQCError(f"target module pattern(s) {sorted(unmatched)} match no Linear/Conv1D/Embedding "
                        f"module of this model; module names look like {_example_names(model)}")
     return names
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """What is compressed when nobody names anything: every ``nn.Linear`` / ``Conv1D`` inside the
+    model's repeated decoder blocks (its largest ``ModuleList`` of same-typed blocks). Never the
+    embedding or the LM head (outside the blocks), nor an MoE router (a Linear with one output per
+    expert): those are choices a user makes by naming them."""
+    blocks = decoder_blocks(model)
+    if blocks is None:
+        raise TQCError(f"found no repeated decoder blocks in this {type(model).__name__}; "
+                       "pass target_modules (e.g. --target-modules q_proj,v_proj)")
+    experts = _expert_count(getattr(model, "config", None))
+    names = []
+    for name, module in model.get_submodule(blocks).named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and not _is_router(module, experts):
+            names.append(f"{blocks}.{name}")
+    if not names:
+        raise TQCError(f"the decoder blocks at {blocks!r} hold no Linear/Conv1D module; pass target_modules")
+    return names
+
+
+def decoder_blocks(model: nn.Module) -> str | None:
+    """The qualified name of the ``ModuleList`` of decoder blocks: of the lists whose items all
+    share one class, the one holding the most parameters."""
+    best, best_params = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(item) for item in module}) != 1:
+            continue
+        params = sum(p.numel() for p in module.parameters())
+        if params > best_params:
+            best, best_params = name, params
+    return best
+
+
+def _expert_count(config) -> int | None:
+    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
+def _is_router(module: nn.Module, experts: int | None) -> bool:
+    out_features = module.out_features if isinstance(module, nn.Linear) else module.nf
+    return experts is not None and out_features == experts
+
+
+def target_summary(model: nn.Module, names: list[str]) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """``(name, class, weight shape, parameters)`` of each target, for ``tqc info --targets``."""
+    rows = []
+    for name in names:
+        module = model.get_submodule(name)
+        rows.append((name, type(module).__name__, tuple(module.weight.shape), sum(p.numel() for p in module.parameters())))
+    return rows
 
 
 def _example_names(model: nn.Module) -> str:

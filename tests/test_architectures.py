@@ -1,0 +1,102 @@
+"""The architecture matrix: tiny random models of each family, from a dir of config and weights
+only, compressed with no target names, by every registered structure and by auto; saved, reopened
+with plain ``from_pretrained`` (same logits), generating, exported dense, and distilled one step."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import tqcompressor as tqc
+from tqcompressor.distill import DistillConfig, multistep_distill
+from tqcompressor.models import MissingTokenizer, load_model
+from tqcompressor.planning import default_target_modules
+from tqcompressor.structures import all_structures
+
+# Every family the README's table lists; the MoE families join with factored experts.
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "gpt2",
+            "gpt_neox", "opt", "falcon", "bloom", "phi"]
+SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+             vocab_size=256, max_position_embeddings=128, bos_token_id=1, eos_token_id=1, pad_token_id=1)
+PER_FAMILY = {"opt": dict(ffn_dim=128, word_embed_proj_dim=64), "gpt_neox": dict(rotary_pct=0.5)}
+METHODS = [s.name for s in all_structures() if s.compresses] + ["auto"]
+
+
+def tiny_model(family: str):
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    config = AutoConfig.for_model(family, **SIZES, **PER_FAMILY.get(family, {}))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def random_blocks(seq_len: int):
+    def stream(start: int):
+        generator = torch.Generator().manual_seed(start)
+        while True:
+            yield torch.randint(2, SIZES["vocab_size"], (seq_len,), generator=generator)
+    return stream
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """One dir per family holding only config.json and the weights, as a user's export would."""
+    root = tmp_path_factory.mktemp("families")
+    for family in FAMILIES:
+        tiny_model(family).save_pretrained(root / family)
+    return root
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_structure_and_auto_on_every_family(tmp_path, model_dirs, family):
+    loaded = load_model(str(model_dirs / family))  # no tokenizer files: compression needs none
+    assert isinstance(loaded.tokenizer, MissingTokenizer)
+    teacher = loaded.model
+    targets = default_target_modules(teacher)
+    assert targets and all(".embed" not in n and "lm_head" not in n for n in targets)
+    ids = torch.randint(2, SIZES["vocab_size"], (2, 12))
+    for method in METHODS:
+        student, report = tqc.compress(copy.deepcopy(teacher), tqc.CompressionConfig(method=method, ratio=0.8),
+                                       calibration=ids if method == "auto" else None, progress=False)
+        assert tqc.count_parameters(student) == report.params_after <= 0.8 * report.params_before, method
+        assert {layer.name for layer in report.layers} <= set(targets)
+        with torch.no_grad():
+            expected = student(ids).logits
+        out = tmp_path / method
+        tqc.save(student, out, loaded.tokenizer, plan=report.plan)
+        opened = AutoModelForCausalLM.from_pretrained(out)
+        with torch.no_grad():
+            assert torch.allclose(opened(ids).logits, expected, atol=1e-5), method
+            generated = opened.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=1)
+        assert generated.shape == (1, 7)
+        tqc.export_dense(out, tmp_path / f"{method}-dense")
+        dense = AutoModelForCausalLM.from_pretrained(tmp_path / f"{method}-dense")
+        with torch.no_grad():
+            assert torch.allclose(dense(ids).logits, expected, atol=1e-4), method
+    config = DistillConfig(steps=1, batch_size=2, seq_len=16, lr=1e-3, warmup_steps=0, checkpoint_every=10,
+                           log_every=1)
+    before = [p.detach().clone() for p in student.parameters()]
+    student = multistep_distill(teacher, student, random_blocks(16), config, tmp_path / "kd", progress=False)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, student.parameters()))
+
+
+def test_text_steps_say_the_model_has_no_tokenizer(model_dirs):
+    loaded = load_model(str(model_dirs / "qwen3"))  # transformers would build an empty tokenizer from config alone
+    with pytest.raises(tqc.TQCError, match="has no usable tokenizer .* needs one"):
+        tqc.calibration_ids("some text", loaded.model, loaded.tokenizer, tokens=64, seq_len=16)
+    copy.deepcopy(loaded.tokenizer)  # the stand-in can be copied like a tokenizer
+
+
+def test_default_targets_skip_an_moe_router():
+    config = AutoConfig.for_model("mixtral", **SIZES, num_local_experts=4, num_experts_per_tok=2)
+    model = AutoModelForCausalLM.from_config(config)
+    targets = default_target_modules(model)
+    assert targets and not any(n.endswith("gate") for n in targets)  # the router: 4 outputs, one per expert
+
+
+def test_no_decoder_blocks_is_one_clear_error():
+    with pytest.raises(tqc.TQCError, match="no repeated decoder blocks"):
+        default_target_modules(torch.nn.Sequential(torch.nn.Linear(4, 4)))
