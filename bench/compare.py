@@ -2,10 +2,10 @@
 
 Every method gets the same whole-model parameter budget (--ratio of the teacher, all parameters
 counted once), the same distillation data (WikiText-2 valid) and the same number of KD tokens;
-all are evaluated on the same prefix of WikiText-2 test. ``tq_aware``, ``svd_aware`` and ``auto``
-also see --calibration-tokens of the distillation data before compressing (RMS-weighted input
-columns for tq; activation-aware SVD; auto's loss-weighted output errors); the others fit weights only. Writes bench/results/compare.json and
-bench/results/compare.png and prints a table.
+all are evaluated on the same prefix of WikiText-2 test. The ``*_aware`` methods and ``auto`` also
+see --calibration-tokens of the distillation data before compressing (each structure fitted in the
+output metric ``E||(W - W')x||^2``; auto's loss-weighted output errors); the others fit weights
+only. Writes bench/results/compare.json and bench/results/compare.png and prints a table.
 
     python bench/compare.py                       # CPU, small KD budget
     python bench/compare.py --device cuda --kd-steps 300 --batch-size 16 --workers 2 --threads 7
@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import git_commit
 
 import tqcompressor as tqc
-from provenance import git_commit, versions
 from tqcompressor.baselines import keep_layers, layer_drop_plan
 from tqcompressor.calibration import calibrate
 from tqcompressor.data import calibration_ids, text_block_source, tokenize_text
@@ -39,13 +39,19 @@ from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.evaluate import evaluate
 from tqcompressor.report import table
 from tqcompressor.surgery import find_target_modules
+from tqcompressor.versions import library_versions
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
 METHODS = ["tq", "kronecker", "svd", "layer_drop", "tq_aware", "svd_aware", "auto"]
 # bench name -> CompressionConfig method, with calibration (tq/kronecker: fitted in the output metric)
-CALIBRATED = {"tq_aware": "tq", "kronecker_aware": "kronecker", "tq_lowrank_aware": "tq_lowrank",
-              "svd_aware": "svd", "auto": "auto"}
+CALIBRATED = {
+    "tq_aware": "tq",
+    "kronecker_aware": "kronecker",
+    "tq_lowrank_aware": "tq_lowrank",
+    "svd_aware": "svd",
+    "auto": "auto",
+}
 
 
 def main() -> None:
@@ -63,15 +69,23 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="compress in this many processes beside the main one (0: one after another, in it)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="compress in this many processes beside the main one (0: one after another, in it)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of each compressing worker")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "compare.json")
     parser.add_argument("--work", type=Path, default=Path("runs/compare"))
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
-    parser.add_argument("--merge", type=Path, default=None,
-                        help="continue an interrupted run: keep the methods of this result file, which must come "
-                             "from the same commit (committed) and the very same settings")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="continue an interrupted run: keep the methods of this result file, which must come "
+        "from the same commit (committed) and the very same settings",
+    )
     args = parser.parse_args()
     if args.replot:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
@@ -86,24 +100,41 @@ def main() -> None:
     loaded = tqc.load_model(args.model)
     teacher = copy.deepcopy(loaded.model).to(args.device)
     ids = tokenize_text(args.test, loaded.tokenizer, args.eval_tokens)
-    config = DistillConfig(steps=args.kd_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                           checkpoint_every=10**9, log_every=10)
+    config = DistillConfig(
+        steps=args.kd_steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        checkpoint_every=10**9,
+        log_every=10,
+    )
     blocks = text_block_source(args.train, loaded.tokenizer, args.seq_len)
     eval_kwargs = dict(context=args.context, tokenizer=loaded.tokenizer, batch_size=8 if args.device != "cpu" else 4)
     t0 = time.perf_counter()
     teacher_metrics = evaluate(teacher, ids, **eval_kwargs)
     teacher_params = tqc.count_parameters(teacher)
     result = {
-        "commit": commit, "settings": settings, "versions": versions(),
-        "model": args.model, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "commit": commit,
+        "settings": settings,
+        "versions": library_versions(),
+        "model": args.model,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "cpu": {"cores": os.cpu_count(), "machine": platform.machine()},
-        "ratio": args.ratio, "target_params": int(args.ratio * teacher_params),
+        "ratio": args.ratio,
+        "target_params": int(args.ratio * teacher_params),
         "teacher": {"params": teacher_params, "perplexity": teacher_metrics["perplexity"]},
-        "kd_tokens": config.steps * config.batch_size * config.seq_len, "kd_data": Path(args.train).name,
+        "kd_tokens": config.steps * config.batch_size * config.seq_len,
+        "kd_data": Path(args.train).name,
         "eval": {"data": Path(args.test).name, "tokens": teacher_metrics["tokens"], **teacher_metrics["protocol"]},
         "counting": "every parameter counted once (tied embedding/head once); permutation index buffers excluded",
-        "calibration": {"methods": [m for m in methods if m in CALIBRATED], "tokens": args.calibration_tokens, "data": Path(args.train).name},
-        "requested": methods, "finished": False, "methods": {},
+        "calibration": {
+            "methods": [m for m in methods if m in CALIBRATED],
+            "tokens": args.calibration_tokens,
+            "data": Path(args.train).name,
+        },
+        "requested": methods,
+        "finished": False,
+        "methods": {},
     }
     if args.merge is not None:
         result["methods"] = mergeable(json.loads(args.merge.read_text()), result)["methods"]
@@ -113,15 +144,26 @@ def main() -> None:
         started = time.perf_counter()
         student.to(args.device)
         compressed = evaluate(student, ids, teacher=teacher, **eval_kwargs)
-        student = multistep_distill(teacher, student, blocks, config, args.work / method, plan=None,
-                                    teacher_name=args.model, data_name=args.train)
+        student = multistep_distill(
+            teacher,
+            student,
+            blocks,
+            config,
+            args.work / method,
+            plan=None,
+            teacher_name=args.model,
+            data_name=args.train,
+        )
         distilled = evaluate(student.eval(), ids, teacher=teacher, **eval_kwargs)
         result["methods"][method] = {
             "params": tqc.count_parameters(student),
-            "ppl_compressed": compressed["perplexity"], "ppl_distilled": distilled["perplexity"],
-            "kl_to_teacher": distilled["kl_to_teacher"], "top1_agreement": distilled["top1_agreement"],
+            "ppl_compressed": compressed["perplexity"],
+            "ppl_distilled": distilled["perplexity"],
+            "kl_to_teacher": distilled["kl_to_teacher"],
+            "top1_agreement": distilled["top1_agreement"],
             "kl_to_teacher_before_kd": compressed["kl_to_teacher"],
-            "compress_seconds": compress_seconds, "kd_and_eval_seconds": time.perf_counter() - started,
+            "compress_seconds": compress_seconds,
+            "kd_and_eval_seconds": time.perf_counter() - started,
             "seconds": compress_seconds + time.perf_counter() - started,
         }
         print(method, json.dumps(result["methods"][method]), flush=True)
@@ -132,11 +174,21 @@ def main() -> None:
     result["finished"] = True
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
-    rows = [[m, r["params"], r["ppl_compressed"], r["ppl_distilled"], r["kl_to_teacher"], r["top1_agreement"]]
-            for m, r in result["methods"].items()]
-    print(table(["method", "params", "ppl compressed", "ppl after KD", "KL to teacher", "top-1 agree"],
-                [["teacher", teacher_params, teacher_metrics["perplexity"], teacher_metrics["perplexity"], 0.0, 1.0]] + rows))
-    print(f"KD: {result['kd_tokens']:,} tokens of {result['kd_data']} per method; eval: {result['eval']}; wrote {args.out}")
+    rows = [
+        [m, r["params"], r["ppl_compressed"], r["ppl_distilled"], r["kl_to_teacher"], r["top1_agreement"]]
+        for m, r in result["methods"].items()
+    ]
+    print(
+        table(
+            ["method", "params", "ppl compressed", "ppl after KD", "KL to teacher", "top-1 agree"],
+            [["teacher", teacher_params, teacher_metrics["perplexity"], teacher_metrics["perplexity"], 0.0, 1.0]]
+            + rows,
+        )
+    )
+    print(
+        f"KD: {result['kd_tokens']:,} tokens of {result['kd_data']} per method; eval: {result['eval']}; "
+        f"wrote {args.out}"
+    )
 
 
 def build_student(method: str, base, tokenizer, args) -> torch.nn.Module:
@@ -150,8 +202,7 @@ def build_student(method: str, base, tokenizer, args) -> torch.nn.Module:
     config = tqc.CompressionConfig(method=CALIBRATED[method], ratio=ratio)
     teacher = copy.deepcopy(base)  # statistics of the teacher's own layer inputs
     names = find_target_modules(teacher, config.target_modules)
-    stats = calibrate(teacher, names, calibration_ids(args.train, teacher, tokenizer,
-                                                      args.calibration_tokens))
+    stats = calibrate(teacher, names, calibration_ids(args.train, teacher, tokenizer, args.calibration_tokens))
     del teacher
     return tqc.compress(base, config, calibration=stats)[0]
 
@@ -161,7 +212,11 @@ def compressed_students(methods: list[str], loaded, args):
     if args.workers == 0:
         for method in methods:
             started = time.perf_counter()
-            yield method, build_student(method, copy.deepcopy(loaded.model), loaded.tokenizer, args), time.perf_counter() - started
+            yield (
+                method,
+                build_student(method, copy.deepcopy(loaded.model), loaded.tokenizer, args),
+                time.perf_counter() - started,
+            )
         return
     args.work.mkdir(parents=True, exist_ok=True)
     # spawn: the main process holds a CUDA context, which a forked child must not inherit
@@ -189,10 +244,15 @@ def mergeable(earlier: dict, result: dict) -> dict:
     """``earlier`` if it is the same run (one commit, committed, every setting equal) interrupted; a
     result file is one run of one commit, so anything else is refused."""
     if "+uncommitted" in result["commit"] or earlier.get("commit") != result["commit"]:
-        raise SystemExit(f"--merge: the earlier file is from commit {earlier.get('commit')}, this run from "
-                         f"{result['commit']}; a result file is one run of one committed version: run all methods")
-    differ = sorted(k for k in set(earlier.get("settings", {})) | set(result["settings"])
-                    if earlier.get("settings", {}).get(k) != result["settings"].get(k))
+        raise SystemExit(
+            f"--merge: the earlier file is from commit {earlier.get('commit')}, this run from "
+            f"{result['commit']}; a result file is one run of one committed version: run all methods"
+        )
+    differ = sorted(
+        k
+        for k in set(earlier.get("settings", {})) | set(result["settings"])
+        if earlier.get("settings", {}).get(k) != result["settings"].get(k)
+    )
     if differ:
         raise SystemExit(f"--merge: settings differ ({', '.join(differ)}); use the very same settings")
     return earlier
@@ -214,8 +274,12 @@ def plot(result: dict, path: Path) -> None:
     bars = ax.bar([i + 0.2 for i in x], after, width=0.4, label="after KD", color="#1f77b4")
     for bar, value in zip(bars, after):
         ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
-    ax.axhline(result["teacher"]["perplexity"], color="black", linestyle="--",
-               label=f"teacher {result['teacher']['perplexity']:.1f} ({result['teacher']['params'] / 1e6:.0f}M)")
+    ax.axhline(
+        result["teacher"]["perplexity"],
+        color="black",
+        linestyle="--",
+        label=f"teacher {result['teacher']['perplexity']:.1f} ({result['teacher']['params'] / 1e6:.0f}M)",
+    )
     ax.set_xticks(list(x), [f"{m}\n{result['methods'][m]['params'] / 1e6:.1f}M" for m in methods])
     ax.set_yscale("log")
     ax.set_ylabel("WikiText-2 test perplexity (log)")

@@ -30,21 +30,33 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
 from tqcompressor.decompose import relative_error
 from tqcompressor.layers import dense_weight_of
 from tqcompressor.report import table
-
-from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
+from tqcompressor.versions import library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 WHOLE_MODEL_METHODS = ["tq", "kronecker", "svd", "tq_aware", "svd_aware", "auto_weights", "auto"]
-CALIBRATED = {"tq_aware": "tq", "kronecker_aware": "kronecker", "svd_aware": "svd", "tq_lowrank_aware": "tq_lowrank",
-              "auto": "auto"}  # label -> method, calibrated
-MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+CALIBRATED = {
+    "tq_aware": "tq",
+    "kronecker_aware": "kronecker",
+    "svd_aware": "svd",
+    "tq_lowrank_aware": "tq_lowrank",
+    "auto": "auto",
+}  # label -> method, calibrated
+MATRICES = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 def main() -> None:
@@ -84,12 +96,33 @@ def main() -> None:
                 errors[method] = relative_error(weight.double(), f.to_dense().double())
             params = f.num_params
             svd_rank = max(1, params // sum(weight.shape))  # same (or slightly fewer) parameters
-            errors["svd"] = relative_error(weight.double(), tqc.decompose(weight, "svd", rank=svd_rank).to_dense().double())
-            layers.append({"layer": name, "shape": list(weight.shape), "params": params,
-                           "params_fraction": params / weight.numel(), "b_shape": list(b_shape), "rank": args.rank,
-                           "svd_rank": svd_rank, "error": errors, "tq_seconds": seconds["tq"]})
-            rows.append([name.replace("model.layers.", ""), tuple(weight.shape), params, errors["tq"],
-                         errors["kronecker"], errors["svd"], seconds["tq"]])
+            errors["svd"] = relative_error(
+                weight.double(), tqc.decompose(weight, "svd", rank=svd_rank).to_dense().double()
+            )
+            layers.append(
+                {
+                    "layer": name,
+                    "shape": list(weight.shape),
+                    "params": params,
+                    "params_fraction": params / weight.numel(),
+                    "b_shape": list(b_shape),
+                    "rank": args.rank,
+                    "svd_rank": svd_rank,
+                    "error": errors,
+                    "tq_seconds": seconds["tq"],
+                }
+            )
+            rows.append(
+                [
+                    name.replace("model.layers.", ""),
+                    tuple(weight.shape),
+                    params,
+                    errors["tq"],
+                    errors["kronecker"],
+                    errors["svd"],
+                    seconds["tq"],
+                ]
+            )
 
     # full-model compression time, as `tqc compress --ratio 0.65` does it
     fresh = tqc.load_model(args.model)
@@ -103,13 +136,15 @@ def main() -> None:
         "compress_params": {"before": report.params_before, "after": report.params_after},
         "torch_threads": torch.get_num_threads(),
         "layers": layers,
-        "tq_below_kronecker_on_every_matrix": all(l["error"]["tq"] < l["error"]["kronecker"] for l in layers),
+        "tq_below_kronecker_on_every_matrix": all(e["error"]["tq"] < e["error"]["kronecker"] for e in layers),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(["matrix", "shape", "params", "tq", "kronecker", "svd", "tq s"], rows))
-    print(f"full-model tq compress at ratio {args.ratio}: {compress_seconds:.1f} s "
-          f"({report.params_before:,} -> {report.params_after:,} parameters); wrote {args.out}")
+    print(
+        f"full-model tq compress at ratio {args.ratio}: {compress_seconds:.1f} s "
+        f"({report.params_before:,} -> {report.params_after:,} parameters); wrote {args.out}"
+    )
 
 
 def whole_model(args) -> None:
@@ -122,8 +157,9 @@ def whole_model(args) -> None:
     teacher = loaded.model
     names = find_target_modules(teacher, None)
     t0 = time.perf_counter()
-    stats = calibrate(teacher, names, calibration_ids(args.calibration, teacher, loaded.tokenizer,
-                                                      args.calibration_tokens))
+    stats = calibrate(
+        teacher, names, calibration_ids(args.calibration, teacher, loaded.tokenizer, args.calibration_tokens)
+    )
     calibration_seconds = time.perf_counter() - t0
     originals = {name: teacher.get_submodule(name).weight.detach().double() for name in names}
     base_weight = sum(float(w.square().sum()) for w in originals.values())
@@ -134,8 +170,9 @@ def whole_model(args) -> None:
         calibrated = label in CALIBRATED
         student = copy.deepcopy(teacher)
         t0 = time.perf_counter()
-        plan = tqc.plan_compression(student, tqc.CompressionConfig(method=method, ratio=args.ratio),
-                                    calibration=stats if calibrated else None)
+        plan = tqc.plan_compression(
+            student, tqc.CompressionConfig(method=method, ratio=args.ratio), calibration=stats if calibrated else None
+        )
         approximations = planned_approximations(student, plan)
         report = tqc.apply_plan(student, plan)
         seconds = time.perf_counter() - t0 + (calibration_seconds if calibrated else 0.0)
@@ -148,19 +185,42 @@ def whole_model(args) -> None:
         for layer in report.layers:
             kinds[layer.method] = kinds.get(layer.method, 0) + 1
         kinds["dense"] = len(names) - len(report.layers)
-        methods[label] = {"params": report.params_after, "weight_error": (weight_sq / base_weight) ** 0.5,
-                          "loss_proxy_error": (loss_sq / base_loss) ** 0.5, "seconds": seconds,
-                          "calibrated": calibrated, "layers_by_method": kinds}
-        rows.append([label, report.params_after, methods[label]["weight_error"], methods[label]["loss_proxy_error"],
-                     seconds, " ".join(f"{k}:{v}" for k, v in sorted(kinds.items()))])
+        methods[label] = {
+            "params": report.params_after,
+            "weight_error": (weight_sq / base_weight) ** 0.5,
+            "loss_proxy_error": (loss_sq / base_loss) ** 0.5,
+            "seconds": seconds,
+            "calibrated": calibrated,
+            "layers_by_method": kinds,
+        }
+        rows.append(
+            [
+                label,
+                report.params_after,
+                methods[label]["weight_error"],
+                methods[label]["loss_proxy_error"],
+                seconds,
+                " ".join(f"{k}:{v}" for k, v in sorted(kinds.items())),
+            ]
+        )
         print(label, json.dumps(methods[label]), flush=True)
-    result = {"commit": commit, "device": "cpu", "model": args.model, "ratio": args.ratio,
-              "params_before": tqc.count_parameters(teacher), "methods_run": args.methods.split(","),
-              "calibration": {"data": Path(args.calibration).name, "tokens": args.calibration_tokens,
-                              "seconds": calibration_seconds},
-              "torch_threads": torch.get_num_threads(),
-              "seconds_note": "compress time incl. the calibration pass for calibrated methods, model loading excluded",
-              "methods": methods}
+    result = {
+        "commit": commit,
+        "versions": library_versions(),
+        "device": "cpu",
+        "model": args.model,
+        "ratio": args.ratio,
+        "params_before": tqc.count_parameters(teacher),
+        "methods_run": args.methods.split(","),
+        "calibration": {
+            "data": Path(args.calibration).name,
+            "tokens": args.calibration_tokens,
+            "seconds": calibration_seconds,
+        },
+        "torch_threads": torch.get_num_threads(),
+        "seconds_note": "compress time incl. the calibration pass for calibrated methods, model loading excluded",
+        "methods": methods,
+    }
     out = args.out or RESULTS / "decomposition-whole-model.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -202,8 +262,9 @@ def planted(args) -> None:
             a = torch.randn(rank, *a_shape, generator=g, dtype=torch.float64)
             b = torch.randn(rank, *b_shape, generator=g, dtype=torch.float64)
             clean = kronecker_sum(a, b)
-            w = clean + noise * clean.norm() / clean.numel() ** 0.5 * torch.randn(clean.shape, generator=g,
-                                                                                   dtype=torch.float64)
+            w = clean + noise * clean.norm() / clean.numel() ** 0.5 * torch.randn(
+                clean.shape, generator=g, dtype=torch.float64
+            )
             truth = relative_error(w, kronecker_sum(*nearest_kronecker(w, a_shape, b_shape, rank)))
             rows_perm, cols_perm = torch.randperm(w.shape[0], generator=g), torch.randperm(w.shape[1], generator=g)
             scrambled = w[rows_perm][:, cols_perm]
@@ -213,28 +274,70 @@ def planted(args) -> None:
             seconds = time.perf_counter() - t0
             from_shuffled = {}
             for fraction in SHUFFLED:
-                start = tuple(_shuffle(inverse_permutation(p), fraction, seed) for seed, p in enumerate((rows_perm, cols_perm)))
-                from_shuffled[fraction] = permuted_kronecker(scrambled, a_shape, b_shape, rank, max_iterations=50,
-                                                             starts=[start]).history[-1]
-            case = {"a_shape": list(a_shape), "b_shape": list(b_shape), "rank": rank, "noise": noise,
-                    "planted_error": truth, "kronecker_error": plain, "tq_error": found.history[-1],
-                    "tq_steps_accepted": len(found.history) - 1, "tq_seconds": seconds,
-                    "tq_error_from_truth_with_labels_shuffled": from_shuffled}
+                start = tuple(
+                    _shuffle(inverse_permutation(p), fraction, seed) for seed, p in enumerate((rows_perm, cols_perm))
+                )
+                from_shuffled[fraction] = permuted_kronecker(
+                    scrambled, a_shape, b_shape, rank, max_iterations=50, starts=[start]
+                ).history[-1]
+            case = {
+                "a_shape": list(a_shape),
+                "b_shape": list(b_shape),
+                "rank": rank,
+                "noise": noise,
+                "planted_error": truth,
+                "kronecker_error": plain,
+                "tq_error": found.history[-1],
+                "tq_steps_accepted": len(found.history) - 1,
+                "tq_seconds": seconds,
+                "tq_error_from_truth_with_labels_shuffled": from_shuffled,
+            }
             cases.append(case)
-            rows.append([f"{clean.shape[0]}x{clean.shape[1]} B{b_shape[0]}x{b_shape[1]}", rank, noise, truth, plain,
-                         found.history[-1], *from_shuffled.values()])
+            rows.append(
+                [
+                    f"{clean.shape[0]}x{clean.shape[1]} B{b_shape[0]}x{b_shape[1]}",
+                    rank,
+                    noise,
+                    truth,
+                    plain,
+                    found.history[-1],
+                    *from_shuffled.values(),
+                ]
+            )
             print(json.dumps(case), flush=True)
     w = torch.randn(576, 1536, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     random_search = permuted_kronecker(w, (288, 384), (2, 4), 4)
-    result = {"commit": commit, "device": "cpu", "torch_threads": torch.get_num_threads(),
-              "metric": "relative Frobenius error of the best rank-r Kronecker fit", "cases": cases,
-              "random_576x1536": {"b_shape": [2, 4], "rank": 4, "steps_accepted": len(random_search.history) - 1,
-                                  "history": random_search.history}}
+    result = {
+        "commit": commit,
+        "versions": library_versions(),
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "metric": "relative Frobenius error of the best rank-r Kronecker fit",
+        "cases": cases,
+        "random_576x1536": {
+            "b_shape": [2, 4],
+            "rank": 4,
+            "steps_accepted": len(random_search.history) - 1,
+            "history": random_search.history,
+        },
+    }
     out = args.out or RESULTS / "decomposition-planted.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(["matrix", "rank", "noise", "planted", "kronecker", "tq", *(f"tq from truth, {f:.0%} moved" for f in SHUFFLED)],
-                rows))
+    print(
+        table(
+            [
+                "matrix",
+                "rank",
+                "noise",
+                "planted",
+                "kronecker",
+                "tq",
+                *(f"tq from truth, {f:.0%} moved" for f in SHUFFLED),
+            ],
+            rows,
+        )
+    )
     print(f"random 576x1536, B 2x4, rank 4: {len(random_search.history) - 1} search steps accepted; wrote {out}")
 
 

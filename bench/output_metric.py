@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
 from tqcompressor.calibration import calibrate
@@ -38,8 +39,7 @@ from tqcompressor.decompose import output_error, output_metric_kronecker
 from tqcompressor.planning import find_target_modules
 from tqcompressor.report import table
 from tqcompressor.structures.kronecker import KroneckerFactors, input_rms, scaled_kronecker
-
-from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
+from tqcompressor.versions import library_versions
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
@@ -55,17 +55,23 @@ def fits(weight: torch.Tensor, stats, b_shape: tuple[int, int]) -> tuple[dict[st
     svd, svd_rank = tqc.get_structure("svd"), int(rank * per_term // (m + n))  # the same parameters
     out = {}
     t0 = time.perf_counter()
-    out["svd_aware"] = (svd.fit(weight, svd.make_settings({"rank": svd_rank}), stats).to_dense(),
-                        time.perf_counter() - t0)
+    out["svd_aware"] = (
+        svd.fit(weight, svd.make_settings({"rank": svd_rank}), stats).to_dense(),
+        time.perf_counter() - t0,
+    )
     t0 = time.perf_counter()
-    rms = scaled_kronecker(weight.double(), input_rms(stats.input_cov), (m // b_shape[0], n // b_shape[1]), b_shape, rank)
+    rms = scaled_kronecker(
+        weight.double(), input_rms(stats.input_cov), (m // b_shape[0], n // b_shape[1]), b_shape, rank
+    )
     out["tq_rms"] = (rms.to_dense(), time.perf_counter() - t0)
     t0 = time.perf_counter()
     w = weight.double()[rms.row_perm][:, rms.col_perm]
     cov = stats.input_cov.double()[rms.col_perm][:, rms.col_perm]
     a, b, _ = output_metric_kronecker(w, cov, rms.a.double(), rms.b.double())
-    out["tq_als"] = (KroneckerFactors(a, b, rms.row_perm, rms.col_perm).to_dense(),
-                     out["tq_rms"][1] + time.perf_counter() - t0)
+    out["tq_als"] = (
+        KroneckerFactors(a, b, rms.row_perm, rms.col_perm).to_dense(),
+        out["tq_rms"][1] + time.perf_counter() - t0,
+    )
     for method in ("kronecker", "tq"):  # calibrated: output-metric least squares (and search, for tq)
         structure = tqc.get_structure(method)
         t0 = time.perf_counter()
@@ -77,11 +83,18 @@ def fits(weight: torch.Tensor, stats, b_shape: tuple[int, int]) -> tuple[dict[st
     t0 = time.perf_counter()
     fitted = both.fit(weight, both.make_settings({"rank": half, "b_shape": b_shape, "residual_rank": residual}), stats)
     out["tq_lowrank"] = (fitted.to_dense(), time.perf_counter() - t0)
-    params = {"svd_aware": svd_rank * (m + n), **{k: rank * per_term for k in ("tq_rms", "tq_als", "kronecker_aware",
-                                                                                "tq_aware")},
-              "tq_lowrank": half * per_term + residual * (m + n)}
-    return out, {"kronecker_rank": rank, "svd_rank": svd_rank, "lowrank_split": [half, residual], "params": params,
-                 "params_fraction": rank * per_term / (m * n)}
+    params = {
+        "svd_aware": svd_rank * (m + n),
+        **{k: rank * per_term for k in ("tq_rms", "tq_als", "kronecker_aware", "tq_aware")},
+        "tq_lowrank": half * per_term + residual * (m + n),
+    }
+    return out, {
+        "kronecker_rank": rank,
+        "svd_rank": svd_rank,
+        "lowrank_split": [half, residual],
+        "params": params,
+        "params_fraction": rank * per_term / (m * n),
+    }
 
 
 def main() -> None:
@@ -98,26 +111,42 @@ def main() -> None:
     loaded = tqc.load_model(args.model)
     layers = [int(x) for x in args.layers.split(",")]
     names = [n for n in find_target_modules(loaded.model, None) if int(n.split(".")[2]) in layers]
-    stats = calibrate(loaded.model, names, calibration_ids(args.calibration, loaded.model, loaded.tokenizer,
-                                                          args.calibration_tokens))
+    stats = calibrate(
+        loaded.model, names, calibration_ids(args.calibration, loaded.model, loaded.tokenizer, args.calibration_tokens)
+    )
     matrices, rows = {}, []
     for name in names:
         weight = loaded.model.get_submodule(name).weight.detach()
         approx, sizes = fits(weight, stats[name], b_shape)
         errors = {k: output_error(weight, v.to(weight.dtype), stats[name].input_cov) for k, (v, _) in approx.items()}
-        matrices[name] = {"shape": list(weight.shape), **sizes, "output_error": errors,
-                          "seconds": {k: s for k, (_, s) in approx.items()}}
+        matrices[name] = {
+            "shape": list(weight.shape),
+            **sizes,
+            "output_error": errors,
+            "seconds": {k: s for k, (_, s) in approx.items()},
+        }
         rows.append([name.replace("model.layers.", ""), *(errors[k] for k in approx)])
         print(name, json.dumps(matrices[name]), flush=True)
     methods = list(next(iter(matrices.values()))["output_error"])
-    wins = {k: sum(m["output_error"][k] < m["output_error"]["svd_aware"] for m in matrices.values())
-            for k in methods if k != "svd_aware"}
-    result = {"commit": measured, "device": "cpu", "torch_threads": torch.get_num_threads(), "model": args.model,
-              "layers": layers, "b_shape": list(b_shape),
-              "sizes": "tq at the rank closest to half the parameters; svd_aware and tq_lowrank at no more parameters",
-              "calibration": {"data": Path(args.calibration).name, "tokens": args.calibration_tokens},
-              "metric": "relative output error sqrt(tr(D C D^T) / tr(W C W^T)), C = E[x x^T] on the calibration text",
-              "matrices": matrices, "below_svd_aware": wins}
+    wins = {
+        k: sum(m["output_error"][k] < m["output_error"]["svd_aware"] for m in matrices.values())
+        for k in methods
+        if k != "svd_aware"
+    }
+    result = {
+        "commit": measured,
+        "versions": library_versions(),
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "model": args.model,
+        "layers": layers,
+        "b_shape": list(b_shape),
+        "sizes": "tq at the rank closest to half the parameters; svd_aware and tq_lowrank at no more parameters",
+        "calibration": {"data": Path(args.calibration).name, "tokens": args.calibration_tokens},
+        "metric": "relative output error sqrt(tr(D C D^T) / tr(W C W^T)), C = E[x x^T] on the calibration text",
+        "matrices": matrices,
+        "below_svd_aware": wins,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(["matrix", *methods], rows))

@@ -18,16 +18,7 @@ def git_commit() -> str:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
     if not head:
         return "unknown (no git repository; set BENCH_COMMIT)"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True
+    ).stdout.strip()
     return head + ("+uncommitted" if dirty else "")
-
-
-def versions() -> dict[str, str]:
-    """The versions of what a result depends on most: Python, torch, transformers."""
-    import platform
-
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from provenance import HERE, git_commit
+
 from tqcompressor.config import CompressionConfig
 from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.models import load_model
@@ -39,6 +39,7 @@ from tqcompressor.pipeline import block_source_for, evaluate_domains, evaluation
 from tqcompressor.planning import plan_compression
 from tqcompressor.report import table
 from tqcompressor.surgery import apply_plan
+from tqcompressor.versions import library_versions
 
 DATA = HERE.parent.parent / "shared" / "data" / "wikitext-2"
 RUNS = [  # distillation points; the same total number of optimizer steps each
@@ -68,19 +69,25 @@ def main() -> None:
     eval_sets = evaluation_sets(str(DATA / "test.txt"), loaded, args.eval_tokens, 512, work)
     runs = [RUNS[int(i)] for i in args.runs.split(",")] if args.runs else RUNS
     total_blocks = args.steps * 4
-    result = {"commit": commit, "device": f"cpu: {platform.processor() or platform.machine()}, "
-                                          f"{torch.get_num_threads()} threads",
-              "settings": vars(args) | {"batch_size": 4, "seq_len": 256, "context": 512,
-                                        "data": str(DATA / "valid.txt"), "eval": list(eval_sets)},
-              "teacher": measure(teacher, teacher, eval_sets), "points": []}
+    result = {
+        "commit": commit,
+        "versions": library_versions(),
+        "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "settings": vars(args)
+        | {"batch_size": 4, "seq_len": 256, "context": 512, "data": str(DATA / "valid.txt"), "eval": list(eval_sets)},
+        "teacher": measure(teacher, teacher, eval_sets),
+        "points": [],
+    }
 
     def plan_for(fraction: float, stages: int):
         kd = DistillConfig(steps=args.steps // stages, seq_len=256, batch_size=4)
-        blocks = block_source_for(str(DATA / "valid.txt"), loaded, kd, work, teacher_fraction=fraction,
-                                  total_blocks=total_blocks)
+        blocks = block_source_for(
+            str(DATA / "valid.txt"), loaded, kd, work, teacher_fraction=fraction, total_blocks=total_blocks
+        )
         calibration = torch.stack(list(itertools.islice(blocks(0), args.calibration_tokens // 256)))
-        compression = CompressionConfig(method="auto", ratio=args.ratio, steps=stages,
-                                        auto_methods=args.auto_methods.split(","))
+        compression = CompressionConfig(
+            method="auto", ratio=args.ratio, steps=stages, auto_methods=args.auto_methods.split(",")
+        )
         student = copy.deepcopy(teacher)
         plan = plan_compression(student, compression, calibration)
         return student, plan, blocks, calibration, kd
@@ -90,8 +97,14 @@ def main() -> None:
         t = time.perf_counter()
         student, plan, *_ = plan_for(fraction, 1)
         apply_plan(student, plan)
-        result["points"].append({"kind": "one-shot", "teacher_fraction": fraction,
-                                 **measure(student, teacher, eval_sets), "seconds": time.perf_counter() - t})
+        result["points"].append(
+            {
+                "kind": "one-shot",
+                "teacher_fraction": fraction,
+                **measure(student, teacher, eval_sets),
+                "seconds": time.perf_counter() - t,
+            }
+        )
         save(result, args.out)
     for run in runs:
         t = time.perf_counter()
@@ -100,11 +113,17 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
         student = multistep_distill(teacher, student, blocks, kd, out, plan, calibration=calibration)
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        result["points"].append({"kind": "distilled", **run, "steps_per_stage": kd.steps,
-                                 "kd_tokens": kd.steps * run["stages"] * 4 * 256,
-                                 "tokens_per_s": [m["tokens_per_s"] for m in metrics if m["step"] == kd.steps],
-                                 **measure(student.to("cpu"), teacher, eval_sets),
-                                 "seconds": time.perf_counter() - t})
+        result["points"].append(
+            {
+                "kind": "distilled",
+                **run,
+                "steps_per_stage": kd.steps,
+                "kd_tokens": kd.steps * run["stages"] * 4 * 256,
+                "tokens_per_s": [m["tokens_per_s"] for m in metrics if m["step"] == kd.steps],
+                **measure(student.to("cpu"), teacher, eval_sets),
+                "seconds": time.perf_counter() - t,
+            }
+        )
         save(result, args.out)
     result["seconds"] = time.perf_counter() - started
     save(result, args.out)
@@ -114,8 +133,9 @@ def main() -> None:
 def measure(model, teacher, eval_sets: dict) -> dict:
     out = {"params": sum(p.numel() for p in model.parameters())}
     for name, m in evaluate_domains(model, teacher, eval_sets, 512).items():
-        out[Path(name).name if "/" in name else name] = {k: m.get(k) for k in ("perplexity", "kl_to_teacher",
-                                                                                "top1_agreement")}
+        out[Path(name).name if "/" in name else name] = {
+            k: m.get(k) for k in ("perplexity", "kl_to_teacher", "top1_agreement")
+        }
     return out
 
 
@@ -130,9 +150,11 @@ def format_table(result: dict) -> str:
         setting = "" if p["kind"] == "teacher" else f"f={p['teacher_fraction']}"
         if p["kind"] == "distilled":
             setting += f", {p['stages']} stage(s), lr {p['lr']:g}, {p['kd_tokens']:,} tokens"
-        rows.append([p["kind"], setting, p["params"]] + [x for d in domains for x in
-                                                           (p[d]["perplexity"], p[d]["kl_to_teacher"])]
-                    + [p.get("seconds")])
+        rows.append(
+            [p["kind"], setting, p["params"]]
+            + [x for d in domains for x in (p[d]["perplexity"], p[d]["kl_to_teacher"])]
+            + [p.get("seconds")]
+        )
     headers = ["point", "setting", "params"] + [f"{h} ({d})" for d in domains for h in ("ppl", "KL")] + ["s"]
     return table(headers, rows)
 

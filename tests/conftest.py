@@ -9,18 +9,21 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
-TOY_TEXT = ("the quick brown fox jumps over the lazy dog . a model that is smaller runs faster . "
-            "knowledge distillation trains the student to match the teacher . ") * 20
+TOY_TEXT = (
+    "the quick brown fox jumps over the lazy dog . a model that is smaller runs faster . "
+    "knowledge distillation trains the student to match the teacher . "
+) * 20
 
 
 def make_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([TOY_TEXT], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
     return fast
@@ -33,16 +36,27 @@ def tokenizer():
 
 def tiny_gpt2(vocab_size: int = 512, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab_size, n_positions=128,
-                        bos_token_id=1, eos_token_id=1)
+    config = GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=vocab_size, n_positions=128, bos_token_id=1, eos_token_id=1
+    )
     return GPT2LMHeadModel(config).eval()
 
 
 def tiny_llama(vocab_size: int = 512, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=1, pad_token_id=1)
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return LlamaForCausalLM(config).eval()
 
 

@@ -18,10 +18,36 @@ from tqcompressor.planning import default_target_modules
 from tqcompressor.structures import all_structures
 
 # Every family the README's table lists; the MoE families join with factored experts.
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "gpt2",
-            "gpt_neox", "opt", "falcon", "bloom", "phi"]
-SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-             vocab_size=256, max_position_embeddings=128, bos_token_id=1, eos_token_id=1, pad_token_id=1)
+FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo2",
+    "granite",
+    "gpt2",
+    "gpt_neox",
+    "opt",
+    "falcon",
+    "bloom",
+    "phi",
+]
+SIZES = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=256,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=1,
+    pad_token_id=1,
+)
 PER_FAMILY = {"opt": dict(ffn_dim=128, word_embed_proj_dim=64), "gpt_neox": dict(rotary_pct=0.5)}
 METHODS = [s.name for s in all_structures() if s.compresses] + ["auto"]
 
@@ -38,6 +64,7 @@ def random_blocks(seq_len: int):
         generator = torch.Generator().manual_seed(start)
         while True:
             yield torch.randint(2, SIZES["vocab_size"], (seq_len,), generator=generator)
+
     return stream
 
 
@@ -59,8 +86,12 @@ def test_every_structure_and_auto_on_every_family(tmp_path, model_dirs, family):
     assert targets and all(".embed" not in n and "lm_head" not in n for n in targets)
     ids = torch.randint(2, SIZES["vocab_size"], (2, 12))
     for method in METHODS:
-        student, report = tqc.compress(copy.deepcopy(teacher), tqc.CompressionConfig(method=method, ratio=0.8),
-                                       calibration=ids if method == "auto" else None, progress=False)
+        student, report = tqc.compress(
+            copy.deepcopy(teacher),
+            tqc.CompressionConfig(method=method, ratio=0.8),
+            calibration=ids if method == "auto" else None,
+            progress=False,
+        )
         assert tqc.count_parameters(student) == report.params_after <= 0.8 * report.params_before, method
         assert {layer.name for layer in report.layers} <= set(targets)
         with torch.no_grad():
@@ -76,8 +107,7 @@ def test_every_structure_and_auto_on_every_family(tmp_path, model_dirs, family):
         dense = AutoModelForCausalLM.from_pretrained(tmp_path / f"{method}-dense")
         with torch.no_grad():
             assert torch.allclose(dense(ids).logits, expected, atol=1e-4), method
-    config = DistillConfig(steps=1, batch_size=2, seq_len=16, lr=1e-3, warmup_steps=0, checkpoint_every=10,
-                           log_every=1)
+    config = DistillConfig(steps=1, batch_size=2, seq_len=16, lr=1e-3, warmup_steps=0, checkpoint_every=10, log_every=1)
     before = [p.detach().clone() for p in student.parameters()]
     student = multistep_distill(teacher, student, random_blocks(16), config, tmp_path / "kd", progress=False)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, student.parameters()))

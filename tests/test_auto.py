@@ -2,9 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from tqcompressor import CompressionConfig, compress, count_parameters
+from tqcompressor import CompressionConfig, KroneckerLinear, LowRankLinear, compress, count_parameters
 from tqcompressor.auto import Candidate, allocate, candidate_menu, factors_for
-from tqcompressor import KroneckerLinear, LowRankLinear
 
 
 class ThreeLayers(nn.Module):
@@ -67,6 +66,7 @@ def test_allocate_follows_error_per_parameter():
 def test_menu_errors_match_real_decompositions():
     from tqcompressor import decompose
     from tqcompressor.decompose import relative_error
+
     w = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
     menu, _ = candidate_menu(w)
     checked = set()
@@ -126,7 +126,9 @@ def test_calibrated_auto_weighs_layers_by_loss_and_installs_aware_factors():
     for entry in report.plan.layers:
         layer = model.get_submodule(entry.name)
         if entry.spec.method == "svd":  # the activation-aware fit, not the plain SVD
-            expected = truncated_svd(weights[entry.name], entry.spec.settings.rank, stats[entry.name].input_cov).to_dense()
+            expected = truncated_svd(
+                weights[entry.name], entry.spec.settings.rank, stats[entry.name].input_cov
+            ).to_dense()
             assert torch.allclose(layer.to_dense(), expected, atol=1e-5)
     # a second run from raw token ids makes the same choices
     again = tiny_llama()
@@ -136,6 +138,7 @@ def test_calibrated_auto_weighs_layers_by_loss_and_installs_aware_factors():
 
 def test_auto_refuses_embeddings_before_any_work():
     import pytest
+
     from tests.conftest import tiny_llama
     from tqcompressor import TQCError
 

@@ -1,8 +1,8 @@
 import torch
+from conftest import tiny_gpt2, tiny_llama
 
 from tqcompressor import count_parameters
 from tqcompressor.baselines import keep_layers, layer_drop_plan
-from conftest import tiny_gpt2, tiny_llama
 
 
 def test_layer_drop_meets_budget_and_runs():
@@ -18,8 +18,10 @@ def test_layer_drop_meets_budget_and_runs():
 
 def test_layer_drop_plan_spreads_blocks_evenly():
     from transformers import LlamaConfig, LlamaForCausalLM
-    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=6, hidden_size=32, intermediate_size=64,
-                                         num_attention_heads=4, vocab_size=64))
+
+    model = LlamaForCausalLM(
+        LlamaConfig(num_hidden_layers=6, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=64)
+    )
     total = count_parameters(model)
     keep = layer_drop_plan(model, total - 3 * count_parameters(model.model.layers[0]))
     assert keep == [0, 2, 5]

@@ -29,15 +29,15 @@ def bench_module(name: str):
 def test_whole_model_errors_are_measured_in_the_original_order_not_the_folded_one():
     decomposition = bench_module("decomposition")
     model = tiny_llama()
-    originals = {n: model.get_submodule(n).weight.detach().double().clone()
-                 for n in find_target_modules(model, None)}
+    originals = {n: model.get_submodule(n).weight.detach().double().clone() for n in find_target_modules(model, None)}
     plan = tqc.plan_compression(model, tqc.CompressionConfig(method="tq", ratio=0.7), progress=False)
     approximations = decomposition.planned_approximations(model, plan)
     report = tqc.apply_plan(model, plan, progress=False)
     assert report.folded_mlps  # the case that matters: permutations moved between MLP layers
     for layer in report.layers:  # the error the report states for each layer, measured when it was swapped in
-        assert relative_error(originals[layer.name], approximations[layer.name]) == pytest.approx(layer.relative_error,
-                                                                                                  rel=1e-4)
+        assert relative_error(originals[layer.name], approximations[layer.name]) == pytest.approx(
+            layer.relative_error, rel=1e-4
+        )
     up = next(n for n in originals if n.endswith("up_proj") and any(n.startswith(f) for f in report.folded_mlps))
     after_folding = model.get_submodule(up).to_dense().double()
     assert relative_error(originals[up], approximations[up]) < 1.0 < relative_error(originals[up], after_folding)
@@ -47,9 +47,11 @@ def test_compare_merges_only_an_interrupted_run_of_the_same_commit_and_settings(
     compare = bench_module("compare")
     run = {"commit": "abc", "settings": {"ratio": "0.65", "kd_steps": "40"}, "methods": {"svd": {}}}
     assert compare.mergeable(copy.deepcopy(run), {**run, "methods": {}}) == run
-    for earlier, message in [({**run, "commit": "def"}, "one run of one committed version"),
-                             ({**run, "settings": {"ratio": "0.65", "kd_steps": "80"}}, "settings differ \\(kd_steps\\)"),
-                             ({k: v for k, v in run.items() if k != "commit"}, "one run of one committed version")]:
+    for earlier, message in [
+        ({**run, "commit": "def"}, "one run of one committed version"),
+        ({**run, "settings": {"ratio": "0.65", "kd_steps": "80"}}, "settings differ \\(kd_steps\\)"),
+        ({k: v for k, v in run.items() if k != "commit"}, "one run of one committed version"),
+    ]:
         with pytest.raises(SystemExit, match=message):
             compare.mergeable(earlier, {**run, "methods": {}})
     with pytest.raises(SystemExit, match="one run of one committed version"):

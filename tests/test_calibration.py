@@ -12,13 +12,15 @@ def test_input_covariance_is_the_second_moment_of_the_layer_inputs():
     ids = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(0))
     seen = []
     handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
-        lambda m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).double()))
+        lambda m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
+    )
     with torch.no_grad():
         model(ids)
     handle.remove()
     x = torch.cat(seen)
-    stats = calibrate(model, ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"], ids,
-                      batch_size=2, progress=False)
+    stats = calibrate(
+        model, ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"], ids, batch_size=2, progress=False
+    )
     got = stats["model.layers.1.mlp.down_proj"]
     assert got.tokens == 48 and got.input_cov.shape == (128, 128)
     assert torch.allclose(got.input_cov, x.T @ x / len(x), rtol=1e-6, atol=1e-9)
@@ -44,8 +46,9 @@ def test_calibrated_svd_is_activation_aware_and_beats_plain_svd_on_the_calibrati
     losses = {}
     for label, calibration in (("plain", None), ("aware", ids)):
         model = tiny_llama()
-        model, report = compress(model, CompressionConfig(method="svd", ratio=0.7), progress=False,
-                                 calibration=calibration)
+        model, report = compress(
+            model, CompressionConfig(method="svd", ratio=0.7), progress=False, calibration=calibration
+        )
         assert isinstance(model.model.layers[0].mlp.up_proj, LowRankLinear)
         with torch.no_grad():
             losses[label] = float((model(ids).logits - reference).square().mean())
@@ -63,9 +66,13 @@ def test_calibration_with_a_spec_file_fits_each_module_once_at_its_first_step():
     from tqcompressor import LayerSpec
 
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3))
-    config = CompressionConfig(layers=[("up_proj", LayerSpec("tq", rank=1, b_shape=(2, 2), step=1)),
-                                       ("up_proj", LayerSpec("tq", rank=1, b_shape=(2, 4), step=2)),
-                                       ("embed_tokens", LayerSpec("tq", rank=1, b_shape=(1, 2), step=1))])
+    config = CompressionConfig(
+        layers=[
+            ("up_proj", LayerSpec("tq", rank=1, b_shape=(2, 2), step=1)),
+            ("up_proj", LayerSpec("tq", rank=1, b_shape=(2, 4), step=2)),
+            ("embed_tokens", LayerSpec("tq", rank=1, b_shape=(1, 2), step=1)),
+        ]
+    )
     plan = plan_compression(tiny_llama(), config, calibration=ids, progress=False)
     fitted = {(e.name, e.spec.step): e for e in plan.layers}
     up = [name for name, step in fitted if name.endswith("up_proj") and step == 1]
@@ -92,6 +99,9 @@ def test_calibrated_kronecker_methods_fit_the_outputs_and_stay_plain_layers(meth
     plain, _ = compress(copy.deepcopy(model), config, progress=False)
     layer = calibrated.get_submodule(name)
     assert isinstance(layer, KroneckerLinear)  # same layer type, only other factors
-    assert "fitted to the outputs on the calibration text" in next(l.reason for l in report.layers if l.name == name)
-    errors = [output_error(weight, m.get_submodule(name).to_dense(), stats[name].input_cov) for m in (calibrated, plain)]
+    reason = next(entry.reason for entry in report.layers if entry.name == name)
+    assert "fitted to the outputs on the calibration text" in reason
+    errors = [
+        output_error(weight, m.get_submodule(name).to_dense(), stats[name].input_cov) for m in (calibrated, plain)
+    ]
     assert errors[0] < errors[1]

@@ -10,9 +10,11 @@ from tqcompressor.checkpoint import STRUCTURE_FILE, WEIGHTS_FILE
 
 
 def compressed_llama(llama_model, tie=True):
-    spec = [("model.embed_tokens", LayerSpec("tq", a_shape=(256, 32), b_shape=(2, 2), rank=2)),
-            ("mlp.up_proj", LayerSpec("tq", b_shape=(2, 4), rank=3)),
-            ("self_attn.q_proj", LayerSpec("svd", rank=8))]
+    spec = [
+        ("model.embed_tokens", LayerSpec("tq", a_shape=(256, 32), b_shape=(2, 2), rank=2)),
+        ("mlp.up_proj", LayerSpec("tq", b_shape=(2, 4), rank=3)),
+        ("self_attn.q_proj", LayerSpec("svd", rank=8)),
+    ]
     model, report = compress(llama_model, CompressionConfig(layers=spec, ratio=None, tie_lm_head=tie), progress=False)
     return model, report.plan
 
@@ -76,6 +78,7 @@ def test_missing_corrupt_and_half_written_dirs(tmp_path, llama_model):
 
 def test_mismatched_base_model_and_missing_tokenizer(tmp_path, llama_model, gpt2_model):
     from tqcompressor.checkpoint import load_tokenizer
+
     model, _ = compressed_llama(llama_model)
     tqc.save(model, tmp_path / "m")
     gpt2_model.config.save_pretrained(tmp_path / "m")  # config.json of another model
@@ -85,14 +88,17 @@ def test_mismatched_base_model_and_missing_tokenizer(tmp_path, llama_model, gpt2
         load_tokenizer(tmp_path / "m")
 
 
-@pytest.mark.parametrize("edit, message", [
-    # a huge shape edited in the structure file: it does not stand for the base layer
-    (lambda m: m["model.layers.0.mlp.up_proj"].update(a_shape=[100000000, 100000000]), "layer is 128x64"),
-    # a shape edited consistently with the base layer, but not with the weights file
-    (lambda m: m["model.layers.0.mlp.up_proj"].update(a_shape=[32, 32], b_shape=[4, 2]), "in its structure file"),
-    # edited consistently with nothing: a low-rank layer standing for another shape than its base layer
-    (lambda m: m["model.layers.0.self_attn.q_proj"].update(out_features=96), "base model's layer is 64x64"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        # a huge shape edited in the structure file: it does not stand for the base layer
+        (lambda m: m["model.layers.0.mlp.up_proj"].update(a_shape=[100000000, 100000000]), "layer is 128x64"),
+        # a shape edited consistently with the base layer, but not with the weights file
+        (lambda m: m["model.layers.0.mlp.up_proj"].update(a_shape=[32, 32], b_shape=[4, 2]), "in its structure file"),
+        # edited consistently with nothing: a low-rank layer standing for another shape than its base layer
+        (lambda m: m["model.layers.0.self_attn.q_proj"].update(out_features=96), "base model's layer is 64x64"),
+    ],
+)
 def test_shapes_are_checked_before_anything_is_allocated(tmp_path, llama_model, edit, message):
     model, _ = compressed_llama(llama_model)
     tqc.save(model, tmp_path / "m")

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import tqcompressor as tqc
@@ -12,20 +11,28 @@ from tqcompressor.cli import app
 
 def run_tqc(*args):
     """Run the real console entry point (so exit codes and stderr are what users see)."""
-    return subprocess.run([sys.executable, "-c", "from tqcompressor.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", "from tqcompressor.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_compress_info_export(tmp_path, gpt2_dir):
     out = tmp_path / "c"
-    result = CliRunner().invoke(app, ["compress", "--model", str(gpt2_dir), "--method", "tq", "--ratio", "0.8",
-                                      "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["compress", "--model", str(gpt2_dir), "--method", "tq", "--ratio", "0.8", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "compression.json").read_text())
     assert report["params_after"] <= 0.8 * report["params_before"]
     assert report["method"] == "tq" and report["layers"] and "counting" in report
-    assert all({"name", "shape", "method", "settings", "params_before", "params_after", "relative_error",
-                "seconds"} <= set(layer) for layer in report["layers"])
+    assert all(
+        {"name", "shape", "method", "settings", "params_before", "params_after", "relative_error", "seconds"}
+        <= set(layer)
+        for layer in report["layers"]
+    )
     assert all({"rank", "a_shape", "b_shape"} == set(layer["settings"]) for layer in report["layers"])
     assert "total:" in result.output
     model = tqc.load(out)
@@ -38,29 +45,45 @@ def test_compress_info_export(tmp_path, gpt2_dir):
 
 def test_compress_with_spec_file(tmp_path, gpt2_dir):
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"layers": [{"modules": ["transformer.h.1.mlp.c_fc"], "method": "tq", "rank": 2,
-                                            "b_shape": [4, 2]}]}))
-    result = CliRunner().invoke(app, ["compress", "--model", str(gpt2_dir), "--spec", str(spec),
-                                      "--out", str(tmp_path / "s")])
+    spec.write_text(
+        json.dumps(
+            {"layers": [{"modules": ["transformer.h.1.mlp.c_fc"], "method": "tq", "rank": 2, "b_shape": [4, 2]}]}
+        )
+    )
+    result = CliRunner().invoke(
+        app, ["compress", "--model", str(gpt2_dir), "--spec", str(spec), "--out", str(tmp_path / "s")]
+    )
     assert result.exit_code == 0, result.output
     layers = json.loads((tmp_path / "s" / "compression.json").read_text())["layers"]
-    assert [(l["name"], l["settings"]["b_shape"], l["settings"]["rank"]) for l in layers] == \
-           [("transformer.h.1.mlp.c_fc", [4, 2], 2)]
+    assert [(entry["name"], entry["settings"]["b_shape"], entry["settings"]["rank"]) for entry in layers] == [
+        ("transformer.h.1.mlp.c_fc", [4, 2], 2)
+    ]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["compress", "--model", "./no/such/model", "--out", "x"], "does not exist"),
-    (["compress", "--model", "missing.gguf", "--out", "x"], "GGUF file"),
-    (["compress", "--model", "{dir}", "--ratio", "1.5", "--out", "x"], "(0, 1]"),
-    (["compress", "--model", "{dir}", "--method", "magic", "--out", "x"], "unknown method"),
-    (["compress", "--model", "{dir}", "--target-modules", "nope", "--out", "x"], "match no"),
-    (["compress", "--model", "{dir}", "--spec", "{bad_spec}", "--out", "x"], "does not divide"),
-    (["info", "{empty}"], "half written"),
-    (["eval", "--model", "nosuchmodel", "--data", "{bad_spec}"], "neither a local path nor in the Hugging Face cache"),
-    (["compress", "--model", "{dir}", "--method", "svd", "--auto-methods", "svd", "--out", "x"],
-     "only applies to --method auto"),
-    (["compress", "--model", "{dir}", "--method", "auto", "--auto-methods", "svdd", "--out", "x"], "unknown method"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["compress", "--model", "./no/such/model", "--out", "x"], "does not exist"),
+        (["compress", "--model", "missing.gguf", "--out", "x"], "GGUF file"),
+        (["compress", "--model", "{dir}", "--ratio", "1.5", "--out", "x"], "(0, 1]"),
+        (["compress", "--model", "{dir}", "--method", "magic", "--out", "x"], "unknown method"),
+        (["compress", "--model", "{dir}", "--target-modules", "nope", "--out", "x"], "match no"),
+        (["compress", "--model", "{dir}", "--spec", "{bad_spec}", "--out", "x"], "does not divide"),
+        (["info", "{empty}"], "half written"),
+        (
+            ["eval", "--model", "nosuchmodel", "--data", "{bad_spec}"],
+            "neither a local path nor in the Hugging Face cache",
+        ),
+        (
+            ["compress", "--model", "{dir}", "--method", "svd", "--auto-methods", "svd", "--out", "x"],
+            "only applies to --method auto",
+        ),
+        (
+            ["compress", "--model", "{dir}", "--method", "auto", "--auto-methods", "svdd", "--out", "x"],
+            "unknown method",
+        ),
+    ],
+)
 def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, gpt2_dir, args, message, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the same answer wherever the tests run
     bad_spec = tmp_path / "bad.yaml"
@@ -69,7 +92,7 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, gpt2_dir, args, mes
     args = [a.format(dir=gpt2_dir, bad_spec=bad_spec, empty=tmp_path / "empty") for a in args]
     result = run_tqc(*args)
     assert result.returncode == 2, result.stderr
-    lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error:")]
+    lines = [entry for entry in result.stderr.strip().splitlines() if entry.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
 
@@ -79,9 +102,24 @@ def test_compress_auto_with_calibration_text(tmp_path, gpt2_dir):
 
     (tmp_path / "cal.txt").write_text(TOY_TEXT * 5)
     out = tmp_path / "a"
-    result = CliRunner().invoke(app, ["compress", "--model", str(gpt2_dir), "--method", "auto", "--ratio", "0.8",
-                                      "--calibration", str(tmp_path / "cal.txt"), "--calibration-tokens", "512",
-                                      "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "compress",
+            "--model",
+            str(gpt2_dir),
+            "--method",
+            "auto",
+            "--ratio",
+            "0.8",
+            "--calibration",
+            str(tmp_path / "cal.txt"),
+            "--calibration-tokens",
+            "512",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "compression.json").read_text())
     assert report["params_after"] <= 0.8 * report["params_before"]
@@ -90,10 +128,24 @@ def test_compress_auto_with_calibration_text(tmp_path, gpt2_dir):
     info = CliRunner().invoke(app, ["info", str(out)])
     assert info.exit_code == 0 and "errors are the relative output error" in info.output and "auto chose" in info.output
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"layers": [{"modules": ["transformer.h.1.mlp.c_fc"], "method": "tq", "rank": 2,
-                                            "b_shape": [4, 2]}]}))
-    with_spec = run_tqc("compress", "--model", str(gpt2_dir), "--spec", str(spec), "--calibration", "teacher",
-                        "--calibration-tokens", "64", "--out", str(tmp_path / "t"))
+    spec.write_text(
+        json.dumps(
+            {"layers": [{"modules": ["transformer.h.1.mlp.c_fc"], "method": "tq", "rank": 2, "b_shape": [4, 2]}]}
+        )
+    )
+    with_spec = run_tqc(
+        "compress",
+        "--model",
+        str(gpt2_dir),
+        "--spec",
+        str(spec),
+        "--calibration",
+        "teacher",
+        "--calibration-tokens",
+        "64",
+        "--out",
+        str(tmp_path / "t"),
+    )
     assert with_spec.returncode == 0, with_spec.stderr  # spec files take calibration too
     layer = json.loads((tmp_path / "t" / "compression.json").read_text())["layers"][0]
     assert "calibration text" in layer["reason"]

@@ -1,10 +1,9 @@
 import pytest
 import torch
+from conftest import SHARED_DATA, TOY_TEXT
 
 from tqcompressor import TQCError
 from tqcompressor.data import iter_texts, iter_token_blocks, teacher_block_source, text_block_source, tokenize_text
-
-from conftest import SHARED_DATA, TOY_TEXT
 
 
 def test_local_files_globs_and_blocks(tmp_path, tokenizer):
@@ -61,6 +60,7 @@ def test_mixed_source_takes_its_share_evenly_and_resumes_exactly():
     def numbered(offset):  # block i of a source is a tensor holding offset + i
         def stream(start):
             return (torch.tensor([offset + i]) for i in __import__("itertools").count(start))
+
         return stream
 
     mixed = mixed_block_source(numbered(0), numbered(1000), 0.25)

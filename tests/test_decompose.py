@@ -37,13 +37,16 @@ def test_inverse_permutation():
     assert torch.equal(p[inverse_permutation(p)], torch.arange(10))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(method="nope", b_shape=(2, 2)), "unknown method"),
-    (dict(method="tq", b_shape=(3, 2)), "does not divide"),
-    (dict(method="tq", a_shape=(4, 4), b_shape=(2, 3)), "not the weight shape"),
-    (dict(method="tq"), "a_shape or b_shape"),
-    (dict(method="svd", rank=0), "rank"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="nope", b_shape=(2, 2)), "unknown method"),
+        (dict(method="tq", b_shape=(3, 2)), "does not divide"),
+        (dict(method="tq", a_shape=(4, 4), b_shape=(2, 3)), "not the weight shape"),
+        (dict(method="tq"), "a_shape or b_shape"),
+        (dict(method="svd", rank=0), "rank"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises(TQCError, match=message):
         decompose(torch.randn(8, 8), **kwargs)
@@ -107,7 +110,9 @@ def test_input_scaled_kronecker_fit_is_folded_into_the_factors(method):
 
     g = torch.Generator().manual_seed(4)
     w = torch.randn(16, 24, generator=g, dtype=torch.float64)
-    scale = torch.kron(torch.logspace(0, 2, 6, dtype=torch.float64), torch.rand(4, generator=g, dtype=torch.float64) + 0.5)
+    scale = torch.kron(
+        torch.logspace(0, 2, 6, dtype=torch.float64), torch.rand(4, generator=g, dtype=torch.float64) + 0.5
+    )
     weighted = fit_kronecker(w, None, (2, 4), rank=2, search=method == "tq", input_scale=scale)
     plain = decompose(w, method, b_shape=(2, 4), rank=2)
     assert weighted.a.shape == plain.a.shape and weighted.b.shape == plain.b.shape  # same layer, no extra buffer

@@ -5,13 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TOY_TEXT, tiny_gpt2
 
 import tqcompressor as tqc
 from tqcompressor import CompressionConfig, TQCError
 from tqcompressor.data import text_block_source
 from tqcompressor.distill import DistillConfig, multistep_distill
-
-from conftest import TOY_TEXT, tiny_gpt2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,23 +20,42 @@ def setup(tmp_path, tokenizer):
     (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
     blocks = text_block_source(str(tmp_path / "train.txt"), tokenizer, 32)
     plan = tqc.plan_compression(teacher, CompressionConfig(method="tq", ratio=0.8, steps=2))
-    config = DistillConfig(steps=6, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=2, checkpoint_every=2,
-                           log_every=1, alpha_hidden=0.5, alpha_ce=0.0)  # random teacher: match it, not the text
+    config = DistillConfig(
+        steps=6,
+        batch_size=2,
+        seq_len=32,
+        lr=1e-3,
+        warmup_steps=2,
+        checkpoint_every=2,
+        log_every=1,
+        alpha_hidden=0.5,
+        alpha_ce=0.0,
+    )  # random teacher: match it, not the text
     return teacher, blocks, plan, config
 
 
 def test_multistep_distillation_lowers_kd_loss_and_logs(tmp_path, tokenizer):
     teacher, blocks, plan, config = setup(tmp_path, tokenizer)
     stages_seen = []
-    student = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "run", plan,
-                                tokenizer=tokenizer, on_stage_end=lambda s, m: stages_seen.append(s), progress=False)
+    student = multistep_distill(
+        teacher,
+        copy.deepcopy(teacher),
+        blocks,
+        config,
+        tmp_path / "run",
+        plan,
+        tokenizer=tokenizer,
+        on_stage_end=lambda s, m: stages_seen.append(s),
+        progress=False,
+    )
     assert stages_seen == [1, 2]
     assert tqc.count_parameters(student) <= 0.8 * tqc.count_parameters(teacher)
-    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(entry) for entry in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in records] == list(range(1, 13))
     assert {"loss", "kl", "ce", "hidden", "lr", "tokens_per_s"} <= set(records[0])
     # distillation brings the student closer to the teacher than compression alone leaves it
     from tqcompressor.evaluate import evaluate
+
     ids = next(blocks(0))
     one_shot = copy.deepcopy(teacher)
     tqc.apply_plan(one_shot, plan, progress=False)
@@ -49,49 +67,75 @@ def test_multistep_distillation_lowers_kd_loss_and_logs(tmp_path, tokenizer):
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, tokenizer):
     teacher, blocks, plan, config = setup(tmp_path, tokenizer)
-    full = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "full", plan,
-                             progress=False)
+    full = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "full", plan, progress=False)
     # interrupted after 4 optimizer steps (mid stage 1? no: stage 1 has 6; 8 = mid stage 2)
     for stop in (4, 8):
         run = tmp_path / f"cut{stop}"
-        multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, stop_after=stop,
-                          progress=False)
-        resumed = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, resume=True,
-                                    progress=False)
+        multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, stop_after=stop, progress=False)
+        resumed = multistep_distill(
+            teacher, copy.deepcopy(teacher), blocks, config, run, plan, resume=True, progress=False
+        )
         full_state, resumed_state = full.state_dict(), resumed.state_dict()
         assert full_state.keys() == resumed_state.keys()
         for key in full_state:
             assert torch.equal(full_state[key], resumed_state[key]), key
-        steps = [json.loads(l)["global_step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+        steps = [json.loads(entry)["global_step"] for entry in (run / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, 13))  # no step lost or repeated
 
 
 def test_resume_refuses_another_runs_checkpoint_or_an_empty_dir(tmp_path, tokenizer):
     teacher, blocks, plan, config = setup(tmp_path, tokenizer)
-    multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "a", plan, stop_after=2,
-                      progress=False)
+    multistep_distill(
+        teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "a", plan, stop_after=2, progress=False
+    )
     other = DistillConfig(**{**config.__dict__, "lr": 5e-4})
     with pytest.raises(TQCError, match="another run"):
-        multistep_distill(teacher, copy.deepcopy(teacher), blocks, other, tmp_path / "a", plan, resume=True,
-                          progress=False)
+        multistep_distill(
+            teacher, copy.deepcopy(teacher), blocks, other, tmp_path / "a", plan, resume=True, progress=False
+        )
     with pytest.raises(TQCError, match="nothing to resume"):
-        multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "b", plan, resume=True,
-                          progress=False)
+        multistep_distill(
+            teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "b", plan, resume=True, progress=False
+        )
 
 
 def test_toy_scale_recipe_runs_end_to_end(tmp_path, tokenizer, gpt2_dir):
     """recipes/gpt2-tq.yaml at toy scale: the same plan and loss settings, a tiny model, a few steps."""
     from typer.testing import CliRunner
+
     from tqcompressor.cli import app
 
     recipe = yaml.safe_load((REPO / "recipes" / "gpt2-tq.yaml").read_text())
     assert recipe["model"] == "gpt2" and recipe["fraction"] == pytest.approx(0.031)
     (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
     (tmp_path / "eval.txt").write_text(TOY_TEXT)
-    args = ["run", "--model", str(gpt2_dir), "--method", recipe["method"], "--ratio", "0.8",
-            "--stages", str(recipe["stages"]), "--data", str(tmp_path / "train.txt"),
-            "--eval-data", str(tmp_path / "eval.txt"), "--eval-tokens", "200", "--context", "64",
-            "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path / "run")]
+    args = [
+        "run",
+        "--model",
+        str(gpt2_dir),
+        "--method",
+        recipe["method"],
+        "--ratio",
+        "0.8",
+        "--stages",
+        str(recipe["stages"]),
+        "--data",
+        str(tmp_path / "train.txt"),
+        "--eval-data",
+        str(tmp_path / "eval.txt"),
+        "--eval-tokens",
+        "200",
+        "--context",
+        "64",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -103,25 +147,65 @@ def test_toy_scale_recipe_runs_end_to_end(tmp_path, tokenizer, gpt2_dir):
 
 
 def test_cli_distill_bad_inputs(tmp_path, gpt2_dir, tokenizer):
-    import subprocess, sys
+    import subprocess
+    import sys
+
     other = tiny_gpt2(vocab_size=300)
     tqc.save(other, tmp_path / "student")
+
     def run(*args):
-        return subprocess.run([sys.executable, "-c", "from tqcompressor.cli import main; main()", *args],
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-c", "from tqcompressor.cli import main; main()", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
     r = run("distill", "--teacher", str(gpt2_dir), "--student", str(tmp_path / "student"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "does not match the teacher" in r.stderr
     good = tiny_gpt2(vocab_size=len(tokenizer))
     tqc.save(good, tmp_path / "good")
-    r = run("distill", "--teacher", str(gpt2_dir), "--student", str(tmp_path / "good"), "--out", str(tmp_path / "o"),
-            "--data", str(tmp_path / "missing.txt"), "--seq-len", "32")
+    r = run(
+        "distill",
+        "--teacher",
+        str(gpt2_dir),
+        "--student",
+        str(tmp_path / "good"),
+        "--out",
+        str(tmp_path / "o"),
+        "--data",
+        str(tmp_path / "missing.txt"),
+        "--seq-len",
+        "32",
+    )
     assert r.returncode == 2 and "no text files" in r.stderr
-    r = run("distill", "--teacher", str(gpt2_dir), "--student", str(tmp_path / "good"), "--out", str(tmp_path / "o"),
-            "--seq-len", "100000")
+    r = run(
+        "distill",
+        "--teacher",
+        str(gpt2_dir),
+        "--student",
+        str(tmp_path / "good"),
+        "--out",
+        str(tmp_path / "o"),
+        "--seq-len",
+        "100000",
+    )
     assert r.returncode == 2 and "exceeds the model's context" in r.stderr
     (tmp_path / "t.txt").write_text(TOY_TEXT)
-    r = run("distill", "--teacher", str(gpt2_dir), "--student", str(tmp_path / "good"), "--out", str(tmp_path / "o2"),
-            "--data", str(tmp_path / "t.txt"), "--seq-len", "32", "--resume")
+    r = run(
+        "distill",
+        "--teacher",
+        str(gpt2_dir),
+        "--student",
+        str(tmp_path / "good"),
+        "--out",
+        str(tmp_path / "o2"),
+        "--data",
+        str(tmp_path / "t.txt"),
+        "--seq-len",
+        "32",
+        "--resume",
+    )
     assert r.returncode == 2 and "nothing to resume" in r.stderr
 
 
@@ -137,31 +221,63 @@ def test_resumed_calibrated_svd_run_fits_later_stages_activation_aware(tmp_path,
         plan = tqc.plan_compression(student, compression, calibration)
         out = tmp_path / label
         if label == "resumed":
-            multistep_distill(teacher, student, blocks, config, out, plan, stop_after=3, progress=False,
-                              calibration=calibration)
+            multistep_distill(
+                teacher, student, blocks, config, out, plan, stop_after=3, progress=False, calibration=calibration
+            )
             # a fresh process plans again; the stage-1 factors it fitted are not in the checkpoint
-            student, plan = copy.deepcopy(teacher), tqc.plan_compression(copy.deepcopy(teacher), compression, calibration)
-        runs[label] = multistep_distill(teacher, student, blocks, config, out, plan, resume=label == "resumed",
-                                        progress=False, calibration=calibration)
+            student, plan = (
+                copy.deepcopy(teacher),
+                tqc.plan_compression(copy.deepcopy(teacher), compression, calibration),
+            )
+        runs[label] = multistep_distill(
+            teacher,
+            student,
+            blocks,
+            config,
+            out,
+            plan,
+            resume=label == "resumed",
+            progress=False,
+            calibration=calibration,
+        )
     for (name, a), (_, b) in zip(runs["straight"].named_parameters(), runs["resumed"].named_parameters()):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--lr", "-1", "lr must be a positive learning rate, got -1.0"),
-    ("--steps", "0", "steps must be positive, got 0"),
-    ("--batch-size", "-2", "batch-size must be positive, got -2"),
-    ("--seq-len", "0", "seq-len must be positive, got 0"),
-    ("--grad-accum", "0", "grad-accum must be positive, got 0"),
-    ("--checkpoint-every", "0", "checkpoint-every must be positive, got 0"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--lr", "-1", "lr must be a positive learning rate, got -1.0"),
+        ("--steps", "0", "steps must be positive, got 0"),
+        ("--batch-size", "-2", "batch-size must be positive, got -2"),
+        ("--seq-len", "0", "seq-len must be positive, got 0"),
+        ("--grad-accum", "0", "grad-accum must be positive, got 0"),
+        ("--checkpoint-every", "0", "checkpoint-every must be positive, got 0"),
+    ],
+)
 def test_distillation_settings_that_cannot_work_get_one_line(tmp_path, gpt2_dir, option, value, message):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", "from tqcompressor.cli import main; main()", "distill", "--teacher",
-                        str(gpt2_dir), "--student", str(gpt2_dir), "--out", str(tmp_path / "o"), option, value],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from tqcompressor.cli import main; main()",
+            "distill",
+            "--teacher",
+            str(gpt2_dir),
+            "--student",
+            str(gpt2_dir),
+            "--out",
+            str(tmp_path / "o"),
+            option,
+            value,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stderr.strip() == f"error: {message}", r.stderr
     assert not (tmp_path / "o" / "model").exists()
 
@@ -189,8 +305,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one_or_says_which_file(
     multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, stop_after=5, progress=False)
     assert (run / "checkpoint.previous" / "trainer_state.pt").is_file()
     (run / "checkpoint" / "trainer_state.pt").write_bytes(b"not a checkpoint")
-    resumed = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, resume=True,
-                                progress=False)
+    resumed = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, run, plan, resume=True, progress=False)
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name  # from step 2 the run is the same
     steps = [json.loads(line)["global_step"] for line in (run / "metrics.jsonl").read_text().splitlines()]

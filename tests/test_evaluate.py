@@ -2,11 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import TOY_TEXT
 
 from tqcompressor import TQCError
 from tqcompressor.evaluate import evaluate, windows
-
-from conftest import TOY_TEXT
 
 
 @pytest.mark.parametrize("n, context, stride", [(100, 16, 4), (100, 16, 15), (5, 16, 8), (17, 16, 16), (100, 16, 16)])
@@ -44,6 +43,7 @@ def test_context_beyond_model_is_rejected(llama_model):
 
 def test_lambada_last_word_metrics(llama_model, tokenizer):
     from tqcompressor.evaluate import lambada
+
     texts = ["the quick brown fox jumps over the lazy dog", "a model that is smaller runs faster", "oneword"]
     result = lambada(llama_model, tokenizer, texts, progress=False)
     assert result["lambada_examples"] == 2 and 0 <= result["lambada_accuracy"] <= 1
@@ -52,22 +52,49 @@ def test_lambada_last_word_metrics(llama_model, tokenizer):
 
 def test_tqc_eval_lambada_file_and_perplexity_json(tmp_path, gpt2_dir):
     import json
+
     from typer.testing import CliRunner
+
     from tqcompressor.cli import app
+
     passages = tmp_path / "lambada.txt"
     passages.write_text("the quick brown fox jumps over the lazy dog\nknowledge distillation trains the student\n")
-    result = CliRunner().invoke(app, ["eval", "--model", str(gpt2_dir), "--data", f"lambada:{passages}",
-                                      "--json", str(tmp_path / "l.json")])
+    result = CliRunner().invoke(
+        app, ["eval", "--model", str(gpt2_dir), "--data", f"lambada:{passages}", "--json", str(tmp_path / "l.json")]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "l.json").read_text())["lambada_examples"] == 2
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog . " * 30)
-    result = CliRunner().invoke(app, ["eval", "--model", str(gpt2_dir), "--data", str(text), "--context", "64",
-                                      "--stride", "32", "--teacher", str(gpt2_dir), "--json", str(tmp_path / "p.json")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(gpt2_dir),
+            "--data",
+            str(text),
+            "--context",
+            "64",
+            "--stride",
+            "32",
+            "--teacher",
+            str(gpt2_dir),
+            "--json",
+            str(tmp_path / "p.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "p.json").read_text())
-    assert {"perplexity", "kl_to_teacher", "top1_agreement", "tokens", "params", "word_perplexity",
-            "byte_perplexity"} <= set(metrics)
+    assert {
+        "perplexity",
+        "kl_to_teacher",
+        "top1_agreement",
+        "tokens",
+        "params",
+        "word_perplexity",
+        "byte_perplexity",
+    } <= set(metrics)
     assert metrics["protocol"] == {"level": "token", "context": 64, "stride": 32}
     assert metrics["kl_to_teacher"] < 1e-5
 
@@ -77,7 +104,7 @@ def test_word_and_byte_perplexity_divide_by_the_scored_text_only(llama_model, to
     ids = torch.tensor(tokenizer(TOY_TEXT, add_special_tokens=False)["input_ids"][:96])
     result = evaluate(llama_model, ids, context=32, tokenizer=tokenizer, progress=False)
     nll = result["nll_per_token"] * result["tokens"]
-    scored = [tokenizer.decode(ids[e - s:e].tolist()) for _, e, s in windows(len(ids), 32, 32)]
+    scored = [tokenizer.decode(ids[e - s : e].tolist()) for _, e, s in windows(len(ids), 32, 32)]
     assert result["tokens"] == 93  # 3 windows, each without its first token
     assert result["byte_perplexity"] == pytest.approx(math.exp(nll / sum(len(t.encode()) for t in scored)))
     assert result["word_perplexity"] == pytest.approx(math.exp(nll / sum(len(t.split()) for t in scored)))

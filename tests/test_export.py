@@ -16,8 +16,11 @@ from tqcompressor.export import push_to_hub
 def test_onnx_export_runs_in_onnxruntime_with_equal_outputs(tmp_path, gpt2_model, llama_model, which):
     ort = pytest.importorskip("onnxruntime")
     if which == "llama":
-        spec = [("model.embed_tokens", LayerSpec("tq", a_shape=(256, 32), b_shape=(2, 2), rank=2)),
-                ("mlp.*", LayerSpec("tq", b_shape=(2, 4), rank=3)), ("self_attn.q_proj", LayerSpec("svd", rank=8))]
+        spec = [
+            ("model.embed_tokens", LayerSpec("tq", a_shape=(256, 32), b_shape=(2, 2), rank=2)),
+            ("mlp.*", LayerSpec("tq", b_shape=(2, 4), rank=3)),
+            ("self_attn.q_proj", LayerSpec("svd", rank=8)),
+        ]
         model, _ = tqc.compress(llama_model, CompressionConfig(layers=spec, ratio=None), progress=False)
     else:
         model, _ = tqc.compress(gpt2_model, CompressionConfig(method="tq", ratio=0.8), progress=False)
@@ -46,6 +49,7 @@ def test_push_calls_the_hub_with_the_dir(tmp_path, gpt2_model, monkeypatch):
             return "https://huggingface.co/me/tiny/commit/abc"
 
     import huggingface_hub
+
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     model, _ = tqc.compress(gpt2_model, CompressionConfig(method="svd", ratio=0.8), progress=False)
     tqc.save(model, tmp_path / "m")
@@ -59,6 +63,17 @@ def test_push_calls_the_hub_with_the_dir(tmp_path, gpt2_model, monkeypatch):
 
 
 def test_export_needs_exactly_one_format(tmp_path):
-    r = subprocess.run([sys.executable, "-c", "from tqcompressor.cli import main; main()", "export", str(tmp_path),
-                        "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from tqcompressor.cli import main; main()",
+            "export",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "--dense or --onnx" in r.stderr

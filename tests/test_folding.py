@@ -2,16 +2,14 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_gpt2, tiny_llama
 from torch import nn
 
 import tqcompressor as tqc
 import tqcompressor.surgery as surgery
-from tqcompressor import CompressionConfig, LayerSpec, compress
+from tqcompressor import CompressionConfig, KroneckerLinear, LayerSpec, LowRankLinear, compress
 from tqcompressor.checkpoint import densify
 from tqcompressor.folding import fold_mlp_permutations
-from tqcompressor import KroneckerLinear, LowRankLinear
-
-from conftest import tiny_gpt2, tiny_llama
 
 
 def compress_unfolded(model, config, monkeypatch, **kwargs):
@@ -121,7 +119,9 @@ def test_folding_never_adds_a_gather(b_shape):
     ids = torch.randint(0, 512, (2, 12))
     for layer in model.model.layers:
         for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(layer.mlp, name, KroneckerLinear.from_linear(getattr(layer.mlp, name), "tq", b_shape=b_shape, rank=2))
+            setattr(
+                layer.mlp, name, KroneckerLinear.from_linear(getattr(layer.mlp, name), "tq", b_shape=b_shape, rank=2)
+            )
     before, gathers = model(ids).logits, count_gathers(model, ids)
     assert len(fold_mlp_permutations(model)) == 2
     torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-6)

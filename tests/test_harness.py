@@ -17,10 +17,15 @@ def test_hflm_scores_compressed_dir_like_its_dense_export(tmp_path, llama_model,
     tqc.save(model, tmp_path / "c", tokenizer)
     tqc.export_dense(tmp_path / "c", tmp_path / "d")
 
-    requests = [Instance(request_type="loglikelihood", doc={}, arguments=("the quick brown", " fox"), idx=0),
-                Instance(request_type="loglikelihood", doc={}, arguments=("knowledge distillation", " trains"), idx=1)]
-    rolling = [Instance(request_type="loglikelihood_rolling", doc={},
-                        arguments=("a model that is smaller runs faster .",), idx=0)]
+    requests = [
+        Instance(request_type="loglikelihood", doc={}, arguments=("the quick brown", " fox"), idx=0),
+        Instance(request_type="loglikelihood", doc={}, arguments=("knowledge distillation", " trains"), idx=1),
+    ]
+    rolling = [
+        Instance(
+            request_type="loglikelihood_rolling", doc={}, arguments=("a model that is smaller runs faster .",), idx=0
+        )
+    ]
     scores = {}
     for name in ("c", "d"):
         lm = HFLM(pretrained=str(tmp_path / name), batch_size=2, device="cpu")

@@ -7,14 +7,23 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tqcompressor as tqc
-from tqcompressor import CompressionConfig, LayerSpec, TQCError
-from tqcompressor import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead
+from tqcompressor import (
+    CompressionConfig,
+    KroneckerEmbedding,
+    KroneckerLinear,
+    LayerSpec,
+    LowRankLinear,
+    TiedKroneckerHead,
+    TQCError,
+)
 
 
 def llama_spec():
-    return [("model.embed_tokens", LayerSpec("tq", a_shape=(256, 32), b_shape=(2, 2), rank=2)),
-            ("mlp.up_proj", LayerSpec("tq", b_shape=(2, 4), rank=3)),
-            ("self_attn.q_proj", LayerSpec("svd", rank=8))]
+    return [
+        ("model.embed_tokens", LayerSpec("tq", a_shape=(256, 32), b_shape=(2, 2), rank=2)),
+        ("mlp.up_proj", LayerSpec("tq", b_shape=(2, 4), rank=3)),
+        ("self_attn.q_proj", LayerSpec("svd", rank=8)),
+    ]
 
 
 @pytest.mark.parametrize("which", ["llama", "gpt2"])

@@ -10,11 +10,10 @@ import time
 
 import pytest
 import torch
+from conftest import TOY_TEXT, tiny_gpt2
 
 import tqcompressor as tqc
 from tqcompressor import CompressionConfig
-
-from conftest import TOY_TEXT, tiny_gpt2
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +25,46 @@ def free_port() -> int:
 
 
 def distill_command(processes: int, teacher, student, data, out, batch_size: int, steps: int, *extra) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", str(free_port()), "-m", "tqcompressor.cli"] if processes > 1 else \
-               [sys.executable, "-c", "from tqcompressor.cli import main; main()"]
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "tqcompressor.cli",
+        ]
+        if processes > 1
+        else [sys.executable, "-c", "from tqcompressor.cli import main; main()"]
+    )
     # text only: the teacher-sample pool's size follows the per-process batch, which differs between the runs
-    return launcher + ["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(data),
-                       "--teacher-fraction", "0",
-                       "--out", str(out), "--steps", str(steps), "--batch-size", str(batch_size), "--seq-len", "32",
-                       "--lr", "1e-3", "--checkpoint-every", "2", *extra]
+    return launcher + [
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--data",
+        str(data),
+        "--teacher-fraction",
+        "0",
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(batch_size),
+        "--seq-len",
+        "32",
+        "--lr",
+        "1e-3",
+        "--checkpoint-every",
+        "2",
+        *extra,
+    ]
 
 
 def environment():
@@ -65,11 +96,21 @@ def test_two_processes_follow_the_single_process_schedule_and_result(tmp_path, s
     teacher, student, data = setup
     one, two = tmp_path / "one", tmp_path / "two"
     # the same global batch: one process x 2 blocks, or two processes x 1 block (each reading its own)
-    r1 = subprocess.run(distill_command(1, teacher, student, data, one, 2, 6, "--log-every", "1"),
-                        capture_output=True, text=True, env=environment(), timeout=600)
+    r1 = subprocess.run(
+        distill_command(1, teacher, student, data, one, 2, 6, "--log-every", "1"),
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=600,
+    )
     assert r1.returncode == 0, r1.stderr[-2000:]
-    r2 = subprocess.run(distill_command(2, teacher, student, data, two, 1, 6, "--log-every", "1"),
-                        capture_output=True, text=True, env=environment(), timeout=600)
+    r2 = subprocess.run(
+        distill_command(2, teacher, student, data, two, 1, 6, "--log-every", "1"),
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=600,
+    )
     assert r2.returncode == 0, r2.stderr[-2000:]
     single, double = metrics(one), metrics(two)
     assert [m["global_step"] for m in double] == list(range(1, 7))  # rank 0 alone logs, each step once
@@ -94,19 +135,34 @@ def test_two_processes_resume_after_a_kill_without_losing_or_repeating_a_step(tm
     teacher, student, data = setup
     steps = 120
     full, cut = tmp_path / "full", tmp_path / "cut"
-    r = subprocess.run(distill_command(2, teacher, student, data, full, 1, steps), capture_output=True, text=True,
-                       env=environment(), timeout=600)
+    r = subprocess.run(
+        distill_command(2, teacher, student, data, full, 1, steps),
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    run = subprocess.Popen(distill_command(2, teacher, student, data, cut, 1, steps), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, env=environment(), start_new_session=True)
+    run = subprocess.Popen(
+        distill_command(2, teacher, student, data, cut, 1, steps),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=environment(),
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not (cut / "checkpoint.previous" / "trainer_state.pt").is_file() and time.time() < deadline:
         time.sleep(0.02)
     os.killpg(run.pid, signal.SIGKILL)  # every process of the run, mid-training
     run.wait()
     assert not (cut / "model").exists(), "the run finished before it was killed; raise `steps`"
-    r = subprocess.run(distill_command(2, teacher, student, data, cut, 1, steps, "--resume"), capture_output=True,
-                       text=True, env=environment(), timeout=300)
+    r = subprocess.run(
+        distill_command(2, teacher, student, data, cut, 1, steps, "--resume"),
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert [m["global_step"] for m in metrics(cut)] == [m["global_step"] for m in metrics(full)]
     a, b = tqc.load(full / "model").state_dict(), tqc.load(cut / "model").state_dict()

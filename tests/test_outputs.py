@@ -13,8 +13,13 @@ from tqcompressor.outputs import MARKER, check_writable, claim_directory
 
 
 def tqc_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-c", "from tqcompressor.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=300, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-c", "from tqcompressor.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
 
 
 def users_dir(tmp_path):
@@ -40,17 +45,32 @@ def test_compress_refuses_a_users_directory_and_keeps_the_file(tmp_path, gpt2_di
 
 def test_out_dot_is_refused_in_a_directory_with_files(tmp_path, gpt2_dir):
     precious = users_dir(tmp_path)
-    assert_refused(tqc_cli("compress", "--model", str(gpt2_dir), "--ratio", "0.8", "--out", ".", cwd=precious),
-                   precious)
+    assert_refused(
+        tqc_cli("compress", "--model", str(gpt2_dir), "--ratio", "0.8", "--out", ".", cwd=precious), precious
+    )
 
 
 def test_distill_run_and_dense_export_refuse_a_users_directory(tmp_path, gpt2_dir):
     precious = users_dir(tmp_path)
     (tmp_path / "train.txt").write_text(TOY_TEXT)
-    assert_refused(tqc_cli("distill", "--teacher", str(gpt2_dir), "--student", str(gpt2_dir), "--data",
-                           str(tmp_path / "train.txt"), "--out", str(precious)), precious)
-    assert_refused(tqc_cli("run", "--model", str(gpt2_dir), "--data", str(tmp_path / "train.txt"), "--out",
-                           str(precious)), precious)
+    assert_refused(
+        tqc_cli(
+            "distill",
+            "--teacher",
+            str(gpt2_dir),
+            "--student",
+            str(gpt2_dir),
+            "--data",
+            str(tmp_path / "train.txt"),
+            "--out",
+            str(precious),
+        ),
+        precious,
+    )
+    assert_refused(
+        tqc_cli("run", "--model", str(gpt2_dir), "--data", str(tmp_path / "train.txt"), "--out", str(precious)),
+        precious,
+    )
     compressed = tmp_path / "c"
     assert tqc_cli("compress", "--model", str(gpt2_dir), "--ratio", "0.8", "--out", str(compressed)).returncode == 0
     assert_refused(tqc_cli("export", str(compressed), "--dense", "--out", str(precious)), precious)

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from tqcompressor import decompose
-from tqcompressor.decompose import (damped_cov, inverse_permutation, kronecker_sum, nearest_kronecker,
-                                    output_error, output_metric_kronecker, relative_error)
+from tqcompressor.decompose import (
+    damped_cov,
+    inverse_permutation,
+    kronecker_sum,
+    nearest_kronecker,
+    output_error,
+    output_metric_kronecker,
+    relative_error,
+)
 from tqcompressor.permutation import CONVERGE_STEPS, output_metric_search, output_row_assignment, permuted_kronecker
 from tqcompressor.structures.kronecker import KroneckerFactors
 
@@ -15,7 +22,6 @@ def scrambled_kronecker(m1, n1, m2, n2, seed=0):
     a, b = torch.randn(m1, n1, generator=g), torch.randn(m2, n2, generator=g)
     k = torch.kron(a, b)
     return k[torch.randperm(k.shape[0], generator=g)][:, torch.randperm(k.shape[1], generator=g)]
-
 
 
 @pytest.mark.parametrize("shapes", [(8, 6, 4, 3), (16, 16, 2, 4), (32, 16, 4, 8), (96, 48, 2, 4), (12, 10, 3, 5)])
@@ -91,7 +97,7 @@ def test_output_metric_search_never_ends_above_its_best_start_and_its_steps_only
     cov = x.T @ x / len(x)
     (m1, n1), (m2, n2) = (6, 8), (4, 4)
     starts = []
-    for seed in range(2):
+    for _ in range(2):
         rows, cols = torch.randperm(24, generator=g), torch.randperm(32, generator=g)
         starts.append((rows, cols, *nearest_kronecker(w[rows][:, cols], (m1, n1), (m2, n2), 2)))
     found = output_metric_search(w, cov, starts, max_iterations=10)

@@ -2,32 +2,67 @@
 
 import json
 
+from conftest import TOY_TEXT
 from typer.testing import CliRunner
 
 import tqcompressor as tqc
 from tqcompressor.cli import app
 from tqcompressor.pipeline import PROMPTS, TEACHER_DOMAIN
 
-from conftest import TOY_TEXT
-
 
 def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt2_dir):
     (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
     (tmp_path / "eval.txt").write_text(TOY_TEXT)
     out = tmp_path / "run"
-    args = ["run", "--model", str(gpt2_dir), "--method", "auto", "--auto-methods", "svd", "--ratio", "0.8",
-            "--stages", "2", "--data", str(tmp_path / "train.txt"), "--teacher-fraction", "0.5", "--teacher-pool", "3",
-            "--calibration-tokens", "128", "--eval-data", str(tmp_path / "eval.txt"), "--eval-tokens", "256",
-            "--context", "64", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--out", str(out)]
+    args = [
+        "run",
+        "--model",
+        str(gpt2_dir),
+        "--method",
+        "auto",
+        "--auto-methods",
+        "svd",
+        "--ratio",
+        "0.8",
+        "--stages",
+        "2",
+        "--data",
+        str(tmp_path / "train.txt"),
+        "--teacher-fraction",
+        "0.5",
+        "--teacher-pool",
+        "3",
+        "--calibration-tokens",
+        "128",
+        "--eval-data",
+        str(tmp_path / "eval.txt"),
+        "--eval-tokens",
+        "256",
+        "--context",
+        "64",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] and results["teacher_fraction"] == 0.5 and results["teacher_pool_blocks"] == 3
     from safetensors.torch import load_file
+
     pool = load_file(str(out / "teacher_samples-seed0-3x32.safetensors"))["blocks"]
     assert pool.shape == (3, 32)  # 2 stages x 2 steps x 2 blocks, half of them the teacher's: capped at 3
-    assert [p["label"] for p in results["points"]] == ["teacher", "compressed (no KD)", "after KD stage 1",
-                                                       "after KD stage 2"]
+    assert [p["label"] for p in results["points"]] == [
+        "teacher",
+        "compressed (no KD)",
+        "after KD stage 1",
+        "after KD stage 2",
+    ]
     for point in results["points"]:
         assert set(point["domains"]) == {str(tmp_path / "eval.txt"), TEACHER_DOMAIN}
         assert point["domains"][str(tmp_path / "eval.txt")]["perplexity"] == point["perplexity"]
@@ -49,8 +84,14 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
     for picture in ("plan.png", "perplexity.png"):
         assert (out / picture).stat().st_size > 1000
     report = (out / "report.md").read_text()
-    for section in ("## The plan", "## The same prompts, continued greedily", "## What it costs to hold and run",
-                    "## How this was measured", "ppl (teacher samples)", "50% of the blocks sampled from the teacher"):
+    for section in (
+        "## The plan",
+        "## The same prompts, continued greedily",
+        "## What it costs to hold and run",
+        "## How this was measured",
+        "ppl (teacher samples)",
+        "50% of the blocks sampled from the teacher",
+    ):
         assert section in report, section
     assert tqc.load(out / "model") is not None
 
@@ -59,16 +100,51 @@ def test_the_evaluation_seed_is_not_used_for_training(tmp_path, gpt2_dir):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", "from tqcompressor.cli import main; main()", "run", "--model",
-                        str(gpt2_dir), "--data", "teacher", "--seed", "12345", "--out", str(tmp_path / "o"),
-                        "--seq-len", "32", "--context", "64"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from tqcompressor.cli import main; main()",
+            "run",
+            "--model",
+            str(gpt2_dir),
+            "--data",
+            "teacher",
+            "--seed",
+            "12345",
+            "--out",
+            str(tmp_path / "o"),
+            "--seq-len",
+            "32",
+            "--context",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "seed 12345 is reserved" in r.stderr, r.stderr
 
 
 def test_a_teacher_fraction_outside_0_1_is_refused_before_sampling(tmp_path, gpt2_dir):
     (tmp_path / "train.txt").write_text(TOY_TEXT)
-    result = CliRunner().invoke(app, ["run", "--model", str(gpt2_dir), "--data", str(tmp_path / "train.txt"),
-                                      "--teacher-fraction", "1.5", "--seq-len", "32", "--context", "64",
-                                      "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--model",
+            str(gpt2_dir),
+            "--data",
+            str(tmp_path / "train.txt"),
+            "--teacher-fraction",
+            "1.5",
+            "--seq-len",
+            "32",
+            "--context",
+            "64",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "the teacher fraction must be in [0, 1], got 1.5" in str(result.exception)
     assert not list((tmp_path / "o").glob("teacher_samples*"))  # nothing was sampled

@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 import tqcompressor as tqc
 from tqcompressor.data import tokenize_text
 from tqcompressor.evaluate import evaluate
-
-from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +22,21 @@ def test_default_model_compress_save_load_evaluate(smollm2, tmp_path):
     model, tokenizer = smollm2.model, smollm2.tokenizer
     assert model.config.model_type == "llama" and tqc.count_parameters(model) == 134_515_008
     text = SHARED_DATA / "test.txt"
-    ids = tokenize_text(str(text), tokenizer, 1024) if text.is_file() else tokenizer(
-        "The capital of France is Paris. " * 60, return_tensors="pt").input_ids[0][:1024]
+    ids = (
+        tokenize_text(str(text), tokenizer, 1024)
+        if text.is_file()
+        else tokenizer("The capital of France is Paris. " * 60, return_tensors="pt").input_ids[0][:1024]
+    )
     teacher_ppl = evaluate(model, ids, context=512, progress=False)["perplexity"]
     assert 5 < teacher_ppl < 200  # a real pretrained model, not random weights
 
     student = tqc.load_model("smollm2-135m").model
-    config = tqc.CompressionConfig(method="tq", ratio=None, target_params=tqc.count_parameters(student) - 1_000_000,
-                                   target_modules=["layers.29.mlp.*"])
+    config = tqc.CompressionConfig(
+        method="tq",
+        ratio=None,
+        target_params=tqc.count_parameters(student) - 1_000_000,
+        target_modules=["layers.29.mlp.*"],
+    )
     student, report = tqc.compress(student, config, progress=False)
     assert report.params_after < report.params_before and len(report.layers) == 3
     assert all(layer.relative_error < 0.95 for layer in report.layers)

@@ -5,9 +5,19 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tqc
-from tqcompressor import (CompressionConfig, LayerSpec, TQCError, apply_plan, compress, count_parameters,
-                          plan_compression)
-from tqcompressor import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead
+from tqcompressor import (
+    CompressionConfig,
+    KroneckerEmbedding,
+    KroneckerLinear,
+    LayerSpec,
+    LowRankLinear,
+    TiedKroneckerHead,
+    TQCError,
+    apply_plan,
+    compress,
+    count_parameters,
+    plan_compression,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,9 +30,10 @@ def test_budget_is_met_and_never_exceeded(gpt2_model, method, ratio):
     assert report.params_before == before
     assert report.params_after == count_parameters(model) <= ratio * before
     assert report.params_after > 0.9 * ratio * before  # the budget is used, not wasted
-    kinds = {type(model.get_submodule(l.name)) for l in report.layers}
+    kinds = {type(model.get_submodule(entry.name)) for entry in report.layers}
     assert kinds == {LowRankLinear if method == "svd" else KroneckerLinear}
-    assert {l.name.split(".", 3)[-1] for l in report.layers} == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+    suffixes = {entry.name.split(".", 3)[-1] for entry in report.layers}
+    assert suffixes == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
     for layer in report.layers:
         assert 0 <= layer.relative_error < 1 and layer.params_after < layer.params_before and layer.reason
 
@@ -33,8 +44,15 @@ def test_compressed_model_still_runs_and_logits_stay_close_at_high_ratio(llama_m
     model, report = compress(llama_model, CompressionConfig(method="tq", ratio=0.95), progress=False)
     after = model(ids).logits
     assert after.shape == before.shape and torch.isfinite(after).all()
-    assert {l.name.rsplit(".", 1)[-1] for l in report.layers} == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                                                   "gate_proj", "up_proj", "down_proj"}
+    assert {entry.name.rsplit(".", 1)[-1] for entry in report.layers} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
 
 def test_target_modules_patterns(llama_model):
@@ -61,9 +79,9 @@ def test_multi_step_plan_compresses_upper_layers_first(llama_model):
     plan = plan_compression(llama_model, CompressionConfig(method="kronecker", ratio=0.8, steps=2))
     assert plan.steps() == [1, 2]
     first = apply_plan(llama_model, plan, step=1, progress=False)
-    assert first.layers and all(".layers.1." in l.name for l in first.layers)
+    assert first.layers and all(".layers.1." in entry.name for entry in first.layers)
     second = apply_plan(llama_model, plan, step=2, progress=False)
-    assert second.layers and all(".layers.0." in l.name for l in second.layers)
+    assert second.layers and all(".layers.0." in entry.name for entry in second.layers)
     assert second.params_after < first.params_after
 
 
@@ -88,8 +106,10 @@ def test_untied_head_is_counted_honestly(llama_model):
 
 
 def test_embedding_halved_twice_over_two_steps(gpt2_model):
-    spec = [("transformer.wte", LayerSpec("tq", a_shape=(512, 32), b_shape=(1, 2), step=1)),
-            ("transformer.wte", LayerSpec("tq", a_shape=(512, 16), b_shape=(1, 4), step=2))]
+    spec = [
+        ("transformer.wte", LayerSpec("tq", a_shape=(512, 32), b_shape=(1, 2), step=1)),
+        ("transformer.wte", LayerSpec("tq", a_shape=(512, 16), b_shape=(1, 4), step=2)),
+    ]
     plan = plan_compression(gpt2_model, CompressionConfig(layers=spec, ratio=None))
     model = gpt2_model
     apply_plan(model, plan, step=1, progress=False)
@@ -119,8 +139,15 @@ def test_shipped_paper_style_spec_for_the_llama_family_fits_smollm2():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = tqc.load_spec(REPO / "specs" / "smollm2-tqcompressor.yaml")
-    shape = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    shape = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(shape)
     plan = plan_compression(model, config)  # checks every shape against the model
@@ -134,7 +161,7 @@ def test_shipped_paper_style_spec_for_the_llama_family_fits_smollm2():
     # about 93M parameters in all, as its header says: the last factorization of each module counts
     last = {e.name: e.spec.settings for e in sorted(plan.layers, key=lambda e: e.spec.step)}
     saved = 0
-    for name, s in last.items():
+    for s in last.values():
         dense = s.a_shape[0] * s.b_shape[0] * s.a_shape[1] * s.b_shape[1]
         saved += dense - s.rank * (s.a_shape[0] * s.a_shape[1] + s.b_shape[0] * s.b_shape[1])
     assert 92e6 < tqc.count_parameters(model) - saved < 94e6

@@ -1,7 +1,7 @@
 """tqcompressor: make pretrained causal LMs smaller with permuted Kronecker factorizations
 (TQCompressor, arXiv:2401.16367) and recover quality with knowledge distillation."""
 
-from tqcompressor import hf_integration  # registers the quantizer plugin: plain from_pretrained works
+from tqcompressor import hf_integration  # noqa: F401 (registers the quantizer plugin: plain from_pretrained works)
 from tqcompressor.calibration import calibrate
 from tqcompressor.checkpoint import densify, export_dense, load, read_plan, save
 from tqcompressor.config import CompressionConfig, CompressionReport, LayerSpec, load_spec
@@ -18,9 +18,34 @@ from tqcompressor.surgery import apply_plan, compress
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompressionConfig", "CompressionReport", "KroneckerEmbedding", "KroneckerFactors", "KroneckerLinear",
-    "LayerPlan", "LayerSpec", "LowRankFactors", "LowRankLinear", "Plan", "Structure", "TQCError",
-    "TiedKroneckerHead", "apply_plan", "calibrate", "calibration_ids", "compress", "compression_methods",
-    "count_parameters", "decompose", "densify", "export_dense", "get_structure", "load", "load_model", "load_spec",
-    "plan_compression", "read_plan", "register", "save",
+    "CompressionConfig",
+    "CompressionReport",
+    "KroneckerEmbedding",
+    "KroneckerFactors",
+    "KroneckerLinear",
+    "LayerPlan",
+    "LayerSpec",
+    "LowRankFactors",
+    "LowRankLinear",
+    "Plan",
+    "Structure",
+    "TQCError",
+    "TiedKroneckerHead",
+    "apply_plan",
+    "calibrate",
+    "calibration_ids",
+    "compress",
+    "compression_methods",
+    "count_parameters",
+    "decompose",
+    "densify",
+    "export_dense",
+    "get_structure",
+    "load",
+    "load_model",
+    "load_spec",
+    "plan_compression",
+    "read_plan",
+    "register",
+    "save",
 ]

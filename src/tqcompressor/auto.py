@@ -34,8 +34,9 @@ from tqcompressor.decompose import OutputSketch
 from tqcompressor.structures import REGISTRY, Candidate, all_structures
 
 
-def candidate_menu(weight: Tensor, input_cov: Tensor | None = None, max_iterations: int = 10,
-                   methods: list[str] | None = None) -> tuple[list[Candidate], dict]:
+def candidate_menu(
+    weight: Tensor, input_cov: Tensor | None = None, max_iterations: int = 10, methods: list[str] | None = None
+) -> tuple[list[Candidate], dict]:
     """Every structure's candidates for one matrix (only those named in ``methods``, keeping the
     layer dense always included), and per structure the state its ``fit_candidate`` reuses (e.g.
     the permutation searches).
@@ -121,4 +122,4 @@ def _lower_hull(menu: list[Candidate], norm_sq: float) -> list[Candidate]:
 
 
 def _point(c: Candidate, norm_sq: float) -> tuple[float, float]:
-    return float(c.params), c.error ** 2 * norm_sq
+    return float(c.params), c.error**2 * norm_sq

@@ -30,8 +30,9 @@ class LayerStatistics:
 
 
 @torch.enable_grad()
-def calibrate(model: nn.Module, names: list[str], ids: Tensor, batch_size: int = 4,
-              progress: bool = True) -> dict[str, LayerStatistics]:
+def calibrate(
+    model: nn.Module, names: list[str], ids: Tensor, batch_size: int = 4, progress: bool = True
+) -> dict[str, LayerStatistics]:
     """Statistics of the modules ``names`` of ``model`` over token blocks ``ids`` (batch, seq_len)."""
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise TQCError(f"calibration tokens must be a (blocks, seq_len >= 2) tensor, got shape {tuple(ids.shape)}")
@@ -43,6 +44,7 @@ def calibrate(model: nn.Module, names: list[str], ids: Tensor, batch_size: int =
         def hook(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             cov[name] = cov.get(name, 0) + x.T @ x
+
         return hook
 
     def output_hook(name):
@@ -55,6 +57,7 @@ def calibrate(model: nn.Module, names: list[str], ids: Tensor, batch_size: int =
         def hook(module, args, output):
             if output.requires_grad:
                 output.register_hook(on_gradient)
+
         return hook
 
     handles = []
@@ -70,7 +73,7 @@ def calibrate(model: nn.Module, names: list[str], ids: Tensor, batch_size: int =
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, len(ids), batch_size), desc="calibrating", unit="batch", disable=not progress):
-            batch = ids[start:start + batch_size].to(device)
+            batch = ids[start : start + batch_size].to(device)
             # the loss summed over tokens: every token's gradient counts with the same weight
             loss = model(batch, labels=batch).loss * batch[:, 1:].numel()
             loss.backward()
@@ -82,5 +85,7 @@ def calibrate(model: nn.Module, names: list[str], ids: Tensor, batch_size: int =
         for p in frozen:
             p.requires_grad_(False)
     tokens = ids.numel()
-    return {name: LayerStatistics((cov[name] / tokens).cpu(), grad[name] / tokens / out_features[name], tokens)
-            for name in names}
+    return {
+        name: LayerStatistics((cov[name] / tokens).cpu(), grad[name] / tokens / out_features[name], tokens)
+        for name in names
+    }

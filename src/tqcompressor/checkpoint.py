@@ -42,8 +42,9 @@ def describe(module: nn.Module) -> dict | None:
 def build(desc: dict, dtype: torch.dtype) -> nn.Module:
     cls = module_classes().get(desc["type"])
     if cls is None:
-        raise TQCError(f"unknown module type {desc['type']!r} in {STRUCTURE_FILE}; was it written by a newer "
-                       "tqcompressor?")
+        raise TQCError(
+            f"unknown module type {desc['type']!r} in {STRUCTURE_FILE}; was it written by a newer tqcompressor?"
+        )
     return cls.from_config({k: v for k, v in desc.items() if k != "type"}, dtype)
 
 
@@ -55,8 +56,10 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
     # blocks holding them, whose init touches a child's .weight) are always loaded in full
     unknown = [name for name in modules if not _has(model, name)]
     if unknown:
-        raise TQCError(f"the saved structure names modules this base model does not have ({unknown[:3]}): "
-                       "config.json and the compressed weights come from different models")
+        raise TQCError(
+            f"the saved structure names modules this base model does not have ({unknown[:3]}): "
+            "config.json and the compressed weights come from different models"
+        )
     for name in modules:
         parent = name.rpartition(".")[0]
         if parent:
@@ -104,8 +107,14 @@ def structure_of(model: nn.Module) -> dict[str, dict]:
     return {name: describe(module) for name, module in factored_modules(model)}
 
 
-def save(model: nn.Module, directory: str | Path, tokenizer=None, base_model: str | None = None,
-         plan: Plan | None = None, extra: dict | None = None) -> Path:
+def save(
+    model: nn.Module,
+    directory: str | Path,
+    tokenizer=None,
+    base_model: str | None = None,
+    plan: Plan | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Write the model to ``directory`` atomically: into a temporary sibling, then renamed.
     ``plan`` (from :func:`tqcompressor.compress`'s report or planning) is recorded in
     ``tqcompressor.json``, so that ``tqc info`` and later steps can see how each layer was chosen."""
@@ -116,8 +125,12 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, base_model: st
     modules = structure_of(model)
     config = model.config.to_dict()
     # the structure again, for transformers' quantizer plugin (plain from_pretrained)
-    config["quantization_config"] = {"quant_method": "tqcompressor", "modules": modules,
-                                     "format_version": FORMAT_VERSION, "base_model": base_model}
+    config["quantization_config"] = {
+        "quant_method": "tqcompressor",
+        "modules": modules,
+        "format_version": FORMAT_VERSION,
+        "base_model": base_model,
+    }
     (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     structure = {
         "format_version": FORMAT_VERSION,
@@ -143,8 +156,12 @@ def _state_dict_without_tied_head(model: nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if head is not None and embedding is not None and isinstance(getattr(head, "weight", None), nn.Parameter) \
-            and head.weight is getattr(embedding, "weight", None):
+    if (
+        head is not None
+        and embedding is not None
+        and isinstance(getattr(head, "weight", None), nn.Parameter)
+        and head.weight is getattr(embedding, "weight", None)
+    ):
         head_name = next(n for n, m in model.named_modules() if m is head)
         state.pop(f"{head_name}.weight", None)
     seen: dict[int, str] = {}
@@ -163,16 +180,20 @@ def read_structure(directory: str | Path) -> dict:
         raise TQCError(f"{directory} is not a directory; pass a dir written by `tqc compress`")
     path = directory / STRUCTURE_FILE
     if not path.is_file():
-        raise TQCError(f"{directory} has no {STRUCTURE_FILE}: it is not a tqcompressor model dir or it was only "
-                       "half written; re-run `tqc compress`")
+        raise TQCError(
+            f"{directory} has no {STRUCTURE_FILE}: it is not a tqcompressor model dir or it was only "
+            "half written; re-run `tqc compress`"
+        )
     try:
         structure = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise TQCError(f"{path} is corrupt (not valid JSON); re-run `tqc compress`") from None
     version = structure.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise TQCError(f"{directory} uses format version {version}, this tqcompressor reads up to {FORMAT_VERSION}; "
-                       "upgrade tqcompressor")
+        raise TQCError(
+            f"{directory} uses format version {version}, this tqcompressor reads up to {FORMAT_VERSION}; "
+            "upgrade tqcompressor"
+        )
     return structure
 
 
@@ -195,12 +216,16 @@ def load(directory: str | Path) -> nn.Module:
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise TQCError(f"{weights} could not be read ({str(exc).splitlines()[0]}); the dir is corrupt or "
-                       "half written, re-run `tqc compress`") from None
+        raise TQCError(
+            f"{weights} could not be read ({str(exc).splitlines()[0]}); the dir is corrupt or "
+            "half written, re-run `tqc compress`"
+        ) from None
     missing = [k for k in missing if not _is_tied_alias(model, k)]
     if missing or unexpected:
-        raise TQCError(f"{weights} does not match its structure file (missing {missing[:3]}, unexpected "
-                       f"{unexpected[:3]}); re-run `tqc compress`")
+        raise TQCError(
+            f"{weights} does not match its structure file (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); re-run `tqc compress`"
+        )
     model.eval()
     return model
 
@@ -216,8 +241,11 @@ def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch
 
     with torch.device("meta"):  # shapes only, no memory
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        base = {name: tuple(dense_weight_of(skeleton.get_submodule(name))[0].shape)
-                for name in modules if _has(skeleton, name)}
+        base = {
+            name: tuple(dense_weight_of(skeleton.get_submodule(name))[0].shape)
+            for name in modules
+            if _has(skeleton, name)
+        }
         install_structure(skeleton, modules, dtype)
     for name, shape in base.items():
         module = skeleton.get_submodule(name)
@@ -228,18 +256,24 @@ def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch
         else:
             continue  # a tied head: the embedding's shape is checked
         if stands_for != shape:
-            raise TQCError(f"{directory}: module {name} is saved as a {stands_for[0]}x{stands_for[1]} matrix but "
-                           f"the base model's layer is {shape[0]}x{shape[1]}; the dir is corrupt")
+            raise TQCError(
+                f"{directory}: module {name} is saved as a {stands_for[0]}x{stands_for[1]} matrix but "
+                f"the base model's layer is {shape[0]}x{shape[1]}; the dir is corrupt"
+            )
     try:
         with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as stored:
             shapes = {key: tuple(stored.get_slice(key).get_shape()) for key in stored.keys()}
     except (SafetensorError, OSError) as exc:
-        raise TQCError(f"{directory / WEIGHTS_FILE} could not be read ({str(exc).splitlines()[0]}); the dir is "
-                       "corrupt or half written, re-run `tqc compress`") from None
+        raise TQCError(
+            f"{directory / WEIGHTS_FILE} could not be read ({str(exc).splitlines()[0]}); the dir is "
+            "corrupt or half written, re-run `tqc compress`"
+        ) from None
     for key, tensor in skeleton.state_dict().items():
         if key in shapes and shapes[key] != tuple(tensor.shape):
-            raise TQCError(f"{directory}: {key} has shape {list(shapes[key])} in {WEIGHTS_FILE} but "
-                           f"{list(tensor.shape)} in its structure file; the dir is corrupt")
+            raise TQCError(
+                f"{directory}: {key} has shape {list(shapes[key])} in {WEIGHTS_FILE} but "
+                f"{list(tensor.shape)} in its structure file; the dir is corrupt"
+            )
 
 
 def read_plan(directory: str | Path) -> Plan:
@@ -250,15 +284,20 @@ def read_plan(directory: str | Path) -> Plan:
 def _is_tied_alias(model: nn.Module, key: str) -> bool:
     """A dense LM head tied to a dense embedding is stored once; its second name is not missing."""
     head = model.get_output_embeddings()
-    return key.endswith("weight") and head is not None and getattr(head, "weight", None) is model.get_input_embeddings().weight
+    return (
+        key.endswith("weight")
+        and head is not None
+        and getattr(head, "weight", None) is model.get_input_embeddings().weight
+    )
 
 
 def load_tokenizer(directory: str | Path):
     """The tokenizer saved in ``directory``; a clear error where it has none."""
     tokenizer = load_tokenizer_or_missing(str(directory), str(directory), None)
     if isinstance(tokenizer, MissingTokenizer):
-        raise TQCError(f"{directory} has no tokenizer files; save it together with its tokenizer (tqc compress and "
-                       "tqc run do)")
+        raise TQCError(
+            f"{directory} has no tokenizer files; save it together with its tokenizer (tqc compress and tqc run do)"
+        )
     return tokenizer
 
 

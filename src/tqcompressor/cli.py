@@ -15,13 +15,17 @@ from typing import Optional
 
 import typer
 
+from tqcompressor import recipe
 from tqcompressor.errors import TQCError
 from tqcompressor.models import DEFAULT_MODEL
 from tqcompressor.outputs import check_writable, claim_directory, is_main_process
-from tqcompressor import recipe
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Compress Hugging Face causal LMs with permuted Kronecker factorizations (TQCompressor).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Compress Hugging Face causal LMs with permuted Kronecker factorizations (TQCompressor).",
+)
 
 
 def _methods_help(auto: bool = True) -> str:
@@ -47,16 +51,22 @@ def with_distill_options(command):
     :class:`~tqcompressor.distill.DistillConfig` ``kd`` (with its own ``steps`` and
     ``checkpoint_every``, which differ between commands)."""
     own = [p for name, p in inspect.signature(command).parameters.items() if name != "kd"]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
-                                default=typer.Option(default, help=text))
-              for name, (kind, default, text) in DISTILL_OPTIONS.items()]
+    shared = [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=typer.Option(default, help=text)
+        )
+        for name, (kind, default, text) in DISTILL_OPTIONS.items()
+    ]
 
     @functools.wraps(command)
     def wrapper(**options):
         from tqcompressor.distill import DistillConfig
 
-        kd = DistillConfig(steps=options["steps"], checkpoint_every=options["checkpoint_every"],
-                           **{name: options.pop(name) for name in DISTILL_OPTIONS})
+        kd = DistillConfig(
+            steps=options["steps"],
+            checkpoint_every=options["checkpoint_every"],
+            **{name: options.pop(name) for name in DISTILL_OPTIONS},
+        )
         return command(kd=kd, **options)
 
     parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared
@@ -92,10 +102,14 @@ def compress(
     out: Path = typer.Option(..., help="output directory"),
     max_iterations: int = typer.Option(20, help="permutation-search rounds per matrix (tq)"),
     prefer: str = typer.Option("accuracy", help="budget solver: accuracy | speed (B one row wide: faster layers)"),
-    auto_methods: Optional[str] = typer.Option(None, help="--method auto: comma-separated structures it may choose, "
-                                                f"or 'all' (default: {','.join(recipe.AUTO_METHODS)}; dense is always allowed)"),
+    auto_methods: Optional[str] = typer.Option(
+        None,
+        help="--method auto: comma-separated structures it may choose, "
+        f"or 'all' (default: {','.join(recipe.AUTO_METHODS)}; dense is always allowed)",
+    ),
     calibration: Optional[str] = typer.Option(
-        None, help="text (file/dir/glob, dataset name) or 'teacher': activation-aware fits (best with --method auto)"),
+        None, help="text (file/dir/glob, dataset name) or 'teacher': activation-aware fits (best with --method auto)"
+    ),
     calibration_tokens: int = typer.Option(8192, help="calibration tokens (in blocks of 256)"),
 ) -> None:
     """Compress a model and write a model dir plus compression.json."""
@@ -111,9 +125,16 @@ def compress(
     else:
         if ratio is None and target_params is None:
             ratio = 0.65
-        config = CompressionConfig(method=method, ratio=ratio, target_params=target_params,
-                                   target_modules=_split(target_modules), steps=steps, max_iterations=max_iterations,
-                                   prefer=prefer, auto_methods=_auto_methods(auto_methods, method))
+        config = CompressionConfig(
+            method=method,
+            ratio=ratio,
+            target_params=target_params,
+            target_modules=_split(target_modules),
+            steps=steps,
+            max_iterations=max_iterations,
+            prefer=prefer,
+            auto_methods=_auto_methods(auto_methods, method),
+        )
     loaded = load_model(model)
     ids = None
     if calibration is not None:
@@ -130,8 +151,11 @@ def compress(
 @app.command()
 def info(
     directory: str = typer.Argument(..., help="a dir written by `tqc compress`; with --targets any model reference"),
-    targets: bool = typer.Option(False, "--targets", help="list the modules that would be compressed, and their "
-                                 "parameters, without compressing anything"),
+    targets: bool = typer.Option(
+        False,
+        "--targets",
+        help="list the modules that would be compressed, and their parameters, without compressing anything",
+    ),
     target_modules: Optional[str] = typer.Option(None, help="with --targets: the patterns you would pass to compress"),
 ) -> None:
     """Print the compression table of a compressed model dir, or (--targets) what a model offers."""
@@ -157,9 +181,11 @@ def _targets_table(model_name: str, patterns: Optional[list[str]]) -> str:
     rows = target_summary(model, find_target_modules(model, patterns))
     total, in_targets = count_parameters(model), sum(r[3] for r in rows)
     how = "the modules named" if patterns else "the default: every Linear/Conv1D in the decoder blocks"
-    return (table(["module", "class", "weight shape", "params"], [list(r) for r in rows], "lllr")
-            + f"\n{len(rows)} target modules ({how}) hold {in_targets:,} of the model's {total:,} parameters "
-              f"({in_targets / total:.1%}); the rest (embeddings, norms, head, routers) stays as it is unless named")
+    return (
+        table(["module", "class", "weight shape", "params"], [list(r) for r in rows], "lllr")
+        + f"\n{len(rows)} target modules ({how}) hold {in_targets:,} of the model's {total:,} parameters "
+        f"({in_targets / total:.1%}); the rest (embeddings, norms, head, routers) stays as it is unless named"
+    )
 
 
 @app.command()
@@ -206,12 +232,17 @@ def _check_seq_len(model, seq_len: int) -> None:
 def distill(
     teacher: str = typer.Option(DEFAULT_MODEL, help="the original model"),
     student: Path = typer.Option(..., help="a compressed model dir (from `tqc compress`)"),
-    data: str = typer.Option("teacher", help="text file/dir/glob, a dataset name (wikitext, openwebtext), or 'teacher'"),
+    data: str = typer.Option(
+        "teacher", help="text file/dir/glob, a dataset name (wikitext, openwebtext), or 'teacher'"
+    ),
     fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split (0.031 = paper)"),
-    teacher_fraction: float = typer.Option(recipe.TEACHER_FRACTION, help="fraction of the distillation (and calibration) "
-                                           "blocks sampled from the teacher, mixed evenly into --data"),
-    teacher_pool: int = typer.Option(recipe.TEACHER_POOL, help="teacher blocks sampled once (then cycled) for "
-                                     "--data teacher or --teacher-fraction"),
+    teacher_fraction: float = typer.Option(
+        recipe.TEACHER_FRACTION,
+        help="fraction of the distillation (and calibration) blocks sampled from the teacher, mixed evenly into --data",
+    ),
+    teacher_pool: int = typer.Option(
+        recipe.TEACHER_POOL, help="teacher blocks sampled once (then cycled) for --data teacher or --teacher-fraction"
+    ),
     out: Path = typer.Option(..., help="run dir: checkpoints, metrics.jsonl, the final model"),
     steps: int = typer.Option(100, help="optimizer steps"),
     checkpoint_every: int = typer.Option(50, help="optimizer steps between checkpoints"),
@@ -232,9 +263,17 @@ def distill(
     check_student_matches_teacher(student_model, loaded.model)
     _check_seq_len(loaded.model, kd.seq_len)
     blocks = block_source_for(data, loaded, kd, out, fraction, teacher_fraction, teacher_pool=teacher_pool)
-    result = multistep_distill(loaded.model, student_model, blocks, kd, out, resume=resume,
-                               tokenizer=loaded.tokenizer, teacher_name=teacher,
-                               data_name=data_name(data, teacher_fraction, teacher_pool))
+    result = multistep_distill(
+        loaded.model,
+        student_model,
+        blocks,
+        kd,
+        out,
+        resume=resume,
+        tokenizer=loaded.tokenizer,
+        teacher_name=teacher,
+        data_name=data_name(data, teacher_fraction, teacher_pool),
+    )
     if is_main_process():  # under torchrun / accelerate launch, rank 0 writes
         save(result.to("cpu"), out / "model", loaded.tokenizer, base_model=teacher)
         typer.echo(f"wrote {out / 'model'}; metrics in {out / 'metrics.jsonl'}")
@@ -243,8 +282,9 @@ def distill(
 @app.command(name="eval")
 def eval_command(
     model: str = typer.Option(..., help="a compressed dir or any model --model accepts"),
-    data: str = typer.Option(..., help="text file/dir/glob, a dataset name (wikitext), or lambada / lambada:FILE "
-                                       "for last-word accuracy"),
+    data: str = typer.Option(
+        ..., help="text file/dir/glob, a dataset name (wikitext), or lambada / lambada:FILE for last-word accuracy"
+    ),
     teacher: Optional[str] = typer.Option(None, help="also report KL and top-1 agreement with this model"),
     context: int = typer.Option(512, help="window length (tokens)"),
     stride: Optional[int] = typer.Option(None, help="window stride (tokens); default = context"),
@@ -273,8 +313,15 @@ def eval_command(
         return
     teacher_model = load_model(teacher).model if teacher else None
     ids = tokenize_text(data, loaded.tokenizer, max_tokens)
-    metrics = evaluate(loaded.model, ids, context=context, stride=stride, teacher=teacher_model,
-                       batch_size=batch_size, tokenizer=loaded.tokenizer)
+    metrics = evaluate(
+        loaded.model,
+        ids,
+        context=context,
+        stride=stride,
+        teacher=teacher_model,
+        batch_size=batch_size,
+        tokenizer=loaded.tokenizer,
+    )
     metrics.update(model=model, data=data)
     keys = ["perplexity", "word_perplexity", "byte_perplexity", "kl_to_teacher", "top1_agreement", "tokens", "params"]
     typer.echo(table(["metric", "value"], [[k, metrics[k]] for k in keys if k in metrics]))
@@ -291,15 +338,21 @@ def run(
     ratio: float = typer.Option(0.65, help="fraction of the whole model's parameters to keep"),
     stages: int = typer.Option(recipe.STAGES, help="compression/distillation steps (upper layers first)"),
     prefer: str = typer.Option("accuracy", help="budget solver: accuracy | speed (B one row wide: faster layers)"),
-    auto_methods: Optional[str] = typer.Option(None, help="--method auto: comma-separated structures it may choose, "
-                                                f"or 'all' (default: {','.join(recipe.AUTO_METHODS)}; dense is always allowed)"),
+    auto_methods: Optional[str] = typer.Option(
+        None,
+        help="--method auto: comma-separated structures it may choose, "
+        f"or 'all' (default: {','.join(recipe.AUTO_METHODS)}; dense is always allowed)",
+    ),
     spec: Optional[Path] = typer.Option(None, help="explicit per-layer plan instead of --ratio/--stages"),
     data: str = typer.Option("teacher", help="distillation text (file/dir/glob, dataset name) or 'teacher'"),
     fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split"),
-    teacher_fraction: float = typer.Option(recipe.TEACHER_FRACTION, help="fraction of the distillation (and calibration) "
-                                           "blocks sampled from the teacher, mixed evenly into --data"),
-    teacher_pool: int = typer.Option(recipe.TEACHER_POOL, help="teacher blocks sampled once (then cycled) for "
-                                     "--data teacher or --teacher-fraction"),
+    teacher_fraction: float = typer.Option(
+        recipe.TEACHER_FRACTION,
+        help="fraction of the distillation (and calibration) blocks sampled from the teacher, mixed evenly into --data",
+    ),
+    teacher_pool: int = typer.Option(
+        recipe.TEACHER_POOL, help="teacher blocks sampled once (then cycled) for --data teacher or --teacher-fraction"
+    ),
     eval_data: Optional[str] = typer.Option(None, help="evaluation text; default: held-out teacher samples"),
     eval_tokens: int = typer.Option(8192, help="tokens to evaluate on"),
     context: int = typer.Option(512, help="evaluation window"),
@@ -307,8 +360,9 @@ def run(
     checkpoint_every: int = typer.Option(20, help="optimizer steps between checkpoints"),
     out: Path = typer.Option(Path("out/run"), help="run dir: report.md, results.json, perplexity.png, model/"),
     resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
-    calibration_tokens: int = typer.Option(8192, help="distillation tokens the fits are calibrated on "
-                                           "(0: weight-space fits, e.g. the paper's tq as is)"),
+    calibration_tokens: int = typer.Option(
+        8192, help="distillation tokens the fits are calibrated on (0: weight-space fits, e.g. the paper's tq as is)"
+    ),
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
     """The main job: compress, distill step by step, evaluate, write report.md and a plot."""
@@ -316,13 +370,31 @@ def run(
     from tqcompressor.models import load_model
     from tqcompressor.pipeline import format_report, run_pipeline
 
-    compression = load_spec(spec) if spec else CompressionConfig(method=method, ratio=ratio, steps=stages,
-                                                                 prefer=prefer, auto_methods=_auto_methods(auto_methods, method))
+    compression = (
+        load_spec(spec)
+        if spec
+        else CompressionConfig(
+            method=method, ratio=ratio, steps=stages, prefer=prefer, auto_methods=_auto_methods(auto_methods, method)
+        )
+    )
     check_writable(out)  # before loading anything; run_pipeline claims it
     loaded = load_model(model)
     _check_seq_len(loaded.model, max(kd.seq_len, context))
-    result = run_pipeline(loaded, compression, kd, data, eval_data, out, eval_tokens, context, resume, fraction,
-                          calibration_tokens, teacher_fraction, teacher_pool)
+    result = run_pipeline(
+        loaded,
+        compression,
+        kd,
+        data,
+        eval_data,
+        out,
+        eval_tokens,
+        context,
+        resume,
+        fraction,
+        calibration_tokens,
+        teacher_fraction,
+        teacher_pool,
+    )
     if not result:
         return  # not rank 0 of a multi-process run: rank 0 reports
     typer.echo(format_report(result))

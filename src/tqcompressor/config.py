@@ -12,6 +12,7 @@ import yaml
 from tqcompressor.errors import TQCError
 from tqcompressor.structures import Structure, get_structure, settings_dict
 
+
 class LayerSpec:
     """How one module is compressed: a registered structure (``method``), that structure's own
     settings (e.g. ``rank``, ``a_shape``, ``b_shape`` for ``tq``), and the distillation step at
@@ -85,14 +86,14 @@ class CompressionConfig:
 def load_spec(path: str | Path) -> CompressionConfig:
     """Read a per-layer spec file. Format (YAML or JSON)::
 
-        tie_lm_head: false            # optional
-        layers:
-          - modules: [transformer.h.1.mlp.c_fc, ...]   # exact module names or glob patterns
-            method: tq
-            rank: 4
-            a_shape: [768, 384]
-            b_shape: [4, 2]
-            step: 1
+    tie_lm_head: false            # optional
+    layers:
+      - modules: [transformer.h.1.mlp.c_fc, ...]   # exact module names or glob patterns
+        method: tq
+        rank: 4
+        a_shape: [768, 384]
+        b_shape: [4, 2]
+        step: 1
     """
     path = Path(path)
     if not path.is_file():
@@ -115,9 +116,13 @@ def load_spec(path: str | Path) -> CompressionConfig:
         modules = entry["modules"] if isinstance(entry["modules"], list) else [entry["modules"]]
         for name in modules:
             layers.append((str(name), spec))
-    return CompressionConfig(method="tq", ratio=None, layers=layers,
-                             tie_lm_head=bool(data.get("tie_lm_head", True)),
-                             max_iterations=int(data.get("max_iterations", 20)))
+    return CompressionConfig(
+        method="tq",
+        ratio=None,
+        layers=layers,
+        tie_lm_head=bool(data.get("tie_lm_head", True)),
+        max_iterations=int(data.get("max_iterations", 20)),
+    )
 
 
 @dataclass
@@ -142,8 +147,9 @@ class CompressionReport:
     target_params: int | None = None
     method: str = ""
     seconds: float = 0.0
-    counting: str = ("every parameter of the model counted once (a tied embedding/LM head once), "
-                     "permutation index buffers excluded")
+    counting: str = (
+        "every parameter of the model counted once (a tied embedding/LM head once), permutation index buffers excluded"
+    )
     layers: list[LayerReport] = field(default_factory=list)
     # method="auto": per target layer, the candidates measured and the one chosen (dense included)
     auto: dict[str, dict] | None = None

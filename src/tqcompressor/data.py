@@ -63,10 +63,14 @@ def iter_texts(source: str, split: str = "train", fraction: float | None = None)
         yield from _iter_hub(HUB_DATASETS[source], split, fraction)
         return
     if any(ch in source for ch in "/\\*?") or source.endswith(".txt"):
-        raise TQCError(f"no text files at {source!r}; give an existing file, directory or glob, "
-                       f"a dataset name ({', '.join(HUB_DATASETS)}) or 'teacher'")
-    raise TQCError(f"unknown data source {source!r}; use a text file/dir/glob, one of {', '.join(HUB_DATASETS)}, "
-                   "or 'teacher' (samples from the teacher, no data needed)")
+        raise TQCError(
+            f"no text files at {source!r}; give an existing file, directory or glob, "
+            f"a dataset name ({', '.join(HUB_DATASETS)}) or 'teacher'"
+        )
+    raise TQCError(
+        f"unknown data source {source!r}; use a text file/dir/glob, one of {', '.join(HUB_DATASETS)}, "
+        "or 'teacher' (samples from the teacher, no data needed)"
+    )
 
 
 def _iter_files(files: list[Path]) -> Iterator[str]:
@@ -90,8 +94,10 @@ def _iter_hub(spec: HubDataset, split: str, fraction: float | None) -> Iterator[
 
         dataset = load_dataset(spec.path, spec.name, split=split, streaming=True)
     except Exception as exc:  # datasets raises many types for "no network" / "not found"
-        raise TQCError(f"could not open the Hugging Face dataset {spec.path!r} ({type(exc).__name__}); this needs "
-                       "hub access - on an offline machine pass local text files instead") from None
+        raise TQCError(
+            f"could not open the Hugging Face dataset {spec.path!r} ({type(exc).__name__}); this needs "
+            "hub access - on an offline machine pass local text files instead"
+        ) from None
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise TQCError(f"--fraction must be in (0, 1], got {fraction}")
@@ -129,7 +135,9 @@ def tokenize_text(source: str, tokenizer, max_tokens: int | None = None, split: 
 
 
 @torch.no_grad()
-def sample_from_teacher(teacher, tokenizer, count: int, seq_len: int, seed: int, batch_size: int = 32) -> Iterator[torch.Tensor]:
+def sample_from_teacher(
+    teacher, tokenizer, count: int, seq_len: int, seed: int, batch_size: int = 32
+) -> Iterator[torch.Tensor]:
     """Blocks of ``seq_len`` tokens sampled from the teacher (temperature 1, top-k 50), seeded."""
     device = next(teacher.parameters()).device
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -140,10 +148,16 @@ def sample_from_teacher(teacher, tokenizer, count: int, seq_len: int, seed: int,
         while made < count:
             n = min(batch_size, count - made)
             prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
-            out = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=50,
-                                   max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=tokenizer.eos_token_id)
-            for row in out[:, 1:seq_len + 1].cpu():
-                yield row
+            out = teacher.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                top_k=50,
+                max_new_tokens=seq_len,
+                min_new_tokens=seq_len,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+            yield from out[:, 1 : seq_len + 1].cpu()
             made += n
     finally:
         torch.random.set_rng_state(generator_state)
@@ -159,7 +173,9 @@ def text_block_source(source: str, tokenizer, seq_len: int, split: str = "train"
         def forever():
             while True:
                 yield from iter_token_blocks(iter_texts(source, split, fraction), tokenizer, seq_len)
+
         return itertools.islice(forever(), start, None)
+
     return stream
 
 
@@ -170,8 +186,16 @@ def teacher_samples(teacher, tokenizer, count: int, seq_len: int, seed: int, cac
 
     if cache is not None and cache.is_file():
         return load_file(str(cache))["blocks"]
-    pool = torch.stack(list(tqdm(sample_from_teacher(teacher, tokenizer, count, seq_len, seed),
-                                 total=count, desc="sampling from teacher", unit="seq")))
+    pool = torch.stack(
+        list(
+            tqdm(
+                sample_from_teacher(teacher, tokenizer, count, seq_len, seed),
+                total=count,
+                desc="sampling from teacher",
+                unit="seq",
+            )
+        )
+    )
     if cache is not None and is_main_process():  # one writer under torchrun; the others sample the same
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_name(cache.name + ".partial")

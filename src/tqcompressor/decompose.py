@@ -50,8 +50,10 @@ def complete_shapes(
     a_shape, b_shape = tuple(int(x) for x in a_shape), tuple(int(x) for x in b_shape)
     m, n = shape
     if a_shape[0] * b_shape[0] != m or a_shape[1] * b_shape[1] != n:
-        raise TQCError(f"a_shape {a_shape} (x) b_shape {b_shape} gives "
-                       f"{(a_shape[0] * b_shape[0], a_shape[1] * b_shape[1])}, not the weight shape {shape}")
+        raise TQCError(
+            f"a_shape {a_shape} (x) b_shape {b_shape} gives "
+            f"{(a_shape[0] * b_shape[0], a_shape[1] * b_shape[1])}, not the weight shape {shape}"
+        )
     return a_shape, b_shape
 
 
@@ -59,8 +61,10 @@ def _other_factor(shape: tuple[int, int], given: tuple[int, int], label: str) ->
     """The factor shape that, Kronecker-multiplied with ``given``, makes ``shape``."""
     (m, n), (p, q) = shape, given
     if p <= 0 or q <= 0 or m % p or n % q:
-        raise TQCError(f"{label} {tuple(given)} does not divide the weight shape {shape}; "
-                       "pick factor sizes that divide each dimension")
+        raise TQCError(
+            f"{label} {tuple(given)} does not divide the weight shape {shape}; "
+            "pick factor sizes that divide each dimension"
+        )
     return (m // p, n // q)
 
 
@@ -80,8 +84,10 @@ def nearest_kronecker(
     """Best ``sum_{k<rank} A_k (x) B_k`` in Frobenius norm (Van Loan & Pitsianis 1993)."""
     (m1, n1), (m2, n2) = a_shape, b_shape
     if rank > min(m1 * n1, m2 * n2):
-        raise TQCError(f"rank {rank} exceeds the largest useful Kronecker rank "
-                       f"{min(m1 * n1, m2 * n2)} for factors {a_shape} and {b_shape}")
+        raise TQCError(
+            f"rank {rank} exceeds the largest useful Kronecker rank "
+            f"{min(m1 * n1, m2 * n2)} for factors {a_shape} and {b_shape}"
+        )
     u, s, vh = torch.linalg.svd(rearrange(w, a_shape, b_shape), full_matrices=False)
     root = s[:rank].sqrt()  # split each singular value evenly so A and B have similar scale
     a = (u[:, :rank] * root).T.reshape(rank, m1, n1)
@@ -119,9 +125,16 @@ def _covariance(input_cov: Tensor) -> tuple[Tensor, float]:
     return c, float(c.diagonal().mean()) or 1.0
 
 
-def output_metric_kronecker(w: Tensor, input_cov: Tensor, a: Tensor, b: Tensor, max_iterations: int = 25,
-                            tolerance: float = 1e-4, damping: float = WHITENING_DAMPING,
-                            product: Tensor | None = None) -> tuple[Tensor, Tensor, list[float]]:
+def output_metric_kronecker(
+    w: Tensor,
+    input_cov: Tensor,
+    a: Tensor,
+    b: Tensor,
+    max_iterations: int = 25,
+    tolerance: float = 1e-4,
+    damping: float = WHITENING_DAMPING,
+    product: Tensor | None = None,
+) -> tuple[Tensor, Tensor, list[float]]:
     """Refine ``sum_k A_k (x) B_k ~= w`` (already permuted) in the output metric
     ``tr(D C D^T)``, ``D = w - sum_k A_k (x) B_k``, ``C`` the damped input second moment (as the
     activation-aware SVD uses it), by exact alternating least squares from ``(a, b)``.

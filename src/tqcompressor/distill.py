@@ -64,16 +64,28 @@ class DistillConfig:
     def __post_init__(self) -> None:
         """One clear line for a setting that cannot work (instead of a torch traceback later, or
         a run that silently trains nothing)."""
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "seq_len": self.seq_len, "checkpoint_every": self.checkpoint_every,
-                    "log_every": self.log_every, "temperature": self.temperature}
+        positive = {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "seq_len": self.seq_len,
+            "checkpoint_every": self.checkpoint_every,
+            "log_every": self.log_every,
+            "temperature": self.temperature,
+        }
         for name, value in positive.items():
             if not value > 0:
                 raise TQCError(f"{name.replace('_', '-')} must be positive, got {value}")
         if not self.lr > 0:
             raise TQCError(f"lr must be a positive learning rate, got {self.lr}")
-        non_negative = {"warmup_steps": self.warmup_steps, "weight_decay": self.weight_decay, "clip": self.clip,
-                        "alpha_kl": self.alpha_kl, "alpha_ce": self.alpha_ce, "alpha_hidden": self.alpha_hidden}
+        non_negative = {
+            "warmup_steps": self.warmup_steps,
+            "weight_decay": self.weight_decay,
+            "clip": self.clip,
+            "alpha_kl": self.alpha_kl,
+            "alpha_ce": self.alpha_ce,
+            "alpha_hidden": self.alpha_hidden,
+        }
         for name, value in non_negative.items():
             if not value >= 0:
                 raise TQCError(f"{name.replace('_', '-')} must be 0 or more, got {value}")
@@ -88,15 +100,23 @@ class DistillConfig:
 BlockSource = Callable[[int], Iterator[torch.Tensor]]  # start block index -> endless stream of token blocks
 
 
-def distillation_loss(student_out, teacher_out, input_ids: torch.Tensor, config: DistillConfig) -> dict[str, torch.Tensor]:
+def distillation_loss(
+    student_out, teacher_out, input_ids: torch.Tensor, config: DistillConfig
+) -> dict[str, torch.Tensor]:
     """The weighted KD loss on next-token predictions; returns the total and its parts."""
     s_logits = student_out.logits[:, :-1].float()
     t_logits = teacher_out.logits[:, :-1].float()
     vocab = s_logits.shape[-1]
     temp = config.temperature
-    kl = F.kl_div(F.log_softmax(s_logits / temp, -1).reshape(-1, vocab),
-                  F.log_softmax(t_logits / temp, -1).reshape(-1, vocab),
-                  log_target=True, reduction="batchmean") * temp ** 2
+    kl = (
+        F.kl_div(
+            F.log_softmax(s_logits / temp, -1).reshape(-1, vocab),
+            F.log_softmax(t_logits / temp, -1).reshape(-1, vocab),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temp**2
+    )
     ce = F.cross_entropy(s_logits.reshape(-1, vocab), input_ids[:, 1:].reshape(-1))
     parts = {"kl": kl, "ce": ce}
     total = config.alpha_kl * kl + config.alpha_ce * ce
@@ -143,11 +163,23 @@ class RunOutputs:
 
 def run_fingerprint(teacher_name: str, data_name: str, plan: Plan | None, distill: DistillConfig) -> str:
     """Identifies a run, so that ``resume`` refuses a checkpoint of a different one."""
-    compression = None if plan is None else {"layers": plan.to_list(), "method": plan.method,
-                                             "tie_lm_head": plan.tie_lm_head, "max_iterations": plan.max_iterations}
-    payload = {"teacher": teacher_name, "data": data_name, "stages": plan.steps() if plan else [1],
-               "compression": compression,
-               "distill": asdict(distill) | {"checkpoint_every": None, "log_every": None}}
+    compression = (
+        None
+        if plan is None
+        else {
+            "layers": plan.to_list(),
+            "method": plan.method,
+            "tie_lm_head": plan.tie_lm_head,
+            "max_iterations": plan.max_iterations,
+        }
+    )
+    payload = {
+        "teacher": teacher_name,
+        "data": data_name,
+        "stages": plan.steps() if plan else [1],
+        "compression": compression,
+        "distill": asdict(distill) | {"checkpoint_every": None, "log_every": None},
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -184,8 +216,13 @@ def multistep_distill(
     out_dir = Path(out_dir)
     check_writable(out_dir)  # every process refuses a user's directory; only the main one writes
     stages = plan.steps() if plan is not None else [1]
-    outputs = RunOutputs(out_dir / "checkpoint", out_dir / "metrics.jsonl",
-                         run_fingerprint(teacher_name, data_name, plan, config), tokenizer, plan)
+    outputs = RunOutputs(
+        out_dir / "checkpoint",
+        out_dir / "metrics.jsonl",
+        run_fingerprint(teacher_name, data_name, plan, config),
+        tokenizer,
+        plan,
+    )
     position, saved = Position(), None
     if resume:
         student, saved = _load_checkpoint(outputs.checkpoint, outputs.fingerprint)
@@ -243,14 +280,28 @@ def _new_trainer(student, config: DistillConfig, accelerator, position: Position
     return TrainerState(model, optimizer, scheduler, position)
 
 
-def train_stage(trainer: TrainerState, teacher, stream: Iterator[torch.Tensor], stage: int, config: DistillConfig,
-                accelerator, outputs: RunOutputs, stop_after: int | None = None, progress: bool = True) -> bool:
+def train_stage(
+    trainer: TrainerState,
+    teacher,
+    stream: Iterator[torch.Tensor],
+    stage: int,
+    config: DistillConfig,
+    accelerator,
+    outputs: RunOutputs,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> bool:
     """Train until the stage has ``config.steps`` optimizer steps; log every ``log_every`` and
     checkpoint every ``checkpoint_every`` steps. Returns False when ``stop_after`` cut it short."""
     model, optimizer, scheduler, position = trainer.model, trainer.optimizer, trainer.scheduler, trainer.position
     model.train()
-    bar = tqdm(total=config.steps, initial=position.stage_step, desc=f"distill stage {stage}",
-               unit="step", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=config.steps,
+        initial=position.stage_step,
+        desc=f"distill stage {stage}",
+        unit="step",
+        disable=not (progress and accelerator.is_main_process),
+    )
     started, tokens = time.perf_counter(), 0
     while position.stage_step < config.steps:
         if stop_after is not None and position.global_step >= stop_after:
@@ -280,9 +331,14 @@ def train_stage(trainer: TrainerState, teacher, stream: Iterator[torch.Tensor], 
             # the losses of the whole global batch: every process's, averaged (a collective: all call it)
             losses = accelerator.reduce({k: v.detach() for k, v in parts.items()}, reduction="mean")
             if accelerator.is_main_process:
-                record = {"stage": stage, "step": position.stage_step, "global_step": position.global_step,
-                          "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate,
-                          **{k: float(v) for k, v in losses.items()}}
+                record = {
+                    "stage": stage,
+                    "step": position.stage_step,
+                    "global_step": position.global_step,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": rate,
+                    **{k: float(v) for k, v in losses.items()},
+                }
                 with outputs.metrics.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
         if position.stage_step % config.checkpoint_every == 0 or position.stage_step == config.steps:
@@ -316,6 +372,7 @@ def _warmup_cosine(warmup: int, total: int):
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
     return factor
 
 
@@ -337,9 +394,16 @@ def _save_checkpoint(outputs: RunOutputs, trainer: TrainerState, student) -> Non
     rng = {"torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generators
         rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save({**asdict(trainer.position), "fingerprint": outputs.fingerprint,
-                "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-                **rng}, partial / STATE_FILE)
+    torch.save(
+        {
+            **asdict(trainer.position),
+            "fingerprint": outputs.fingerprint,
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            **rng,
+        },
+        partial / STATE_FILE,
+    )
     previous = path.with_name(path.name + ".previous")
     if path.exists():
         shutil.rmtree(previous, ignore_errors=True)
@@ -361,12 +425,16 @@ def _load_checkpoint(path: Path, fingerprint: str):
             damaged.append(f"{candidate} ({type(exc).__name__})")
             continue
         if state.get("fingerprint") != fingerprint:
-            raise TQCError(f"{candidate} belongs to another run (different teacher, data, plan or settings); "
-                           "use a new --out dir or the original settings")
+            raise TQCError(
+                f"{candidate} belongs to another run (different teacher, data, plan or settings); "
+                "use a new --out dir or the original settings"
+            )
         if damaged:
             tqdm.write(f"warning: {damaged[0]} cannot be read; resuming from the previous checkpoint, {candidate}")
         return model, state
     if damaged:
-        raise TQCError(f"cannot read the checkpoint {' or '.join(damaged)}; it is damaged: run again without "
-                       "--resume (or into a new --out dir)")
+        raise TQCError(
+            f"cannot read the checkpoint {' or '.join(damaged)}; it is damaged: run again without "
+            "--resume (or into a new --out dir)"
+        )
     raise TQCError(f"nothing to resume: {path} holds no checkpoint; run without --resume")

@@ -2,10 +2,11 @@
 
 Windows of ``context`` tokens end every ``stride`` tokens; each token is scored at most once, by
 the first window that reaches it (the protocol of the Hugging Face perplexity guide; with
-``stride == context`` the first token of each window has no context and is not scored). ``stride == context`` gives disjoint windows; a smaller stride gives every scored token
-at least ``context - stride`` tokens of context. Word- and byte-level perplexity divide the same
-total negative log-likelihood by the number of whitespace-separated words / UTF-8 bytes of the
-scored tokens (decoded window by window), as lm-evaluation-harness defines them for wikitext.
+``stride == context`` the first token of each window has no context and is not scored).
+``stride == context`` gives disjoint windows; a smaller stride gives every scored token at least
+``context - stride`` tokens of context. Word- and byte-level perplexity divide the same total
+negative log-likelihood by the number of whitespace-separated words / UTF-8 bytes of the scored
+tokens (decoded window by window), as lm-evaluation-harness defines them for wikitext.
 """
 
 from __future__ import annotations
@@ -42,8 +43,16 @@ def windows(num_tokens: int, context: int, stride: int) -> list[tuple[int, int, 
 
 
 @torch.no_grad()
-def evaluate(model, ids: torch.Tensor, context: int = 512, stride: int | None = None, teacher=None,
-             batch_size: int = 4, tokenizer=None, progress: bool = True) -> dict:
+def evaluate(
+    model,
+    ids: torch.Tensor,
+    context: int = 512,
+    stride: int | None = None,
+    teacher=None,
+    batch_size: int = 4,
+    tokenizer=None,
+    progress: bool = True,
+) -> dict:
     """Perplexity of ``model`` on the token sequence ``ids``; with ``teacher``, also KL(teacher || model)
     and top-1 agreement on the same scored positions."""
     stride = stride or context
@@ -55,7 +64,7 @@ def evaluate(model, ids: torch.Tensor, context: int = 512, stride: int | None = 
     if not plan:
         raise TQCError("not enough tokens to evaluate (need at least 2)")
     nll, kl, agree, count = 0.0, 0.0, 0, 0
-    batches = [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
+    batches = [plan[i : i + batch_size] for i in range(0, len(plan), batch_size)]
     for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
         for group in _same_length_groups(batch):
             inputs = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
@@ -63,12 +72,12 @@ def evaluate(model, ids: torch.Tensor, context: int = 512, stride: int | None = 
             teacher_logits = teacher(inputs).logits.float() if teacher is not None else None
             for row, (b, e, scored) in enumerate(group):
                 length = e - b
-                pred = logits[row, length - scored - 1:length - 1]
-                target = inputs[row, length - scored:]
+                pred = logits[row, length - scored - 1 : length - 1]
+                target = inputs[row, length - scored :]
                 log_probs = F.log_softmax(pred, dim=-1)
                 nll -= float(log_probs.gather(-1, target[:, None]).sum())
                 if teacher_logits is not None:
-                    t_log_probs = F.log_softmax(teacher_logits[row, length - scored - 1:length - 1], dim=-1)
+                    t_log_probs = F.log_softmax(teacher_logits[row, length - scored - 1 : length - 1], dim=-1)
                     kl += float((t_log_probs.exp() * (t_log_probs - log_probs)).sum())
                     agree += int((t_log_probs.argmax(-1) == pred.argmax(-1)).sum())
                 count += scored
@@ -83,7 +92,7 @@ def evaluate(model, ids: torch.Tensor, context: int = 512, stride: int | None = 
         result["kl_to_teacher"] = kl / count
         result["top1_agreement"] = agree / count
     if tokenizer is not None:  # words and bytes of the scored tokens only, like the NLL they divide
-        spans = [tokenizer.decode(ids[e - scored:e].tolist()) for _, e, scored in plan]
+        spans = [tokenizer.decode(ids[e - scored : e].tolist()) for _, e, scored in plan]
         words, text_bytes = sum(len(t.split()) for t in spans), sum(len(t.encode("utf-8")) for t in spans)
         result["word_perplexity"] = math.exp(nll / max(words, 1))
         result["byte_perplexity"] = math.exp(nll / max(text_bytes, 1))
@@ -112,8 +121,8 @@ def lambada(model, tokenizer, texts, max_examples: int | None = None, progress: 
         context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
         target_ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([context_ids + target_ids], device=device)
-        logits = model(ids).logits[0, len(context_ids) - 1:-1].float()
-        target = ids[0, len(context_ids):]
+        logits = model(ids).logits[0, len(context_ids) - 1 : -1].float()
+        target = ids[0, len(context_ids) :]
         log_probs = F.log_softmax(logits, dim=-1)
         nll -= float(log_probs.gather(-1, target[:, None]).sum())
         count += len(target_ids)
@@ -123,8 +132,11 @@ def lambada(model, tokenizer, texts, max_examples: int | None = None, progress: 
             break
     if examples == 0:
         raise TQCError("no LAMBADA examples to evaluate")
-    return {"lambada_accuracy": correct / examples, "lambada_perplexity": math.exp(nll / count),
-            "lambada_examples": examples}
+    return {
+        "lambada_accuracy": correct / examples,
+        "lambada_perplexity": math.exp(nll / count),
+        "lambada_examples": examples,
+    }
 
 
 @torch.no_grad()
@@ -137,8 +149,13 @@ def greedy_continuations(models: dict, tokenizer, prompts: list[str], new_tokens
         for name, model in models.items():
             device = next(model.parameters()).device
             ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-            out = model.eval().generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                        max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id)
-            row[name] = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+            out = model.eval().generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+            row[name] = tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
         rows.append(row)
     return rows

@@ -35,8 +35,16 @@ def export_onnx(directory: str | Path, out: str | Path, opset: int = 18) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(2, 8, dtype=torch.long)  # not 1: the exporter would fix a size-1 axis
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    torch.onnx.export(_LogitsOnly(model), (example,), str(out), input_names=["input_ids"], output_names=["logits"],
-                      dynamic_shapes=({0: batch, 1: seq},), dynamo=True, opset_version=opset)
+    torch.onnx.export(
+        _LogitsOnly(model),
+        (example,),
+        str(out),
+        input_names=["input_ids"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch, 1: seq},),
+        dynamo=True,
+        opset_version=opset,
+    )
     return out
 
 
@@ -49,8 +57,7 @@ def push_to_hub(directory: str | Path, repo_id: str, private: bool = False, toke
         raise TQCError(f"--repo must look like 'user/name', got {repo_id!r}")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(folder_path=str(directory), repo_id=repo_id,
-                               commit_message="Upload tqcompressor model")
+    commit = api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message="Upload tqcompressor model")
     return str(getattr(commit, "commit_url", commit))
 
 

@@ -26,8 +26,14 @@ def plan_cells(teacher: nn.Module, student: nn.Module) -> list[dict]:
         replaced = student.get_submodule(name)
         before = sum(p.numel() for p in module.parameters())
         after = sum(p.numel() for p in replaced.parameters())
-        cells.append({"block": int(found.group(1)), "matrix": name[found.end():],
-                      "method": structure_of.get(type(replaced), "dense"), "kept": after / before})
+        cells.append(
+            {
+                "block": int(found.group(1)),
+                "matrix": name[found.end() :],
+                "method": structure_of.get(type(replaced), "dense"),
+                "kept": after / before,
+            }
+        )
     return cells
 
 
@@ -53,8 +59,14 @@ def plot_plan(cells: list[dict], path: Path, title: str) -> None:
     ax.set_yticks([i + 0.5 for i in range(len(blocks))], [str(b) for b in blocks], fontsize=6)
     ax.set_ylabel("block")
     ax.set_title(title, fontsize=9)
-    ax.legend(handles=[Patch(color=palette[m], label=m) for m in methods], fontsize=7,
-              loc="upper left", bbox_to_anchor=(1.01, 1.0), title="structure (label: % kept)", title_fontsize=7)
+    ax.legend(
+        handles=[Patch(color=palette[m], label=m) for m in methods],
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        title="structure (label: % kept)",
+        title_fontsize=7,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -66,8 +78,9 @@ def plot_points(rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         ax.scatter(r["params"] / 1e6, r["perplexity"], s=40)
-        ax.annotate(r["label"], (r["params"] / 1e6, r["perplexity"]), textcoords="offset points", xytext=(5, 5),
-                    fontsize=8)
+        ax.annotate(
+            r["label"], (r["params"] / 1e6, r["perplexity"]), textcoords="offset points", xytext=(5, 5), fontsize=8
+        )
     ax.set_xlabel("parameters (M, all counted)")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_yscale("log")

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-
 # consumer -> the producers whose outputs reach it through feature-wise ops only
 MLP_PRODUCERS = {"down_proj": ("gate_proj", "up_proj"), "c_proj": ("c_fc",), "fc2": ("fc1",)}
 
@@ -41,8 +40,12 @@ def fold_mlp_permutations(model: nn.Module, skip: set[str] | frozenset[str] = fr
             consumer = getattr(mlp, consumer_name, None)
             producers = [getattr(mlp, p, None) for p in producer_names]
             full = [f"{name}.{n}" if name else n for n in (consumer_name, *producer_names)]
-            if (not hasattr(consumer, "take_input_gathered") or consumer.input_gather is None
-                    or not all(_can_permute_outputs(p) for p in producers) or skip.intersection(full)):
+            if (
+                not hasattr(consumer, "take_input_gathered")
+                or consumer.input_gather is None
+                or not all(_can_permute_outputs(p) for p in producers)
+                or skip.intersection(full)
+            ):
                 continue
             if _fold_checked(mlp, consumer, producers):
                 folded.append(name)

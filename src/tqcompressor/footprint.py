@@ -49,25 +49,35 @@ def directory_bytes(path: Path) -> int:
 
 
 @torch.no_grad()
-def speed_ratios(teacher: nn.Module, student: nn.Module, prompt: torch.Tensor, new_tokens: int = 16,
-                 repeats: int = 3) -> dict:
+def speed_ratios(
+    teacher: nn.Module, student: nn.Module, prompt: torch.Tensor, new_tokens: int = 16, repeats: int = 3
+) -> dict:
     """Student/teacher time ratios (below 1: the student is faster) for a prefill of ``prompt``
     (batch, length) and for greedy generation of ``new_tokens`` after it, batch 1; a few seconds."""
     device = next(student.parameters()).device
     prompt = prompt.to(device)
     models = {"teacher": teacher.eval(), "student": student.eval()}
-    prefill = interleaved({k: (lambda m=m: m(prompt, logits_to_keep=1)) for k, m in models.items()}, device.type,
-                          repeats)
+    prefill = interleaved(
+        {k: (lambda m=m: m(prompt, logits_to_keep=1)) for k, m in models.items()}, device.type, repeats
+    )
     one = prompt[:1]
 
     def generate(model: nn.Module) -> None:
-        model.generate(one, attention_mask=torch.ones_like(one), do_sample=False, max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, pad_token_id=0)
+        model.generate(
+            one,
+            attention_mask=torch.ones_like(one),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )
 
     generation = interleaved({k: (lambda m=m: generate(m)) for k, m in models.items()}, device.type, repeats)
-    return {"prefill_time_ratio": prefill["student"] / prefill["teacher"],
-            "generation_time_ratio": generation["student"] / generation["teacher"],
-            "protocol": f"median of {repeats} interleaved runs in one process after a warm-up; prefill: "
-                        f"{tuple(prompt.shape)} tokens, logits for the last position; generation: batch 1, "
-                        f"{new_tokens} greedy tokens after a {prompt.shape[1]}-token prompt; device {device.type}, "
-                        f"{torch.get_num_threads()} threads"}
+    return {
+        "prefill_time_ratio": prefill["student"] / prefill["teacher"],
+        "generation_time_ratio": generation["student"] / generation["teacher"],
+        "protocol": f"median of {repeats} interleaved runs in one process after a warm-up; prefill: "
+        f"{tuple(prompt.shape)} tokens, logits for the last position; generation: batch 1, "
+        f"{new_tokens} greedy tokens after a {prompt.shape[1]}-token prompt; device {device.type}, "
+        f"{torch.get_num_threads()} threads",
+    }

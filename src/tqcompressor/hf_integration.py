@@ -22,16 +22,25 @@ QUANT_METHOD = "tqcompressor"
 class TQCompressorConfig(QuantizationConfigMixin):
     """The structure of a compressed model, as stored in ``config.json``."""
 
-    def __init__(self, modules: dict[str, dict] | None = None, format_version: int = 1,
-                 base_model: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        modules: dict[str, dict] | None = None,
+        format_version: int = 1,
+        base_model: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.quant_method = QUANT_METHOD
         self.modules = modules or {}
         self.format_version = format_version
         self.base_model = base_model
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "modules": self.modules, "format_version": self.format_version,
-                "base_model": self.base_model}
+        return {
+            "quant_method": QUANT_METHOD,
+            "modules": self.modules,
+            "format_version": self.format_version,
+            "base_model": self.base_model,
+        }
 
 
 @register_quantizer(QUANT_METHOD)
@@ -45,8 +54,10 @@ class TQCompressorQuantizer(HfQuantizer):
         from tqcompressor.errors import TQCError
 
         if self.quantization_config.format_version > FORMAT_VERSION:
-            raise TQCError(f"this model uses tqcompressor format {self.quantization_config.format_version}; "
-                           f"the installed tqcompressor reads up to {FORMAT_VERSION}: upgrade tqcompressor")
+            raise TQCError(
+                f"this model uses tqcompressor format {self.quantization_config.format_version}; "
+                f"the installed tqcompressor reads up to {FORMAT_VERSION}: upgrade tqcompressor"
+            )
         install_structure(model, self.quantization_config.modules, dtype=kwargs.get("dtype"))
         return model
 

@@ -24,8 +24,9 @@ def dense_weight_of(module: nn.Module) -> tuple[Tensor, str]:
         return module.weight.detach(), "embedding"
     if hasattr(module, "to_dense") and hasattr(module, "kind"):  # a factored module, factored again
         return module.to_dense(), module.kind
-    raise TQCError(f"cannot factor a {type(module).__name__}; only nn.Linear, GPT-2 Conv1D and nn.Embedding "
-                   "layers are supported")
+    raise TQCError(
+        f"cannot factor a {type(module).__name__}; only nn.Linear, GPT-2 Conv1D and nn.Embedding layers are supported"
+    )
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

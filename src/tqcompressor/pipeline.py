@@ -19,8 +19,14 @@ from tqdm.auto import tqdm
 
 from tqcompressor.checkpoint import save
 from tqcompressor.config import CompressionConfig
-from tqcompressor.data import (check_teacher_fraction, mixed_block_source, teacher_block_source, teacher_samples,
-                               text_block_source, tokenize_text)
+from tqcompressor.data import (
+    check_teacher_fraction,
+    mixed_block_source,
+    teacher_block_source,
+    teacher_samples,
+    text_block_source,
+    tokenize_text,
+)
 from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.errors import TQCError
 from tqcompressor.evaluate import evaluate, greedy_continuations
@@ -33,17 +39,29 @@ from tqcompressor.recipe import TEACHER_POOL
 from tqcompressor.report import table
 from tqcompressor.structures import get_structure
 from tqcompressor.surgery import apply_plan
+from tqcompressor.versions import library_versions
 
 EVAL_SEED = 12345  # the held-out teacher samples; no training or calibration sample uses this seed
 TEACHER_DOMAIN = "teacher samples"
-PROMPTS = ["The history of the city begins", "In 1998, the band released", "Photosynthesis is the process by which",
-           "The best way to learn a new language is"]
+PROMPTS = [
+    "The history of the city begins",
+    "In 1998, the band released",
+    "Photosynthesis is the process by which",
+    "The best way to learn a new language is",
+]
 METRICS = ("perplexity", "kl_to_teacher", "top1_agreement", "tokens")
 
 
-def block_source_for(data: str, loaded: LoadedModel, config: DistillConfig, out_dir: Path, fraction=None,
-                     teacher_fraction: float = 0.0, total_blocks: int | None = None,
-                     teacher_pool: int = TEACHER_POOL):
+def block_source_for(
+    data: str,
+    loaded: LoadedModel,
+    config: DistillConfig,
+    out_dir: Path,
+    fraction=None,
+    teacher_fraction: float = 0.0,
+    total_blocks: int | None = None,
+    teacher_pool: int = TEACHER_POOL,
+):
     """The distillation (and calibration) blocks: text, teacher samples, or an even mix of both
     (``teacher_fraction`` of the blocks sampled from the teacher, with the run's seed). The teacher's
     blocks are sampled once, at most ``teacher_pool`` of them, and cycled."""
@@ -74,16 +92,23 @@ def data_name(data: str, teacher_fraction: float, teacher_pool: int = TEACHER_PO
     return data if teacher_fraction <= 0 else f"{data} + {teacher_fraction:g} teacher samples (pool {teacher_pool})"
 
 
-def evaluation_sets(eval_data: str | None, loaded: LoadedModel, max_tokens: int, context: int,
-                    out_dir: Path) -> dict[str, torch.Tensor]:
+def evaluation_sets(
+    eval_data: str | None, loaded: LoadedModel, max_tokens: int, context: int, out_dir: Path
+) -> dict[str, torch.Tensor]:
     """Named token sequences to evaluate on: ``eval_data`` (when it is a text) and always the
     teacher's own distribution, sampled with :data:`EVAL_SEED` (cached in ``out_dir``)."""
     sets = {}
     if eval_data is not None and eval_data != "teacher":
         sets[eval_data] = tokenize_text(eval_data, loaded.tokenizer, max_tokens)
     count = max(1, max_tokens // context)
-    samples = teacher_samples(loaded.model, loaded.tokenizer, count, context, EVAL_SEED,
-                              out_dir / f"eval_teacher_samples-seed{EVAL_SEED}-{count}x{context}.safetensors")
+    samples = teacher_samples(
+        loaded.model,
+        loaded.tokenizer,
+        count,
+        context,
+        EVAL_SEED,
+        out_dir / f"eval_teacher_samples-seed{EVAL_SEED}-{count}x{context}.safetensors",
+    )
     sets[TEACHER_DOMAIN] = samples.reshape(-1)
     return sets
 
@@ -91,25 +116,53 @@ def evaluation_sets(eval_data: str | None, loaded: LoadedModel, max_tokens: int,
 def evaluate_domains(model, teacher, eval_sets: dict[str, torch.Tensor], context: int, tokenizer=None) -> dict:
     """:func:`~tqcompressor.evaluate.evaluate` on each named set, against ``teacher`` (KL, top-1)
     unless ``model`` is the teacher itself."""
-    return {name: evaluate(model, ids, context=context, teacher=None if model is teacher else teacher,
-                           tokenizer=tokenizer) for name, ids in eval_sets.items()}
+    return {
+        name: evaluate(model, ids, context=context, teacher=None if model is teacher else teacher, tokenizer=tokenizer)
+        for name, ids in eval_sets.items()
+    }
 
 
-def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: DistillConfig, data: str,
-                 eval_data: str | None, out_dir: str | Path, eval_tokens: int = 16384, context: int = 512,
-                 resume: bool = False, fraction: float | None = None, calibration_tokens: int = 8192,
-                 teacher_fraction: float = 0.0, teacher_pool: int = TEACHER_POOL) -> dict:
+def run_pipeline(
+    loaded: LoadedModel,
+    compression: CompressionConfig,
+    distill: DistillConfig,
+    data: str,
+    eval_data: str | None,
+    out_dir: str | Path,
+    eval_tokens: int = 16384,
+    context: int = 512,
+    resume: bool = False,
+    fraction: float | None = None,
+    calibration_tokens: int = 8192,
+    teacher_fraction: float = 0.0,
+    teacher_pool: int = TEACHER_POOL,
+) -> dict:
     main = is_main_process()  # under torchrun / accelerate launch every rank trains; rank 0 writes
     out_dir = claim_directory(out_dir) if main else check_writable(out_dir)
     started = time.perf_counter()
     teacher = loaded.model
-    settings = {"data": data, "teacher_fraction": teacher_fraction, "teacher_pool": teacher_pool, "eval_data": eval_data,
-                "calibration_tokens": calibration_tokens, "compression": compression, "distill": distill}
+    settings = {
+        "data": data,
+        "teacher_fraction": teacher_fraction,
+        "teacher_pool": teacher_pool,
+        "eval_data": eval_data,
+        "calibration_tokens": calibration_tokens,
+        "compression": compression,
+        "distill": distill,
+    }
     phase = _phases(started)
     stages = compression.steps if compression.layers is None else len({s.step for _, s in compression.layers})
     phase("distillation data" + (" (sampling from the teacher)" if data == "teacher" or teacher_fraction else ""))
-    blocks = block_source_for(data, loaded, distill, out_dir, fraction, teacher_fraction,
-                              distill.steps * distill.batch_size * distill.grad_accum * stages, teacher_pool)
+    blocks = block_source_for(
+        data,
+        loaded,
+        distill,
+        out_dir,
+        fraction,
+        teacher_fraction,
+        distill.steps * distill.batch_size * distill.grad_accum * stages,
+        teacher_pool,
+    )
     phase("evaluation text and held-out teacher samples")
     eval_sets = evaluation_sets(eval_data, loaded, eval_tokens, context, out_dir)
     results_path = out_dir / "results.json"
@@ -122,8 +175,14 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
         phase(f"evaluating: {label}")
         domains = evaluate_domains(model, teacher, eval_sets, context, loaded.tokenizer)
         primary = next(iter(domains.values()))  # the evaluation text: the headline numbers
-        rows.append({"label": label, "stage": stage, **primary,
-                     "domains": {name: {k: m[k] for k in METRICS if k in m} for name, m in domains.items()}})
+        rows.append(
+            {
+                "label": label,
+                "stage": stage,
+                **primary,
+                "domains": {name: {k: m[k] for k in METRICS if k in m} for name, m in domains.items()},
+            }
+        )
         if main:
             _write(out_dir, loaded, settings, rows, started)
 
@@ -144,21 +203,31 @@ def run_pipeline(loaded: LoadedModel, compression: CompressionConfig, distill: D
         del one_shot
 
     phase(f"distillation: {len(plan.steps())} stage(s) of {distill.steps} steps")
-    student = multistep_distill(teacher, student, blocks, distill, out_dir, plan, resume=resume,
-                                tokenizer=loaded.tokenizer, teacher_name=loaded.source,
-                                data_name=data_name(data, teacher_fraction, teacher_pool),
-                                calibration=calibration,
-                                on_stage_end=lambda stage, model: record(f"after KD stage {stage}", stage, model))
+    student = multistep_distill(
+        teacher,
+        student,
+        blocks,
+        distill,
+        out_dir,
+        plan,
+        resume=resume,
+        tokenizer=loaded.tokenizer,
+        teacher_name=loaded.source,
+        data_name=data_name(data, teacher_fraction, teacher_pool),
+        calibration=calibration,
+        on_stage_end=lambda stage, model: record(f"after KD stage {stage}", stage, model),
+    )
     student.to("cpu")
     if not main:
         return {}
     save(student, out_dir / "model", loaded.tokenizer, base_model=loaded.source, plan=plan)
     phase("plan picture, continuations, memory and speed")
     student.to(next(teacher.parameters()).device)  # side by side on one device
-    extras = {"plan_cells": plan_cells(teacher, student),
-              "continuations": greedy_continuations({"teacher": teacher, "student": student}, loaded.tokenizer,
-                                                    PROMPTS),
-              "footprint": footprint(teacher, student, out_dir / "model", next(iter(eval_sets.values())), context)}
+    extras = {
+        "plan_cells": plan_cells(teacher, student),
+        "continuations": greedy_continuations({"teacher": teacher, "student": student}, loaded.tokenizer, PROMPTS),
+        "footprint": footprint(teacher, student, out_dir / "model", next(iter(eval_sets.values())), context),
+    }
     plot_plan(extras["plan_cells"], out_dir / "plan.png", f"{loaded.source}: the plan ({compression.method})")
     return _write(out_dir, loaded, settings, rows, started, extras)
 
@@ -168,20 +237,28 @@ def footprint(teacher, student, model_dir: Path, ids: torch.Tensor, context: int
     length = min(context, 256, len(ids))
     prompt = ids[:length].reshape(1, -1)
     return {
-        "teacher": {"params": count_parameters(teacher), "memory_bytes": memory_bytes(teacher),
-                    "disk_bytes": memory_bytes(teacher)},  # what saving its tensors as they are in memory takes
-        "student": {"params": count_parameters(student), "memory_bytes": memory_bytes(student),
-                    "disk_bytes": directory_bytes(model_dir)},
+        "teacher": {
+            "params": count_parameters(teacher),
+            "memory_bytes": memory_bytes(teacher),
+            "disk_bytes": memory_bytes(teacher),
+        },  # what saving its tensors as they are in memory takes
+        "student": {
+            "params": count_parameters(student),
+            "memory_bytes": memory_bytes(student),
+            "disk_bytes": directory_bytes(model_dir),
+        },
         "speed": speed_ratios(teacher, student, prompt),
         "disk_note": "student: the saved model dir (weights, config, tokenizer); teacher: its tensors' bytes in "
-                     "memory (fp32 as loaded), which is what its weights take on disk as safetensors",
+        "memory (fp32 as loaded), which is what its weights take on disk as safetensors",
     }
 
 
 def _phases(started: float):
     """Print each phase of the run with the time elapsed so far (the bars show each phase's own ETA)."""
+
     def phase(text: str) -> None:
         tqdm.write(f"[{time.perf_counter() - started:6.0f} s] {text}")
+
     return phase
 
 
@@ -198,12 +275,13 @@ def _write(out_dir: Path, loaded, settings: dict, rows: list[dict], started: flo
         "calibration_tokens": settings["calibration_tokens"],
         "eval_data": settings["eval_data"] or TEACHER_DOMAIN,
         "second_domain": f"{TEACHER_DOMAIN}: sequences sampled from the teacher (temperature 1, top-k 50, from the "
-                         f"start token) with seed {EVAL_SEED}, which no distillation or calibration sample uses",
+        f"start token) with seed {EVAL_SEED}, which no distillation or calibration sample uses",
         "kd_tokens_per_stage": distill.steps * distill.batch_size * distill.grad_accum * distill.seq_len,
         "distill": asdict(distill),
         "compression": {k: v for k, v in asdict(compression).items() if k != "layers"},
         "counting": "every parameter counted once (tied embedding/head once); permutation index buffers excluded",
         "points": rows,
+        "versions": library_versions(),
         **(extras or {}),
         "seconds": time.perf_counter() - started,
         "complete": extras is not None,
@@ -221,9 +299,19 @@ def format_report(result: dict) -> str:
     for name in domains:
         short = "teacher samples" if name == TEACHER_DOMAIN else Path(name).name
         headers += [f"ppl ({short})", f"KL ({short})", f"top-1 ({short})"]
-    rows = [[p["label"], p["params"]] + [x for name in domains for x in
-                                         (p["domains"][name]["perplexity"], p["domains"][name].get("kl_to_teacher"),
-                                          p["domains"][name].get("top1_agreement"))] for p in points]
+    rows = [
+        [p["label"], p["params"]]
+        + [
+            x
+            for name in domains
+            for x in (
+                p["domains"][name]["perplexity"],
+                p["domains"][name].get("kl_to_teacher"),
+                p["domains"][name].get("top1_agreement"),
+            )
+        ]
+        for p in points
+    ]
     protocol = points[0]["protocol"] if points else {}
     lines = [
         f"# tqcompressor run: {result['base_model']}, method {result['method']}, ratio {result['ratio']}",
@@ -247,8 +335,12 @@ def format_report(result: dict) -> str:
         f"{protocol.get('context')}, stride {protocol.get('stride')}), scored tokens: {tokens}.",
         f"- Second domain: {result.get('second_domain', '')}.",
         f"- Distillation data: {result['data']}"
-        + (f", {result['teacher_fraction']:.0%} of the blocks sampled from the teacher" if result.get('teacher_fraction')
-           else "") + f"; {result['kd_tokens_per_stage']:,} tokens per stage; calibration: the first "
+        + (
+            f", {result['teacher_fraction']:.0%} of the blocks sampled from the teacher"
+            if result.get("teacher_fraction")
+            else ""
+        )
+        + f"; {result['kd_tokens_per_stage']:,} tokens per stage; calibration: the first "
         f"{result.get('calibration_tokens', 0):,} tokens of the same blocks.",
         f"- Parameters: {result['counting']}.",
         f"- Wall time: {result['seconds']:.0f} s.",
@@ -268,21 +360,34 @@ def _plan_section(cells: list[dict]) -> list[str]:
 def _continuations_section(rows: list[dict]) -> list[str]:
     lines = ["## The same prompts, continued greedily", ""]
     for r in rows:
-        lines += [f"**{r['prompt']}**", "", f"- teacher: {_one_line(r['teacher'])}",
-                  f"- student: {_one_line(r['student'])}", ""]
+        lines += [
+            f"**{r['prompt']}**",
+            "",
+            f"- teacher: {_one_line(r['teacher'])}",
+            f"- student: {_one_line(r['student'])}",
+            "",
+        ]
     return lines
 
 
 def _footprint_section(f: dict) -> list[str]:
     t, s, speed = f["teacher"], f["student"], f["speed"]
-    mb = 2 ** 20
-    rows = [["parameters", t["params"], s["params"], s["params"] / t["params"]],
-            ["memory (MiB)", t["memory_bytes"] / mb, s["memory_bytes"] / mb, s["memory_bytes"] / t["memory_bytes"]],
-            ["disk (MiB)", t["disk_bytes"] / mb, s["disk_bytes"] / mb, s["disk_bytes"] / t["disk_bytes"]],
-            ["prefill time", "", "", speed["prefill_time_ratio"]],
-            ["generation time", "", "", speed["generation_time_ratio"]]]
-    return ["## What it costs to hold and run", "", table(["", "teacher", "student", "student / teacher"], rows), "",
-            f"Times: {speed['protocol']}. Disk: {f['disk_note']}.", ""]
+    mb = 2**20
+    rows = [
+        ["parameters", t["params"], s["params"], s["params"] / t["params"]],
+        ["memory (MiB)", t["memory_bytes"] / mb, s["memory_bytes"] / mb, s["memory_bytes"] / t["memory_bytes"]],
+        ["disk (MiB)", t["disk_bytes"] / mb, s["disk_bytes"] / mb, s["disk_bytes"] / t["disk_bytes"]],
+        ["prefill time", "", "", speed["prefill_time_ratio"]],
+        ["generation time", "", "", speed["generation_time_ratio"]],
+    ]
+    return [
+        "## What it costs to hold and run",
+        "",
+        table(["", "teacher", "student", "student / teacher"], rows),
+        "",
+        f"Times: {speed['protocol']}. Disk: {f['disk_note']}.",
+        "",
+    ]
 
 
 def _one_line(text: str) -> str:
@@ -293,7 +398,9 @@ def check_student_matches_teacher(student, teacher) -> None:
     s, t = student.config, teacher.config
     for attr in ("vocab_size", "hidden_size", "model_type"):
         if getattr(s, attr, None) != getattr(t, attr, None):
-            raise TQCError(f"student does not match the teacher ({attr}: {getattr(s, attr, None)} vs "
-                           f"{getattr(t, attr, None)}); compress the teacher itself to make the student")
+            raise TQCError(
+                f"student does not match the teacher ({attr}: {getattr(s, attr, None)} vs "
+                f"{getattr(t, attr, None)}); compress the teacher itself to make the student"
+            )
     if count_parameters(student) > count_parameters(teacher):
         raise TQCError("the student has more parameters than the teacher; is --teacher the original model?")

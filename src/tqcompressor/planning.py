@@ -56,13 +56,15 @@ class Plan:
 
     @classmethod
     def from_list(cls, entries: list[dict], **fields: Any) -> Plan:
-        layers = [LayerPlan(e["module"], LayerSpec.from_dict({k: v for k, v in e.items() if k != "module"}))
-                  for e in entries]
+        layers = [
+            LayerPlan(e["module"], LayerSpec.from_dict({k: v for k, v in e.items() if k != "module"})) for e in entries
+        ]
         return cls(layers, **fields)
 
 
-def plan_compression(model: nn.Module, config: CompressionConfig, calibration: Tensor | dict | None = None,
-                     progress: bool = True) -> Plan:
+def plan_compression(
+    model: nn.Module, config: CompressionConfig, calibration: Tensor | dict | None = None, progress: bool = True
+) -> Plan:
     """Turn ``config`` into a :class:`Plan` for ``model``. ``calibration`` (token ids, shape
     (blocks, seq_len), or statistics from :func:`tqcompressor.calibration.calibrate`) makes the fits
     activation-aware (each structure's own way) and lets ``auto`` weigh layers by their effect on
@@ -90,8 +92,9 @@ def plan_compression(model: nn.Module, config: CompressionConfig, calibration: T
     return Plan(layers, target_params=target, **settings)
 
 
-def _fit_calibrated(model: nn.Module, layers: list[LayerPlan], stats: dict | None, config: CompressionConfig,
-                    progress: bool) -> None:
+def _fit_calibrated(
+    model: nn.Module, layers: list[LayerPlan], stats: dict | None, config: CompressionConfig, progress: bool
+) -> None:
     """Fit the layers that have calibration statistics now, while the statistics are at hand."""
     calibrated = [entry for entry in layers if stats is not None and entry.name in stats]
     for entry in tqdm(calibrated, desc="fitting to the calibration text", unit="layer", disable=not progress):
@@ -99,7 +102,9 @@ def _fit_calibrated(model: nn.Module, layers: list[LayerPlan], stats: dict | Non
         structure = entry.spec.structure
         entry.factors = structure.fit(weight, entry.spec.settings, stats[entry.name], config.max_iterations)
         # a fresh spec: the modules of one spec-file group share theirs
-        entry.spec = LayerSpec.from_dict({**entry.spec.to_dict(), "reason": entry.spec.reason + structure.calibrated_note})
+        entry.spec = LayerSpec.from_dict(
+            {**entry.spec.to_dict(), "reason": entry.spec.reason + structure.calibrated_note}
+        )
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -159,8 +164,10 @@ def find_target_modules(model: nn.Module, patterns: list[str] | None) -> list[st
                 unmatched.discard(pattern)
                 break
     if unmatched:
-        raise TQCError(f"target module pattern(s) {sorted(unmatched)} match no Linear/Conv1D/Embedding "
-                       f"module of this model; module names look like {_example_names(model)}")
+        raise TQCError(
+            f"target module pattern(s) {sorted(unmatched)} match no Linear/Conv1D/Embedding "
+            f"module of this model; module names look like {_example_names(model)}"
+        )
     return names
 
 
@@ -171,8 +178,10 @@ def default_target_modules(model: nn.Module) -> list[str]:
     expert): those are choices a user makes by naming them."""
     blocks = decoder_blocks(model)
     if blocks is None:
-        raise TQCError(f"found no repeated decoder blocks in this {type(model).__name__}; "
-                       "pass target_modules (e.g. --target-modules q_proj,v_proj)")
+        raise TQCError(
+            f"found no repeated decoder blocks in this {type(model).__name__}; "
+            "pass target_modules (e.g. --target-modules q_proj,v_proj)"
+        )
     experts = _expert_count(getattr(model, "config", None))
     names = []
     for name, module in model.get_submodule(blocks).named_modules():
@@ -216,7 +225,9 @@ def target_summary(model: nn.Module, names: list[str]) -> list[tuple[str, str, t
     rows = []
     for name in names:
         module = model.get_submodule(name)
-        rows.append((name, type(module).__name__, tuple(module.weight.shape), sum(p.numel() for p in module.parameters())))
+        rows.append(
+            (name, type(module).__name__, tuple(module.weight.shape), sum(p.numel() for p in module.parameters()))
+        )
     return rows
 
 
@@ -273,8 +284,10 @@ def _layers_from_budget(model: nn.Module, names: list[str], config: CompressionC
     if target >= total:
         return []
     if target <= fixed:
-        raise TQCError(f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
-                       "modules; raise the ratio or add target modules (e.g. the embeddings)")
+        raise TQCError(
+            f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
+            "modules; raise the ratio or add target modules (e.g. the embeddings)"
+        )
     keep = (target - fixed) / compressible
     structure = get_structure(config.method)
     steps = _steps_upper_first(names, config.steps)
@@ -284,16 +297,22 @@ def _layers_from_budget(model: nn.Module, names: list[str], config: CompressionC
         found = structure.for_budget(shapes[name], keep, config.prefer)
         if found is None:
             m, n = shapes[name]
-            raise TQCError(f"no {config.method} factorization of a {m}x{n} matrix fits {keep:.1%} of its parameters; "
-                           "raise the ratio or use --method svd")
+            raise TQCError(
+                f"no {config.method} factorization of a {m}x{n} matrix fits {keep:.1%} of its parameters; "
+                "raise the ratio or use --method svd"
+            )
         settings, phrase = found
-        plan.append(LayerPlan(name, LayerSpec(config.method, step=steps[name], reason=f"{phrase} {why}",
-                                              **settings_dict(settings))))
+        plan.append(
+            LayerPlan(
+                name, LayerSpec(config.method, step=steps[name], reason=f"{phrase} {why}", **settings_dict(settings))
+            )
+        )
     return plan
 
 
-def _plan_auto(model: nn.Module, names: list[str], config: CompressionConfig, stats: dict | None,
-               progress: bool) -> tuple[list[LayerPlan], dict]:
+def _plan_auto(
+    model: nn.Module, names: list[str], config: CompressionConfig, stats: dict | None, progress: bool
+) -> tuple[list[LayerPlan], dict]:
     """Measure every structure's candidates per layer and allocate the budget by error per
     parameter (see :mod:`tqcompressor.auto`). The chosen factors are fitted here."""
     from tqcompressor.auto import allocate, candidate_menu, factors_for, layer_scale
@@ -302,13 +321,14 @@ def _plan_auto(model: nn.Module, names: list[str], config: CompressionConfig, st
     weights = {name: dense_weight_of(model.get_submodule(name))[0] for name in names}
     fixed = total - sum(w.numel() for w in weights.values())
     if target <= fixed:
-        raise TQCError(f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
-                       "modules; raise the ratio or add target modules")
+        raise TQCError(
+            f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
+            "modules; raise the ratio or add target modules"
+        )
     cov = {name: stats[name].input_cov if stats else None for name in names}
     menus, states = {}, {}
     for name in tqdm(names, desc="measuring candidates", unit="layer", disable=not progress):
-        menus[name], states[name] = candidate_menu(weights[name], cov[name], config.max_iterations,
-                                                       config.auto_methods)
+        menus[name], states[name] = candidate_menu(weights[name], cov[name], config.max_iterations, config.auto_methods)
     scales = {name: layer_scale(w, stats[name] if stats else None) for name, w in weights.items()}
     try:
         choices = allocate(menus, scales, target - fixed)
@@ -319,13 +339,18 @@ def _plan_auto(model: nn.Module, names: list[str], config: CompressionConfig, st
     layers, record = [], {}
     for name in names:
         choice = choices[name]
-        record[name] = {"chosen": choice.to_dict(), "metric": metric, "layer_weight": scales[name],
-                        "menu": [c.to_dict() for c in menus[name]]}
+        record[name] = {
+            "chosen": choice.to_dict(),
+            "metric": metric,
+            "layer_weight": scales[name],
+            "menu": [c.to_dict() for c in menus[name]],
+        }
         if not REGISTRY[choice.method].compresses:
             continue  # kept dense
-        reason = (f"auto: {choice.method} at {choice.params:,} params gives {metric} {choice.error:.3f}; "
-                  f"chosen by weighted error reduction per parameter among {len(menus[name])} candidates")
+        reason = (
+            f"auto: {choice.method} at {choice.params:,} params gives {metric} {choice.error:.3f}; "
+            f"chosen by weighted error reduction per parameter among {len(menus[name])} candidates"
+        )
         spec = LayerSpec(choice.method, step=steps[name], reason=reason, **choice.settings)
         layers.append(LayerPlan(name, spec, factors_for(weights[name], choice, states[name], cov[name])))
     return layers, record
-

@@ -10,8 +10,10 @@ def table(headers: list[str], rows: list[list], align: str | None = None) -> str
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     align = align or "l" + "r" * (len(headers) - 1)
+
     def line(row):
         return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)) + " |"
+
     sep = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, align)) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
@@ -27,15 +29,36 @@ def _fmt(value) -> str:
 
 
 def format_compression_table(report: dict) -> str:
-    rows = [[l["name"], l["shape"], l["method"], _settings_text(_layer_settings(l)), l["step"], l["params_before"],
-             l["params_after"], l["relative_error"], l["seconds"]] for l in report["layers"]]
-    body = table(["layer", "shape", "method", "settings", "step", "params before", "params after",
-                  "rel. error", "seconds"], rows, "llllrrrrr") if rows else "(no layer compressed)"
+    rows = [
+        [
+            entry["name"],
+            entry["shape"],
+            entry["method"],
+            _settings_text(_layer_settings(entry)),
+            entry["step"],
+            entry["params_before"],
+            entry["params_after"],
+            entry["relative_error"],
+            entry["seconds"],
+        ]
+        for entry in report["layers"]
+    ]
+    body = (
+        table(
+            ["layer", "shape", "method", "settings", "step", "params before", "params after", "rel. error", "seconds"],
+            rows,
+            "llllrrrrr",
+        )
+        if rows
+        else "(no layer compressed)"
+    )
     if report.get("auto"):
         body += "\n\n" + format_auto_table(report["auto"])
-    total = (f"total: {report['params_before']:,} -> {report['params_after']:,} parameters "
-             f"({report['params_after'] / max(report['params_before'], 1):.1%}), {report['seconds']:.1f} s; "
-             f"counting: {report.get('counting', '')}")
+    total = (
+        f"total: {report['params_before']:,} -> {report['params_after']:,} parameters "
+        f"({report['params_after'] / max(report['params_before'], 1):.1%}), {report['seconds']:.1f} s; "
+        f"counting: {report.get('counting', '')}"
+    )
     return body + "\n" + total
 
 
@@ -51,9 +74,11 @@ def format_auto_table(auto: dict) -> str:
         others = ", ".join(f"{m} {c['error']:.3f}" for m, c in sorted(best.items()) if m != chosen["method"])
         rows.append([name, _describe(chosen), chosen["params"], chosen["error"], len(entry["menu"]), others])
     metric = next(iter(auto.values())).get("metric", "relative weight error") if auto else ""
-    return (f"auto, errors are the {metric}:\n"
-            + table(["layer", "auto chose", "params", "rel. error", "menu size",
-                     "best other at <= params (rel. error)"], rows, "llrrrl"))
+    return f"auto, errors are the {metric}:\n" + table(
+        ["layer", "auto chose", "params", "rel. error", "menu size", "best other at <= params (rel. error)"],
+        rows,
+        "llrrrl",
+    )
 
 
 def _describe(c: dict) -> str:

@@ -13,23 +13,36 @@ from tqcompressor.decompose import relative_error
 from tqcompressor.errors import TQCError
 from tqcompressor.folding import fold_mlp_permutations
 from tqcompressor.layers import TiedKroneckerHead, bias_of, dense_weight_of, set_module
-from tqcompressor.planning import (LayerPlan, Plan, count_parameters, find_target_modules, is_embedding,
-                                   layer_statistics, plan_compression)
+from tqcompressor.planning import (
+    LayerPlan,
+    Plan,
+    count_parameters,
+    find_target_modules,
+    is_embedding,
+    layer_statistics,
+    plan_compression,
+)
 from tqcompressor.structures import all_structures, settings_dict
 
 __all__ = ["apply_plan", "compress", "count_parameters", "find_target_modules", "plan_compression"]
 
 
-def compress(model: nn.Module, config: CompressionConfig, calibration: Tensor | dict | None = None,
-             progress: bool = True) -> tuple[nn.Module, CompressionReport]:
+def compress(
+    model: nn.Module, config: CompressionConfig, calibration: Tensor | dict | None = None, progress: bool = True
+) -> tuple[nn.Module, CompressionReport]:
     """Plan (:func:`~tqcompressor.planning.plan_compression`) and apply every step at once, in
     place. ``report.plan`` is the plan, for :func:`tqcompressor.save` and distillation."""
     plan = plan_compression(model, config, calibration, progress=progress)
     return model, apply_plan(model, plan, progress=progress)
 
 
-def apply_plan(model: nn.Module, plan: Plan, step: int | None = None, calibration: Tensor | dict | None = None,
-               progress: bool = True) -> CompressionReport:
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    step: int | None = None,
+    calibration: Tensor | dict | None = None,
+    progress: bool = True,
+) -> CompressionReport:
     """Replace the modules of ``plan`` (only those of ``step``, or every step in order) by their
     factored structures, in place. A module already in its planned form is left alone (resumed
     runs), and one planned again at a later step is re-factored from its current factors.
@@ -38,14 +51,25 @@ def apply_plan(model: nn.Module, plan: Plan, step: int | None = None, calibratio
     to the inputs they see in the model as it is now (later steps of multi-step distillation).
     """
     started = time.perf_counter()
-    report = CompressionReport(params_before=count_parameters(model), method=plan.method,
-                               target_params=plan.target_params, auto=plan.auto, plan=plan)
-    todo = [entry for entry in sorted(plan.layers, key=lambda e: e.spec.step)
-            if (step is None or entry.spec.step == step) and not _in_place(model, entry)]
+    report = CompressionReport(
+        params_before=count_parameters(model),
+        method=plan.method,
+        target_params=plan.target_params,
+        auto=plan.auto,
+        plan=plan,
+    )
+    todo = [
+        entry
+        for entry in sorted(plan.layers, key=lambda e: e.spec.step)
+        if (step is None or entry.spec.step == step) and not _in_place(model, entry)
+    ]
     factors = [entry.factors for entry in todo]
     if calibration is not None:
-        refit = [i for i, entry in enumerate(todo)
-                 if entry.factors is None and not is_embedding(model.get_submodule(entry.name))]
+        refit = [
+            i
+            for i, entry in enumerate(todo)
+            if entry.factors is None and not is_embedding(model.get_submodule(entry.name))
+        ]
         stats = layer_statistics(model, [todo[i].name for i in refit], calibration) if refit else {}
         for i in refit:
             entry = todo[i]
@@ -79,11 +103,19 @@ def _replace(model: nn.Module, entry: LayerPlan, factors, plan: Plan) -> LayerRe
     set_module(model, entry.name, new)
     if was_input_embedding:
         _retie_head(model, module, new, plan.tie_lm_head)
-    return LayerReport(name=entry.name, kind=kind, shape=tuple(weight.shape), method=entry.spec.method,
-                       settings=settings_dict(structure.settings_of(new)), step=entry.spec.step,
-                       params_before=sum(p.numel() for p in module.parameters()),
-                       params_after=sum(p.numel() for p in new.parameters()),
-                       relative_error=error, seconds=time.perf_counter() - t0, reason=entry.spec.reason)
+    return LayerReport(
+        name=entry.name,
+        kind=kind,
+        shape=tuple(weight.shape),
+        method=entry.spec.method,
+        settings=settings_dict(structure.settings_of(new)),
+        step=entry.spec.step,
+        params_before=sum(p.numel() for p in module.parameters()),
+        params_after=sum(p.numel() for p in new.parameters()),
+        relative_error=error,
+        seconds=time.perf_counter() - t0,
+        reason=entry.spec.reason,
+    )
 
 
 def _in_place(model: nn.Module, entry: LayerPlan) -> bool:

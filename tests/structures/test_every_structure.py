@@ -58,8 +58,9 @@ def test_module_computes_what_to_dense_says_and_counts_honestly(structure, kind)
 @pytest.mark.parametrize("structure", STRUCTURES, ids=IDS)
 def test_gradients_reach_every_parameter(structure):
     dense = dense_layer("linear")
-    module = structure.module(structure.fit(dense.weight.detach(), half_budget(structure)), dense.bias.detach(),
-                              "linear")
+    module = structure.module(
+        structure.fit(dense.weight.detach(), half_budget(structure)), dense.bias.detach(), "linear"
+    )
     module(torch.randn(4, 48)).square().sum().backward()
     for name, p in module.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
@@ -88,7 +89,7 @@ def test_compressed_model_saves_loads_reopens_and_densifies(tmp_path, tokenizer,
     model = tiny_llama() if arch == "llama" else tiny_gpt2()
     before = tqc.count_parameters(model)
     model, report = tqc.compress(model, tqc.CompressionConfig(method=structure.name, ratio=0.8), progress=False)
-    assert report.layers and all(l.method == structure.name for l in report.layers)
+    assert report.layers and all(entry.method == structure.name for entry in report.layers)
     assert tqc.count_parameters(model) == report.params_after <= 0.8 * before
     ids = torch.randint(0, 512, (2, 11))
     with torch.no_grad():

@@ -11,17 +11,24 @@ from typer.testing import CliRunner
 import tqcompressor as tqc
 from tqcompressor.cli import app
 from tqcompressor.decompose import output_error, relative_error
-from tqcompressor.structures.kronecker_lowrank import (KroneckerLowRankLinear, KroneckerLowRankSettings,
-                                                      fit_kronecker_lowrank)
+from tqcompressor.structures.kronecker_lowrank import (
+    KroneckerLowRankLinear,
+    KroneckerLowRankSettings,
+    fit_kronecker_lowrank,
+)
 
 
 def planted(seed=0, scramble=True):
     """A scrambled A (x) B plus a rank-2 matrix: neither tq nor svd alone can represent it."""
     g = torch.Generator().manual_seed(seed)
-    k = torch.kron(torch.randn(16, 12, generator=g, dtype=torch.float64), torch.randn(2, 4, generator=g, dtype=torch.float64))
+    k = torch.kron(
+        torch.randn(16, 12, generator=g, dtype=torch.float64), torch.randn(2, 4, generator=g, dtype=torch.float64)
+    )
     if scramble:
         k = k[torch.randperm(32, generator=g)][:, torch.randperm(48, generator=g)]
-    return k + 0.3 * torch.randn(32, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 48, generator=g, dtype=torch.float64)
+    return k + 0.3 * torch.randn(32, 2, generator=g, dtype=torch.float64) @ torch.randn(
+        2, 48, generator=g, dtype=torch.float64
+    )
 
 
 def test_alternation_recovers_a_planted_kronecker_plus_low_rank_matrix():
@@ -39,8 +46,9 @@ def test_beats_tq_and_svd_alone_on_such_a_matrix():
     both = tqc.decompose(w, "tq_lowrank", b_shape=(2, 4), rank=1, residual_rank=2)
     tq = tqc.decompose(w, "tq", b_shape=(2, 4), rank=1)
     svd = tqc.decompose(w, "svd", rank=both.num_params // (32 + 48))  # at least as many parameters
-    assert relative_error(w, both.to_dense()) < 0.2 * min(relative_error(w, tq.to_dense()),
-                                                        relative_error(w, svd.to_dense()))
+    assert relative_error(w, both.to_dense()) < 0.2 * min(
+        relative_error(w, tq.to_dense()), relative_error(w, svd.to_dense())
+    )
 
 
 def test_calibrated_residual_minimises_the_output_error():
@@ -77,25 +85,32 @@ def test_auto_buys_it_where_it_measures_better():
     assert report.params_after <= 0.5 * before
     assert isinstance(model[0], KroneckerLowRankLinear), report.auto["0"]["chosen"]
     chosen = report.auto["0"]["chosen"]
-    rivals = [c["error"] for c in report.auto["0"]["menu"] if c["method"] != "tq_lowrank" and c["params"] <= chosen["params"]]
+    rivals = [
+        c["error"] for c in report.auto["0"]["menu"] if c["method"] != "tq_lowrank" and c["params"] <= chosen["params"]
+    ]
     assert report.layers[0].relative_error == pytest.approx(chosen["error"], abs=1e-5)  # auto installs what it measured
     assert chosen["error"] < 0.2 * min(rivals)
 
 
 def test_cli_compress_and_spec_file(tmp_path, gpt2_dir):
     out = tmp_path / "c"
-    result = CliRunner().invoke(app, ["compress", "--model", str(gpt2_dir), "--method", "tq_lowrank", "--ratio", "0.8",
-                                      "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["compress", "--model", str(gpt2_dir), "--method", "tq_lowrank", "--ratio", "0.8", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "compression.json").read_text())
-    assert {l["method"] for l in report["layers"]} == {"tq_lowrank"}
-    assert all(l["settings"]["residual_rank"] >= 1 for l in report["layers"])
+    assert {entry["method"] for entry in report["layers"]} == {"tq_lowrank"}
+    assert all(entry["settings"]["residual_rank"] >= 1 for entry in report["layers"])
     info = CliRunner().invoke(app, ["info", str(out)])
     assert info.exit_code == 0 and "residual_rank" in info.output
     spec = tmp_path / "spec.yaml"
-    spec.write_text("layers:\n  - modules: [mlp.c_fc]\n    method: tq_lowrank\n    rank: 2\n    b_shape: [4, 2]\n"
-                    "    residual_rank: 3\n")
-    result = CliRunner().invoke(app, ["compress", "--model", str(gpt2_dir), "--spec", str(spec), "--out", str(tmp_path / "s")])
+    spec.write_text(
+        "layers:\n  - modules: [mlp.c_fc]\n    method: tq_lowrank\n    rank: 2\n    b_shape: [4, 2]\n"
+        "    residual_rank: 3\n"
+    )
+    result = CliRunner().invoke(
+        app, ["compress", "--model", str(gpt2_dir), "--spec", str(spec), "--out", str(tmp_path / "s")]
+    )
     assert result.exit_code == 0, result.output
     model = tqc.load(tmp_path / "s")
     layer = model.get_submodule("transformer.h.0.mlp.c_fc")

@@ -97,8 +97,14 @@ def _random_layer(a_shape, b_shape, rank, row_perm, col_perm, seed=0):
 
 
 # (A, B, rank) covering both contraction orders, one-row B, one-column B and a 1x1 B
-SHAPES = [((6, 4), (3, 2), 2), ((4, 8), (3, 3), 4), ((8, 4), (3, 3), 4), ((10, 3), (1, 4), 3),
-          ((5, 6), (2, 1), 2), ((7, 5), (1, 1), 1)]
+SHAPES = [
+    ((6, 4), (3, 2), 2),
+    ((4, 8), (3, 3), 4),
+    ((8, 4), (3, 3), 4),
+    ((10, 3), (1, 4), 3),
+    ((5, 6), (2, 1), 2),
+    ((7, 5), (1, 1), 1),
+]
 
 
 @pytest.mark.parametrize("a_shape, b_shape, rank", SHAPES)

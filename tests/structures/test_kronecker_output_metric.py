@@ -4,15 +4,23 @@ import pytest
 import torch
 
 import tqcompressor as tqc
-from tqcompressor.decompose import WHITENING_DAMPING, damped_eigen, kronecker_sum, nearest_kronecker, output_error
-from tqcompressor.decompose import output_metric_kronecker
+from tqcompressor.decompose import (
+    WHITENING_DAMPING,
+    damped_eigen,
+    kronecker_sum,
+    nearest_kronecker,
+    output_error,
+    output_metric_kronecker,
+)
 from tqcompressor.structures.kronecker import input_rms, scaled_kronecker
 
 
 def problem(m1=3, n1=2, m2=2, n2=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(m1 * m2, n1 * n2, generator=g, dtype=torch.float64)
-    x = torch.randn(200, n1 * n2, generator=g, dtype=torch.float64) * torch.logspace(0, -1, n1 * n2, dtype=torch.float64)
+    x = torch.randn(200, n1 * n2, generator=g, dtype=torch.float64) * torch.logspace(
+        0, -1, n1 * n2, dtype=torch.float64
+    )
     return w, x.T @ x / len(x), g
 
 
@@ -37,7 +45,10 @@ def brute_force_a(w, cov, b, a_shape):
 
 def test_first_step_is_at_least_the_brute_force_optimum_for_the_start_b():
     w, cov, g = problem()
-    a0, b0 = torch.randn(2, 3, 2, generator=g, dtype=torch.float64), torch.randn(2, 2, 3, generator=g, dtype=torch.float64)
+    a0, b0 = (
+        torch.randn(2, 3, 2, generator=g, dtype=torch.float64),
+        torch.randn(2, 2, 3, generator=g, dtype=torch.float64),
+    )
     a_star = brute_force_a(w, cov, b0, (3, 2))
     best_for_b0 = output_error(w, kronecker_sum(a_star, b0), damped(cov))
     _, _, history = output_metric_kronecker(w, cov, a0, b0, max_iterations=1)
@@ -50,7 +61,10 @@ def test_converged_factors_are_each_optimal_given_the_other():
     a, b, history = output_metric_kronecker(w, cov, a0, b0, max_iterations=500, tolerance=0.0)
     assert all(later <= earlier + 1e-12 for earlier, later in zip(history, history[1:]))
     a_star = brute_force_a(w, cov, b, (4, 3))
-    reached, optimal = output_error(w, kronecker_sum(a, b), damped(cov)), output_error(w, kronecker_sum(a_star, b), damped(cov))
+    reached, optimal = (
+        output_error(w, kronecker_sum(a, b), damped(cov)),
+        output_error(w, kronecker_sum(a_star, b), damped(cov)),
+    )
     assert reached <= optimal * (1 + 1e-6)
     assert history[-1] < output_error(w, kronecker_sum(a0, b0), damped(cov))  # beats the weight-space fit
 
@@ -60,7 +74,10 @@ def test_identity_covariance_reaches_the_van_loan_optimum_from_a_random_start():
     identity = torch.eye(6, dtype=torch.float64)
     a_vl, b_vl = nearest_kronecker(w, (4, 3), (3, 2), 2)
     optimum = output_error(w, kronecker_sum(a_vl, b_vl), identity)
-    a0, b0 = torch.randn(2, 4, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, 2, generator=g, dtype=torch.float64)
+    a0, b0 = (
+        torch.randn(2, 4, 3, generator=g, dtype=torch.float64),
+        torch.randn(2, 3, 2, generator=g, dtype=torch.float64),
+    )
     _, _, history = output_metric_kronecker(w, identity, a0, b0, max_iterations=2000, tolerance=0.0)
     assert abs(history[-1] - optimum) < 1e-6
 
@@ -110,10 +127,12 @@ def test_calibrated_auto_candidates_are_fitted_in_the_output_metric():
     structure = tqc.get_structure("tq")
     menu, state = structure.candidates(w, sketch)
     assert menu
+
     def van_loan(c):  # the weight-space factors at the candidate's permutations, in the output metric
         s = c.settings
-        return kronecker_errors(w, tuple(s["a_shape"]), tuple(s["b_shape"]), [s["rank"]], *state[(tuple(s["b_shape"]), s["rank"])],
-                                sketch)[s["rank"]]
+        return kronecker_errors(
+            w, tuple(s["a_shape"]), tuple(s["b_shape"]), [s["rank"]], *state[(tuple(s["b_shape"]), s["rank"])], sketch
+        )[s["rank"]]
 
     for candidate in menu:
         assert candidate.error <= van_loan(candidate) + 1e-9

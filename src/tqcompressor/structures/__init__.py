@@ -6,9 +6,18 @@ from __future__ import annotations
 from torch import Tensor
 
 from tqcompressor.errors import TQCError
-from tqcompressor.structures.base import (REGISTRY, Candidate, Structure, all_structures, compression_methods,
-                                          get_structure, module_classes, register, settings_dict)
 from tqcompressor.structures import dense, kronecker, kronecker_lowrank, lowrank  # noqa: E402,F401  (each registers itself)
+from tqcompressor.structures.base import (
+    REGISTRY,
+    Candidate,
+    Structure,
+    all_structures,
+    compression_methods,
+    get_structure,
+    module_classes,
+    register,
+    settings_dict,
+)
 
 
 def decompose(weight: Tensor, method: str = "tq", max_iterations: int = 20, **settings):
@@ -22,5 +31,15 @@ def decompose(weight: Tensor, method: str = "tq", max_iterations: int = 20, **se
     return structure.fit(weight, spec, None, max_iterations)
 
 
-__all__ = ["REGISTRY", "Candidate", "Structure", "all_structures", "compression_methods", "decompose",
-           "get_structure", "module_classes", "register", "settings_dict"]
+__all__ = [
+    "REGISTRY",
+    "Candidate",
+    "Structure",
+    "all_structures",
+    "compression_methods",
+    "decompose",
+    "get_structure",
+    "module_classes",
+    "register",
+    "settings_dict",
+]

@@ -47,8 +47,7 @@ class Candidate:
     macs: int = 0
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "params": self.params, "error": self.error, "macs": self.macs,
-                **self.settings}
+        return {"method": self.method, "params": self.params, "error": self.error, "macs": self.macs, **self.settings}
 
 
 class Structure:

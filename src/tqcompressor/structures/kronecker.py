@@ -13,12 +13,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tqcompressor.decompose import (complete_shapes, damped_cov, output_metric_kronecker,
-                                    inverse_permutation, kronecker_sum, nearest_kronecker, rearrange, relative_error,
-                                    tail_energy)
+from tqcompressor.decompose import (
+    complete_shapes,
+    damped_cov,
+    inverse_permutation,
+    kronecker_sum,
+    nearest_kronecker,
+    output_metric_kronecker,
+    rearrange,
+    relative_error,
+    tail_energy,
+)
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import (bias_of, compose_gathers, dense_weight_of, gather_columns, gather_last,
-                                 unless_identity)
+from tqcompressor.layers import bias_of, compose_gathers, dense_weight_of, gather_columns, gather_last, unless_identity
 from tqcompressor.permutation import output_metric_search, permuted_kronecker
 from tqcompressor.structures.base import Candidate, Factors, Structure, register
 
@@ -95,9 +102,16 @@ def stored_factors(a: Tensor, b: Tensor, row_index: Tensor | None, col_index: Te
     return KroneckerFactors(a.detach(), b.detach(), row.cpu(), col.cpu())
 
 
-def fit_kronecker(weight: Tensor, a_shape: tuple[int, int] | None, b_shape: tuple[int, int] | None, rank: int = 1,
-                  search: bool = True, max_iterations: int = 20, input_scale: Tensor | None = None,
-                  input_cov: Tensor | None = None) -> KroneckerFactors:
+def fit_kronecker(
+    weight: Tensor,
+    a_shape: tuple[int, int] | None,
+    b_shape: tuple[int, int] | None,
+    rank: int = 1,
+    search: bool = True,
+    max_iterations: int = 20,
+    input_scale: Tensor | None = None,
+    input_cov: Tensor | None = None,
+) -> KroneckerFactors:
     """Factor ``weight`` (out x in); ``search``: TQCompressor's permutation search. Give one of the
     shapes and the other is derived. ``input_cov`` (the second moment of the layer's inputs on
     calibration text) fits in the output metric (:func:`output_metric_fit`). ``input_scale`` (one
@@ -115,13 +129,21 @@ def fit_kronecker(weight: Tensor, a_shape: tuple[int, int] | None, b_shape: tupl
         factors = KroneckerFactors(*permuted_kronecker(w, a_shape, b_shape, rank, max_iterations))
     else:
         a, b = nearest_kronecker(w, a_shape, b_shape, rank)
-        factors = KroneckerFactors(a, b, torch.arange(w.shape[0]), torch.arange(w.shape[1]),
-                                   [relative_error(w, kronecker_sum(a, b))])
+        factors = KroneckerFactors(
+            a, b, torch.arange(w.shape[0]), torch.arange(w.shape[1]), [relative_error(w, kronecker_sum(a, b))]
+        )
     return factors.to(weight.dtype)
 
 
-def output_metric_fit(weight: Tensor, input_cov: Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int],
-                      rank: int = 1, search: bool = True, max_iterations: int = 20) -> KroneckerFactors:
+def output_metric_fit(
+    weight: Tensor,
+    input_cov: Tensor,
+    a_shape: tuple[int, int],
+    b_shape: tuple[int, int],
+    rank: int = 1,
+    search: bool = True,
+    max_iterations: int = 20,
+) -> KroneckerFactors:
     """The Kronecker fit with the least output error ``tr(D C D^T)`` we can find, ``C`` the input
     second moment. Each start is converged by exact least squares in that metric: no permutation
     (Van Loan's factors) and, for ``tq``, the weight-space permutation search of the RMS-weighted
@@ -138,8 +160,15 @@ def output_metric_fit(weight: Tensor, input_cov: Tensor, a_shape: tuple[int, int
     return KroneckerFactors(*found)
 
 
-def scaled_kronecker(weight: Tensor, input_scale: Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int],
-                     rank: int = 1, search: bool = True, max_iterations: int = 20) -> KroneckerFactors:
+def scaled_kronecker(
+    weight: Tensor,
+    input_scale: Tensor,
+    a_shape: tuple[int, int],
+    b_shape: tuple[int, int],
+    rank: int = 1,
+    search: bool = True,
+    max_iterations: int = 20,
+) -> KroneckerFactors:
     """Kronecker fit weighted by input-column scales, folded into the factors (no extra buffer).
 
     The permutation search (``search``) runs on ``W diag(s)``. The fit then uses the nearest
@@ -150,8 +179,7 @@ def scaled_kronecker(weight: Tensor, input_scale: Tensor, a_shape: tuple[int, in
     w = weight.detach().to(torch.float64)
     s = input_scale.detach().to(torch.float64).flatten()
     if s.numel() != w.shape[1] or not bool((s > 0).all()):
-        raise TQCError(f"input_scale must hold {w.shape[1]} positive numbers (one per input column), "
-                       f"got {s.numel()}")
+        raise TQCError(f"input_scale must hold {w.shape[1]} positive numbers (one per input column), got {s.numel()}")
     if search:
         found = permuted_kronecker(w * s, a_shape, b_shape, rank, max_iterations)
         row_perm, col_perm = found.row_perm, found.col_perm
@@ -179,8 +207,9 @@ def input_rms(input_cov: Tensor) -> Tensor:
     return rms.clamp_min(1e-6 * float(rms.mean()) + 1e-30)
 
 
-def kronecker_errors(w: Tensor, a_shape, b_shape, ranks: list[int], row_perm: Tensor, col_perm: Tensor,
-                     sketch=None) -> dict[int, float]:
+def kronecker_errors(
+    w: Tensor, a_shape, b_shape, ranks: list[int], row_perm: Tensor, col_perm: Tensor, sketch=None
+) -> dict[int, float]:
     """Relative error of the rank-r Kronecker fit of ``w[row_perm][:, col_perm]``, for every r in
     ``ranks``, from one SVD of the rearrangement; in the output metric when ``sketch`` is given."""
     permuted = w[row_perm][:, col_perm]
@@ -220,7 +249,9 @@ def kronecker_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int
     return rank * (n1 * n2 * m2 + m2 * n1 * m1)
 
 
-def kronecker_layouts(a_shape: tuple[int, int], b_shape: tuple[int, int], order: str) -> tuple[Tensor | None, Tensor | None]:
+def kronecker_layouts(
+    a_shape: tuple[int, int], b_shape: tuple[int, int], order: str
+) -> tuple[Tensor | None, Tensor | None]:
     """Column orders the contraction works in: ``(input_layout, output_layout)``.
 
     ``x[:, input_layout]`` is the input as :func:`kronecker_contract` reads it and
@@ -254,16 +285,19 @@ def kronecker_contract(x: Tensor, a: Tensor, b: Tensor, order: str) -> Tensor:
     if tokens < n1:
         # few tokens (generation): setting all A_k side by side would copy A, more data than the
         # activations, so multiply each term with A as stored and add the terms up
-        outs = [torch.bmm((rows @ b[:, p, :].T).view(tokens, n1, rank).permute(2, 0, 1), a.transpose(1, 2)).sum(0)
-                for p in range(m2)]
+        outs = [
+            torch.bmm((rows @ b[:, p, :].T).view(tokens, n1, rank).permute(2, 0, 1), a.transpose(1, 2)).sum(0)
+            for p in range(m2)
+        ]
     else:
         a_cat = a.permute(1, 2, 0).reshape(m1, n1 * rank)
         outs = [(rows @ b[:, p, :].T).view(tokens, n1 * rank) @ a_cat.T for p in range(m2)]
     return outs[0] if m2 == 1 else torch.cat(outs, dim=1)
 
 
-def gathered_kronecker(x: Tensor, a: Tensor, b: Tensor, order: str, input_gather: Tensor | None,
-                       output_gather: Tensor | None) -> Tensor:
+def gathered_kronecker(
+    x: Tensor, a: Tensor, b: Tensor, order: str, input_gather: Tensor | None, output_gather: Tensor | None
+) -> Tensor:
     """:func:`kronecker_contract` on 2-D ``x`` between one gather on each side (``None``: none)."""
     if input_gather is not None:
         x = gather_columns(x, input_gather)
@@ -271,8 +305,9 @@ def gathered_kronecker(x: Tensor, a: Tensor, b: Tensor, order: str, input_gather
     return y if output_gather is None else gather_columns(y, output_gather)
 
 
-def kronecker_matmul(x: Tensor, a: Tensor, b: Tensor, input_index: Tensor | None = None,
-                     output_index: Tensor | None = None) -> Tensor:
+def kronecker_matmul(
+    x: Tensor, a: Tensor, b: Tensor, input_index: Tensor | None = None, output_index: Tensor | None = None
+) -> Tensor:
     """``x[..., input_index] @ (sum_k A_k (x) B_k)^T``, then ``[..., output_index]`` (``None``: no
     permutation), for ``x: (..., n1*n2)`` without forming the Kronecker sum. The permutations are
     fused with the contraction's layouts here, on every call; layers keep the fused gathers."""
@@ -280,8 +315,14 @@ def kronecker_matmul(x: Tensor, a: Tensor, b: Tensor, input_index: Tensor | None
     _, m2, n2 = b.shape
     order = kronecker_order((m1, n1), (m2, n2), rank)
     input_layout, output_layout = kronecker_layouts((m1, n1), (m2, n2), order)
-    y = gathered_kronecker(x.reshape(-1, n1 * n2), a, b, order, compose_gathers(input_index, input_layout, x.device),
-                           compose_gathers(output_layout, output_index, x.device))
+    y = gathered_kronecker(
+        x.reshape(-1, n1 * n2),
+        a,
+        b,
+        order,
+        compose_gathers(input_index, input_layout, x.device),
+        compose_gathers(output_layout, output_index, x.device),
+    )
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -323,22 +364,36 @@ class KroneckerLinear(nn.Module):
         only if you write into ``input_index`` / ``output_index`` by hand."""
         input_layout, output_layout = kronecker_layouts(tuple(self.a.shape[1:]), tuple(self.b.shape[1:]), self.order)
         device = self.a.device
-        self.register_buffer("input_gather", unless_identity(compose_gathers(self.input_index, input_layout, device)),
-                             persistent=False)
-        self.register_buffer("output_gather", unless_identity(compose_gathers(output_layout, self.output_index, device)),
-                             persistent=False)
+        self.register_buffer(
+            "input_gather", unless_identity(compose_gathers(self.input_index, input_layout, device)), persistent=False
+        )
+        self.register_buffer(
+            "output_gather",
+            unless_identity(compose_gathers(output_layout, self.output_index, device)),
+            persistent=False,
+        )
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self.refresh_gathers()
 
     @classmethod
-    def from_factors(cls, factors: KroneckerFactors, bias: Tensor | None = None, kind: str = "linear") -> KroneckerLinear:
+    def from_factors(
+        cls, factors: KroneckerFactors, bias: Tensor | None = None, kind: str = "linear"
+    ) -> KroneckerLinear:
         n, m = factors.col_perm.numel(), factors.row_perm.numel()
         keep_rows = not torch.equal(factors.row_perm, torch.arange(m))
         keep_cols = not torch.equal(factors.col_perm, torch.arange(n))
-        layer = cls(tuple(factors.a.shape[1:]), tuple(factors.b.shape[1:]), factors.rank, bias is not None,
-                    keep_rows, keep_cols, kind, factors.a.dtype)
+        layer = cls(
+            tuple(factors.a.shape[1:]),
+            tuple(factors.b.shape[1:]),
+            factors.rank,
+            bias is not None,
+            keep_rows,
+            keep_cols,
+            kind,
+            factors.a.dtype,
+        )
         with torch.no_grad():
             layer.a.copy_(factors.a)
             layer.b.copy_(factors.b)
@@ -352,8 +407,15 @@ class KroneckerLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(cls, module: nn.Module, method: str = "tq", a_shape: tuple[int, int] | None = None,
-                    b_shape: tuple[int, int] | None = None, rank: int = 1, max_iterations: int = 20) -> KroneckerLinear:
+    def from_linear(
+        cls,
+        module: nn.Module,
+        method: str = "tq",
+        a_shape: tuple[int, int] | None = None,
+        b_shape: tuple[int, int] | None = None,
+        rank: int = 1,
+        max_iterations: int = 20,
+    ) -> KroneckerLinear:
         """Factor a dense ``nn.Linear`` / ``Conv1D``: ``tq`` searches permutations, ``kronecker`` does not."""
         if method not in ("tq", "kronecker"):
             raise TQCError(f"KroneckerLinear takes method 'tq' or 'kronecker', not {method!r}")
@@ -363,14 +425,28 @@ class KroneckerLinear(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments, as ``tqcompressor.json`` stores them."""
-        return {"a_shape": list(self.a.shape[1:]), "b_shape": list(self.b.shape[1:]), "rank": self.rank,
-                "bias": self.bias is not None, "row_perm": self.output_index is not None,
-                "col_perm": self.input_index is not None, "kind": self.kind}
+        return {
+            "a_shape": list(self.a.shape[1:]),
+            "b_shape": list(self.b.shape[1:]),
+            "rank": self.rank,
+            "bias": self.bias is not None,
+            "row_perm": self.output_index is not None,
+            "col_perm": self.input_index is not None,
+            "kind": self.kind,
+        }
 
     @classmethod
     def from_config(cls, config: dict, dtype: torch.dtype) -> KroneckerLinear:
-        return cls(tuple(config["a_shape"]), tuple(config["b_shape"]), config["rank"], config["bias"],
-                   config["row_perm"], config["col_perm"], config["kind"], dtype)
+        return cls(
+            tuple(config["a_shape"]),
+            tuple(config["b_shape"]),
+            config["rank"],
+            config["bias"],
+            config["row_perm"],
+            config["col_perm"],
+            config["kind"],
+            dtype,
+        )
 
     def permute_outputs(self, gather: Tensor) -> None:
         """Make this layer return ``y[..., gather]`` by changing its stored state (folding)."""
@@ -420,15 +496,18 @@ class KroneckerLinear(nn.Module):
         return kronecker_macs(tuple(self.a.shape[1:]), tuple(self.b.shape[1:]), self.rank, self.order)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = gathered_kronecker(x.reshape(-1, self.in_features), self.a, self.b, self.order, self.input_gather,
-                               self.output_gather)
+        y = gathered_kronecker(
+            x.reshape(-1, self.in_features), self.a, self.b, self.order, self.input_gather, self.output_gather
+        )
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, A={tuple(self.a.shape[1:])}, "
-                f"B={tuple(self.b.shape[1:])}, rank={self.rank}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, A={tuple(self.a.shape[1:])}, "
+            f"B={tuple(self.b.shape[1:])}, rank={self.rank}"
+        )
 
 
 class KroneckerEmbedding(nn.Module):
@@ -438,8 +517,15 @@ class KroneckerEmbedding(nn.Module):
     ``A`` and the column permutation decides which embedding dimensions share a ``B`` pattern.
     """
 
-    def __init__(self, a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int = 1,
-                 row_perm: bool = False, col_perm: bool = True, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        a_shape: tuple[int, int],
+        b_shape: tuple[int, int],
+        rank: int = 1,
+        row_perm: bool = False,
+        col_perm: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         (m1, n1), (m2, n2) = a_shape, b_shape
         self.num_embeddings, self.embedding_dim = m1 * m2, n1 * n2
@@ -452,29 +538,51 @@ class KroneckerEmbedding(nn.Module):
         self.register_buffer("output_index", torch.arange(n1 * n2) if col_perm else None)
 
     @classmethod
-    def from_embedding(cls, module: nn.Embedding, method: str = "tq", a_shape=None, b_shape=None,
-                       rank: int = 1, max_iterations: int = 20) -> KroneckerEmbedding:
+    def from_embedding(
+        cls,
+        module: nn.Embedding,
+        method: str = "tq",
+        a_shape=None,
+        b_shape=None,
+        rank: int = 1,
+        max_iterations: int = 20,
+    ) -> KroneckerEmbedding:
         if method not in ("tq", "kronecker"):
             raise TQCError(f"KroneckerEmbedding takes method 'tq' or 'kronecker', not {method!r}")
-        return cls.from_factors(fit_kronecker(module.weight.detach(), a_shape, b_shape, rank, search=method == "tq",
-                                              max_iterations=max_iterations))
+        return cls.from_factors(
+            fit_kronecker(
+                module.weight.detach(), a_shape, b_shape, rank, search=method == "tq", max_iterations=max_iterations
+            )
+        )
 
     def config(self) -> dict:
-        return {"a_shape": list(self.a.shape[1:]), "b_shape": list(self.b.shape[1:]), "rank": self.rank,
-                "row_perm": self.token_index is not None, "col_perm": self.input_index is not None}
+        return {
+            "a_shape": list(self.a.shape[1:]),
+            "b_shape": list(self.b.shape[1:]),
+            "rank": self.rank,
+            "row_perm": self.token_index is not None,
+            "col_perm": self.input_index is not None,
+        }
 
     @classmethod
     def from_config(cls, config: dict, dtype: torch.dtype) -> KroneckerEmbedding:
-        return cls(tuple(config["a_shape"]), tuple(config["b_shape"]), config["rank"], config["row_perm"],
-                   config["col_perm"], dtype)
+        return cls(
+            tuple(config["a_shape"]),
+            tuple(config["b_shape"]),
+            config["rank"],
+            config["row_perm"],
+            config["col_perm"],
+            dtype,
+        )
 
     @classmethod
     def from_factors(cls, factors: KroneckerFactors) -> KroneckerEmbedding:
         m, n = factors.shape
         keep_rows = not torch.equal(factors.row_perm, torch.arange(m))
         keep_cols = not torch.equal(factors.col_perm, torch.arange(n))
-        layer = cls(tuple(factors.a.shape[1:]), tuple(factors.b.shape[1:]), factors.rank, keep_rows, keep_cols,
-                    factors.a.dtype)
+        layer = cls(
+            tuple(factors.a.shape[1:]), tuple(factors.b.shape[1:]), factors.rank, keep_rows, keep_cols, factors.a.dtype
+        )
         with torch.no_grad():
             layer.a.copy_(factors.a)
             layer.b.copy_(factors.b)
@@ -513,9 +621,10 @@ class KroneckerEmbedding(nn.Module):
         return kronecker_matmul(hidden, self.a, self.b, self.input_index, self.token_index)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, A={tuple(self.a.shape[1:])}, "
-                f"B={tuple(self.b.shape[1:])}, rank={self.rank}")
-
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, A={tuple(self.a.shape[1:])}, "
+            f"B={tuple(self.b.shape[1:])}, rank={self.rank}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,9 +653,18 @@ class Kronecker(Structure):
         shape = f" B{b_shape[0]}x{b_shape[1]}" if b_shape else ""
         return f"{self.name}{shape} r{settings['rank']}"
 
-    def fit(self, weight: Tensor, settings: KroneckerSettings, stats=None, max_iterations: int = 20) -> KroneckerFactors:
-        return fit_kronecker(weight, settings.a_shape, settings.b_shape, settings.rank, self.search, max_iterations,
-                             input_cov=stats.input_cov if stats is not None else None)
+    def fit(
+        self, weight: Tensor, settings: KroneckerSettings, stats=None, max_iterations: int = 20
+    ) -> KroneckerFactors:
+        return fit_kronecker(
+            weight,
+            settings.a_shape,
+            settings.b_shape,
+            settings.rank,
+            self.search,
+            max_iterations,
+            input_cov=stats.input_cov if stats is not None else None,
+        )
 
     def module(self, factors: KroneckerFactors, bias: Tensor | None, kind: str) -> nn.Module:
         if kind == "embedding":
@@ -557,8 +675,9 @@ class Kronecker(Structure):
         m, n = shape
         budget = keep * m * n
         best = None  # (params, -size of B, settings)
-        b_shapes = ([(1, w) for w in SPEED_B_WIDTHS] if prefer == "speed"
-                    else [(m2, n2) for m2 in B_SIDES for n2 in B_SIDES])
+        b_shapes = (
+            [(1, w) for w in SPEED_B_WIDTHS] if prefer == "speed" else [(m2, n2) for m2 in B_SIDES for n2 in B_SIDES]
+        )
         for m2, n2 in b_shapes:
             if m2 * n2 < 2 or m % m2 or n % n2:
                 continue
@@ -606,14 +725,23 @@ class Kronecker(Structure):
                         errors[r], starts[(b_shape, r)] = permuted[r], (found.row_perm, found.col_perm)
             for rank in usable:
                 if sketch is not None and self.search:
-                    errors[rank] = candidate_factors(w, sketch.cov, a_shape, b_shape, rank,
-                                                     starts[(b_shape, rank)]).history[-1]
-                menu.append(Candidate(self.name, rank * (a_shape[0] * a_shape[1] + m2 * n2), errors[rank],
-                                      {"rank": rank, "a_shape": list(a_shape), "b_shape": list(b_shape)},
-                                      macs=kronecker_macs(a_shape, b_shape, rank, kronecker_order(a_shape, b_shape, rank))))
+                    errors[rank] = candidate_factors(
+                        w, sketch.cov, a_shape, b_shape, rank, starts[(b_shape, rank)]
+                    ).history[-1]
+                menu.append(
+                    Candidate(
+                        self.name,
+                        rank * (a_shape[0] * a_shape[1] + m2 * n2),
+                        errors[rank],
+                        {"rank": rank, "a_shape": list(a_shape), "b_shape": list(b_shape)},
+                        macs=kronecker_macs(a_shape, b_shape, rank, kronecker_order(a_shape, b_shape, rank)),
+                    )
+                )
         return menu, starts
 
-    def fit_candidate(self, weight: Tensor, candidate: Candidate, state: dict, input_cov: Tensor | None) -> KroneckerFactors:
+    def fit_candidate(
+        self, weight: Tensor, candidate: Candidate, state: dict, input_cov: Tensor | None
+    ) -> KroneckerFactors:
         """The factors measured for ``candidate``: Van Loan's fit at the permutations the menu chose,
         refined in the output metric when ``input_cov`` is given."""
         w = weight.detach().to(torch.float64)
@@ -624,8 +752,14 @@ class Kronecker(Structure):
         return candidate_factors(w, cov, a_shape, b_shape, rank, (rows, cols)).to(weight.dtype)
 
 
-def candidate_factors(w: Tensor, cov: Tensor | None, a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int,
-                      perms: tuple[Tensor, Tensor]) -> KroneckerFactors:
+def candidate_factors(
+    w: Tensor,
+    cov: Tensor | None,
+    a_shape: tuple[int, int],
+    b_shape: tuple[int, int],
+    rank: int,
+    perms: tuple[Tensor, Tensor],
+) -> KroneckerFactors:
     """``auto``'s fit of one Kronecker candidate: Van Loan's factors of ``w`` at the permutations
     ``perms``, then (given the damped covariance ``cov``) :data:`AUTO_LEAST_SQUARES_STEPS` steps of
     least squares in the output metric. Deterministic: the menu and the installed layer agree.
@@ -635,8 +769,9 @@ def candidate_factors(w: Tensor, cov: Tensor | None, a_shape: tuple[int, int], b
     a, b = nearest_kronecker(permuted, a_shape, b_shape, rank)
     if cov is None:
         return KroneckerFactors(a, b, rows, cols, [relative_error(permuted, kronecker_sum(a, b))])
-    a, b, history = output_metric_kronecker(permuted, cov[cols][:, cols], a, b, AUTO_LEAST_SQUARES_STEPS,
-                                            tolerance=1e-3, damping=0.0)
+    a, b, history = output_metric_kronecker(
+        permuted, cov[cols][:, cols], a, b, AUTO_LEAST_SQUARES_STEPS, tolerance=1e-3, damping=0.0
+    )
     return KroneckerFactors(a, b, rows, cols, [history[-1]])
 
 

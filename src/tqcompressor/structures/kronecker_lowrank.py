@@ -21,12 +21,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tqcompressor.decompose import (fit_error, kronecker_sum, nearest_kronecker, output_metric_kronecker, tail_energy,
-                                    whitening)
+from tqcompressor.decompose import (
+    fit_error,
+    kronecker_sum,
+    nearest_kronecker,
+    output_metric_kronecker,
+    tail_energy,
+    whitening,
+)
 from tqcompressor.errors import TQCError
 from tqcompressor.structures.base import Candidate, Factors, Structure, get_structure, register
-from tqcompressor.structures.kronecker import (KroneckerFactors, KroneckerLinear, KroneckerSettings, fit_kronecker,
-                                               input_rms, kronecker_macs, kronecker_order)
+from tqcompressor.structures.kronecker import (
+    KroneckerFactors,
+    KroneckerLinear,
+    KroneckerSettings,
+    fit_kronecker,
+    input_rms,
+    kronecker_macs,
+    kronecker_order,
+)
 from tqcompressor.structures.lowrank import LowRankFactors, LowRankLinear, truncated_svd
 
 AUTO_B_SHAPES = ((2, 4), (4, 2))  # the first that divides the matrix is measured
@@ -61,9 +74,15 @@ class KroneckerLowRankFactors(Factors):
         return self.kronecker.to_dense() + self.lowrank.to_dense()
 
 
-def fit_kronecker_lowrank(weight: Tensor, settings: KroneckerLowRankSettings, input_cov: Tensor | None = None,
-                          search: bool = True, max_iterations: int = 20, weighted_kronecker: bool = True,
-                          rounds: int = ALTERNATION_ROUNDS) -> KroneckerLowRankFactors:
+def fit_kronecker_lowrank(
+    weight: Tensor,
+    settings: KroneckerLowRankSettings,
+    input_cov: Tensor | None = None,
+    search: bool = True,
+    max_iterations: int = 20,
+    weighted_kronecker: bool = True,
+    rounds: int = ALTERNATION_ROUNDS,
+) -> KroneckerLowRankFactors:
     """Kronecker part first (as ``tq``, or plain without ``search``), then the best
     rank-``residual_rank`` ``U V`` of the residual; then up to ``rounds`` alternations, each
     refitting the Kronecker factors (the permutations stay) to ``W - U V`` and ``U V`` to
@@ -94,8 +113,9 @@ def fit_kronecker_lowrank(weight: Tensor, settings: KroneckerLowRankSettings, in
         if not improved:
             break
     kron, low = best
-    return KroneckerLowRankFactors(kron.to(weight.dtype),
-                                   LowRankFactors(low.u.to(weight.dtype), low.v.to(weight.dtype), [best_error]))
+    return KroneckerLowRankFactors(
+        kron.to(weight.dtype), LowRankFactors(low.u.to(weight.dtype), low.v.to(weight.dtype), [best_error])
+    )
 
 
 class KroneckerLowRankLinear(nn.Module):
@@ -107,17 +127,22 @@ class KroneckerLowRankLinear(nn.Module):
         self.in_features, self.out_features, self.kind = lowrank.in_features, lowrank.out_features, lowrank.kind
 
     @classmethod
-    def from_factors(cls, factors: KroneckerLowRankFactors, bias: Tensor | None = None,
-                     kind: str = "linear") -> KroneckerLowRankLinear:
-        return cls(KroneckerLinear.from_factors(factors.kronecker, None, kind),
-                   LowRankLinear.from_factors(factors.lowrank, bias, kind))
+    def from_factors(
+        cls, factors: KroneckerLowRankFactors, bias: Tensor | None = None, kind: str = "linear"
+    ) -> KroneckerLowRankLinear:
+        return cls(
+            KroneckerLinear.from_factors(factors.kronecker, None, kind),
+            LowRankLinear.from_factors(factors.lowrank, bias, kind),
+        )
 
     def config(self) -> dict:
         return {"kronecker": self.kronecker.config(), "lowrank": self.lowrank.config()}
 
     @classmethod
     def from_config(cls, config: dict, dtype: torch.dtype) -> KroneckerLowRankLinear:
-        return cls(KroneckerLinear.from_config(config["kronecker"], dtype), LowRankLinear.from_config(config["lowrank"], dtype))
+        return cls(
+            KroneckerLinear.from_config(config["kronecker"], dtype), LowRankLinear.from_config(config["lowrank"], dtype)
+        )
 
     @property
     def bias(self) -> Tensor | None:
@@ -155,8 +180,9 @@ class KroneckerLowRank(Structure):
         return f"tq{shape} r{settings['rank']} + svd r{settings['residual_rank']}"
 
     def fit(self, weight: Tensor, settings, stats=None, max_iterations: int = 20) -> KroneckerLowRankFactors:
-        return fit_kronecker_lowrank(weight, settings, stats.input_cov if stats is not None else None,
-                                     max_iterations=max_iterations)
+        return fit_kronecker_lowrank(
+            weight, settings, stats.input_cov if stats is not None else None, max_iterations=max_iterations
+        )
 
     def module(self, factors: KroneckerLowRankFactors, bias: Tensor | None, kind: str) -> KroneckerLowRankLinear:
         return KroneckerLowRankLinear.from_factors(factors, bias, kind)
@@ -196,10 +222,21 @@ class KroneckerLowRank(Structure):
                 params = kron_params + residual_rank * (m + n)
                 if residual_rank >= min(m, n) or params >= m * n:
                     continue
-                settings = {"rank": rank, "a_shape": list(a_shape), "b_shape": list(b_shape),
-                            "residual_rank": residual_rank}
-                menu.append(Candidate(self.name, params, (tail[residual_rank] / max(total, 1e-300)) ** 0.5, settings,
-                                      macs=kron_macs + residual_rank * (m + n)))
+                settings = {
+                    "rank": rank,
+                    "a_shape": list(a_shape),
+                    "b_shape": list(b_shape),
+                    "residual_rank": residual_rank,
+                }
+                menu.append(
+                    Candidate(
+                        self.name,
+                        params,
+                        (tail[residual_rank] / max(total, 1e-300)) ** 0.5,
+                        settings,
+                        macs=kron_macs + residual_rank * (m + n),
+                    )
+                )
         return menu, None
 
     def fit_candidate(self, weight: Tensor, candidate: Candidate, state, input_cov) -> KroneckerLowRankFactors:

@@ -46,8 +46,13 @@ class LowRankFactors(Factors):
         return self.u @ self.v
 
 
-def truncated_svd(weight: Tensor, rank: int, input_cov: Tensor | None = None,
-                  damping: float = WHITENING_DAMPING, whitened: tuple[Tensor, Tensor] | None = None) -> LowRankFactors:
+def truncated_svd(
+    weight: Tensor,
+    rank: int,
+    input_cov: Tensor | None = None,
+    damping: float = WHITENING_DAMPING,
+    whitened: tuple[Tensor, Tensor] | None = None,
+) -> LowRankFactors:
     """Best rank-``rank`` ``U V``. Without ``input_cov`` it minimises ``||W - U V||_F``; with the
     second moment ``C = E[x x^T]`` of the layer's inputs it minimises the *output* error
     ``E||(W - U V) x||^2`` (activation-aware, as in SVD-LLM): the SVD of ``W S`` with ``C = S S^T``,
@@ -74,8 +79,15 @@ def truncated_svd(weight: Tensor, rank: int, input_cov: Tensor | None = None,
 class LowRankLinear(nn.Module):
     """``y = U (V x) + bias``: the truncated-SVD baseline as a drop-in layer."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 kind: str = "linear", dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        kind: str = "linear",
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
         self.u = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype))
@@ -101,8 +113,13 @@ class LowRankLinear(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments, as ``tqcompressor.json`` stores them."""
-        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
-                "bias": self.bias is not None, "kind": self.kind}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+            "kind": self.kind,
+        }
 
     @classmethod
     def from_config(cls, config: dict, dtype: torch.dtype) -> LowRankLinear:
@@ -166,8 +183,9 @@ class LowRank(Structure):
         for fraction in SVD_FRACTIONS:
             rank = max(1, int(fraction * m * n / (m + n)))
             if rank < min(m, n):
-                menu.append(Candidate("svd", rank * (m + n), (tail[rank] / tail[0]) ** 0.5, {"rank": rank},
-                                      macs=rank * (m + n)))
+                menu.append(
+                    Candidate("svd", rank * (m + n), (tail[rank] / tail[0]) ** 0.5, {"rank": rank}, macs=rank * (m + n))
+                )
         return menu, None
 
     def fit_candidate(self, weight: Tensor, candidate: Candidate, state, input_cov) -> LowRankFactors:
