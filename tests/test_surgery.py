@@ -218,3 +218,17 @@ def test_the_budget_is_met_or_refused_with_one_line(family, method, ratio, embed
         assert "\n" not in str(exc)
         return
     assert report.params_after == count_parameters(compressed) <= ratio * before
+
+
+def test_a_later_step_reports_against_the_whole_model_budget(llama_model):
+    from tqcompressor.report import format_compression_table
+
+    original = tqc.count_parameters(llama_model)
+    plan = tqc.plan_compression(llama_model, tqc.CompressionConfig(method="svd", ratio=0.6, steps=2), progress=False)
+    first = apply_plan(llama_model, plan, step=1, progress=False)
+    second = apply_plan(llama_model, plan, step=2, progress=False)
+    assert second.step == 2 and second.params_before == first.params_after  # the model as step 2 found it
+    assert second.ratio == second.params_after / original <= 0.6  # against the original, not the partial model
+    assert second.params_after <= second.target_params == plan.target_params
+    line = format_compression_table(second.to_dict()).splitlines()[-1]
+    assert line.startswith("step 2: total:") and f"of the original {original:,}, budget" in line

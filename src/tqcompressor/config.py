@@ -142,10 +142,12 @@ class LayerReport:
 
 @dataclass
 class CompressionReport:
-    params_before: int = 0
+    params_before: int = 0  # the model as this report's step found it
     params_after: int = 0
-    target_params: int | None = None
+    target_params: int | None = None  # the whole-model budget
     method: str = ""
+    step: int | None = None  # the distillation step applied; None: every step
+    original_params: int | None = None  # the whole model before any step: what ratio and budget refer to
     seconds: float = 0.0
     counting: str = (
         "every parameter of the model counted once (a tied embedding/LM head once), permutation index buffers excluded"
@@ -159,7 +161,9 @@ class CompressionReport:
 
     @property
     def ratio(self) -> float:
-        return self.params_after / max(self.params_before, 1)
+        """Parameters after, over the whole original model's (a later step's report does not restart
+        from the partly compressed model, so it reads against the same budget)."""
+        return self.params_after / max(self.original_params or self.params_before, 1)
 
     def to_dict(self) -> dict:
         out = asdict(replace(self, plan=None))

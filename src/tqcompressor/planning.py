@@ -38,6 +38,7 @@ class Plan:
     layers: list[LayerPlan] = field(default_factory=list)
     method: str = ""
     target_params: int | None = None
+    params_before: int | None = None  # the whole model's parameters when it was planned: what budgets refer to
     tie_lm_head: bool = True  # a factored tied embedding keeps the LM head tied to its factors
     max_iterations: int = 20  # permutation-search rounds per matrix, for fits done when applying
     auto: dict[str, dict] | None = None  # method="auto": per target layer, the candidates and the choice
@@ -69,7 +70,12 @@ def plan_compression(
     (blocks, seq_len), or statistics from :func:`tqcompressor.calibration.calibrate`) makes the fits
     activation-aware (each structure's own way) and lets ``auto`` weigh layers by their effect on
     the loss; those factors are fitted here, while the statistics are at hand."""
-    settings = dict(method=config.method, tie_lm_head=config.tie_lm_head, max_iterations=config.max_iterations)
+    settings = dict(
+        method=config.method,
+        tie_lm_head=config.tie_lm_head,
+        max_iterations=config.max_iterations,
+        params_before=count_parameters(model),
+    )
     if config.layers is not None:
         layers = _layers_from_spec(model, config.layers)
         first = {}  # a module planned at several steps: only its first factorization sees the dense weight

@@ -54,10 +54,13 @@ def format_compression_table(report: dict) -> str:
     )
     if report.get("auto"):
         body += "\n\n" + format_auto_table(report["auto"])
+    original = report.get("original_params") or report["params_before"]
+    step = f"step {report['step']}: " if report.get("step") is not None else ""
+    budget = f", budget {report['target_params']:,}" if report.get("target_params") else ""
     total = (
-        f"total: {report['params_before']:,} -> {report['params_after']:,} parameters "
-        f"({report['params_after'] / max(report['params_before'], 1):.1%}), {report['seconds']:.1f} s; "
-        f"counting: {report.get('counting', '')}"
+        f"{step}total: {report['params_before']:,} -> {report['params_after']:,} parameters "
+        f"({report['params_after'] / max(original, 1):.1%} of the original {original:,}{budget}), "
+        f"{report['seconds']:.1f} s; counting: {report.get('counting', '')}"
     )
     return body + "\n" + total
 

@@ -55,6 +55,8 @@ def apply_plan(
         params_before=count_parameters(model),
         method=plan.method,
         target_params=plan.target_params,
+        step=step,
+        original_params=plan.params_before,
         auto=plan.auto,
         plan=plan,
     )
