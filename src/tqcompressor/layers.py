@@ -29,6 +29,27 @@ def dense_weight_of(module: nn.Module) -> tuple[Tensor, str]:
     )
 
 
+def embedding_scale(module: nn.Module) -> float:
+    """The factor a token embedding multiplies the rows it looks up by: ``sqrt(hidden)`` in Gemma 3
+    (``embed_scale``), 1 in most models. A factored embedding keeps it exactly (``output_scale``);
+    a tied LM head never applies it."""
+    scale = getattr(module, "output_scale", None)
+    if scale is None:
+        scale = getattr(module, "embed_scale", 1.0)
+    return float(scale)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """A plain embedding whose lookups are multiplied by ``output_scale`` (a densified Gemma 3 embedding)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, output_scale: float, dtype=None) -> None:
+        super().__init__(num_embeddings, embedding_dim, dtype=dtype)
+        self.output_scale = output_scale
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return super().forward(input_ids) * self.output_scale
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted ``name`` inside ``model`` (replacing what is there)."""
     parent, _, child = name.rpartition(".")

