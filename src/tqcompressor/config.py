@@ -62,6 +62,9 @@ class CompressionConfig:
     max_iterations: int = 20  # cap on permutation-search rounds per matrix (tq)
     prefer: str = "accuracy"  # budget solver: "accuracy" (any small B) or "speed" (B one row wide)
     auto_methods: list[str] | None = None  # method="auto": the structures it may choose (None: all)
+    # with calibration: refit each layer, block by block, to the teacher's outputs from the inputs the
+    # compressed model feeds it (errors of earlier layers compensated; tqcompressor.sequential)
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         if self.prefer not in ("accuracy", "speed"):
@@ -81,6 +84,8 @@ class CompressionConfig:
                 raise TQCError(f"target_params must be positive, got {self.target_params}")
         if self.steps < 1:
             raise TQCError(f"steps must be 1 or more, got {self.steps}")
+        if self.sequential and self.steps > 1:
+            raise TQCError("sequential refit (--sequential) applies to one-step plans; use --steps 1")
 
 
 def load_spec(path: str | Path) -> CompressionConfig:

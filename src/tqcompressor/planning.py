@@ -39,6 +39,7 @@ class Plan:
     method: str = ""
     target_params: int | None = None
     params_before: int | None = None  # the whole model's parameters when it was planned: what budgets refer to
+    sequential: bool = False  # applied with the teacher and calibration tokens: refit block by block
     tie_lm_head: bool = True  # a factored tied embedding keeps the LM head tied to its factors
     max_iterations: int = 20  # permutation-search rounds per matrix, for fits done when applying
     auto: dict[str, dict] | None = None  # method="auto": per target layer, the candidates and the choice
@@ -75,6 +76,7 @@ def plan_compression(
         tie_lm_head=config.tie_lm_head,
         max_iterations=config.max_iterations,
         params_before=count_parameters(model),
+        sequential=config.sequential,
     )
     if config.layers is not None:
         layers = _layers_from_spec(model, config.layers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -22,6 +23,7 @@ from tqcompressor.planning import (
     layer_statistics,
     plan_compression,
 )
+from tqcompressor.sequential import refit_sequentially
 from tqcompressor.structures import all_structures, settings_dict
 
 __all__ = ["apply_plan", "compress", "count_parameters", "find_target_modules", "plan_compression"]
@@ -31,9 +33,16 @@ def compress(
     model: nn.Module, config: CompressionConfig, calibration: Tensor | dict | None = None, progress: bool = True
 ) -> tuple[nn.Module, CompressionReport]:
     """Plan (:func:`~tqcompressor.planning.plan_compression`) and apply every step at once, in
-    place. ``report.plan`` is the plan, for :func:`tqcompressor.save` and distillation."""
+    place. ``report.plan`` is the plan, for :func:`tqcompressor.save` and distillation. With
+    ``config.sequential`` (calibration token ids needed) the layers are then refitted block by block
+    to the uncompressed model's outputs (:mod:`tqcompressor.sequential`)."""
+    if config.sequential and not isinstance(calibration, Tensor):
+        raise TQCError("sequential refit needs calibration text (token ids), not precomputed statistics")
+    teacher = copy.deepcopy(model) if config.sequential else None
     plan = plan_compression(model, config, calibration, progress=progress)
-    return model, apply_plan(model, plan, progress=progress)
+    if teacher is None:
+        return model, apply_plan(model, plan, progress=progress)
+    return model, apply_plan(model, plan, calibration=calibration, teacher=teacher, progress=progress)
 
 
 def apply_plan(
@@ -42,6 +51,7 @@ def apply_plan(
     step: int | None = None,
     calibration: Tensor | dict | None = None,
     progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> CompressionReport:
     """Replace the modules of ``plan`` (only those of ``step``, or every step in order) by their
     factored structures, in place. A module already in its planned form is left alone (resumed
@@ -49,6 +59,9 @@ def apply_plan(
 
     ``calibration``: this step's linear layers that have no fitted factors in the plan are fitted
     to the inputs they see in the model as it is now (later steps of multi-step distillation).
+    With ``plan.sequential``, the ``teacher`` and calibration token ids, this step's linear layers
+    are then refitted block by block to the teacher's outputs (:mod:`tqcompressor.sequential`),
+    before any permutation is folded.
     """
     started = time.perf_counter()
     report = CompressionReport(
@@ -81,11 +94,32 @@ def apply_plan(
     for entry, fitted in bar:
         bar.set_postfix_str(entry.name)
         report.layers.append(_replace(model, entry, fitted, plan))
+    if plan.sequential and teacher is not None and isinstance(calibration, Tensor):
+        _refit_sequentially(model, teacher, todo, report, calibration, plan, progress)
     # exact, free at run time; layers a later step still factors from their weights stay untouched
     report.folded_mlps = fold_mlp_permutations(model, skip=_pending(model, plan))
     report.params_after = count_parameters(model)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _refit_sequentially(model, teacher, todo, report, ids: Tensor, plan: Plan, progress: bool) -> None:
+    """Refit ``todo``'s linear layers to the teacher's outputs from the inputs ``model`` gives them;
+    the report's errors then compare each final layer with the teacher's weight."""
+    entries = {entry.name: entry for entry in todo if not is_embedding(model.get_submodule(entry.name))}
+    layers = {layer.name: layer for layer in report.layers}
+    weights = {name: dense_weight_of(teacher.get_submodule(name)) for name in entries}
+
+    def refit(name: str, w_star: Tensor, stats) -> None:
+        module, structure = model.get_submodule(name), entries[name].spec.structure
+        weight, kind = weights[name]
+        factors = structure.fit(w_star.to(weight.dtype), entries[name].spec.settings, stats, plan.max_iterations)
+        new = structure.module(factors, bias_of(module), kind)
+        set_module(model, name, new)
+        layers[name].relative_error = relative_error(weight.double(), new.to_dense().double())
+        layers[name].reason = (layers[name].reason + "; " if layers[name].reason else "") + "refitted sequentially"
+
+    refit_sequentially(teacher, model, [(name, weights[name][0]) for name in entries], refit, ids, progress)
 
 
 def _replace(model: nn.Module, entry: LayerPlan, factors, plan: Plan) -> LayerReport:
