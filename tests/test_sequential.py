@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tqcompressor as tqc
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_gpt2, tiny_llama
 from tqcompressor.layers import dense_weight_of
 from tqcompressor.sequential import compensated_weight, cross_statistics
 
@@ -31,9 +31,9 @@ def test_cross_statistics_of_identical_models_are_the_input_second_moment():
         assert tokens == 64 and torch.allclose(c_ss, c_ts) and torch.allclose(c_ss, c_ss.T)
 
 
-@pytest.mark.parametrize("method", ["svd", "auto"])
-def test_sequential_refit_brings_the_outputs_closer_to_the_teacher_on_its_calibration_text(method):
-    teacher = tiny_llama()
+@pytest.mark.parametrize("method, arch", [("svd", "llama"), ("auto", "llama"), ("svd", "gpt2")])
+def test_sequential_refit_brings_the_outputs_closer_to_the_teacher_on_its_calibration_text(method, arch):
+    teacher = tiny_llama() if arch == "llama" else tiny_gpt2()
     calibration = torch.randint(0, 512, (32, 32), generator=torch.Generator().manual_seed(2))
 
     def compressed(sequential: bool):
@@ -43,7 +43,8 @@ def test_sequential_refit_brings_the_outputs_closer_to_the_teacher_on_its_calibr
     (plain, _), (refitted, report) = compressed(False), compressed(True)
     assert tqc.count_parameters(refitted) == tqc.count_parameters(plain)  # same plan, same sizes
     assert all("refitted sequentially" in layer.reason for layer in report.layers)
-    first = "model.layers.0.self_attn.q_proj"  # sees the teacher's own inputs: nothing to compensate
+    # the first layer sees the teacher's own inputs: nothing to compensate
+    first = "model.layers.0.self_attn.q_proj" if arch == "llama" else "transformer.h.0.attn.c_attn"
     refitted_weight = dense_weight_of(refitted.get_submodule(first))[0]
     assert torch.allclose(refitted_weight, dense_weight_of(plain.get_submodule(first))[0], atol=1e-4)
     with torch.no_grad():

@@ -111,6 +111,11 @@ def compress(
         None, help="text (file/dir/glob, dataset name) or 'teacher': activation-aware fits (best with --method auto)"
     ),
     calibration_tokens: int = typer.Option(8192, help="calibration tokens (in blocks of 256)"),
+    sequential: bool = typer.Option(
+        False,
+        help="with --calibration: refit each block's layers to the original model's outputs from the inputs "
+        "the compressed model feeds them (compensates earlier layers' errors)",
+    ),
 ) -> None:
     """Compress a model and write a model dir plus compression.json."""
     from tqcompressor.checkpoint import save
@@ -134,6 +139,11 @@ def compress(
             max_iterations=max_iterations,
             prefer=prefer,
             auto_methods=_auto_methods(auto_methods, method),
+            sequential=sequential,
+        )
+    if sequential and calibration is None:
+        raise TQCError(
+            "--sequential refits layers to calibration text: give --calibration (a text source or 'teacher')"
         )
     loaded = load_model(model)
     ids = None
@@ -363,6 +373,11 @@ def run(
     calibration_tokens: int = typer.Option(
         8192, help="distillation tokens the fits are calibrated on (0: weight-space fits, e.g. the paper's tq as is)"
     ),
+    sequential: bool = typer.Option(
+        recipe.SEQUENTIAL,
+        help="refit each block's layers to the teacher's outputs from the inputs the compressed "
+        "model feeds them, before distilling (needs calibration)",
+    ),
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
     """The main job: compress, distill step by step, evaluate, write report.md and a plot."""
@@ -374,7 +389,12 @@ def run(
         load_spec(spec)
         if spec
         else CompressionConfig(
-            method=method, ratio=ratio, steps=stages, prefer=prefer, auto_methods=_auto_methods(auto_methods, method)
+            method=method,
+            ratio=ratio,
+            steps=stages,
+            prefer=prefer,
+            auto_methods=_auto_methods(auto_methods, method),
+            sequential=sequential and calibration_tokens > 0,
         )
     )
     check_writable(out)  # before loading anything; run_pipeline claims it

@@ -249,7 +249,8 @@ def multistep_distill(
             student.to("cpu")
             # factors fitted before distilling are stale after it: refit them to the distilled student
             stage_plan = plan.without_factors(stage) if calibration is not None and stage_index > 0 else plan
-            apply_plan(student, stage_plan, step=stage, calibration=calibration, progress=progress)
+            refit_from = teacher if plan.sequential else None  # block by block, to the teacher's outputs
+            apply_plan(student, stage_plan, step=stage, calibration=calibration, progress=progress, teacher=refit_from)
         position.stage_index, position.stage_compressed = stage_index, True
         trainer = _new_trainer(student, config, accelerator, position, saved if position.stage_step > 0 else None)
         saved = None

@@ -198,7 +198,8 @@ def run_pipeline(
     plan = plan_compression(student, compression, calibration)
     if not any(r["label"] == "compressed (no KD)" for r in rows):
         one_shot = copy.deepcopy(student)
-        apply_plan(one_shot, plan)  # every stage at once, no distillation
+        refit = dict(calibration=calibration, teacher=teacher) if plan.sequential else {}
+        apply_plan(one_shot, plan, **refit)  # every stage at once, no distillation
         record("compressed (no KD)", 0, one_shot)
         del one_shot
 

@@ -15,3 +15,4 @@ STEPS = 100  # optimizer steps per stage (4 blocks of 256 tokens each)
 LR = 3e-4  # peak learning rate
 TEACHER_FRACTION = 0.5  # of the distillation and calibration blocks, sampled from the teacher
 TEACHER_POOL = 64  # teacher blocks sampled once and cycled (sampling costs about a quarter of a KD step per block)
+SEQUENTIAL = False  # refit block by block before distilling (bench/sequential.py measures it)

@@ -87,12 +87,14 @@ def cross_statistics(
 
 
 def compensated_weight(weight: Tensor, c_ss: Tensor, c_ts: Tensor) -> Tensor:
-    """``W C_ts C_ss^-1`` (float64, ``C_ss`` damped as the output-metric fits damp it): the weight
-    that maps the inputs a layer gets to the outputs the teacher's layer gives, in least squares."""
-    c = damped_cov(c_ss)
-    chol = torch.linalg.cholesky(c)
-    # W C_ts C^-1 = (C^-1 C_ts^T W^T)^T, C symmetric
-    return torch.cholesky_solve(c_ts.T.double() @ weight.double().T, chol).T
+    """``W C_ts C_ss^-1``: the weight that maps the inputs a layer gets to the outputs the teacher's
+    layer gives, in least squares; in float64, written ``W + W (C_ts - C_ss) C_ss^-1`` with ``C_ss``
+    damped as the output-metric fits damp it, so that the ridge only tempers the correction (with no
+    upstream error the weight stays exactly ``W``)."""
+    w = weight.double()
+    chol = torch.linalg.cholesky(damped_cov(c_ss))
+    # W D C^-1 = (C^-1 D^T W^T)^T, C symmetric
+    return w + torch.cholesky_solve((c_ts - c_ss).T.double() @ w.T, chol).T
 
 
 def refit_sequentially(
