@@ -83,7 +83,6 @@ def test_compress_with_spec_file(tmp_path, gpt2_dir):
             "unknown method",
         ),
         (["compress", "--model", "{dir}", "--method", "svd", "--sequential", "--out", "x"], "give --calibration"),
-        (["compress", "--model", "{dir}", "--sequential", "--steps", "2", "--out", "x"], "one-step plans"),
     ],
 )
 def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, gpt2_dir, args, message, monkeypatch):

@@ -84,8 +84,6 @@ class CompressionConfig:
                 raise TQCError(f"target_params must be positive, got {self.target_params}")
         if self.steps < 1:
             raise TQCError(f"steps must be 1 or more, got {self.steps}")
-        if self.sequential and self.steps > 1:
-            raise TQCError("sequential refit (--sequential) applies to one-step plans; use --steps 1")
 
 
 def load_spec(path: str | Path) -> CompressionConfig:
