@@ -148,3 +148,21 @@ def test_a_teacher_fraction_outside_0_1_is_refused_before_sampling(tmp_path, gpt
     )
     assert "the teacher fraction must be in [0, 1], got 1.5" in str(result.exception)
     assert not list((tmp_path / "o").glob("teacher_samples*"))  # nothing was sampled
+
+
+def test_a_one_stage_run_refits_once_and_distils_the_one_shot_model(tmp_path, gpt2_dir, monkeypatch):
+    import tqcompressor.surgery as surgery
+
+    calls = []
+    real = surgery.refit_sequentially
+    monkeypatch.setattr(surgery, "refit_sequentially", lambda *a, **k: calls.append(1) or real(*a, **k))
+    (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
+    args = ["run", "--model", str(gpt2_dir), "--ratio", "0.8", "--stages", "1", "--steps", "2"]
+    args += ["--data", str(tmp_path / "train.txt"), "--teacher-fraction", "0", "--calibration-tokens", "128"]
+    args += ["--eval-data", str(tmp_path / "train.txt"), "--eval-tokens", "256", "--context", "64"]
+    args += ["--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1  # the one-shot point's refit is the student distillation starts from
+    points = json.loads((tmp_path / "run" / "results.json").read_text())["points"]
+    assert [p["label"] for p in points][:2] == ["teacher", "compressed (no KD)"]

@@ -201,6 +201,8 @@ def run_pipeline(
         refit = dict(calibration=calibration, teacher=teacher) if plan.sequential else {}
         apply_plan(one_shot, plan, **refit)  # every stage at once, no distillation
         record("compressed (no KD)", 0, one_shot)
+        if len(plan.steps()) == 1:
+            student = one_shot  # stage 1 is this very model: distillation finds its layers in place, no second fit
         del one_shot
 
     phase(f"distillation: {len(plan.steps())} stage(s) of {distill.steps} steps")

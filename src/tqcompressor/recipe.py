@@ -12,7 +12,7 @@ STEPS is what fits `make demo` into 25 minutes on 2 cores.
 METHOD = "auto"
 AUTO_METHODS = ("svd",)  # the structures auto chooses among by default (keeping a layer dense always)
 STAGES = 1
-STEPS = 90  # optimizer steps per stage (4 blocks of 256 tokens each); 100 before the refit took its ~5 minutes
+STEPS = 80  # optimizer steps per stage (4 blocks of 256 tokens each); 100 before the refit took its ~5 minutes
 LR = 3e-4  # peak learning rate
 TEACHER_FRACTION = 0.5  # of the distillation and calibration blocks, sampled from the teacher
 TEACHER_POOL = 64  # teacher blocks sampled once and cycled (sampling costs about a quarter of a KD step per block)

@@ -94,7 +94,7 @@ def apply_plan(
     for entry, fitted in bar:
         bar.set_postfix_str(entry.name)
         report.layers.append(_replace(model, entry, fitted, plan))
-    if plan.sequential and teacher is not None and isinstance(calibration, Tensor):
+    if todo and plan.sequential and teacher is not None and isinstance(calibration, Tensor):
         _refit_sequentially(model, teacher, todo, report, calibration, plan, progress)
     # exact, free at run time; layers a later step still factors from their weights stay untouched
     report.folded_mlps = fold_mlp_permutations(model, skip=_pending(model, plan))
