@@ -157,7 +157,7 @@ def test_a_one_stage_run_refits_once_and_distils_the_one_shot_model(tmp_path, gp
     real = surgery.refit_sequentially
     monkeypatch.setattr(surgery, "refit_sequentially", lambda *a, **k: calls.append(1) or real(*a, **k))
     (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
-    args = ["run", "--model", str(gpt2_dir), "--ratio", "0.8", "--stages", "1", "--steps", "2"]
+    args = ["run", "--model", str(gpt2_dir), "--ratio", "0.8", "--stages", "1", "--steps", "2", "--sequential"]
     args += ["--data", str(tmp_path / "train.txt"), "--teacher-fraction", "0", "--calibration-tokens", "128"]
     args += ["--eval-data", str(tmp_path / "train.txt"), "--eval-tokens", "256", "--context", "64"]
     args += ["--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path / "run")]
