@@ -244,14 +244,15 @@ def _example_names(model: nn.Module) -> str:
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
-def _depth(name: str) -> int:
+def block_index(name: str) -> int:
+    """The decoder block a module belongs to (the first ``.N.`` in its name); -1 outside the blocks."""
     numbers = re.findall(r"\.(\d+)\.", name)
     return int(numbers[0]) if numbers else -1
 
 
 def _steps_upper_first(names: list[str], steps: int) -> dict[str, int]:
     """Spread layers over ``steps`` distillation steps, upper layers first, as multi-step KD does."""
-    order = sorted(names, key=_depth, reverse=True)
+    order = sorted(names, key=block_index, reverse=True)
     return {name: 1 + i * steps // max(len(order), 1) for i, name in enumerate(order)}
 
 

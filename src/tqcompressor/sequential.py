@@ -11,7 +11,8 @@ What we want instead is ``E||W x_t - W' x_s||^2``. With ``C_ss = E[x_s x_s^T]`` 
 
 the best unconstrained weight for the inputs the layer gets. So every structure's own calibrated
 fit, given ``W*`` and ``C_ss``, solves the compensated problem exactly as far as it solved the
-plain one (activation-aware SVD: optimally). A kept-dense layer becomes ``W*`` itself.
+plain one (activation-aware SVD: optimally). Only the plan's layers are refitted; layers the plan
+leaves dense keep the teacher's weights.
 
 Blocks go in order; the statistics of block ``l`` are measured with blocks ``< l`` already
 refitted, in one forward pass of teacher and student over the calibration tokens that stops after
@@ -20,14 +21,13 @@ block ``l``. The layers inside one block share one measurement.
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tqcompressor.calibration import LayerStatistics
 from tqcompressor.decompose import damped_cov
+from tqcompressor.planning import block_index
 
 # Relative ridge on C_ss in the correction W (C_ts - C_ss) C_ss^-1. The fits' own 1e-4 lets noise
 # in the low-energy input directions through: with it the refit made SmolLM2's one-shot perplexity
@@ -39,10 +39,8 @@ class _Stop(Exception):
     """Raised after the last layer a pass needs: nothing later in the model is computed."""
 
 
-def block_of(name: str) -> int:
-    """The decoder block a module belongs to (the first ``.N.`` in its name), -1 outside blocks."""
-    numbers = re.findall(r"\.(\d+)\.", name)
-    return int(numbers[0]) if numbers else -1
+def _stop(module, args, output):
+    raise _Stop
 
 
 def cross_statistics(
@@ -54,23 +52,17 @@ def cross_statistics(
     sums: dict[str, list] = {name: [0, 0] for name in names}
     order = [n for n, _ in student.named_modules() if n in sums]
 
-    def capture(which: str, name: str, last: bool):
+    def capture(which: str, name: str):
         def hook(module, args):
             inputs[which][name] = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
 
-        def stop(module, args, output):
-            raise _Stop
-
-        return hook, stop if last else None
+        return hook
 
     handles = []
     for which, model in (("teacher", teacher), ("student", student)):
         for name in order:
-            hook, stop = capture(which, name, name == order[-1])
-            module = model.get_submodule(name)
-            handles.append(module.register_forward_pre_hook(hook))
-            if stop is not None:
-                handles.append(module.register_forward_hook(stop))
+            handles.append(model.get_submodule(name).register_forward_pre_hook(capture(which, name)))
+        handles.append(model.get_submodule(order[-1]).register_forward_hook(_stop))
     try:
         with torch.no_grad():
             for start in range(0, len(ids), batch_size):
@@ -105,7 +97,7 @@ def compensated_weight(weight: Tensor, c_ss: Tensor, c_ts: Tensor, ridge: float 
 def refit_sequentially(
     teacher: nn.Module,
     student: nn.Module,
-    layers: list[tuple[str, object]],
+    layers: list[tuple[str, Tensor]],
     refit,
     ids: Tensor,
     progress: bool = True,
@@ -115,7 +107,7 @@ def refit_sequentially(
     dense weight)`` pairs."""
     blocks: dict[int, list[tuple[str, Tensor]]] = {}
     for name, weight in layers:
-        blocks.setdefault(block_of(name), []).append((name, weight))
+        blocks.setdefault(block_index(name), []).append((name, weight))
     for block in tqdm(sorted(blocks), desc="sequential refit", unit="block", disable=not progress):
         entries = blocks[block]
         stats = cross_statistics(teacher, student, [name for name, _ in entries], ids)
