@@ -1,6 +1,7 @@
 """The architecture matrix: tiny random models of each family, from a dir of config and weights
 only, compressed with no target names, by every registered structure and by auto; saved, reopened
-with plain ``from_pretrained`` (same logits), generating, exported dense, and distilled one step."""
+with plain ``from_pretrained`` (same logits), generating, exported dense, quantized to int8 and
+reopened, and distilled one step."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import tqcompressor as tqc
 from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.models import MissingTokenizer, load_model
 from tqcompressor.planning import default_target_modules
+from tqcompressor.quantize import quantize, quantized_layers
 from tqcompressor.structures import all_structures
 
 # Every family the README's table lists; the MoE families join with factored experts.
@@ -57,6 +59,11 @@ def tiny_model(family: str):
     config = AutoConfig.for_model(family, **SIZES, **PER_FAMILY.get(family, {}))
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
 
 
 def random_blocks(seq_len: int):
@@ -107,6 +114,12 @@ def test_every_structure_and_auto_on_every_family(tmp_path, model_dirs, family):
         dense = AutoModelForCausalLM.from_pretrained(tmp_path / f"{method}-dense")
         with torch.no_grad():
             assert torch.allclose(dense(ids).logits, expected, atol=1e-4), method
+    quantize(student, "int8")  # the last student (auto): its factors and dense layers in int8
+    expected = logits_of(student, ids)
+    tqc.save(student, tmp_path / "int8", loaded.tokenizer, plan=report.plan)
+    opened = AutoModelForCausalLM.from_pretrained(tmp_path / "int8")
+    assert torch.equal(logits_of(opened, ids), expected) and quantized_layers(opened) == quantized_layers(student)
+    student = tqc.load(out)  # distillation needs the float factors
     config = DistillConfig(steps=1, batch_size=2, seq_len=16, lr=1e-3, warmup_steps=0, checkpoint_every=10, log_every=1)
     before = [p.detach().clone() for p in student.parameters()]
     student = multistep_distill(teacher, student, random_blocks(16), config, tmp_path / "kd", progress=False)

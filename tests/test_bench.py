@@ -56,3 +56,17 @@ def test_compare_merges_only_an_interrupted_run_of_the_same_commit_and_settings(
             compare.mergeable(earlier, {**run, "methods": {}})
     with pytest.raises(SystemExit, match="one run of one committed version"):
         compare.mergeable(run, {**run, "commit": "abc+uncommitted"})
+
+
+def test_quantize_bench_measures_every_family_in_every_format(tmp_path):
+    quantize_bench = bench_module("quantize")
+    teacher = tiny_llama()
+    student = tqc.compress(copy.deepcopy(teacher), tqc.CompressionConfig(method="svd", ratio=0.6), progress=False)[0]
+    seen = {}
+    for family, name, model in quantize_bench.variants(teacher, student):
+        seen[family, name] = quantize_bench.weights_file_bytes(model, tmp_path)
+    assert set(seen) == {(f, n) for f in ("teacher", "svd_aware") for n in quantize_bench.FORMATS}
+    for family in ("teacher", "svd_aware"):  # fewer bits, fewer bytes; int4 with larger groups fewer still
+        sizes = [seen[family, n] for n in ("fp32", "int8", "int4-g32", "int4-g128")]
+        assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4, sizes
+    assert seen["svd_aware", "int8"] < seen["teacher", "int8"]

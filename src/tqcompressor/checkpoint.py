@@ -22,12 +22,18 @@ from tqcompressor.layers import TiedKroneckerHead, bias_of, embedding_scale, set
 from tqcompressor.models import MissingTokenizer, load_tokenizer_or_missing
 from tqcompressor.outputs import check_writable, claim_directory, remove_ours
 from tqcompressor.planning import Plan
-from tqcompressor.structures import module_classes
+from tqcompressor.quantized import module_classes as quantized_module_classes
+from tqcompressor.structures import module_classes as factored_module_classes
 from tqcompressor.structures.dense import plain_module
 
 FORMAT_VERSION = 1
 STRUCTURE_FILE = "tqcompressor.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+def module_classes() -> dict[str, type]:
+    """Every module class a structure file can name: factored and quantized."""
+    return {**factored_module_classes(), **quantized_module_classes()}
 
 
 def describe(module: nn.Module) -> dict | None:
@@ -75,7 +81,9 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
             embedding = module
     for name, desc in modules.items():
         if desc["type"] == "TiedKroneckerHead":
-            if embedding is None:
+            if "embedding" in desc:  # older files name none: their one factored embedding is meant
+                embedding = modules.get(desc["embedding"]) and model.get_submodule(desc["embedding"])
+            if embedding is None or getattr(embedding, "kind", None) != "embedding":
                 raise TQCError(f"tied head {name} but no factored embedding: the structure is corrupt")
             bias = torch.zeros(embedding.num_embeddings, dtype=dtype) if desc["bias"] else None
             head = TiedKroneckerHead(embedding, bias)
@@ -104,7 +112,11 @@ def factored_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def structure_of(model: nn.Module) -> dict[str, dict]:
-    return {name: describe(module) for name, module in factored_modules(model)}
+    structure = {name: describe(module) for name, module in factored_modules(model)}
+    for name, module in factored_modules(model):
+        if isinstance(module, TiedKroneckerHead):  # which table it shares (GPT-2 has two embeddings)
+            structure[name]["embedding"] = next(n for n, m in model.named_modules() if m is module.embedding)
+    return structure
 
 
 def save(
@@ -124,6 +136,10 @@ def save(
     claim_directory(partial)
     modules = structure_of(model)
     config = model.config.to_dict()
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    # from_pretrained's default dtype="auto" reads this; without it, it takes the first float tensor
+    # of the file, which in a quantized model is a bfloat16 scale
+    config["dtype"] = dtype
     # the structure again, for transformers' quantizer plugin (plain from_pretrained)
     config["quantization_config"] = {
         "quant_method": "tqcompressor",
@@ -135,7 +151,7 @@ def save(
     structure = {
         "format_version": FORMAT_VERSION,
         "base_model": base_model,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": dtype,
         "modules": modules,
         "plan": plan.to_list() if plan is not None else [],
         **(extra or {}),

@@ -116,11 +116,17 @@ def compress(
         help="with --calibration: refit each block's layers to the original model's outputs from the inputs "
         "the compressed model feeds them (compensates earlier layers' errors)",
     ),
+    quantize: Optional[str] = typer.Option(
+        None, help="then store the factors and the remaining matrices in int8 or int4 (weight-only)"
+    ),
+    group_size: int = typer.Option(32, help="with --quantize int4: inputs sharing one scale (32, 64, 128, 256)"),
 ) -> None:
-    """Compress a model and write a model dir plus compression.json."""
+    """Compress a model and write a model dir plus compression.json (and quantization.json with --quantize)."""
     from tqcompressor.checkpoint import save
     from tqcompressor.config import CompressionConfig, load_spec
     from tqcompressor.models import load_model
+    from tqcompressor.quantization import QuantizeSettings
+    from tqcompressor.quantize import quantize as run_quantize
     from tqcompressor.report import format_compression_table
     from tqcompressor.surgery import compress as run_compress
 
@@ -145,6 +151,7 @@ def compress(
         raise TQCError(
             "--sequential refits layers to calibration text: give --calibration (a text source or 'teacher')"
         )
+    settings = QuantizeSettings.parse(quantize, group_size) if quantize is not None else None
     loaded = load_model(model)
     ids = None
     if calibration is not None:
@@ -152,10 +159,56 @@ def compress(
 
         ids = calibration_ids(calibration, loaded.model, loaded.tokenizer, calibration_tokens)
     compressed, report = run_compress(loaded.model, config, calibration=ids)
+    quantized = run_quantize(compressed, settings) if settings is not None else None
     save(compressed, out, loaded.tokenizer, base_model=model, plan=report.plan)
     (Path(out) / "compression.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     typer.echo(format_compression_table(report.to_dict()))
+    if quantized is not None:
+        _write_quantization(quantized, out, model)
     typer.echo(f"wrote {out}")
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="a compressed dir or any model --model accepts (the baseline)"),
+    bits: str = typer.Option(..., "--bits", help="int8 or int4 (weight-only; biases and norms stay float)"),
+    group_size: int = typer.Option(32, help="int4: inputs sharing one scale (32, 64, 128, 256)"),
+    out: Path = typer.Option(..., help="output directory"),
+) -> None:
+    """Store a model's matrices (factors of a compressed model, or an uncompressed one's layers) in int8/int4."""
+    from tqcompressor.checkpoint import STRUCTURE_FILE, read_plan, save
+    from tqcompressor.models import load_model
+    from tqcompressor.quantization import QuantizeSettings
+    from tqcompressor.quantize import quantize as run_quantize
+
+    check_writable(out)
+    settings = QuantizeSettings.parse(bits, group_size)
+    loaded = load_model(model)
+    plan = read_plan(model) if (Path(model) / STRUCTURE_FILE).is_file() else None
+    report = run_quantize(loaded.model, settings)
+    save(loaded.model, out, loaded.tokenizer, base_model=model, plan=plan)
+    if (Path(model) / "compression.json").is_file():  # ours: the plan's table stays with the model
+        (Path(out) / "compression.json").write_text((Path(model) / "compression.json").read_text())
+    _write_quantization(report, out, model)
+    typer.echo(f"wrote {out}")
+
+
+def _write_quantization(report, out: Path, source: str) -> None:
+    from tqcompressor.checkpoint import WEIGHTS_FILE
+    from tqcompressor.report import format_quantization_table
+
+    result = {
+        "source": source,
+        "format": report.settings.name,
+        "bits": report.settings.bits,
+        "group_size": report.settings.group_size if report.settings.bits == 4 else None,
+        "weights_file_bytes": (Path(out) / WEIGHTS_FILE).stat().st_size,
+        "quantized_float_bytes": report.float_bytes,
+        "quantized_stored_bytes": report.stored_bytes,
+        "layers": [layer.to_dict() for layer in report.layers],
+    }
+    (Path(out) / "quantization.json").write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(format_quantization_table(result))
 
 
 @app.command()
@@ -175,11 +228,16 @@ def info(
     if targets:
         typer.echo(_targets_table(directory, _split(target_modules)))
         return
+    from tqcompressor.report import format_quantization_table
+
     read_structure(Path(directory))
-    path = Path(directory) / "compression.json"
-    if not path.is_file():
+    compression, quantization = Path(directory) / "compression.json", Path(directory) / "quantization.json"
+    if not compression.is_file() and not quantization.is_file():
         raise TQCError(f"{directory} has no compression.json; it was not written by `tqc compress`")
-    typer.echo(format_compression_table(json.loads(path.read_text())))
+    if compression.is_file():
+        typer.echo(format_compression_table(json.loads(compression.read_text())))
+    if quantization.is_file():
+        typer.echo(format_quantization_table(json.loads(quantization.read_text())))
 
 
 def _targets_table(model_name: str, patterns: Optional[list[str]]) -> str:
@@ -264,11 +322,13 @@ def distill(
     from tqcompressor.distill import multistep_distill
     from tqcompressor.models import load_model
     from tqcompressor.pipeline import block_source_for, check_student_matches_teacher, data_name
+    from tqcompressor.quantize import check_not_quantized
 
     check_writable(out)  # before anything is written there (teacher samples, checkpoints)
     if is_main_process():
         claim_directory(out)
     student_model = load(student)
+    check_not_quantized(student_model, "distillation")
     loaded = load_model(teacher)
     check_student_matches_teacher(student_model, loaded.model)
     _check_seq_len(loaded.model, kd.seq_len)

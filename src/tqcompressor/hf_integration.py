@@ -62,6 +62,10 @@ class TQCompressorQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # quantized factored modules: their placeholders were made on the meta device
+        for module in model.modules():
+            if hasattr(module, "refresh_placeholders"):
+                module.refresh_placeholders()
         # the fused gathers are derived buffers, not in the checkpoint: build them from the loaded permutations
         for module in model.modules():
             if hasattr(module, "refresh_gathers"):

@@ -116,8 +116,10 @@ def _fit_calibrated(
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Every parameter once: ``parameters()`` already skips a tied LM head's shared weight."""
-    return sum(p.numel() for p in model.parameters())
+    """Every parameter once: ``parameters()`` already skips a tied LM head's shared weight. A
+    quantized matrix counts its entries (it is a parameter stored in fewer bits; padding excluded)."""
+    quantized = sum(m.out_features * m.in_features for m in model.modules() if hasattr(m, "stored_bytes"))
+    return sum(p.numel() for p in model.parameters()) + quantized
 
 
 def target_params(model: nn.Module, config: CompressionConfig) -> int | None:

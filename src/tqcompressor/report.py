@@ -28,6 +28,27 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
+def format_quantization_table(result: dict) -> str:
+    """The layers of a ``quantization.json``: format, stored weights, bytes before and after, error."""
+    rows = [
+        [
+            layer["name"],
+            layer["kind"],
+            result["format"],
+            layer["weights"],
+            layer["float_bytes"] / 2**20,
+            layer["stored_bytes"] / 2**20,
+            layer["error"],
+        ]
+        for layer in result["layers"]
+    ]
+    text = table(["layer", "kind", "format", "weights", "float MiB", "stored MiB", "rel. error"], rows, "lllrrrr")
+    return (
+        text + f"\n{len(rows)} layers in {result['format']}: {result['quantized_float_bytes'] / 2**20:.1f} MiB -> "
+        f"{result['quantized_stored_bytes'] / 2**20:.1f} MiB; weights file {result['weights_file_bytes']:,} bytes"
+    )
+
+
 def format_compression_table(report: dict) -> str:
     rows = [
         [

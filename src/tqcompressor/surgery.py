@@ -23,6 +23,7 @@ from tqcompressor.planning import (
     layer_statistics,
     plan_compression,
 )
+from tqcompressor.quantize import check_not_quantized
 from tqcompressor.sequential import refit_sequentially
 from tqcompressor.structures import all_structures, settings_dict
 
@@ -38,6 +39,7 @@ def compress(
     to the uncompressed model's outputs (:mod:`tqcompressor.sequential`)."""
     if config.sequential and not isinstance(calibration, Tensor):
         raise TQCError("sequential refit needs calibration text (token ids), not precomputed statistics")
+    check_not_quantized(model, "compression")
     teacher = copy.deepcopy(model) if config.sequential else None
     plan = plan_compression(model, config, calibration, progress=progress)
     if teacher is None:

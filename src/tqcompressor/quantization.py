@@ -1,0 +1,140 @@
+"""Weight-only quantization of one matrix: tensors in, tensors out.
+
+Two formats, both the ones PyTorch's own CPU kernels take (``torch.ops.aten._weight_int8pack_mm``
+and ``_weight_int4pack_mm_for_cpu``, the kernels torchao's CPU paths call too):
+
+- **int8**: symmetric, one scale per output row: ``w = q * scale``, ``q`` in [-127, 127].
+- **int4**: asymmetric, one scale and one offset per group of ``group_size`` inputs in a row:
+  ``w = (q - 8) * scale + zero``, ``q`` in [0, 15], two values per byte (even column in the low
+  nibble). This portable layout is what files store; the CPU kernel's own layout depends on the
+  CPU's vector width, so modules derive it on the machine that runs them.
+
+The kernels need the inputs in multiples of 16 (int8) or of the group size (int4), and int4 rows
+in multiples of 16: matrices are padded with zeros up to that, and the padding is stored and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tqcompressor.errors import TQCError
+
+BITS = (8, 4)
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+INT4_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs rows in multiples of 16
+INT8_INPUT_MULTIPLE = 16  # _weight_int8pack_mm needs inputs in multiples of 16 (it crashes otherwise)
+DEFAULT_GROUP_SIZE = 32
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """``bits``: 8 or 4; ``group_size``: inputs sharing one int4 scale (int8 uses one per row); a
+    matrix whose width it does not divide uses the largest half of it that does."""
+
+    bits: int = 8
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise TQCError(f"--quantize takes int8 or int4, got {self.bits} bits")
+        if self.bits == 4 and self.group_size not in INT4_GROUP_SIZES:
+            raise TQCError(
+                f"int4 group size {self.group_size} is not supported; choose one of {list(INT4_GROUP_SIZES)}"
+            )
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}" if self.bits == 8 else f"int4-g{self.group_size}"
+
+    @classmethod
+    def parse(cls, text: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizeSettings:
+        """From what users type: ``int8`` or ``int4``."""
+        bits = {"int8": 8, "int4": 4}.get(str(text).lower())
+        if bits is None:
+            raise TQCError(f"--quantize takes int8 or int4, got {text!r}")
+        return cls(bits, group_size)
+
+
+def padded_shape(shape: tuple[int, int], settings: QuantizeSettings) -> tuple[int, int]:
+    """The stored (rows, inputs) of a ``shape`` matrix: int8 pads inputs to 16; int4 pads rows to 16
+    and inputs to 32 (see :func:`group_size_for`)."""
+    rows, inputs = shape
+    if settings.bits == 8:
+        return rows, _round_up(inputs, INT8_INPUT_MULTIPLE)
+    return _round_up(rows, INT4_ROW_MULTIPLE), _round_up(inputs, INT4_GROUP_SIZES[0])
+
+
+def group_size_for(inputs: int, settings: QuantizeSettings) -> int:
+    """The int4 group size one matrix uses: ``settings.group_size``, halved until it divides the
+    (padded) inputs. A factor 200 wide is padded to 224 and quantized in groups of 32, not padded
+    to 256 for groups of 128."""
+    padded = _round_up(inputs, INT4_GROUP_SIZES[0])
+    group = settings.group_size
+    while padded % group:
+        group //= 2
+    return group
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def pad_to(weight: Tensor, shape: tuple[int, int]) -> Tensor:
+    rows, inputs = weight.shape
+    return torch.nn.functional.pad(weight, (0, shape[1] - inputs, 0, shape[0] - rows))
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``(q, scale)`` with ``weight ~= q * scale[:, None]``: int8 values, one float32 scale per row."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(packed, scale, zero)``: ``packed`` (rows, inputs / 2) uint8, ``scale`` and ``zero``
+    (rows, inputs / group_size) float32, with ``w ~= (q - 8) * scale + zero`` per group (each
+    group's minimum and maximum are represented exactly up to rounding)."""
+    w = weight.detach().float()
+    rows, inputs = w.shape
+    if inputs % group_size or inputs % 2:
+        raise ValueError(f"inputs ({inputs}) must be a multiple of the group size ({group_size})")
+    groups = w.reshape(rows, inputs // group_size, group_size)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp_min(1e-12)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    zero = low + 8 * scale
+    return pack_int4(q.reshape(rows, inputs)), scale, zero
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """Two 4-bit values per byte: column ``2j`` in the low nibble, ``2j + 1`` in the high one."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """The (rows, 2 * bytes) uint8 values :func:`pack_int4` packed."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    q = unpack_int4(packed).float()
+    rows, inputs = q.shape
+    groups = q.reshape(rows, inputs // group_size, group_size)
+    w = (groups - 8) * scale.float()[..., None] + zero.float()[..., None]
+    return w.reshape(rows, inputs)
+
+
+def relative_error(weight: Tensor, approximation: Tensor) -> float:
+    """``||W - W'||_F / ||W||_F``."""
+    w = weight.detach().float()
+    return float((w - approximation.float()).norm() / w.norm().clamp_min(1e-30))
