@@ -14,12 +14,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import tqcompressor as tqc
 from tqcompressor.distill import DistillConfig, multistep_distill
+from tqcompressor.experts import split_experts
 from tqcompressor.models import MissingTokenizer, load_model
 from tqcompressor.planning import default_target_modules
 from tqcompressor.quantize import quantize, quantized_layers
 from tqcompressor.structures import all_structures
 
-# Every family the README's table lists; the MoE families join with factored experts.
+# Every family the README's table lists; the MoE families with their experts split and factored.
 FAMILIES = [
     "llama",
     "mistral",
@@ -37,6 +38,8 @@ FAMILIES = [
     "falcon",
     "bloom",
     "phi",
+    "mixtral",
+    "qwen3_moe",
 ]
 SIZES = dict(
     hidden_size=64,
@@ -50,7 +53,13 @@ SIZES = dict(
     eos_token_id=1,
     pad_token_id=1,
 )
-PER_FAMILY = {"opt": dict(ffn_dim=128, word_embed_proj_dim=64), "gpt_neox": dict(rotary_pct=0.5)}
+PER_FAMILY = {
+    "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
+    "gpt_neox": dict(rotary_pct=0.5),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1),
+}
+MOE_FAMILIES = {"mixtral", "qwen3_moe"}
 METHODS = [s.name for s in all_structures() if s.compresses] + ["auto"]
 
 
@@ -89,7 +98,10 @@ def test_every_structure_and_auto_on_every_family(tmp_path, model_dirs, family):
     loaded = load_model(str(model_dirs / family))  # no tokenizer files: compression needs none
     assert isinstance(loaded.tokenizer, MissingTokenizer)
     teacher = loaded.model
-    targets = default_target_modules(teacher)
+    split = copy.deepcopy(teacher)
+    assert bool(split_experts(split)) == (family in MOE_FAMILIES)
+    targets = default_target_modules(split)  # compress splits fused experts the same way
+    assert (family in MOE_FAMILIES) == any(".experts." in n for n in targets)
     assert targets and all(".embed" not in n and "lm_head" not in n for n in targets)
     ids = torch.randint(2, SIZES["vocab_size"], (2, 12))
     for method in METHODS:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tqcompressor as tqc
 from tests.conftest import tiny_llama
@@ -70,3 +71,16 @@ def test_quantize_bench_measures_every_family_in_every_format(tmp_path):
         sizes = [seen[family, n] for n in ("fp32", "int8", "int4-g32", "int4-g128")]
         assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4, sizes
     assert seen["svd_aware", "int8"] < seen["teacher", "int8"]
+
+
+def test_moe_bench_shared_basis_finds_a_basis_the_experts_share():
+    moe = bench_module("moe")
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 4)).Q.T  # 4 x 32: every expert reads the same 4 directions
+    experts = torch.randn(6, 16, 4) @ basis  # (experts, rows, cols) = (6, 16, 32)
+    budget = 4 * (32 + 6 * 16)  # exactly a rank-4 shared input basis
+    approx, side, rank = moe.best_shared(experts, budget)
+    assert (side, rank) == ("inputs", 4) and torch.allclose(approx, experts, atol=1e-5)
+    own = moe.per_expert_svd(experts, 2)  # per expert, rank 2 of 4: not exact
+    assert (own - experts).norm() > 0.1 * experts.norm()
+    assert torch.allclose(moe.per_expert_svd(experts, 4), experts, atol=1e-5)

@@ -20,13 +20,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tqcompressor.errors import TQCError
+from tqcompressor.layers import dense_weight_of
 
 
 @dataclass
 class LayerStatistics:
     input_cov: Tensor  # (in, in) float64, E[x x^T] over calibration tokens
-    grad_sq: float  # mean over tokens of ||dL/dy||^2 / out_features
-    tokens: int
+    grad_sq: float  # mean over the tokens the layer saw of ||dL/dy||^2 / out_features
+    tokens: int  # tokens the layer saw (an MoE expert: those routed to it)
 
 
 @torch.enable_grad()
@@ -38,12 +39,13 @@ def calibrate(
         raise TQCError(f"calibration tokens must be a (blocks, seq_len >= 2) tensor, got shape {tuple(ids.shape)}")
     cov: dict[str, Tensor] = {}
     grad: dict[str, float] = {name: 0.0 for name in names}
-    out_features: dict[str, int] = {}
+    seen: dict[str, int] = {name: 0 for name in names}  # an MoE expert sees only the tokens routed to it
 
     def pre_hook(name):
         def hook(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             cov[name] = cov.get(name, 0) + x.T @ x
+            seen[name] += x.shape[0]
 
         return hook
 
@@ -51,8 +53,7 @@ def calibrate(
         # a hook on the output tensor, not a module backward hook: those wrap the output in a view
         # that models adding into it in place (Falcon, `mlp_output += attention_output`) cannot modify
         def on_gradient(g):
-            grad[name] += float(g.detach().double().square().sum())
-            out_features[name] = g.shape[-1]
+            grad[name] += float(g.detach().double().square().sum()) / g.shape[-1]
 
         def hook(module, args, output):
             if output.requires_grad:
@@ -85,7 +86,11 @@ def calibrate(
         for p in frozen:
             p.requires_grad_(False)
     tokens = ids.numel()
-    return {
-        name: LayerStatistics((cov[name] / tokens).cpu(), grad[name] / tokens / out_features[name], tokens)
-        for name in names
-    }
+    stats = {}
+    for name in names:
+        inputs = dense_weight_of(model.get_submodule(name))[0].shape[1]
+        # E[x x^T] over all tokens (a token not routed to an expert gives it x = 0), so an expert's
+        # covariance carries how often it is used; grad_sq is a mean over the tokens the layer saw
+        moment = cov[name] / tokens if name in cov else torch.zeros(inputs, inputs, dtype=torch.float64)
+        stats[name] = LayerStatistics(moment.cpu(), grad[name] / max(seen[name], 1), seen[name])
+    return stats

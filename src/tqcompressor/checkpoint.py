@@ -18,6 +18,7 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 from tqcompressor.errors import TQCError
+from tqcompressor.experts import LinearExperts
 from tqcompressor.layers import TiedKroneckerHead, bias_of, embedding_scale, set_module
 from tqcompressor.models import MissingTokenizer, load_tokenizer_or_missing
 from tqcompressor.outputs import check_writable, claim_directory, remove_ours
@@ -32,8 +33,13 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def module_classes() -> dict[str, type]:
-    """Every module class a structure file can name: factored and quantized."""
-    return {**factored_module_classes(), **quantized_module_classes()}
+    """Every module class a structure file can name: factored, quantized, and split MoE experts."""
+    return {**factored_module_classes(), **quantized_module_classes(), LinearExperts.__name__: LinearExperts}
+
+
+def is_container(module: nn.Module) -> bool:
+    """A module saved by its own description whose children are saved as modules too (split experts)."""
+    return getattr(module, "is_container", False)
 
 
 def describe(module: nn.Module) -> dict | None:
@@ -60,22 +66,26 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
         dtype = next(model.parameters()).dtype
     # transformers initialises modules whose weights are not loaded; factored modules (and the
     # blocks holding them, whose init touches a child's .weight) are always loaded in full
-    unknown = [name for name in modules if not _has(model, name)]
+    containers = [
+        name for name, desc in modules.items() if getattr(module_classes().get(desc["type"]), "is_container", 0)
+    ]
+    unknown = [
+        name for name in modules if not any(name.startswith(c + ".") for c in containers) and not _has(model, name)
+    ]
     if unknown:
         raise TQCError(
             f"the saved structure names modules this base model does not have ({unknown[:3]}): "
             "config.json and the compressed weights come from different models"
         )
-    for name in modules:
-        parent = name.rpartition(".")[0]
-        if parent:
-            model.get_submodule(parent)._is_hf_initialized = True
     embedding = None
-    for name, desc in modules.items():
+    for name, desc in modules.items():  # a container comes before its children (named_modules order)
         if desc["type"] == "TiedKroneckerHead":
             continue
         module = build(desc, dtype)
         module._is_hf_initialized = True
+        parent = name.rpartition(".")[0]
+        if parent:
+            model.get_submodule(parent)._is_hf_initialized = True
         set_module(model, name, module)
         if getattr(module, "kind", None) == "embedding":
             embedding = module
@@ -102,10 +112,11 @@ def _has(model: nn.Module, name: str) -> bool:
 
 def factored_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The factored modules of ``model``, outermost only: a structure built from other factored
-    modules (say a Kronecker layer plus a low-rank one) is saved and densified as one."""
+    modules (say a Kronecker layer plus a low-rank one) is saved and densified as one. Split MoE
+    experts are listed and so are the factored modules inside them."""
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        inside = any(name.startswith(outer + ".") for outer, _ in found)
+        inside = any(name.startswith(outer + ".") for outer, m in found if not is_container(m))
         if not inside and describe(module) is not None:
             found.append((name, module))
     return found
@@ -259,8 +270,8 @@ def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
         base = {
             name: tuple(dense_weight_of(skeleton.get_submodule(name))[0].shape)
-            for name in modules
-            if _has(skeleton, name)
+            for name, desc in modules.items()
+            if _has(skeleton, name) and desc["type"] != LinearExperts.__name__
         }
         install_structure(skeleton, modules, dtype)
     for name, shape in base.items():
@@ -319,10 +330,14 @@ def load_tokenizer(directory: str | Path):
 
 def densify(model: nn.Module) -> nn.Module:
     """Replace every factored module by the plain module it stands for (weights merged)."""
-    for name, module in factored_modules(model):
-        if isinstance(module, TiedKroneckerHead):
-            continue  # re-tied below
+    modules = factored_modules(model)
+    for name, module in modules:
+        if isinstance(module, TiedKroneckerHead) or is_container(module):
+            continue  # re-tied below; containers once their insides are plain
         set_module(model, name, plain_module(module.to_dense(), bias_of(module), module.kind, embedding_scale(module)))
+    for name, module in modules:
+        if is_container(module):
+            set_module(model, name, module.to_fused(model.config))
     head = model.get_output_embeddings()
     if isinstance(head, TiedKroneckerHead):
         new_embedding = model.get_input_embeddings()

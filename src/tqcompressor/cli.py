@@ -241,11 +241,13 @@ def info(
 
 
 def _targets_table(model_name: str, patterns: Optional[list[str]]) -> str:
+    from tqcompressor.experts import split_experts
     from tqcompressor.models import load_model
     from tqcompressor.planning import count_parameters, find_target_modules, target_summary
     from tqcompressor.report import table
 
     model = load_model(model_name).model
+    split_experts(model)  # as compress does: MoE experts are targets like any other layer
     rows = target_summary(model, find_target_modules(model, patterns))
     total, in_targets = count_parameters(model), sum(r[3] for r in rows)
     how = "the modules named" if patterns else "the default: every Linear/Conv1D in the decoder blocks"

@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from tqcompressor.config import CompressionConfig, LayerSpec
 from tqcompressor.errors import TQCError
+from tqcompressor.experts import split_experts
 from tqcompressor.layers import dense_weight_of
 from tqcompressor.structures import REGISTRY, get_structure, module_classes, settings_dict
 
@@ -70,7 +71,9 @@ def plan_compression(
     """Turn ``config`` into a :class:`Plan` for ``model``. ``calibration`` (token ids, shape
     (blocks, seq_len), or statistics from :func:`tqcompressor.calibration.calibrate`) makes the fits
     activation-aware (each structure's own way) and lets ``auto`` weigh layers by their effect on
-    the loss; those factors are fitted here, while the statistics are at hand."""
+    the loss; those factors are fitted here, while the statistics are at hand. Fused MoE experts
+    are first split, in place, into one module per expert matrix (:mod:`tqcompressor.experts`)."""
+    split_experts(model)  # fused MoE experts -> one module per expert matrix (exact)
     settings = dict(
         method=config.method,
         tie_lm_head=config.tie_lm_head,
@@ -108,11 +111,22 @@ def _fit_calibrated(
     for entry in tqdm(calibrated, desc="fitting to the calibration text", unit="layer", disable=not progress):
         weight = dense_weight_of(model.get_submodule(entry.name))[0]
         structure = entry.spec.structure
-        entry.factors = structure.fit(weight, entry.spec.settings, stats[entry.name], config.max_iterations)
+        layer_stats = usable_statistics(stats[entry.name], weight)
+        if layer_stats is None:  # an expert few tokens were routed to: fitted to its weights, later
+            note = f" (only {stats[entry.name].tokens} calibration tokens reached it: fitted to its weights)"
+            entry.spec = LayerSpec.from_dict({**entry.spec.to_dict(), "reason": entry.spec.reason + note})
+            continue
+        entry.factors = structure.fit(weight, entry.spec.settings, layer_stats, config.max_iterations)
         # a fresh spec: the modules of one spec-file group share theirs
         entry.spec = LayerSpec.from_dict(
             {**entry.spec.to_dict(), "reason": entry.spec.reason + structure.calibrated_note}
         )
+
+
+def usable_statistics(stats, weight: Tensor):
+    """``stats`` if enough tokens reached the layer to fit it in the output metric: at least as many
+    as it has inputs (an MoE expert sees only the tokens routed to it); ``None`` otherwise."""
+    return stats if stats.tokens >= weight.shape[1] else None
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -336,7 +350,8 @@ def _plan_auto(
             f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
             "modules; raise the ratio or add target modules"
         )
-    cov = {name: stats[name].input_cov if stats else None for name in names}
+    usable = {name: usable_statistics(stats[name], weights[name]) if stats else None for name in names}
+    cov = {name: usable[name].input_cov if usable[name] is not None else None for name in names}
     menus, states = {}, {}
     for name in tqdm(names, desc="measuring candidates", unit="layer", disable=not progress):
         menus[name], states[name] = candidate_menu(weights[name], cov[name], config.max_iterations, config.auto_methods)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from tqcompressor.checkpoint import factored_modules
+from tqcompressor.checkpoint import factored_modules, is_container
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import TiedKroneckerHead, bias_of, dense_weight_of, embedding_scale, set_module
 from tqcompressor.quantization import QuantizeSettings, relative_error
@@ -77,7 +77,7 @@ def quantize(model: nn.Module, settings: QuantizeSettings | str, measure_error: 
         and isinstance(embedding, nn.Embedding)
         and getattr(head, "weight", None) is embedding.weight
     )
-    factored = dict(factored_modules(model))
+    factored = {name: module for name, module in factored_modules(model) if not is_container(module)}
     for name, module in factored.items():
         if isinstance(module, TiedKroneckerHead):
             continue  # follows its embedding below

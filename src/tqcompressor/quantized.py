@@ -126,9 +126,7 @@ class QuantizedWeight(nn.Module):
             return torch.ops.aten._weight_int8pack_mm(flat, self.qdata, self.scale)
         if self.cpu_int4 is None:
             self._prepare_cpu_int4()
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat, self.cpu_int4, self.group_size, self.cpu_scale_zero
-        )
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.cpu_int4, self.group_size, self.cpu_scale_zero)
 
     def _prepare_cpu_int4(self) -> None:
         from tqcompressor.quantization import unpack_int4
