@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from provenance import git_commit
 import tqcompressor as tqc
 from tqcompressor.baselines import keep_layers, layer_drop_plan
 from tqcompressor.calibration import calibrate
+from tqcompressor.checkpoint import factored_modules
 from tqcompressor.data import calibration_ids, text_block_source, tokenize_text
 from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.evaluate import evaluate
@@ -162,6 +164,7 @@ def main() -> None:
             "kl_to_teacher": distilled["kl_to_teacher"],
             "top1_agreement": distilled["top1_agreement"],
             "kl_to_teacher_before_kd": compressed["kl_to_teacher"],
+            "layer_types": layer_types(student),
             "compress_seconds": compress_seconds,
             "kd_and_eval_seconds": time.perf_counter() - started,
             "seconds": compress_seconds + time.perf_counter() - started,
@@ -189,6 +192,11 @@ def main() -> None:
         f"KD: {result['kd_tokens']:,} tokens of {result['kd_data']} per method; eval: {result['eval']}; "
         f"wrote {args.out}"
     )
+
+
+def layer_types(student: torch.nn.Module) -> dict[str, int]:
+    """How many layers of each factored module class the student has (what ``auto`` chose)."""
+    return dict(Counter(type(module).__name__ for _, module in factored_modules(student)))
 
 
 def build_student(method: str, base, tokenizer, args) -> torch.nn.Module:

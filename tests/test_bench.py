@@ -84,3 +84,9 @@ def test_moe_bench_shared_basis_finds_a_basis_the_experts_share():
     own = moe.per_expert_svd(experts, 2)  # per expert, rank 2 of 4: not exact
     assert (own - experts).norm() > 0.1 * experts.norm()
     assert torch.allclose(moe.per_expert_svd(experts, 4), experts, atol=1e-5)
+
+
+def test_compare_records_which_structures_a_student_holds():
+    compare = bench_module("compare")
+    student = tqc.compress(tiny_llama(), tqc.CompressionConfig(method="svd", ratio=0.7), progress=False)[0]
+    assert compare.layer_types(student) == {"LowRankLinear": 14}
