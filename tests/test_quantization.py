@@ -11,6 +11,7 @@ from tqcompressor.quantization import (
     dequantize_int4,
     dequantize_int8,
     group_size_for,
+    int4_from_cpu_layout,
     pack_int4,
     padded_shape,
     quantize_int4,
@@ -94,3 +95,25 @@ def test_rows_are_the_dequantized_rows(bits):
     weight = QuantizedWeight.from_weight(torch.randn(40, 24), QuantizeSettings(bits, 32))
     index = torch.tensor([[3, 0], [39, 3]])
     assert torch.equal(weight.rows(index), weight.dequantize()[index])
+
+
+@pytest.mark.parametrize("shape", [(16, 32), (48, 64), (80, 96), (64, 576)])
+def test_the_cpu_kernel_layout_reads_back_to_the_portable_one(shape):
+    q = torch.randint(0, 16, shape, dtype=torch.uint8)
+    kernel = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert torch.equal(int4_from_cpu_layout(kernel, shape), pack_int4(q))
+
+
+def test_int4_runs_from_the_kernel_layout_alone_and_still_saves_the_portable_one():
+    """In memory an int4 matrix holds half a byte per value, as on disk (an embedding's table,
+    read by lookups too, keeps both layouts)."""
+    weight = QuantizedWeight.from_weight(torch.randn(48, 64), QuantizeSettings(4, 32))
+    portable, dense, stored = weight.qdata.clone(), weight.dequantize(), weight.stored_bytes
+    with torch.no_grad():
+        weight.linear(torch.randn(2, 64))
+    assert weight.kernel_layout and not torch.equal(weight.qdata, portable) and weight.cpu_int4 is None
+    assert weight.stored_bytes == stored and torch.equal(weight.dequantize(), dense)
+    state = weight.state_dict()
+    assert torch.equal(state["qdata"], portable)
+    weight.load_state_dict(state)
+    assert not weight.kernel_layout and torch.equal(weight.qdata, portable)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import tqcompressor as tqc
 from tqcompressor.cli import app
+from tqcompressor.evaluate import evaluate
 from tqcompressor.quantize import quantize, quantized_layers
 from tqcompressor.quantized import QuantizedEmbedding, QuantizedFactored, QuantizedLinear, QuantizedLowRankLinear
 from tqcompressor.structures import all_structures
@@ -38,6 +39,7 @@ def test_uncompressed_model_quantizes_every_matrix_and_keeps_the_head_tied(tmp_p
     reference, params = logits(model), tqc.count_parameters(model)
     report = quantize(model, bits)
     assert tqc.count_parameters(model) == params  # the same parameters, in fewer bits
+    assert evaluate(model, IDS.reshape(-1), context=12, progress=False)["params"] == params
     assert isinstance(model.get_input_embeddings(), QuantizedEmbedding)
     assert model.get_output_embeddings().embedding is model.get_input_embeddings()  # one table for both
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())

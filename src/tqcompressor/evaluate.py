@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tqcompressor.errors import TQCError
+from tqcompressor.planning import count_parameters
 
 
 def windows(num_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -86,7 +87,7 @@ def evaluate(
         "nll_per_token": nll / count,
         "tokens": count,
         "protocol": {"level": "token", "context": context, "stride": stride},
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": count_parameters(model),
     }
     if teacher is not None:
         result["kl_to_teacher"] = kl / count

@@ -126,6 +126,29 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
+def int4_from_cpu_layout(packed: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The portable packing (:func:`pack_int4`) of a ``shape`` matrix that PyTorch's CPU int4
+    converter (``_convert_weight_to_int4pack_for_cpu``) packed. That layout depends on the CPU's
+    vector width, so it is read off the converter itself: packing the base-16 digits of every
+    position's index, one digit at a time, shows where each value went."""
+    rows, inputs = shape
+    count = rows * inputs
+    index = torch.arange(count, dtype=torch.int64).reshape(rows, inputs)
+    low = torch.zeros(packed.shape, dtype=torch.int64)
+    high = torch.zeros_like(low)
+    shift = 0
+    while shift == 0 or (count - 1) >> shift:
+        digit = ((index >> shift) & 15).to(torch.int32)
+        moved = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit, 1).to(torch.int64)
+        low |= (moved & 15) << shift
+        high |= (moved >> 4) << shift
+        shift += 4
+    values = torch.empty(count, dtype=torch.uint8)
+    values[low.reshape(-1)] = (packed.cpu() & 15).reshape(-1)
+    values[high.reshape(-1)] = (packed.cpu() >> 4).reshape(-1)
+    return pack_int4(values.reshape(rows, inputs))
+
+
 def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
     q = unpack_int4(packed).float()
     rows, inputs = q.shape

@@ -28,10 +28,12 @@ from tqcompressor.quantization import (
     dequantize_int4,
     dequantize_int8,
     group_size_for,
+    int4_from_cpu_layout,
     pad_to,
     padded_shape,
     quantize_int4,
     quantize_int8,
+    unpack_int4,
 )
 
 COMPUTE_DTYPE = torch.bfloat16  # what the CPU kernels take; used on every device for the same numbers
@@ -56,7 +58,12 @@ class QuantizedWeight(nn.Module):
             self.register_buffer("qdata", torch.zeros(rows, inputs // 2, dtype=torch.uint8))
             self.register_buffer("scale", torch.ones(rows, groups, dtype=COMPUTE_DTYPE))
             self.register_buffer("zero", torch.zeros(rows, groups, dtype=COMPUTE_DTYPE))
-        # derived on the machine that runs it (the layout depends on the CPU); never saved
+        # int4 on CPU: the kernel's layout of the values, derived on the machine that runs it (it
+        # depends on the CPU). It replaces the portable layout in ``qdata`` (files still get the
+        # portable one), except for an embedding's table, whose lookups read the portable layout:
+        # that keeps both (``lookups``)
+        self.kernel_layout = False
+        self.lookups = False
         self.register_buffer("cpu_int4", None, persistent=False)
         self.register_buffer("cpu_scale_zero", None, persistent=False)
 
@@ -83,13 +90,15 @@ class QuantizedWeight(nn.Module):
         """Bytes saved to disk for this matrix (integers, scales, offsets)."""
         return sum(t.numel() * t.element_size() for t in (self.qdata, self.scale, self.zero) if t is not None)
 
+    def portable_qdata(self) -> Tensor:
+        """``qdata`` in the portable layout files store."""
+        if not self.kernel_layout:
+            return self.qdata
+        return int4_from_cpu_layout(self.qdata, self.padded_shape).to(self.qdata.device)
+
     def dequantize(self) -> Tensor:
         """The float32 matrix these integers stand for (out_features, in_features)."""
-        if self.settings.bits == 8:
-            w = dequantize_int8(self.qdata, self.scale)
-        else:
-            w = dequantize_int4(self.qdata, self.scale, self.zero, self.group_size)
-        return w[: self.out_features, : self.in_features]
+        return self.dequantize_padded()[: self.out_features, : self.in_features]
 
     def rows(self, index: Tensor) -> Tensor:
         """Rows ``index`` of the float32 matrix (an embedding lookup), without dequantizing the rest."""
@@ -110,6 +119,8 @@ class QuantizedWeight(nn.Module):
         if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):  # the kernels have no backward
             y = self._cpu_kernel(flat)
         else:
+            if self.kernel_layout:  # moved off the CPU: back to the portable layout, once
+                self.qdata, self.kernel_layout, self.cpu_scale_zero = self.portable_qdata(), False, None
             w = self.dequantize_padded().to(COMPUTE_DTYPE)
             y = flat @ w.T
         return y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -117,27 +128,35 @@ class QuantizedWeight(nn.Module):
     def dequantize_padded(self) -> Tensor:
         if self.settings.bits == 8:
             return dequantize_int8(self.qdata, self.scale)
-        return dequantize_int4(self.qdata, self.scale, self.zero, self.group_size)
+        return dequantize_int4(self.portable_qdata(), self.scale, self.zero, self.group_size)
 
     def _cpu_kernel(self, flat: Tensor) -> Tensor:
         if self.settings.bits == 8:
             if self.qdata.data_ptr() % 64:  # e.g. memory-mapped from a file by from_pretrained
                 self.qdata = self.qdata.clone()  # the kernel reads it with aligned vector loads
             return torch.ops.aten._weight_int8pack_mm(flat, self.qdata, self.scale)
-        if self.cpu_int4 is None:
+        if self.cpu_scale_zero is None:
             self._prepare_cpu_int4()
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.cpu_int4, self.group_size, self.cpu_scale_zero)
+        packed = self.cpu_int4 if self.lookups else self.qdata
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, self.cpu_scale_zero)
 
     def _prepare_cpu_int4(self) -> None:
-        from tqcompressor.quantization import unpack_int4
-
-        values = unpack_int4(self.qdata).to(torch.int32)
-        self.cpu_int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.qdata).to(torch.int32), 1)
+        if self.lookups:
+            self.cpu_int4 = packed
+        else:  # in place: in memory as on disk
+            self.qdata, self.kernel_layout = packed, True
         # the kernel wants (groups, rows, 2): scale and offset of each group side by side
         self.cpu_scale_zero = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel_layout:
+            destination[prefix + "qdata"] = self.portable_qdata()  # files hold the portable layout
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(*args, **kwargs)  # the portable layout, into the same shape
+        self.kernel_layout = False
         self.cpu_int4 = self.cpu_scale_zero = None  # new integers: derive the kernel layout again
 
     def extra_repr(self) -> str:
@@ -281,11 +300,13 @@ class QuantizedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim, self.kind = num_embeddings, embedding_dim, "embedding"
         self.output_scale = output_scale
         self.quantized = QuantizedWeight(num_embeddings, embedding_dim, settings)
+        self.quantized.lookups = True
 
     @classmethod
     def from_dense(cls, table: Tensor, settings: QuantizeSettings, output_scale: float = 1.0) -> QuantizedEmbedding:
         embedding = cls(table.shape[0], table.shape[1], settings, output_scale)
         embedding.quantized = QuantizedWeight.from_weight(table, settings)
+        embedding.quantized.lookups = True
         return embedding.to(table.device)
 
     def config(self) -> dict:
