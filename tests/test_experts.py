@@ -4,41 +4,19 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import tqcompressor as tqc
+from tests.test_architectures import MOE_FAMILIES, tiny_model
 from tqcompressor.calibration import calibrate
 from tqcompressor.cli import app
 from tqcompressor.experts import LinearExperts, split_experts
 
-SIZES = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    vocab_size=256,
-    max_position_embeddings=128,
-    bos_token_id=1,
-    eos_token_id=1,
-    pad_token_id=1,
-)
-FAMILIES = {
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1),
-}
 IDS = torch.randint(2, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-
-
-def tiny_moe(family: str = "mixtral"):
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **SIZES, **FAMILIES[family])).eval()
 
 
 def logits(model) -> torch.Tensor:
@@ -46,9 +24,9 @@ def logits(model) -> torch.Tensor:
         return model(IDS).logits
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))  # the matrix's tiny configs: 4 experts, top-2
 def test_splitting_experts_is_exact(family):
-    model = tiny_moe(family)
+    model = tiny_model(family)
     reference, params = logits(model), tqc.count_parameters(model)
     names = split_experts(model)
     assert names == [f"model.layers.{i}.mlp.experts" for i in range(2)]
@@ -72,7 +50,7 @@ def route_to_first_two(model) -> None:
 
 
 def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
-    model = tiny_moe()
+    model = tiny_model("mixtral")
     split_experts(model)
     names = [f"model.layers.0.mlp.experts.gate_up.{e}" for e in range(4)]
     stats = calibrate(model, names, IDS, progress=False)
@@ -85,7 +63,7 @@ def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
 
 
 def test_unused_experts_are_fitted_to_their_weights_and_auto_spends_nothing_on_them():
-    model = tiny_moe()
+    model = tiny_model("mixtral")
     split_experts(model)
     route_to_first_two(model)
     ids = torch.randint(2, 256, (16, 16), generator=torch.Generator().manual_seed(1))  # 256 tokens >= 128 inputs
@@ -102,7 +80,7 @@ def test_unused_experts_are_fitted_to_their_weights_and_auto_spends_nothing_on_t
 
 
 def test_cli_compresses_the_experts_of_a_moe_dir_with_no_other_flag(tmp_path, tokenizer):
-    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "moe")
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "moe")
     tokenizer.save_pretrained(tmp_path / "moe")
     runner = CliRunner()
     targets = runner.invoke(app, ["info", str(tmp_path / "moe"), "--targets"])
