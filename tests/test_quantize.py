@@ -81,6 +81,21 @@ def test_compressed_model_quantizes_saves_and_reopens_anywhere(tmp_path, method,
     assert relative(dense, expected) < 0.02  # the quantized layers compute in bfloat16
 
 
+@pytest.mark.parametrize("method", ["tq", "tq_lowrank", "svd"])
+def test_a_quantized_gpt2_exports_dense_with_its_biases(tmp_path, method):
+    model = tiny_gpt2()
+    with torch.no_grad():  # GPT-2 starts with zero biases; these must survive quantization and export
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    student, report = tqc.compress(model, tqc.CompressionConfig(method=method, ratio=0.7), progress=False)
+    quantize(student, "int8")
+    expected = logits(student)
+    tqc.save(student, tmp_path / "q", plan=report.plan)
+    tqc.export_dense(tmp_path / "q", tmp_path / "dense")
+    assert relative(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense")), expected) < 0.02
+
+
 def test_gpt2_conv1d_layers_quantize(tmp_path):
     model = tiny_gpt2()
     reference = logits(model)

@@ -356,7 +356,7 @@ class QuantizedFactored(nn.Module):
         """Empty storage for ``inner``'s factors (their values are dropped): see :meth:`from_module`."""
         super().__init__()
         self.inner, self.kind = inner, inner.kind
-        for attr in ("in_features", "out_features", "num_embeddings", "embedding_dim"):
+        for attr in ("in_features", "out_features", "num_embeddings", "embedding_dim", "output_scale"):
             if hasattr(inner, attr):
                 setattr(self, attr, getattr(inner, attr))
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -369,6 +369,11 @@ class QuantizedFactored(nn.Module):
             rows = _flat_rows(torch.empty(param.shape, device="meta"), settings).shape
             self.quantized[key] = QuantizedWeight(rows[0], rows[1], settings)
             _set_placeholder(inner, name, param)
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The inner module's bias (float, never quantized)."""
+        return getattr(self.inner, "bias", None)
 
     @classmethod
     def from_module(cls, inner: nn.Module, settings: QuantizeSettings) -> QuantizedFactored:
