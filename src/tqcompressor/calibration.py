@@ -88,9 +88,14 @@ def calibrate(
     tokens = ids.numel()
     stats = {}
     for name in names:
-        inputs = dense_weight_of(model.get_submodule(name))[0].shape[1]
         # E[x x^T] over all tokens (a token not routed to an expert gives it x = 0), so an expert's
         # covariance carries how often it is used; grad_sq is a mean over the tokens the layer saw
-        moment = cov[name] / tokens if name in cov else torch.zeros(inputs, inputs, dtype=torch.float64)
+        moment = cov[name] / tokens if name in cov else _zero_moment(model.get_submodule(name))
         stats[name] = LayerStatistics(moment.cpu(), grad[name] / max(seen[name], 1), seen[name])
     return stats
+
+
+def _zero_moment(module: nn.Module) -> Tensor:
+    """The second moment of a layer no calibration token reached (an unused MoE expert)."""
+    inputs = dense_weight_of(module)[0].shape[1]
+    return torch.zeros(inputs, inputs, dtype=torch.float64)

@@ -42,6 +42,10 @@ def is_container(module: nn.Module) -> bool:
     return getattr(module, "is_container", False)
 
 
+def _describes_container(desc: dict) -> bool:
+    return getattr(module_classes().get(desc["type"]), "is_container", False)
+
+
 def describe(module: nn.Module) -> dict | None:
     """Constructor arguments of a factored module (``None`` for any other module)."""
     if isinstance(module, TiedKroneckerHead):  # shares the embedding's factors: only its bias is its own
@@ -66,9 +70,7 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
         dtype = next(model.parameters()).dtype
     # transformers initialises modules whose weights are not loaded; factored modules (and the
     # blocks holding them, whose init touches a child's .weight) are always loaded in full
-    containers = [
-        name for name, desc in modules.items() if getattr(module_classes().get(desc["type"]), "is_container", 0)
-    ]
+    containers = [name for name, desc in modules.items() if _describes_container(desc)]
     unknown = [
         name for name in modules if not any(name.startswith(c + ".") for c in containers) and not _has(model, name)
     ]
@@ -92,7 +94,7 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
     for name, desc in modules.items():
         if desc["type"] == "TiedKroneckerHead":
             if "embedding" in desc:  # older files name none: their one factored embedding is meant
-                embedding = modules.get(desc["embedding"]) and model.get_submodule(desc["embedding"])
+                embedding = model.get_submodule(desc["embedding"]) if desc["embedding"] in modules else None
             if embedding is None or getattr(embedding, "kind", None) != "embedding":
                 raise TQCError(f"tied head {name} but no factored embedding: the structure is corrupt")
             bias = torch.zeros(embedding.num_embeddings, dtype=dtype) if desc["bias"] else None
@@ -123,8 +125,9 @@ def factored_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def structure_of(model: nn.Module) -> dict[str, dict]:
-    structure = {name: describe(module) for name, module in factored_modules(model)}
+    structure = {}
     for name, module in factored_modules(model):
+        structure[name] = describe(module)
         if isinstance(module, TiedKroneckerHead):  # which table it shares (GPT-2 has two embeddings)
             structure[name]["embedding"] = next(n for n, m in model.named_modules() if m is module.embedding)
     return structure
@@ -271,7 +274,7 @@ def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch
         base = {
             name: tuple(dense_weight_of(skeleton.get_submodule(name))[0].shape)
             for name, desc in modules.items()
-            if _has(skeleton, name) and desc["type"] != LinearExperts.__name__
+            if _has(skeleton, name) and not _describes_container(desc)
         }
         install_structure(skeleton, modules, dtype)
     for name, shape in base.items():

@@ -65,7 +65,7 @@ def quantize(model: nn.Module, settings: QuantizeSettings | str, measure_error: 
     ``"int8"`` / ``"int4"``). Factored modules keep their structure; their factors are quantized."""
     if isinstance(settings, str):
         settings = QuantizeSettings.parse(settings)
-    already = [name for name, module in model.named_modules() if isinstance(module, MODULE_TYPES)]
+    already = list(quantized_layers(model))
     if already:
         raise TQCError(f"the model is quantized already ({already[0]}); quantize the unquantized model instead")
     report = QuantizeReport(settings)
@@ -90,13 +90,14 @@ def quantize(model: nn.Module, settings: QuantizeSettings | str, measure_error: 
     for name, module in list(model.named_modules()):
         if any(name == outer or name.startswith(outer + ".") for outer in factored) or not name:
             continue
-        before = _before(module, measure_error)
         if isinstance(module, (nn.Linear, Conv1D)) and not (tied_dense and module is head):
+            before = _before(module, measure_error)
             weight, kind = dense_weight_of(module)
             quantized = QuantizedLinear.from_dense(weight, bias_of(module), kind, settings)
         elif type(module) is nn.Embedding or module is embedding and isinstance(module, nn.Embedding):
             # a subclass with its own forward (OPT's learned positions) stays float; the input
             # embedding's subclasses only scale their lookups (Gemma), which QuantizedEmbedding keeps
+            before = _before(module, measure_error)
             quantized = QuantizedEmbedding.from_dense(module.weight.detach(), settings, embedding_scale(module))
         else:
             continue
@@ -121,16 +122,9 @@ def _kind(module: nn.Module) -> str:
 def _before(module: nn.Module, measure_error: bool) -> tuple[int, Tensor | None]:
     """Bytes of the matrices about to be quantized, and the matrix the layer stands for."""
     float_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if p.ndim >= 2)
-    if not measure_error or not isinstance(module, (nn.Linear, Conv1D, nn.Embedding, *_factored_types())):
+    if not measure_error:
         return float_bytes, None
-    dense = module.to_dense() if hasattr(module, "to_dense") else dense_weight_of(module)[0]
-    return float_bytes, dense
-
-
-def _factored_types() -> tuple[type, ...]:
-    from tqcompressor.structures import module_classes
-
-    return tuple(module_classes().values())
+    return float_bytes, dense_weight_of(module)[0]
 
 
 def _layer(name: str, kind: str, before: tuple[int, Tensor | None], after: nn.Module) -> QuantizedLayer:

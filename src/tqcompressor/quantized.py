@@ -70,16 +70,20 @@ class QuantizedWeight(nn.Module):
     @classmethod
     def from_weight(cls, weight: Tensor, settings: QuantizeSettings) -> QuantizedWeight:
         out_features, in_features = weight.shape
-        module = cls(out_features, in_features, settings)
-        padded = pad_to(weight.detach().float(), tuple(module.padded_shape))
-        with torch.no_grad():
-            if settings.bits == 8:
-                q, scale = quantize_int8(padded)
-                module.qdata.copy_(q), module.scale.copy_(scale)
-            else:
-                q, scale, zero = quantize_int4(padded, module.group_size)
-                module.qdata.copy_(q), module.scale.copy_(scale), module.zero.copy_(zero)
-        return module.to(weight.device)
+        return cls(out_features, in_features, settings).quantize_from(weight)
+
+    @torch.no_grad()
+    def quantize_from(self, weight: Tensor) -> QuantizedWeight:
+        """Store ``weight`` (out_features x in_features) in this module's format; moves to its device."""
+        padded = pad_to(weight.detach().float(), tuple(self.padded_shape))
+        if self.settings.bits == 8:
+            q, scale = quantize_int8(padded)
+            self.qdata.copy_(q), self.scale.copy_(scale)
+        else:
+            q, scale, zero = quantize_int4(padded, self.group_size)
+            self.qdata.copy_(q), self.scale.copy_(scale), self.zero.copy_(zero)
+        self.kernel_layout, self.cpu_int4, self.cpu_scale_zero = False, None, None
+        return self.to(weight.device)
 
     @property
     def padded_shape(self) -> tuple[int, int]:
@@ -187,7 +191,7 @@ class QuantizedLinear(nn.Module):
     def from_dense(cls, weight: Tensor, bias: Tensor | None, kind: str, settings: QuantizeSettings) -> QuantizedLinear:
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, bias is not None, kind, settings, dtype=weight.dtype)
-        layer.quantized = QuantizedWeight.from_weight(weight, settings)
+        layer.quantized.quantize_from(weight)
         if bias is not None:
             layer.bias.data.copy_(bias)
         return layer.to(weight.device)
@@ -247,8 +251,8 @@ class QuantizedLowRankLinear(nn.Module):
         quantized = cls(
             layer.in_features, layer.out_features, layer.rank, has_bias, layer.kind, settings, layer.u.dtype
         )
-        quantized.u = QuantizedWeight.from_weight(layer.u, settings)
-        quantized.v = QuantizedWeight.from_weight(layer.v, settings)
+        quantized.u.quantize_from(layer.u)
+        quantized.v.quantize_from(layer.v)
         if layer.bias is not None:
             quantized.bias.data.copy_(layer.bias.detach())
         return quantized.to(layer.u.device)
@@ -305,8 +309,7 @@ class QuantizedEmbedding(nn.Module):
     @classmethod
     def from_dense(cls, table: Tensor, settings: QuantizeSettings, output_scale: float = 1.0) -> QuantizedEmbedding:
         embedding = cls(table.shape[0], table.shape[1], settings, output_scale)
-        embedding.quantized = QuantizedWeight.from_weight(table, settings)
-        embedding.quantized.lookups = True
+        embedding.quantized.quantize_from(table)
         return embedding.to(table.device)
 
     def config(self) -> dict:
@@ -380,16 +383,14 @@ class QuantizedFactored(nn.Module):
         values = {name.replace(".", "__"): p.detach() for name, p in inner.named_parameters() if p.ndim >= 2}
         wrapper = cls(inner, settings)
         for key, value in values.items():
-            wrapper.quantized[key] = QuantizedWeight.from_weight(_flat_rows(value, settings), settings)
+            wrapper.quantized[key].quantize_from(_flat_rows(value, settings))
         return wrapper
 
     def refresh_placeholders(self) -> None:
         """Put the placeholders on the storage's device (a model built on the meta device, then loaded)."""
         device = next(iter(self.quantized.values())).qdata.device
         for key, shape in self.shapes.items():
-            name = key.replace("__", ".")
-            parent, _, leaf = name.rpartition(".")
-            owner = self.inner.get_submodule(parent) if parent else self.inner
+            owner, leaf = _owner(self.inner, key.replace("__", "."))
             dtype = owner._buffers[leaf].dtype
             owner._buffers[leaf] = torch.zeros(1, dtype=dtype, device=device).expand(shape)
 
@@ -411,20 +412,17 @@ class QuantizedFactored(nn.Module):
     @contextlib.contextmanager
     def dequantized(self):
         """The inner module with its real factors, for one call."""
-        placeholders = {}
+        placeholders = []
         for key, shape in self.shapes.items():
-            name = key.replace("__", ".")
-            parent, _, leaf = name.rpartition(".")
-            owner = self.inner.get_submodule(parent) if parent else self.inner
-            placeholders[name] = getattr(owner, leaf)
+            owner, leaf = _owner(self.inner, key.replace("__", "."))
+            placeholder = owner._buffers[leaf]
+            placeholders.append((owner, leaf, placeholder))
             value = self.quantized[key].dequantize().reshape(-1)[: math.prod(shape)].reshape(shape)
-            owner._buffers[leaf] = value.to(placeholders[name].dtype)
+            owner._buffers[leaf] = value.to(placeholder.dtype)
         try:
             yield self.inner
         finally:
-            for name, placeholder in placeholders.items():
-                parent, _, leaf = name.rpartition(".")
-                owner = self.inner.get_submodule(parent) if parent else self.inner
+            for owner, leaf, placeholder in placeholders:
                 owner._buffers[leaf] = placeholder
 
     def to_dense(self) -> Tensor:
@@ -452,10 +450,15 @@ def _flat_rows(tensor: Tensor, settings: QuantizeSettings) -> Tensor:
     return flat.reshape(-1, row)
 
 
+def _owner(inner: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding the tensor at the dotted ``name`` inside ``inner``, and its own name there."""
+    parent, _, leaf = name.rpartition(".")
+    return (inner.get_submodule(parent) if parent else inner), leaf
+
+
 def _set_placeholder(inner: nn.Module, name: str, param: Tensor) -> None:
     """Drop the float parameter; keep a one-element tensor of its shape, dtype and device."""
-    parent, _, leaf = name.rpartition(".")
-    owner = inner.get_submodule(parent) if parent else inner
+    owner, leaf = _owner(inner, name)
     del owner._parameters[leaf]
     placeholder = torch.zeros(1, dtype=param.dtype, device=param.device).expand(param.shape)
     owner.register_buffer(leaf, placeholder, persistent=False)
