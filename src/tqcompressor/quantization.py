@@ -39,7 +39,7 @@ class QuantizeSettings:
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
-            raise TQCError(f"--quantize takes int8 or int4, got {self.bits} bits")
+            raise TQCError(f"quantization takes int8 or int4, got {self.bits} bits")
         if self.bits == 4 and self.group_size not in INT4_GROUP_SIZES:
             raise TQCError(
                 f"int4 group size {self.group_size} is not supported; choose one of {list(INT4_GROUP_SIZES)}"
@@ -54,7 +54,7 @@ class QuantizeSettings:
         """From what users type: ``int8`` or ``int4``."""
         bits = {"int8": 8, "int4": 4}.get(str(text).lower())
         if bits is None:
-            raise TQCError(f"--quantize takes int8 or int4, got {text!r}")
+            raise TQCError(f"quantization takes int8 or int4 (--bits, --quantize), got {text!r}")
         return cls(bits, group_size)
 
 
