@@ -34,13 +34,12 @@ from provenance import git_commit
 
 import tqcompressor as tqc
 from tqcompressor.baselines import keep_layers, layer_drop_plan
-from tqcompressor.calibration import calibrate
 from tqcompressor.checkpoint import factored_modules
 from tqcompressor.data import calibration_ids, text_block_source, tokenize_text
 from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.evaluate import evaluate
+from tqcompressor.planning import default_target_modules, tied_embedding
 from tqcompressor.report import table
-from tqcompressor.surgery import find_target_modules
 from tqcompressor.versions import library_versions
 
 HERE = Path(__file__).resolve().parent
@@ -72,6 +71,16 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--auto-methods",
+        default=None,
+        help="comma-separated structures auto may choose (default: every registered one; the CLI's default is svd)",
+    )
+    parser.add_argument(
+        "--embedding",
+        action="store_true",
+        help="the uniform-budget methods also factor the tied token embedding (auto always weighs it)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=0,
@@ -97,6 +106,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS + list(CALIBRATED))}")
 
+    if args.embedding and "layer_drop" in methods:
+        raise SystemExit("--embedding: layer dropping cannot factor an embedding; leave layer_drop out")
     commit = git_commit()
     settings = {k: str(v) for k, v in vars(args).items() if k not in ("methods", "out", "work", "replot", "merge")}
     loaded = tqc.load_model(args.model)
@@ -142,7 +153,7 @@ def main() -> None:
         result["methods"] = mergeable(json.loads(args.merge.read_text()), result)["methods"]
     print(f"teacher: {teacher_params:,} params, perplexity {teacher_metrics['perplexity']:.2f}")
     todo = [m for m in methods if m not in result["methods"]]
-    for method, student, compress_seconds in compressed_students(todo, loaded, args):
+    for method, student, auto_record, compress_seconds in compressed_students(todo, loaded, args):
         started = time.perf_counter()
         student.to(args.device)
         compressed = evaluate(student, ids, teacher=teacher, **eval_kwargs)
@@ -168,6 +179,7 @@ def main() -> None:
             "compress_seconds": compress_seconds,
             "kd_and_eval_seconds": time.perf_counter() - started,
             "seconds": compress_seconds + time.perf_counter() - started,
+            **({"auto_embedding": auto_record["embedding"]} if auto_record else {}),
         }
         print(method, json.dumps(result["methods"][method]), flush=True)
         del student
@@ -199,53 +211,57 @@ def layer_types(student: torch.nn.Module) -> dict[str, int]:
     return dict(Counter(type(module).__name__ for _, module in factored_modules(student)))
 
 
-def build_student(method: str, base, tokenizer, args) -> torch.nn.Module:
-    """``base`` (a CPU copy of the teacher, consumed) compressed by ``method`` to ``args.ratio``."""
+def build_student(method: str, base, tokenizer, args) -> tuple[torch.nn.Module, dict]:
+    """``base`` (a CPU copy of the teacher, consumed) compressed by ``method`` to ``args.ratio``,
+    and what ``auto`` recorded of the token embedding (its choice, menu and role weights), if it weighed one."""
     ratio = args.ratio
     if method == "layer_drop":
         keep_layers(base, layer_drop_plan(base, int(ratio * tqc.count_parameters(base))))
-        return base
+        return base, {}
+    targets = None  # the default targets (auto adds a tied embedding to its menu by itself)
+    if args.embedding and method != "auto":
+        targets = default_target_modules(base) + [tied_embedding(base)]
     if method not in CALIBRATED:
-        return tqc.compress(base, tqc.CompressionConfig(method=method, ratio=ratio))[0]
-    config = tqc.CompressionConfig(method=CALIBRATED[method], ratio=ratio)
-    teacher = copy.deepcopy(base)  # statistics of the teacher's own layer inputs
-    names = find_target_modules(teacher, config.target_modules)
-    stats = calibrate(teacher, names, calibration_ids(args.train, teacher, tokenizer, args.calibration_tokens))
-    del teacher
-    return tqc.compress(base, config, calibration=stats)[0]
+        return tqc.compress(base, tqc.CompressionConfig(method=method, ratio=ratio, target_modules=targets))[0], {}
+    auto_methods = args.auto_methods.split(",") if method == "auto" and args.auto_methods else None
+    config = tqc.CompressionConfig(
+        method=CALIBRATED[method], ratio=ratio, target_modules=targets, auto_methods=auto_methods
+    )
+    embedding = tied_embedding(base)
+    # statistics of the teacher's own layer inputs: planning calibrates before it changes anything
+    ids = calibration_ids(args.train, base, tokenizer, args.calibration_tokens)
+    student, report = tqc.compress(base, config, calibration=ids)
+    return student, {"embedding": report.plan.auto[embedding]} if embedding in (report.plan.auto or {}) else {}
 
 
 def compressed_students(methods: list[str], loaded, args):
-    """``(method, student on CPU, seconds)`` for each method, in order of completion."""
+    """``(method, student on CPU, what auto recorded, seconds)`` for each method, in order of completion."""
     if args.workers == 0:
         for method in methods:
             started = time.perf_counter()
-            yield (
-                method,
-                build_student(method, copy.deepcopy(loaded.model), loaded.tokenizer, args),
-                time.perf_counter() - started,
-            )
+            student, record = build_student(method, copy.deepcopy(loaded.model), loaded.tokenizer, args)
+            yield method, student, record, time.perf_counter() - started
         return
     args.work.mkdir(parents=True, exist_ok=True)
     # spawn: the main process holds a CUDA context, which a forked child must not inherit
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(compress_in_worker, m, args, args.work / f"{m}.student.pt") for m in methods]
         for future in concurrent.futures.as_completed(futures):
-            method, path, seconds = future.result()
+            method, path, record, seconds = future.result()
             student = torch.load(path, weights_only=False)  # our own file of this run, written by the worker
             path.unlink()
-            yield method, student, seconds
+            yield method, student, record, seconds
 
 
-def compress_in_worker(method: str, args, path: Path) -> tuple[str, Path, float]:
+def compress_in_worker(method: str, args, path: Path) -> tuple[str, Path, dict, float]:
     """Runs in a worker process: load the model, compress it, pickle the student to ``path``."""
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     loaded = tqc.load_model(args.model)
-    student = build_student(method, loaded.model, loaded.tokenizer, args)
+    student, record = build_student(method, loaded.model, loaded.tokenizer, args)
     torch.save(student, path)
-    return method, path, time.perf_counter() - started
+    return method, path, record, time.perf_counter() - started
 
 
 def mergeable(earlier: dict, result: dict) -> dict:

@@ -157,13 +157,20 @@ def test_no_decoder_blocks_is_one_clear_error():
         default_target_modules(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
-@pytest.mark.parametrize("method", ["tq", "kronecker"])
-def test_gemma3_scaled_embedding_keeps_its_scale_exactly(tmp_path, method):
+@pytest.mark.parametrize(
+    "spec",
+    [
+        tqc.LayerSpec("tq", rank=2, b_shape=(1, 2)),
+        tqc.LayerSpec("kronecker", rank=2, b_shape=(1, 2)),
+        tqc.LayerSpec("svd", rank=8),
+    ],
+)
+def test_gemma3_scaled_embedding_keeps_its_scale_exactly(tmp_path, spec):
     """Gemma 3 multiplies looked-up rows by sqrt(hidden) inside its embedding module; its tied LM
     head uses the raw table. A factored embedding must do both, through save, reload and densify."""
     model = tiny_model("gemma3_text")
     assert float(model.get_input_embeddings().embed_scale) == 8.0  # sqrt(64)
-    spec = [("model.embed_tokens", tqc.LayerSpec(method, rank=2, b_shape=(1, 2)))]
+    spec = [("model.embed_tokens", spec)]
     student, report = tqc.compress(model, tqc.CompressionConfig(layers=spec), progress=False)
     embedding = student.get_input_embeddings()
     assert embedding.output_scale == 8.0 and report.layers[0].kind == "embedding"

@@ -3,7 +3,15 @@ import torch
 from torch import nn
 
 from tqcompressor import CompressionConfig, KroneckerLinear, LowRankLinear, compress, count_parameters
-from tqcompressor.auto import Candidate, allocate, candidate_menu, factors_for
+from tqcompressor.auto import (
+    Candidate,
+    allocate,
+    candidate_menu,
+    embedding_candidates,
+    embedding_factors,
+    factors_for,
+    role_scales,
+)
 
 
 class ThreeLayers(nn.Module):
@@ -61,6 +69,18 @@ def test_allocate_follows_error_per_parameter():
     chosen = allocate(menus, norms, budget=120)
     assert sum(c.params for c in chosen.values()) <= 120
     assert chosen["sensitive"].params == 100 and chosen["robust"].params == 20
+
+
+def test_allocate_spends_what_a_hull_step_too_large_leaves():
+    """The hull of "table" jumps 20 -> 100 (the 60-parameter point lies above that segment); with 70
+    to spend the step does not fit, but the point between does, and it is taken."""
+    menus = {
+        "table": [Candidate("svd", 20, 0.8), Candidate("svd", 60, 0.7), Candidate("dense", 100, 0.0)],
+        "small": [Candidate("svd", 5, 0.3), Candidate("dense", 10, 0.0)],
+    }
+    chosen = allocate(menus, {"table": 1.0, "small": 1.0}, budget=70)
+    assert chosen["table"].params == 60 and chosen["small"].params == 10
+    assert allocate(menus, {"table": 1.0, "small": 1.0}, budget=69)["table"].params == 20  # 60 + 10 > 69
 
 
 def test_menu_errors_match_real_decompositions():
@@ -136,15 +156,69 @@ def test_calibrated_auto_weighs_layers_by_loss_and_installs_aware_factors():
     assert again_report.plan.to_list() == report.plan.to_list()
 
 
-def test_auto_refuses_embeddings_before_any_work():
-    import pytest
-
+def test_auto_refuses_an_embedding_it_cannot_measure_before_any_work():
     from tests.conftest import tiny_llama
     from tqcompressor import TQCError
 
-    config = CompressionConfig(method="auto", ratio=0.9, target_modules=["embed_tokens", "up_proj"])
-    with pytest.raises(TQCError, match="covers linear layers"):
+    config = CompressionConfig(method="auto", ratio=0.9, target_modules=["embed_tokens", "up_proj"], tie_lm_head=False)
+    with pytest.raises(TQCError, match="measures an embedding through the LM head tied to it"):
         compress(tiny_llama(), config, progress=False)
+
+
+def test_auto_offers_a_tied_embedding_measured_through_its_head(tmp_path):
+    """With no targets named, auto puts a tied token embedding on the budget: here (Gemma 3, its
+    lookups scaled by sqrt(hidden)) the table holds most of the model, so it is factored; the head
+    stays tied to the factors, the scale stays exact, and plain from_pretrained reopens the result."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import tqcompressor as tqc
+    from tests.test_architectures import SIZES
+    from tqcompressor.calibration import calibrate
+    from tqcompressor.layers import TiedKroneckerHead
+    from tqcompressor.planning import layer_statistics, tied_embedding
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3_text", **{**SIZES, "vocab_size": 4096}))
+    model.eval()
+    assert tied_embedding(model) == "model.embed_tokens"
+    ids = torch.randint(2, 4096, (8, 64), generator=torch.Generator().manual_seed(0))
+    # the table is measured in both roles: as the head (hidden -> logits) and as the lookup
+    measured = layer_statistics(model, ["model.embed_tokens"], ids, progress=False)["model.embed_tokens"]
+    head = calibrate(model, ["lm_head"], ids, progress=False)["lm_head"]
+    assert torch.allclose(measured.input_cov, head.input_cov) and measured.grad_sq == pytest.approx(head.grad_sq)
+    assert measured.lookup.token_counts.sum() == ids.numel() and measured.lookup.grad_sq > 0
+    assert measured.output_scale == 8.0
+    # an svd candidate's error is the sensitivity-weighted mean of its errors in the two roles
+    weight = model.get_input_embeddings().weight.detach()
+    menu, states = candidate_menu(weight, measured.input_cov, methods=["svd"], embedding=True)
+    both = embedding_candidates(weight, menu, states, measured)
+    svd = next(c for c in both if c.method == "svd")
+    w = weight.double()
+    error = w - embedding_factors(weight, svd, states, measured).to_dense().double()
+    cov = measured.input_cov
+    head_error_sq = float((error @ cov * error).sum() / (w @ cov * w).sum())
+    counts = measured.lookup.token_counts
+    lookup_error_sq = float(counts @ error.square().sum(1) / (counts @ w.square().sum(1)))
+    head_scale, lookup_scale = role_scales(weight, measured)
+    expected = (head_scale * head_error_sq + lookup_scale * lookup_error_sq) / (head_scale + lookup_scale)
+    assert svd.error == pytest.approx(expected**0.5, rel=1e-4)
+
+    config = CompressionConfig(method="auto", ratio=0.5)
+    student, report = compress(model, config, calibration=ids, progress=False)
+    record = report.plan.auto["model.embed_tokens"]
+    assert record["metric"].startswith("relative error as LM head and as lookup")
+    assert set(record["role_weights"]) == {"head", "lookup"} and min(record["role_weights"].values()) > 0
+    assert {c["method"] for c in record["menu"]} == {"dense", "svd", "kronecker"}  # auto's structures for tables
+    assert record["chosen"]["method"] != "dense"
+    embedding, head_module = student.get_input_embeddings(), student.get_output_embeddings()
+    assert embedding.output_scale == 8.0  # sqrt(64), exact
+    assert isinstance(head_module, TiedKroneckerHead) and head_module.embedding is embedding
+    assert count_parameters(student) <= report.plan.target_params
+    tqc.save(student, tmp_path / "m", plan=report.plan)
+    probe = torch.randint(2, 4096, (2, 12))
+    with torch.no_grad():
+        expected = student(probe).logits
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(probe).logits, expected, atol=1e-5)
 
 
 def test_menu_restricted_to_named_methods_keeps_dense():

@@ -90,3 +90,16 @@ def test_compare_records_which_structures_a_student_holds():
     compare = bench_module("compare")
     student = tqc.compress(tiny_llama(), tqc.CompressionConfig(method="svd", ratio=0.7), progress=False)[0]
     assert compare.layer_types(student) == {"LowRankLinear": 14}
+
+
+def test_compare_factors_the_tied_embedding_with_every_method_when_asked():
+    """--embedding: the uniform-budget families factor the tied table too (a Gemma-like model whose
+    table holds most parameters could not reach the budget otherwise); layer dropping is refused."""
+    import argparse
+
+    compare = bench_module("compare")
+    args = argparse.Namespace(ratio=0.5, embedding=True, auto_methods=None)
+    student, record = compare.build_student("svd", tiny_llama(vocab_size=4096), None, args)
+    assert record == {}  # only auto weighs the table
+    assert compare.layer_types(student) == {"LowRankLinear": 14, "LowRankEmbedding": 1, "TiedKroneckerHead": 1}
+    assert tqc.count_parameters(student) <= 0.5 * tqc.count_parameters(tiny_llama(vocab_size=4096))

@@ -152,6 +152,15 @@ def test_compress_auto_with_calibration_text(tmp_path, gpt2_dir):
     assert "calibration text" in layer["reason"]
 
 
+def test_info_targets_says_auto_also_weighs_a_tied_embedding(tmp_path):
+    from tests.test_architectures import tiny_model
+
+    tiny_model("gemma3_text").save_pretrained(tmp_path / "bare")
+    targets = CliRunner().invoke(app, ["info", str(tmp_path / "bare"), "--targets"])
+    assert targets.exit_code == 0
+    assert "--method auto also weighs the tied embedding model.embed_tokens (16,384 parameters" in targets.output
+
+
 def test_a_dir_of_config_and_weights_compresses_with_no_target_names_and_text_needs_a_tokenizer(tmp_path):
     from tests.test_architectures import tiny_model
 

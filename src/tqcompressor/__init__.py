@@ -12,7 +12,7 @@ from tqcompressor.models import load_model
 from tqcompressor.planning import LayerPlan, Plan, count_parameters, plan_compression
 from tqcompressor.structures import Structure, compression_methods, decompose, get_structure, register
 from tqcompressor.structures.kronecker import KroneckerEmbedding, KroneckerFactors, KroneckerLinear
-from tqcompressor.structures.lowrank import LowRankFactors, LowRankLinear
+from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankFactors, LowRankLinear
 from tqcompressor.surgery import apply_plan, compress
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "KroneckerLinear",
     "LayerPlan",
     "LayerSpec",
+    "LowRankEmbedding",
     "LowRankFactors",
     "LowRankLinear",
     "Plan",

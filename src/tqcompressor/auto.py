@@ -25,21 +25,28 @@ deterministic.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 
 import torch
 from torch import Tensor
 
+from tqcompressor.calibration import EmbeddingStatistics
 from tqcompressor.decompose import OutputSketch
 from tqcompressor.structures import REGISTRY, Candidate, all_structures
+from tqcompressor.structures.lowrank import row_weighted_svd
 
 
 def candidate_menu(
-    weight: Tensor, input_cov: Tensor | None = None, max_iterations: int = 10, methods: list[str] | None = None
+    weight: Tensor,
+    input_cov: Tensor | None = None,
+    max_iterations: int = 10,
+    methods: list[str] | None = None,
+    embedding: bool = False,
 ) -> tuple[list[Candidate], dict]:
     """Every structure's candidates for one matrix (only those named in ``methods``, keeping the
-    layer dense always included), and per structure the state its ``fit_candidate`` reuses (e.g.
-    the permutation searches).
+    layer dense always included; for an ``embedding`` table only the structures ``auto``
+    measures on one), and per structure the state its ``fit_candidate`` reuses (e.g. the permutation searches).
 
     Errors are relative Frobenius errors of the weight, or, given the covariance of the layer's
     inputs, relative *output* errors (and the SVD candidates are then activation-aware)."""
@@ -47,6 +54,8 @@ def candidate_menu(
     menu, states = [], {}
     for structure in all_structures():
         if methods is not None and structure.compresses and structure.name not in methods:
+            continue
+        if embedding and structure.compresses and not structure.auto_embeddings:
             continue
         candidates, states[structure.name] = structure.candidates(weight, sketch, max_iterations)
         menu += candidates
@@ -61,11 +70,63 @@ def factors_for(weight: Tensor, choice: Candidate, states: dict, input_cov: Tens
 
 def layer_scale(weight: Tensor, stats=None) -> float:
     """How much one unit of squared relative error of this layer costs in :func:`allocate`:
-    ``||W||_F^2`` without calibration; ``grad_sq * tr(W C W^T)`` (expected loss increase) with it."""
+    ``||W||_F^2`` without calibration; ``grad_sq * tr(W C W^T)`` (expected loss increase) with it;
+    for a tied embedding the sum over its two roles (:func:`embedding_candidates`)."""
     w = weight.detach().to(torch.float64)
     if stats is None:
         return float(w.square().sum())
+    if isinstance(stats, EmbeddingStatistics):
+        return sum(role_scales(w, stats))
     return stats.grad_sq * float((w @ stats.input_cov.double() * w).sum())
+
+
+def embedding_candidates(weight: Tensor, menu: list[Candidate], states: dict, stats: EmbeddingStatistics):
+    """A tied embedding's candidates measured in both of its roles, as :func:`embedding_factors`
+    fits them: as the head (``hidden -> logits``) the relative output error ``tr(D C D^T) / tr(W C W^T)``;
+    as the lookup the relative error of the rows the calibration text read, weighted by how often.
+    The two are combined by each role's loss sensitivity (:func:`role_scales`):
+    ``err^2 = (S_head e_head^2 + S_lookup e_lookup^2) / (S_head + S_lookup)``."""
+    w = weight.detach().to(torch.float64)
+    head_scale, lookup_scale = role_scales(w, stats)
+    cov = stats.head.input_cov.to(torch.float32)
+    head_energy = float((weight.float() @ cov * weight.float()).sum(dtype=torch.float64))
+    rows = stats.lookup.token_counts.nonzero().squeeze(1)
+    counts = stats.lookup.token_counts[rows]
+    lookup_energy = float(counts @ w[rows].square().sum(1))
+    measured = []
+    for candidate in menu:
+        if not REGISTRY[candidate.method].compresses:
+            measured.append(candidate)
+            continue
+        error = weight.float() - embedding_factors(weight, candidate, states, stats).to_dense().float()
+        head_error_sq = float((error @ cov * error).sum(dtype=torch.float64)) / head_energy
+        lookup_error_sq = float(counts @ error[rows].double().square().sum(1)) / lookup_energy
+        combined = (head_scale * head_error_sq + lookup_scale * lookup_error_sq) / (head_scale + lookup_scale)
+        measured.append(dataclasses.replace(candidate, error=combined**0.5))
+    return measured
+
+
+def embedding_factors(weight: Tensor, candidate: Candidate, states: dict, stats: EmbeddingStatistics):
+    """The factors ``auto`` measures and installs for a candidate of a tied table. ``svd``: the
+    row-weighted SVD (:func:`~tqcompressor.structures.lowrank.row_weighted_svd`) whose row weights
+    add the two roles: the lookup's (how often the row is read) and the head's, with every row
+    alike (its Frobenius proxy; the head's exact metric weighs columns, which a row weight cannot).
+    Other structures: fitted in the head's metric."""
+    if candidate.method != "svd":
+        return factors_for(weight, candidate, states, stats.input_cov)
+    w = weight.detach().to(torch.float64)
+    head_scale, lookup_scale = role_scales(w, stats)
+    counts = stats.lookup.token_counts
+    row_weights = lookup_scale * counts / float(counts @ w.square().sum(1)) + head_scale / float(w.square().sum())
+    return row_weighted_svd(weight, candidate.settings["rank"], row_weights)
+
+
+def role_scales(weight: Tensor, stats: EmbeddingStatistics) -> tuple[float, float]:
+    """(head, lookup): expected loss increase per unit squared relative error in each role."""
+    w = weight.detach().to(torch.float64)
+    head = stats.head.grad_sq * float((w @ stats.head.input_cov.double() * w).sum())
+    looked_up = float(stats.lookup.token_counts @ w.square().sum(1)) / max(stats.lookup.tokens, 1)
+    return head, stats.lookup.grad_sq * stats.output_scale**2 * looked_up
 
 
 def allocate(menus: dict[str, list[Candidate]], norms_sq: dict[str, float], budget: int) -> dict[str, Candidate]:
@@ -97,7 +158,28 @@ def allocate(menus: dict[str, list[Candidate]], norms_sq: dict[str, float], budg
         spent += cost
         position[name] = i + 1
         push(name)
-    return {name: hulls[name][position[name]] for name in hulls}
+    return _fill({name: hulls[name][position[name]] for name in hulls}, menus, norms_sq, budget - spent)
+
+
+def _fill(choice: dict[str, Candidate], menus: dict, norms_sq: dict, left: int) -> dict[str, Candidate]:
+    """Spend what the hull steps left: the next hull point of a layer can cost more than the budget
+    has left (one step of a 262k-row table is millions of parameters) while a candidate between two
+    hull points still fits. Take the best such upgrade per parameter until none fits."""
+    while True:
+        best = None  # (gain per parameter, name, candidate)
+        for name in sorted(menus):
+            current = choice[name]
+            for candidate in menus[name]:
+                cost = candidate.params - current.params
+                if 0 < cost <= left and candidate.error < current.error:
+                    gain = (current.error**2 - candidate.error**2) * norms_sq[name] / cost
+                    if best is None or gain > best[0]:
+                        best = (gain, name, candidate)
+        if best is None:
+            return choice
+        _, name, candidate = best
+        left -= candidate.params - choice[name].params
+        choice[name] = candidate
 
 
 def _lower_hull(menu: list[Candidate], norm_sq: float) -> list[Candidate]:

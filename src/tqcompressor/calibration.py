@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import dense_weight_of
+from tqcompressor.planning import is_embedding
 
 
 @dataclass
@@ -28,6 +29,40 @@ class LayerStatistics:
     input_cov: Tensor  # (in, in) float64, E[x x^T] over calibration tokens
     grad_sq: float  # mean over the tokens the layer saw of ||dL/dy||^2 / out_features
     tokens: int  # tokens the layer saw (an MoE expert: those routed to it)
+
+
+@dataclass
+class LookupStatistics:
+    """What calibration records of a token embedding: its inputs are token ids, not vectors."""
+
+    token_counts: Tensor  # (num_embeddings,) float64: how often each row was looked up
+    grad_sq: float  # mean over tokens of ||dL/dy||^2 / embedding_dim, y the looked-up (scaled) row
+    tokens: int
+
+
+@dataclass
+class EmbeddingStatistics:
+    """A tied token table in both of its roles. As the LM head (``hidden -> logits``) every row is
+    used for every token: ``head`` holds that layer's statistics, and the fit minimises its output
+    error. As the lookup, a row error ``D_v`` moves the residual stream by ``output_scale * D_v``
+    wherever token ``v`` occurs: ``lookup``. ``input_cov``, ``grad_sq`` and ``tokens`` are the
+    head's, so a structure's activation-aware fit sees the head metric."""
+
+    head: LayerStatistics
+    lookup: LookupStatistics
+    output_scale: float  # lookups are multiplied by it (Gemma 3: sqrt(hidden))
+
+    @property
+    def input_cov(self) -> Tensor:
+        return self.head.input_cov
+
+    @property
+    def grad_sq(self) -> float:
+        return self.head.grad_sq
+
+    @property
+    def tokens(self) -> int:
+        return self.head.tokens
 
 
 @torch.enable_grad()
@@ -43,6 +78,12 @@ def calibrate(
 
     def pre_hook(name):
         def hook(module, args):
+            if is_embedding(module):  # token ids in: count them
+                ids = args[0].detach().reshape(-1)
+                counts = torch.bincount(ids.cpu(), minlength=module.num_embeddings).double()
+                cov[name] = cov.get(name, 0) + counts
+                seen[name] += ids.numel()
+                return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             cov[name] = cov.get(name, 0) + x.T @ x
             seen[name] += x.shape[0]
@@ -88,6 +129,9 @@ def calibrate(
     tokens = ids.numel()
     stats = {}
     for name in names:
+        if is_embedding(model.get_submodule(name)):
+            stats[name] = LookupStatistics(cov[name].cpu(), grad[name] / max(seen[name], 1), seen[name])
+            continue
         # E[x x^T] over all tokens (a token not routed to an expert gives it x = 0), so an expert's
         # covariance carries how often it is used; grad_sq is a mean over the tokens the layer saw
         moment = cov[name] / tokens if name in cov else _zero_moment(model.get_submodule(name))

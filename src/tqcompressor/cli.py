@@ -243,7 +243,7 @@ def info(
 def _targets_table(model_name: str, patterns: Optional[list[str]]) -> str:
     from tqcompressor.experts import split_experts
     from tqcompressor.models import load_model
-    from tqcompressor.planning import count_parameters, find_target_modules, target_summary
+    from tqcompressor.planning import count_parameters, find_target_modules, target_summary, tied_embedding
     from tqcompressor.report import table
 
     model = load_model(model_name).model
@@ -251,10 +251,17 @@ def _targets_table(model_name: str, patterns: Optional[list[str]]) -> str:
     rows = target_summary(model, find_target_modules(model, patterns))
     total, in_targets = count_parameters(model), sum(r[3] for r in rows)
     how = "the modules named" if patterns else "the default: every Linear/Conv1D in the decoder blocks"
+    embedding = tied_embedding(model)
+    offered = ""
+    if embedding is not None and not patterns:
+        size = model.get_submodule(embedding).weight.numel()
+        offered = (
+            f"\n--method auto also weighs the tied embedding {embedding} ({size:,} parameters, {size / total:.1%})"
+        )
     return (
         table(["module", "class", "weight shape", "params"], [list(r) for r in rows], "lllr")
         + f"\n{len(rows)} target modules ({how}) hold {in_targets:,} of the model's {total:,} parameters "
-        f"({in_targets / total:.1%}); the rest (embeddings, norms, head, routers) stays as it is unless named"
+        f"({in_targets / total:.1%}); the rest (embeddings, norms, head, routers) stays as it is unless named" + offered
     )
 
 

@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from tqcompressor.config import CompressionConfig, LayerSpec
 from tqcompressor.errors import TQCError
 from tqcompressor.experts import split_experts
-from tqcompressor.layers import dense_weight_of
+from tqcompressor.layers import dense_weight_of, embedding_scale
 from tqcompressor.structures import REGISTRY, get_structure, module_classes, settings_dict
 
 
@@ -87,17 +87,23 @@ def plan_compression(
         for entry in sorted(layers, key=lambda e: e.spec.step):
             first.setdefault(entry.name, entry)
         linear = [name for name in first if not is_embedding(model.get_submodule(name))]
-        _fit_calibrated(model, list(first.values()), layer_statistics(model, linear, calibration), config, progress)
+        _fit_calibrated(
+            model, list(first.values()), layer_statistics(model, linear, calibration, progress), config, progress
+        )
         return Plan(layers, **settings)
     names = find_target_modules(model, config.target_modules)
     linear = [name for name in names if not is_embedding(model.get_submodule(name))]
-    if config.method == "auto" and len(linear) < len(names):
-        raise TQCError("method 'auto' covers linear layers; factor embeddings with an explicit spec")
-    stats = layer_statistics(model, linear, calibration)
     target = target_params(model, config)
     if config.method == "auto":
+        # statistics handed in were measured for the named targets: the embedding is offered with token ids
+        names = _auto_targets(model, names, linear, config, offer_embedding=not isinstance(calibration, dict))
+        stats = layer_statistics(model, names, calibration, progress)
+        missing = [name for name in names if stats is not None and name not in stats]
+        if missing:
+            raise TQCError(f"the calibration statistics have none for {missing[0]}; pass calibration token ids")
         layers, record = _plan_auto(model, names, config, stats, progress)
         return Plan(layers, target_params=target, auto=record, **settings)
+    stats = layer_statistics(model, linear, calibration, progress)
     layers = _layers_from_budget(model, names, config)
     _fit_calibrated(model, layers, stats, config, progress)
     return Plan(layers, target_params=target, **settings)
@@ -147,15 +153,55 @@ def is_embedding(module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding) or getattr(module, "kind", None) == "embedding"
 
 
-def layer_statistics(model: nn.Module, names: list[str], calibration) -> dict | None:
-    """Calibration statistics of ``names``: computed from token ids, or passed through."""
-    from tqcompressor.calibration import calibrate
+def layer_statistics(model: nn.Module, names: list[str], calibration, progress: bool = True) -> dict | None:
+    """Calibration statistics of ``names``: computed from token ids, or passed through. A tied
+    embedding is measured in both roles (:class:`~tqcompressor.calibration.EmbeddingStatistics`)."""
+    from tqcompressor.calibration import EmbeddingStatistics, calibrate
 
     if calibration is None or isinstance(calibration, dict):
         return calibration
     if not isinstance(calibration, Tensor):
         raise TQCError("calibration must be token ids (a blocks x seq_len tensor) or statistics from calibrate()")
-    return calibrate(model, names, calibration)
+    embedding = tied_embedding(model) if tied_embedding(model) in names else None
+    extra = [_head_name(model)] if embedding is not None else []
+    measured = calibrate(model, list(dict.fromkeys(names + extra)), calibration, progress=progress)
+    if embedding is not None:
+        scale = embedding_scale(model.get_submodule(embedding))
+        measured[embedding] = EmbeddingStatistics(measured[extra[0]], measured[embedding], scale)
+    return {name: measured[name] for name in names}
+
+
+def tied_embedding(model: nn.Module) -> str | None:
+    """The name of the token embedding when the LM head computes with the same table, else ``None``."""
+    if not hasattr(model, "get_input_embeddings") or not hasattr(model, "get_output_embeddings"):
+        return None
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or not isinstance(embedding, nn.Embedding) or getattr(head, "weight", None) is not embedding.weight:
+        return None
+    return next(name for name, module in model.named_modules() if module is embedding)
+
+
+def _head_name(model: nn.Module) -> str:
+    head = model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head)
+
+
+def _auto_targets(
+    model: nn.Module, names: list[str], linear: list[str], config: CompressionConfig, offer_embedding: bool
+) -> list[str]:
+    """What ``auto`` measures: the targets, and with no targets named a tied token embedding too
+    (keeping it dense is on its menu, so offering it never costs quality). An embedding is
+    measured through the head tied to it, so an untied one, or a head about to be untied, is refused."""
+    embedding = tied_embedding(model) if config.tie_lm_head else None
+    refused = [name for name in names if name not in linear and name != embedding]
+    if refused:
+        raise TQCError(
+            f"method 'auto' measures an embedding through the LM head tied to it; {refused[0]} has none "
+            "(or tie_lm_head is off): factor it with an explicit spec"
+        )
+    if offer_embedding and config.target_modules is None and embedding is not None:
+        return [*names, embedding]
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +386,16 @@ def _plan_auto(
 ) -> tuple[list[LayerPlan], dict]:
     """Measure every structure's candidates per layer and allocate the budget by error per
     parameter (see :mod:`tqcompressor.auto`). The chosen factors are fitted here."""
-    from tqcompressor.auto import allocate, candidate_menu, factors_for, layer_scale
+    from tqcompressor.auto import (
+        allocate,
+        candidate_menu,
+        embedding_candidates,
+        embedding_factors,
+        factors_for,
+        layer_scale,
+        role_scales,
+    )
+    from tqcompressor.calibration import EmbeddingStatistics
 
     total, target = count_parameters(model), target_params(model, config)
     weights = {name: dense_weight_of(model.get_submodule(name))[0] for name in names}
@@ -354,7 +409,15 @@ def _plan_auto(
     cov = {name: usable[name].input_cov if usable[name] is not None else None for name in names}
     menus, states = {}, {}
     for name in tqdm(names, desc="measuring candidates", unit="layer", disable=not progress):
-        menus[name], states[name] = candidate_menu(weights[name], cov[name], config.max_iterations, config.auto_methods)
+        menus[name], states[name] = candidate_menu(
+            weights[name],
+            cov[name],
+            config.max_iterations,
+            config.auto_methods,
+            embedding=is_embedding(model.get_submodule(name)),
+        )
+        if isinstance(usable[name], EmbeddingStatistics):
+            menus[name] = embedding_candidates(weights[name], menus[name], states[name], usable[name])
     scales = {name: layer_scale(w, stats[name] if stats else None) for name, w in weights.items()}
     try:
         choices = allocate(menus, scales, target - fixed)
@@ -367,16 +430,31 @@ def _plan_auto(
         choice = choices[name]
         record[name] = {
             "chosen": choice.to_dict(),
-            "metric": metric,
+            "metric": _metric_of(usable[name], metric),
             "layer_weight": scales[name],
             "menu": [c.to_dict() for c in menus[name]],
         }
+        if isinstance(usable[name], EmbeddingStatistics):  # what each role of the table adds to its weight
+            record[name]["role_weights"] = dict(zip(("head", "lookup"), role_scales(weights[name], usable[name])))
         if not REGISTRY[choice.method].compresses:
             continue  # kept dense
         reason = (
-            f"auto: {choice.method} at {choice.params:,} params gives {metric} {choice.error:.3f}; "
+            f"auto: {choice.method} at {choice.params:,} params gives {_metric_of(usable[name], metric)} "
+            f"{choice.error:.3f}; "
             f"chosen by weighted error reduction per parameter among {len(menus[name])} candidates"
         )
         spec = LayerSpec(choice.method, step=steps[name], reason=reason, **choice.settings)
-        layers.append(LayerPlan(name, spec, factors_for(weights[name], choice, states[name], cov[name])))
+        if isinstance(usable[name], EmbeddingStatistics):
+            factors = embedding_factors(weights[name], choice, states[name], usable[name])
+        else:
+            factors = factors_for(weights[name], choice, states[name], cov[name])
+        layers.append(LayerPlan(name, spec, factors))
     return layers, record
+
+
+def _metric_of(stats, metric: str) -> str:
+    from tqcompressor.calibration import EmbeddingStatistics
+
+    if isinstance(stats, EmbeddingStatistics):
+        return "relative error as LM head and as lookup on the calibration text, weighted by loss sensitivity"
+    return metric

@@ -22,3 +22,16 @@ def test_low_rank_linear_matches_dense_and_conv1d():
 
 def test_low_rank_macs():
     assert LowRankLinear(576, 1536, 10).macs_per_token == 10 * (576 + 1536)
+
+
+def test_row_weighted_svd_is_plain_svd_for_equal_weights_and_favours_heavy_rows():
+    from tqcompressor.structures.lowrank import row_weighted_svd, truncated_svd
+
+    w = torch.randn(40, 12, generator=torch.Generator().manual_seed(0))
+    equal = row_weighted_svd(w, 4, torch.ones(40)).to_dense()
+    assert torch.allclose(equal, truncated_svd(w, 4).to_dense(), atol=1e-4)
+    weights = torch.ones(40)
+    weights[:3] = 1e6  # three rows read far more often than the rest: rank 3 keeps them exactly
+    heavy = row_weighted_svd(w, 3, weights).to_dense()
+    assert torch.allclose(heavy[:3], w[:3], atol=1e-3)
+    assert (heavy[:3] - w[:3]).norm() < (truncated_svd(w, 3).to_dense()[:3] - w[:3]).norm()

@@ -58,6 +58,7 @@ class Structure:
     settings_type: type = object  # a dataclass of the spec fields; validates itself in __post_init__
     module_types: tuple[type, ...] = ()  # the nn.Module classes it builds (saved by class name)
     embeddings: bool = False  # can it replace an nn.Embedding
+    auto_embeddings: bool = False  # does auto measure it on a (vocab-sized) embedding table
     compresses: bool = True  # False only for 'dense', auto's "keep the layer as it is"
     calibrated_note: str = ""  # added to a layer's reason when its fit used calibration statistics
     calibrated_in_run: bool = False  # `tqc run` calibrates it on the distillation data before planning

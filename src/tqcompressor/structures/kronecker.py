@@ -644,6 +644,9 @@ class Kronecker(Structure):
 
     def __init__(self, name: str, search: bool, help: str) -> None:
         self.name, self.search, self.help = name, search, help
+        # tq's candidates (a permutation search per B shape, output-metric refits) ran out of 24 GB
+        # on SmolLM2's 49152 x 576 table; auto offers tables plain Kronecker, svd and dense
+        self.auto_embeddings = not search
         searched = ", permutations searched in the same metric" if search else ""
         self.calibrated_note = f" (factors fitted to the outputs on the calibration text by least squares{searched})"
 

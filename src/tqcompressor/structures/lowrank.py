@@ -76,6 +76,20 @@ def truncated_svd(
     return LowRankFactors(left.to(weight.dtype).contiguous(), right.to(weight.dtype).contiguous(), history)
 
 
+def row_weighted_svd(weight: Tensor, rank: int, row_weights: Tensor) -> LowRankFactors:
+    """Best rank-``rank`` ``U V`` in ``sum_i r_i ||W_i - (U V)_i||^2`` (``r_i > 0``): the rows of
+    ``V`` are the top right singular vectors of ``diag(sqrt(r)) W``, and each row of ``U`` is its row
+    of ``W`` projected on them (the best coefficients whatever the row's weight). For a token table
+    whose rows matter as often as they are read (:func:`tqcompressor.auto.embedding_factors`)."""
+    w = weight.detach().to(torch.float64)
+    if rank > min(w.shape):
+        raise TQCError(f"SVD rank {rank} exceeds min{tuple(w.shape)}")
+    _, s, vh = torch.linalg.svd(w * row_weights.to(torch.float64).sqrt()[:, None], full_matrices=False)
+    right = vh[:rank]
+    history = [float((s[rank:].square().sum() / s.square().sum().clamp_min(1e-300)).sqrt())]
+    return LowRankFactors((w @ right.T).to(weight.dtype).contiguous(), right.to(weight.dtype).contiguous(), history)
+
+
 class LowRankLinear(nn.Module):
     """``y = U (V x) + bias``: the truncated-SVD baseline as a drop-in layer."""
 
@@ -150,15 +164,75 @@ class LowRankLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
 
 
+class LowRankEmbedding(nn.Module):
+    """A token embedding ``E ~= U V``: a lookup reads one row of ``U`` (vocab x rank) and maps it
+    through ``V`` (rank x dim). A tied LM head computes ``h V^T U^T`` (:meth:`project`) without the table."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.kind = num_embeddings, embedding_dim, "embedding"
+        self.u = nn.Parameter(torch.zeros(num_embeddings, rank, dtype=dtype))
+        self.v = nn.Parameter(torch.zeros(rank, embedding_dim, dtype=dtype))
+        self.output_scale = 1.0  # lookups are multiplied by it (Gemma 3's sqrt(hidden)); the tied head is not
+
+    @classmethod
+    def from_factors(cls, factors: LowRankFactors) -> LowRankEmbedding:
+        m, n = factors.shape
+        layer = cls(m, n, factors.rank, factors.u.dtype)
+        with torch.no_grad():
+            layer.u.copy_(factors.u)
+            layer.v.copy_(factors.v)
+        return layer
+
+    def config(self) -> dict:
+        return {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "rank": self.rank,
+            **({"output_scale": self.output_scale} if self.output_scale != 1.0 else {}),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype) -> LowRankEmbedding:
+        layer = cls(config["num_embeddings"], config["embedding_dim"], config["rank"], dtype)
+        layer.output_scale = float(config.get("output_scale", 1.0))
+        return layer
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    @property
+    def weight(self) -> Tensor:
+        """Dense table, built on demand: HF helpers (resize, tie checks) look for ``.weight``."""
+        return self.to_dense()
+
+    def to_dense(self) -> Tensor:
+        return (self.u @ self.v).detach()
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        out = F.embedding(input_ids, self.u) @ self.v
+        return out * self.output_scale if self.output_scale != 1.0 else out
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """``hidden @ E^T``: logits for an LM head tied to this embedding."""
+        return F.linear(F.linear(hidden, self.v), self.u)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
+
+
 class LowRank(Structure):
     name = "svd"
     help = "truncated SVD U V (activation-aware with calibration)"
     settings_type = LowRankSettings
-    module_types = (LowRankLinear,)
+    module_types = (LowRankLinear, LowRankEmbedding)
+    embeddings = True
+    auto_embeddings = True
     calibrated_note = " (activation-aware: minimises the output error on the calibration text)"
     calibrated_in_run = True
 
-    def settings_of(self, module: LowRankLinear) -> LowRankSettings:
+    def settings_of(self, module: nn.Module) -> LowRankSettings:
         return LowRankSettings(rank=module.rank)
 
     def describe(self, settings: dict) -> str:
@@ -167,7 +241,9 @@ class LowRank(Structure):
     def fit(self, weight: Tensor, settings: LowRankSettings, stats=None, max_iterations: int = 20) -> LowRankFactors:
         return truncated_svd(weight, settings.rank, stats.input_cov if stats is not None else None)
 
-    def module(self, factors: LowRankFactors, bias: Tensor | None, kind: str) -> LowRankLinear:
+    def module(self, factors: LowRankFactors, bias: Tensor | None, kind: str) -> nn.Module:
+        if kind == "embedding":
+            return LowRankEmbedding.from_factors(factors)
         return LowRankLinear.from_factors(factors, bias, kind)
 
     def for_budget(self, shape, keep, prefer):
