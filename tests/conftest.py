@@ -29,6 +29,17 @@ def make_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
     return fast
 
 
+def make_bos_tokenizer() -> PreTrainedTokenizerFast:
+    """The toy tokenizer, putting a ``<bos>`` before every text as Gemma's and Llama's do."""
+    from tokenizers import processors
+
+    fast = make_tokenizer()
+    fast.add_special_tokens({"bos_token": "<bos>"})
+    bos = fast.bos_token_id
+    fast._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return fast
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -73,3 +73,17 @@ def test_mixed_source_takes_its_share_evenly_and_resumes_exactly():
     assert [int(b) for b, _ in zip(mixed_block_source(numbered(0), numbered(1000), 0.0)(0), range(5))] == list(range(5))
     with pytest.raises(TQCError, match="teacher fraction"):
         mixed_block_source(numbered(0), numbered(1000), 1.5)
+
+
+def test_blocks_start_with_the_token_a_tokenizer_puts_before_every_text(tokenizer):
+    from tests.conftest import make_bos_tokenizer
+    from tqcompressor.data import start_token
+
+    with_bos = make_bos_tokenizer()
+    assert start_token(tokenizer) is None and start_token(with_bos) == with_bos.bos_token_id
+    texts = [TOY_TEXT] * 4
+    plain = torch.cat(list(iter_token_blocks(iter(texts), tokenizer, 32)))
+    led = list(iter_token_blocks(iter(texts), with_bos, 32))
+    assert all(len(b) == 32 and b[0] == with_bos.bos_token_id for b in led)
+    text_ids = torch.cat([b[1:] for b in led])  # the same token stream, 31 tokens per block
+    assert torch.equal(text_ids, plain[: len(text_ids)])

@@ -26,7 +26,24 @@ def test_perplexity_matches_direct_loss_for_single_window(llama_model):
     result = evaluate(llama_model, ids, context=64, progress=False)
     loss = llama_model(ids[None], labels=ids[None]).loss
     assert result["perplexity"] == pytest.approx(math.exp(float(loss.detach())), rel=1e-4)
-    assert result["tokens"] == 39 and result["protocol"] == {"level": "token", "context": 64, "stride": 64}
+    assert result["tokens"] == 39
+    assert result["protocol"] == {"level": "token", "context": 64, "stride": 64, "start_token": False}
+
+
+def test_every_window_is_led_by_the_tokenizers_start_token_unscored(llama_model):
+    from tests.conftest import make_bos_tokenizer
+
+    with_bos = make_bos_tokenizer()
+    ids = torch.randint(2, 256, (40,))
+    result = evaluate(llama_model, ids, context=64, tokenizer=with_bos, progress=False)
+    inputs = torch.cat([torch.tensor([with_bos.bos_token_id]), ids])
+    with torch.no_grad():
+        logits = llama_model(inputs[None]).logits[0]
+    nll = torch.nn.functional.cross_entropy(logits[1:-1], ids[1:])  # the same 39 tokens, with <bos> before them
+    assert result["tokens"] == 39 and result["protocol"]["start_token"] is True
+    assert result["perplexity"] == pytest.approx(math.exp(float(nll)), rel=1e-4)
+    without = evaluate(llama_model, ids, context=64, tokenizer=with_bos, progress=False, lead_with_start=False)
+    assert without["protocol"]["start_token"] is False and without["perplexity"] != pytest.approx(result["perplexity"])
 
 
 def test_teacher_against_itself_has_zero_kl_and_full_agreement(llama_model, tokenizer):
@@ -95,7 +112,7 @@ def test_tqc_eval_lambada_file_and_perplexity_json(tmp_path, gpt2_dir):
         "word_perplexity",
         "byte_perplexity",
     } <= set(metrics)
-    assert metrics["protocol"] == {"level": "token", "context": 64, "stride": 32}
+    assert metrics["protocol"] == {"level": "token", "context": 64, "stride": 32, "start_token": False}
     assert metrics["kl_to_teacher"] < 1e-5
 
 

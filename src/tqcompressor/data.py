@@ -109,17 +109,30 @@ def _iter_hub(spec: HubDataset, split: str, fraction: float | None) -> Iterator[
             yield text
 
 
+def start_token(tokenizer) -> int | None:
+    """The token this tokenizer puts before every text (Gemma's and Llama's ``<bos>``), or ``None``
+    (GPT-2, SmolLM2). A model trained with one is evaluated and distilled with it: every window and
+    every block starts with it, as every text the model was trained on did."""
+    if tokenizer is None or tokenizer.bos_token_id is None:
+        return None
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return ids[0] if ids and ids[0] == tokenizer.bos_token_id else None
+
+
 def iter_token_blocks(texts: Iterator[str], tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
-    """Concatenate tokenized documents (separated by EOS) and cut them into ``seq_len`` blocks."""
-    eos = tokenizer.eos_token_id
+    """Concatenate tokenized documents (separated by EOS) and cut them into ``seq_len`` blocks, each
+    led by the tokenizer's :func:`start_token` where it has one."""
+    eos, start = tokenizer.eos_token_id, start_token(tokenizer)
+    lead = [start] if start is not None else []
+    take = seq_len - len(lead)
     pending: list[int] = []
     for text in texts:
         pending.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if eos is not None:
             pending.append(eos)
-        while len(pending) >= seq_len:
-            yield torch.tensor(pending[:seq_len], dtype=torch.long)
-            pending = pending[seq_len:]
+        while len(pending) >= take:
+            yield torch.tensor(lead + pending[:take], dtype=torch.long)
+            pending = pending[take:]
 
 
 def tokenize_text(source: str, tokenizer, max_tokens: int | None = None, split: str = "test") -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tqcompressor.data import start_token
 from tqcompressor.errors import TQCError
 from tqcompressor.planning import count_parameters
 
@@ -53,12 +54,17 @@ def evaluate(
     batch_size: int = 4,
     tokenizer=None,
     progress: bool = True,
+    lead_with_start: bool = True,
 ) -> dict:
     """Perplexity of ``model`` on the token sequence ``ids``; with ``teacher``, also KL(teacher || model)
-    and top-1 agreement on the same scored positions."""
+    and top-1 agreement on the same scored positions. ``lead_with_start``: put the tokenizer's
+    :func:`~tqcompressor.data.start_token` (e.g. Gemma's ``<bos>``), where it has one, before every
+    window; it is never scored."""
     stride = stride or context
+    start = start_token(tokenizer) if lead_with_start else None
+    lead = [start] if start is not None else []
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if max_positions and context > max_positions:
+    if max_positions and context + len(lead) > max_positions:
         raise TQCError(f"context {context} exceeds the model's maximum of {max_positions} positions")
     device = next(model.parameters()).device
     plan = windows(len(ids), context, stride)
@@ -68,11 +74,11 @@ def evaluate(
     batches = [plan[i : i + batch_size] for i in range(0, len(plan), batch_size)]
     for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
         for group in _same_length_groups(batch):
-            inputs = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+            inputs = torch.stack([torch.cat([ids.new_tensor(lead), ids[b:e]]) for b, e, _ in group]).to(device)
             logits = model(inputs).logits.float()
             teacher_logits = teacher(inputs).logits.float() if teacher is not None else None
             for row, (b, e, scored) in enumerate(group):
-                length = e - b
+                length = e - b + len(lead)
                 pred = logits[row, length - scored - 1 : length - 1]
                 target = inputs[row, length - scored :]
                 log_probs = F.log_softmax(pred, dim=-1)
@@ -86,7 +92,7 @@ def evaluate(
         "perplexity": math.exp(nll / count),
         "nll_per_token": nll / count,
         "tokens": count,
-        "protocol": {"level": "token", "context": context, "stride": stride},
+        "protocol": {"level": "token", "context": context, "stride": stride, "start_token": bool(lead)},
         "params": count_parameters(model),
     }
     if teacher is not None:
