@@ -124,10 +124,13 @@ def test_compress_auto_with_calibration_text(tmp_path, gpt2_dir):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "compression.json").read_text())
     assert report["params_after"] <= 0.8 * report["params_before"]
-    assert all(entry["metric"] == "relative output error on the calibration text" for entry in report["auto"].values())
+    linear = {name: entry for name, entry in report["auto"].items() if name != "transformer.wte"}
+    assert all(entry["metric"] == "relative output error on the calibration text" for entry in linear.values())
+    assert report["auto"]["transformer.wte"]["metric"].startswith("relative error as LM head and as lookup")
     assert tqc.count_parameters(tqc.load(out)) == report["params_after"]
     info = CliRunner().invoke(app, ["info", str(out)])
     assert info.exit_code == 0 and "errors are the relative output error" in info.output and "auto chose" in info.output
+    assert "transformer.wte *" in info.output and "* errors are the relative error as LM head" in info.output
     spec = tmp_path / "spec.json"
     spec.write_text(
         json.dumps(

@@ -97,11 +97,21 @@ def format_auto_table(auto: dict) -> str:
                 best[c["method"]] = c
         others = ", ".join(f"{m} {c['error']:.3f}" for m, c in sorted(best.items()) if m != chosen["method"])
         rows.append([name, _describe(chosen), chosen["params"], chosen["error"], len(entry["menu"]), others])
-    metric = next(iter(auto.values())).get("metric", "relative weight error") if auto else ""
-    return f"auto, errors are the {metric}:\n" + table(
-        ["layer", "auto chose", "params", "rel. error", "menu size", "best other at <= params (rel. error)"],
-        rows,
-        "llrrrl",
+    metrics = list(dict.fromkeys(entry.get("metric", "relative weight error") for entry in auto.values()))
+    notes = ""
+    for mark, metric in zip("*†", metrics[1:]):  # a tied embedding is measured in its own metric
+        for row, entry in zip(rows, auto.values()):
+            if entry.get("metric") == metric:
+                row[0] += " " + mark
+        notes += f"\n{mark} errors are the {metric}"
+    return (
+        f"auto, errors are the {metrics[0] if metrics else ''}:\n"
+        + table(
+            ["layer", "auto chose", "params", "rel. error", "menu size", "best other at <= params (rel. error)"],
+            rows,
+            "llrrrl",
+        )
+        + notes
     )
 
 
