@@ -34,7 +34,7 @@ from torch import Tensor
 from tqcompressor.calibration import EmbeddingStatistics
 from tqcompressor.decompose import OutputSketch
 from tqcompressor.structures import REGISTRY, Candidate, all_structures
-from tqcompressor.structures.lowrank import row_weighted_svd
+from tqcompressor.structures.lowrank import LowRankFactors, row_weighted_svd
 
 
 def candidate_menu(
@@ -93,12 +93,20 @@ def embedding_candidates(weight: Tensor, menu: list[Candidate], states: dict, st
     rows = stats.lookup.token_counts.nonzero().squeeze(1)
     counts = stats.lookup.token_counts[rows]
     lookup_energy = float(counts @ w[rows].square().sum(1))
+    ranks = [c for c in menu if c.method == "svd"]
+    # every svd rank keeps the leading right singular vectors of one row-weighted SVD: fit the widest once
+    widest = embedding_factors(weight, max(ranks, key=lambda c: c.params), states, stats) if ranks else None
     measured = []
     for candidate in menu:
         if not REGISTRY[candidate.method].compresses:
             measured.append(candidate)
             continue
-        error = weight.float() - embedding_factors(weight, candidate, states, stats).to_dense().float()
+        if candidate.method == "svd":
+            rank = candidate.settings["rank"]
+            factors = LowRankFactors(widest.u[:, :rank], widest.v[:rank])
+        else:
+            factors = embedding_factors(weight, candidate, states, stats)
+        error = weight.float() - factors.to_dense().float()
         head_error_sq = float((error @ cov * error).sum(dtype=torch.float64)) / head_energy
         lookup_error_sq = float(counts @ error[rows].double().square().sum(1)) / lookup_energy
         combined = (head_scale * head_error_sq + lookup_scale * lookup_error_sq) / (head_scale + lookup_scale)

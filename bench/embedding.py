@@ -1,0 +1,104 @@
+"""Does offering the tied token table to ``auto`` earn its place? The same model, budget and
+calibration, planned by ``auto`` twice: with the table on its menu (the default when no targets are
+named) and with the decoder blocks' projections only; each evaluated one-shot on WikiText-2 test
+(perplexity, KL to the teacher, top-1 agreement). Writes bench/results/embedding.json and prints a table.
+
+    python bench/embedding.py [--model smollm2-135m] [--ratio 0.65] [--methods svd] [--eval-tokens 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from collections import Counter
+from pathlib import Path
+
+from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
+
+import tqcompressor as tqc
+from tqcompressor.checkpoint import factored_modules
+from tqcompressor.data import calibration_ids, tokenize_text
+from tqcompressor.evaluate import evaluate
+from tqcompressor.planning import default_target_modules, tied_embedding
+from tqcompressor.report import table
+from tqcompressor.versions import library_versions
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratio", type=float, default=0.65)
+    parser.add_argument("--methods", default="svd", help="auto's menu (comma-separated structures)")
+    parser.add_argument("--calibration", default=str(DATA / "valid.txt"))
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--test", default=str(DATA / "test.txt"))
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "embedding.json")
+    args = parser.parse_args()
+    commit = git_commit()  # the code this run imports now
+    loaded = tqc.load_model(args.model)
+    teacher = loaded.model
+    embedding = tied_embedding(teacher)
+    if embedding is None:
+        raise SystemExit(f"{args.model} has no tied token embedding: nothing to offer")
+    ids = calibration_ids(args.calibration, teacher, loaded.tokenizer, args.calibration_tokens)
+    test = tokenize_text(args.test, loaded.tokenizer, args.eval_tokens)
+    eval_kwargs = dict(context=args.context, tokenizer=loaded.tokenizer)
+    rows = {"teacher": evaluate(teacher, test, **eval_kwargs)}
+    variants = {"table on the menu": None, "projections only": default_target_modules(teacher)}
+    for label, targets in variants.items():
+        config = tqc.CompressionConfig(
+            method="auto", ratio=args.ratio, auto_methods=args.methods.split(","), target_modules=targets
+        )
+        started = time.perf_counter()
+        student, report = tqc.compress(copy.deepcopy(teacher), config, calibration=ids)
+        seconds = time.perf_counter() - started
+        rows[label] = {
+            **evaluate(student, test, teacher=teacher, **eval_kwargs),
+            "compress_seconds": seconds,
+            "layer_types": dict(Counter(type(m).__name__ for _, m in factored_modules(student))),
+            "table": report.plan.auto.get(embedding, {}).get("chosen"),
+            "role_weights": report.plan.auto.get(embedding, {}).get("role_weights"),
+        }
+    result = {
+        "commit": commit,
+        "settings": {k: str(v) for k, v in vars(args).items() if k != "out"},
+        "versions": library_versions(),
+        "device": "cpu",
+        "cpu": {"cores": os.cpu_count(), "machine": platform.machine()},
+        "model": args.model,
+        "embedding": embedding,
+        "counting": "every parameter counted once (tied embedding/head once)",
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        table(
+            ["plan", "params", "perplexity", "KL to teacher", "top-1", "table"],
+            [
+                [
+                    label,
+                    r["params"],
+                    r["perplexity"],
+                    r.get("kl_to_teacher", 0.0),
+                    r.get("top1_agreement", 1.0),
+                    str(r.get("table") or "-"),
+                ]
+                for label, r in rows.items()
+            ],
+        )
+    )
+    print(f"{args.model} at {args.ratio:.0%}, auto over {args.methods}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
