@@ -117,8 +117,13 @@ def test_quantized_models_refuse_to_be_compressed_distilled_or_quantized_again()
         quantize(model, "int4")
 
 
-def test_a_tied_factored_embedding_stays_tied_when_quantized(tmp_path):
-    spec = [("model.embed_tokens", tqc.LayerSpec("kronecker", rank=2, b_shape=(1, 2)))]
+@pytest.mark.parametrize(
+    "spec",
+    [tqc.LayerSpec("kronecker", rank=2, b_shape=(1, 2)), tqc.LayerSpec("svd", rank=16)],
+    ids=["kronecker", "svd"],
+)
+def test_a_tied_factored_embedding_stays_tied_when_quantized(tmp_path, spec):
+    spec = [("model.embed_tokens", spec)]
     student, _ = tqc.compress(tiny_llama(), tqc.CompressionConfig(layers=spec), progress=False)
     float_logits = logits(student)
     quantize(student, "int8")
