@@ -404,7 +404,8 @@ def eval_command(
     metrics.update(model=model, data=data)
     keys = ["perplexity", "word_perplexity", "byte_perplexity", "kl_to_teacher", "top1_agreement", "tokens", "params"]
     typer.echo(table(["metric", "value"], [[k, metrics[k]] for k in keys if k in metrics]))
-    typer.echo(f"protocol: token level, context {context}, stride {stride or context}")
+    lead = ", every window led by the tokenizer's start token" if metrics["protocol"]["start_token"] else ""
+    typer.echo(f"protocol: token level, context {context}, stride {stride or context}{lead}")
     if json_out:
         json_out.write_text(json.dumps(metrics, indent=2) + "\n")
 
