@@ -128,6 +128,8 @@ def test_a_tied_factored_embedding_stays_tied_when_quantized(tmp_path, spec):
     float_logits = logits(student)
     quantize(student, "int8")
     assert student.get_output_embeddings().embedding is student.get_input_embeddings()
+    expected_type = "QuantizedLowRankEmbedding" if spec[0][1].method == "svd" else "QuantizedFactored"
+    assert type(student.get_input_embeddings()).__name__ == expected_type
     assert relative(logits(student), float_logits) < 0.05
     tqc.save(student, tmp_path / "q")
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q")), logits(student))
@@ -169,3 +171,34 @@ def test_cli_compress_quantize_info_and_errors(tmp_path, gpt2_dir):
         failed = run_tqc(*args)
         assert failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_a_quantized_svd_embedding_reads_only_its_rows_and_keeps_gemmas_scale(tmp_path, bits):
+    """Gemma 3 scales its lookups by sqrt(hidden) and its tied head uses the raw table: the quantized
+    low-rank table keeps both, and its lookups equal rows of the dequantized factors' product."""
+    from tests.test_architectures import tiny_model
+    from tqcompressor.quantized import QuantizedLowRankEmbedding
+
+    spec = [("model.embed_tokens", tqc.LayerSpec("svd", rank=16))]
+    student, _ = tqc.compress(tiny_model("gemma3_text"), tqc.CompressionConfig(layers=spec), progress=False)
+    ids = torch.randint(2, 256, (2, 10))
+    with torch.no_grad():
+        float_logits = student(ids).logits
+    quantize(student, bits)
+    table = student.get_input_embeddings()
+    assert isinstance(table, QuantizedLowRankEmbedding) and table.output_scale == 8.0
+    assert student.get_output_embeddings().embedding is table
+    with torch.no_grad():
+        assert torch.allclose(table(ids), table.to_dense()[ids] * 8.0, atol=1e-5)
+        hidden = torch.randn(3, 64)
+        assert torch.allclose(table.project(hidden), hidden @ table.to_dense().T, rtol=2e-2, atol=2e-2)  # bf16 kernels
+        quantized_logits = student(ids).logits
+    assert relative(quantized_logits, float_logits) < (0.05 if bits == "int8" else 0.3)
+    tqc.save(student, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(ids).logits, quantized_logits)
+    tqc.export_dense(tmp_path / "q", tmp_path / "dense")  # the dequantized table, scale and tie kept
+    with torch.no_grad():
+        dense_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")(ids).logits
+    assert relative(dense_logits, quantized_logits) < 0.02

@@ -22,9 +22,10 @@ from tqcompressor.quantized import (
     QuantizedEmbedding,
     QuantizedFactored,
     QuantizedLinear,
+    QuantizedLowRankEmbedding,
     QuantizedLowRankLinear,
 )
-from tqcompressor.structures.lowrank import LowRankLinear
+from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankLinear
 
 
 @dataclass
@@ -112,6 +113,8 @@ def quantize(model: nn.Module, settings: QuantizeSettings | str, measure_error: 
 def _quantize_factored(module: nn.Module, settings: QuantizeSettings) -> nn.Module:
     if isinstance(module, LowRankLinear):
         return QuantizedLowRankLinear.from_lowrank(module, settings)
+    if isinstance(module, LowRankEmbedding):
+        return QuantizedLowRankEmbedding.from_lowrank(module, settings)
     return QuantizedFactored.from_module(module, settings)
 
 

@@ -348,6 +348,71 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.settings.name}"
 
 
+class QuantizedLowRankEmbedding(nn.Module):
+    """A low-rank token table ``E ~= U V`` (an ``svd`` embedding) with both factors quantized. A
+    lookup dequantizes only the rows of ``U`` it reads; a tied head computes ``(h V^T) U^T``
+    through the kernels, without building the table."""
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, rank: int, settings: QuantizeSettings, output_scale: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank, self.kind = num_embeddings, embedding_dim, rank, "embedding"
+        self.output_scale = output_scale
+        self.u = QuantizedWeight(num_embeddings, rank, settings)
+        self.u.lookups = True
+        self.v = QuantizedWeight(rank, embedding_dim, settings)
+
+    @classmethod
+    def from_lowrank(cls, layer: nn.Module, settings: QuantizeSettings) -> QuantizedLowRankEmbedding:
+        quantized = cls(layer.num_embeddings, layer.embedding_dim, layer.rank, settings, layer.output_scale)
+        quantized.u.quantize_from(layer.u)
+        quantized.v.quantize_from(layer.v)
+        return quantized.to(layer.u.device)
+
+    def config(self) -> dict:
+        return {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "rank": self.rank,
+            "output_scale": self.output_scale,
+            **_settings_config(self.settings),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype) -> QuantizedLowRankEmbedding:
+        return cls(
+            config["num_embeddings"],
+            config["embedding_dim"],
+            config["rank"],
+            _settings_from(config),
+            config["output_scale"],
+        )
+
+    @property
+    def settings(self) -> QuantizeSettings:
+        return self.u.settings
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized table (for code that reads ``.weight``; the forward never builds it)."""
+        return self.to_dense()
+
+    def to_dense(self) -> Tensor:
+        return self.u.dequantize() @ self.v.dequantize()
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        rows = self.u.rows(input_ids) @ self.v.dequantize()
+        return rows * self.output_scale if self.output_scale != 1.0 else rows
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """``hidden @ E^T = (hidden V^T) U^T``: logits for an LM head tied to this table."""
+        return self.u.linear(self.v.linear(hidden))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, {self.settings.name}"
+
+
 class QuantizedFactored(nn.Module):
     """Any other factored module with its float factors (2-D and up) stored quantized.
 
@@ -464,7 +529,13 @@ def _set_placeholder(inner: nn.Module, name: str, param: Tensor) -> None:
     owner.register_buffer(leaf, placeholder, persistent=False)
 
 
-MODULE_TYPES = (QuantizedLinear, QuantizedLowRankLinear, QuantizedEmbedding, QuantizedFactored)
+MODULE_TYPES = (
+    QuantizedLinear,
+    QuantizedLowRankLinear,
+    QuantizedEmbedding,
+    QuantizedLowRankEmbedding,
+    QuantizedFactored,
+)
 
 
 def module_classes() -> dict[str, type]:
