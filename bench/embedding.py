@@ -1,7 +1,10 @@
 """Does offering the tied token table to ``auto`` earn its place? The same model, budget and
 calibration, planned by ``auto`` twice: with the table on its menu (the default when no targets are
-named) and with the decoder blocks' projections only; each evaluated one-shot on WikiText-2 test
-(perplexity, KL to the teacher, top-1 agreement). Writes bench/results/embedding.json and prints a table.
+named) and with the decoder blocks' projections only; and, for reference, activation-aware ``svd``
+with every projection and the table keeping the same fraction. Each is evaluated one-shot on
+WikiText-2 test (perplexity, KL to the teacher, top-1 agreement). A plan that cannot meet the
+budget (the projections alone, on a model whose table is most of it) is recorded with its reason.
+Writes bench/results/embedding.json and prints a table.
 
     python bench/embedding.py [--model smollm2-135m] [--ratio 0.65] [--methods svd] [--eval-tokens 16384]
 """
@@ -53,20 +56,32 @@ def main() -> None:
     test = tokenize_text(args.test, loaded.tokenizer, args.eval_tokens)
     eval_kwargs = dict(context=args.context, tokenizer=loaded.tokenizer)
     rows = {"teacher": evaluate(teacher, test, **eval_kwargs)}
-    variants = {"table on the menu": None, "projections only": default_target_modules(teacher)}
-    for label, targets in variants.items():
-        config = tqc.CompressionConfig(
-            method="auto", ratio=args.ratio, auto_methods=args.methods.split(","), target_modules=targets
-        )
+    projections = default_target_modules(teacher)
+    methods = args.methods.split(",")
+    variants = {
+        "auto, table on the menu": tqc.CompressionConfig(method="auto", ratio=args.ratio, auto_methods=methods),
+        "auto, projections only": tqc.CompressionConfig(
+            method="auto", ratio=args.ratio, auto_methods=methods, target_modules=projections
+        ),
+        "svd, everything the same fraction": tqc.CompressionConfig(
+            method="svd", ratio=args.ratio, target_modules=[*projections, embedding]
+        ),
+    }
+    for label, config in variants.items():
         started = time.perf_counter()
-        student, report = tqc.compress(copy.deepcopy(teacher), config, calibration=ids)
+        try:
+            student, report = tqc.compress(copy.deepcopy(teacher), config, calibration=ids)
+        except tqc.TQCError as exc:
+            rows[label] = {"error": str(exc)}
+            continue
         seconds = time.perf_counter() - started
+        auto = report.plan.auto or {}
         rows[label] = {
             **evaluate(student, test, teacher=teacher, **eval_kwargs),
             "compress_seconds": seconds,
             "layer_types": dict(Counter(type(m).__name__ for _, m in factored_modules(student))),
-            "table": report.plan.auto.get(embedding, {}).get("chosen"),
-            "role_weights": report.plan.auto.get(embedding, {}).get("role_weights"),
+            "table": auto.get(embedding, {}).get("chosen"),
+            "role_weights": auto.get(embedding, {}).get("role_weights"),
         }
     result = {
         "commit": commit,
@@ -94,9 +109,13 @@ def main() -> None:
                     str(r.get("table") or "-"),
                 ]
                 for label, r in rows.items()
+                if "error" not in r
             ],
         )
     )
+    for label, r in rows.items():
+        if "error" in r:
+            print(f"{label}: {r['error']}")
     print(f"{args.model} at {args.ratio:.0%}, auto over {args.methods}; wrote {args.out}")
 
 

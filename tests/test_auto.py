@@ -237,3 +237,22 @@ def test_auto_methods_are_checked():
         CompressionConfig(method="auto", auto_methods=["svdd"])
     with pytest.raises(TQCError, match="only applies to method 'auto'"):
         CompressionConfig(method="svd", auto_methods=["svd"])
+
+
+def test_auto_refuses_an_unreachable_budget_before_calibrating(monkeypatch):
+    """The projections alone cannot reach the budget when the table is most of the model: one
+    line, and no calibration pass spent first."""
+    from tests.conftest import tiny_llama
+    from tqcompressor import TQCError, calibration
+    from tqcompressor.planning import default_target_modules
+
+    model = tiny_llama(vocab_size=4096)  # the tied table holds most of the parameters
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated before checking the budget")
+
+    monkeypatch.setattr(calibration, "calibrate", no_calibration)
+    config = CompressionConfig(method="auto", ratio=0.3, target_modules=default_target_modules(model))
+    ids = torch.randint(2, 4096, (2, 16))
+    with pytest.raises(TQCError, match="below the .* parameters outside the target modules"):
+        compress(model, config, calibration=ids, progress=False)

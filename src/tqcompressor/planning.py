@@ -97,6 +97,7 @@ def plan_compression(
     if config.method == "auto":
         # statistics handed in were measured for the named targets: the embedding is offered with token ids
         names = _auto_targets(model, names, linear, config, offer_embedding=not isinstance(calibration, dict))
+        _outside_targets(model, names, target)  # before calibrating: one line, no work wasted
         stats = layer_statistics(model, names, calibration, progress)
         missing = [name for name in names if stats is not None and name not in stats]
         if missing:
@@ -381,6 +382,17 @@ def _layers_from_budget(model: nn.Module, names: list[str], config: CompressionC
     return plan
 
 
+def _outside_targets(model: nn.Module, names: list[str], target: int) -> int:
+    """The parameters outside the target modules; one clear error if they alone exceed the budget."""
+    fixed = count_parameters(model) - sum(dense_weight_of(model.get_submodule(n))[0].numel() for n in names)
+    if target <= fixed:
+        raise TQCError(
+            f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
+            "modules; raise the ratio or add target modules"
+        )
+    return fixed
+
+
 def _plan_auto(
     model: nn.Module, names: list[str], config: CompressionConfig, stats: dict | None, progress: bool
 ) -> tuple[list[LayerPlan], dict]:
@@ -397,14 +409,9 @@ def _plan_auto(
     )
     from tqcompressor.calibration import EmbeddingStatistics
 
-    total, target = count_parameters(model), target_params(model, config)
+    target = target_params(model, config)
     weights = {name: dense_weight_of(model.get_submodule(name))[0] for name in names}
-    fixed = total - sum(w.numel() for w in weights.values())
-    if target <= fixed:
-        raise TQCError(
-            f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
-            "modules; raise the ratio or add target modules"
-        )
+    fixed = _outside_targets(model, names, target)
     usable = {name: usable_statistics(stats[name], weights[name]) if stats else None for name in names}
     cov = {name: usable[name].input_cov if usable[name] is not None else None for name in names}
     menus, states = {}, {}
