@@ -17,6 +17,9 @@ Two metrics:
   the loss grows per unit of squared relative output error. Measured on SmolLM2-135M this is what
   makes ``auto`` work: weight error alone does not predict perplexity.
 
+A tied token table is one more layer on the menu, measured in both of its roles (the LM head and
+the lookup, :func:`embedding_candidates`).
+
 The whole-model budget is then spread across layers to minimise the weighted total: each layer's
 menu is reduced to its lower convex hull, and the budget goes, step by step, to the upgrade with
 the largest reduction per parameter (optimal for the convex relaxation). Everything is
