@@ -191,15 +191,15 @@ def test_auto_offers_a_tied_embedding_measured_through_its_head(tmp_path):
     # an svd candidate's error is the sensitivity-weighted mean of its errors in the two roles
     weight = model.get_input_embeddings().weight.detach()
     menu, states = candidate_menu(weight, measured.input_cov, methods=["svd"], embedding=True)
-    both = embedding_candidates(weight, menu, states, measured)
+    head_scale, lookup_scale = role_scales(weight, measured)
+    both = embedding_candidates(weight, menu, states, measured, (head_scale, lookup_scale))
     svd = next(c for c in both if c.method == "svd")
     w = weight.double()
-    error = w - embedding_factors(weight, svd, states, measured).to_dense().double()
+    error = w - embedding_factors(weight, svd, states, measured, (head_scale, lookup_scale)).to_dense().double()
     cov = measured.input_cov
     head_error_sq = float((error @ cov * error).sum() / (w @ cov * w).sum())
     counts = measured.lookup.token_counts
     lookup_error_sq = float(counts @ error.square().sum(1) / (counts @ w.square().sum(1)))
-    head_scale, lookup_scale = role_scales(weight, measured)
     expected = (head_scale * head_error_sq + lookup_scale * lookup_error_sq) / (head_scale + lookup_scale)
     assert svd.error == pytest.approx(expected**0.5, rel=1e-4)
 

@@ -73,24 +73,24 @@ def factors_for(weight: Tensor, choice: Candidate, states: dict, input_cov: Tens
 
 def layer_scale(weight: Tensor, stats=None) -> float:
     """How much one unit of squared relative error of this layer costs in :func:`allocate`:
-    ``||W||_F^2`` without calibration; ``grad_sq * tr(W C W^T)`` (expected loss increase) with it;
-    for a tied embedding the sum over its two roles (:func:`embedding_candidates`)."""
+    ``||W||_F^2`` without calibration; ``grad_sq * tr(W C W^T)`` (expected loss increase) with it.
+    A tied embedding's is the sum over its two roles (:func:`role_scales`)."""
     w = weight.detach().to(torch.float64)
     if stats is None:
         return float(w.square().sum())
-    if isinstance(stats, EmbeddingStatistics):
-        return sum(role_scales(w, stats))
     return stats.grad_sq * float((w @ stats.input_cov.double() * w).sum())
 
 
-def embedding_candidates(weight: Tensor, menu: list[Candidate], states: dict, stats: EmbeddingStatistics):
+def embedding_candidates(
+    weight: Tensor, menu: list[Candidate], states: dict, stats: EmbeddingStatistics, roles: tuple[float, float]
+) -> list[Candidate]:
     """A tied embedding's candidates measured in both of its roles, as :func:`embedding_factors`
     fits them: as the head (``hidden -> logits``) the relative output error ``tr(D C D^T) / tr(W C W^T)``;
     as the lookup the relative error of the rows the calibration text read, weighted by how often.
-    The two are combined by each role's loss sensitivity (:func:`role_scales`):
+    The two are combined by each role's loss sensitivity, ``roles`` (:func:`role_scales`):
     ``err^2 = (S_head e_head^2 + S_lookup e_lookup^2) / (S_head + S_lookup)``."""
     w = weight.detach().to(torch.float64)
-    head_scale, lookup_scale = role_scales(w, stats)
+    head_scale, lookup_scale = roles
     cov = stats.head.input_cov.to(torch.float32)
     head_energy = float((weight.float() @ cov * weight.float()).sum(dtype=torch.float64))
     rows = stats.lookup.token_counts.nonzero().squeeze(1)
@@ -98,7 +98,7 @@ def embedding_candidates(weight: Tensor, menu: list[Candidate], states: dict, st
     lookup_energy = float(counts @ w[rows].square().sum(1))
     ranks = [c for c in menu if c.method == "svd"]
     # every svd rank keeps the leading right singular vectors of one row-weighted SVD: fit the widest once
-    widest = embedding_factors(weight, max(ranks, key=lambda c: c.params), states, stats) if ranks else None
+    widest = embedding_factors(weight, max(ranks, key=lambda c: c.params), states, stats, roles) if ranks else None
     measured = []
     for candidate in menu:
         if not REGISTRY[candidate.method].compresses:
@@ -108,7 +108,7 @@ def embedding_candidates(weight: Tensor, menu: list[Candidate], states: dict, st
             rank = candidate.settings["rank"]
             factors = LowRankFactors(widest.u[:, :rank], widest.v[:rank])
         else:
-            factors = embedding_factors(weight, candidate, states, stats)
+            factors = embedding_factors(weight, candidate, states, stats, roles)
         error = weight.float() - factors.to_dense().float()
         head_error_sq = float((error @ cov * error).sum(dtype=torch.float64)) / head_energy
         lookup_error_sq = float(counts @ error[rows].double().square().sum(1)) / lookup_energy
@@ -117,16 +117,18 @@ def embedding_candidates(weight: Tensor, menu: list[Candidate], states: dict, st
     return measured
 
 
-def embedding_factors(weight: Tensor, candidate: Candidate, states: dict, stats: EmbeddingStatistics):
+def embedding_factors(
+    weight: Tensor, candidate: Candidate, states: dict, stats: EmbeddingStatistics, roles: tuple[float, float]
+):
     """The factors ``auto`` measures and installs for a candidate of a tied table. ``svd``: the
     row-weighted SVD (:func:`~tqcompressor.structures.lowrank.row_weighted_svd`) whose row weights
     add the two roles: the lookup's (how often the row is read) and the head's, with every row
     alike (its Frobenius proxy; the head's exact metric weighs columns, which a row weight cannot).
-    Other structures: fitted in the head's metric."""
+    Other structures: fitted in the head's metric. ``roles``: :func:`role_scales`."""
     if candidate.method != "svd":
         return factors_for(weight, candidate, states, stats.input_cov)
     w = weight.detach().to(torch.float64)
-    head_scale, lookup_scale = role_scales(w, stats)
+    head_scale, lookup_scale = roles
     counts = stats.lookup.token_counts
     row_weights = lookup_scale * counts / float(counts @ w.square().sum(1)) + head_scale / float(w.square().sum())
     return row_weighted_svd(weight, candidate.settings["rank"], row_weights)

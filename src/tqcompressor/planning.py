@@ -382,6 +382,9 @@ def _layers_from_budget(model: nn.Module, names: list[str], config: CompressionC
     return plan
 
 
+EMBEDDING_METRIC = "relative error as LM head and as lookup on the calibration text, weighted by loss sensitivity"
+
+
 def _outside_targets(model: nn.Module, names: list[str], target: int) -> int:
     """The parameters outside the target modules; one clear error if they alone exceed the budget."""
     fixed = count_parameters(model) - sum(dense_weight_of(model.get_submodule(n))[0].numel() for n in names)
@@ -414,6 +417,8 @@ def _plan_auto(
     fixed = _outside_targets(model, names, target)
     usable = {name: usable_statistics(stats[name], weights[name]) if stats else None for name in names}
     cov = {name: usable[name].input_cov if usable[name] is not None else None for name in names}
+    # a tied table's two role weights (tr(W C W^T) over 262k rows for Gemma): measured once, used thrice
+    roles = {name: role_scales(weights[name], s) for name, s in usable.items() if isinstance(s, EmbeddingStatistics)}
     menus, states = {}, {}
     for name in tqdm(names, desc="measuring candidates", unit="layer", disable=not progress):
         menus[name], states[name] = candidate_menu(
@@ -423,9 +428,12 @@ def _plan_auto(
             config.auto_methods,
             embedding=is_embedding(model.get_submodule(name)),
         )
-        if isinstance(usable[name], EmbeddingStatistics):
-            menus[name] = embedding_candidates(weights[name], menus[name], states[name], usable[name])
-    scales = {name: layer_scale(w, stats[name] if stats else None) for name, w in weights.items()}
+        if name in roles:
+            menus[name] = embedding_candidates(weights[name], menus[name], states[name], usable[name], roles[name])
+    scales = {
+        name: sum(roles[name]) if name in roles else layer_scale(w, stats[name] if stats else None)
+        for name, w in weights.items()
+    }
     try:
         choices = allocate(menus, scales, target - fixed)
     except ValueError as exc:
@@ -435,33 +443,25 @@ def _plan_auto(
     layers, record = [], {}
     for name in names:
         choice = choices[name]
+        measured_in = EMBEDDING_METRIC if name in roles else metric
         record[name] = {
             "chosen": choice.to_dict(),
-            "metric": _metric_of(usable[name], metric),
+            "metric": measured_in,
             "layer_weight": scales[name],
             "menu": [c.to_dict() for c in menus[name]],
         }
-        if isinstance(usable[name], EmbeddingStatistics):  # what each role of the table adds to its weight
-            record[name]["role_weights"] = dict(zip(("head", "lookup"), role_scales(weights[name], usable[name])))
+        if name in roles:  # what each role of the table adds to its weight
+            record[name]["role_weights"] = dict(zip(("head", "lookup"), roles[name]))
         if not REGISTRY[choice.method].compresses:
             continue  # kept dense
         reason = (
-            f"auto: {choice.method} at {choice.params:,} params gives {_metric_of(usable[name], metric)} "
-            f"{choice.error:.3f}; "
+            f"auto: {choice.method} at {choice.params:,} params gives {measured_in} {choice.error:.3f}; "
             f"chosen by weighted error reduction per parameter among {len(menus[name])} candidates"
         )
         spec = LayerSpec(choice.method, step=steps[name], reason=reason, **choice.settings)
-        if isinstance(usable[name], EmbeddingStatistics):
-            factors = embedding_factors(weights[name], choice, states[name], usable[name])
+        if name in roles:
+            factors = embedding_factors(weights[name], choice, states[name], usable[name], roles[name])
         else:
             factors = factors_for(weights[name], choice, states[name], cov[name])
         layers.append(LayerPlan(name, spec, factors))
     return layers, record
-
-
-def _metric_of(stats, metric: str) -> str:
-    from tqcompressor.calibration import EmbeddingStatistics
-
-    if isinstance(stats, EmbeddingStatistics):
-        return "relative error as LM head and as lookup on the calibration text, weighted by loss sensitivity"
-    return metric
