@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from tqcompressor.errors import TQCError
+from tqcompressor.layers import module_name, set_module
 from tqcompressor.surgery import count_parameters
 
 
@@ -27,8 +28,7 @@ def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index  # the KV cache is indexed by position in the stack
-    parent, _, child = next(n for n, m in model.named_modules() if m is layers).rpartition(".")
-    setattr(model.get_submodule(parent), child, kept)
+    set_module(model, module_name(model, layers), kept)
     for attr in ("num_hidden_layers", "n_layer"):
         if hasattr(model.config, attr):
             setattr(model.config, attr, len(kept))

@@ -19,7 +19,7 @@ from torch import nn
 
 from tqcompressor.errors import TQCError
 from tqcompressor.experts import LinearExperts
-from tqcompressor.layers import TiedKroneckerHead, bias_of, embedding_scale, set_module
+from tqcompressor.layers import TiedKroneckerHead, bias_of, embedding_scale, module_name, set_module
 from tqcompressor.models import MissingTokenizer, load_tokenizer_or_missing
 from tqcompressor.outputs import check_writable, claim_directory, remove_ours
 from tqcompressor.planning import Plan
@@ -129,7 +129,7 @@ def structure_of(model: nn.Module) -> dict[str, dict]:
     for name, module in factored_modules(model):
         structure[name] = describe(module)
         if isinstance(module, TiedKroneckerHead):  # which table it shares (GPT-2 has two embeddings)
-            structure[name]["embedding"] = next(n for n, m in model.named_modules() if m is module.embedding)
+            structure[name]["embedding"] = module_name(model, module.embedding)
     return structure
 
 
@@ -192,8 +192,7 @@ def _state_dict_without_tied_head(model: nn.Module) -> dict[str, torch.Tensor]:
         and isinstance(getattr(head, "weight", None), nn.Parameter)
         and head.weight is getattr(embedding, "weight", None)
     ):
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        state.pop(f"{head_name}.weight", None)
+        state.pop(f"{module_name(model, head)}.weight", None)
     seen: dict[int, str] = {}
     for key in list(state):
         pointer = state[key].data_ptr()

@@ -50,6 +50,11 @@ class ScaledEmbedding(nn.Embedding):
         return super().forward(input_ids) * self.output_scale
 
 
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    """The dotted name under which ``model`` holds ``module`` (found by identity)."""
+    return next(name for name, candidate in model.named_modules() if candidate is module)
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted ``name`` inside ``model`` (replacing what is there)."""
     parent, _, child = name.rpartition(".")

@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from tqcompressor.config import CompressionConfig, LayerSpec
 from tqcompressor.errors import TQCError
 from tqcompressor.experts import split_experts
-from tqcompressor.layers import dense_weight_of, embedding_scale
+from tqcompressor.layers import dense_weight_of, embedding_scale, module_name
 from tqcompressor.structures import REGISTRY, get_structure, module_classes, settings_dict
 
 
@@ -164,7 +164,7 @@ def layer_statistics(model: nn.Module, names: list[str], calibration, progress: 
     if not isinstance(calibration, Tensor):
         raise TQCError("calibration must be token ids (a blocks x seq_len tensor) or statistics from calibrate()")
     embedding = tied_embedding(model) if tied_embedding(model) in names else None
-    extra = [_head_name(model)] if embedding is not None else []
+    extra = [module_name(model, model.get_output_embeddings())] if embedding is not None else []
     measured = calibrate(model, list(dict.fromkeys(names + extra)), calibration, progress=progress)
     if embedding is not None:
         scale = embedding_scale(model.get_submodule(embedding))
@@ -179,12 +179,7 @@ def tied_embedding(model: nn.Module) -> str | None:
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is None or not isinstance(embedding, nn.Embedding) or getattr(head, "weight", None) is not embedding.weight:
         return None
-    return next(name for name, module in model.named_modules() if module is embedding)
-
-
-def _head_name(model: nn.Module) -> str:
-    head = model.get_output_embeddings()
-    return next(name for name, module in model.named_modules() if module is head)
+    return module_name(model, embedding)
 
 
 def _auto_targets(
