@@ -65,7 +65,8 @@ def evaluate(
     lead = [start] if start is not None else []
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if max_positions and context + len(lead) > max_positions:
-        raise TQCError(f"context {context} exceeds the model's maximum of {max_positions} positions")
+        with_start = " plus the start token" if lead else ""
+        raise TQCError(f"context {context}{with_start} exceeds the model's maximum of {max_positions} positions")
     device = next(model.parameters()).device
     plan = windows(len(ids), context, stride)
     if not plan:
