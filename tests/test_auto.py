@@ -174,7 +174,7 @@ def test_auto_offers_a_tied_embedding_measured_through_its_head(tmp_path):
     import tqcompressor as tqc
     from tests.test_architectures import SIZES
     from tqcompressor.calibration import calibrate
-    from tqcompressor.layers import TiedKroneckerHead
+    from tqcompressor.layers import TiedFactoredHead
     from tqcompressor.planning import layer_statistics, tied_embedding
 
     torch.manual_seed(0)
@@ -212,7 +212,7 @@ def test_auto_offers_a_tied_embedding_measured_through_its_head(tmp_path):
     assert record["chosen"]["method"] != "dense"
     embedding, head_module = student.get_input_embeddings(), student.get_output_embeddings()
     assert embedding.output_scale == 8.0  # sqrt(64), exact
-    assert isinstance(head_module, TiedKroneckerHead) and head_module.embedding is embedding
+    assert isinstance(head_module, TiedFactoredHead) and head_module.embedding is embedding
     assert count_parameters(student) <= report.plan.target_params
     tqc.save(student, tmp_path / "m", plan=report.plan)
     probe = torch.randint(2, 4096, (2, 12))

@@ -2,6 +2,7 @@
 
 import copy
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -101,5 +102,46 @@ def test_compare_factors_the_tied_embedding_with_every_method_when_asked():
     args = argparse.Namespace(ratio=0.5, embedding=True, auto_methods=None)
     student, record = compare.build_student("svd", tiny_llama(vocab_size=4096), None, args)
     assert record == {}  # only auto weighs the table
-    assert compare.layer_types(student) == {"LowRankLinear": 14, "LowRankEmbedding": 1, "TiedKroneckerHead": 1}
+    assert compare.layer_types(student) == {"LowRankLinear": 14, "LowRankEmbedding": 1, "TiedFactoredHead": 1}
     assert tqc.count_parameters(student) <= 0.5 * tqc.count_parameters(tiny_llama(vocab_size=4096))
+
+
+def test_kd_scaling_stops_and_resumes_one_run_without_changing_it(tmp_path):
+    from tqcompressor.distill import DistillConfig, multistep_distill
+
+    def blocks(start: int):  # block i depends on i alone, as a resumed stream needs
+        for i in range(start, start + 10**6):
+            yield torch.randint(2, 512, (16,), generator=torch.Generator().manual_seed(i))
+
+    kd_scaling = bench_module("kd_scaling")
+    teacher = tiny_llama()
+    student = tqc.compress(copy.deepcopy(teacher), tqc.CompressionConfig(method="svd", ratio=0.7), progress=False)[0]
+    config = DistillConfig(steps=4, batch_size=2, seq_len=16, warmup_steps=1, checkpoint_every=2, log_every=1)
+    measured = []
+
+    def measure(model):
+        measured.append(copy.deepcopy(model.state_dict()))
+        return {"perplexity": float(len(measured)), "kl_to_teacher": 0.0, "top1_agreement": 1.0}
+
+    stops = kd_scaling.stop_steps([64, 128], tokens_per_step=32)
+    curve, stopped = kd_scaling.distill_curve(
+        teacher, copy.deepcopy(student), blocks, config, stops, tmp_path / "curve", measure, progress=False
+    )
+    assert stops == [2, 4] and [p["tokens"] for p in curve] == [0, 64, 128]
+    assert curve[-1]["layer_types"] == {"LowRankLinear": len(find_target_modules(teacher, None))}
+    straight = multistep_distill(teacher, student, blocks, config, tmp_path / "straight", progress=False)
+    for name, value in straight.state_dict().items():  # stopping and resuming left the run as it was
+        assert torch.equal(value, stopped.state_dict()[name]), name
+    assert not torch.equal(measured[0]["lm_head.weight"], measured[1]["lm_head.weight"])  # it did train in between
+    steps = [
+        json.loads(line)["global_step"] for line in (tmp_path / "curve" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4]  # each step logged once across the stops
+
+
+def test_kd_scaling_refuses_points_that_are_not_whole_steps_or_multiples_of_the_first():
+    kd_scaling = bench_module("kd_scaling")
+    with pytest.raises(ValueError, match="multiple of batch size x seq len = 1024"):
+        kd_scaling.stop_steps([1000, 102400], tokens_per_step=1024)
+    with pytest.raises(ValueError, match="multiple of the first"):
+        kd_scaling.stop_steps([2048, 3072], tokens_per_step=1024)

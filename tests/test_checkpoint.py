@@ -56,6 +56,19 @@ def test_dense_export_of_factored_tied_embedding(tmp_path, llama_model):
     assert torch.allclose(dense(ids).logits, expected, atol=1e-4)
 
 
+def test_dirs_that_name_the_tied_head_by_its_old_class_name_still_load(tmp_path, llama_model):
+    model, _ = compressed_llama(llama_model, tie=True)
+    ids = torch.randint(0, 512, (1, 7))
+    tqc.save(model, tmp_path / "m")
+    structure_file = tmp_path / "m" / STRUCTURE_FILE
+    text = structure_file.read_text()
+    assert '"TiedFactoredHead"' in text
+    structure_file.write_text(text.replace('"TiedFactoredHead"', '"TiedKroneckerHead"'))  # as written before
+    loaded = tqc.load(tmp_path / "m")
+    assert loaded.get_output_embeddings().embedding is loaded.get_input_embeddings()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def test_missing_corrupt_and_half_written_dirs(tmp_path, llama_model):
     with pytest.raises(TQCError, match="not a directory"):
         tqc.load(tmp_path / "nothing")

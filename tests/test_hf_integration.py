@@ -13,7 +13,7 @@ from tqcompressor import (
     KroneckerLinear,
     LayerSpec,
     LowRankLinear,
-    TiedKroneckerHead,
+    TiedFactoredHead,
     TQCError,
 )
 
@@ -40,7 +40,7 @@ def test_plain_from_pretrained_builds_factored_modules_and_matches(tmp_path, lla
     kinds = {type(m) for m in opened.modules()}
     assert KroneckerLinear in kinds
     if which == "llama":
-        assert {LowRankLinear, KroneckerEmbedding, TiedKroneckerHead} <= kinds
+        assert {LowRankLinear, KroneckerEmbedding, TiedFactoredHead} <= kinds
     ids = torch.randint(0, 256, (2, 11))
     assert torch.equal(opened(ids).logits, model(ids).logits)
     assert tqc.count_parameters(opened) == tqc.count_parameters(model)

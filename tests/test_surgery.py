@@ -11,7 +11,7 @@ from tqcompressor import (
     KroneckerLinear,
     LayerSpec,
     LowRankLinear,
-    TiedKroneckerHead,
+    TiedFactoredHead,
     TQCError,
     apply_plan,
     compress,
@@ -91,7 +91,7 @@ def test_tied_embedding_stays_tied_to_factors(llama_model):
     model, report = compress(llama_model, CompressionConfig(layers=spec, ratio=None), progress=False)
     assert isinstance(model.get_input_embeddings(), KroneckerEmbedding)
     head = model.get_output_embeddings()
-    assert isinstance(head, TiedKroneckerHead) and head.embedding is model.get_input_embeddings()
+    assert isinstance(head, TiedFactoredHead) and head.embedding is model.get_input_embeddings()
     assert before - report.params_after == 512 * 64 - (512 * 32 + 2)
     ids = torch.randint(0, 512, (1, 8))
     assert torch.isfinite(model(ids).logits).all()

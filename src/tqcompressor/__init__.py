@@ -7,7 +7,7 @@ from tqcompressor.checkpoint import densify, export_dense, load, read_plan, save
 from tqcompressor.config import CompressionConfig, CompressionReport, LayerSpec, load_spec
 from tqcompressor.data import calibration_ids
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import TiedKroneckerHead
+from tqcompressor.layers import TiedFactoredHead
 from tqcompressor.models import load_model
 from tqcompressor.planning import LayerPlan, Plan, count_parameters, plan_compression
 from tqcompressor.structures import Structure, compression_methods, decompose, get_structure, register
@@ -31,7 +31,7 @@ __all__ = [
     "Plan",
     "Structure",
     "TQCError",
-    "TiedKroneckerHead",
+    "TiedFactoredHead",
     "apply_plan",
     "calibrate",
     "calibration_ids",

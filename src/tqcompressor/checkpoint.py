@@ -19,7 +19,7 @@ from torch import nn
 
 from tqcompressor.errors import TQCError
 from tqcompressor.experts import LinearExperts
-from tqcompressor.layers import TiedKroneckerHead, bias_of, embedding_scale, module_name, set_module
+from tqcompressor.layers import TiedFactoredHead, bias_of, embedding_scale, module_name, set_module
 from tqcompressor.models import MissingTokenizer, load_tokenizer_or_missing
 from tqcompressor.outputs import check_writable, claim_directory, remove_ours
 from tqcompressor.planning import Plan
@@ -30,6 +30,8 @@ from tqcompressor.structures.dense import plain_module
 FORMAT_VERSION = 1
 STRUCTURE_FILE = "tqcompressor.json"
 WEIGHTS_FILE = "model.safetensors"
+# files written before svd could factor embeddings name the tied head by its old class name
+TIED_HEAD_TYPES = ("TiedFactoredHead", "TiedKroneckerHead")
 
 
 def module_classes() -> dict[str, type]:
@@ -48,8 +50,8 @@ def _describes_container(desc: dict) -> bool:
 
 def describe(module: nn.Module) -> dict | None:
     """Constructor arguments of a factored module (``None`` for any other module)."""
-    if isinstance(module, TiedKroneckerHead):  # shares the embedding's factors: only its bias is its own
-        return {"type": "TiedKroneckerHead", "bias": module.bias is not None}
+    if isinstance(module, TiedFactoredHead):  # shares the embedding's factors: only its bias is its own
+        return {"type": "TiedFactoredHead", "bias": module.bias is not None}
     if type(module).__name__ in module_classes():
         return {"type": type(module).__name__, **module.config()}
     return None
@@ -81,7 +83,7 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
         )
     embedding = None
     for name, desc in modules.items():  # a container comes before its children (named_modules order)
-        if desc["type"] == "TiedKroneckerHead":
+        if desc["type"] in TIED_HEAD_TYPES:
             continue
         module = build(desc, dtype)
         module._is_hf_initialized = True
@@ -92,13 +94,13 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
         if getattr(module, "kind", None) == "embedding":
             embedding = module
     for name, desc in modules.items():
-        if desc["type"] == "TiedKroneckerHead":
+        if desc["type"] in TIED_HEAD_TYPES:
             if "embedding" in desc:  # older files name none: their one factored embedding is meant
                 embedding = model.get_submodule(desc["embedding"]) if desc["embedding"] in modules else None
             if embedding is None or getattr(embedding, "kind", None) != "embedding":
                 raise TQCError(f"tied head {name} but no factored embedding: the structure is corrupt")
             bias = torch.zeros(embedding.num_embeddings, dtype=dtype) if desc["bias"] else None
-            head = TiedKroneckerHead(embedding, bias)
+            head = TiedFactoredHead(embedding, bias)
             head._is_hf_initialized = True
             set_module(model, name, head)
     return model
@@ -128,7 +130,7 @@ def structure_of(model: nn.Module) -> dict[str, dict]:
     structure = {}
     for name, module in factored_modules(model):
         structure[name] = describe(module)
-        if isinstance(module, TiedKroneckerHead):  # which table it shares (GPT-2 has two embeddings)
+        if isinstance(module, TiedFactoredHead):  # which table it shares (GPT-2 has two embeddings)
             structure[name]["embedding"] = module_name(model, module.embedding)
     return structure
 
@@ -334,14 +336,14 @@ def densify(model: nn.Module) -> nn.Module:
     """Replace every factored module by the plain module it stands for (weights merged)."""
     modules = factored_modules(model)
     for name, module in modules:
-        if isinstance(module, TiedKroneckerHead) or is_container(module):
+        if isinstance(module, TiedFactoredHead) or is_container(module):
             continue  # re-tied below; containers once their insides are plain
         set_module(model, name, plain_module(module.to_dense(), bias_of(module), module.kind, embedding_scale(module)))
     for name, module in modules:
         if is_container(module):
             set_module(model, name, module.to_fused(model.config))
     head = model.get_output_embeddings()
-    if isinstance(head, TiedKroneckerHead):
+    if isinstance(head, TiedFactoredHead):
         new_embedding = model.get_input_embeddings()
         linear = nn.Linear(new_embedding.embedding_dim, new_embedding.num_embeddings, bias=head.bias is not None)
         linear.weight = new_embedding.weight  # tied again, as in the original model

@@ -96,9 +96,9 @@ def unless_identity(index: Tensor | None) -> Tensor | None:
     return index
 
 
-class TiedKroneckerHead(nn.Module):
-    """An LM head tied to a factored embedding (one with ``project(hidden)``, e.g.
-    :class:`~tqcompressor.structures.kronecker.KroneckerEmbedding`): shares its factors, stores
+class TiedFactoredHead(nn.Module):
+    """An LM head tied to a factored embedding of any structure (one with ``project(hidden)``:
+    ``KroneckerEmbedding``, ``LowRankEmbedding``, their quantized forms): shares its factors, stores
     nothing of its own but an optional bias."""
 
     def __init__(self, embedding: nn.Module, bias: Tensor | None = None) -> None:

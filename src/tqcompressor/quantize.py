@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from tqcompressor.checkpoint import factored_modules, is_container
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import TiedKroneckerHead, bias_of, dense_weight_of, embedding_scale, set_module
+from tqcompressor.layers import TiedFactoredHead, bias_of, dense_weight_of, embedding_scale, set_module
 from tqcompressor.quantization import QuantizeSettings, relative_error
 from tqcompressor.quantized import (
     MODULE_TYPES,
@@ -80,14 +80,14 @@ def quantize(model: nn.Module, settings: QuantizeSettings | str, measure_error: 
     )
     factored = {name: module for name, module in factored_modules(model) if not is_container(module)}
     for name, module in factored.items():
-        if isinstance(module, TiedKroneckerHead):
+        if isinstance(module, TiedFactoredHead):
             continue  # follows its embedding below
         before = _before(module, measure_error)  # the wrapper takes over the module's factors
         quantized = _quantize_factored(module, settings)
         report.layers.append(_layer(name, type(module).__name__, before, quantized))
         set_module(model, name, quantized)
-        if module is embedding and isinstance(head, TiedKroneckerHead):
-            model.set_output_embeddings(TiedKroneckerHead(quantized, head.bias))
+        if module is embedding and isinstance(head, TiedFactoredHead):
+            model.set_output_embeddings(TiedFactoredHead(quantized, head.bias))
     for name, module in list(model.named_modules()):
         if any(name == outer or name.startswith(outer + ".") for outer in factored) or not name:
             continue
@@ -105,7 +105,7 @@ def quantize(model: nn.Module, settings: QuantizeSettings | str, measure_error: 
         report.layers.append(_layer(name, _kind(module), before, quantized))
         set_module(model, name, quantized)
         if tied_dense and module is embedding:
-            model.set_output_embeddings(TiedKroneckerHead(quantized, bias_of(head)))
+            model.set_output_embeddings(TiedFactoredHead(quantized, bias_of(head)))
             model.config.tie_word_embeddings = False  # stop transformers from re-tying to a dense table
     return report
 

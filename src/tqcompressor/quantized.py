@@ -6,7 +6,7 @@
 - :class:`QuantizedLinear` replaces an ``nn.Linear`` or GPT-2 ``Conv1D`` (the teacher's layers,
   the layers a plan kept dense); :class:`QuantizedLowRankLinear` an ``svd`` layer (both factors
   through the kernels); :class:`QuantizedEmbedding` an embedding, with :meth:`project` for a tied
-  LM head (:class:`~tqcompressor.layers.TiedKroneckerHead`, which stores nothing of its own).
+  LM head (:class:`~tqcompressor.layers.TiedFactoredHead`, which stores nothing of its own).
 - :class:`QuantizedFactored` wraps any other factored module (Kronecker, Kronecker + low rank):
   its float factors are stored quantized and dequantized for each call, so it saves bytes but,
   unlike the two above, not time.

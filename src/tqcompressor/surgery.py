@@ -13,7 +13,7 @@ from tqcompressor.config import CompressionConfig, CompressionReport, LayerRepor
 from tqcompressor.decompose import relative_error
 from tqcompressor.errors import TQCError
 from tqcompressor.folding import fold_mlp_permutations
-from tqcompressor.layers import TiedKroneckerHead, bias_of, dense_weight_of, embedding_scale, set_module
+from tqcompressor.layers import TiedFactoredHead, bias_of, dense_weight_of, embedding_scale, set_module
 from tqcompressor.planning import (
     LayerPlan,
     Plan,
@@ -172,14 +172,14 @@ def _retie_head(model: nn.Module, old: nn.Module, new: nn.Module, tie: bool) -> 
     """Keep a tied LM head consistent with a factored embedding: tie it to the same factors, or
     untie it explicitly into a dense copy of the original table (then it is counted on its own)."""
     head = model.get_output_embeddings()
-    if isinstance(head, TiedKroneckerHead):  # already tied to the factors: follow the new ones
-        model.set_output_embeddings(TiedKroneckerHead(new, head.bias))
+    if isinstance(head, TiedFactoredHead):  # already tied to the factors: follow the new ones
+        model.set_output_embeddings(TiedFactoredHead(new, head.bias))
         return
     if head is None or not isinstance(old, nn.Embedding) or getattr(head, "weight", None) is not old.weight:
         return
     bias = head.bias if getattr(head, "bias", None) is not None else None
     if tie:
-        replacement = TiedKroneckerHead(new, bias)
+        replacement = TiedFactoredHead(new, bias)
     else:
         replacement = nn.Linear(old.embedding_dim, old.num_embeddings, bias=bias is not None)
         with torch.no_grad():

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from tqcompressor import KroneckerEmbedding, KroneckerLinear, TiedKroneckerHead, TQCError
+from tqcompressor import KroneckerEmbedding, KroneckerLinear, TiedFactoredHead, TQCError
 
 
 def rel(a, b):
@@ -55,7 +55,7 @@ def test_kronecker_embedding_lookup_and_tied_head_equal_dense_table():
     dense = layer.to_dense()
     ids = torch.randint(0, 40, (3, 5))
     assert torch.allclose(layer(ids), dense[ids], atol=1e-6)
-    head = TiedKroneckerHead(layer)
+    head = TiedFactoredHead(layer)
     h = torch.randn(3, 5, 16)
     assert rel(head(h), h @ dense.T) < 1e-5
     assert list(head.parameters()) == []  # shares the embedding's factors
