@@ -14,7 +14,8 @@ With --whole-model it instead compresses the whole model with every method at th
 totals: relative weight error sqrt(sum ||dW||^2 / sum ||W||^2) and the loss proxy that calibrated
 auto minimises, sqrt(sum g_l tr(dW C dW^T) / sum g_l tr(W C W^T)) (C: input second moment, g_l:
 squared output gradient, from --calibration-tokens of WikiText-2 valid), with the seconds each
-method took. Writes bench/results/decomposition-whole-model.json.
+method took. The totals cover the target matrices; a tied token table that auto cuts too is
+recorded apart (``other_layers``). Writes bench/results/decomposition-whole-model.json.
 
     python bench/decomposition.py [--layers 0,10,20,29] [--b-shape 2,4] [--rank 4]
     python bench/decomposition.py --whole-model [--methods tq_aware,svd_aware] [--out ...]
@@ -183,8 +184,15 @@ def whole_model(args) -> None:
             loss_sq += _loss_proxy(w - approx, stats[name])
         kinds = {}
         for layer in report.layers:
-            kinds[layer.method] = kinds.get(layer.method, 0) + 1
-        kinds["dense"] = len(names) - len(report.layers)
+            if layer.name in originals:
+                kinds[layer.method] = kinds.get(layer.method, 0) + 1
+        kinds["dense"] = len(names) - sum(kinds.values())
+        # auto may also cut a tied token table; the totals above cover the target matrices only
+        tables = {
+            layer.name: {"method": layer.method, "params_after": layer.params_after, "error": layer.relative_error}
+            for layer in report.layers
+            if layer.name not in originals
+        }
         methods[label] = {
             "params": report.params_after,
             "weight_error": (weight_sq / base_weight) ** 0.5,
@@ -192,6 +200,7 @@ def whole_model(args) -> None:
             "seconds": seconds,
             "calibrated": calibrated,
             "layers_by_method": kinds,
+            "other_layers": tables,
         }
         rows.append(
             [
