@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import platform
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -101,13 +102,9 @@ def main() -> None:
     if args.replot:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS and m not in CALIBRATED]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS + list(CALIBRATED))}")
-
+    methods = chosen_methods(args.methods)
     if args.embedding and "layer_drop" in methods:
-        raise SystemExit("--embedding: layer dropping cannot factor an embedding; leave layer_drop out")
+        bad_input("--embedding: layer dropping cannot factor an embedding; leave layer_drop out")
     commit = git_commit()
     settings = {k: str(v) for k, v in vars(args).items() if k not in ("methods", "out", "work", "replot", "merge")}
     loaded = tqc.load_model(args.model)
@@ -204,6 +201,22 @@ def main() -> None:
         f"KD: {result['kd_tokens']:,} tokens of {result['kd_data']} per method; eval: {result['eval']}; "
         f"wrote {args.out}"
     )
+
+
+def bad_input(message: str) -> None:
+    """One line on stderr and exit status 2, as the CLI answers bad input."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def chosen_methods(text: str) -> list[str]:
+    """The comma-separated ``--methods``, each one this script knows."""
+    known = list(dict.fromkeys(METHODS + list(CALIBRATED)))
+    methods = text.split(",")
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        bad_input(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return methods
 
 
 def layer_types(student: torch.nn.Module) -> dict[str, int]:

@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from compare import CALIBRATED, METHODS, compressed_students, layer_types
+from compare import bad_input, chosen_methods, compressed_students, layer_types
 from provenance import git_commit
 
 import tqcompressor as tqc
@@ -65,15 +65,12 @@ def main() -> None:
     # what compare.build_student reads beside these
     args.embedding, args.workers, args.threads = False, 0, None
 
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS and m not in CALIBRATED]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS + list(CALIBRATED))}")
+    methods = chosen_methods(args.methods)
     tokens_per_step = args.batch_size * args.seq_len
     try:
         stops = stop_steps([int(p) for p in args.points.split(",") if p] + [args.kd_tokens], tokens_per_step)
     except ValueError as error:
-        raise SystemExit(f"--points/--kd-tokens: {error}") from None
+        bad_input(f"--points/--kd-tokens: {error}")
 
     commit = git_commit()
     loaded = tqc.load_model(args.model)
@@ -112,10 +109,12 @@ def main() -> None:
     started = time.perf_counter()
     for method, student, _, compress_seconds in compressed_students(methods, loaded, args):
         t0 = time.perf_counter()
-        curve, _ = distill_curve(teacher, student.to(args.device), blocks, config, stops, args.work / method, measure)
+        curve, distilled = distill_curve(
+            teacher, student.to(args.device), blocks, config, stops, args.work / method, measure
+        )
         result["methods"][method] = {
-            "params": curve[-1].pop("params"),
-            "layer_types": curve[-1].pop("layer_types"),
+            "params": tqc.count_parameters(distilled),
+            "layer_types": layer_types(distilled),
             "compress_seconds": compress_seconds,
             "kd_and_eval_seconds": time.perf_counter() - t0,
             "curve": curve,
@@ -152,7 +151,7 @@ def distill_curve(
 ):
     """``(curve, distilled student)``: ``measure(student)`` before distilling and at each of ``stops``
     (optimizer steps) of one run of ``config.steps`` steps, which stops there and resumes from its
-    checkpoint. The last point also records the student's parameters and layer types."""
+    checkpoint."""
     tokens_per_step = config.batch_size * config.seq_len
     curve = [{"tokens": 0, **point(measure(student))}]
     for index, stop in enumerate(stops):
@@ -167,7 +166,6 @@ def distill_curve(
             progress=progress,
         )
         curve.append({"tokens": stop * tokens_per_step, **point(measure(student))})
-    curve[-1].update(params=tqc.count_parameters(student), layer_types=layer_types(student))
     return curve, student
 
 

@@ -128,7 +128,7 @@ def test_kd_scaling_stops_and_resumes_one_run_without_changing_it(tmp_path):
         teacher, copy.deepcopy(student), blocks, config, stops, tmp_path / "curve", measure, progress=False
     )
     assert stops == [2, 4] and [p["tokens"] for p in curve] == [0, 64, 128]
-    assert curve[-1]["layer_types"] == {"LowRankLinear": len(find_target_modules(teacher, None))}
+    assert kd_scaling.layer_types(stopped) == {"LowRankLinear": len(find_target_modules(teacher, None))}
     straight = multistep_distill(teacher, student, blocks, config, tmp_path / "straight", progress=False)
     for name, value in straight.state_dict().items():  # stopping and resuming left the run as it was
         assert torch.equal(value, stopped.state_dict()[name]), name
@@ -145,3 +145,13 @@ def test_kd_scaling_refuses_points_that_are_not_whole_steps_or_multiples_of_the_
         kd_scaling.stop_steps([1000, 102400], tokens_per_step=1024)
     with pytest.raises(ValueError, match="multiple of the first"):
         kd_scaling.stop_steps([2048, 3072], tokens_per_step=1024)
+
+
+def test_bench_scripts_answer_an_unknown_method_with_one_line_and_exit_2(capsys):
+    compare = bench_module("compare")
+    assert compare.chosen_methods("svd,auto") == ["svd", "auto"]
+    with pytest.raises(SystemExit) as exit_info:
+        compare.chosen_methods("svd,nope")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("unknown method(s) nope; choose from tq, kronecker, svd") and error.count("\n") == 1
