@@ -9,7 +9,9 @@ What varies (see RUNS):
   teacher, the rest WikiText-2 valid (calibrating on one corpus fits that corpus);
 * ``stages``: compress everything, then distil (1), or the upper half of the layers first (2),
   at the same total number of optimizer steps;
-* ``lr``: the peak learning rate.
+* ``lr``: the peak learning rate;
+* the loss (``temperature``, ``alpha_blocks``: every block's output matched to the teacher's), where a
+  run names it; the rest keep :class:`~tqcompressor.distill.DistillConfig`'s defaults.
 
 One-shot points (calibrate, plan, no distillation) come first, for every fraction in --fractions.
 Writes bench/results/recipe.json (commit, every setting, device, per point metrics and seconds) and
@@ -47,7 +49,11 @@ RUNS = [  # distillation points; the same total number of optimizer steps each
     {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4},
     {"teacher_fraction": 0.5, "stages": 2, "lr": 3e-4},
     {"teacher_fraction": 0.5, "stages": 1, "lr": 1e-3},
+    {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "temperature": 1.0},
+    {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "alpha_blocks": 10.0},
+    {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "alpha_blocks": 30.0},
 ]
+LOSS_SETTINGS = ("temperature", "alpha_blocks")
 
 
 def main() -> None:
@@ -60,12 +66,16 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--runs", default=None, help="indices of RUNS to do (default: all)")
     parser.add_argument("--out", default=str(HERE / "results" / "recipe.json"))
+    parser.add_argument(
+        "--samples", type=Path, default=None, help="a dir holding (or to hold) the teacher-sample caches of a run"
+    )
     args = parser.parse_args()
     commit, started = git_commit(), time.perf_counter()
     torch.manual_seed(0)
     loaded = load_model()
     teacher = loaded.model
-    work = Path(tempfile.mkdtemp(prefix="recipe-"))
+    work = args.samples or Path(tempfile.mkdtemp(prefix="recipe-"))
+    work.mkdir(parents=True, exist_ok=True)
     eval_sets = evaluation_sets(str(DATA / "test.txt"), loaded, args.eval_tokens, 512, work)
     runs = [RUNS[int(i)] for i in args.runs.split(",")] if args.runs else RUNS
     total_blocks = args.steps * 4
@@ -93,7 +103,7 @@ def main() -> None:
         return student, plan, blocks, calibration, kd
 
     # the largest fraction first (the order of the committed recipe.json)
-    for fraction in sorted((float(f) for f in args.fractions.split(",")), reverse=True):
+    for fraction in sorted((float(f) for f in args.fractions.split(",") if f), reverse=True):
         t = time.perf_counter()
         student, plan, *_ = plan_for(fraction, 1)
         apply_plan(student, plan)
@@ -109,7 +119,7 @@ def main() -> None:
     for run in runs:
         t = time.perf_counter()
         student, plan, blocks, calibration, kd = plan_for(run["teacher_fraction"], run["stages"])
-        kd = DistillConfig(**{**vars(kd), "lr": run["lr"]})
+        kd = DistillConfig(**{**vars(kd), "lr": run["lr"], **{k: run[k] for k in LOSS_SETTINGS if k in run}})
         out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
         student = multistep_distill(teacher, student, blocks, kd, out, plan, calibration=calibration)
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -150,6 +160,7 @@ def format_table(result: dict) -> str:
         setting = "" if p["kind"] == "teacher" else f"f={p['teacher_fraction']}"
         if p["kind"] == "distilled":
             setting += f", {p['stages']} stage(s), lr {p['lr']:g}, {p['kd_tokens']:,} tokens"
+            setting += "".join(f", {k} {p[k]:g}" for k in LOSS_SETTINGS if k in p)
         rows.append(
             [p["kind"], setting, p["params"]]
             + [x for d in domains for x in (p[d]["perplexity"], p[d]["kl_to_teacher"])]

@@ -51,10 +51,12 @@ class DistillConfig:
     clip: float = 1.0
     temperature: float = 2.0
     # loss = alpha_kl * T^2 * KL(teacher || student) + alpha_ce * CE + alpha_hidden * (1 - cos(hidden))
-    # (the 5 : 2 : 1 weighting of DistilBERT/DistilGPT-2; the hidden-state term is off by default on CPU)
+    #        + alpha_blocks * (every block's output matched, see block_matching_loss)
+    # (the 5 : 2 : 1 weighting of DistilBERT/DistilGPT-2; the hidden-state terms are off by default)
     alpha_kl: float = 5.0
     alpha_ce: float = 2.0
     alpha_hidden: float = 0.0
+    alpha_blocks: float = 0.0
     checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0
@@ -85,12 +87,15 @@ class DistillConfig:
             "alpha_kl": self.alpha_kl,
             "alpha_ce": self.alpha_ce,
             "alpha_hidden": self.alpha_hidden,
+            "alpha_blocks": self.alpha_blocks,
         }
         for name, value in non_negative.items():
             if not value >= 0:
                 raise TQCError(f"{name.replace('_', '-')} must be 0 or more, got {value}")
-        if self.alpha_kl + self.alpha_ce + self.alpha_hidden <= 0:
-            raise TQCError("the distillation loss has no term: give alpha_kl, alpha_ce or alpha_hidden a weight")
+        if self.alpha_kl + self.alpha_ce + self.alpha_hidden + self.alpha_blocks <= 0:
+            raise TQCError(
+                "the distillation loss has no term: give alpha_kl, alpha_ce, alpha_hidden or alpha_blocks a weight"
+            )
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise TQCError(f"teacher dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
@@ -124,8 +129,28 @@ def distillation_loss(
         s_h, t_h = student_out.hidden_states[-1].float(), teacher_out.hidden_states[-1].float()
         parts["hidden"] = 1 - F.cosine_similarity(s_h, t_h, dim=-1).mean()
         total = total + config.alpha_hidden * parts["hidden"]
+    if config.alpha_blocks > 0:
+        parts["blocks"] = block_matching_loss(student_out.hidden_states, teacher_out.hidden_states)
+        total = total + config.alpha_blocks * parts["blocks"]
     parts["loss"] = total
     return parts
+
+
+def block_matching_loss(student_states, teacher_states) -> torch.Tensor:
+    """Mean over blocks and tokens of ``‖h_student - h_teacher‖² / ‖h_teacher‖²`` on every block's
+    output (layer-wise distillation as in ZipLM): a compressed student keeps the teacher's depth and
+    width, so each block gets a target of its own instead of one signal at the end. Normalised per
+    token, because a few tokens (the first, above all) carry hidden states far larger than the rest."""
+    if len(student_states) != len(teacher_states):
+        raise TQCError(
+            f"alpha-blocks matches block outputs, but the student has {len(student_states) - 1} blocks and the "
+            f"teacher {len(teacher_states) - 1} (layer dropping changes the depth): set alpha-blocks to 0"
+        )
+    terms = [
+        ((s.float() - t.float()).pow(2).sum(-1) / t.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
+        for s, t in zip(student_states[1:], teacher_states[1:], strict=True)
+    ]
+    return torch.stack(terms).mean()
 
 
 @dataclass
@@ -311,7 +336,7 @@ def train_stage(
             batch = torch.stack([next(stream) for _ in range(config.batch_size)]).to(accelerator.device)
             position.data_position += config.batch_size * accelerator.num_processes
             with accelerator.accumulate(model), accelerator.autocast():
-                hidden = config.alpha_hidden > 0
+                hidden = config.alpha_hidden > 0 or config.alpha_blocks > 0
                 with torch.no_grad():
                     teacher_out = teacher(batch, output_hidden_states=hidden)
                 parts = distillation_loss(model(batch, output_hidden_states=hidden), teacher_out, batch, config)
