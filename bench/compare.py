@@ -210,8 +210,11 @@ def bad_input(message: str) -> None:
 
 
 def chosen_methods(text: str) -> list[str]:
-    """The comma-separated ``--methods``, each one this script knows."""
-    known = list(dict.fromkeys(METHODS + list(CALIBRATED)))
+    """The comma-separated ``--methods``, each one this script knows (or any registered structure,
+    compressed to the budget without calibration, e.g. ``kronecker_prune``)."""
+    from tqcompressor.structures import compression_methods
+
+    known = list(dict.fromkeys(METHODS + list(CALIBRATED) + compression_methods()))
     methods = text.split(",")
     unknown = [m for m in methods if m not in known]
     if unknown:

@@ -149,7 +149,7 @@ def test_kd_scaling_refuses_points_that_are_not_whole_steps_or_multiples_of_the_
 
 def test_bench_scripts_answer_an_unknown_method_with_one_line_and_exit_2(capsys):
     compare = bench_module("compare")
-    assert compare.chosen_methods("svd,auto") == ["svd", "auto"]
+    assert compare.chosen_methods("svd,auto,kronecker_prune") == ["svd", "auto", "kronecker_prune"]
     with pytest.raises(SystemExit) as exit_info:
         compare.chosen_methods("svd,nope")
     assert exit_info.value.code == 2

@@ -74,6 +74,9 @@ def test_candidates_report_the_error_of_what_auto_installs(structure):
     cov = x.T @ x / len(x)
     for sketch, input_cov in ((None, None), (OutputSketch(cov), cov)):
         menu, state = structure.candidates(w, sketch, max_iterations=5)
+        if not structure.offers_candidates:
+            assert menu == []
+            continue
         assert menu, f"{structure.name} offers auto no candidate for a 32x48 matrix"
         for c in menu:
             assert c.method == structure.name and 0 < c.params < w.numel() and c.macs > 0

@@ -62,6 +62,7 @@ class Structure:
     compresses: bool = True  # False only for 'dense', auto's "keep the layer as it is"
     calibrated_note: str = ""  # added to a layer's reason when its fit used calibration statistics
     calibrated_in_run: bool = False  # `tqc run` calibrates it on the distillation data before planning
+    offers_candidates: bool = True  # False: a start to distil from, which auto's one-shot errors would misjudge
 
     # -- settings ---------------------------------------------------------------------------
     def make_settings(self, fields: dict[str, Any]) -> Any:

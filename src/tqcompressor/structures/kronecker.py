@@ -2,7 +2,8 @@
 
 ``kronecker`` is the nearest sum of Kronecker products (Van Loan & Pitsianis, as KnGPT-2);
 ``tq`` (TQCompressor) also searches the row and column permutations ``P_r``, ``P_c``
-(:mod:`tqcompressor.permutation`). Both build :class:`KroneckerLinear` for linear layers and
+(:mod:`tqcompressor.permutation`); ``kronecker_prune`` starts from Krony-PT's pruning (each ``B_k`` a
+unit selector, each ``A_k`` a strided sub-matrix of ``W``), a start for distillation, not a fit. Both build :class:`KroneckerLinear` for linear layers and
 :class:`KroneckerEmbedding` for a token embedding, whose tied LM head shares its factors.
 """
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from tqcompressor.decompose import (
     complete_shapes,
     damped_cov,
+    fit_error,
     inverse_permutation,
     kronecker_sum,
     nearest_kronecker,
@@ -133,6 +135,30 @@ def fit_kronecker(
             a, b, torch.arange(w.shape[0]), torch.arange(w.shape[1]), [relative_error(w, kronecker_sum(a, b))]
         )
     return factors.to(weight.dtype)
+
+
+def pruning_start(
+    weight: Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int = 1, input_cov: Tensor | None = None
+) -> KroneckerFactors:
+    """Krony-PT's pruning start: ``B_k`` the unit matrix ``E_(p_k, q_k)`` and ``A_k = W[p_k::m2, q_k::n2]``,
+    so ``sum_k A_k (x) B_k`` keeps ``rank`` of the ``m2 * n2`` strided sub-matrices of ``W`` exactly
+    and zeroes the rest (``rank = 1``, B 1x2: every other column). The offsets kept are those with
+    the most energy, each column weighted by its input's second moment when ``input_cov`` is given.
+    Krony-PT found it trains better than Van Loan's start though it fits far worse; ``history``:
+    the relative error (output error with ``input_cov``)."""
+    w = weight.detach().to(torch.float64)
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    if rank > m2 * n2:
+        raise TQCError(f"the pruning start keeps at most m2 * n2 = {m2 * n2} sub-matrices, got rank {rank}")
+    column_weight = torch.ones(w.shape[1], dtype=w.dtype) if input_cov is None else input_cov.diagonal().double()
+    blocks = w.reshape(m1, m2, n1, n2)  # blocks[i, p, j, q] = W[i*m2 + p, j*n2 + q]
+    energy = (blocks.pow(2) * column_weight.reshape(1, 1, n1, n2)).sum(dim=(0, 2))  # (m2, n2)
+    kept = energy.flatten().argsort(descending=True)[:rank].sort().values
+    a = torch.stack([blocks[:, int(k) // n2, :, int(k) % n2] for k in kept])
+    b = torch.zeros(rank, m2, n2, dtype=w.dtype)
+    b.view(rank, -1)[torch.arange(rank), kept] = 1.0
+    identity = (torch.arange(w.shape[0]), torch.arange(w.shape[1]))
+    return KroneckerFactors(a.contiguous(), b, *identity, [fit_error(w, kronecker_sum(a, b), input_cov)])
 
 
 def output_metric_fit(
@@ -642,13 +668,16 @@ class Kronecker(Structure):
     embeddings = True
     calibrated_in_run = True
 
-    def __init__(self, name: str, search: bool, help: str) -> None:
-        self.name, self.search, self.help = name, search, help
+    def __init__(self, name: str, search: bool, help: str, pruning: bool = False) -> None:
+        self.name, self.search, self.help, self.pruning = name, search, help, pruning
         # tq's candidates (a permutation search per B shape, output-metric refits) ran out of 24 GB
         # on SmolLM2's 49152 x 576 table; auto offers tables plain Kronecker, svd and dense
-        self.auto_embeddings = not search
+        self.auto_embeddings = not search and not pruning
+        self.offers_candidates = not pruning
         searched = ", permutations searched in the same metric" if search else ""
         self.calibrated_note = f" (factors fitted to the outputs on the calibration text by least squares{searched})"
+        if pruning:
+            self.calibrated_note = " (sub-matrices kept by their energy on the calibration text's inputs)"
 
     def check(self, settings: KroneckerSettings, shape: tuple[int, int]) -> None:
         complete_shapes(shape, settings.a_shape, settings.b_shape)
@@ -664,6 +693,10 @@ class Kronecker(Structure):
     def fit(
         self, weight: Tensor, settings: KroneckerSettings, stats=None, max_iterations: int = 20
     ) -> KroneckerFactors:
+        if self.pruning:
+            a_shape, b_shape = complete_shapes(tuple(weight.shape), settings.a_shape, settings.b_shape)
+            cov = stats.input_cov if stats is not None else None
+            return pruning_start(weight, a_shape, b_shape, settings.rank, cov).to(weight.dtype)
         return fit_kronecker(
             weight,
             settings.a_shape,
@@ -710,7 +743,10 @@ class Kronecker(Structure):
         (:func:`candidate_factors`) and that error is measured; ``kronecker``'s stay Van Loan's
         (``tq``'s candidates include the unpermuted fit, refined, so refining ``kronecker``'s too
         would double the cost for nothing). ``state``: each candidate's permutations, so that
-        :meth:`fit_candidate` installs exactly what was measured."""
+        :meth:`fit_candidate` installs exactly what was measured. The pruning start offers none: it
+        is a start for distillation, and ``auto`` measures what a layer is before any."""
+        if not self.offers_candidates:
+            return [], None
         w = weight.detach().to(torch.float64)
         m, n = w.shape
         menu, starts = [], {}
@@ -785,3 +821,12 @@ def candidate_factors(
 
 register(Kronecker("tq", search=True, help="permuted Kronecker products (TQCompressor): search P_r, P_c"))
 register(Kronecker("kronecker", search=False, help="plain Kronecker products (KnGPT-2), no permutations"))
+register(
+    Kronecker(
+        "kronecker_prune",
+        search=False,
+        pruning=True,
+        help="Kronecker products started as Krony-PT does: A = strided sub-matrices of W, B = unit selectors "
+        "(a start to distil from)",
+    )
+)
