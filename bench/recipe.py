@@ -83,7 +83,7 @@ def main() -> None:
         "commit": commit,
         "versions": library_versions(),
         "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "settings": vars(args)
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         | {"batch_size": 4, "seq_len": 256, "context": 512, "data": str(DATA / "valid.txt"), "eval": list(eval_sets)},
         "teacher": measure(teacher, teacher, eval_sets),
         "points": [],
