@@ -284,7 +284,7 @@ def mergeable(earlier: dict, result: dict) -> dict:
     """``earlier`` if it is the same run (one commit, committed, every setting equal) interrupted; a
     result file is one run of one commit, so anything else is refused."""
     if "+uncommitted" in result["commit"] or earlier.get("commit") != result["commit"]:
-        raise SystemExit(
+        bad_input(
             f"--merge: the earlier file is from commit {earlier.get('commit')}, this run from "
             f"{result['commit']}; a result file is one run of one committed version: run all methods"
         )
@@ -294,7 +294,7 @@ def mergeable(earlier: dict, result: dict) -> dict:
         if earlier.get("settings", {}).get(k) != result["settings"].get(k)
     )
     if differ:
-        raise SystemExit(f"--merge: settings differ ({', '.join(differ)}); use the very same settings")
+        bad_input(f"--merge: settings differ ({', '.join(differ)}); use the very same settings")
     return earlier
 
 

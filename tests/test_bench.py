@@ -45,19 +45,21 @@ def test_whole_model_errors_are_measured_in_the_original_order_not_the_folded_on
     assert relative_error(originals[up], approximations[up]) < 1.0 < relative_error(originals[up], after_folding)
 
 
-def test_compare_merges_only_an_interrupted_run_of_the_same_commit_and_settings():
+def test_compare_merges_only_an_interrupted_run_of_the_same_commit_and_settings(capsys):
     compare = bench_module("compare")
     run = {"commit": "abc", "settings": {"ratio": "0.65", "kd_steps": "40"}, "methods": {"svd": {}}}
     assert compare.mergeable(copy.deepcopy(run), {**run, "methods": {}}) == run
-    for earlier, message in [
-        ({**run, "commit": "def"}, "one run of one committed version"),
-        ({**run, "settings": {"ratio": "0.65", "kd_steps": "80"}}, "settings differ \\(kd_steps\\)"),
-        ({k: v for k, v in run.items() if k != "commit"}, "one run of one committed version"),
+    for earlier, result, message in [
+        ({**run, "commit": "def"}, run, "one run of one committed version"),
+        ({**run, "settings": {"ratio": "0.65", "kd_steps": "80"}}, run, "settings differ (kd_steps)"),
+        ({k: v for k, v in run.items() if k != "commit"}, run, "one run of one committed version"),
+        (run, {**run, "commit": "abc+uncommitted"}, "one run of one committed version"),
     ]:
-        with pytest.raises(SystemExit, match=message):
-            compare.mergeable(earlier, {**run, "methods": {}})
-    with pytest.raises(SystemExit, match="one run of one committed version"):
-        compare.mergeable(run, {**run, "commit": "abc+uncommitted"})
+        with pytest.raises(SystemExit) as exit_info:  # refused as bad input: one line, exit status 2
+            compare.mergeable(earlier, {**result, "methods": {}})
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith("--merge: ") and message in error and error.count("\n") == 1
 
 
 def test_quantize_bench_measures_every_family_in_every_format(tmp_path):
