@@ -363,3 +363,17 @@ def test_distillation_with_block_matching_lowers_it_on_both_families(tmp_path, t
         assert blocks_error(student) < 0.7 * before
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert "blocks" in records[0]
+
+
+def test_block_matching_refuses_a_student_of_another_depth_before_any_work(tmp_path, tokenizer):
+    from tqcompressor.baselines import keep_layers
+
+    (tmp_path / "train.txt").write_text(TOY_TEXT)
+    blocks = text_block_source(str(tmp_path / "train.txt"), tokenizer, 32)
+    teacher = tiny_gpt2(vocab_size=len(tokenizer))
+    student = copy.deepcopy(teacher)
+    keep_layers(student, [0])
+    config = DistillConfig(steps=2, batch_size=2, seq_len=32, alpha_blocks=1.0)
+    with pytest.raises(TQCError, match="the student has 1 blocks and the teacher 2"):
+        multistep_distill(teacher, student, blocks, config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

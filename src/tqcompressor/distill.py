@@ -136,6 +136,17 @@ def distillation_loss(
     return parts
 
 
+def check_same_depth(student, teacher) -> None:
+    """Block matching pairs block i of the student with block i of the teacher: refuse, before any
+    work, a student of another depth (layer dropping)."""
+    depths = [getattr(getattr(m, "config", None), "num_hidden_layers", None) for m in (student, teacher)]
+    if None not in depths and depths[0] != depths[1]:
+        raise TQCError(
+            f"alpha-blocks matches block outputs, but the student has {depths[0]} blocks and the teacher "
+            f"{depths[1]} (layer dropping changes the depth): set alpha-blocks to 0"
+        )
+
+
 def block_matching_loss(student_states, teacher_states) -> torch.Tensor:
     """Mean over blocks and tokens of ``‖h_student - h_teacher‖² / ‖h_teacher‖²`` on every block's
     output (layer-wise distillation as in ZipLM): a compressed student keeps the teacher's depth and
@@ -234,6 +245,8 @@ def multistep_distill(
     """
     from accelerate import Accelerator
 
+    if config.alpha_blocks > 0:
+        check_same_depth(student, teacher)
     precision = config.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
