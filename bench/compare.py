@@ -31,20 +31,19 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from common import HERE, before_after_bars, distill_config, distillation_options
 from provenance import git_commit
 
 import tqcompressor as tqc
 from tqcompressor.baselines import keep_layers, layer_drop_plan
 from tqcompressor.checkpoint import factored_modules
 from tqcompressor.data import calibration_ids, text_block_source, tokenize_text
-from tqcompressor.distill import DistillConfig, multistep_distill
+from tqcompressor.distill import multistep_distill
 from tqcompressor.evaluate import evaluate
 from tqcompressor.planning import default_target_modules, tied_embedding
 from tqcompressor.report import table
 from tqcompressor.versions import library_versions
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
 METHODS = ["tq", "kronecker", "svd", "layer_drop", "tq_aware", "svd_aware", "auto"]
 # bench name -> CompressionConfig method, with calibration (tq/kronecker: fitted in the output metric)
 CALIBRATED = {
@@ -58,19 +57,8 @@ CALIBRATED = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratio", type=float, default=0.65)
+    distillation_options(parser, eval_tokens=65536)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, started in this order")
-    parser.add_argument("--train", default=str(DATA / "valid.txt"))
-    parser.add_argument("--test", default=str(DATA / "test.txt"))
-    parser.add_argument("--eval-tokens", type=int, default=65536)
-    parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--kd-steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--calibration-tokens", type=int, default=8192)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--auto-methods",
         default=None,
@@ -110,14 +98,7 @@ def main() -> None:
     loaded = tqc.load_model(args.model)
     teacher = copy.deepcopy(loaded.model).to(args.device)
     ids = tokenize_text(args.test, loaded.tokenizer, args.eval_tokens)
-    config = DistillConfig(
-        steps=args.kd_steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        lr=args.lr,
-        checkpoint_every=10**9,
-        log_every=10,
-    )
+    config = distill_config(args)
     blocks = text_block_source(args.train, loaded.tokenizer, args.seq_len)
     eval_kwargs = dict(context=args.context, tokenizer=loaded.tokenizer, batch_size=8 if args.device != "cpu" else 4)
     t0 = time.perf_counter()
@@ -300,36 +281,16 @@ def mergeable(earlier: dict, result: dict) -> dict:
 
 def plot(result: dict, path: Path) -> None:
     """Grouped bars per method: perplexity right after compression and after KD (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(result["methods"])
-    x = range(len(methods))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    before = [result["methods"][m]["ppl_compressed"] for m in methods]
-    after = [result["methods"][m]["ppl_distilled"] for m in methods]
-    ax.bar([i - 0.2 for i in x], before, width=0.4, label="after compression", color="#bbbbbb")
-    bars = ax.bar([i + 0.2 for i in x], after, width=0.4, label="after KD", color="#1f77b4")
-    for bar, value in zip(bars, after):
-        ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
-    ax.axhline(
-        result["teacher"]["perplexity"],
-        color="black",
-        linestyle="--",
-        label=f"teacher {result['teacher']['perplexity']:.1f} ({result['teacher']['params'] / 1e6:.0f}M)",
+    methods = result["methods"]
+    teacher = result["teacher"]
+    before_after_bars(
+        path,
+        {m: (r["ppl_compressed"], r["ppl_distilled"]) for m, r in methods.items()},
+        [f"{m}\n{r['params'] / 1e6:.1f}M" for m, r in methods.items()],
+        (teacher["perplexity"], f"teacher {teacher['perplexity']:.1f} ({teacher['params'] / 1e6:.0f}M)"),
+        f"{Path(result['model']).name} at {result['ratio']:.0%} params, {result['kd_tokens'] / 1e6:.1f}M KD tokens",
+        "after compression",
     )
-    ax.set_xticks(list(x), [f"{m}\n{result['methods'][m]['params'] / 1e6:.1f}M" for m in methods])
-    ax.set_yscale("log")
-    ax.set_ylabel("WikiText-2 test perplexity (log)")
-    name = Path(result["model"]).name
-    ax.set_title(f"{name} at {result['ratio']:.0%} params, {result['kd_tokens'] / 1e6:.1f}M KD tokens", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from common import HERE, calibrated_options
 from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
@@ -30,20 +31,11 @@ from tqcompressor.planning import default_target_modules, tied_embedding
 from tqcompressor.report import table
 from tqcompressor.versions import library_versions
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratio", type=float, default=0.65)
+    calibrated_options(parser, eval_tokens=16384)
     parser.add_argument("--methods", default="svd", help="auto's menu (comma-separated structures)")
-    parser.add_argument("--calibration", default=str(DATA / "valid.txt"))
-    parser.add_argument("--calibration-tokens", type=int, default=8192)
-    parser.add_argument("--test", default=str(DATA / "test.txt"))
-    parser.add_argument("--eval-tokens", type=int, default=16384)
-    parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "embedding.json")
     args = parser.parse_args()
     commit = git_commit()  # the code this run imports now

@@ -28,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from common import HERE, distill_config, distillation_options, pyplot
 from compare import bad_input, chosen_methods, compressed_students, layer_types
 from provenance import git_commit
 
@@ -38,27 +39,14 @@ from tqcompressor.evaluate import evaluate
 from tqcompressor.report import table
 from tqcompressor.versions import library_versions
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratio", type=float, default=0.65)
+    distillation_options(parser, eval_tokens=8192, kd_steps=False)
     parser.add_argument("--methods", default="tq_aware,svd_aware,layer_drop,auto")
     parser.add_argument("--kd-tokens", type=int, default=102400, help="the whole run's KD tokens (the last point)")
     parser.add_argument("--points", default="25600,51200", help="KD tokens to stop at and evaluate before the last")
-    parser.add_argument("--train", default=str(DATA / "valid.txt"))
-    parser.add_argument("--test", default=str(DATA / "test.txt"))
-    parser.add_argument("--eval-tokens", type=int, default=8192)
-    parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--auto-methods", default="svd", help="structures auto may choose (the CLI's default)")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "kd_scaling.json")
     parser.add_argument("--work", type=Path, default=Path("runs/kd_scaling"))
     args = parser.parse_args()
@@ -76,14 +64,8 @@ def main() -> None:
     loaded = tqc.load_model(args.model)
     teacher = copy.deepcopy(loaded.model).to(args.device)
     ids = tokenize_text(args.test, loaded.tokenizer, args.eval_tokens)
-    config = DistillConfig(
-        steps=stops[-1],
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        lr=args.lr,
-        checkpoint_every=stops[0],  # every stop is a multiple of the first (stop_steps checks)
-        log_every=10,
-    )
+    # every stop is a multiple of the first (stop_steps checks): checkpoint there
+    config = distill_config(args, steps=stops[-1], checkpoint_every=stops[0])
     blocks = text_block_source(args.train, loaded.tokenizer, args.seq_len)
     measure = lambda student: evaluate(  # noqa: E731 - one protocol for every point
         student.eval(), ids, context=args.context, tokenizer=loaded.tokenizer, teacher=teacher, progress=False
@@ -175,11 +157,7 @@ def point(metrics: dict) -> dict:
 
 def plot(result: dict, path: Path) -> None:
     """Perplexity against KD tokens (log axis; the one-shot student at the left edge), one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     first = min(p["tokens"] for r in result["methods"].values() for p in r["curve"] if p["tokens"])
     for method, record in result["methods"].items():

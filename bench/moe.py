@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import DATA, HERE, before_after_bars
 from provenance import git_commit
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -42,8 +43,6 @@ from tqcompressor.experts import LinearExperts, split_experts
 from tqcompressor.report import table
 from tqcompressor.versions import library_versions
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
 METHODS = ["svd", "kronecker", "tq", "svd_aware", "auto"]
 CALIBRATED = {"svd_aware": "svd", "auto": "auto"}
 
@@ -336,35 +335,16 @@ def print_tables(result: dict) -> None:
 
 def plot(result: dict, path: Path) -> None:
     """Perplexity per method, one-shot and after KD (log scale), with the teacher's as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(result["methods"])
-    x = range(len(methods))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    before = [result["methods"][m]["ppl_one_shot"] for m in methods]
-    after = [result["methods"][m]["ppl_distilled"] for m in methods]
-    ax.bar([i - 0.2 for i in x], before, width=0.4, label="one-shot", color="#bbbbbb")
-    bars = ax.bar([i + 0.2 for i in x], after, width=0.4, label="after KD", color="#1f77b4")
-    for bar, value in zip(bars, after):
-        ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
-    teacher = result["teacher"]
-    ax.axhline(teacher["perplexity"], color="black", linestyle="--", label=f"teacher {teacher['perplexity']:.1f}")
-    ax.set_xticks(list(x), [f"{m}\n{result['methods'][m]['params'] / 1e6:.2f}M" for m in methods])
-    ax.set_yscale("log")
-    ax.set_ylabel("WikiText-2 test perplexity (log)")
-    ax.set_title(
+    methods, teacher = result["methods"], result["teacher"]
+    before_after_bars(
+        path,
+        {m: (r["ppl_one_shot"], r["ppl_distilled"]) for m, r in methods.items()},
+        [f"{m}\n{r['params'] / 1e6:.2f}M" for m, r in methods.items()],
+        (teacher["perplexity"], f"teacher {teacher['perplexity']:.1f}"),
         f"Tiny Qwen3-MoE ({teacher['experts']} experts, top-{teacher['top_k']}, {teacher['params'] / 1e6:.1f}M) "
         f"at {float(result['settings']['ratio']):.0%}",
-        fontsize=10,
+        "one-shot",
     )
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

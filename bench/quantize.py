@@ -30,12 +30,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import HERE, distill_config, distillation_options, pyplot
 from provenance import git_commit
 
 import tqcompressor as tqc
 from tqcompressor.calibration import calibrate
 from tqcompressor.data import calibration_ids, text_block_source, tokenize_text
-from tqcompressor.distill import DistillConfig, multistep_distill
+from tqcompressor.distill import multistep_distill
 from tqcompressor.evaluate import evaluate
 from tqcompressor.footprint import interleaved, memory_bytes
 from tqcompressor.quantization import QuantizeSettings
@@ -44,8 +45,6 @@ from tqcompressor.report import table
 from tqcompressor.surgery import find_target_modules
 from tqcompressor.versions import library_versions
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
 FORMATS = {
     "fp32": None,
     "int8": QuantizeSettings(8),
@@ -57,18 +56,7 @@ FORMATS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["quality", "speed"], default="quality")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratio", type=float, default=0.65)
-    parser.add_argument("--train", default=str(DATA / "valid.txt"))
-    parser.add_argument("--test", default=str(DATA / "test.txt"))
-    parser.add_argument("--eval-tokens", type=int, default=65536)
-    parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--kd-steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--calibration-tokens", type=int, default=8192)
-    parser.add_argument("--device", default="cpu")
+    distillation_options(parser, eval_tokens=65536)
     parser.add_argument("--prompt-tokens", type=int, default=512, help="speed: prefill prompt length (batch 1)")
     parser.add_argument("--new-tokens", type=int, default=32, help="speed: greedy tokens generated")
     parser.add_argument("--repeats", type=int, default=5, help="speed: interleaved repeats (median)")
@@ -125,14 +113,7 @@ def compressed_student(loaded, args) -> torch.nn.Module:
     student = tqc.compress(base, config, calibration=stats)[0]
     if args.part == "speed":
         return student.eval()
-    kd = DistillConfig(
-        steps=args.kd_steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        lr=args.lr,
-        checkpoint_every=10**9,
-        log_every=10,
-    )
+    kd = distill_config(args)
     teacher = copy.deepcopy(loaded.model).to(args.device)
     blocks = text_block_source(args.train, loaded.tokenizer, args.seq_len)
     student = multistep_distill(
@@ -234,11 +215,7 @@ def print_table(result: dict) -> None:
 
 def plot(result: dict, path: Path) -> None:
     """Perplexity against the weights file's size, one curve per family (fp32 -> int8 -> int4)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for family, color in (("teacher", "black"), ("svd_aware", "#1f77b4")):
         rows = sorted(

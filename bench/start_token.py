@@ -17,6 +17,7 @@ import platform
 import time
 from pathlib import Path
 
+from common import HERE, eval_options
 from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
@@ -25,16 +26,10 @@ from tqcompressor.evaluate import evaluate
 from tqcompressor.report import table
 from tqcompressor.versions import library_versions
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--test", default=str(DATA / "test.txt"))
-    parser.add_argument("--eval-tokens", type=int, default=16384)
-    parser.add_argument("--context", type=int, default=512)
+    eval_options(parser, eval_tokens=16384, model="gemma3-270m")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "start-token.json")
     args = parser.parse_args()
     commit = git_commit()  # the code this run imports now

@@ -1,0 +1,100 @@
+"""What the bench scripts share: where things are, the options every measurement of a compressed
+SmolLM2 takes, and the before/after bar plot. (What a result file records about the code:
+:mod:`provenance`.)"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
+
+
+def eval_options(parser: argparse.ArgumentParser, eval_tokens: int, model: str = "smollm2-135m") -> None:
+    """``--model``, and perplexity on ``--eval-tokens`` of ``--test`` in windows of ``--context``."""
+    parser.add_argument("--model", default=model)
+    parser.add_argument("--test", default=str(DATA / "test.txt"))
+    parser.add_argument("--eval-tokens", type=int, default=eval_tokens)
+    parser.add_argument("--context", type=int, default=512)
+
+
+def calibrated_options(parser: argparse.ArgumentParser, eval_tokens: int) -> None:
+    """:func:`eval_options`, plus ``--ratio`` and ``--calibration-tokens`` of ``--calibration``
+    (one-shot measurements: calibrate, compress, evaluate)."""
+    eval_options(parser, eval_tokens)
+    parser.add_argument("--ratio", type=float, default=0.65)
+    parser.add_argument("--calibration", default=str(DATA / "valid.txt"))
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
+
+
+def distillation_options(parser: argparse.ArgumentParser, eval_tokens: int, kd_steps: bool = True) -> None:
+    """:func:`eval_options`, plus ``--ratio`` and the protocol of ``compare.json``: calibration and
+    distillation on ``--train``, ``--kd-steps`` (unless the script counts KD otherwise) of
+    ``--batch-size`` blocks of ``--seq-len`` tokens at peak ``--lr``, on ``--device``."""
+    eval_options(parser, eval_tokens)
+    parser.add_argument("--ratio", type=float, default=0.65)
+    parser.add_argument("--train", default=str(DATA / "valid.txt"))
+    if kd_steps:
+        parser.add_argument("--kd-steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--device", default="cpu")
+
+
+def distill_config(args: argparse.Namespace, steps: int | None = None, checkpoint_every: int = 10**9):
+    """The :class:`~tqcompressor.distill.DistillConfig` of :func:`distillation_options` (``steps``
+    instead of ``--kd-steps`` where given); no checkpoint unless asked: a bench run is one go."""
+    from tqcompressor.distill import DistillConfig
+
+    return DistillConfig(
+        steps=steps or args.kd_steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        checkpoint_every=checkpoint_every,
+        log_every=10,
+    )
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files only (no display on a server)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def before_after_bars(
+    path: Path,
+    bars: dict[str, tuple[float, float]],
+    tick_labels: list[str],
+    teacher: tuple[float, str],
+    title: str,
+    before_label: str,
+) -> None:
+    """Grouped bars per method, perplexity before and after KD (log scale), the after-KD value
+    written on its bar, the teacher's perplexity as a dashed line; ``bars``: method -> (before, after),
+    ``teacher``: (perplexity, its legend label)."""
+    plt = pyplot()
+    x = range(len(bars))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    before, after = [b for b, _ in bars.values()], [a for _, a in bars.values()]
+    ax.bar([i - 0.2 for i in x], before, width=0.4, label=before_label, color="#bbbbbb")
+    drawn = ax.bar([i + 0.2 for i in x], after, width=0.4, label="after KD", color="#1f77b4")
+    for bar, value in zip(drawn, after):
+        ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
+    ax.axhline(teacher[0], color="black", linestyle="--", label=teacher[1])
+    ax.set_xticks(list(x), tick_labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("WikiText-2 test perplexity (log)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
