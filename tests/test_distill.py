@@ -253,6 +253,8 @@ def test_resumed_calibrated_svd_run_fits_later_stages_activation_aware(tmp_path,
         ("--seq-len", "0", "seq-len must be positive, got 0"),
         ("--grad-accum", "0", "grad-accum must be positive, got 0"),
         ("--checkpoint-every", "0", "checkpoint-every must be positive, got 0"),
+        ("--temperature", "0", "temperature must be positive, got 0.0"),
+        ("--alpha-blocks", "-1", "alpha-blocks must be 0 or more, got -1.0"),
     ],
 )
 def test_distillation_settings_that_cannot_work_get_one_line(tmp_path, gpt2_dir, option, value, message):

@@ -43,6 +43,12 @@ DISTILL_OPTIONS = {
     "seed": (int, 0, "seed of the student's training run"),
     "log_every": (int, 10, "optimizer steps between records in metrics.jsonl"),
     "teacher_dtype": (str, "fp32", "the teacher's weights in training: fp32 | bf16 | fp16 (half the memory)"),
+    "temperature": (float, recipe.TEMPERATURE, "softmax temperature of the KL term"),
+    "alpha_blocks": (
+        float,
+        recipe.ALPHA_BLOCKS,
+        "weight of matching every block's output to the teacher's (0: off; the student needs the teacher's depth)",
+    ),
 }
 
 
