@@ -141,10 +141,14 @@ def check_same_depth(student, teacher) -> None:
     work, a student of another depth (layer dropping)."""
     depths = [getattr(getattr(m, "config", None), "num_hidden_layers", None) for m in (student, teacher)]
     if None not in depths and depths[0] != depths[1]:
-        raise TQCError(
-            f"alpha-blocks matches block outputs, but the student has {depths[0]} blocks and the teacher "
-            f"{depths[1]} (layer dropping changes the depth): set alpha-blocks to 0"
-        )
+        raise _depth_mismatch(*depths)
+
+
+def _depth_mismatch(student_blocks: int, teacher_blocks: int) -> TQCError:
+    return TQCError(
+        f"alpha-blocks matches block outputs, but the student has {student_blocks} blocks and the teacher "
+        f"{teacher_blocks} (layer dropping changes the depth): set alpha-blocks to 0"
+    )
 
 
 def block_matching_loss(student_states, teacher_states) -> torch.Tensor:
@@ -152,11 +156,8 @@ def block_matching_loss(student_states, teacher_states) -> torch.Tensor:
     output (layer-wise distillation as in ZipLM): a compressed student keeps the teacher's depth and
     width, so each block gets a target of its own instead of one signal at the end. Normalised per
     token, because a few tokens (the first, above all) carry hidden states far larger than the rest."""
-    if len(student_states) != len(teacher_states):
-        raise TQCError(
-            f"alpha-blocks matches block outputs, but the student has {len(student_states) - 1} blocks and the "
-            f"teacher {len(teacher_states) - 1} (layer dropping changes the depth): set alpha-blocks to 0"
-        )
+    if len(student_states) != len(teacher_states):  # hidden states: the embeddings' output, then each block's
+        raise _depth_mismatch(len(student_states) - 1, len(teacher_states) - 1)
     terms = [
         ((s.float() - t.float()).pow(2).sum(-1) / t.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
         for s, t in zip(student_states[1:], teacher_states[1:], strict=True)
