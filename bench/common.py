@@ -5,10 +5,17 @@ SmolLM2 takes, and the before/after bar plot. (What a result file records about 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
+
+
+def bad_input(message: str) -> None:
+    """One line on stderr and exit status 2, as the CLI answers bad input."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
 
 
 def eval_options(parser: argparse.ArgumentParser, eval_tokens: int, model: str = "smollm2-135m") -> None:

@@ -25,13 +25,12 @@ import json
 import multiprocessing
 import os
 import platform
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
-from common import HERE, before_after_bars, distill_config, distillation_options
+from common import HERE, bad_input, before_after_bars, distill_config, distillation_options
 from provenance import git_commit
 
 import tqcompressor as tqc
@@ -182,12 +181,6 @@ def main() -> None:
         f"KD: {result['kd_tokens']:,} tokens of {result['kd_data']} per method; eval: {result['eval']}; "
         f"wrote {args.out}"
     )
-
-
-def bad_input(message: str) -> None:
-    """One line on stderr and exit status 2, as the CLI answers bad input."""
-    print(message, file=sys.stderr)
-    raise SystemExit(2)
 
 
 def chosen_methods(text: str) -> list[str]:

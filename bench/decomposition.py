@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import DATA
 from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
@@ -40,7 +41,6 @@ from tqcompressor.report import table
 from tqcompressor.versions import library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 WHOLE_MODEL_METHODS = ["tq", "kronecker", "svd", "tq_aware", "svd_aware", "auto_weights", "auto"]
 CALIBRATED = {
     "tq_aware": "tq",

@@ -28,8 +28,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import HERE, distill_config, distillation_options, pyplot
-from compare import bad_input, chosen_methods, compressed_students, layer_types
+from common import HERE, bad_input, distill_config, distillation_options, pyplot
+from compare import chosen_methods, compressed_students, layer_types
 from provenance import git_commit
 
 import tqcompressor as tqc

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import DATA, HERE
 from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
@@ -40,9 +41,6 @@ from tqcompressor.planning import find_target_modules
 from tqcompressor.report import table
 from tqcompressor.structures.kronecker import KroneckerFactors, input_rms, scaled_kronecker
 from tqcompressor.versions import library_versions
-
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data" / "wikitext-2"
 
 
 def fits(weight: torch.Tensor, stats, b_shape: tuple[int, int]) -> tuple[dict[str, tuple[torch.Tensor, float]], dict]:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from common import HERE
 
 
 def git_commit() -> str:

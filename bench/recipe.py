@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 import torch
-from provenance import HERE, git_commit
+from common import DATA, HERE
+from provenance import git_commit
 
 from tqcompressor.config import CompressionConfig
 from tqcompressor.distill import DistillConfig, multistep_distill
@@ -43,7 +44,6 @@ from tqcompressor.report import table
 from tqcompressor.surgery import apply_plan
 from tqcompressor.versions import library_versions
 
-DATA = HERE.parent.parent / "shared" / "data" / "wikitext-2"
 RUNS = [  # distillation points; the same total number of optimizer steps each
     {"teacher_fraction": 0.0, "stages": 1, "lr": 3e-4},
     {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4},

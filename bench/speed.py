@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import HERE
 from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
 from transformers.pytorch_utils import Conv1D
 
@@ -33,7 +34,6 @@ from tqcompressor.footprint import interleaved, sync
 from tqcompressor.report import table
 from tqcompressor.versions import library_versions
 
-HERE = Path(__file__).resolve().parent
 # Per-layer timing: one block's matrices of each distinct shape, by architecture.
 SAMPLE_LAYERS = {
     "llama": (

@@ -676,9 +676,11 @@ class Kronecker(Structure):
         self.auto_embeddings = not search and not pruning
         self.offers_candidates = not pruning
         searched = ", permutations searched in the same metric" if search else ""
-        self.calibrated_note = f" (factors fitted to the outputs on the calibration text by least squares{searched})"
-        if pruning:
-            self.calibrated_note = " (sub-matrices kept by their energy on the calibration text's inputs)"
+        self.calibrated_note = (
+            " (sub-matrices kept by their energy on the calibration text's inputs)"
+            if pruning
+            else f" (factors fitted to the outputs on the calibration text by least squares{searched})"
+        )
 
     def check(self, settings: KroneckerSettings, shape: tuple[int, int]) -> None:
         complete_shapes(shape, settings.a_shape, settings.b_shape)
