@@ -207,6 +207,20 @@ def test_cli_distill_bad_inputs(tmp_path, gpt2_dir, tokenizer):
         "--resume",
     )
     assert r.returncode == 2 and "nothing to resume" in r.stderr
+    # block matching with a layer-dropped student: refused before the teacher samples any data
+    from tqcompressor.baselines import keep_layers
+
+    dropped = tiny_gpt2(vocab_size=len(tokenizer))
+    keep_layers(dropped, [0])
+    tqc.save(dropped, tmp_path / "dropped")
+    args = ["--teacher", str(gpt2_dir), "--student", str(tmp_path / "dropped"), "--out", str(tmp_path / "o3")]
+    r = run("distill", *args, "--seq-len", "32", "--alpha-blocks", "1")
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert r.returncode == 2 and errors == [  # one line (beside transformers' weight-loading bar)
+        "error: alpha-blocks matches block outputs, but the student has 1 blocks and the teacher 2 "
+        "(layer dropping changes the depth): set alpha-blocks to 0"
+    ]
+    assert not list((tmp_path / "o3").glob("teacher_samples*"))
 
 
 def test_resumed_calibrated_svd_run_fits_later_stages_activation_aware(tmp_path, tokenizer):

@@ -334,7 +334,7 @@ def distill(
 ) -> None:
     """Distill a compressed student from its teacher (single stage)."""
     from tqcompressor.checkpoint import load, save
-    from tqcompressor.distill import multistep_distill
+    from tqcompressor.distill import check_same_depth, multistep_distill
     from tqcompressor.models import load_model
     from tqcompressor.pipeline import block_source_for, check_student_matches_teacher, data_name
     from tqcompressor.quantize import check_not_quantized
@@ -346,6 +346,8 @@ def distill(
     check_not_quantized(student_model, "distillation")
     loaded = load_model(teacher)
     check_student_matches_teacher(student_model, loaded.model)
+    if kd.alpha_blocks > 0:  # before sampling any distillation data from the teacher
+        check_same_depth(student_model, loaded.model)
     _check_seq_len(loaded.model, kd.seq_len)
     blocks = block_source_for(data, loaded, kd, out, fraction, teacher_fraction, teacher_pool=teacher_pool)
     result = multistep_distill(
