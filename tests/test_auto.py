@@ -88,7 +88,7 @@ def test_menu_errors_match_real_decompositions():
     from tqcompressor.decompose import relative_error
 
     w = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
-    menu, _ = candidate_menu(w)
+    menu, _ = candidate_menu(w, methods=["svd", "kronecker"])  # with tq too, kronecker's are left out
     checked = set()
     for c in menu:
         if c.method == "svd":
@@ -110,7 +110,8 @@ def test_menu_output_errors_match_real_decompositions():
     w = torch.randn(32, 48, generator=g, dtype=torch.float64)
     x = torch.randn(500, 48, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, 48, dtype=torch.float64)
     cov = x.T @ x / len(x)
-    menu, searches = candidate_menu(w, cov)
+    menu, searches = candidate_menu(w, cov, methods=["svd", "tq"])
+    menu += candidate_menu(w, cov, methods=["kronecker"])[0]
     checked = set()  # the menu measures with the slightly damped covariance: agree to 1e-4
     for c in menu:
         if c.method == "svd" and c.settings["rank"] == 3:
@@ -125,6 +126,27 @@ def test_menu_output_errors_match_real_decompositions():
             assert abs(output_error(w, f.to_dense(), cov) - c.error) < 1e-4
             checked.add("tq")
     assert checked == {"svd", "kronecker", "tq"}
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_menu_leaves_out_kronecker_when_tq_covers_it(calibrated):
+    """tq's candidates start from kronecker's fit at the same sizes, so with both on the menu only
+    tq's are measured, and each is at least as good as kronecker's would have been."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 48, generator=g, dtype=torch.float64)
+    cov = None
+    if calibrated:
+        x = torch.randn(500, 48, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, 48, dtype=torch.float64)
+        cov = x.T @ x / len(x)
+    both, _ = candidate_menu(w, cov, methods=["tq", "kronecker"])
+    assert {c.method for c in both} == {"tq", "dense"}
+
+    def errors(menu, method):
+        return {(tuple(c.settings["b_shape"]), c.settings["rank"]): c.error for c in menu if c.method == method}
+
+    plain, tq = errors(candidate_menu(w, cov, methods=["kronecker"])[0], "kronecker"), errors(both, "tq")
+    assert plain and plain.keys() == tq.keys()
+    assert all(tq[key] <= plain[key] + 1e-4 for key in plain)
 
 
 def test_calibrated_auto_weighs_layers_by_loss_and_installs_aware_factors():

@@ -52,6 +52,22 @@ def test_tq_never_worse_than_kronecker_on_random_matrix():
     assert relative_error(w, tq.to_dense()) <= relative_error(w, plain.to_dense()) + 1e-6
 
 
+def test_auto_starts_still_find_planted_structure_and_skip_only_starts_that_begin_behind():
+    from tqcompressor.structures.kronecker import AUTO_STARTS
+
+    w = scrambled_kronecker(16, 16, 2, 4, seed=4).double()
+    found = permuted_kronecker(w, (16, 16), (2, 4), 1, start_names=AUTO_STARTS, skip_worse_starts=True)
+    assert found.history[-1] < 1e-6  # the spectral start still runs: it begins ahead
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 32, generator=g, dtype=torch.float64)
+    every = permuted_kronecker(w, (12, 8), (2, 4), 2, start_names=AUTO_STARTS)
+    skipping = permuted_kronecker(w, (12, 8), (2, 4), 2, start_names=AUTO_STARTS, skip_worse_starts=True)
+    similarity = permuted_kronecker(w, (12, 8), (2, 4), 2, start_names=("similarity",))
+    assert skipping.history[-1] <= similarity.history[-1] and skipping.history[-1] >= every.history[-1]
+    with pytest.raises(ValueError, match="unknown search start 'random'"):
+        permuted_kronecker(w, (12, 8), (2, 4), 2, start_names=("random",))
+
+
 def test_tq_is_deterministic():
     w = torch.randn(32, 24, generator=torch.Generator().manual_seed(3))
     f1, f2 = decompose(w, "tq", b_shape=(2, 2), rank=2), decompose(w, "tq", b_shape=(2, 2), rank=2)

@@ -49,16 +49,23 @@ def candidate_menu(
 ) -> tuple[list[Candidate], dict]:
     """Every structure's candidates for one matrix (only those named in ``methods``, keeping the
     layer dense always included; for an ``embedding`` table only the structures ``auto``
-    measures on one), and per structure the state its ``fit_candidate`` reuses (e.g. the permutation searches).
+    measures on one; none of a structure whose candidates another measured one includes, see
+    ``Structure.covered_by``), and per structure the state its ``fit_candidate`` reuses (e.g. the
+    permutation searches).
 
     Errors are relative Frobenius errors of the weight, or, given the covariance of the layer's
     inputs, relative *output* errors (and the SVD candidates are then activation-aware)."""
     sketch = OutputSketch(input_cov) if input_cov is not None else None
+    measured = [
+        structure
+        for structure in all_structures()
+        if not structure.compresses
+        or ((methods is None or structure.name in methods) and (structure.auto_embeddings or not embedding))
+    ]
+    names = {structure.name for structure in measured}
     menu, states = [], {}
-    for structure in all_structures():
-        if methods is not None and structure.compresses and structure.name not in methods:
-            continue
-        if embedding and structure.compresses and not structure.auto_embeddings:
+    for structure in measured:
+        if structure.covered_by in names:
             continue
         candidates, states[structure.name] = structure.candidates(weight, sketch, max_iterations)
         menu += candidates

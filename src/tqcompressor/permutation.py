@@ -15,6 +15,8 @@ from torch import Tensor
 
 from tqcompressor.decompose import damped_cov, kronecker_sum, nearest_kronecker, output_metric_kronecker, relative_error
 
+SEARCH_STARTS = ("identity", "spectral", "similarity")  # permuted_kronecker's built-in start points
+
 
 class PermutedKronecker(NamedTuple):
     """``W[row_perm][:, col_perm] ~= sum_k A_k (x) B_k``; ``history``: relative error after each accepted step."""
@@ -33,6 +35,8 @@ def permuted_kronecker(
     rank: int = 1,
     max_iterations: int = 20,
     starts: list[tuple[Tensor, Tensor]] | None = None,
+    start_names: tuple[str, ...] = SEARCH_STARTS,
+    skip_worse_starts: bool = False,
 ) -> PermutedKronecker:
     """Search row and column permutations that make ``weight`` closest to a Kronecker sum.
 
@@ -49,30 +53,48 @@ def permuted_kronecker(
     reads the Kronecker index structure off the singular vectors of ``W`` (exact for a scrambled
     ``A (x) B``); and a similarity grouping that puts rows (columns) pointing the same way into
     one small block of ``B``, which is what makes trained weights fit the structure best.
-    ``starts``: more ``(row_perm, col_perm)`` start points (e.g. the permutations found earlier).
+    ``starts``: more ``(row_perm, col_perm)`` start points (e.g. the permutations found earlier);
+    ``start_names``: which of the three built-in starts to use (:func:`search_start`), in order;
+    ``skip_worse_starts``: search from a later start only if its fit before any search is already
+    better than the best search so far (auto's menu: on SmolLM2's matrices no start that began
+    behind ended ahead, ``bench/results/permutation-starts.json``).
 
     The search is local: from a start with a few labels wrong it finds a planted structure; from
     scratch only a noiseless single product is found for certain (measured in
     ``bench/decomposition.py --planted``).
     """
     w = weight.detach().to(torch.float64)
-    m, n = w.shape
-    (m1, n1), (m2, n2) = a_shape, b_shape
-    starts = [
-        (torch.arange(m), torch.arange(n)),
-        spectral_grouping(w, a_shape, b_shape),
-        (
-            similarity_grouping(w, m2) if m1 > 1 else torch.arange(m),
-            similarity_grouping(w.T, n2) if n1 > 1 else torch.arange(n),
-        ),
-        *(starts or []),
-    ]
+    starts = [search_start(name, w, a_shape, b_shape) for name in start_names] + list(starts or [])
     best: PermutedKronecker | None = None
     for row_perm, col_perm in starts:
+        if skip_worse_starts and best is not None:
+            permuted = w[row_perm][:, col_perm]
+            if (
+                relative_error(permuted, kronecker_sum(*nearest_kronecker(permuted, a_shape, b_shape, rank)))
+                >= best.history[-1]
+            ):
+                continue
         result = _alternate(w, a_shape, b_shape, rank, row_perm, col_perm, max_iterations)
         if best is None or result.history[-1] < best.history[-1]:
             best = result
     return best
+
+
+def search_start(name: str, w: Tensor, a_shape: tuple[int, int], b_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """One of :func:`permuted_kronecker`'s built-in start points ``(row_perm, col_perm)``:
+    ``identity``, ``spectral`` (:func:`spectral_grouping`) or ``similarity`` (rows, and columns,
+    pointing the same way grouped into one block of B: :func:`similarity_grouping`)."""
+    (m, n), (m1, n1), (m2, n2) = w.shape, a_shape, b_shape
+    if name == "identity":
+        return torch.arange(m), torch.arange(n)
+    if name == "spectral":
+        return spectral_grouping(w, a_shape, b_shape)
+    if name == "similarity":
+        return (
+            similarity_grouping(w, m2) if m1 > 1 else torch.arange(m),
+            similarity_grouping(w.T, n2) if n1 > 1 else torch.arange(n),
+        )
+    raise ValueError(f"unknown search start {name!r}; the starts are {', '.join(SEARCH_STARTS)}")
 
 
 def _alternate(w, a_shape, b_shape, rank, row_perm, col_perm, max_iterations) -> PermutedKronecker:

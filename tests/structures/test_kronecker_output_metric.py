@@ -82,6 +82,18 @@ def test_identity_covariance_reaches_the_van_loan_optimum_from_a_random_start():
     assert abs(history[-1] - optimum) < 1e-6
 
 
+def test_single_precision_solves_reach_the_same_error_and_are_exact_about_it():
+    """auto's candidates factor the systems in float32: the fit moves only at second order in the
+    solve's error, and the error it reports is still the exact float64 one of the factors it returns."""
+    w, cov, _ = problem(m1=8, n1=12, m2=2, n2=4, seed=5)
+    a0, b0 = nearest_kronecker(w, (8, 12), (2, 4), 3)
+    a64, b64, h64 = output_metric_kronecker(w, cov, a0, b0, max_iterations=5, tolerance=0.0)
+    a32, b32, h32 = output_metric_kronecker(w, cov, a0, b0, max_iterations=5, tolerance=0.0, solve_dtype=torch.float32)
+    assert a32.dtype == b32.dtype == torch.float64
+    assert abs(h32[-1] - h64[-1]) <= 1e-4 * h64[-1] and h32[-1] < h32[0]
+    assert abs(output_error(w, kronecker_sum(a32, b32), damped(cov)) - h32[-1]) < 1e-9
+
+
 def test_stops_on_relative_improvement():
     w, cov, _ = problem(seed=3)
     a0, b0 = nearest_kronecker(w, (3, 2), (2, 3), 1)

@@ -63,6 +63,7 @@ class Structure:
     calibrated_note: str = ""  # added to a layer's reason when its fit used calibration statistics
     calibrated_in_run: bool = False  # `tqc run` calibrates it on the distillation data before planning
     offers_candidates: bool = True  # False: a start to distil from, which auto's one-shot errors would misjudge
+    covered_by: str = ""  # auto skips this structure's candidates when that one's are measured (they include them)
 
     # -- settings ---------------------------------------------------------------------------
     def make_settings(self, fields: dict[str, Any]) -> Any:

@@ -41,9 +41,14 @@ MAX_RANK = 8
 # cheaper); with m2 = 1 that is about its parameter fraction, so the layer gets faster as it gets
 # smaller (with a 3x3 B and rank 5 it costs 1.7x the dense layer).
 SPEED_B_WIDTHS = (2, 3, 4, 6, 8, 9, 12, 16)
-# auto's menu: B shapes and ranks measured per matrix
-AUTO_B_SHAPES = ((2, 4), (4, 2), (1, 2), (2, 2))
+# auto's menu: B shapes and ranks measured per matrix. No 2x2: its rank r has the parameters of
+# 2x4 and 4x2 at rank 2r (measured without it: decomposition-auto-menu-after.json).
+AUTO_B_SHAPES = ((2, 4), (4, 2), (1, 2))
 AUTO_RANKS = (1, 2, 3, 4, 6, 8)
+# the permutation search's starts for auto's menu: the identity is measured apart; the similarity
+# start won every search on SmolLM2's matrices, the spectral one finds planted structure
+# (bench/results/permutation-starts.json), and is searched from only when it starts ahead
+AUTO_STARTS = ("similarity", "spectral")
 OUTPUT_SEARCH_ROUNDS = 3  # permutation rounds in the output metric (each costs a least-squares refit)
 AUTO_LEAST_SQUARES_STEPS = 3  # with calibration: output-metric refinement of each tq candidate (most of the gain)
 
@@ -675,6 +680,9 @@ class Kronecker(Structure):
         # on SmolLM2's 49152 x 576 table; auto offers tables plain Kronecker, svd and dense
         self.auto_embeddings = not search and not pruning
         self.offers_candidates = not pruning
+        # tq's candidates start from kronecker's (unpermuted) fit and keep it unless a permutation
+        # or a refit does better: measuring both would only double the cost
+        self.covered_by = "tq" if not search and not pruning else ""
         searched = ", permutations searched in the same metric" if search else ""
         self.calibrated_note = (
             " (sub-matrices kept by their energy on the calibration text's inputs)"
@@ -765,7 +773,9 @@ class Kronecker(Structure):
             errors = kronecker_errors(w, a_shape, b_shape, usable, *identity, sketch)
             starts.update({(b_shape, r): identity for r in usable})
             if self.search:
-                found = permuted_kronecker(w, a_shape, b_shape, max(usable), max_iterations)
+                found = permuted_kronecker(
+                    w, a_shape, b_shape, max(usable), max_iterations, start_names=AUTO_STARTS, skip_worse_starts=True
+                )
                 permuted = kronecker_errors(w, a_shape, b_shape, usable, found.row_perm, found.col_perm, sketch)
                 for r in usable:
                     if permuted[r] < errors[r]:
@@ -817,7 +827,14 @@ def candidate_factors(
     if cov is None:
         return KroneckerFactors(a, b, rows, cols, [relative_error(permuted, kronecker_sum(a, b))])
     a, b, history = output_metric_kronecker(
-        permuted, cov[cols][:, cols], a, b, AUTO_LEAST_SQUARES_STEPS, tolerance=1e-3, damping=0.0
+        permuted,
+        cov[cols][:, cols],
+        a,
+        b,
+        AUTO_LEAST_SQUARES_STEPS,
+        tolerance=1e-3,
+        damping=0.0,
+        solve_dtype=torch.float32,
     )
     return KroneckerFactors(a, b, rows, cols, [history[-1]])
 
