@@ -12,7 +12,9 @@ the rank closest to half; the others at no more parameters than that):
   output metric;
 * ``tq_aware``: calibrated ``tq``: permutations searched in the output metric as well;
 * ``tq_lowrank``: ``tq_lowrank`` with calibration (half the parameters to the Kronecker part,
-  half to the residual; both refitted alternately in the output metric).
+  half to the residual; both refitted alternately in the output metric);
+* ``tq_aware_any_shape``: calibrated ``tq`` at each B shape of ``auto``'s menu (at the largest
+  rank within ``tq_aware``'s parameters), the best of them, as ``auto`` would choose the shape.
 
 The error is the relative output error sqrt(tr(D C D^T) / tr(W C W^T)) with C = E[x x^T] of
 each layer's inputs on --calibration-tokens of WikiText-2 valid. Writes
@@ -39,7 +41,7 @@ from tqcompressor.data import calibration_ids
 from tqcompressor.decompose import output_error, output_metric_kronecker
 from tqcompressor.planning import find_target_modules
 from tqcompressor.report import table
-from tqcompressor.structures.kronecker import KroneckerFactors, input_rms, scaled_kronecker
+from tqcompressor.structures.kronecker import AUTO_B_SHAPES, KroneckerFactors, input_rms, scaled_kronecker
 from tqcompressor.versions import library_versions
 
 
@@ -81,12 +83,31 @@ def fits(weight: torch.Tensor, stats, b_shape: tuple[int, int]) -> tuple[dict[st
     t0 = time.perf_counter()
     fitted = both.fit(weight, both.make_settings({"rank": half, "b_shape": b_shape, "residual_rank": residual}), stats)
     out["tq_lowrank"] = (fitted.to_dense(), time.perf_counter() - t0)
+    shapes = {}  # tq_aware at every B shape of auto's menu, at no more parameters than at b_shape
+    for shape in AUTO_B_SHAPES:
+        shape_term = (m // shape[0]) * (n // shape[1]) + shape[0] * shape[1]
+        shape_rank = min(rank * per_term // shape_term, shape[0] * shape[1] - 1)
+        if m % shape[0] or n % shape[1] or shape_rank < 1:
+            continue
+        structure = tqc.get_structure("tq")
+        t0 = time.perf_counter()
+        fitted = structure.fit(weight, structure.make_settings({"rank": shape_rank, "b_shape": shape}), stats)
+        shapes[shape] = (fitted.to_dense(), time.perf_counter() - t0, shape_rank, shape_rank * shape_term)
+    errors = {shape: output_error(weight, v.to(weight.dtype), stats.input_cov) for shape, (v, *_) in shapes.items()}
+    best = min(errors, key=errors.get)
+    out["tq_aware_any_shape"] = (shapes[best][0], sum(t for _, t, *_ in shapes.values()))
     params = {
         "svd_aware": svd_rank * (m + n),
         **{k: rank * per_term for k in ("tq_rms", "tq_als", "kronecker_aware", "tq_aware")},
         "tq_lowrank": half * per_term + residual * (m + n),
+        "tq_aware_any_shape": shapes[best][3],
     }
     return out, {
+        "any_shape": {
+            "b_shape": list(best),
+            "rank": shapes[best][2],
+            "errors": {f"{p}x{q}": e for (p, q), e in errors.items()},
+        },
         "kronecker_rank": rank,
         "svd_rank": svd_rank,
         "lowrank_split": [half, residual],
@@ -139,7 +160,8 @@ def main() -> None:
         "model": args.model,
         "layers": layers,
         "b_shape": list(b_shape),
-        "sizes": "tq at the rank closest to half the parameters; svd_aware and tq_lowrank at no more parameters",
+        "sizes": "tq at the rank closest to half the parameters; svd_aware, tq_lowrank and tq_aware_any_shape "
+        "at no more parameters",
         "calibration": {"data": Path(args.calibration).name, "tokens": args.calibration_tokens},
         "metric": "relative output error sqrt(tr(D C D^T) / tr(W C W^T)), C = E[x x^T] on the calibration text",
         "matrices": matrices,
