@@ -157,3 +157,14 @@ def test_bench_scripts_answer_an_unknown_method_with_one_line_and_exit_2(capsys)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("unknown method(s) nope; choose from tq, kronecker, svd") and error.count("\n") == 1
+
+
+def test_auto_menus_reads_its_menus_and_answers_bad_ones_with_one_line_and_exit_2(capsys):
+    auto_menus = bench_module("auto_menus")
+    assert auto_menus.parse_menus("svd; svd,tq ;all") == {"svd": ["svd"], "svd,tq": ["svd", "tq"], "all": None}
+    for text, message in [("svd;nope", "--menus: unknown structure 'nope'"), (" ; ", "--menus: name at least one")]:
+        with pytest.raises(SystemExit) as exit_info:
+            auto_menus.parse_menus(text)
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith(message) and error.count("\n") == 1
