@@ -52,18 +52,29 @@ def test_tq_never_worse_than_kronecker_on_random_matrix():
     assert relative_error(w, tq.to_dense()) <= relative_error(w, plain.to_dense()) + 1e-6
 
 
-def test_auto_starts_still_find_planted_structure_and_skip_only_starts_that_begin_behind():
+def test_skipped_starts_still_find_planted_structure_and_never_end_worse_than_kronecker(monkeypatch):
     from tqcompressor.structures.kronecker import AUTO_STARTS
 
     w = scrambled_kronecker(16, 16, 2, 4, seed=4).double()
-    found = permuted_kronecker(w, (16, 16), (2, 4), 1, start_names=AUTO_STARTS, skip_worse_starts=True)
+    found = permuted_kronecker(w, (16, 16), (2, 4), 1, start_names=AUTO_STARTS)
     assert found.history[-1] < 1e-6  # the spectral start still runs: it begins ahead
     g = torch.Generator().manual_seed(5)
     w = torch.randn(24, 32, generator=g, dtype=torch.float64)
-    every = permuted_kronecker(w, (12, 8), (2, 4), 2, start_names=AUTO_STARTS)
-    skipping = permuted_kronecker(w, (12, 8), (2, 4), 2, start_names=AUTO_STARTS, skip_worse_starts=True)
+    every = permuted_kronecker(w, (12, 8), (2, 4), 2, skip_worse_starts=False)
+    skipping = permuted_kronecker(w, (12, 8), (2, 4), 2)
     similarity = permuted_kronecker(w, (12, 8), (2, 4), 2, start_names=("similarity",))
-    assert skipping.history[-1] <= similarity.history[-1] and skipping.history[-1] >= every.history[-1]
+    plain = relative_error(w, kronecker_sum(*nearest_kronecker(w, (12, 8), (2, 4), 2)))
+    assert every.history[-1] <= skipping.history[-1] <= min(similarity.history[-1], plain)
+    # a start given explicitly is always searched from, even one that begins behind
+    import tqcompressor.permutation as permutation
+
+    searched = []
+    alternate = permutation._alternate
+    monkeypatch.setattr(permutation, "_alternate", lambda *args: searched.append(args[4]) or alternate(*args))
+    assert plain >= similarity.history[-1]  # so the identity begins behind the similarity start's end
+    behind = (similarity.row_perm.flip(0), torch.arange(32))
+    permuted_kronecker(w, (12, 8), (2, 4), 2, start_names=("similarity", "identity"), starts=[behind])
+    assert len(searched) == 2 and torch.equal(searched[-1], behind[0])  # identity skipped, the given start not
     with pytest.raises(ValueError, match="unknown search start 'random'"):
         permuted_kronecker(w, (12, 8), (2, 4), 2, start_names=("random",))
 

@@ -45,9 +45,7 @@ SPEED_B_WIDTHS = (2, 3, 4, 6, 8, 9, 12, 16)
 # 2x4 and 4x2 at rank 2r (measured without it: decomposition-auto-menu-after.json).
 AUTO_B_SHAPES = ((2, 4), (4, 2), (1, 2))
 AUTO_RANKS = (1, 2, 3, 4, 6, 8)
-# the permutation search's starts for auto's menu: the identity is measured apart; the similarity
-# start won every search on SmolLM2's matrices, the spectral one finds planted structure
-# (bench/results/permutation-starts.json), and is searched from only when it starts ahead
+# the permutation search's starts for auto's menu: the identity's fit is measured apart
 AUTO_STARTS = ("similarity", "spectral")
 OUTPUT_SEARCH_ROUNDS = 3  # permutation rounds in the output metric (each costs a least-squares refit)
 AUTO_LEAST_SQUARES_STEPS = 3  # with calibration: output-metric refinement of each tq candidate (most of the gain)
@@ -773,9 +771,7 @@ class Kronecker(Structure):
             errors = kronecker_errors(w, a_shape, b_shape, usable, *identity, sketch)
             starts.update({(b_shape, r): identity for r in usable})
             if self.search:
-                found = permuted_kronecker(
-                    w, a_shape, b_shape, max(usable), max_iterations, start_names=AUTO_STARTS, skip_worse_starts=True
-                )
+                found = permuted_kronecker(w, a_shape, b_shape, max(usable), max_iterations, start_names=AUTO_STARTS)
                 permuted = kronecker_errors(w, a_shape, b_shape, usable, found.row_perm, found.col_perm, sketch)
                 for r in usable:
                     if permuted[r] < errors[r]:
