@@ -84,14 +84,17 @@ def fits(weight: torch.Tensor, stats, b_shape: tuple[int, int]) -> tuple[dict[st
     fitted = both.fit(weight, both.make_settings({"rank": half, "b_shape": b_shape, "residual_rank": residual}), stats)
     out["tq_lowrank"] = (fitted.to_dense(), time.perf_counter() - t0)
     shapes = {}  # tq_aware at every B shape of auto's menu, at no more parameters than at b_shape
+    tq = tqc.get_structure("tq")
     for shape in AUTO_B_SHAPES:
         shape_term = (m // shape[0]) * (n // shape[1]) + shape[0] * shape[1]
         shape_rank = min(rank * per_term // shape_term, shape[0] * shape[1] - 1)
         if m % shape[0] or n % shape[1] or shape_rank < 1:
             continue
-        structure = tqc.get_structure("tq")
+        if (shape, shape_rank) == (b_shape, rank):  # tq_aware itself, fitted above
+            shapes[shape] = (*out["tq_aware"], rank, rank * per_term)
+            continue
         t0 = time.perf_counter()
-        fitted = structure.fit(weight, structure.make_settings({"rank": shape_rank, "b_shape": shape}), stats)
+        fitted = tq.fit(weight, tq.make_settings({"rank": shape_rank, "b_shape": shape}), stats)
         shapes[shape] = (fitted.to_dense(), time.perf_counter() - t0, shape_rank, shape_rank * shape_term)
     errors = {shape: output_error(weight, v.to(weight.dtype), stats.input_cov) for shape, (v, *_) in shapes.items()}
     best = min(errors, key=errors.get)

@@ -1,12 +1,12 @@
 """Which start of the permutation search wins on real SmolLM2-135M matrices, and what each costs.
 
-``permuted_kronecker`` alternates from three built-in starts (``identity``, ``spectral``,
-``similarity``) and keeps the best. ``auto`` measures a search per B shape for every matrix, so a
+``permuted_kronecker`` alternates from up to three built-in starts (``similarity``, ``spectral``,
+``identity``) and keeps the best. ``auto`` measures a search per B shape for every matrix, so a
 start that never wins on trained weights is time it need not spend. For every projection of a few
 blocks and every B shape of ``auto``'s menu (at the largest rank it searches with), this runs the
 search from each start alone and records the weight-space relative error it ends at and its seconds
 (building the start included), and the error of the start itself, before any search (whether a
-start that begins behind ever ends ahead: ``auto`` skips such starts). Writes
+start that begins behind ever ends ahead: the search skips such starts). Writes
 bench/results/permutation-starts.json and prints a table.
 
     python bench/permutation_starts.py [--layers 2,10,20,28]

@@ -69,14 +69,10 @@ def permuted_kronecker(
     built_in = [search_start(name, w, a_shape, b_shape) for name in start_names]
     best: PermutedKronecker | None = None
     for index, (row_perm, col_perm) in enumerate(built_in + list(starts or [])):
-        if skip_worse_starts and best is not None and index < len(built_in):
-            permuted = w[row_perm][:, col_perm]
-            if (
-                relative_error(permuted, kronecker_sum(*nearest_kronecker(permuted, a_shape, b_shape, rank)))
-                >= best.history[-1]
-            ):
-                continue
-        result = _alternate(w, a_shape, b_shape, rank, row_perm, col_perm, max_iterations)
+        start = _fit_at(w, row_perm, col_perm, a_shape, b_shape, rank)  # the search begins from it
+        if skip_worse_starts and best is not None and index < len(built_in) and start[2] >= best.history[-1]:
+            continue
+        result = _alternate(w, a_shape, b_shape, rank, row_perm, col_perm, max_iterations, start)
         if best is None or result.history[-1] < best.history[-1]:
             best = result
     return best
@@ -99,14 +95,22 @@ def search_start(name: str, w: Tensor, a_shape: tuple[int, int], b_shape: tuple[
     raise ValueError(f"unknown search start {name!r}; the starts are {', '.join(SEARCH_STARTS)}")
 
 
-def _alternate(w, a_shape, b_shape, rank, row_perm, col_perm, max_iterations) -> PermutedKronecker:
+def _fit_at(w, row_perm, col_perm, a_shape, b_shape, rank) -> tuple[Tensor, Tensor, float]:
+    """Van Loan's factors of ``w`` at these permutations and their relative error."""
+    permuted = w[row_perm][:, col_perm]
+    a, b = nearest_kronecker(permuted, a_shape, b_shape, rank)
+    return a, b, relative_error(permuted, kronecker_sum(a, b))
+
+
+def _alternate(w, a_shape, b_shape, rank, row_perm, col_perm, max_iterations, start) -> PermutedKronecker:
+    """The alternating search from ``(row_perm, col_perm)``, whose fit ``start`` is :func:`_fit_at`'s."""
     (m1, n1), (m2, n2) = a_shape, b_shape
     # A permutation inside one factor is absorbed by that factor, so with a factor dimension of
     # one the corresponding permutation cannot help: skip its (possibly huge) assignment problem.
     search_rows = m1 > 1 and m2 > 1
     search_cols = n1 > 1 and n2 > 1
-    a, b = nearest_kronecker(w[row_perm][:, col_perm], a_shape, b_shape, rank)
-    history = [relative_error(w[row_perm][:, col_perm], kronecker_sum(a, b))]
+    a, b, error = start
+    history = [error]
     for _ in range(max_iterations):
         improved = False
         for axis, enabled in ((0, search_rows), (1, search_cols)):
