@@ -12,21 +12,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import time
 from collections import Counter
 from pathlib import Path
 
 from common import HERE, bad_input, calibrated_options
-from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
+from provenance import cpu_run, git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
 from tqcompressor.data import calibration_ids, tokenize_text
 from tqcompressor.evaluate import evaluate
 from tqcompressor.report import table
 from tqcompressor.structures import REGISTRY
-from tqcompressor.versions import library_versions
 
 
 def parse_menus(text: str) -> dict[str, list[str] | None]:
@@ -69,11 +66,7 @@ def main() -> None:
         }
         print(label, json.dumps(rows[label]), flush=True)
     result = {
-        "commit": commit,
-        "settings": {k: str(v) for k, v in vars(args).items() if k != "out"},
-        "versions": library_versions(),
-        "device": "cpu",
-        "cpu": {"cores": os.cpu_count(), "machine": platform.machine()},
+        **cpu_run(commit, args),
         "model": args.model,
         "counting": "every parameter counted once (tied embedding/head once)",
         "seconds_note": "compress seconds include the calibration pass, not model loading",

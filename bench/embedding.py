@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import time
 from collections import Counter
 from pathlib import Path
 
 from common import HERE, calibrated_options
-from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
+from provenance import cpu_run, git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
 from tqcompressor.checkpoint import factored_modules
@@ -29,7 +27,6 @@ from tqcompressor.data import calibration_ids, tokenize_text
 from tqcompressor.evaluate import evaluate
 from tqcompressor.planning import default_target_modules, tied_embedding
 from tqcompressor.report import table
-from tqcompressor.versions import library_versions
 
 
 def main() -> None:
@@ -76,11 +73,7 @@ def main() -> None:
             "role_weights": auto.get(embedding, {}).get("role_weights"),
         }
     result = {
-        "commit": commit,
-        "settings": {k: str(v) for k, v in vars(args).items() if k != "out"},
-        "versions": library_versions(),
-        "device": "cpu",
-        "cpu": {"cores": os.cpu_count(), "machine": platform.machine()},
+        **cpu_run(commit, args),
         "model": args.model,
         "embedding": embedding,
         "counting": "every parameter counted once (tied embedding/head once)",

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import platform
 import subprocess
 
 from common import HERE
+
+from tqcompressor.versions import library_versions
 
 
 def git_commit() -> str:
@@ -21,3 +25,15 @@ def git_commit() -> str:
         ["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True
     ).stdout.strip()
     return head + ("+uncommitted" if dirty else "")
+
+
+def cpu_run(commit: str, args: argparse.Namespace) -> dict:
+    """The head of a result file measured on this machine's CPU: the commit, every setting (all of
+    ``args`` but ``--out``), the library versions and the machine."""
+    return {
+        "commit": commit,
+        "settings": {k: str(v) for k, v in vars(args).items() if k != "out"},
+        "versions": library_versions(),
+        "device": "cpu",
+        "cpu": {"cores": os.cpu_count(), "machine": platform.machine()},
+    }

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 from common import HERE, eval_options
-from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
+from provenance import cpu_run, git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
 from tqcompressor.data import start_token, tokenize_text
 from tqcompressor.evaluate import evaluate
 from tqcompressor.report import table
-from tqcompressor.versions import library_versions
 
 
 def main() -> None:
@@ -42,11 +39,7 @@ def main() -> None:
         metrics = evaluate(loaded.model, ids, context=args.context, tokenizer=loaded.tokenizer, lead_with_start=lead)
         rows[label] = {**metrics, "seconds": time.perf_counter() - started}
     result = {
-        "commit": commit,
-        "settings": {k: str(v) for k, v in vars(args).items() if k != "out"},
-        "versions": library_versions(),
-        "device": "cpu",
-        "cpu": {"cores": os.cpu_count(), "machine": platform.machine()},
+        **cpu_run(commit, args),
         "start_token": loaded.tokenizer.convert_ids_to_tokens(start) if start is not None else None,
         "eval": {"data": Path(args.test).name},
         "rows": rows,
