@@ -11,7 +11,9 @@ What varies (see RUNS):
   at the same total number of optimizer steps;
 * ``lr``: the peak learning rate;
 * the loss (``temperature``, ``alpha_blocks``: every block's output matched to the teacher's), where a
-  run names it; the rest keep :class:`~tqcompressor.distill.DistillConfig`'s defaults.
+  run names it; the rest keep :class:`~tqcompressor.distill.DistillConfig`'s defaults;
+* ``mixed_precision``: training in fp32 (``no``) or with bf16 autocast, where a run names it (the default,
+  ``auto``, is bf16 on a CPU with native bf16 arithmetic and fp32 on one without).
 
 One-shot points (calibrate, plan, no distillation) come first, for every fraction in --fractions.
 Writes bench/results/recipe.json (commit, every setting, device, per point metrics and seconds) and
@@ -52,8 +54,10 @@ RUNS = [  # distillation points; the same total number of optimizer steps each
     {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "temperature": 1.0},
     {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "alpha_blocks": 10.0},
     {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "alpha_blocks": 30.0},
+    {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "mixed_precision": "no"},
+    {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "mixed_precision": "bf16"},
 ]
-LOSS_SETTINGS = ("temperature", "alpha_blocks")
+RUN_SETTINGS = ("temperature", "alpha_blocks", "mixed_precision")  # DistillConfig fields a run may set
 
 
 def main() -> None:
@@ -119,7 +123,7 @@ def main() -> None:
     for run in runs:
         t = time.perf_counter()
         student, plan, blocks, calibration, kd = plan_for(run["teacher_fraction"], run["stages"])
-        kd = DistillConfig(**{**vars(kd), "lr": run["lr"], **{k: run[k] for k in LOSS_SETTINGS if k in run}})
+        kd = DistillConfig(**{**vars(kd), "lr": run["lr"], **{k: run[k] for k in RUN_SETTINGS if k in run}})
         out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
         student = multistep_distill(teacher, student, blocks, kd, out, plan, calibration=calibration)
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -160,7 +164,7 @@ def format_table(result: dict) -> str:
         setting = "" if p["kind"] == "teacher" else f"f={p['teacher_fraction']}"
         if p["kind"] == "distilled":
             setting += f", {p['stages']} stage(s), lr {p['lr']:g}, {p['kd_tokens']:,} tokens"
-            setting += "".join(f", {k} {p[k]:g}" for k in LOSS_SETTINGS if k in p)
+            setting += "".join(f", {k} {p[k]}" for k in RUN_SETTINGS if k in p)
         rows.append(
             [p["kind"], setting, p["params"]]
             + [x for d in domains for x in (p[d]["perplexity"], p[d]["kl_to_teacher"])]

@@ -10,7 +10,7 @@ from conftest import TOY_TEXT, tiny_gpt2
 import tqcompressor as tqc
 from tqcompressor import CompressionConfig, TQCError
 from tqcompressor.data import text_block_source
-from tqcompressor.distill import DistillConfig, multistep_distill
+from tqcompressor.distill import DistillConfig, multistep_distill, training_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,10 @@ def setup(tmp_path, tokenizer):
     return teacher, blocks, plan, config
 
 
-def test_multistep_distillation_lowers_kd_loss_and_logs(tmp_path, tokenizer):
+@pytest.mark.parametrize("precision", ["no", "bf16"])  # both, whatever this CPU computes natively
+def test_multistep_distillation_lowers_kd_loss_and_logs(tmp_path, tokenizer, precision):
     teacher, blocks, plan, config = setup(tmp_path, tokenizer)
+    config = DistillConfig(**{**vars(config), "mixed_precision": precision})
     stages_seen = []
     student = multistep_distill(
         teacher,
@@ -63,6 +65,15 @@ def test_multistep_distillation_lowers_kd_loss_and_logs(tmp_path, tokenizer):
     after = evaluate(student, ids, context=32, teacher=teacher, progress=False)["kl_to_teacher"]
     assert after < before
     assert (tmp_path / "run" / "checkpoint" / "trainer_state.pt").is_file()
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it():
+    assert training_precision("auto", cuda=True, cpu_bf16=False) == "bf16"
+    assert training_precision("auto", cuda=False, cpu_bf16=True) == "bf16"
+    assert training_precision("auto", cuda=False, cpu_bf16=False) == "no"  # emulated bf16 is slower than fp32
+    assert training_precision("no", cuda=True, cpu_bf16=True) == "no"  # what the user asks for wins
+    assert training_precision("fp16", cuda=False, cpu_bf16=False) == "fp16"
+    assert training_precision("auto") in ("bf16", "no")  # this machine's answer
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, tokenizer):
@@ -269,6 +280,7 @@ def test_resumed_calibrated_svd_run_fits_later_stages_activation_aware(tmp_path,
         ("--checkpoint-every", "0", "checkpoint-every must be positive, got 0"),
         ("--temperature", "0", "temperature must be positive, got 0.0"),
         ("--alpha-blocks", "-1", "alpha-blocks must be 0 or more, got -1.0"),
+        ("--mixed-precision", "fp8", "mixed-precision must be auto, bf16, fp16 or no, got 'fp8'"),
     ],
 )
 def test_distillation_settings_that_cannot_work_get_one_line(tmp_path, gpt2_dir, option, value, message):

@@ -43,6 +43,11 @@ DISTILL_OPTIONS = {
     "seed": (int, 0, "seed of the student's training run"),
     "log_every": (int, 10, "optimizer steps between records in metrics.jsonl"),
     "teacher_dtype": (str, "fp32", "the teacher's weights in training: fp32 | bf16 | fp16 (half the memory)"),
+    "mixed_precision": (
+        str,
+        "auto",
+        "autocast precision of training: auto (bf16 on a GPU or a CPU with native bf16, else fp32) | bf16 | fp16 | no",
+    ),
     "temperature": (float, recipe.TEMPERATURE, "softmax temperature of the KL term"),
     "alpha_blocks": (
         float,
