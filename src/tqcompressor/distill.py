@@ -60,7 +60,7 @@ class DistillConfig:
     checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0
-    mixed_precision: str = "auto"  # "auto": bf16 where the hardware computes it natively, else fp32 (training_precision)
+    mixed_precision: str = "auto"  # bf16 where the hardware computes it natively, else fp32 (training_precision)
     teacher_dtype: str = "fp32"  # the teacher's weights: fp32 | bf16 | fp16 (its memory limits distillation at scale)
 
     def __post_init__(self) -> None:
