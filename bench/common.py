@@ -38,7 +38,8 @@ def calibrated_options(parser: argparse.ArgumentParser, eval_tokens: int) -> Non
 def distillation_options(parser: argparse.ArgumentParser, eval_tokens: int, kd_steps: bool = True) -> None:
     """:func:`eval_options`, plus ``--ratio`` and the protocol of ``compare.json``: calibration and
     distillation on ``--train``, ``--kd-steps`` (unless the script counts KD otherwise) of
-    ``--batch-size`` blocks of ``--seq-len`` tokens at peak ``--lr``, on ``--device``."""
+    ``--batch-size`` blocks of ``--seq-len`` tokens at peak ``--lr``, on ``--device``, in
+    ``--mixed-precision``."""
     eval_options(parser, eval_tokens)
     parser.add_argument("--ratio", type=float, default=0.65)
     parser.add_argument("--train", default=str(DATA / "valid.txt"))
@@ -49,14 +50,18 @@ def distillation_options(parser: argparse.ArgumentParser, eval_tokens: int, kd_s
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--mixed-precision", default="auto", help="training autocast: auto (bf16 where native, else fp32) | bf16 | no"
+    )
 
 
 def distill_config(args: argparse.Namespace, steps: int | None = None, checkpoint_every: int = 10**9):
     """The :class:`~tqcompressor.distill.DistillConfig` of :func:`distillation_options` (``steps``
     instead of ``--kd-steps`` where given); no checkpoint unless asked: a bench run is one go."""
-    from tqcompressor.distill import DistillConfig
+    from tqcompressor.distill import DistillConfig, training_precision
 
     return DistillConfig(
+        mixed_precision=training_precision(args.mixed_precision),  # recorded as what it meant on this machine
         steps=steps or args.kd_steps,
         batch_size=args.batch_size,
         seq_len=args.seq_len,

@@ -98,6 +98,7 @@ def main() -> None:
     teacher = copy.deepcopy(loaded.model).to(args.device)
     ids = tokenize_text(args.test, loaded.tokenizer, args.eval_tokens)
     config = distill_config(args)
+    settings["training_precision"] = config.mixed_precision  # what "auto" meant here; --merge checks it
     blocks = text_block_source(args.train, loaded.tokenizer, args.seq_len)
     eval_kwargs = dict(context=args.context, tokenizer=loaded.tokenizer, batch_size=8 if args.device != "cpu" else 4)
     t0 = time.perf_counter()

@@ -93,6 +93,11 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
         "50% of the blocks sampled from the teacher",
     ):
         assert section in report, section
+    # what the default precision meant on this machine is recorded, and said in the report
+    from tqcompressor.distill import training_precision
+
+    assert results["training_precision"] == training_precision("auto")
+    assert ("bf16 autocast" in report) == (results["training_precision"] == "bf16")
     assert tqc.load(out / "model") is not None
 
 

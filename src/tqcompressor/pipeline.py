@@ -27,7 +27,7 @@ from tqcompressor.data import (
     text_block_source,
     tokenize_text,
 )
-from tqcompressor.distill import DistillConfig, multistep_distill
+from tqcompressor.distill import DistillConfig, multistep_distill, training_precision
 from tqcompressor.errors import TQCError
 from tqcompressor.evaluate import evaluate, greedy_continuations
 from tqcompressor.figures import plan_cells, plot_plan, plot_points
@@ -281,6 +281,7 @@ def _write(out_dir: Path, loaded, settings: dict, rows: list[dict], started: flo
         f"start token) with seed {EVAL_SEED}, which no distillation or calibration sample uses",
         "kd_tokens_per_stage": distill.steps * distill.batch_size * distill.grad_accum * distill.seq_len,
         "distill": asdict(distill),
+        "training_precision": training_precision(distill.mixed_precision),  # what "auto" meant on this machine
         "compression": {k: v for k, v in asdict(compression).items() if k != "layers"},
         "counting": "every parameter counted once (tied embedding/head once); permutation index buffers excluded",
         "points": rows,
@@ -345,11 +346,18 @@ def format_report(result: dict) -> str:
         )
         + f"; {result['kd_tokens_per_stage']:,} tokens per stage; calibration: the first "
         f"{result.get('calibration_tokens', 0):,} tokens of the same blocks.",
+        f"- Training: {_precision_words(result.get('training_precision', 'no'))}; evaluation in fp32.",
         f"- Parameters: {result['counting']}.",
         f"- Wall time: {result['seconds']:.0f} s.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _precision_words(precision: str) -> str:
+    if precision == "no":
+        return "fp32"
+    return f"{precision} autocast (weights, optimizer and loss in fp32)"
 
 
 def _plan_section(cells: list[dict]) -> list[str]:
