@@ -168,3 +168,34 @@ def test_auto_menus_reads_its_menus_and_answers_bad_ones_with_one_line_and_exit_
         assert exit_info.value.code == 2
         error = capsys.readouterr().err
         assert error.startswith(message) and error.count("\n") == 1
+
+
+def test_teacher_pool_scores_a_run_on_its_pool_and_held_out_samples(tmp_path, gpt2_dir, tokenizer, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
+    teacher_pool = bench_module("teacher_pool")
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["teacher_pool.py", "--run", str(run), "--context", "16"])
+    with pytest.raises(SystemExit) as exit_info:  # not a run: one line
+        teacher_pool.main()
+    assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    # a "run" whose student is its teacher: the same scores on both sets, KL 0
+    loaded = tqc.load_model(str(gpt2_dir))
+    tqc.save(loaded.model, run / "model", tokenizer)
+    (run / "results.json").write_text(json.dumps({"base_model": str(gpt2_dir), "teacher_pool_blocks": 4}))
+    ids = torch.randint(0, len(tokenizer), (4, 24))
+    save_file({"blocks": ids}, str(run / "teacher_samples-seed0-4x24.safetensors"))
+    save_file({"blocks": ids[:2]}, str(run / "eval_teacher_samples-seed12345-2x24.safetensors"))
+    out = tmp_path / "pool.json"
+    monkeypatch.setattr(sys, "argv", ["teacher_pool.py", "--run", str(run), "--context", "16", "--out", str(out)])
+    teacher_pool.main()
+    pool, held = json.loads(out.read_text())["sets"].values()
+    assert (pool["sequences"], held["sequences"]) == (4, 2)
+    assert pool["tokens"] == 4 * 15 and held["tokens"] == 2 * 15  # one window per sequence, its first 16 tokens
+    for row in (pool, held):
+        assert row["kl_to_teacher"] == pytest.approx(0, abs=1e-5) and row["top1_agreement"] == 1
+        assert row["perplexity"] == pytest.approx(row["teacher_perplexity"])
+    monkeypatch.setattr(sys, "argv", ["teacher_pool.py", "--run", str(run), "--context", "64"])
+    with pytest.raises(SystemExit) as exit_info:  # longer than the sequences: one line
+        teacher_pool.main()
+    assert exit_info.value.code == 2
