@@ -323,7 +323,7 @@ def multistep_distill(
         trainer = _new_trainer(student, config, accelerator, position, saved if position.stage_step > 0 else None)
         saved = None
         finished = train_stage(trainer, teacher, stream, stage, config, accelerator, outputs, stop_after, progress)
-        student = accelerator.unwrap_model(trainer.model)
+        student = _without_autocast(accelerator.unwrap_model(trainer.model))
         if not finished:
             return student
         student.eval()
@@ -333,6 +333,17 @@ def multistep_distill(
             on_stage_end(stage, student)
         position.stage_index, position.stage_step, position.stage_compressed = stage_index + 1, 0, False
     return student
+
+
+def _without_autocast(model):
+    """``accelerator.prepare`` puts an autocast wrapper on the model's own ``forward`` (kept by
+    ``unwrap_model``); put the original back, so that what follows training (evaluation, timing)
+    runs in the model's precision. (``unwrap_model(keep_fp32_wrapper=False)`` would also strip the
+    decorators transformers puts on ``forward``.)"""
+    original = vars(model).pop("_original_forward", None)
+    if original is not None:
+        model.forward = original
+    return model
 
 
 def _new_trainer(student, config: DistillConfig, accelerator, position: Position, saved: dict | None) -> TrainerState:
