@@ -5,9 +5,9 @@ cycled) into the distillation data. This scores a finished run's student against
 that very pool and on the run's held-out teacher samples (seed 12345, which no training sample
 uses), both as the first ``--context`` tokens of each sequence so the two are scored alike. A
 student far closer to the teacher on the pool than on held-out samples has memorised the pool.
-Writes bench/results/teacher-pool.json and prints a table.
+Writes --out (default bench/results/teacher-pool.json) and prints a table.
 
-    python bench/teacher_pool.py --run out/demo [--context 256]
+    python bench/teacher_pool.py --run out/demo [--context 256] [--out FILE]
 """
 
 from __future__ import annotations
@@ -54,15 +54,14 @@ def main() -> None:
             bad_input(f"--context {args.context} is longer than the sequences of {name} ({blocks.shape[1]} tokens)")
         started = time.perf_counter()
         ids = blocks[:, : args.context].reshape(-1)  # windows of --context: each one sequence's start
-        scores = {
-            who: evaluate(model, ids, context=args.context, teacher=loaded.model, tokenizer=loaded.tokenizer)
-            for who, model in (("student", student), ("teacher", loaded.model))
-        }
+        scored = evaluate(student, ids, context=args.context, teacher=loaded.model, tokenizer=loaded.tokenizer)
+        # the teacher alone: against itself its KL is 0 by definition, not worth a second forward pass
+        teacher_alone = evaluate(loaded.model, ids, context=args.context, tokenizer=loaded.tokenizer)
         rows[name] = {
             "sequences": blocks.shape[0],
-            "tokens": scores["student"]["tokens"],
-            "teacher_perplexity": scores["teacher"]["perplexity"],
-            **{k: scores["student"][k] for k in ("perplexity", "kl_to_teacher", "top1_agreement")},
+            "tokens": scored["tokens"],
+            "teacher_perplexity": teacher_alone["perplexity"],
+            **{k: scored[k] for k in ("perplexity", "kl_to_teacher", "top1_agreement")},
             "seconds": time.perf_counter() - started,
         }
     result = cpu_run(commit, args) | {
