@@ -10,8 +10,10 @@ What varies (see RUNS):
 * ``stages``: compress everything, then distil (1), or the upper half of the layers first (2),
   at the same total number of optimizer steps;
 * ``lr``: the peak learning rate;
-* the loss (``temperature``, ``alpha_blocks``: every block's output matched to the teacher's), where a
+* the loss (``temperature``, ``alpha_ce``, ``alpha_blocks``: every block's output matched to the teacher's), where a
   run names it; the rest keep :class:`~tqcompressor.distill.DistillConfig`'s defaults;
+* ``teacher_pool``: how many teacher blocks are sampled once and cycled, where a run names it (by
+  default tqc run's, ``tqcompressor.recipe.TEACHER_POOL``);
 * ``mixed_precision``: training in fp32 (``no``) or with bf16 autocast, where a run names it (the default,
   ``auto``, is bf16 on a CPU with native bf16 arithmetic and fp32 on one without).
 
@@ -42,6 +44,7 @@ from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.models import load_model
 from tqcompressor.pipeline import block_source_for, evaluate_domains, evaluation_sets
 from tqcompressor.planning import plan_compression
+from tqcompressor.recipe import TEACHER_POOL
 from tqcompressor.report import table
 from tqcompressor.surgery import apply_plan
 from tqcompressor.versions import library_versions
@@ -56,8 +59,12 @@ RUNS = [  # distillation points; the same total number of optimizer steps each
     {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "alpha_blocks": 30.0},
     {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "mixed_precision": "no"},
     {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "mixed_precision": "bf16"},
+    # a small teacher pool cycled about 4 times, as in make demo (run with --steps 100): does the CE term on
+    # the sampled tokens make the student memorise them?
+    {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "teacher_pool": 50},
+    {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "teacher_pool": 50, "alpha_ce": 0.0},
 ]
-RUN_SETTINGS = ("temperature", "alpha_blocks", "mixed_precision")  # DistillConfig fields a run may set
+RUN_SETTINGS = ("temperature", "alpha_ce", "alpha_blocks", "mixed_precision")  # DistillConfig fields a run may set
 
 
 def main() -> None:
@@ -93,10 +100,16 @@ def main() -> None:
         "points": [],
     }
 
-    def plan_for(fraction: float, stages: int):
+    def plan_for(fraction: float, stages: int, teacher_pool: int = TEACHER_POOL):
         kd = DistillConfig(steps=args.steps // stages, seq_len=256, batch_size=4)
         blocks = block_source_for(
-            str(DATA / "valid.txt"), loaded, kd, work, teacher_fraction=fraction, total_blocks=total_blocks
+            str(DATA / "valid.txt"),
+            loaded,
+            kd,
+            work,
+            teacher_fraction=fraction,
+            total_blocks=total_blocks,
+            teacher_pool=teacher_pool,
         )
         calibration = torch.stack(list(itertools.islice(blocks(0), args.calibration_tokens // 256)))
         compression = CompressionConfig(
@@ -122,7 +135,8 @@ def main() -> None:
         save(result, args.out)
     for run in runs:
         t = time.perf_counter()
-        student, plan, blocks, calibration, kd = plan_for(run["teacher_fraction"], run["stages"])
+        pool = run.get("teacher_pool", TEACHER_POOL)
+        student, plan, blocks, calibration, kd = plan_for(run["teacher_fraction"], run["stages"], pool)
         kd = DistillConfig(**{**vars(kd), "lr": run["lr"], **{k: run[k] for k in RUN_SETTINGS if k in run}})
         out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
         student = multistep_distill(teacher, student, blocks, kd, out, plan, calibration=calibration)
@@ -164,7 +178,7 @@ def format_table(result: dict) -> str:
         setting = "" if p["kind"] == "teacher" else f"f={p['teacher_fraction']}"
         if p["kind"] == "distilled":
             setting += f", {p['stages']} stage(s), lr {p['lr']:g}, {p['kd_tokens']:,} tokens"
-            setting += "".join(f", {k} {p[k]}" for k in RUN_SETTINGS if k in p)
+            setting += "".join(f", {k} {p[k]}" for k in ("teacher_pool",) + RUN_SETTINGS if k in p)
         rows.append(
             [p["kind"], setting, p["params"]]
             + [x for d in domains for x in (p[d]["perplexity"], p[d]["kl_to_teacher"])]
