@@ -67,8 +67,8 @@ def main() -> None:
     # every stop is a multiple of the first (stop_steps checks): checkpoint there
     config = distill_config(args, steps=stops[-1], checkpoint_every=stops[0])
     blocks = text_block_source(args.train, loaded.tokenizer, args.seq_len)
-    measure = lambda student: evaluate(  # noqa: E731 - one protocol for every point
-        student.eval(), ids, context=args.context, tokenizer=loaded.tokenizer, teacher=teacher, progress=False
+    measure = lambda student: point(  # noqa: E731 - one protocol for every point
+        evaluate(student.eval(), ids, context=args.context, tokenizer=loaded.tokenizer, teacher=teacher, progress=False)
     )
     teacher_metrics = evaluate(teacher, ids, context=args.context, tokenizer=loaded.tokenizer, progress=False)
     result = {
@@ -131,11 +131,11 @@ def stop_steps(points: list[int], tokens_per_step: int) -> list[int]:
 def distill_curve(
     teacher, student, blocks, config: DistillConfig, stops: list[int], work: Path, measure, progress: bool = True
 ):
-    """``(curve, distilled student)``: ``measure(student)`` before distilling and at each of ``stops``
-    (optimizer steps) of one run of ``config.steps`` steps, which stops there and resumes from its
+    """``(curve, distilled student)``: ``measure(student)`` (a dict of scores) before distilling and at
+    each of ``stops`` (optimizer steps) of one run of ``config.steps`` steps, which stops there and resumes from its
     checkpoint."""
     tokens_per_step = config.batch_size * config.seq_len
-    curve = [{"tokens": 0, **point(measure(student))}]
+    curve = [{"tokens": 0, **measure(student)}]
     for index, stop in enumerate(stops):
         student = multistep_distill(
             teacher,
@@ -147,7 +147,7 @@ def distill_curve(
             stop_after=stop if stop < config.steps else None,
             progress=progress,
         )
-        curve.append({"tokens": stop * tokens_per_step, **point(measure(student))})
+        curve.append({"tokens": stop * tokens_per_step, **measure(student)})
     return curve, student
 
 

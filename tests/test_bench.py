@@ -199,3 +199,28 @@ def test_teacher_pool_scores_a_run_on_its_pool_and_held_out_samples(tmp_path, gp
     with pytest.raises(SystemExit) as exit_info:  # longer than the sequences: one line
         teacher_pool.main()
     assert exit_info.value.code == 2
+
+
+def test_demo_curve_extrapolates_a_power_law_to_the_kl_goal():
+    demo_curve = bench_module("demo_curve")
+    law = lambda tokens: 2.0 * tokens**-0.25  # noqa: E731 - KL 0.5 at (2 / 0.5) ** 4 = 256 tokens
+    curve = [{"tokens": 0, "teacher samples": {"kl_to_teacher": 3.0}}] + [
+        {"tokens": t, "teacher samples": {"kl_to_teacher": law(t)}} for t in (4, 16, 64)
+    ]
+    fit = demo_curve.extrapolate(curve, "teacher samples")  # the one-shot point (0 tokens) is left out of the fit
+    assert fit["a"] == pytest.approx(2.0) and fit["b"] == pytest.approx(0.25)
+    assert fit["tokens_to_goal"] == pytest.approx(256.0)
+    flat = [{"tokens": t, "teacher samples": {"kl_to_teacher": 1.0 + t / 100}} for t in (4, 16, 64)]
+    assert demo_curve.extrapolate(flat, "teacher samples")["tokens_to_goal"] is None  # KL that does not fall
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [(["--points", "100,150", "--steps", "300"], "multiples of the first"), (["--work", "."], "exists")],
+)
+def test_demo_curve_refuses_bad_points_and_an_existing_work_dir(arguments, message, monkeypatch, capsys):
+    demo_curve = bench_module("demo_curve")
+    monkeypatch.setattr(sys, "argv", ["demo_curve.py", *arguments])
+    with pytest.raises(SystemExit) as exit_:
+        demo_curve.main()
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
