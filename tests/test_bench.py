@@ -224,3 +224,29 @@ def test_demo_curve_refuses_bad_points_and_an_existing_work_dir(arguments, messa
     with pytest.raises(SystemExit) as exit_:
         demo_curve.main()
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_output_weighting_fits_each_variant_in_its_own_metric():
+    from tqcompressor.calibration import calibrate
+    from tqcompressor.planning import default_target_modules
+
+    output_weighting = bench_module("output_weighting")
+    teacher = tiny_llama()
+    names = default_target_modules(teacher)
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = calibrate(teacher, names, ids, progress=False)
+    plain, plain_proxy = output_weighting.fitted_student(teacher, names, stats, 0.5, weighted=False)
+    rows, rows_proxy = output_weighting.fitted_student(teacher, names, stats, 0.5, weighted=True)
+    assert tqc.count_parameters(plain) == tqc.count_parameters(rows) < tqc.count_parameters(teacher)
+    # each fit is best in the metric it minimises (up to the whitening's 1e-4 ridge)
+    assert rows_proxy["loss_proxy_rows"] < plain_proxy["loss_proxy_rows"]
+    assert plain_proxy["loss_proxy_scalar"] <= rows_proxy["loss_proxy_scalar"] * 1.001
+    assert isinstance(teacher.get_submodule(names[0]), torch.nn.Linear)  # the teacher is left as it was
+
+
+def test_output_weighting_refuses_keeps_outside_zero_to_one(monkeypatch, capsys):
+    output_weighting = bench_module("output_weighting")
+    monkeypatch.setattr(sys, "argv", ["output_weighting.py", "--keeps", "0.5,1.5"])
+    with pytest.raises(SystemExit) as exit_:
+        output_weighting.main()
+    assert exit_.value.code == 2 and "--keeps 0.5,1.5" in capsys.readouterr().err

@@ -27,6 +27,22 @@ def test_input_covariance_is_the_second_moment_of_the_layer_inputs():
     assert all(s.grad_sq > 0 for s in stats.values())
 
 
+def test_gradient_energy_per_output_is_recorded_and_averages_to_the_layer_scalar():
+    model = tiny_llama()
+    ids = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(0))
+    name = "model.layers.1.mlp.down_proj"
+    outputs = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, args, out: outputs.append(out))
+    loss = model(ids, labels=ids).loss * ids[:, 1:].numel()  # calibrate's loss: summed over tokens
+    handle.remove()
+    (g,) = torch.autograd.grad(loss, outputs)
+    expected = g.double().square().reshape(-1, g.shape[-1]).mean(0)
+    stats = calibrate(model, [name], ids, batch_size=3, progress=False)[name]
+    assert stats.grad_sq_rows.shape == (model.get_submodule(name).out_features,)
+    assert torch.allclose(stats.grad_sq_rows, expected, rtol=1e-5)
+    assert stats.grad_sq == pytest.approx(float(stats.grad_sq_rows.mean()), rel=1e-9)
+
+
 def test_calibration_leaves_the_model_as_it_was():
     model = tiny_gpt2()
     for p in model.parameters():

@@ -8,7 +8,9 @@ One pass of forward + backward over the calibration tokens records, for every ta
 * ``grad_sq``: the mean squared gradient of the language-model loss with respect to the module's
   output, per output element. A second-order Taylor step with a diagonal, per-layer-constant Fisher
   estimate says the loss grows by about ``grad_sq * E||delta y||^2 / 2``, which makes output errors
-  of different layers comparable (the budget goes where the loss is sensitive).
+  of different layers comparable (the budget goes where the loss is sensitive);
+* ``grad_sq_rows``: the same per output element (a vector), to weight a layer's outputs by how much
+  the loss depends on each (FWSVD's Fisher row weights; ``bench/output_weighting.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class LayerStatistics:
     input_cov: Tensor  # (in, in) float64, E[x x^T] over calibration tokens
     grad_sq: float  # mean over the tokens the layer saw of ||dL/dy||^2 / out_features
     tokens: int  # tokens the layer saw (an MoE expert: those routed to it)
+    grad_sq_rows: Tensor | None = None  # (out,) float64: mean over those tokens of (dL/dy_i)^2
 
 
 @dataclass
@@ -74,6 +77,7 @@ def calibrate(
         raise TQCError(f"calibration tokens must be a (blocks, seq_len >= 2) tensor, got shape {tuple(ids.shape)}")
     cov: dict[str, Tensor] = {}
     grad: dict[str, float] = {name: 0.0 for name in names}
+    grad_rows: dict[str, Tensor] = {}
     seen: dict[str, int] = {name: 0 for name in names}  # an MoE expert sees only the tokens routed to it
 
     def pre_hook(name):
@@ -94,7 +98,9 @@ def calibrate(
         # a hook on the output tensor, not a module backward hook: those wrap the output in a view
         # that models adding into it in place (Falcon, `mlp_output += attention_output`) cannot modify
         def on_gradient(g):
-            grad[name] += float(g.detach().double().square().sum()) / g.shape[-1]
+            rows = g.detach().double().square().reshape(-1, g.shape[-1]).sum(0).cpu()
+            grad[name] += float(rows.sum()) / g.shape[-1]
+            grad_rows[name] = grad_rows.get(name, 0) + rows
 
         def hook(module, args, output):
             if output.requires_grad:
@@ -135,7 +141,8 @@ def calibrate(
         # E[x x^T] over all tokens (a token not routed to an expert gives it x = 0), so an expert's
         # covariance carries how often it is used; grad_sq is a mean over the tokens the layer saw
         moment = cov[name] / tokens if name in cov else _zero_moment(model.get_submodule(name))
-        stats[name] = LayerStatistics(moment.cpu(), grad[name] / max(seen[name], 1), seen[name])
+        rows = grad_rows[name] / max(seen[name], 1) if name in grad_rows else None
+        stats[name] = LayerStatistics(moment.cpu(), grad[name] / max(seen[name], 1), seen[name], rows)
     return stats
 
 

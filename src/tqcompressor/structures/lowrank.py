@@ -52,28 +52,46 @@ def truncated_svd(
     input_cov: Tensor | None = None,
     damping: float = WHITENING_DAMPING,
     whitened: tuple[Tensor, Tensor] | None = None,
+    row_weights: Tensor | None = None,
 ) -> LowRankFactors:
     """Best rank-``rank`` ``U V``. Without ``input_cov`` it minimises ``||W - U V||_F``; with the
     second moment ``C = E[x x^T]`` of the layer's inputs it minimises the *output* error
     ``E||(W - U V) x||^2`` (activation-aware, as in SVD-LLM): the SVD of ``W S`` with ``C = S S^T``,
     mapped back by ``S^-1``. ``whitened``: ``(S, S^-1)`` from :func:`whitening`, when the caller
-    fits many matrices against the same inputs. ``history`` holds the relative error in the
-    metric that was minimised."""
+    fits many matrices against the same inputs. ``row_weights`` ``r`` (one per output, e.g. the
+    loss's gradient energy ``E[(dL/dy_i)^2]``, as FWSVD weights rows by Fisher information) make
+    the metric ``E||diag(sqrt(r)) (W - U V) x||^2``: the SVD of ``diag(sqrt(r)) W S``, mapped back
+    on both sides (damped like the whitening, so that an output no gradient reached is still fitted).
+    ``history`` holds the relative error in the metric that was minimised."""
     w = weight.detach().to(torch.float64)
     if rank > min(w.shape):
         raise TQCError(f"SVD rank {rank} exceeds min{tuple(w.shape)}")
+    rows = None if row_weights is None else damped_row_roots(row_weights)
+    scaled = w if rows is None else w * rows[:, None]
     if input_cov is None:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = torch.linalg.svd(scaled, full_matrices=False)
         back = None
     else:
         root_cov, back = whitened if whitened is not None else whitening(input_cov, damping)
-        u, s, vh = torch.linalg.svd(w @ root_cov, full_matrices=False)
+        u, s, vh = torch.linalg.svd(scaled @ root_cov, full_matrices=False)
     root = s[:rank].sqrt()
     left, right = u[:, :rank] * root, vh[:rank] * root[:, None]
+    if rows is not None:
+        left = left / rows[:, None]
     if back is not None:
         right = right @ back
     history = [float((s[rank:].square().sum() / s.square().sum().clamp_min(1e-300)).sqrt())]
     return LowRankFactors(left.to(weight.dtype).contiguous(), right.to(weight.dtype).contiguous(), history)
+
+
+def damped_row_roots(row_weights: Tensor, damping: float = WHITENING_DAMPING) -> Tensor:
+    """``sqrt(r + damping * mean(r))`` in float64, scaled to mean square 1 (the scale of a metric
+    does not change its best fit)."""
+    r = row_weights.detach().to(torch.float64)
+    if r.dim() != 1 or not torch.isfinite(r).all() or (r < 0).any() or not r.sum() > 0:
+        raise TQCError("row weights must be a vector of finite non-negative numbers, not all zero")
+    damped = r + damping * r.mean()
+    return (damped / damped.mean()).sqrt()
 
 
 def row_weighted_svd(weight: Tensor, rank: int, row_weights: Tensor) -> LowRankFactors:
