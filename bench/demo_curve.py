@@ -167,7 +167,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("KD tokens (log)")
     ax.set_ylabel("KL(teacher || student), nats/token (log)")
-    ax.set_title(f"tqc run's recipe at {result['settings']['ratio']:.0%} params: KL against distillation", fontsize=10)
+    ratio = float(result["settings"]["ratio"])  # settings are recorded as strings
+    ax.set_title(f"tqc run's recipe at {ratio:.0%} params: KL against distillation", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()

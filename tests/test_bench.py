@@ -250,3 +250,19 @@ def test_output_weighting_refuses_keeps_outside_zero_to_one(monkeypatch, capsys)
     with pytest.raises(SystemExit) as exit_:
         output_weighting.main()
     assert exit_.value.code == 2 and "--keeps 0.5,1.5" in capsys.readouterr().err
+
+
+def test_demo_curve_draws_its_figure_from_a_result_file(tmp_path):
+    demo_curve = bench_module("demo_curve")
+    law = lambda tokens: 8.0 * tokens**-0.17  # noqa: E731
+    point = lambda t, kl: {"perplexity": 20.0, "kl_to_teacher": kl, "top1_agreement": 0.5}  # noqa: E731
+    curve = [{"tokens": t, "test.txt": point(t, 0.9 * law(t)), "teacher samples": point(t, law(t))} for t in (10, 20)]
+    result = {
+        "settings": {"ratio": "0.65"},  # as cpu_run records settings: strings
+        "teacher": {"test.txt": {"perplexity": 29.6}, "teacher samples": {"perplexity": 7.6}},
+        "curve": [{"tokens": 0, "test.txt": point(0, 2.0), "teacher samples": point(0, 2.3)}] + curve,
+        "extrapolation": demo_curve.extrapolate(curve, "teacher samples"),
+    }
+    demo_curve.plot(result, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    assert "KL 0.5 at" in demo_curve.format_table(result)
