@@ -165,6 +165,8 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(GOAL_KL, color="black", linestyle="--", label=f"goal: KL {GOAL_KL}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter("{x:.2g}")  # plain numbers, not powers of ten, on a short log axis
+    ax.yaxis.set_minor_formatter("{x:.2g}")
     ax.set_xlabel("KD tokens (log)")
     ax.set_ylabel("KL(teacher || student), nats/token (log)")
     ratio = float(result["settings"]["ratio"])  # settings are recorded as strings
