@@ -14,10 +14,13 @@ What varies (see RUNS):
   run names it; the rest keep :class:`~tqcompressor.distill.DistillConfig`'s defaults;
 * ``teacher_pool``: how many teacher blocks are sampled once and cycled, where a run names it (by
   default tqc run's, ``tqcompressor.recipe.TEACHER_POOL``);
+* ``output_weights``: ``auto`` weighs each layer's outputs by the loss's gradient energy there, where a
+  run names it (:class:`~tqcompressor.config.CompressionConfig`);
 * ``mixed_precision``: training in fp32 (``no``) or with bf16 autocast, where a run names it (the default,
   ``auto``, is bf16 on a CPU with native bf16 arithmetic and fp32 on one without).
 
-One-shot points (calibrate, plan, no distillation) come first, for every fraction in --fractions.
+One-shot points (calibrate, plan, no distillation) come first, for every fraction in --fractions;
+every distilled point also records its own student before distillation (``one_shot``).
 Writes bench/results/recipe.json (commit, every setting, device, per point metrics and seconds) and
 prints a table.
 
@@ -63,6 +66,9 @@ RUNS = [  # distillation points; the same total number of optimizer steps each
     # the sampled tokens make the student memorise them?
     {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "teacher_pool": 50},
     {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "teacher_pool": 50, "alpha_ce": 0.0},
+    # auto's budget and fits with each layer's outputs weighted by gradient energy (Fisher rows), against
+    # the same run without (runs 1 and 11 in one sweep)
+    {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "output_weights": True},
 ]
 RUN_SETTINGS = ("temperature", "alpha_ce", "alpha_blocks", "mixed_precision")  # DistillConfig fields a run may set
 
@@ -100,7 +106,7 @@ def main() -> None:
         "points": [],
     }
 
-    def plan_for(fraction: float, stages: int, teacher_pool: int = TEACHER_POOL):
+    def plan_for(fraction: float, stages: int, teacher_pool: int = TEACHER_POOL, output_weights: bool = False):
         kd = DistillConfig(steps=args.steps // stages, seq_len=256, batch_size=4)
         blocks = block_source_for(
             str(DATA / "valid.txt"),
@@ -113,7 +119,11 @@ def main() -> None:
         )
         calibration = torch.stack(list(itertools.islice(blocks(0), args.calibration_tokens // 256)))
         compression = CompressionConfig(
-            method="auto", ratio=args.ratio, steps=stages, auto_methods=args.auto_methods.split(",")
+            method="auto",
+            ratio=args.ratio,
+            steps=stages,
+            auto_methods=args.auto_methods.split(","),
+            output_weights=output_weights,
         )
         student = copy.deepcopy(teacher)
         plan = plan_compression(student, compression, calibration)
@@ -136,7 +146,13 @@ def main() -> None:
     for run in runs:
         t = time.perf_counter()
         pool = run.get("teacher_pool", TEACHER_POOL)
-        student, plan, blocks, calibration, kd = plan_for(run["teacher_fraction"], run["stages"], pool)
+        student, plan, blocks, calibration, kd = plan_for(
+            run["teacher_fraction"], run["stages"], pool, run.get("output_weights", False)
+        )
+        one_shot = copy.deepcopy(student)
+        apply_plan(one_shot, plan)  # every stage at once: where distillation starts from (its first stage)
+        one_shot_scores = measure(one_shot, teacher, eval_sets)
+        del one_shot
         kd = DistillConfig(**{**vars(kd), "lr": run["lr"], **{k: run[k] for k in RUN_SETTINGS if k in run}})
         out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
         student = multistep_distill(teacher, student, blocks, kd, out, plan, calibration=calibration)
@@ -148,6 +164,7 @@ def main() -> None:
                 "steps_per_stage": kd.steps,
                 "kd_tokens": kd.steps * run["stages"] * 4 * 256,
                 "tokens_per_s": [m["tokens_per_s"] for m in metrics if m["step"] == kd.steps],
+                "one_shot": one_shot_scores,
                 **measure(student.to("cpu"), teacher, eval_sets),
                 "seconds": time.perf_counter() - t,
             }
@@ -178,7 +195,7 @@ def format_table(result: dict) -> str:
         setting = "" if p["kind"] == "teacher" else f"f={p['teacher_fraction']}"
         if p["kind"] == "distilled":
             setting += f", {p['stages']} stage(s), lr {p['lr']:g}, {p['kd_tokens']:,} tokens"
-            setting += "".join(f", {k} {p[k]}" for k in ("teacher_pool",) + RUN_SETTINGS if k in p)
+            setting += "".join(f", {k} {p[k]}" for k in ("teacher_pool", "output_weights") + RUN_SETTINGS if k in p)
         rows.append(
             [p["kind"], setting, p["params"]]
             + [x for d in domains for x in (p[d]["perplexity"], p[d]["kl_to_teacher"])]

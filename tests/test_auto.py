@@ -278,3 +278,52 @@ def test_auto_refuses_an_unreachable_budget_before_calibrating(monkeypatch):
     ids = torch.randint(2, 4096, (2, 16))
     with pytest.raises(TQCError, match="below the .* parameters outside the target modules"):
         compress(model, config, calibration=ids, progress=False)
+
+
+def test_output_weights_fit_and_budget_each_layer_in_the_row_weighted_output_metric():
+    from tests.conftest import tiny_llama
+    from tqcompressor.calibration import calibrate
+    from tqcompressor.structures.lowrank import truncated_svd
+
+    model = tiny_llama()
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    targets = ["q_proj", "up_proj", "down_proj"]
+    names = [n for n, _ in model.named_modules() if n.endswith(tuple(targets))]
+    stats = calibrate(model, names, ids, progress=False)
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    config = CompressionConfig(
+        method="auto", ratio=0.85, target_modules=targets, auto_methods=["svd"], output_weights=True
+    )
+    before = count_parameters(model)
+    model, report = compress(model, config, progress=False, calibration=stats)
+    assert report.params_after <= 0.85 * before
+    assert report.auto[names[0]]["metric"].endswith("outputs weighted by gradient energy")
+    fitted = [entry for entry in report.plan.layers if entry.spec.method == "svd"]
+    assert fitted
+    for entry in fitted:  # the factors are the row-weighted activation-aware fit
+        expected = truncated_svd(
+            weights[entry.name],
+            entry.spec.settings.rank,
+            stats[entry.name].input_cov,
+            row_weights=stats[entry.name].grad_sq_rows,
+        ).to_dense()
+        assert torch.allclose(model.get_submodule(entry.name).to_dense(), expected, atol=1e-4)
+    unweighted = CompressionConfig(**{**vars(config), "output_weights": False})
+    plain, _ = compress(tiny_llama(), unweighted, calibration=stats, progress=False)
+    changed = [
+        e.name
+        for e in fitted
+        if not isinstance(plain.get_submodule(e.name), LowRankLinear)
+        or not torch.allclose(plain.get_submodule(e.name).to_dense(), model.get_submodule(e.name).to_dense(), atol=1e-3)
+    ]
+    assert changed  # the weights changed what was chosen or fitted
+
+
+@pytest.mark.parametrize(
+    "fields", [{"method": "tq"}, {"method": "auto"}, {"method": "auto", "auto_methods": ["svd", "tq"]}]
+)
+def test_output_weights_need_auto_over_svd_alone(fields):
+    from tqcompressor import TQCError
+
+    with pytest.raises(TQCError, match="auto over svd alone"):
+        CompressionConfig(ratio=0.5, output_weights=True, **fields)

@@ -83,6 +83,12 @@ def test_compress_with_spec_file(tmp_path, gpt2_dir):
             "unknown method",
         ),
         (["compress", "--model", "{dir}", "--method", "svd", "--sequential", "--out", "x"], "give --calibration"),
+        (["compress", "--model", "{dir}", "--method", "tq", "--output-weights", "--out", "x"], "auto over svd alone"),
+        (["compress", "--model", "{dir}", "--method", "auto", "--output-weights", "--out", "x"], "give --calibration"),
+        (
+            ["run", "--model", "{dir}", "--output-weights", "--calibration-tokens", "0", "--out", "{empty}/r"],
+            "keep --calibration-tokens",
+        ),
     ],
 )
 def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, gpt2_dir, args, message, monkeypatch):

@@ -127,6 +127,11 @@ def compress(
         help="with --calibration: refit each block's layers to the original model's outputs from the inputs "
         "the compressed model feeds them (compensates earlier layers' errors)",
     ),
+    output_weights: bool = typer.Option(
+        False,
+        help="with calibration and --method auto over svd: weight each layer's outputs by the loss's gradient "
+        "energy there (Fisher row weights, as FWSVD) when choosing ranks and fitting",
+    ),
     quantize: Optional[str] = typer.Option(
         None, help="then store the factors and the remaining matrices in int8 or int4 (weight-only)"
     ),
@@ -157,7 +162,10 @@ def compress(
             prefer=prefer,
             auto_methods=_auto_methods(auto_methods, method),
             sequential=sequential,
+            output_weights=output_weights,
         )
+    if output_weights and calibration is None:
+        raise TQCError("--output-weights weighs outputs by their gradients on calibration text: give --calibration")
     if sequential and calibration is None:
         raise TQCError(
             "--sequential refits layers to calibration text: give --calibration (a text source or 'teacher')"
@@ -461,6 +469,11 @@ def run(
         help="refit each block's layers to the teacher's outputs from the inputs the compressed "
         "model feeds them, before distilling (needs calibration)",
     ),
+    output_weights: bool = typer.Option(
+        False,
+        help="with calibration and --method auto over svd: weight each layer's outputs by the loss's gradient "
+        "energy there (Fisher row weights, as FWSVD) when choosing ranks and fitting",
+    ),
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
     """The main job: compress, distill step by step, evaluate, write report.md and a plot."""
@@ -478,8 +491,13 @@ def run(
             prefer=prefer,
             auto_methods=_auto_methods(auto_methods, method),
             sequential=sequential and calibration_tokens > 0,
+            output_weights=output_weights,
         )
     )
+    if output_weights and calibration_tokens <= 0:
+        raise TQCError(
+            "--output-weights weighs outputs by their gradients on calibration text: keep --calibration-tokens"
+        )
     check_writable(out)  # before loading anything; run_pipeline claims it
     loaded = load_model(model)
     _check_seq_len(loaded.model, max(kd.seq_len, context))

@@ -406,6 +406,7 @@ def _plan_auto(
         role_scales,
     )
     from tqcompressor.calibration import EmbeddingStatistics
+    from tqcompressor.structures.lowrank import divide_rows
 
     target = target_params(model, config)
     weights = {name: dense_weight_of(model.get_submodule(name))[0] for name in names}
@@ -414,10 +415,17 @@ def _plan_auto(
     cov = {name: usable[name].input_cov if usable[name] is not None else None for name in names}
     # a tied table's two role weights (tr(W C W^T) over 262k rows for Gemma): measured once, used thrice
     roles = {name: role_scales(weights[name], s) for name, s in usable.items() if isinstance(s, EmbeddingStatistics)}
+    rows = _output_weights(usable, roles) if config.output_weights else {}
+    # with output weights a layer is measured, budgeted and fitted as diag(rows) W in the output metric
+    # (1/2 sum_i r_i E[(delta y_i)^2] = grad_sq * ||diag(rows) (W - W') x||^2), its factors scaled back below
+    measured = {
+        name: weights[name] * rows[name][:, None].to(weights[name].dtype) if name in rows else weights[name]
+        for name in names
+    }
     menus, states = {}, {}
     for name in tqdm(names, desc="measuring candidates", unit="layer", disable=not progress):
         menus[name], states[name] = candidate_menu(
-            weights[name],
+            measured[name],
             cov[name],
             config.max_iterations,
             config.auto_methods,
@@ -427,13 +435,15 @@ def _plan_auto(
             menus[name] = embedding_candidates(weights[name], menus[name], states[name], usable[name], roles[name])
     scales = {
         name: sum(roles[name]) if name in roles else layer_scale(w, stats[name] if stats else None)
-        for name, w in weights.items()
+        for name, w in measured.items()
     }
     try:
         choices = allocate(menus, scales, target - fixed)
     except ValueError as exc:
         raise TQCError(f"{exc}; raise the ratio") from None
     metric = "relative output error on the calibration text" if stats else "relative weight error"
+    if rows:
+        metric = "relative output error on the calibration text, outputs weighted by gradient energy"
     steps = _steps_upper_first(names, config.steps)
     layers, record = [], {}
     for name in names:
@@ -457,6 +467,20 @@ def _plan_auto(
         if name in roles:
             factors = embedding_factors(weights[name], choice, states[name], usable[name], roles[name])
         else:
-            factors = factors_for(weights[name], choice, states[name], cov[name])
+            factors = factors_for(measured[name], choice, states[name], cov[name])
+            if name in rows:
+                factors = divide_rows(factors, rows[name])
         layers.append(LayerPlan(name, spec, factors))
     return layers, record
+
+
+def _output_weights(usable: dict, roles: dict) -> dict[str, Tensor]:
+    """Per layer with calibration statistics (not a tied table, whose roles are weighed apart): the
+    square roots of its outputs' damped gradient energies, mean square 1."""
+    from tqcompressor.structures.lowrank import damped_row_roots
+
+    return {
+        name: damped_row_roots(s.grad_sq_rows).float()
+        for name, s in usable.items()
+        if s is not None and name not in roles and getattr(s, "grad_sq_rows", None) is not None
+    }

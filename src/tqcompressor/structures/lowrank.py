@@ -94,6 +94,11 @@ def damped_row_roots(row_weights: Tensor, damping: float = WHITENING_DAMPING) ->
     return (damped / damped.mean()).sqrt()
 
 
+def divide_rows(factors: LowRankFactors, rows: Tensor) -> LowRankFactors:
+    """``diag(1/rows) U V``: a fit of a row-scaled ``diag(rows) W`` mapped back to ``W``."""
+    return LowRankFactors((factors.u / rows.to(factors.u.dtype)[:, None]).contiguous(), factors.v, factors.history)
+
+
 def row_weighted_svd(weight: Tensor, rank: int, row_weights: Tensor) -> LowRankFactors:
     """Best rank-``rank`` ``U V`` in ``sum_i r_i ||W_i - (U V)_i||^2`` (``r_i > 0``): the rows of
     ``V`` are the top right singular vectors of ``diag(sqrt(r)) W``, and each row of ``U`` is its row
