@@ -469,10 +469,11 @@ def run(
         help="refit each block's layers to the teacher's outputs from the inputs the compressed "
         "model feeds them, before distilling (needs calibration)",
     ),
-    output_weights: bool = typer.Option(
-        False,
-        help="with calibration and --method auto over svd: weight each layer's outputs by the loss's gradient "
-        "energy there (Fisher row weights, as FWSVD) when choosing ranks and fitting",
+    output_weights: Optional[bool] = typer.Option(
+        None,
+        "--output-weights/--no-output-weights",
+        help="weight each layer's outputs by the loss's gradient energy there (Fisher row weights, as FWSVD) when "
+        "choosing ranks and fitting; needs calibration and --method auto over svd (default: on wherever it applies)",
     ),
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
@@ -481,6 +482,9 @@ def run(
     from tqcompressor.models import load_model
     from tqcompressor.pipeline import format_report, run_pipeline
 
+    methods = _auto_methods(auto_methods, method)
+    if output_weights is None:  # the recipe's default, wherever it applies
+        output_weights = recipe.OUTPUT_WEIGHTS and method == "auto" and methods == ["svd"] and calibration_tokens > 0
     compression = (
         load_spec(spec)
         if spec
@@ -489,7 +493,7 @@ def run(
             ratio=ratio,
             steps=stages,
             prefer=prefer,
-            auto_methods=_auto_methods(auto_methods, method),
+            auto_methods=methods,
             sequential=sequential and calibration_tokens > 0,
             output_weights=output_weights,
         )
