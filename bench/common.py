@@ -81,6 +81,15 @@ def pyplot():
     return plt
 
 
+def finish_log_plot(fig, ax, path: Path) -> None:
+    """Legend, a grid on both log axes, and the figure written to ``path`` and closed."""
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
 def before_after_bars(
     path: Path,
     bars: dict[str, tuple[float, float]],

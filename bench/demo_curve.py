@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import DATA, HERE, bad_input, pyplot
+from common import DATA, HERE, bad_input, finish_log_plot, pyplot
 from kd_scaling import distill_curve
 from provenance import cpu_run, git_commit
 
@@ -171,11 +171,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("KL(teacher || student), nats/token (log)")
     ratio = float(result["settings"]["ratio"])  # settings are recorded as strings
     ax.set_title(f"tqc run's recipe at {ratio:.0%} params: KL against distillation", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_log_plot(fig, ax, path)
 
 
 if __name__ == "__main__":

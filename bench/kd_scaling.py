@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import HERE, bad_input, distill_config, distillation_options, pyplot
+from common import HERE, bad_input, distill_config, distillation_options, finish_log_plot, pyplot
 from compare import chosen_methods, compressed_students, layer_types
 from provenance import git_commit
 
@@ -170,11 +170,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("WikiText-2 test perplexity (log)")
     name = Path(result["model"]).name
     ax.set_title(f"{name} at {result['ratio']:.0%} params: perplexity against distillation", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_log_plot(fig, ax, path)
 
 
 if __name__ == "__main__":
