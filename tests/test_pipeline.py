@@ -91,8 +91,11 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
         "## How this was measured",
         "ppl (teacher samples)",
         "50% of the blocks sampled from the teacher",
+        # tqc run's default for auto over svd with calibration, recorded and said
+        "auto over svd (or dense), fitted to the calibration tokens' outputs; each layer's outputs weighted",
     ):
         assert section in report, section
+    assert results["compression"]["output_weights"] is True
     # what the default precision meant on this machine is recorded, and said in the report
     from tqcompressor.distill import training_precision
 

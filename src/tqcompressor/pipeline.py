@@ -346,12 +346,28 @@ def format_report(result: dict) -> str:
         )
         + f"; {result['kd_tokens_per_stage']:,} tokens per stage; calibration: the first "
         f"{result.get('calibration_tokens', 0):,} tokens of the same blocks.",
+        f"- Compression: {_compression_words(result.get('compression', {}), result.get('calibration_tokens', 0))}.",
         f"- Training: {_precision_words(result.get('training_precision', 'no'))}; evaluation in fp32.",
         f"- Parameters: {result['counting']}.",
         f"- Wall time: {result['seconds']:.0f} s.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _compression_words(compression: dict, calibration_tokens: int) -> str:
+    """How the plan was made, in words: method, menu, calibration, how layers were weighed."""
+    method = compression.get("method", "?")
+    words = method
+    if method == "auto":
+        menu = compression.get("auto_methods")
+        words += f" over {', '.join(menu)} (or dense)" if menu else " over every structure"
+    words += ", fitted to the calibration tokens' outputs" if calibration_tokens else ", fitted to the weights"
+    if compression.get("output_weights"):
+        words += "; each layer's outputs weighted by the loss's squared gradient there (Fisher rows)"
+    if compression.get("sequential"):
+        words += "; refitted block by block to the teacher's outputs"
+    return words
 
 
 def _precision_words(precision: str) -> str:
