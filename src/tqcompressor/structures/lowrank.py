@@ -66,18 +66,18 @@ def truncated_svd(
     w = weight.detach().to(torch.float64)
     if rank > min(w.shape):
         raise TQCError(f"SVD rank {rank} exceeds min{tuple(w.shape)}")
-    rows = None if row_weights is None else damped_row_roots(row_weights)
-    scaled = w if rows is None else w * rows[:, None]
+    if row_weights is not None:  # the fit of diag(rows) W, its rows scaled back (as auto fits weighted layers)
+        rows = damped_row_roots(row_weights)
+        fitted = divide_rows(truncated_svd(w * rows[:, None], rank, input_cov, damping, whitened), rows)
+        return LowRankFactors(fitted.u.to(weight.dtype), fitted.v.to(weight.dtype), fitted.history)
     if input_cov is None:
-        u, s, vh = torch.linalg.svd(scaled, full_matrices=False)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
         back = None
     else:
         root_cov, back = whitened if whitened is not None else whitening(input_cov, damping)
-        u, s, vh = torch.linalg.svd(scaled @ root_cov, full_matrices=False)
+        u, s, vh = torch.linalg.svd(w @ root_cov, full_matrices=False)
     root = s[:rank].sqrt()
     left, right = u[:, :rank] * root, vh[:rank] * root[:, None]
-    if rows is not None:
-        left = left / rows[:, None]
     if back is not None:
         right = right @ back
     history = [float((s[rank:].square().sum() / s.square().sum().clamp_min(1e-300)).sqrt())]
