@@ -16,6 +16,8 @@ What varies (see RUNS):
   default tqc run's, ``tqcompressor.recipe.TEACHER_POOL``);
 * ``output_weights``: ``auto`` weighs each layer's outputs by the loss's gradient energy there, where a
   run names it (:class:`~tqcompressor.config.CompressionConfig`);
+* ``auto_methods``: the structures ``auto`` chooses among, where a run names them (``all``: every
+  registered one), else --auto-methods;
 * ``mixed_precision``: training in fp32 (``no``) or with bf16 autocast, where a run names it (the default,
   ``auto``, is bf16 on a CPU with native bf16 arithmetic and fp32 on one without).
 
@@ -36,6 +38,7 @@ import json
 import platform
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -69,6 +72,9 @@ RUNS = [  # distillation points; the same total number of optimizer steps each
     # auto's budget and fits with each layer's outputs weighted by gradient energy (Fisher rows), against
     # the same run without (runs 1 and 11 in one sweep)
     {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "output_weights": True},
+    # the same, auto free to choose every structure: Kronecker layers fitted to the row-weighted matrix keep
+    # one scale per output (runs 11 and 12 in one sweep)
+    {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "output_weights": True, "auto_methods": "all"},
 ]
 RUN_SETTINGS = ("temperature", "alpha_ce", "alpha_blocks", "mixed_precision")  # DistillConfig fields a run may set
 
@@ -106,7 +112,9 @@ def main() -> None:
         "points": [],
     }
 
-    def plan_for(fraction: float, stages: int, teacher_pool: int = TEACHER_POOL, output_weights: bool = False):
+    def plan_for(
+        fraction: float, stages: int, teacher_pool: int = TEACHER_POOL, output_weights: bool = False, methods=None
+    ):
         kd = DistillConfig(steps=args.steps // stages, seq_len=256, batch_size=4)
         blocks = block_source_for(
             str(DATA / "valid.txt"),
@@ -122,7 +130,7 @@ def main() -> None:
             method="auto",
             ratio=args.ratio,
             steps=stages,
-            auto_methods=args.auto_methods.split(","),
+            auto_methods=auto_menu(methods or args.auto_methods),
             output_weights=output_weights,
         )
         student = copy.deepcopy(teacher)
@@ -147,7 +155,7 @@ def main() -> None:
         t = time.perf_counter()
         pool = run.get("teacher_pool", TEACHER_POOL)
         student, plan, blocks, calibration, kd = plan_for(
-            run["teacher_fraction"], run["stages"], pool, run.get("output_weights", False)
+            run["teacher_fraction"], run["stages"], pool, run.get("output_weights", False), run.get("auto_methods")
         )
         one_shot = copy.deepcopy(student)
         apply_plan(one_shot, plan)  # every stage at once: where distillation starts from (its first stage)
@@ -165,6 +173,7 @@ def main() -> None:
                 "kd_tokens": kd.steps * run["stages"] * 4 * 256,
                 "tokens_per_s": [m["tokens_per_s"] for m in metrics if m["step"] == kd.steps],
                 "one_shot": one_shot_scores,
+                "layers_by_method": dict(Counter(entry.spec.method for entry in plan.layers)),
                 **measure(student.to("cpu"), teacher, eval_sets),
                 "seconds": time.perf_counter() - t,
             }
@@ -173,6 +182,11 @@ def main() -> None:
     result["seconds"] = time.perf_counter() - started
     save(result, args.out)
     print(format_table(result))
+
+
+def auto_menu(names: str) -> list[str] | None:
+    """``"svd,tq"`` -> ``["svd", "tq"]``; ``"all"`` -> ``None`` (every registered structure)."""
+    return None if names == "all" else names.split(",")
 
 
 def measure(model, teacher, eval_sets: dict) -> dict:
@@ -195,7 +209,8 @@ def format_table(result: dict) -> str:
         setting = "" if p["kind"] == "teacher" else f"f={p['teacher_fraction']}"
         if p["kind"] == "distilled":
             setting += f", {p['stages']} stage(s), lr {p['lr']:g}, {p['kd_tokens']:,} tokens"
-            setting += "".join(f", {k} {p[k]}" for k in ("teacher_pool", "output_weights") + RUN_SETTINGS if k in p)
+            named = ("teacher_pool", "output_weights", "auto_methods") + RUN_SETTINGS
+            setting += "".join(f", {k} {p[k]}" for k in named if k in p)
         rows.append(
             [p["kind"], setting, p["params"]]
             + [x for d in domains for x in (p[d]["perplexity"], p[d]["kl_to_teacher"])]

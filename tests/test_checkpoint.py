@@ -120,3 +120,30 @@ def test_shapes_are_checked_before_anything_is_allocated(tmp_path, llama_model, 
     (tmp_path / "m" / STRUCTURE_FILE).write_text(json.dumps(structure))
     with pytest.raises(TQCError, match=message):
         tqc.load(tmp_path / "m")
+
+
+def test_row_scaled_kronecker_layers_save_load_and_open_anywhere(tmp_path, tokenizer):
+    """auto over tq with output weights stores one scale per output in its Kronecker layers: they
+    survive tqc.load, plain from_pretrained and densify."""
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    config = CompressionConfig(
+        method="auto", ratio=0.8, target_modules=["up_proj", "down_proj"], auto_methods=["tq"], output_weights=True
+    )
+    model, report = compress(model, config, calibration=ids, progress=False)
+    scaled = [n for n, m in model.named_modules() if getattr(m, "row_scale", None) is not None]
+    assert scaled and all(report.auto[n]["chosen"]["row_scale"] for n in scaled)
+    test = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        expected = model(test).logits
+    tqc.save(model, tmp_path / "m", tokenizer, plan=report.plan)
+    loaded = tqc.load(tmp_path / "m")
+    opened = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert tqc.count_parameters(loaded) == report.params_after
+    assert all(loaded.get_submodule(n).row_scale is not None for n in scaled)
+    with torch.no_grad():
+        assert torch.equal(loaded(test).logits, expected)
+        assert torch.allclose(opened(test).logits, expected, atol=1e-6)
+        assert torch.allclose(tqc.densify(loaded)(test).logits, expected, atol=1e-4)  # in place: last

@@ -33,7 +33,7 @@ def test_compress_info_export(tmp_path, gpt2_dir):
         <= set(layer)
         for layer in report["layers"]
     )
-    assert all({"rank", "a_shape", "b_shape"} == set(layer["settings"]) for layer in report["layers"])
+    assert all({"rank", "a_shape", "b_shape", "row_scale"} == set(layer["settings"]) for layer in report["layers"])
     assert "total:" in result.output
     model = tqc.load(out)
     assert tqc.count_parameters(model) == report["params_after"]
@@ -83,7 +83,7 @@ def test_compress_with_spec_file(tmp_path, gpt2_dir):
             "unknown method",
         ),
         (["compress", "--model", "{dir}", "--method", "svd", "--sequential", "--out", "x"], "give --calibration"),
-        (["compress", "--model", "{dir}", "--method", "tq", "--output-weights", "--out", "x"], "auto over svd alone"),
+        (["compress", "--model", "{dir}", "--method", "tq", "--output-weights", "--out", "x"], "to --method auto"),
         (["compress", "--model", "{dir}", "--method", "auto", "--output-weights", "--out", "x"], "give --calibration"),
         (
             ["run", "--model", "{dir}", "--output-weights", "--calibration-tokens", "0", "--out", "{empty}/r"],

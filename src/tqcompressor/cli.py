@@ -129,7 +129,7 @@ def compress(
     ),
     output_weights: bool = typer.Option(
         False,
-        help="with calibration and --method auto over svd: weight each layer's outputs by the loss's gradient "
+        help="with calibration and --method auto: weight each layer's outputs by the loss's gradient "
         "energy there (Fisher row weights, as FWSVD) when choosing ranks and fitting",
     ),
     quantize: Optional[str] = typer.Option(
@@ -473,7 +473,7 @@ def run(
         None,
         "--output-weights/--no-output-weights",
         help="weight each layer's outputs by the loss's gradient energy there (Fisher row weights, as FWSVD) when "
-        "choosing ranks and fitting; needs calibration and --method auto over svd (default: on wherever it applies)",
+        "choosing ranks and fitting; needs calibration and --method auto (default: on wherever it applies)",
     ),
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
@@ -484,7 +484,7 @@ def run(
 
     methods = _auto_methods(auto_methods, method)
     if output_weights is None:  # the recipe's default, wherever it applies
-        output_weights = recipe.OUTPUT_WEIGHTS and method == "auto" and methods == ["svd"] and calibration_tokens > 0
+        output_weights = recipe.OUTPUT_WEIGHTS and method == "auto" and calibration_tokens > 0
     compression = (
         load_spec(spec)
         if spec

@@ -65,8 +65,9 @@ class CompressionConfig:
     # with calibration: refit each layer, block by block, to the teacher's outputs from the inputs the
     # compressed model feeds it (errors of earlier layers compensated; tqcompressor.sequential)
     sequential: bool = False
-    # with calibration, auto over svd: weight each output of a layer by the loss's gradient energy there
-    # (Fisher row weights, as FWSVD) in both the budget and the fits (bench/results/output-weighting.json)
+    # with calibration, auto: weight each output of a layer by the loss's gradient energy there (Fisher row
+    # weights, as FWSVD) in both the budget and the fits (bench/results/output-weighting.json); a Kronecker
+    # layer fitted so keeps one scale per output (row_scale)
     output_weights: bool = False
 
     def __post_init__(self) -> None:
@@ -87,9 +88,8 @@ class CompressionConfig:
                 raise TQCError(f"target_params must be positive, got {self.target_params}")
         if self.steps < 1:
             raise TQCError(f"steps must be 1 or more, got {self.steps}")
-        if self.output_weights and (self.method != "auto" or set(self.auto_methods or ["all"]) != {"svd"}):
-            # a row-weighted fit is a low-rank fit of the row-scaled matrix, scaled back: only U V stays U V
-            raise TQCError("output weights apply to --method auto over svd alone: add --auto-methods svd")
+        if self.output_weights and self.method != "auto":
+            raise TQCError("output weights (--output-weights) apply to --method auto: its budget and fits use them")
 
 
 def load_spec(path: str | Path) -> CompressionConfig:

@@ -406,7 +406,6 @@ def _plan_auto(
         role_scales,
     )
     from tqcompressor.calibration import EmbeddingStatistics
-    from tqcompressor.structures.lowrank import divide_rows
 
     target = target_params(model, config)
     weights = {name: dense_weight_of(model.get_submodule(name))[0] for name in names}
@@ -418,6 +417,7 @@ def _plan_auto(
     rows = _output_weights(usable, roles) if config.output_weights else {}
     # with output weights a layer is measured, budgeted and fitted as diag(rows) W in the output metric
     # (1/2 sum_i r_i E[(delta y_i)^2] = grad_sq * ||diag(rows) (W - W') x||^2), its factors scaled back below
+    # exactly: svd's U absorbs the scale, a Kronecker layer stores it (one parameter per output, counted)
     measured = {
         name: weights[name] * rows[name][:, None].to(weights[name].dtype) if name in rows else weights[name]
         for name in names
@@ -433,6 +433,9 @@ def _plan_auto(
         )
         if name in roles:
             menus[name] = embedding_candidates(weights[name], menus[name], states[name], usable[name], roles[name])
+        if name in rows:
+            out_features = weights[name].shape[0]
+            menus[name] = [REGISTRY[c.method].row_scaled(c, out_features) for c in menus[name]]
     scales = {
         name: sum(roles[name]) if name in roles else layer_scale(w, stats[name] if stats else None)
         for name, w in measured.items()
@@ -469,7 +472,7 @@ def _plan_auto(
         else:
             factors = factors_for(measured[name], choice, states[name], cov[name])
             if name in rows:
-                factors = divide_rows(factors, rows[name])
+                factors = REGISTRY[choice.method].divide_rows(factors, rows[name])
         layers.append(LayerPlan(name, spec, factors))
     return layers, record
 

@@ -87,6 +87,25 @@ def test_candidates_report_the_error_of_what_auto_installs(structure):
 
 
 @pytest.mark.parametrize("structure", STRUCTURES, ids=IDS)
+def test_row_scaled_candidates_install_their_fit_of_the_row_weighted_matrix_exactly(structure):
+    """Output weights: auto measures a candidate on diag(rows) W; what it installs, scaled back by
+    ``divide_rows``, times diag(rows) is that fit, with the parameters and settings ``row_scaled`` says."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(32, 48, generator=g, dtype=torch.float64)
+    rows = torch.rand(32, generator=g, dtype=torch.float64) + 0.5
+    x = torch.randn(400, 48, generator=g, dtype=torch.float64)
+    cov = x.T @ x / len(x)
+    menu, state = structure.candidates(w * rows[:, None], OutputSketch(cov), max_iterations=5)
+    for c in menu:
+        scaled = structure.row_scaled(c, 32)
+        fitted = structure.fit_candidate(w * rows[:, None], scaled, state, cov)
+        module = structure.module(structure.divide_rows(fitted, rows), None, "linear")
+        assert torch.allclose(module.to_dense().double() * rows[:, None], fitted.to_dense().double(), atol=1e-5)
+        assert sum(p.numel() for p in module.parameters()) == scaled.params
+        assert structure.is_applied(module, structure.make_settings(scaled.settings))
+
+
+@pytest.mark.parametrize("structure", STRUCTURES, ids=IDS)
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_compressed_model_saves_loads_reopens_and_densifies(tmp_path, tokenizer, structure, arch):
     model = tiny_llama() if arch == "llama" else tiny_gpt2()

@@ -148,3 +148,54 @@ def test_fused_gathers_follow_loading_copying_and_moving():
     assert torch.equal(copy.deepcopy(layer)(x), layer(x))
     wide = copy.deepcopy(layer).to(torch.float64)
     assert wide.input_gather.dtype == torch.long and rel(wide(x.double()), layer(x).double()) < 1e-6
+
+
+@pytest.mark.parametrize("b_shape", [(2, 4), (1, 2)])
+def test_row_scale_maps_a_row_weighted_fit_back_exactly_and_follows_output_permutations(b_shape):
+    """A fit of diag(rows) W divided back by its rows: y = (K x) / rows, stored as one scale per
+    output, counted as parameters, saved in the config, and moved along with folded output gathers
+    (the one-row B case moves the permutation into A's rows)."""
+    from tqcompressor.structures.kronecker import fit_kronecker
+
+    torch.manual_seed(5)
+    w, rows = torch.randn(16, 24), torch.rand(16) + 0.5
+    factors = fit_kronecker(w * rows[:, None], None, b_shape, rank=2).divide_rows(rows)
+    assert factors.num_params == 2 * (w.numel() // (b_shape[0] * b_shape[1]) + b_shape[0] * b_shape[1]) + 16
+    layer = KroneckerLinear.from_factors(factors, torch.randn(16))
+    x = torch.randn(5, 24)
+    fitted = fit_kronecker(w * rows[:, None], None, b_shape, rank=2).to_dense()
+    assert torch.allclose(layer.to_dense(), fitted / rows[:, None], atol=1e-6)
+    assert torch.allclose(layer(x), x @ layer.to_dense().T + layer.bias, atol=1e-5)
+    assert layer.config()["row_scale"] is True
+    reopened = KroneckerLinear.from_config(layer.config(), torch.float32)
+    reopened.load_state_dict(layer.state_dict())
+    assert torch.equal(reopened(x), layer(x))
+    assert "row_scale" not in KroneckerLinear.from_factors(fit_kronecker(w, None, b_shape)).config()
+    gather = torch.randperm(16)
+    expected = layer(x)[:, gather]
+    layer.permute_outputs(gather)
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_row_scale_settings_fit_in_the_gradient_weighted_metric_when_calibrated():
+    """``row_scale: true`` in a spec: with calibration statistics that hold output gradient energies
+    the fit is the output-metric fit of diag(rows) W scaled back; without them the scale starts at one."""
+    from types import SimpleNamespace
+
+    from tqcompressor.structures import get_structure
+    from tqcompressor.structures.kronecker import KroneckerSettings
+    from tqcompressor.structures.lowrank import damped_row_roots
+
+    torch.manual_seed(6)
+    w, x = torch.randn(16, 24), torch.randn(200, 24)
+    stats = SimpleNamespace(input_cov=x.T @ x / 200, grad_sq_rows=torch.rand(16) + 0.1, tokens=200)
+    structure = get_structure("kronecker")
+    scaled = structure.fit(w, KroneckerSettings(2, b_shape=(2, 4), row_scale=True), stats)
+    rows = damped_row_roots(stats.grad_sq_rows).float()
+    plain = structure.fit(w * rows[:, None], KroneckerSettings(2, b_shape=(2, 4)), stats)
+    assert torch.allclose(scaled.row_scale, 1 / rows) and torch.allclose(scaled.a, plain.a)
+    assert structure.settings_of(structure.module(scaled, None, "linear")).row_scale is True
+    unscaled = structure.fit(w, KroneckerSettings(2, b_shape=(2, 4), row_scale=True))
+    assert torch.equal(unscaled.row_scale, torch.ones(16))
+    with pytest.raises(TQCError, match="not to an embedding"):
+        structure.module(unscaled, None, "embedding")

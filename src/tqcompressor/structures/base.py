@@ -118,6 +118,16 @@ class Structure:
         """The factors of a candidate ``auto`` chose."""
         raise NotImplementedError
 
+    # -- output weights: auto measures and fits diag(rows) W, then maps the factors back to W ----------
+    def row_scaled(self, candidate: Candidate, out_features: int) -> Candidate:
+        """``candidate`` as it is installed when its fit of ``diag(rows) W`` is mapped back by
+        :meth:`divide_rows` (with whatever that adds to its parameters and settings)."""
+        raise TQCError(f"method {self.name!r} cannot be fitted with output weights")
+
+    def divide_rows(self, factors: Any, rows: Tensor) -> Any:
+        """``diag(1/rows) W'`` for factors ``W'`` of ``diag(rows) W``, exactly."""
+        raise TQCError(f"method {self.name!r} cannot be fitted with output weights")
+
 
 REGISTRY: dict[str, Structure] = {}
 

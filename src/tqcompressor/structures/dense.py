@@ -61,5 +61,8 @@ class Dense(Structure):
     def fit_candidate(self, weight: Tensor, candidate: Candidate, state, input_cov) -> Tensor:
         return weight
 
+    def row_scaled(self, candidate: Candidate, out_features: int) -> Candidate:
+        return candidate  # the layer stays as it is: nothing to scale back
+
 
 register(Dense())

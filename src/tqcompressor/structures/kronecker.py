@@ -31,6 +31,7 @@ from tqcompressor.errors import TQCError
 from tqcompressor.layers import bias_of, compose_gathers, dense_weight_of, gather_columns, gather_last, unless_identity
 from tqcompressor.permutation import output_metric_search, permuted_kronecker
 from tqcompressor.structures.base import Candidate, Factors, Structure, register
+from tqcompressor.structures.lowrank import damped_row_roots
 
 # Budget solver: small-factor sides it may pick for B (A takes the rest), and the most Kronecker
 # terms it will use: the method is about a *short* sum of Kronecker products.
@@ -59,8 +60,12 @@ class KroneckerSettings:
     rank: int = 1
     a_shape: tuple[int, int] | None = None
     b_shape: tuple[int, int] | None = None
+    # one trainable scale per output row, y_i = s_i (K x)_i: what lets a Kronecker fit of the row-weighted
+    # diag(w) W map back to W exactly (output weights); fitted with calibration as 1/w, else all ones
+    row_scale: bool = False
 
     def __post_init__(self) -> None:
+        self.row_scale = bool(self.row_scale)
         if int(self.rank) < 1:
             raise TQCError(f"rank must be a positive integer, got {self.rank}")
         self.a_shape = tuple(int(x) for x in self.a_shape) if self.a_shape is not None else None
@@ -71,13 +76,14 @@ class KroneckerSettings:
 
 @dataclass
 class KroneckerFactors(Factors):
-    """``W ~= (sum_k A_k (x) B_k)[inv(row_perm)][:, inv(col_perm)]``."""
+    """``W ~= diag(row_scale) (sum_k A_k (x) B_k)[inv(row_perm)][:, inv(col_perm)]``."""
 
     a: Tensor  # (rank, m1, n1)
     b: Tensor  # (rank, m2, n2)
     row_perm: Tensor  # (m,) int64; W[row_perm] lines up with the rows of the Kronecker sum
     col_perm: Tensor  # (n,) int64
     history: list[float] = field(default_factory=list)  # relative error after each accepted step
+    row_scale: Tensor | None = None  # (m,) in W's row order; None: no scale
 
     @property
     def rank(self) -> int:
@@ -89,23 +95,36 @@ class KroneckerFactors(Factors):
 
     def to_dense(self) -> Tensor:
         k = kronecker_sum(self.a, self.b)
-        return k[inverse_permutation(self.row_perm)][:, inverse_permutation(self.col_perm)]
+        dense = k[inverse_permutation(self.row_perm)][:, inverse_permutation(self.col_perm)]
+        return dense if self.row_scale is None else dense * self.row_scale.to(dense.dtype)[:, None]
 
     def to(self, dtype: torch.dtype) -> KroneckerFactors:
-        return KroneckerFactors(self.a.to(dtype), self.b.to(dtype), self.row_perm, self.col_perm, self.history)
+        scale = self.row_scale.to(dtype) if self.row_scale is not None else None
+        return KroneckerFactors(self.a.to(dtype), self.b.to(dtype), self.row_perm, self.col_perm, self.history, scale)
+
+    def divide_rows(self, rows: Tensor) -> KroneckerFactors:
+        """``diag(1/rows) K``: a fit of the row-scaled ``diag(rows) W`` mapped back to ``W`` exactly, by
+        a row scale (scaling A or B instead would break the Kronecker structure)."""
+        scale = 1.0 / rows.to(self.a.dtype)
+        if self.row_scale is not None:
+            scale = scale * self.row_scale
+        return KroneckerFactors(self.a, self.b, self.row_perm, self.col_perm, self.history, scale.contiguous())
 
 
 # ---------------------------------------------------------------------------------------------
 # Fitting: pure tensor math
 
 
-def stored_factors(a: Tensor, b: Tensor, row_index: Tensor | None, col_index: Tensor | None) -> KroneckerFactors:
+def stored_factors(
+    a: Tensor, b: Tensor, row_index: Tensor | None, col_index: Tensor | None, row_scale: Tensor | None = None
+) -> KroneckerFactors:
     """The factors a module holds: ``row_index`` maps rows back to ``W``'s (the inverse of
     ``row_perm``), ``col_index`` is ``col_perm``; ``None`` is the identity."""
     m, n = a.shape[1] * b.shape[1], a.shape[2] * b.shape[2]
     row = inverse_permutation(row_index) if row_index is not None else torch.arange(m)
     col = col_index if col_index is not None else torch.arange(n)
-    return KroneckerFactors(a.detach(), b.detach(), row.cpu(), col.cpu())
+    scale = row_scale.detach() if row_scale is not None else None
+    return KroneckerFactors(a.detach(), b.detach(), row.cpu(), col.cpu(), row_scale=scale)
 
 
 def fit_kronecker(
@@ -357,7 +376,8 @@ def kronecker_matmul(
 
 
 class KroneckerLinear(nn.Module):
-    """``y = P_r (sum_k A_k (x) B_k) P_c x + bias``: a drop-in for ``nn.Linear`` / ``Conv1D``.
+    """``y = s * P_r (sum_k A_k (x) B_k) P_c x + bias``: a drop-in for ``nn.Linear`` / ``Conv1D``; the
+    per-output scale ``s`` only when built with ``row_scale`` (fits in a row-weighted metric).
 
     The permutations are integer index buffers applied as gathers; an identity permutation is
     not stored at all and costs nothing. At run time each permutation is fused with the column
@@ -375,6 +395,7 @@ class KroneckerLinear(nn.Module):
         col_perm: bool = True,
         kind: str = "linear",
         dtype: torch.dtype | None = None,
+        row_scale: bool = False,
     ) -> None:
         super().__init__()
         (m1, n1), (m2, n2) = a_shape, b_shape
@@ -382,6 +403,7 @@ class KroneckerLinear(nn.Module):
         self.kind = kind
         self.a = nn.Parameter(torch.zeros(rank, m1, n1, dtype=dtype))
         self.b = nn.Parameter(torch.zeros(rank, m2, n2, dtype=dtype))
+        self.row_scale = nn.Parameter(torch.ones(m1 * m2, dtype=dtype)) if row_scale else None
         self.bias = nn.Parameter(torch.zeros(m1 * m2, dtype=dtype)) if bias else None
         # input_index gathers x into Kronecker order; output_index scatters back to W's rows
         self.register_buffer("input_index", torch.arange(n1 * n2) if col_perm else None)
@@ -423,10 +445,13 @@ class KroneckerLinear(nn.Module):
             keep_cols,
             kind,
             factors.a.dtype,
+            factors.row_scale is not None,
         )
         with torch.no_grad():
             layer.a.copy_(factors.a)
             layer.b.copy_(factors.b)
+            if factors.row_scale is not None:
+                layer.row_scale.copy_(factors.row_scale)
             if bias is not None:
                 layer.bias.copy_(bias)
             if keep_cols:
@@ -463,6 +488,7 @@ class KroneckerLinear(nn.Module):
             "row_perm": self.output_index is not None,
             "col_perm": self.input_index is not None,
             "kind": self.kind,
+            **({"row_scale": True} if self.row_scale is not None else {}),  # older files have no such key
         }
 
     @classmethod
@@ -476,6 +502,7 @@ class KroneckerLinear(nn.Module):
             config["col_perm"],
             config["kind"],
             dtype,
+            config.get("row_scale", False),
         )
 
     def permute_outputs(self, gather: Tensor) -> None:
@@ -490,8 +517,9 @@ class KroneckerLinear(nn.Module):
                 self.register_buffer("output_index", None)
             else:  # composes with the output gather the layer does anyway (its layout, m2 > 1)
                 self._set_index("output_index", current[gather])
-            if self.bias is not None:
-                self.bias.copy_(self.bias[gather.to(self.bias.device)])
+            for vector in (self.row_scale, self.bias):
+                if vector is not None:
+                    vector.copy_(vector[gather.to(vector.device)])
         self.refresh_gathers()
 
     def take_input_gathered(self) -> None:
@@ -514,7 +542,7 @@ class KroneckerLinear(nn.Module):
         return self.a.shape[0]
 
     def factors(self) -> KroneckerFactors:
-        return stored_factors(self.a, self.b, self.output_index, self.input_index)
+        return stored_factors(self.a, self.b, self.output_index, self.input_index, self.row_scale)
 
     def to_dense(self) -> Tensor:
         """The (out, in) weight this layer represents, for export and checks only."""
@@ -529,6 +557,8 @@ class KroneckerLinear(nn.Module):
         y = gathered_kronecker(
             x.reshape(-1, self.in_features), self.a, self.b, self.order, self.input_gather, self.output_gather
         )
+        if self.row_scale is not None:
+            y = y * self.row_scale
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -536,7 +566,7 @@ class KroneckerLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, A={tuple(self.a.shape[1:])}, "
-            f"B={tuple(self.b.shape[1:])}, rank={self.rank}"
+            f"B={tuple(self.b.shape[1:])}, rank={self.rank}" + (", row_scale" if self.row_scale is not None else "")
         )
 
 
@@ -692,32 +722,42 @@ class Kronecker(Structure):
         complete_shapes(shape, settings.a_shape, settings.b_shape)
 
     def settings_of(self, module: nn.Module) -> KroneckerSettings:
-        return KroneckerSettings(module.rank, tuple(module.a.shape[1:]), tuple(module.b.shape[1:]))
+        scaled = getattr(module, "row_scale", None) is not None
+        return KroneckerSettings(module.rank, tuple(module.a.shape[1:]), tuple(module.b.shape[1:]), scaled)
 
     def describe(self, settings: dict) -> str:
         b_shape = settings.get("b_shape")
         shape = f" B{b_shape[0]}x{b_shape[1]}" if b_shape else ""
-        return f"{self.name}{shape} r{settings['rank']}"
+        return f"{self.name}{shape} r{settings['rank']}" + (" rows" if settings.get("row_scale") else "")
 
     def fit(
         self, weight: Tensor, settings: KroneckerSettings, stats=None, max_iterations: int = 20
     ) -> KroneckerFactors:
+        rows = output_rows(weight, stats) if settings.row_scale else None
+        if rows is not None:  # fit diag(rows) W in the output metric, then scale the rows back
+            weight = weight * rows[:, None].to(weight.dtype)
         if self.pruning:
             a_shape, b_shape = complete_shapes(tuple(weight.shape), settings.a_shape, settings.b_shape)
             cov = stats.input_cov if stats is not None else None
-            return pruning_start(weight, a_shape, b_shape, settings.rank, cov).to(weight.dtype)
-        return fit_kronecker(
-            weight,
-            settings.a_shape,
-            settings.b_shape,
-            settings.rank,
-            self.search,
-            max_iterations,
-            input_cov=stats.input_cov if stats is not None else None,
-        )
+            factors = pruning_start(weight, a_shape, b_shape, settings.rank, cov).to(weight.dtype)
+        else:
+            factors = fit_kronecker(
+                weight,
+                settings.a_shape,
+                settings.b_shape,
+                settings.rank,
+                self.search,
+                max_iterations,
+                input_cov=stats.input_cov if stats is not None else None,
+            )
+        if not settings.row_scale:
+            return factors
+        return factors.divide_rows(rows if rows is not None else torch.ones(weight.shape[0], dtype=weight.dtype))
 
     def module(self, factors: KroneckerFactors, bias: Tensor | None, kind: str) -> nn.Module:
         if kind == "embedding":
+            if factors.row_scale is not None:
+                raise TQCError("row_scale applies to linear layers, not to an embedding: leave it out there")
             return KroneckerEmbedding.from_factors(factors)
         return KroneckerLinear.from_factors(factors, bias, kind)
 
@@ -803,6 +843,24 @@ class Kronecker(Structure):
         rows, cols = state[(b_shape, rank)]
         cov = damped_cov(input_cov) if input_cov is not None and self.search else None
         return candidate_factors(w, cov, a_shape, b_shape, rank, (rows, cols)).to(weight.dtype)
+
+    def row_scaled(self, candidate: Candidate, out_features: int) -> Candidate:
+        settings = {**candidate.settings, "row_scale": True}
+        return Candidate(candidate.method, candidate.params + out_features, candidate.error, settings, candidate.macs)
+
+    def divide_rows(self, factors: KroneckerFactors, rows: Tensor) -> KroneckerFactors:
+        return factors.divide_rows(rows)
+
+
+def output_rows(weight: Tensor, stats) -> Tensor | None:
+    """The row weights of the output-weighted metric (square roots of each output's damped gradient
+    energy, :func:`~tqcompressor.structures.lowrank.damped_row_roots`) when ``stats`` recorded them."""
+    energy = getattr(stats, "grad_sq_rows", None) if stats is not None else None
+    if energy is None:
+        return None
+    if energy.numel() != weight.shape[0]:
+        raise TQCError(f"the calibration statistics hold {energy.numel()} output weights for {weight.shape[0]} rows")
+    return damped_row_roots(energy)
 
 
 def candidate_factors(

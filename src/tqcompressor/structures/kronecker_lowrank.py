@@ -39,8 +39,9 @@ from tqcompressor.structures.kronecker import (
     input_rms,
     kronecker_macs,
     kronecker_order,
+    output_rows,
 )
-from tqcompressor.structures.lowrank import LowRankFactors, LowRankLinear, truncated_svd
+from tqcompressor.structures.lowrank import LowRankFactors, LowRankLinear, divide_rows, truncated_svd
 
 AUTO_B_SHAPES = ((2, 4), (4, 2))  # the first that divides the matrix is measured
 AUTO_KRONECKER_RANKS = (1, 2, 3)
@@ -56,9 +57,11 @@ class KroneckerLowRankSettings:
     a_shape: tuple[int, int] | None = None
     b_shape: tuple[int, int] | None = None
     residual_rank: int = 1
+    row_scale: bool = False  # a scale per output row on the Kronecker part (as tq's), the residual's U absorbs it
 
     def __post_init__(self) -> None:
         KroneckerSettings(self.rank, self.a_shape, self.b_shape)  # the same checks as tq's
+        self.row_scale = bool(self.row_scale)
         self.a_shape = tuple(int(x) for x in self.a_shape) if self.a_shape is not None else None
         self.b_shape = tuple(int(x) for x in self.b_shape) if self.b_shape is not None else None
         if int(self.residual_rank) < 1:
@@ -72,6 +75,10 @@ class KroneckerLowRankFactors(Factors):
 
     def to_dense(self) -> Tensor:
         return self.kronecker.to_dense() + self.lowrank.to_dense()
+
+    def divide_rows(self, rows: Tensor) -> KroneckerLowRankFactors:
+        """``diag(1/rows) (K + U V)``: a fit of ``diag(rows) W`` mapped back to ``W`` exactly."""
+        return KroneckerLowRankFactors(self.kronecker.divide_rows(rows), divide_rows(self.lowrank, rows))
 
 
 def fit_kronecker_lowrank(
@@ -172,17 +179,24 @@ class KroneckerLowRank(Structure):
 
     def settings_of(self, module: KroneckerLowRankLinear) -> KroneckerLowRankSettings:
         k = module.kronecker
-        return KroneckerLowRankSettings(k.rank, tuple(k.a.shape[1:]), tuple(k.b.shape[1:]), module.lowrank.rank)
+        scaled = k.row_scale is not None
+        return KroneckerLowRankSettings(k.rank, tuple(k.a.shape[1:]), tuple(k.b.shape[1:]), module.lowrank.rank, scaled)
 
     def describe(self, settings: dict) -> str:
         b_shape = settings.get("b_shape")
         shape = f" B{b_shape[0]}x{b_shape[1]}" if b_shape else ""
-        return f"tq{shape} r{settings['rank']} + svd r{settings['residual_rank']}"
+        rows = " rows" if settings.get("row_scale") else ""
+        return f"tq{shape} r{settings['rank']} + svd r{settings['residual_rank']}{rows}"
 
     def fit(self, weight: Tensor, settings, stats=None, max_iterations: int = 20) -> KroneckerLowRankFactors:
-        return fit_kronecker_lowrank(
-            weight, settings, stats.input_cov if stats is not None else None, max_iterations=max_iterations
-        )
+        rows = output_rows(weight, stats) if settings.row_scale else None
+        if rows is not None:  # fit diag(rows) W in the output metric, then scale the rows back
+            weight = weight * rows[:, None].to(weight.dtype)
+        cov = stats.input_cov if stats is not None else None
+        factors = fit_kronecker_lowrank(weight, settings, cov, max_iterations=max_iterations)
+        if not settings.row_scale:
+            return factors
+        return factors.divide_rows(rows if rows is not None else torch.ones(weight.shape[0], dtype=weight.dtype))
 
     def module(self, factors: KroneckerLowRankFactors, bias: Tensor | None, kind: str) -> KroneckerLowRankLinear:
         return KroneckerLowRankLinear.from_factors(factors, bias, kind)
@@ -242,6 +256,13 @@ class KroneckerLowRank(Structure):
     def fit_candidate(self, weight: Tensor, candidate: Candidate, state, input_cov) -> KroneckerLowRankFactors:
         settings = self.make_settings(candidate.settings)
         return fit_kronecker_lowrank(weight, settings, input_cov, search=False, weighted_kronecker=False, rounds=0)
+
+    def row_scaled(self, candidate: Candidate, out_features: int) -> Candidate:
+        settings = {**candidate.settings, "row_scale": True}
+        return Candidate(candidate.method, candidate.params + out_features, candidate.error, settings, candidate.macs)
+
+    def divide_rows(self, factors: KroneckerLowRankFactors, rows: Tensor) -> KroneckerLowRankFactors:
+        return factors.divide_rows(rows)
 
 
 register(KroneckerLowRank())

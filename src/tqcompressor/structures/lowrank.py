@@ -290,5 +290,11 @@ class LowRank(Structure):
     def fit_candidate(self, weight: Tensor, candidate: Candidate, state, input_cov) -> LowRankFactors:
         return truncated_svd(weight, candidate.settings["rank"], input_cov)
 
+    def row_scaled(self, candidate: Candidate, out_features: int) -> Candidate:
+        return candidate  # U absorbs the row scale: no parameter more
+
+    def divide_rows(self, factors: LowRankFactors, rows: Tensor) -> LowRankFactors:
+        return divide_rows(factors, rows)
+
 
 register(LowRank())
