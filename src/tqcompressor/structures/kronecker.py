@@ -10,7 +10,10 @@ embedding, whose tied LM head shares its factors.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -733,26 +736,22 @@ class Kronecker(Structure):
     def fit(
         self, weight: Tensor, settings: KroneckerSettings, stats=None, max_iterations: int = 20
     ) -> KroneckerFactors:
-        rows = output_rows(weight, stats) if settings.row_scale else None
-        if rows is not None:  # fit diag(rows) W in the output metric, then scale the rows back
-            weight = weight * rows[:, None].to(weight.dtype)
+        if settings.row_scale:
+            plain = dataclasses.replace(settings, row_scale=False)
+            return fit_row_scaled(lambda w: self.fit(w, plain, stats, max_iterations), weight, stats)
         if self.pruning:
             a_shape, b_shape = complete_shapes(tuple(weight.shape), settings.a_shape, settings.b_shape)
             cov = stats.input_cov if stats is not None else None
-            factors = pruning_start(weight, a_shape, b_shape, settings.rank, cov).to(weight.dtype)
-        else:
-            factors = fit_kronecker(
-                weight,
-                settings.a_shape,
-                settings.b_shape,
-                settings.rank,
-                self.search,
-                max_iterations,
-                input_cov=stats.input_cov if stats is not None else None,
-            )
-        if not settings.row_scale:
-            return factors
-        return factors.divide_rows(rows if rows is not None else torch.ones(weight.shape[0], dtype=weight.dtype))
+            return pruning_start(weight, a_shape, b_shape, settings.rank, cov).to(weight.dtype)
+        return fit_kronecker(
+            weight,
+            settings.a_shape,
+            settings.b_shape,
+            settings.rank,
+            self.search,
+            max_iterations,
+            input_cov=stats.input_cov if stats is not None else None,
+        )
 
     def module(self, factors: KroneckerFactors, bias: Tensor | None, kind: str) -> nn.Module:
         if kind == "embedding":
@@ -845,11 +844,26 @@ class Kronecker(Structure):
         return candidate_factors(w, cov, a_shape, b_shape, rank, (rows, cols)).to(weight.dtype)
 
     def row_scaled(self, candidate: Candidate, out_features: int) -> Candidate:
-        settings = {**candidate.settings, "row_scale": True}
-        return Candidate(candidate.method, candidate.params + out_features, candidate.error, settings, candidate.macs)
+        return row_scaled_candidate(candidate, out_features)
 
     def divide_rows(self, factors: KroneckerFactors, rows: Tensor) -> KroneckerFactors:
         return factors.divide_rows(rows)
+
+
+def row_scaled_candidate(candidate: Candidate, out_features: int) -> Candidate:
+    """A Kronecker-family candidate installed with a row scale: one parameter more per output."""
+    settings = {**candidate.settings, "row_scale": True}
+    return Candidate(candidate.method, candidate.params + out_features, candidate.error, settings, candidate.macs)
+
+
+def fit_row_scaled(fit: Callable[[Tensor], Any], weight: Tensor, stats) -> Any:
+    """``fit`` (weight -> factors with ``divide_rows``) with a row scale: of ``diag(rows) W``, scaled
+    back by ``1/rows``, when ``stats`` hold output gradient energies (:func:`output_rows`); else of
+    ``W``, with the scale at one."""
+    rows = output_rows(weight, stats)
+    if rows is None:
+        return fit(weight).divide_rows(torch.ones(weight.shape[0], dtype=weight.dtype))
+    return fit(weight * rows[:, None].to(weight.dtype)).divide_rows(rows)
 
 
 def output_rows(weight: Tensor, stats) -> Tensor | None:

@@ -36,10 +36,11 @@ from tqcompressor.structures.kronecker import (
     KroneckerLinear,
     KroneckerSettings,
     fit_kronecker,
+    fit_row_scaled,
     input_rms,
     kronecker_macs,
     kronecker_order,
-    output_rows,
+    row_scaled_candidate,
 )
 from tqcompressor.structures.lowrank import LowRankFactors, LowRankLinear, divide_rows, truncated_svd
 
@@ -189,14 +190,12 @@ class KroneckerLowRank(Structure):
         return f"tq{shape} r{settings['rank']} + svd r{settings['residual_rank']}{rows}"
 
     def fit(self, weight: Tensor, settings, stats=None, max_iterations: int = 20) -> KroneckerLowRankFactors:
-        rows = output_rows(weight, stats) if settings.row_scale else None
-        if rows is not None:  # fit diag(rows) W in the output metric, then scale the rows back
-            weight = weight * rows[:, None].to(weight.dtype)
         cov = stats.input_cov if stats is not None else None
-        factors = fit_kronecker_lowrank(weight, settings, cov, max_iterations=max_iterations)
-        if not settings.row_scale:
-            return factors
-        return factors.divide_rows(rows if rows is not None else torch.ones(weight.shape[0], dtype=weight.dtype))
+        if settings.row_scale:
+            return fit_row_scaled(
+                lambda w: fit_kronecker_lowrank(w, settings, cov, max_iterations=max_iterations), weight, stats
+            )
+        return fit_kronecker_lowrank(weight, settings, cov, max_iterations=max_iterations)
 
     def module(self, factors: KroneckerLowRankFactors, bias: Tensor | None, kind: str) -> KroneckerLowRankLinear:
         return KroneckerLowRankLinear.from_factors(factors, bias, kind)
@@ -258,8 +257,7 @@ class KroneckerLowRank(Structure):
         return fit_kronecker_lowrank(weight, settings, input_cov, search=False, weighted_kronecker=False, rounds=0)
 
     def row_scaled(self, candidate: Candidate, out_features: int) -> Candidate:
-        settings = {**candidate.settings, "row_scale": True}
-        return Candidate(candidate.method, candidate.params + out_features, candidate.error, settings, candidate.macs)
+        return row_scaled_candidate(candidate, out_features)
 
     def divide_rows(self, factors: KroneckerLowRankFactors, rows: Tensor) -> KroneckerLowRankFactors:
         return factors.divide_rows(rows)
