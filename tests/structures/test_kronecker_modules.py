@@ -199,3 +199,17 @@ def test_row_scale_settings_fit_in_the_gradient_weighted_metric_when_calibrated(
     assert torch.equal(unscaled.row_scale, torch.ones(16))
     with pytest.raises(TQCError, match="not to an embedding"):
         structure.module(unscaled, None, "embedding")
+
+
+def test_a_config_saved_before_row_scales_existed_builds_a_layer_without_one():
+    config = {
+        "a_shape": [8, 6],
+        "b_shape": [2, 4],
+        "rank": 2,
+        "bias": True,
+        "row_perm": True,
+        "col_perm": True,
+        "kind": "linear",
+    }
+    layer = KroneckerLinear.from_config(config, torch.float32)
+    assert layer.row_scale is None and layer.config() == config
