@@ -45,6 +45,7 @@ import torch
 from common import DATA, HERE
 from provenance import git_commit
 
+from tqcompressor.cli import _auto_methods
 from tqcompressor.config import CompressionConfig
 from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.models import load_model
@@ -130,7 +131,7 @@ def main() -> None:
             method="auto",
             ratio=args.ratio,
             steps=stages,
-            auto_methods=auto_menu(methods or args.auto_methods),
+            auto_methods=_auto_methods(methods or args.auto_methods, "auto"),  # 'all': every structure
             output_weights=output_weights,
         )
         student = copy.deepcopy(teacher)
@@ -182,11 +183,6 @@ def main() -> None:
     result["seconds"] = time.perf_counter() - started
     save(result, args.out)
     print(format_table(result))
-
-
-def auto_menu(names: str) -> list[str] | None:
-    """``"svd,tq"`` -> ``["svd", "tq"]``; ``"all"`` -> ``None`` (every registered structure)."""
-    return None if names == "all" else names.split(",")
 
 
 def measure(model, teacher, eval_sets: dict) -> dict:

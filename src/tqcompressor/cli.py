@@ -482,7 +482,6 @@ def run(
     from tqcompressor.models import load_model
     from tqcompressor.pipeline import format_report, run_pipeline
 
-    methods = _auto_methods(auto_methods, method)
     if output_weights is None:  # the recipe's default, wherever it applies
         output_weights = recipe.OUTPUT_WEIGHTS and method == "auto" and calibration_tokens > 0
     compression = (
@@ -493,7 +492,7 @@ def run(
             ratio=ratio,
             steps=stages,
             prefer=prefer,
-            auto_methods=methods,
+            auto_methods=_auto_methods(auto_methods, method),
             sequential=sequential and calibration_tokens > 0,
             output_weights=output_weights,
         )

@@ -414,7 +414,7 @@ def _plan_auto(
     cov = {name: usable[name].input_cov if usable[name] is not None else None for name in names}
     # a tied table's two role weights (tr(W C W^T) over 262k rows for Gemma): measured once, used thrice
     roles = {name: role_scales(weights[name], s) for name, s in usable.items() if isinstance(s, EmbeddingStatistics)}
-    rows = _output_weights(usable, roles) if config.output_weights else {}
+    rows = _output_weights(weights, usable, roles) if config.output_weights else {}
     # with output weights a layer is measured, budgeted and fitted as diag(rows) W in the output metric
     # (1/2 sum_i r_i E[(delta y_i)^2] = grad_sq * ||diag(rows) (W - W') x||^2), its factors scaled back below
     # exactly: svd's U absorbs the scale, a Kronecker layer stores it (one parameter per output, counted)
@@ -477,13 +477,10 @@ def _plan_auto(
     return layers, record
 
 
-def _output_weights(usable: dict, roles: dict) -> dict[str, Tensor]:
+def _output_weights(weights: dict, usable: dict, roles: dict) -> dict[str, Tensor]:
     """Per layer with calibration statistics (not a tied table, whose roles are weighed apart): the
     square roots of its outputs' damped gradient energies, mean square 1."""
-    from tqcompressor.structures.lowrank import damped_row_roots
+    from tqcompressor.structures.lowrank import output_rows
 
-    return {
-        name: damped_row_roots(s.grad_sq_rows).float()
-        for name, s in usable.items()
-        if s is not None and name not in roles and getattr(s, "grad_sq_rows", None) is not None
-    }
+    found = {name: output_rows(weights[name], s) for name, s in usable.items() if s is not None and name not in roles}
+    return {name: rows.float() for name, rows in found.items() if rows is not None}

@@ -34,7 +34,7 @@ from tqcompressor.errors import TQCError
 from tqcompressor.layers import bias_of, compose_gathers, dense_weight_of, gather_columns, gather_last, unless_identity
 from tqcompressor.permutation import output_metric_search, permuted_kronecker
 from tqcompressor.structures.base import Candidate, Factors, Structure, register
-from tqcompressor.structures.lowrank import damped_row_roots
+from tqcompressor.structures.lowrank import output_rows
 
 # Budget solver: small-factor sides it may pick for B (A takes the rest), and the most Kronecker
 # terms it will use: the method is about a *short* sum of Kronecker products.
@@ -864,17 +864,6 @@ def fit_row_scaled(fit: Callable[[Tensor], Any], weight: Tensor, stats) -> Any:
     if rows is None:
         return fit(weight).divide_rows(torch.ones(weight.shape[0], dtype=weight.dtype))
     return fit(weight * rows[:, None].to(weight.dtype)).divide_rows(rows)
-
-
-def output_rows(weight: Tensor, stats) -> Tensor | None:
-    """The row weights of the output-weighted metric (square roots of each output's damped gradient
-    energy, :func:`~tqcompressor.structures.lowrank.damped_row_roots`) when ``stats`` recorded them."""
-    energy = getattr(stats, "grad_sq_rows", None) if stats is not None else None
-    if energy is None:
-        return None
-    if energy.numel() != weight.shape[0]:
-        raise TQCError(f"the calibration statistics hold {energy.numel()} output weights for {weight.shape[0]} rows")
-    return damped_row_roots(energy)
 
 
 def candidate_factors(

@@ -94,6 +94,17 @@ def damped_row_roots(row_weights: Tensor, damping: float = WHITENING_DAMPING) ->
     return (damped / damped.mean()).sqrt()
 
 
+def output_rows(weight: Tensor, stats) -> Tensor | None:
+    """The row weights of the output-weighted metric (square roots of each output's damped gradient
+    energy, :func:`damped_row_roots`) when ``stats`` recorded them."""
+    energy = getattr(stats, "grad_sq_rows", None) if stats is not None else None
+    if energy is None:
+        return None
+    if energy.numel() != weight.shape[0]:
+        raise TQCError(f"the calibration statistics hold {energy.numel()} output weights for {weight.shape[0]} rows")
+    return damped_row_roots(energy)
+
+
 def divide_rows(factors: LowRankFactors, rows: Tensor) -> LowRankFactors:
     """``diag(1/rows) U V``: a fit of a row-scaled ``diag(rows) W`` mapped back to ``W``."""
     return LowRankFactors((factors.u / rows.to(factors.u.dtype)[:, None]).contiguous(), factors.v, factors.history)
