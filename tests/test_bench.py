@@ -22,6 +22,7 @@ def bench_module(name: str):
     try:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up by name
         spec.loader.exec_module(module)
         return module
     finally:
@@ -266,3 +267,25 @@ def test_demo_curve_draws_its_figure_from_a_result_file(tmp_path):
     demo_curve.plot(result, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
     assert "KL 0.5 at" in demo_curve.format_table(result)
+
+
+def test_trust_probe_tells_each_kind_of_failure_apart(tmp_path, monkeypatch):
+    probe = bench_module("trust_probe")
+    keep = tmp_path / "thesis.txt"
+    keep.write_text("years of work")
+    scripts = {
+        "import sys; open(sys.argv[1], 'w').write('gone')": "data loss",
+        "import this": "code from a dir",
+        "raise SystemExit(0)": "silent wrong result",
+        "raise ValueError('boom')": "traceback",
+        "import sys; print('error: a\\nerror: b', file=sys.stderr); sys.exit(2)": "traceback",
+        "import time; time.sleep(30)": "hang",
+        "import sys; print('error: bad input, do this', file=sys.stderr); sys.exit(2)": None,
+    }
+    for script, failure in scripts.items():
+        monkeypatch.setattr(probe, "TQC", [sys.executable, "-c", script])
+        record = probe.run_case(probe.Case("case", [str(keep)], keep=[keep]), timeout=5)
+        assert record.get("failure") == failure, script
+        keep.write_text("years of work")
+    monkeypatch.setattr(probe, "TQC", [sys.executable, "-c", "raise SystemExit(2)"])
+    assert probe.run_case(probe.Case("good input", [], refuse=False), timeout=5)["failure"] == "refused a good input"

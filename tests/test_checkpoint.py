@@ -105,7 +105,9 @@ def test_mismatched_base_model_and_missing_tokenizer(tmp_path, llama_model, gpt2
     "edit, message",
     [
         # a huge shape edited in the structure file: it does not stand for the base layer
-        (lambda m: m["model.layers.0.mlp.up_proj"].update(a_shape=[100000000, 100000000]), "layer is 128x64"),
+        (lambda m: m["model.layers.0.mlp.up_proj"].update(a_shape=[1000000, 1000000]), "layer is 128x64"),
+        # past any real model's size: refused by the structure file's schema already
+        (lambda m: m["model.layers.0.mlp.up_proj"].update(a_shape=[100000000, 100000000]), "less than or equal"),
         # a shape edited consistently with the base layer, but not with the weights file
         (lambda m: m["model.layers.0.mlp.up_proj"].update(a_shape=[32, 32], b_shape=[4, 2]), "in its structure file"),
         # edited consistently with nothing: a low-rank layer standing for another shape than its base layer

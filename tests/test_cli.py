@@ -183,3 +183,124 @@ def test_a_dir_of_config_and_weights_compresses_with_no_target_names_and_text_ne
     refused = run_tqc("eval", "--model", str(tmp_path / "c"), "--data", str(tmp_path / "text.txt"))
     assert refused.returncode == 2 and "has no usable tokenizer" in refused.stderr
     assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+# -- numbers are checked where they enter, bad input is one line and exit 2 ----------------------------
+
+BAD_NUMBERS = {
+    "distill": {
+        "--lr": ["inf", "nan", "-1", "0", "5"],
+        "--temperature": ["inf", "nan", "0", "-2"],
+        "--alpha-blocks": ["inf", "nan", "-1"],
+        "--batch-size": ["0", "-4", "1000000000"],
+        "--seq-len": ["0", "-1"],
+        "--grad-accum": ["0"],
+        "--seed": ["-1", "1000000000000000000000000"],
+        "--steps": ["0", "-5"],
+        "--log-every": ["0"],
+        "--teacher-pool": ["0", "-3"],
+        "--teacher-fraction": ["1.5", "-0.1", "nan"],
+    },
+    "eval": {"--context": ["0", "-1"], "--stride": ["0"], "--max-tokens": ["0", "-1"], "--batch-size": ["0"]},
+    "run": {
+        "--eval-tokens": ["0", "-5"],
+        "--context": ["0"],
+        "--calibration-tokens": ["-100", "1000000000000"],
+        "--ratio": ["0", "1.5", "nan"],
+        "--stages": ["0"],
+        "--lr": ["inf"],
+    },
+    "compress": {
+        "--ratio": ["0", "-0.5", "inf", "nan"],
+        "--calibration-tokens": ["0", "-100", "1000000000000"],
+        "--max-iterations": ["0"],
+        "--target-params": ["-10"],
+    },
+}
+REQUIRED = {
+    "distill": ["--student", "missing-student", "--teacher", "missing-teacher"],
+    "eval": ["--model", "missing-model", "--data", "missing.txt"],
+    "run": ["--model", "missing-model"],
+    "compress": ["--model", "missing-model"],
+}
+
+
+@pytest.mark.parametrize(
+    "command, option, value",
+    [(c, o, v) for c, options in BAD_NUMBERS.items() for o, values in options.items() for v in values],
+)
+def test_a_bad_number_is_one_line_and_exit_2_before_any_work(tmp_path, capsys, command, option, value):
+    from tqcompressor.cli import main
+
+    out = [] if command == "eval" else ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exited:
+        main([command, *REQUIRED[command], *out, option, value])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
+    assert "missing" not in lines[0], "the number must be refused before any model is looked for"
+    assert not (tmp_path / "out").exists()
+
+
+def test_spec_with_planning_options_is_refused_not_ignored(tmp_path, capsys):
+    from tqcompressor.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("layers:\n  - modules: [x]\n    method: svd\n    rank: 2\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["compress", "--model", "m", "--spec", str(spec), "--ratio", "0.5", "--out", str(tmp_path / "o")])
+    assert exited.value.code == 2 and "--ratio would be ignored" in capsys.readouterr().err
+
+
+def test_usage_errors_and_unexpected_failures_are_one_line(capsys, monkeypatch):
+    from tqcompressor import cli
+
+    for args in (["compress", "--no-such-option"], ["compress"], ["eval", "--batch-size", "abc"], ["nope"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(args)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something of ours broke\nsecond line")
+
+    monkeypatch.setattr("tqcompressor.models.load_model", broken)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["info", "x", "--targets"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and len(err.strip().splitlines()) == 1 and "--debug" in err
+    with pytest.raises(RuntimeError, match="something of ours"):
+        cli.main(["info", "x", "--targets", "--debug"])
+
+
+def test_eval_json_is_checked_before_the_evaluation(tmp_path, gpt2_dir, capsys):
+    from tqcompressor.cli import main
+
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    for target, message in (
+        (tmp_path, "is a directory"),
+        (tmp_path / "no" / "m.json", "does not exist"),
+        (tmp_path / "notes.json", "not written by `tqc eval`"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(["eval", "--model", str(gpt2_dir), "--data", str(tmp_path / "t.txt"), "--json", str(target)])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
+    for _ in range(2):  # its own file it replaces
+        assert (
+            run_tqc(
+                "eval",
+                "--model",
+                str(gpt2_dir),
+                "--data",
+                str(tmp_path / "t.txt"),
+                "--context",
+                "16",
+                "--json",
+                str(tmp_path / "m.json"),
+            ).returncode
+            == 0
+        )
+    assert json.loads((tmp_path / "m.json").read_text())["tokens"] > 0

@@ -407,3 +407,37 @@ def test_block_matching_refuses_a_student_of_another_depth_before_any_work(tmp_p
     with pytest.raises(TQCError, match="the student has 1 blocks and the teacher 2"):
         multistep_distill(teacher, student, blocks, config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_loss_that_stops_being_finite_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path, tokenizer, monkeypatch
+):
+    from tqcompressor import distill
+
+    teacher, blocks, plan, config = setup(tmp_path, tokenizer)
+    real_loss, calls = distill.distillation_loss, []
+
+    def diverging(*args, **kwargs):  # finite for three optimizer steps, then NaN
+        parts = real_loss(*args, **kwargs)
+        calls.append(1)
+        return {**parts, "loss": parts["loss"] * float("nan")} if len(calls) > 3 else parts
+
+    monkeypatch.setattr(distill, "distillation_loss", diverging)
+    with pytest.raises(TQCError, match="loss became nan at step 4.*last good checkpoint") as caught:
+        multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "run", plan, progress=False)
+    assert "\n" not in str(caught.value)
+    state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["global_step"] == 2  # checkpoint_every=2: the step-2 checkpoint, never a NaN one
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in records] == [1, 2, 3]  # valid JSON: no NaN was logged
+    monkeypatch.setattr(distill, "distillation_loss", real_loss)
+    student = multistep_distill(
+        teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "run", plan, resume=True, progress=False
+    )
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+@pytest.mark.parametrize("field, value", [("lr", float("inf")), ("temperature", float("nan")), ("seed", -1)])
+def test_non_finite_and_out_of_range_settings_are_refused(field, value):
+    with pytest.raises(TQCError, match=field):
+        DistillConfig(**{field: value})

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,8 @@ import tqcompressor as tqc
 from tests.conftest import TOY_TEXT, tiny_llama
 from tqcompressor.errors import TQCError
 from tqcompressor.outputs import MARKER, check_writable, claim_directory
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tqc_cli(*args, cwd=None):
@@ -101,3 +104,189 @@ def test_a_file_where_a_directory_should_go_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(TQCError, match="is a file"):
         check_writable(tmp_path / "f")
+
+
+# -- ownership by marker only -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("earlier_name", ["results.json", "metrics.jsonl", "tqcompressor.json"])
+def test_no_file_name_makes_a_users_directory_ours(tmp_path, gpt2_dir, earlier_name):
+    precious = users_dir(tmp_path)
+    (precious / earlier_name).write_text("{}")
+    assert_refused(tqc_cli("compress", "--model", str(gpt2_dir), "--ratio", "0.8", "--out", str(precious)), precious)
+    assert (precious / earlier_name).read_text() == "{}"
+
+
+def test_an_output_is_never_the_input_it_reads(tmp_path, gpt2_dir):
+    compressed = tmp_path / "c"
+    assert tqc_cli("compress", "--model", str(gpt2_dir), "--ratio", "0.8", "--out", str(compressed)).returncode == 0
+    before = {p.name: p.read_bytes() for p in compressed.iterdir() if p.is_file()}
+    for args in (
+        ("export", str(compressed), "--dense", "--out", str(compressed)),
+        ("export", str(compressed), "--onnx", "--out", str(compressed / "model.onnx")),
+        ("quantize", str(compressed), "--bits", "int8", "--out", str(compressed)),
+        ("compress", "--model", str(compressed), "--ratio", "0.9", "--out", str(compressed)),
+    ):
+        result = tqc_cli(*args)
+        assert result.returncode == 2 and "would overwrite the input" in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in compressed.iterdir() if p.is_file()} == before
+
+
+def test_quantize_keeps_compression_json_and_export_leaves_no_stale_files(tmp_path, gpt2_dir):
+    compressed, quantized, dense = tmp_path / "c", tmp_path / "q", tmp_path / "d"
+    assert tqc_cli("compress", "--model", str(gpt2_dir), "--ratio", "0.8", "--out", str(compressed)).returncode == 0
+    assert tqc_cli("quantize", str(compressed), "--bits", "int8", "--out", str(quantized)).returncode == 0
+    assert {"compression.json", "quantization.json", MARKER} <= {p.name for p in quantized.iterdir()}
+    # a dense export into an earlier compressed output replaces it whole: no tqcompressor.json beside dense weights
+    assert tqc_cli("export", str(compressed), "--dense", "--out", str(quantized)).returncode == 0
+    assert not (quantized / "tqcompressor.json").exists() and not (quantized / "compression.json").exists()
+    assert tqc_cli("export", str(compressed), "--dense", "--out", str(dense)).returncode == 0
+    assert (dense / MARKER).is_file()
+
+
+def test_a_symlinked_partial_is_never_followed(tmp_path):
+    precious = users_dir(tmp_path)
+    (tmp_path / "m.partial").symlink_to(precious)
+    with pytest.raises(TQCError, match="did not write"):
+        tqc.save(tiny_llama(), tmp_path / "m")
+    assert (precious / "thesis.txt").is_file()
+
+
+# -- swapped in whole: kill -9 at any instant --------------------------------------------------------
+
+
+def write_generations(final, start: int) -> None:
+    """Write complete outputs, one generation after another, with random pauses between files."""
+    import random
+    import time
+
+    from tqcompressor.outputs import staged_directory
+
+    random.seed(start)
+    for generation in range(start, start + 1000):
+        with staged_directory(final) as staging:
+            for name in ("config.json", "model.safetensors", "tqcompressor.json", "compression.json"):
+                (staging / name).write_text(str(generation) * 1000)
+                time.sleep(random.random() * 0.002)
+
+
+def complete_generation(path) -> int:
+    """The generation a complete output holds (every file present and from the same write)."""
+    texts = {(path / name).read_text() for name in ("config.json", "model.safetensors", "tqcompressor.json")}
+    texts.add((path / "compression.json").read_text())
+    assert len(texts) == 1 and (path / MARKER).is_file()
+    text = next(iter(texts))
+    return int(text[: len(text) // 1000])
+
+
+def test_kill_9_at_any_instant_leaves_a_complete_old_or_new_output(tmp_path):
+    import multiprocessing
+    import random
+    import time
+
+    final = tmp_path / "out"
+    rng = random.Random(0)
+    fork = multiprocessing.get_context("fork")  # the writer needs no torch: forking is safe and quick
+    seen = []
+    for trial in range(40):
+        process = fork.Process(target=write_generations, args=(final, trial * 1000))
+        process.start()
+        time.sleep(rng.random() * 0.05)
+        process.kill()  # SIGKILL
+        process.join()
+        if final.exists():  # the first writers may be killed before any write completes
+            seen.append(complete_generation(final))
+    assert len(seen) > 20 and len(set(seen)) > 10  # the kills did land at many different instants
+
+
+def test_kill_9_of_a_real_model_save_leaves_a_loadable_model(tmp_path):
+    import random
+    import signal
+    import time
+
+    script = (
+        "import sys\nimport tqcompressor as tqc\nfrom tests.conftest import tiny_llama\n"
+        "models = [tiny_llama(seed=s) for s in range(3)]\n"
+        "for i in range(1000):\n    tqc.save(models[i % 3], sys.argv[1])\n    print('saved', flush=True)\n"
+    )
+    rng = random.Random(1)
+    for _ in range(4):
+        process = subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "m")], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        assert process.stdout.readline().strip() == "saved"
+        time.sleep(rng.random() * 0.3)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert tqc.load(tmp_path / "m") is not None
+
+
+# -- one writer at a time ------------------------------------------------------------------------------
+
+HOLDER = """
+import sys, time
+from tqcompressor.outputs import writer_lock
+with writer_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, gpt2_dir):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TQCError, match=f"pid {holder.pid}"):
+            tqc.save(tiny_llama(), out)
+        result = tqc_cli("compress", "--model", str(gpt2_dir), "--ratio", "0.8", "--out", str(out))
+        assert result.returncode == 2 and f"pid {holder.pid}" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        result = tqc_cli("distill", "--teacher", str(gpt2_dir), "--student", str(gpt2_dir), "--out", str(out))
+        assert result.returncode == 2 and f"pid {holder.pid}" in result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    tqc.save(tiny_llama(), out)  # the holder is gone: its lock went with it
+    assert tqc.load(out) is not None
+
+
+def test_the_lock_is_reentrant_and_leaves_no_file_behind(tmp_path):
+    from tqcompressor.outputs import lock_path, writer_lock
+
+    out = tmp_path / "out"
+    with writer_lock(out):
+        with writer_lock(out):
+            tqc.save(tiny_llama(), out)
+        assert lock_path(out.resolve()).exists()
+    assert not lock_path(out.resolve()).exists()
+
+
+# -- out of space ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip("this platform cannot mount a small tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_out_of_space_keeps_the_old_output_and_says_so_in_one_line(small_tmpfs, tmp_path, gpt2_dir):
+    from tests.conftest import tiny_gpt2
+
+    tqc.save(tiny_gpt2(vocab_size=64), small_tmpfs / "m")  # small enough to fit
+    before = {p.name: p.read_bytes() for p in (small_tmpfs / "m").iterdir()}
+    big = tmp_path / "big"
+    tiny_gpt2(vocab_size=16384).save_pretrained(big)  # 4 MB of embeddings: does not fit beside it
+    result = tqc_cli("compress", "--model", str(big), "--ratio", "0.95", "--out", str(small_tmpfs / "m"))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # after progress bars
+    assert len(errors) == 1 and "No space left" in errors[0] and "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in (small_tmpfs / "m").iterdir()} == before
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["m"]

@@ -9,7 +9,6 @@ re-run and nothing is unpickled.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -18,12 +17,13 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 from tqcompressor.errors import TQCError
-from tqcompressor.experts import LinearExperts
+from tqcompressor.experts import LinearExperts, fused_experts_class
 from tqcompressor.layers import TiedFactoredHead, bias_of, embedding_scale, module_name, set_module
 from tqcompressor.models import MissingTokenizer, load_tokenizer_or_missing
-from tqcompressor.outputs import check_writable, claim_directory, remove_ours
+from tqcompressor.outputs import staged_directory
 from tqcompressor.planning import Plan
 from tqcompressor.quantized import module_classes as quantized_module_classes
+from tqcompressor.schemas import StructureFile, check_data, check_layer_count, module_config
 from tqcompressor.structures import module_classes as factored_module_classes
 from tqcompressor.structures.dense import plain_module
 
@@ -81,6 +81,10 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
             f"the saved structure names modules this base model does not have ({unknown[:3]}): "
             "config.json and the compressed weights come from different models"
         )
+    for name, desc in modules.items():
+        module_config(desc, f"{STRUCTURE_FILE}: modules[{name!r}]")
+        if _describes_container(desc):
+            _check_experts_match(model.get_submodule(name), desc, name)
     embedding = None
     for name, desc in modules.items():  # a container comes before its children (named_modules order)
         if desc["type"] in TIED_HEAD_TYPES:
@@ -104,6 +108,22 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
             head._is_hf_initialized = True
             set_module(model, name, head)
     return model
+
+
+def _check_experts_match(fused: nn.Module, desc: dict, name: str) -> None:
+    """Split experts must have the base layer's experts and sizes, before any of them is built."""
+    from tqcompressor.experts import is_fused_experts
+
+    if not is_fused_experts(fused):
+        raise TQCError(f"{STRUCTURE_FILE}: {name} holds split experts but the base model has none there")
+    count = fused.down_proj.shape[0]
+    sizes = sorted(fused.down_proj.shape[1:])
+    if desc["num_experts"] != count or sorted((desc["hidden_dim"], desc["intermediate_dim"])) != sizes:
+        raise TQCError(
+            f"{STRUCTURE_FILE}: {name} describes {desc['num_experts']} experts of "
+            f"{desc['hidden_dim']}x{desc['intermediate_dim']}, the base model has {count} of {sizes[1]}x{sizes[0]} "
+            "(or the transpose); the dir is corrupt"
+        )
 
 
 def _has(model: nn.Module, name: str) -> bool:
@@ -143,13 +163,24 @@ def save(
     plan: Plan | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write the model to ``directory`` atomically: into a temporary sibling, then renamed.
+    """Write the model to ``directory`` atomically: into a temporary sibling, then swapped in.
     ``plan`` (from :func:`tqcompressor.compress`'s report or planning) is recorded in
     ``tqcompressor.json``, so that ``tqc info`` and later steps can see how each layer was chosen."""
-    directory = check_writable(directory)
-    partial = directory.with_name(directory.name + ".partial")
-    remove_ours(partial)
-    claim_directory(partial)
+    with staged_directory(directory) as staging:
+        write_model(model, staging, tokenizer, base_model, plan, extra)
+    return Path(directory).resolve()
+
+
+def write_model(
+    model: nn.Module,
+    directory: Path,
+    tokenizer=None,
+    base_model: str | None = None,
+    plan: Plan | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Write the files of a compressed model dir into ``directory`` (a staging dir of
+    :func:`~tqcompressor.outputs.staged_directory`; callers add their own files beside them)."""
     modules = structure_of(model)
     config = model.config.to_dict()
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -163,7 +194,7 @@ def save(
         "format_version": FORMAT_VERSION,
         "base_model": base_model,
     }
-    (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     structure = {
         "format_version": FORMAT_VERSION,
         "base_model": base_model,
@@ -172,14 +203,13 @@ def save(
         "plan": plan.to_list() if plan is not None else [],
         **(extra or {}),
     }
-    save_file(_state_dict_without_tied_head(model), str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
+    try:
+        save_file(_state_dict_without_tied_head(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    except SafetensorError as exc:  # safetensors reports the OS's error (a full disk, say) as its own
+        raise TQCError(f"could not write {directory / WEIGHTS_FILE}: {str(exc).splitlines()[0]}") from None
     if tokenizer is not None and not isinstance(tokenizer, MissingTokenizer):
-        tokenizer.save_pretrained(partial)
-    # the structure file goes last: its presence marks a complete directory
-    (partial / STRUCTURE_FILE).write_text(json.dumps(structure, indent=2) + "\n")
-    remove_ours(directory)
-    os.replace(partial, directory)
-    return directory
+        tokenizer.save_pretrained(directory)
+    (directory / STRUCTURE_FILE).write_text(json.dumps(structure, indent=2) + "\n")
 
 
 def _state_dict_without_tied_head(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -216,21 +246,21 @@ def read_structure(directory: str | Path) -> dict:
             "half written; re-run `tqc compress`"
         )
     try:
-        structure = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        structure = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise TQCError(f"{path} is corrupt (not valid JSON); re-run `tqc compress`") from None
-    version = structure.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    version = structure.get("format_version") if isinstance(structure, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise TQCError(
             f"{directory} uses format version {version}, this tqcompressor reads up to {FORMAT_VERSION}; "
             "upgrade tqcompressor"
         )
-    return structure
+    return check_data(structure, StructureFile, str(path))
 
 
 def load(directory: str | Path) -> nn.Module:
     """Rebuild a compressed model from ``directory`` without re-running any decomposition."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
     structure = read_structure(directory)
@@ -238,10 +268,10 @@ def load(directory: str | Path) -> nn.Module:
     if not weights.is_file() or not (directory / "config.json").is_file():
         raise TQCError(f"{directory} is missing {WEIGHTS_FILE} or config.json; re-run `tqc compress`")
     dtype = getattr(torch, structure.get("dtype", "float32"))
-    config = AutoConfig.from_pretrained(directory)
+    config = read_base_config(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the plugin's copy of the structure; we install it ourselves
-    check_shapes(directory, config, structure["modules"], dtype)
+    check_directory(directory, config, structure["modules"], dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     install_structure(model, structure["modules"], dtype)
     try:
@@ -251,7 +281,7 @@ def load(directory: str | Path) -> nn.Module:
             f"{weights} could not be read ({str(exc).splitlines()[0]}); the dir is corrupt or "
             "half written, re-run `tqc compress`"
         ) from None
-    missing = [k for k in missing if not _is_tied_alias(model, k)]
+    missing = [k for k in missing if not _is_tied_alias(model, k, structure["modules"])]
     if missing or unexpected:
         raise TQCError(
             f"{weights} does not match its structure file (missing {missing[:3]}, unexpected "
@@ -259,6 +289,52 @@ def load(directory: str | Path) -> nn.Module:
         )
     model.eval()
     return model
+
+
+def _raw_config(directory: Path) -> dict:
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise TQCError(f"{directory / 'config.json'} is not valid JSON; the dir is corrupt") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise TQCError(f"{directory / 'config.json'} has no 'model_type'; the dir is corrupt")
+    return config
+
+
+def _tensor_names(weights: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as stored:
+            return list(stored.keys())
+    except (SafetensorError, OSError) as exc:
+        raise TQCError(
+            f"{weights} could not be read ({str(exc).splitlines()[0]}); the dir is corrupt or half written, "
+            "re-run `tqc compress`"
+        ) from None
+
+
+def read_base_config(directory: Path):
+    """The base model's ``config.json`` of a compressed dir, with one line for anything wrong in it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as exc:  # transformers raises many types for one bad file; each is the file's fault
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TQCError(f"{directory / 'config.json'} cannot be used ({first[:200]}); the dir is corrupt") from None
+
+
+def check_directory(directory: Path, config, modules: dict[str, dict], dtype: torch.dtype | None) -> None:
+    """Everything a compressed dir must satisfy before its model is built: no more layers in the config
+    than the weights number, and every module and tensor consistent with the base config (on meta)."""
+    import copy
+
+    check_layer_count(_raw_config(directory), _tensor_names(directory / WEIGHTS_FILE), str(directory / "config.json"))
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    check_shapes(directory, config, modules, dtype if isinstance(dtype, torch.dtype) else torch.float32)
 
 
 def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch.dtype) -> None:
@@ -271,7 +347,11 @@ def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch
     from tqcompressor.layers import dense_weight_of
 
     with torch.device("meta"):  # shapes only, no memory
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except Exception as exc:  # an edited config.json (negative sizes, unknown activation, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TQCError(f"{directory / 'config.json'} describes no buildable model ({first[:200]})") from None
         base = {
             name: tuple(dense_weight_of(skeleton.get_submodule(name))[0].shape)
             for name, desc in modules.items()
@@ -299,12 +379,21 @@ def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch
             f"{directory / WEIGHTS_FILE} could not be read ({str(exc).splitlines()[0]}); the dir is "
             "corrupt or half written, re-run `tqc compress`"
         ) from None
+    absent = []
     for key, tensor in skeleton.state_dict().items():
-        if key in shapes and shapes[key] != tuple(tensor.shape):
+        if key not in shapes:
+            if not _is_tied_alias(skeleton, key, modules):
+                absent.append(key)
+        elif shapes[key] != tuple(tensor.shape):
             raise TQCError(
                 f"{directory}: {key} has shape {list(shapes[key])} in {WEIGHTS_FILE} but "
                 f"{list(tensor.shape)} in its structure file; the dir is corrupt"
             )
+    if absent:  # checked on the skeleton: an edited config (2,000 layers) is refused before it is allocated
+        raise TQCError(
+            f"{directory}: {len(absent)} tensor(s) that config.json and {STRUCTURE_FILE} imply are not in "
+            f"{WEIGHTS_FILE} (first: {absent[0]}); the dir is corrupt or its config was edited"
+        )
 
 
 def read_plan(directory: str | Path) -> Plan:
@@ -312,14 +401,19 @@ def read_plan(directory: str | Path) -> Plan:
     return Plan.from_list(read_structure(directory).get("plan", []))
 
 
-def _is_tied_alias(model: nn.Module, key: str) -> bool:
-    """A dense LM head tied to a dense embedding is stored once; its second name is not missing."""
+def _is_tied_alias(model: nn.Module, key: str, modules: dict[str, dict] | None = None) -> bool:
+    """A dense LM head tied to a dense embedding is stored once: its weight's second name (and no
+    other key) is not missing."""
     head = model.get_output_embeddings()
-    return (
-        key.endswith("weight")
-        and head is not None
-        and getattr(head, "weight", None) is model.get_input_embeddings().weight
+    embedding = model.get_input_embeddings()
+    if head is None or embedding is None or isinstance(head, TiedFactoredHead):  # its weight is computed
+        return False
+    # tied by identity, or declared tied by the config (a skeleton built inside transformers' own
+    # from_pretrained is not tied yet)
+    tied = getattr(head, "weight", None) is getattr(embedding, "weight", None) or getattr(
+        model.config.get_text_config(), "tie_word_embeddings", False
     )
+    return bool(tied) and key == f"{module_name(model, head)}.weight"
 
 
 def load_tokenizer(directory: str | Path):
@@ -341,7 +435,7 @@ def densify(model: nn.Module) -> nn.Module:
         set_module(model, name, plain_module(module.to_dense(), bias_of(module), module.kind, embedding_scale(module)))
     for name, module in modules:
         if is_container(module):
-            set_module(model, name, module.to_fused(model.config))
+            set_module(model, name, module.to_fused(fused_experts_class(model.config, name), model.config))
     head = model.get_output_embeddings()
     if isinstance(head, TiedFactoredHead):
         new_embedding = model.get_input_embeddings()
@@ -357,10 +451,10 @@ def densify(model: nn.Module) -> nn.Module:
 def export_dense(directory: str | Path, out: str | Path) -> Path:
     """Merge the factors of a compressed dir into a plain HF model dir (``from_pretrained`` opens it)."""
     model = densify(load(directory))
-    out = claim_directory(out)
-    model.save_pretrained(out)
-    try:
-        load_tokenizer(directory).save_pretrained(out)
-    except TQCError:
-        pass
-    return out
+    with staged_directory(out, inputs=[directory]) as staging:
+        model.save_pretrained(staging)
+        try:
+            load_tokenizer(directory).save_pretrained(staging)
+        except TQCError:
+            pass
+    return Path(out).resolve()

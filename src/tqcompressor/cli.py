@@ -6,9 +6,11 @@ and exits with status 2.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,7 +20,7 @@ import typer
 from tqcompressor import recipe
 from tqcompressor.errors import TQCError
 from tqcompressor.models import DEFAULT_MODEL
-from tqcompressor.outputs import check_writable, claim_directory, is_main_process
+from tqcompressor.outputs import check_writable, is_main_process, staged_directory, writer_lock
 
 app = typer.Typer(
     add_completion=False,
@@ -97,6 +99,14 @@ def _auto_methods(text: Optional[str], method: str) -> Optional[list[str]]:
     return None if text.strip() == "all" else _split(text)
 
 
+def _check_spec_alone(**options) -> None:
+    """A spec file is the whole plan: options that would plan otherwise are refused, not ignored."""
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        names = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise TQCError(f"--spec is the whole plan; {names} would be ignored: drop {names} or drop --spec")
+
+
 def _split(text: Optional[str]) -> Optional[list[str]]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
@@ -104,15 +114,21 @@ def _split(text: Optional[str]) -> Optional[list[str]]:
 @app.command()
 def compress(
     model: str = typer.Option(DEFAULT_MODEL, help="hub id, local HF dir, .gguf file, or 'smollm2-135m'"),
-    method: str = typer.Option("tq", help=_methods_help()),
-    ratio: Optional[float] = typer.Option(None, help="fraction of the whole model's parameters to keep, in (0, 1]"),
+    method: Optional[str] = typer.Option(None, help=_methods_help() + " [default: tq]"),
+    ratio: Optional[float] = typer.Option(
+        None, help="fraction of the whole model's parameters to keep, in (0, 1] [default: 0.65]"
+    ),
     target_params: Optional[int] = typer.Option(None, help="absolute parameter budget (instead of --ratio)"),
     target_modules: Optional[str] = typer.Option(None, help="comma-separated module names/patterns"),
     spec: Optional[Path] = typer.Option(None, help="explicit per-layer spec file (YAML/JSON) instead of a budget"),
-    steps: int = typer.Option(1, help="spread the automatic plan over this many distillation steps"),
+    steps: Optional[int] = typer.Option(
+        None, help="spread the automatic plan over this many distillation steps [default: 1]"
+    ),
     out: Path = typer.Option(..., help="output directory"),
     max_iterations: int = typer.Option(20, help="permutation-search rounds per matrix (tq)"),
-    prefer: str = typer.Option("accuracy", help="budget solver: accuracy | speed (B one row wide: faster layers)"),
+    prefer: Optional[str] = typer.Option(
+        None, help="budget solver: accuracy | speed (B one row wide: faster layers) [default: accuracy]"
+    ),
     auto_methods: Optional[str] = typer.Option(
         None,
         help="--method auto: comma-separated structures it may choose, "
@@ -138,18 +154,28 @@ def compress(
     group_size: int = typer.Option(32, help="with --quantize int4: inputs sharing one scale (32, 64, 128, 256)"),
 ) -> None:
     """Compress a model and write a model dir plus compression.json (and quantization.json with --quantize)."""
-    from tqcompressor.checkpoint import save
+    from tqcompressor.checkpoint import write_model
     from tqcompressor.config import CompressionConfig, load_spec
     from tqcompressor.models import load_model
     from tqcompressor.quantization import QuantizeSettings
     from tqcompressor.quantize import quantize as run_quantize
-    from tqcompressor.report import format_compression_table
+    from tqcompressor.report import format_compression_table, format_quantization_table
     from tqcompressor.surgery import compress as run_compress
 
-    check_writable(out)  # before the long work, not after it
+    check_writable(out, inputs=[model, spec, calibration])  # before the long work, not after it
     if spec is not None:
+        _check_spec_alone(
+            method=method,
+            ratio=ratio,
+            target_params=target_params,
+            target_modules=target_modules,
+            steps=steps,
+            auto_methods=auto_methods,
+            prefer=prefer,
+        )
         config = load_spec(spec)
     else:
+        method = method or "tq"
         if ratio is None and target_params is None:
             ratio = 0.65
         config = CompressionConfig(
@@ -157,9 +183,9 @@ def compress(
             ratio=ratio,
             target_params=target_params,
             target_modules=_split(target_modules),
-            steps=steps,
+            steps=steps or 1,
             max_iterations=max_iterations,
-            prefer=prefer,
+            prefer=prefer or "accuracy",
             auto_methods=_auto_methods(auto_methods, method),
             sequential=sequential,
             output_weights=output_weights,
@@ -171,19 +197,25 @@ def compress(
             "--sequential refits layers to calibration text: give --calibration (a text source or 'teacher')"
         )
     settings = QuantizeSettings.parse(quantize, group_size) if quantize is not None else None
-    loaded = load_model(model)
-    ids = None
-    if calibration is not None:
-        from tqcompressor.data import calibration_ids
+    _at_least("calibration-tokens", calibration_tokens, 1, MAX_CALIBRATION_TOKENS)
+    _at_least("max-iterations", max_iterations, 1, 10_000)
+    with writer_lock(out):  # held from the first read to the last write: a second writer is refused
+        loaded = load_model(model)
+        ids = None
+        if calibration is not None:
+            from tqcompressor.data import calibration_ids
 
-        ids = calibration_ids(calibration, loaded.model, loaded.tokenizer, calibration_tokens)
-    compressed, report = run_compress(loaded.model, config, calibration=ids)
-    quantized = run_quantize(compressed, settings) if settings is not None else None
-    save(compressed, out, loaded.tokenizer, base_model=model, plan=report.plan)
-    (Path(out) / "compression.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            ids = calibration_ids(calibration, loaded.model, loaded.tokenizer, calibration_tokens)
+        compressed, report = run_compress(loaded.model, config, calibration=ids)
+        quantized = run_quantize(compressed, settings) if settings is not None else None
+        with staged_directory(out, inputs=[model]) as staging:  # metadata inside before the swap
+            write_model(compressed, staging, loaded.tokenizer, base_model=model, plan=report.plan)
+            (staging / "compression.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            if quantized is not None:
+                _write_quantization(quantized, staging, model)
     typer.echo(format_compression_table(report.to_dict()))
     if quantized is not None:
-        _write_quantization(quantized, out, model)
+        typer.echo(format_quantization_table(json.loads((Path(out) / "quantization.json").read_text())))
     typer.echo(f"wrote {out}")
 
 
@@ -195,26 +227,41 @@ def quantize(
     out: Path = typer.Option(..., help="output directory"),
 ) -> None:
     """Store a model's matrices (factors of a compressed model, or an uncompressed one's layers) in int8/int4."""
-    from tqcompressor.checkpoint import STRUCTURE_FILE, read_plan, save
+    from tqcompressor.checkpoint import STRUCTURE_FILE, read_plan, write_model
     from tqcompressor.models import load_model
     from tqcompressor.quantization import QuantizeSettings
     from tqcompressor.quantize import quantize as run_quantize
+    from tqcompressor.report import format_quantization_table
 
-    check_writable(out)
+    check_writable(out, inputs=[model])
     settings = QuantizeSettings.parse(bits, group_size)
-    loaded = load_model(model)
-    plan = read_plan(model) if (Path(model) / STRUCTURE_FILE).is_file() else None
-    report = run_quantize(loaded.model, settings)
-    save(loaded.model, out, loaded.tokenizer, base_model=model, plan=plan)
-    if (Path(model) / "compression.json").is_file():  # ours: the plan's table stays with the model
-        (Path(out) / "compression.json").write_text((Path(model) / "compression.json").read_text())
-    _write_quantization(report, out, model)
+    with writer_lock(out):
+        loaded = load_model(model)
+        plan = read_plan(model) if (Path(model) / STRUCTURE_FILE).is_file() else None
+        compression = _read_compression_json(Path(model))  # ours: the plan's table stays with the model
+        report = run_quantize(loaded.model, settings)
+        with staged_directory(out, inputs=[model]) as staging:
+            write_model(loaded.model, staging, loaded.tokenizer, base_model=model, plan=plan)
+            if compression is not None:
+                (staging / "compression.json").write_text(compression)
+            _write_quantization(report, staging, model)
+    typer.echo(format_quantization_table(json.loads((Path(out) / "quantization.json").read_text())))
     typer.echo(f"wrote {out}")
+
+
+def _read_compression_json(model_dir: Path) -> Optional[str]:
+    """A compressed dir's compression.json, checked against its schema (None where there is none)."""
+    from tqcompressor.schemas import CompressionFile, read_json_file
+
+    path = model_dir / "compression.json"
+    if not path.is_file():
+        return None
+    read_json_file(path, CompressionFile)
+    return path.read_text()
 
 
 def _write_quantization(report, out: Path, source: str) -> None:
     from tqcompressor.checkpoint import WEIGHTS_FILE
-    from tqcompressor.report import format_quantization_table
 
     result = {
         "source": source,
@@ -227,7 +274,6 @@ def _write_quantization(report, out: Path, source: str) -> None:
         "layers": [layer.to_dict() for layer in report.layers],
     }
     (Path(out) / "quantization.json").write_text(json.dumps(result, indent=2) + "\n")
-    typer.echo(format_quantization_table(result))
 
 
 @app.command()
@@ -253,10 +299,12 @@ def info(
     compression, quantization = Path(directory) / "compression.json", Path(directory) / "quantization.json"
     if not compression.is_file() and not quantization.is_file():
         raise TQCError(f"{directory} has no compression.json; it was not written by `tqc compress`")
+    from tqcompressor.schemas import CompressionFile, QuantizationFile, read_json_file
+
     if compression.is_file():
-        typer.echo(format_compression_table(json.loads(compression.read_text())))
+        typer.echo(format_compression_table(read_json_file(compression, CompressionFile)))
     if quantization.is_file():
-        typer.echo(format_quantization_table(json.loads(quantization.read_text())))
+        typer.echo(format_quantization_table(read_json_file(quantization, QuantizationFile)))
 
 
 def _targets_table(model_name: str, patterns: Optional[list[str]]) -> str:
@@ -297,8 +345,9 @@ def export(
     if dense == onnx:
         raise TQCError("choose one of --dense or --onnx")
     if dense:
-        check_writable(out)
-        export_dense(directory, out)
+        check_writable(out, inputs=[directory])
+        with writer_lock(out):
+            export_dense(directory, out)
         typer.echo(f"wrote {out} (dense; opens with AutoModelForCausalLM.from_pretrained)")
     else:
         export_onnx(directory, out)
@@ -315,6 +364,32 @@ def push(
     from tqcompressor.export import push_to_hub
 
     typer.echo(f"uploaded: {push_to_hub(directory, repo, private)}")
+
+
+MAX_CALIBRATION_TOKENS = 1 << 24  # far past where calibration statistics stop changing
+MAX_TEACHER_POOL = 1 << 20
+
+
+def _at_least(option: str, value: Optional[int], minimum: int, maximum: Optional[int] = None) -> None:
+    """Numbers are checked where they enter: 0 is not "all", a negative count is not a count."""
+    if value is None:
+        return
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum:,} and {maximum:,}" if maximum is not None else f"{minimum:,} or more"
+        raise TQCError(f"--{option} must be {bound}, got {value:,}")
+
+
+def _check_teacher_fraction(value: float) -> None:
+    from tqcompressor.data import check_teacher_fraction
+
+    check_teacher_fraction(value)
+
+
+def _check_training(model, kd, seq_len: int) -> None:
+    from tqcompressor.distill import check_memory
+
+    _check_seq_len(model, seq_len)
+    check_memory(kd, model.config)  # before minutes of sampling and compressing, not after
 
 
 def _check_seq_len(model, seq_len: int) -> None:
@@ -346,22 +421,30 @@ def distill(
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
     """Distill a compressed student from its teacher (single stage)."""
+    check_writable(out, inputs=[teacher, student, data])  # before anything is written there
+    _at_least("teacher-pool", teacher_pool, 1, MAX_TEACHER_POOL)
+    _check_teacher_fraction(teacher_fraction)
+    with writer_lock(out) if is_main_process() else contextlib.nullcontext():
+        _distill(teacher, student, data, fraction, teacher_fraction, teacher_pool, out, resume, kd)
+
+
+def _distill(teacher, student, data, fraction, teacher_fraction, teacher_pool, out: Path, resume: bool, kd) -> None:
     from tqcompressor.checkpoint import load, save
     from tqcompressor.distill import check_same_depth, multistep_distill
     from tqcompressor.models import load_model
+    from tqcompressor.outputs import claim_directory
     from tqcompressor.pipeline import block_source_for, check_student_matches_teacher, data_name
     from tqcompressor.quantize import check_not_quantized
 
-    check_writable(out)  # before anything is written there (teacher samples, checkpoints)
     if is_main_process():
-        claim_directory(out)
+        claim_directory(out, inputs=[teacher, student, data])  # marked before teacher samples are cached there
     student_model = load(student)
     check_not_quantized(student_model, "distillation")
     loaded = load_model(teacher)
     check_student_matches_teacher(student_model, loaded.model)
     if kd.alpha_blocks > 0:  # before sampling any distillation data from the teacher
         check_same_depth(student_model, loaded.model)
-    _check_seq_len(loaded.model, kd.seq_len)
+    _check_training(loaded.model, kd, kd.seq_len)
     blocks = block_source_for(data, loaded, kd, out, fraction, teacher_fraction, teacher_pool=teacher_pool)
     result = multistep_distill(
         loaded.model,
@@ -398,6 +481,12 @@ def eval_command(
     from tqcompressor.models import load_model
     from tqcompressor.report import table
 
+    _at_least("context", context, 2)
+    _at_least("stride", stride, 1)
+    _at_least("max-tokens", max_tokens, 1)
+    _at_least("batch-size", batch_size, 1)
+    if json_out is not None:
+        _check_json_out(json_out)
     loaded = load_model(model)
     if data == "lambada" or data.startswith("lambada:"):
         from tqcompressor.data import iter_texts
@@ -405,11 +494,11 @@ def eval_command(
 
         # "lambada" streams the hub dataset; "lambada:FILE" reads one passage per line from a file
         source = data.split(":", 1)[1] if ":" in data else "lambada"
-        texts = iter_texts(source, split="test") if source == "lambada" else open(source, encoding="utf-8")
+        texts = iter_texts(source, split="test") if source == "lambada" else _passages(source)
         metrics = lambada(loaded.model, loaded.tokenizer, texts, max_examples=max_tokens)
         typer.echo(table(["metric", "value"], [[k, v] for k, v in metrics.items()]))
         if json_out:
-            json_out.write_text(json.dumps({**metrics, "model": model, "data": data}, indent=2) + "\n")
+            _write_eval_json(json_out, {**metrics, "model": model, "data": data})
         return
     teacher_model = load_model(teacher).model if teacher else None
     ids = tokenize_text(data, loaded.tokenizer, max_tokens)
@@ -428,17 +517,60 @@ def eval_command(
     lead = ", every window led by the tokenizer's start token" if metrics["protocol"]["start_token"] else ""
     typer.echo(f"protocol: token level, context {context}, stride {stride or context}{lead}")
     if json_out:
-        json_out.write_text(json.dumps(metrics, indent=2) + "\n")
+        _write_eval_json(json_out, metrics)
+
+
+EVAL_JSON_KEY = "written_by"  # marks a --json file of ours: the only kind `tqc eval` overwrites
+
+
+def _check_json_out(path: Path) -> None:
+    """Before the evaluation, not after it: the parent must be a directory, and an existing file
+    is replaced only if an earlier `tqc eval` wrote it."""
+    if len(os.fsencode(path.name)) > 255:
+        raise TQCError(f"--json {path.name[:40]}...: the name is too long")
+    if path.is_dir():
+        raise TQCError(f"--json {path} is a directory; name a file, e.g. {path / 'metrics.json'}")
+    if not path.parent.is_dir():
+        raise TQCError(f"--json {path}: the directory {path.parent} does not exist; create it first")
+    if path.exists():
+        try:
+            ours = json.loads(path.read_text(encoding="utf-8")).get(EVAL_JSON_KEY) == "tqc eval"
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise TQCError(f"--json {path} exists and was not written by `tqc eval`; choose another file name")
+
+
+def _write_eval_json(path: Path, metrics: dict) -> None:
+    from tqcompressor.outputs import write_json_atomic
+
+    write_json_atomic(path, {EVAL_JSON_KEY: "tqc eval", **metrics})
+
+
+def _passages(path: str):
+    """LAMBADA passages from a text file, one a line; one line for a file that is missing or not text."""
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TQCError(
+            f"lambada:{path} cannot be read as UTF-8 text ({type(exc).__name__}); pass a text file"
+        ) from None
 
 
 @app.command()
 @with_distill_options
 def run(
     model: str = typer.Option(DEFAULT_MODEL, help="the model to compress (and the teacher)"),
-    method: str = typer.Option(recipe.METHOD, help=_methods_help()),
-    ratio: float = typer.Option(0.65, help="fraction of the whole model's parameters to keep"),
-    stages: int = typer.Option(recipe.STAGES, help="compression/distillation steps (upper layers first)"),
-    prefer: str = typer.Option("accuracy", help="budget solver: accuracy | speed (B one row wide: faster layers)"),
+    method: Optional[str] = typer.Option(None, help=_methods_help() + f" [default: {recipe.METHOD}]"),
+    ratio: Optional[float] = typer.Option(
+        None, help="fraction of the whole model's parameters to keep [default: 0.65]"
+    ),
+    stages: Optional[int] = typer.Option(
+        None, help=f"compression/distillation steps (upper layers first) [default: {recipe.STAGES}]"
+    ),
+    prefer: Optional[str] = typer.Option(
+        None, help="budget solver: accuracy | speed (B one row wide: faster layers) [default: accuracy]"
+    ),
     auto_methods: Optional[str] = typer.Option(
         None,
         help="--method auto: comma-separated structures it may choose, "
@@ -479,11 +611,13 @@ def run(
 ) -> None:
     """The main job: compress, distill step by step, evaluate, write report.md and a plot."""
     from tqcompressor.config import CompressionConfig, load_spec
-    from tqcompressor.models import load_model
-    from tqcompressor.pipeline import format_report, run_pipeline
 
     if output_weights is None:  # the recipe's default, wherever it applies
         output_weights = recipe.OUTPUT_WEIGHTS and method == "auto" and calibration_tokens > 0
+    if spec:
+        _check_spec_alone(method=method, ratio=ratio, stages=stages, auto_methods=auto_methods, prefer=prefer)
+    method, ratio = method or recipe.METHOD, 0.65 if ratio is None else ratio
+    stages, prefer = recipe.STAGES if stages is None else stages, prefer or "accuracy"
     compression = (
         load_spec(spec)
         if spec
@@ -501,10 +635,57 @@ def run(
         raise TQCError(
             "--output-weights weighs outputs by their gradients on calibration text: keep --calibration-tokens"
         )
-    check_writable(out)  # before loading anything; run_pipeline claims it
+    check_writable(out, inputs=[model, spec, data, eval_data])  # before loading anything; run_pipeline claims it
+    _at_least("context", context, 2)
+    _at_least("eval-tokens", eval_tokens, context)
+    _at_least("calibration-tokens", calibration_tokens, 0, MAX_CALIBRATION_TOKENS)
+    _at_least("teacher-pool", teacher_pool, 1, MAX_TEACHER_POOL)
+    _check_teacher_fraction(teacher_fraction)
+    with writer_lock(out) if is_main_process() else contextlib.nullcontext():
+        result = _run(
+            model,
+            compression,
+            kd,
+            data,
+            eval_data,
+            out,
+            eval_tokens,
+            context,
+            resume,
+            fraction,
+            calibration_tokens,
+            teacher_fraction,
+            teacher_pool,
+        )
+    if not result:
+        return  # not rank 0 of a multi-process run: rank 0 reports
+    from tqcompressor.pipeline import format_report
+
+    typer.echo(format_report(result))
+    typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'perplexity.png'}, {out / 'model'}")
+
+
+def _run(
+    model,
+    compression,
+    kd,
+    data,
+    eval_data,
+    out,
+    eval_tokens,
+    context,
+    resume,
+    fraction,
+    calibration_tokens,
+    teacher_fraction,
+    teacher_pool,
+) -> dict:
+    from tqcompressor.models import load_model
+    from tqcompressor.pipeline import run_pipeline
+
     loaded = load_model(model)
-    _check_seq_len(loaded.model, max(kd.seq_len, context))
-    result = run_pipeline(
+    _check_training(loaded.model, kd, max(kd.seq_len, context))
+    return run_pipeline(
         loaded,
         compression,
         kd,
@@ -519,21 +700,54 @@ def run(
         teacher_fraction,
         teacher_pool,
     )
-    if not result:
-        return  # not rank 0 of a multi-process run: rank 0 reports
-    typer.echo(format_report(result))
-    typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'perplexity.png'}, {out / 'model'}")
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
+    """The console entry point: any failure is one ``error:`` line on stderr, never a traceback
+    (``--debug`` shows it). Exit status 2: the input or the machine is at fault and the line says
+    what to do; 1: a fault of ours (please report it); 130: interrupted."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
     try:
-        app()
+        code = app(args=args, prog_name="tqc", standalone_mode=False)
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except typer.Abort:
+        _fail("interrupted", 130)
+    except typer.TyperException as exc:  # usage: unknown option, missing value, bad type (Typer's parser)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        context = getattr(exc, "ctx", None)
+        hint = f" (`{context.command_path} --help` lists the options)" if context is not None else ""
+        _fail(f"error: {message}{hint}", 2)
     except TQCError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        if debug:
+            raise
+        _fail(f"error: {exc}", 2)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        _fail("interrupted", 130)
+    except OSError as exc:  # the machine: disk full, permissions, a vanished file
+        if debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(f"error: {exc.strerror or exc}{where}; nothing under the final output name was replaced", 2)
+    except MemoryError:
+        _fail("error: out of memory; use a smaller batch, context or model", 2)
+    except Exception as exc:
+        if debug:
+            raise
+        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        _fail(
+            f"error: internal error ({type(exc).__name__}: {message}); rerun with --debug for the traceback "
+            "and report it",
+            1,
+        )
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(line: str, status: int) -> None:
+    typer.echo(line, err=True)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -104,33 +104,38 @@ def load_spec(path: str | Path) -> CompressionConfig:
         b_shape: [4, 2]
         step: 1
     """
+    from tqcompressor.schemas import SpecFile, check_data, structure_settings
+
     path = Path(path)
     if not path.is_file():
         raise TQCError(f"spec file {path} does not exist; pass a YAML or JSON file with a 'layers' list")
     try:
-        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        text = path.read_text(encoding="utf-8")
+        # YAML reads JSON too; the suffix only picks the parser that names the fault best
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
         raise TQCError(f"spec file {path} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
-        raise TQCError(f"spec file {path} needs a top-level 'layers' list")
+    check_data(data, SpecFile, f"spec file {path}")
     layers: list[tuple[str, LayerSpec]] = []
     for i, entry in enumerate(data["layers"]):
-        if not isinstance(entry, dict) or "modules" not in entry:
-            raise TQCError(f"spec file {path}: layers[{i}] needs a 'modules' list")
-        fields = {k: v for k, v in entry.items() if k != "modules"}
-        try:  # each structure checks its own settings
-            spec = LayerSpec(**fields)
-        except (TQCError, TypeError) as exc:
-            raise TQCError(f"spec file {path}: layers[{i}]: {exc}") from None
+        where = f"spec file {path}: layers[{i}]"
+        method = entry.get("method", "tq")
+        get_structure(method)  # one line for an unknown method
+        own = {k: v for k, v in entry.items() if k not in ("modules", "method", "step", "reason")}
+        settings = structure_settings(method, own, where)
+        try:  # each structure checks how its settings fit together
+            spec = LayerSpec(method, step=entry.get("step", 1), reason=entry.get("reason", ""), **settings)
+        except TQCError as exc:
+            raise TQCError(f"{where}: {exc}") from None
         modules = entry["modules"] if isinstance(entry["modules"], list) else [entry["modules"]]
         for name in modules:
-            layers.append((str(name), spec))
+            layers.append((name, spec))
     return CompressionConfig(
         method="tq",
         ratio=None,
         layers=layers,
-        tie_lm_head=bool(data.get("tie_lm_head", True)),
-        max_iterations=int(data.get("max_iterations", 20)),
+        tie_lm_head=data.get("tie_lm_head", True),
+        max_iterations=data.get("max_iterations", 20),
     )
 
 

@@ -137,6 +137,8 @@ def iter_token_blocks(texts: Iterator[str], tokenizer, seq_len: int) -> Iterator
 
 def tokenize_text(source: str, tokenizer, max_tokens: int | None = None, split: str = "test") -> torch.Tensor:
     """All tokens of an evaluation text (file or dataset), up to ``max_tokens``."""
+    if max_tokens is not None and max_tokens < 1:
+        raise TQCError(f"max_tokens must be 1 or more (None: the whole text), got {max_tokens}")
     ids: list[int] = []
     for text in iter_texts(source, split=split):
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -144,7 +146,7 @@ def tokenize_text(source: str, tokenizer, max_tokens: int | None = None, split: 
             break
     if not ids:
         raise TQCError(f"{source!r} holds no text to evaluate on")
-    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+    return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from tqcompressor.planning import Plan
 from tqcompressor.surgery import apply_plan
 
 STATE_FILE = "trainer_state.pt"
+MAX_BATCH_TOKENS = 1 << 24  # tokens in one micro-batch; the memory check refines it once the model is known
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -66,6 +67,13 @@ class DistillConfig:
     def __post_init__(self) -> None:
         """One clear line for a setting that cannot work (instead of a torch traceback later, or
         a run that silently trains nothing)."""
+        for name, value in asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TQCError(f"{name.replace('_', '-')} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise TQCError(f"seed must be in [0, 2^63), got {self.seed}")
+        if self.lr >= 1:
+            raise TQCError(f"lr {self.lr} would diverge at once (AdamW steps are about lr per weight); use e.g. 1e-4")
         positive = {
             "steps": self.steps,
             "batch_size": self.batch_size,
@@ -92,6 +100,11 @@ class DistillConfig:
         for name, value in non_negative.items():
             if not value >= 0:
                 raise TQCError(f"{name.replace('_', '-')} must be 0 or more, got {value}")
+        if self.batch_size * self.seq_len > MAX_BATCH_TOKENS:
+            raise TQCError(
+                f"a micro-batch of {self.batch_size} x {self.seq_len} tokens is past what any device holds "
+                f"({MAX_BATCH_TOKENS:,} tokens); lower --batch-size and use --grad-accum for a larger effective batch"
+            )
         if self.alpha_kl + self.alpha_ce + self.alpha_hidden + self.alpha_blocks <= 0:
             raise TQCError(
                 "the distillation loss has no term: give alpha_kl, alpha_ce, alpha_hidden or alpha_blocks a weight"
@@ -100,6 +113,28 @@ class DistillConfig:
             raise TQCError(f"teacher dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise TQCError(f"mixed-precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+
+
+def check_memory(config: DistillConfig, model_config, device: str | torch.device = "cpu") -> None:
+    """Refuse a batch that cannot fit before any work starts: the logits of teacher and student
+    (fp32, with their softmax and gradient: about four copies of batch x seq_len x vocab) and the
+    activations kept for the backward pass, against the device's whole memory."""
+    vocab = getattr(model_config, "vocab_size", 0) or 0
+    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", 0) or 0
+    layers = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer", 0) or 0
+    tokens = config.batch_size * config.seq_len
+    needed = tokens * (16 * vocab + 64 * hidden * layers)
+    device = torch.device(device)
+    if device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise TQCError(
+            f"a batch of {config.batch_size} x {config.seq_len} tokens needs about {needed / 2**30:.1f} GiB for "
+            f"logits and activations, more than the {available / 2**30:.1f} GiB this {device.type} has: lower "
+            "--batch-size (use --grad-accum to keep the effective batch)"
+        )
 
 
 def training_precision(requested: str, cuda: bool | None = None, cpu_bf16: bool | None = None) -> str:
@@ -281,6 +316,7 @@ def multistep_distill(
     precision = training_precision(config.mixed_precision)
     _forget_other_precision(precision)
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accum)
+    check_memory(config, teacher.config, accelerator.device)
     out_dir = Path(out_dir)
     check_writable(out_dir)  # every process refuses a user's directory; only the main one writes
     stages = plan.steps() if plan is not None else [1]
@@ -394,6 +430,12 @@ def train_stage(
                 with torch.no_grad():
                     teacher_out = teacher(batch, output_hidden_states=hidden)
                 parts = distillation_loss(model(batch, output_hidden_states=hidden), teacher_out, batch, config)
+                if not torch.isfinite(parts["loss"]):  # before the step: the weights stay as last checkpointed
+                    raise TQCError(
+                        f"the distillation loss became {parts['loss'].item()} at step {position.global_step + 1} "
+                        f"(stage {stage}); training stopped, the last good checkpoint in {outputs.checkpoint.parent} "
+                        "is kept: lower --lr (or --temperature, --alpha-blocks) and resume from it with --resume"
+                    )
                 accelerator.backward(parts["loss"])
                 if accelerator.sync_gradients and config.clip:
                     accelerator.clip_grad_norm_(model.parameters(), config.clip)
@@ -466,6 +508,11 @@ def _sharded(stream: Iterator[torch.Tensor], accelerator) -> Iterator[torch.Tens
 def _save_checkpoint(outputs: RunOutputs, trainer: TrainerState, student) -> None:
     """Write ``checkpoint.partial``, then rename: the last good checkpoint becomes
     ``checkpoint.previous`` (kept, in case the new one is damaged later) and the new one ``checkpoint``."""
+    if not all(torch.isfinite(p).all() for p in student.parameters()):
+        raise TQCError(
+            "the student's weights are no longer finite; training stopped without overwriting the last good "
+            f"checkpoint in {outputs.checkpoint.parent}: lower --lr and resume with --resume"
+        )
     path = outputs.checkpoint
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

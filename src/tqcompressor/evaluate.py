@@ -60,6 +60,9 @@ def evaluate(
     and top-1 agreement on the same scored positions. ``lead_with_start``: put the tokenizer's
     :func:`~tqcompressor.data.start_token` (e.g. Gemma's ``<bos>``), where it has one, before every
     window; it is never scored."""
+    for name, value in (("context", context), ("stride", stride), ("batch_size", batch_size)):
+        if value is not None and value < 1:
+            raise TQCError(f"{name} must be 1 or more, got {value}")
     stride = stride or context
     start = start_token(tokenizer) if lead_with_start else None
     lead = [start] if start is not None else []

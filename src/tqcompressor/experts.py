@@ -13,7 +13,7 @@ result saves, reopens with plain ``from_pretrained`` and exports back to the fus
 
 from __future__ import annotations
 
-import importlib
+import copy
 
 import torch
 from torch import Tensor, nn
@@ -100,10 +100,11 @@ class LinearExperts(nn.Module):
     def from_config(cls, config: dict, dtype: torch.dtype) -> LinearExperts:
         return cls(**config, dtype=dtype)
 
-    def to_fused(self, model_config) -> nn.Module:
-        """The transformers experts module these weights came from (the factored ones densified)."""
-        module_name, _, class_name = self.fused_class.rpartition(".")
-        fused = getattr(importlib.import_module(module_name), class_name)(model_config)
+    def to_fused(self, fused_class: type[nn.Module], model_config) -> nn.Module:
+        """The transformers experts module these weights came from (the factored ones densified).
+        ``fused_class`` comes from the model's own architecture (:func:`fused_experts_class`), never
+        from a file: ``self.fused_class`` is a record of where the weights came from, not code to import."""
+        fused = fused_class(model_config)
         from tqcompressor.layers import bias_of, dense_weight_of
 
         with torch.no_grad():
@@ -142,6 +143,25 @@ class LinearExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_experts} experts, {self.hidden_dim} -> {self.intermediate_dim} -> {self.hidden_dim}"
+
+
+def fused_experts_class(model_config, name: str) -> type[nn.Module]:
+    """The fused experts class the architecture of ``model_config`` has at module ``name``: built on
+    the meta device (no memory), so that nothing named in a saved file is imported."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model_config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    try:
+        module = skeleton.get_submodule(name)
+    except AttributeError:
+        module = None
+    if module is None or not is_fused_experts(module):
+        raise TQCError(f"the base architecture has no fused experts at {name}; the saved structure is corrupt")
+    return type(module)
 
 
 def _hidden_act(experts: nn.Module) -> str:

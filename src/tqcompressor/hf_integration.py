@@ -10,6 +10,7 @@ into model dirs: importing ``tqcompressor`` registers the plugin (lm-evaluation-
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -50,7 +51,7 @@ class TQCompressorQuantizer(HfQuantizer):
     requires_calibration = True  # only loads models compressed by tqcompressor; never compresses on load
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from tqcompressor.checkpoint import FORMAT_VERSION, install_structure
+        from tqcompressor.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, check_directory, install_structure
         from tqcompressor.errors import TQCError
 
         if self.quantization_config.format_version > FORMAT_VERSION:
@@ -58,6 +59,9 @@ class TQCompressorQuantizer(HfQuantizer):
                 f"this model uses tqcompressor format {self.quantization_config.format_version}; "
                 f"the installed tqcompressor reads up to {FORMAT_VERSION}: upgrade tqcompressor"
             )
+        files = kwargs.get("checkpoint_files") or []
+        if len(files) == 1 and str(files[0]).endswith(WEIGHTS_FILE):  # a dir tqc.save wrote: the same door as tqc.load
+            check_directory(Path(files[0]).parent, model.config, self.quantization_config.modules, kwargs.get("dtype"))
         install_structure(model, self.quantization_config.modules, dtype=kwargs.get("dtype"))
         return model
 

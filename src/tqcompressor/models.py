@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,11 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
             f"{name} is a directory but has no config.json; point --model at a Hugging Face model dir, "
             "a .gguf file, a hub id or a tqcompressor output dir"
         )
+    if path.is_file() and not name.endswith(".gguf"):
+        raise TQCError(
+            f"{name} is a file; point --model at the model's directory (the one holding config.json), "
+            "a .gguf file, a hub id or a tqcompressor output dir"
+        )
     location, gguf_file = resolve_alias(name)
     looks_local = path.exists() or name.startswith((".", "/", "~"))
     if looks_local and not path.exists() and gguf_file is None:
@@ -129,18 +135,92 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if path.is_dir():
+        _check_base_config(path)
     try:
         logging.getLogger("transformers").setLevel(logging.ERROR)
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        model, info = AutoModelForCausalLM.from_pretrained(location, output_loading_info=True, **kwargs)
+    except TQCError:
+        raise
+    except Exception as exc:  # a model is input: whatever transformers raises for it is the input's fault
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise TQCError(
-            f"could not load model {name!r} ({first}); use a hub id (gpt2, distilgpt2, ...) on a machine "
-            f"with hub access, a local HF model dir, a .gguf file, or '{DEFAULT_MODEL}'"
+            f"could not load model {name!r} ({type(exc).__name__}: {first}); use a hub id (gpt2, distilgpt2, ...) "
+            f"on a machine with hub access, a local HF model dir, a .gguf file, or '{DEFAULT_MODEL}'"
         ) from None
+    missing = [key for key in info.get("missing_keys", []) if not _tied_head_key(model, key)]
+    if missing:  # transformers would initialise them at random and carry on
+        raise TQCError(
+            f"model {name!r}: {len(missing)} weight(s) its config implies are not in its files (first: "
+            f"{sorted(missing)[0]}); the files are incomplete or config.json was edited"
+        )
     _drop_gguf_quantization(model)
     model.eval()
     return LoadedModel(model, load_tokenizer_or_missing(name, location, gguf_file), name)
+
+
+def _tied_head_key(model: nn.Module, key: str) -> bool:
+    """The LM head's weight of a model whose head is tied to its embedding (stored once)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None or getattr(head, "weight", None) is not getattr(embedding, "weight", None):
+        return False
+    return any(key == f"{name}.weight" for name, module in model.named_modules() if module is head)
+
+
+def _check_base_config(directory: Path) -> None:
+    """A local model's config.json, read before anything is built from it: one line for bad JSON."""
+    import json
+
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TQCError(
+            f"{directory / 'config.json'} is not valid JSON ({type(exc).__name__}); the dir is corrupt"
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise TQCError(f"{directory / 'config.json'} has no 'model_type'; it is not a Hugging Face model config")
+    _check_weights_cover_config(directory)
+
+
+def _check_weights_cover_config(directory: Path) -> None:
+    """Refuse, before anything is allocated, a config that implies more parameters than the
+    safetensors files hold (an edited ``num_hidden_layers: 2000`` would otherwise become 1,998
+    randomly initialised layers). Totals, not key names: checkpoints may name or fuse tensors
+    differently from the classes that load them."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tqcompressor.schemas import check_layer_count
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return  # other formats: transformers' own loading info is checked after loading
+    stored, names = 0, []
+    try:
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    names.append(key)
+                    stored += math.prod(handle.get_slice(key).get_shape())
+    except Exception as exc:  # a damaged weights file
+        raise TQCError(f"model dir {directory}: {file.name} cannot be read ({type(exc).__name__})") from None
+    check_layer_count(json.loads((directory / "config.json").read_text(encoding="utf-8")), names, str(directory))
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # the door: any fault of an edited config or a damaged file is the input's
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise TQCError(f"model dir {directory} cannot be used ({type(exc).__name__}: {first})") from None
+    implied = sum(p.numel() for p in skeleton.parameters())
+    if implied > stored * 1.01:
+        raise TQCError(
+            f"{directory / 'config.json'} implies {implied:,} parameters but its weight files hold {stored:,}; "
+            "the config was edited or the files are incomplete"
+        )
 
 
 def _in_hub_cache(repo_id: str) -> bool:

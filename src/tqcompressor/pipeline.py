@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,10 +32,17 @@ from tqcompressor.evaluate import evaluate, greedy_continuations
 from tqcompressor.figures import plan_cells, plot_plan, plot_points
 from tqcompressor.footprint import directory_bytes, memory_bytes, speed_ratios
 from tqcompressor.models import LoadedModel
-from tqcompressor.outputs import check_writable, claim_directory, is_main_process
+from tqcompressor.outputs import (
+    check_writable,
+    claim_directory,
+    is_main_process,
+    write_json_atomic,
+    write_text_atomic,
+)
 from tqcompressor.planning import count_parameters, plan_compression
 from tqcompressor.recipe import TEACHER_POOL
 from tqcompressor.report import table
+from tqcompressor.schemas import RunResults, read_json_file
 from tqcompressor.structures import get_structure
 from tqcompressor.surgery import apply_plan
 from tqcompressor.versions import library_versions
@@ -166,7 +172,7 @@ def run_pipeline(
     phase("evaluation text and held-out teacher samples")
     eval_sets = evaluation_sets(eval_data, loaded, eval_tokens, context, out_dir)
     results_path = out_dir / "results.json"
-    previous = json.loads(results_path.read_text()) if resume and results_path.is_file() else {}
+    previous = read_json_file(results_path, RunResults) if resume and results_path.is_file() else {}
     rows = previous.get("points", [])
 
     def record(label: str, stage: int, model) -> None:
@@ -290,8 +296,8 @@ def _write(out_dir: Path, loaded, settings: dict, rows: list[dict], started: flo
         "seconds": time.perf_counter() - started,
         "complete": extras is not None,
     }
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "report.md").write_text(format_report(result))
+    write_json_atomic(out_dir / "results.json", result)
+    write_text_atomic(out_dir / "report.md", format_report(result))
     plot_points(rows, out_dir / "perplexity.png", f"{loaded.source}: {compression.method}")
     return result
 
