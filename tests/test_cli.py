@@ -1,8 +1,11 @@
 import json
+import math
 import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import tqcompressor as tqc
@@ -304,3 +307,38 @@ def test_eval_json_is_checked_before_the_evaluation(tmp_path, gpt2_dir, capsys):
             == 0
         )
     assert json.loads((tmp_path / "m.json").read_text())["tokens"] > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    field=st.sampled_from(["lr", "temperature", "alpha_blocks", "alpha_kl", "clip", "weight_decay"]),
+    value=st.floats(allow_nan=True, allow_infinity=True),
+)
+def test_any_float_setting_is_accepted_only_when_finite_and_in_range(field, value):
+    from tqcompressor.distill import DistillConfig
+    from tqcompressor.errors import TQCError
+
+    try:
+        config = DistillConfig(**{field: value})
+    except TQCError as exc:
+        assert "\n" not in str(exc) and field.replace("_", "-") in str(exc)
+    else:
+        assert math.isfinite(getattr(config, field)) and getattr(config, field) >= 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    field=st.sampled_from(["steps", "batch_size", "grad_accum", "seq_len", "log_every", "seed", "warmup_steps"]),
+    value=st.integers(min_value=-(10**30), max_value=10**30),
+)
+def test_any_integer_setting_is_accepted_only_in_range(field, value):
+    from tqcompressor.distill import DistillConfig
+    from tqcompressor.errors import TQCError
+
+    try:
+        config = DistillConfig(**{field: value})
+    except TQCError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert 0 <= getattr(config, field) < 2**63
+        assert config.batch_size * config.seq_len <= 1 << 24

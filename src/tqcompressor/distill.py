@@ -70,6 +70,8 @@ class DistillConfig:
         for name, value in asdict(self).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise TQCError(f"{name.replace('_', '-')} must be a finite number, got {value}")
+            if isinstance(value, int) and not -(2**63) < value < 2**63:  # what tensors and schedules can count
+                raise TQCError(f"{name.replace('_', '-')} is out of range, got {value}")
         if not 0 <= self.seed < 2**63:
             raise TQCError(f"seed must be in [0, 2^63), got {self.seed}")
         if self.lr >= 1:
