@@ -93,7 +93,7 @@ def main() -> None:
         domains = evaluate_domains(model.eval(), teacher, eval_sets, 512, loaded.tokenizer)
         return {
             Path(name).name: {k: m[k] for k in ("perplexity", "kl_to_teacher", "top1_agreement")}
-            for name, m in domains.items()
+            for name, m in domains["domains"].items()
         }
 
     teacher_scores = evaluate_domains(teacher, teacher, eval_sets, 512, loaded.tokenizer)
@@ -104,7 +104,7 @@ def main() -> None:
         | {"teacher_fraction": recipe.TEACHER_FRACTION},
         "distill": asdict(kd),
         "schedule": "one run with the schedule of --steps; earlier points are part-way through it",
-        "teacher": {Path(n).name: {"perplexity": m["perplexity"]} for n, m in teacher_scores.items()},
+        "teacher": {Path(n).name: {"perplexity": m["perplexity"]} for n, m in teacher_scores["domains"].items()},
         "curve": curve,
         "extrapolation": extrapolate(curve, TEACHER_DOMAIN),
         "seconds": time.perf_counter() - started,

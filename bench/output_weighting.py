@@ -113,7 +113,7 @@ def fitted_student(teacher, names: list[str], stats: dict, keep: float, weighted
 def scores(model, teacher, eval_sets: dict, context: int) -> dict:
     return {
         Path(name).name: {k: m.get(k) for k in ("perplexity", "kl_to_teacher", "top1_agreement")}
-        for name, m in evaluate_domains(model, teacher, eval_sets, context).items()
+        for name, m in evaluate_domains(model, teacher, eval_sets, context)["domains"].items()
     }
 
 

@@ -187,7 +187,7 @@ def main() -> None:
 
 def measure(model, teacher, eval_sets: dict) -> dict:
     out = {"params": sum(p.numel() for p in model.parameters())}
-    for name, m in evaluate_domains(model, teacher, eval_sets, 512).items():
+    for name, m in evaluate_domains(model, teacher, eval_sets, 512)["domains"].items():
         out[Path(name).name if "/" in name else name] = {
             k: m.get(k) for k in ("perplexity", "kl_to_teacher", "top1_agreement")
         }

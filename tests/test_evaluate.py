@@ -3,9 +3,12 @@ import math
 import pytest
 import torch
 from conftest import TOY_TEXT
+from typer.testing import CliRunner
 
 from tqcompressor import TQCError
+from tqcompressor.cli import app
 from tqcompressor.evaluate import evaluate, windows
+from tqcompressor.fidelity import HELDOUT_FILES
 
 
 @pytest.mark.parametrize("n, context, stride", [(100, 16, 4), (100, 16, 15), (5, 16, 8), (17, 16, 16), (100, 16, 16)])
@@ -114,6 +117,32 @@ def test_tqc_eval_lambada_file_and_perplexity_json(tmp_path, gpt2_dir):
     } <= set(metrics)
     assert metrics["protocol"] == {"level": "token", "context": 64, "stride": 32, "start_token": False}
     assert metrics["kl_to_teacher"] < 1e-5
+    # with a teacher, the fidelity suite leads: every held-out domain, the model being its own teacher here
+    fidelity = metrics["fidelity"]
+    assert set(fidelity["domains"]) == {"teacher samples", *HELDOUT_FILES}
+    assert fidelity["fidelity_kl"] < 1e-5 and fidelity["fidelity_top1"] == 1.0
+    assert all(d["held_out"] and d["perplexity_ratio"] == pytest.approx(1.0) for d in fidelity["domains"].values())
+    assert result.output.index("fidelity KL") < result.output.index("perplexity")
+
+
+def test_eval_without_data_scores_fidelity_alone_and_needs_one_of_them(tmp_path, gpt2_dir):
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--model", str(gpt2_dir), "--teacher", str(gpt2_dir), "--fidelity-tokens", "128", "--context", "64"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "fidelity (mean of held out)" in result.output and "code (CPython stdlib)" in result.output
+    refused = CliRunner().invoke(app, ["eval", "--model", str(gpt2_dir)])
+    assert refused.exit_code != 0 and "--data" in str(refused.exception)
+
+
+def test_the_heldout_texts_are_shipped_with_their_licences():
+    from tqcompressor.fidelity import HELDOUT_DIR
+
+    readme = (HELDOUT_DIR / "README.md").read_text()
+    assert (HELDOUT_DIR / "PSF-LICENSE.txt").is_file()
+    for file in HELDOUT_FILES.values():
+        assert file in readme and len((HELDOUT_DIR / file).read_text()) > 60_000  # 16k tokens and more
 
 
 def test_word_and_byte_perplexity_divide_by_the_scored_text_only(llama_model, tokenizer):

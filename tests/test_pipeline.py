@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 from conftest import TOY_TEXT
 from typer.testing import CliRunner
 
 import tqcompressor as tqc
 from tqcompressor.cli import app
+from tqcompressor.fidelity import HELDOUT_FILES
 from tqcompressor.pipeline import PROMPTS, TEACHER_DOMAIN
 
 
@@ -63,13 +65,31 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
         "after KD stage 1",
         "after KD stage 2",
     ]
+    held_out = {TEACHER_DOMAIN, *HELDOUT_FILES}
     for point in results["points"]:
-        assert set(point["domains"]) == {str(tmp_path / "eval.txt"), TEACHER_DOMAIN}
-        assert point["domains"][str(tmp_path / "eval.txt")]["perplexity"] == point["perplexity"]
-        samples = point["domains"][TEACHER_DOMAIN]
-        assert samples["tokens"] > 0 and samples["perplexity"] > 1
-        if point["label"] != "teacher":
-            assert samples["kl_to_teacher"] >= 0 and 0 <= samples["top1_agreement"] <= 1
+        assert set(point["domains"]) == {str(tmp_path / "eval.txt")} | held_out
+        in_domain = point["domains"][str(tmp_path / "eval.txt")]
+        assert in_domain["perplexity"] == point["perplexity"] and in_domain["held_out"] is False
+        for name in held_out:
+            domain = point["domains"][name]
+            assert domain["held_out"] is True and domain["tokens"] > 0 and domain["perplexity"] > 1
+            assert domain["perplexity_ratio"] == pytest.approx(domain["perplexity"] / domain["teacher_perplexity"])
+            assert domain["kl_to_teacher"] >= 0 and 0 <= domain["top1_agreement"] <= 1
+        # fidelity KL: the mean over the held-out domains only, never the in-domain text
+        kls = [point["domains"][name]["kl_to_teacher"] for name in held_out]
+        assert point["fidelity_kl"] == pytest.approx(sum(kls) / len(kls))
+    teacher_point = results["points"][0]
+    assert teacher_point["fidelity_kl"] == 0 and teacher_point["fidelity_top1"] == 1
+    assert results["points"][-1]["fidelity_kl"] > 0
+    # quantization beside the student: the teacher and the student in fp32, int8, int4 (groups of 32, 128)
+    quantized = results["quantized"]
+    assert [(q["model"], q["format"]) for q in quantized] == [("teacher", "fp32"), ("student", "fp32")] + [
+        (m, f) for m in ("teacher", "student") for f in ("int8", "int4-g32", "int4-g128")
+    ]
+    by = {(q["model"], q["format"]): q for q in quantized}
+    assert by[("teacher", "int8")]["memory_bytes"] < by[("teacher", "fp32")]["memory_bytes"]
+    assert by[("teacher", "int4-g32")]["memory_bytes"] < by[("teacher", "int8")]["memory_bytes"]
+    assert 0 < by[("teacher", "int8")]["fidelity_kl"] < by[("student", "int8")]["fidelity_kl"]
     # the plan: every linear layer of both blocks, svd or dense, and svd ones smaller than the teacher's
     cells = results["plan_cells"]
     assert {c["block"] for c in cells} == {0, 1} and len(cells) == 8
@@ -81,7 +101,7 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
     assert cost["student"]["params"] == results["points"][-1]["params"] < cost["teacher"]["params"]
     assert cost["student"]["memory_bytes"] < cost["teacher"]["memory_bytes"]
     assert cost["speed"]["prefill_time_ratio"] > 0 and cost["speed"]["generation_time_ratio"] > 0
-    for picture in ("plan.png", "perplexity.png"):
+    for picture in ("plan.png", "perplexity.png", "fidelity.png"):
         assert (out / picture).stat().st_size > 1000
     report = (out / "report.md").read_text()
     for section in (
@@ -89,7 +109,10 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
         "## The same prompts, continued greedily",
         "## What it costs to hold and run",
         "## How this was measured",
-        "ppl (teacher samples)",
+        "## Fidelity to the teacher, on text no step of the run read",
+        "## What quantization alone gives",
+        "KL (code (CPython stdlib))",
+        "ppl, in-domain (eval.txt)",
         "50% of the blocks sampled from the teacher",
         # tqc run's default for auto over svd with calibration, recorded and said
         "auto over svd (or dense), fitted to the calibration tokens' outputs; each layer's outputs weighted",

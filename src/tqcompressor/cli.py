@@ -465,17 +465,25 @@ def _distill(teacher, student, data, fraction, teacher_fraction, teacher_pool, o
 @app.command(name="eval")
 def eval_command(
     model: str = typer.Option(..., help="a compressed dir or any model --model accepts"),
-    data: str = typer.Option(
-        ..., help="text file/dir/glob, a dataset name (wikitext), or lambada / lambada:FILE for last-word accuracy"
+    data: Optional[str] = typer.Option(
+        None,
+        help="text file/dir/glob, a dataset name (wikitext), or lambada / lambada:FILE for last-word accuracy "
+        "(optional with --teacher: the fidelity suite needs none)",
     ),
-    teacher: Optional[str] = typer.Option(None, help="also report KL and top-1 agreement with this model"),
+    teacher: Optional[str] = typer.Option(
+        None, help="the model it came from: KL and top-1 agreement on --data, and the fidelity suite"
+    ),
+    fidelity: bool = typer.Option(
+        True, help="with --teacher: fidelity on held-out text (teacher samples, prose, docs, code), led by fidelity KL"
+    ),
+    fidelity_tokens: int = typer.Option(8192, help="tokens of each held-out domain"),
     context: int = typer.Option(512, help="window length (tokens)"),
     stride: Optional[int] = typer.Option(None, help="window stride (tokens); default = context"),
     max_tokens: Optional[int] = typer.Option(None, help="evaluate on the first N tokens (LAMBADA: N examples)"),
     batch_size: int = typer.Option(4),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics to this JSON file"),
 ) -> None:
-    """Perplexity (token, word, byte level), KL to the teacher and top-1 agreement."""
+    """Fidelity to the teacher on held-out text (with --teacher), perplexity (token, word, byte level) on --data."""
     from tqcompressor.data import tokenize_text
     from tqcompressor.evaluate import evaluate
     from tqcompressor.models import load_model
@@ -485,10 +493,13 @@ def eval_command(
     _at_least("stride", stride, 1)
     _at_least("max-tokens", max_tokens, 1)
     _at_least("batch-size", batch_size, 1)
+    _at_least("fidelity-tokens", fidelity_tokens, context)
+    if data is None and teacher is None:
+        raise TQCError("give --data (a text to score) or --teacher (fidelity on held-out text), or both")
     if json_out is not None:
         _check_json_out(json_out)
     loaded = load_model(model)
-    if data == "lambada" or data.startswith("lambada:"):
+    if data is not None and (data == "lambada" or data.startswith("lambada:")):
         from tqcompressor.data import iter_texts
         from tqcompressor.evaluate import lambada
 
@@ -501,21 +512,32 @@ def eval_command(
             _write_eval_json(json_out, {**metrics, "model": model, "data": data})
         return
     teacher_model = load_model(teacher).model if teacher else None
-    ids = tokenize_text(data, loaded.tokenizer, max_tokens)
-    metrics = evaluate(
-        loaded.model,
-        ids,
-        context=context,
-        stride=stride,
-        teacher=teacher_model,
-        batch_size=batch_size,
-        tokenizer=loaded.tokenizer,
-    )
-    metrics.update(model=model, data=data)
-    keys = ["perplexity", "word_perplexity", "byte_perplexity", "kl_to_teacher", "top1_agreement", "tokens", "params"]
-    typer.echo(table(["metric", "value"], [[k, metrics[k]] for k in keys if k in metrics]))
-    lead = ", every window led by the tokenizer's start token" if metrics["protocol"]["start_token"] else ""
-    typer.echo(f"protocol: token level, context {context}, stride {stride or context}{lead}")
+    metrics: dict = {"model": model, "data": data, "teacher": teacher}
+    if teacher_model is not None and fidelity:
+        from tqcompressor.fidelity import TABLE_HEADER, heldout_domains, measure, table_rows
+
+        domains = heldout_domains(teacher_model, loaded.tokenizer, fidelity_tokens, context)
+        measured = measure(loaded.model, teacher_model, domains, context, loaded.tokenizer, batch_size=batch_size)
+        metrics["fidelity"] = measured
+        typer.echo(f"fidelity KL {measured['fidelity_kl']:.4f} nats/token, top-1 {measured['fidelity_top1']:.3f}")
+        typer.echo(table(TABLE_HEADER, table_rows(measured), "llrrr"))
+    if data is not None:
+        ids = tokenize_text(data, loaded.tokenizer, max_tokens)
+        scored = evaluate(
+            loaded.model,
+            ids,
+            context=context,
+            stride=stride,
+            teacher=teacher_model,
+            batch_size=batch_size,
+            tokenizer=loaded.tokenizer,
+        )
+        metrics.update(scored)
+        keys = ["perplexity", "word_perplexity", "byte_perplexity", "kl_to_teacher", "top1_agreement", "tokens"]
+        typer.echo(f"on {data} (not held out unless no step of yours read it):")
+        typer.echo(table(["metric", "value"], [[k, scored[k]] for k in keys + ["params"] if k in scored]))
+        lead = ", every window led by the tokenizer's start token" if scored["protocol"]["start_token"] else ""
+        typer.echo(f"protocol: token level, context {context}, stride {stride or context}{lead}")
     if json_out:
         _write_eval_json(json_out, metrics)
 
@@ -607,9 +629,12 @@ def run(
         help="weight each layer's outputs by the loss's gradient energy there (Fisher row weights, as FWSVD) when "
         "choosing ranks and fitting; needs calibration and --method auto (default: on wherever it applies)",
     ),
+    compare_quantized: bool = typer.Option(
+        True, help="also measure int8 and int4 (groups of 32 and 128) of the teacher and of the student"
+    ),
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
-    """The main job: compress, distill step by step, evaluate, write report.md and a plot."""
+    """The main job: compress, distill step by step, evaluate fidelity, write report.md and plots."""
     from tqcompressor.config import CompressionConfig, load_spec
 
     if output_weights is None:  # the recipe's default, wherever it applies
@@ -642,8 +667,13 @@ def run(
     _at_least("teacher-pool", teacher_pool, 1, MAX_TEACHER_POOL)
     _check_teacher_fraction(teacher_fraction)
     with writer_lock(out) if is_main_process() else contextlib.nullcontext():
-        result = _run(
-            model,
+        from tqcompressor.models import load_model
+        from tqcompressor.pipeline import run_pipeline
+
+        loaded = load_model(model)
+        _check_training(loaded.model, kd, max(kd.seq_len, context))
+        result = run_pipeline(
+            loaded,
             compression,
             kd,
             data,
@@ -656,6 +686,7 @@ def run(
             calibration_tokens,
             teacher_fraction,
             teacher_pool,
+            compare_quantized=compare_quantized,
         )
     if not result:
         return  # not rank 0 of a multi-process run: rank 0 reports
@@ -663,43 +694,6 @@ def run(
 
     typer.echo(format_report(result))
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'perplexity.png'}, {out / 'model'}")
-
-
-def _run(
-    model,
-    compression,
-    kd,
-    data,
-    eval_data,
-    out,
-    eval_tokens,
-    context,
-    resume,
-    fraction,
-    calibration_tokens,
-    teacher_fraction,
-    teacher_pool,
-) -> dict:
-    from tqcompressor.models import load_model
-    from tqcompressor.pipeline import run_pipeline
-
-    loaded = load_model(model)
-    _check_training(loaded.model, kd, max(kd.seq_len, context))
-    return run_pipeline(
-        loaded,
-        compression,
-        kd,
-        data,
-        eval_data,
-        out,
-        eval_tokens,
-        context,
-        resume,
-        fraction,
-        calibration_tokens,
-        teacher_fraction,
-        teacher_pool,
-    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:

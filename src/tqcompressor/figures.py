@@ -91,6 +91,37 @@ def plot_points(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_fidelity(points: list[dict], quantized: list[dict], path: Path, title: str) -> None:
+    """Fidelity KL against parameters for the run's points, and against bytes held for the
+    quantized teacher and student: what a given size keeps of the teacher, whichever way it is reached."""
+    plt = _pyplot()
+    fig, (by_params, by_bytes) = plt.subplots(1, 2, figsize=(10, 4))
+    for p in points:
+        by_params.scatter(p["params"] / 1e6, p["fidelity_kl"], s=40)
+        by_params.annotate(
+            p["label"], (p["params"] / 1e6, p["fidelity_kl"]), textcoords="offset points", xytext=(5, 5), fontsize=8
+        )
+    by_params.set_xlabel("parameters (M, all counted)")
+    for q in quantized:
+        marker = "o" if q["model"] == "teacher" else "s"
+        by_bytes.scatter(q["memory_bytes"] / 2**20, q["fidelity_kl"], s=40, marker=marker)
+        by_bytes.annotate(
+            f"{q['model']} {q['format']}",
+            (q["memory_bytes"] / 2**20, q["fidelity_kl"]),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+        )
+    by_bytes.set_xlabel("MiB held in memory")
+    for ax in (by_params, by_bytes):
+        ax.set_ylabel("fidelity KL (nats/token, held-out text)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: closeness to the teacher on text no step read")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _pyplot():
     import matplotlib
 

@@ -22,14 +22,22 @@ from tqcompressor.data import (
     check_teacher_fraction,
     mixed_block_source,
     teacher_block_source,
-    teacher_samples,
     text_block_source,
     tokenize_text,
 )
 from tqcompressor.distill import DistillConfig, multistep_distill, training_precision
 from tqcompressor.errors import TQCError
-from tqcompressor.evaluate import evaluate, greedy_continuations
-from tqcompressor.figures import plan_cells, plot_plan, plot_points
+from tqcompressor.evaluate import greedy_continuations
+from tqcompressor.fidelity import (
+    EVAL_SEED,
+    TEACHER_DOMAIN,
+    Domain,
+    heldout_domains,
+    in_domain,
+    measure,
+    teacher_perplexities,
+)
+from tqcompressor.figures import plan_cells, plot_fidelity, plot_plan, plot_points
 from tqcompressor.footprint import directory_bytes, memory_bytes, speed_ratios
 from tqcompressor.models import LoadedModel
 from tqcompressor.outputs import (
@@ -47,8 +55,6 @@ from tqcompressor.structures import get_structure
 from tqcompressor.surgery import apply_plan
 from tqcompressor.versions import library_versions
 
-EVAL_SEED = 12345  # the held-out teacher samples; no training or calibration sample uses this seed
-TEACHER_DOMAIN = "teacher samples"
 PROMPTS = [
     "The history of the city begins",
     "In 1998, the band released",
@@ -100,32 +106,76 @@ def data_name(data: str, teacher_fraction: float, teacher_pool: int = TEACHER_PO
 
 def evaluation_sets(
     eval_data: str | None, loaded: LoadedModel, max_tokens: int, context: int, out_dir: Path
-) -> dict[str, torch.Tensor]:
-    """Named token sequences to evaluate on: ``eval_data`` (when it is a text) and always the
-    teacher's own distribution, sampled with :data:`EVAL_SEED` (cached in ``out_dir``)."""
+) -> dict[str, Domain]:
+    """Named token sequences to evaluate on: ``eval_data`` (when it is a text: in-domain, not counted
+    in fidelity KL) and the fidelity suite's held-out domains (teacher samples cached in ``out_dir``)."""
     sets = {}
     if eval_data is not None and eval_data != "teacher":
-        sets[eval_data] = tokenize_text(eval_data, loaded.tokenizer, max_tokens)
-    count = max(1, max_tokens // context)
-    samples = teacher_samples(
-        loaded.model,
-        loaded.tokenizer,
-        count,
-        context,
-        EVAL_SEED,
-        out_dir / f"eval_teacher_samples-seed{EVAL_SEED}-{count}x{context}.safetensors",
-    )
-    sets[TEACHER_DOMAIN] = samples.reshape(-1)
+        sets[eval_data] = in_domain(tokenize_text(eval_data, loaded.tokenizer, max_tokens))
+    sets.update(heldout_domains(loaded.model, loaded.tokenizer, max_tokens, context, out_dir))
     return sets
 
 
-def evaluate_domains(model, teacher, eval_sets: dict[str, torch.Tensor], context: int, tokenizer=None) -> dict:
-    """:func:`~tqcompressor.evaluate.evaluate` on each named set, against ``teacher`` (KL, top-1)
-    unless ``model`` is the teacher itself."""
-    return {
-        name: evaluate(model, ids, context=context, teacher=None if model is teacher else teacher, tokenizer=tokenizer)
-        for name, ids in eval_sets.items()
-    }
+def evaluate_domains(
+    model, teacher, eval_sets: dict[str, Domain], context: int, tokenizer=None, reference=None
+) -> dict:
+    """:func:`tqcompressor.fidelity.measure`: per domain KL, top-1 and perplexity ratio against
+    ``teacher``, and fidelity KL over the held-out domains. ``reference``: the teacher's own result
+    (its perplexities are reused)."""
+    return measure(
+        model, teacher, eval_sets, context, tokenizer, teacher_perplexities(reference) if reference else None
+    )
+
+
+QUANTIZED_FORMATS = ("int8", "int4-g32", "int4-g128")
+
+
+def quantized_rows(
+    teacher, student, eval_sets: dict[str, Domain], context: int, tokenizer, reference: dict, final: dict
+) -> list:
+    """What a user would pick instead: int8 and int4 of the teacher (and of the student), each with its
+    bytes and its fidelity on the same windows as every other point (``reference``: the teacher's
+    point, ``final``: the student's)."""
+    from tqcompressor.quantization import QuantizeSettings
+    from tqcompressor.quantize import quantize
+
+    held_out = {name: d for name, d in eval_sets.items() if d.held_out}
+    rows = [
+        {
+            "model": name,
+            "format": "fp32",
+            "params": point["params"],
+            "memory_bytes": memory_bytes(model),
+            "fidelity_kl": point["fidelity_kl"],
+            "fidelity_top1": point["fidelity_top1"],
+        }
+        for name, model, point in (("teacher", teacher, reference), ("student", student, final))
+    ]
+    for name, model in (("teacher", teacher), ("student", student)):
+        for label in QUANTIZED_FORMATS:
+            bits, _, group = label.partition("-g")
+            settings = QuantizeSettings(int(bits.removeprefix("int")), int(group) if group else 32)
+            quantized = copy.deepcopy(model)
+            quantize(quantized, settings)
+            measured = evaluate_domains(quantized, teacher, held_out, context, tokenizer, reference)
+            rows.append(
+                {
+                    "model": name,
+                    "format": label,
+                    "params": count_parameters(quantized),
+                    "memory_bytes": memory_bytes(quantized),
+                    "fidelity_kl": measured["fidelity_kl"],
+                    "fidelity_top1": measured["fidelity_top1"],
+                    "domains": {d: _domain_record(m) for d, m in measured["domains"].items()},
+                }
+            )
+            del quantized
+    return rows
+
+
+def _domain_record(metrics: dict) -> dict:
+    keep = (*METRICS, "held_out", "teacher_perplexity", "perplexity_ratio")
+    return {k: metrics[k] for k in keep if k in metrics}
 
 
 def run_pipeline(
@@ -142,6 +192,7 @@ def run_pipeline(
     calibration_tokens: int = 8192,
     teacher_fraction: float = 0.0,
     teacher_pool: int = TEACHER_POOL,
+    compare_quantized: bool = True,
 ) -> dict:
     main = is_main_process()  # under torchrun / accelerate launch every rank trains; rank 0 writes
     out_dir = claim_directory(out_dir) if main else check_writable(out_dir)
@@ -179,14 +230,18 @@ def run_pipeline(
         if any(r["label"] == label for r in rows):
             return
         phase(f"evaluating: {label}")
-        domains = evaluate_domains(model, teacher, eval_sets, context, loaded.tokenizer)
-        primary = next(iter(domains.values()))  # the evaluation text: the headline numbers
+        reference = rows[0] if rows and rows[0]["label"] == "teacher" else None
+        measured = evaluate_domains(model, teacher, eval_sets, context, loaded.tokenizer, reference)
+        domains = measured["domains"]
+        primary = next(iter(domains.values()))  # the evaluation text: perplexity, params, protocol
         rows.append(
             {
                 "label": label,
                 "stage": stage,
-                **primary,
-                "domains": {name: {k: m[k] for k in METRICS if k in m} for name, m in domains.items()},
+                **{k: v for k, v in primary.items() if k not in ("held_out", "teacher_perplexity")},
+                "fidelity_kl": measured["fidelity_kl"],
+                "fidelity_top1": measured["fidelity_top1"],
+                "domains": {name: _domain_record(m) for name, m in domains.items()},
             }
         )
         if main:
@@ -232,10 +287,17 @@ def run_pipeline(
     save(student, out_dir / "model", loaded.tokenizer, base_model=loaded.source, plan=plan)
     phase("plan picture, continuations, memory and speed")
     student.to(next(teacher.parameters()).device)  # side by side on one device
+    phase("int8 and int4 of the teacher and of the student, for comparison")
+    quantized = (
+        quantized_rows(teacher, student, eval_sets, context, loaded.tokenizer, rows[0], rows[-1])
+        if compare_quantized
+        else []
+    )
     extras = {
+        "quantized": quantized,
         "plan_cells": plan_cells(teacher, student),
         "continuations": greedy_continuations({"teacher": teacher, "student": student}, loaded.tokenizer, PROMPTS),
-        "footprint": footprint(teacher, student, out_dir / "model", next(iter(eval_sets.values())), context),
+        "footprint": footprint(teacher, student, out_dir / "model", next(iter(eval_sets.values())).ids, context),
     }
     plot_plan(extras["plan_cells"], out_dir / "plan.png", f"{loaded.source}: the plan ({compression.method})")
     return _write(out_dir, loaded, settings, rows, started, extras)
@@ -299,51 +361,42 @@ def _write(out_dir: Path, loaded, settings: dict, rows: list[dict], started: flo
     write_json_atomic(out_dir / "results.json", result)
     write_text_atomic(out_dir / "report.md", format_report(result))
     plot_points(rows, out_dir / "perplexity.png", f"{loaded.source}: {compression.method}")
+    if rows and rows[0].get("fidelity_kl") is not None:
+        plot_fidelity(rows, (extras or {}).get("quantized", []), out_dir / "fidelity.png", loaded.source)
     return result
 
 
 def format_report(result: dict) -> str:
     points = result["points"]
-    domains = list(points[0]["domains"]) if points and "domains" in points[0] else []
-    headers = ["model", "params"]
-    for name in domains:
-        short = "teacher samples" if name == TEACHER_DOMAIN else Path(name).name
-        headers += [f"ppl ({short})", f"KL ({short})", f"top-1 ({short})"]
-    rows = [
-        [p["label"], p["params"]]
-        + [
-            x
-            for name in domains
-            for x in (
-                p["domains"][name]["perplexity"],
-                p["domains"][name].get("kl_to_teacher"),
-                p["domains"][name].get("top1_agreement"),
-            )
-        ]
-        for p in points
-    ]
-    protocol = points[0]["protocol"] if points else {}
     lines = [
         f"# tqcompressor run: {result['base_model']}, method {result['method']}, ratio {result['ratio']}",
         "",
-        table(headers, rows),
-        "",
-        "![perplexity vs parameters](perplexity.png)",
-        "",
     ]
+    if points and "fidelity_kl" in points[0]:
+        lines += _fidelity_section(points, result.get("quantized", []))
+        lines += ["![fidelity KL vs bytes](fidelity.png) ![in-domain perplexity vs parameters](perplexity.png)", ""]
+    else:  # results written before the fidelity suite
+        lines += [_legacy_table(points), "", "![perplexity vs parameters](perplexity.png)", ""]
     if "plan_cells" in result:
         lines += _plan_section(result["plan_cells"])
     if "continuations" in result:
         lines += _continuations_section(result["continuations"])
     if "footprint" in result:
         lines += _footprint_section(result["footprint"])
+    domains = list(points[0]["domains"]) if points and "domains" in points[0] else []
     tokens = ", ".join(f"{points[0]['domains'][n]['tokens']:,} of {n}" for n in domains) if domains else ""
+    protocol = points[0]["protocol"] if points else {}
     lines += [
         "## How this was measured",
         "",
         f"- Perplexity, KL(teacher || student) and top-1 agreement: token level, sliding window (context "
         f"{protocol.get('context')}, stride {protocol.get('stride')}), scored tokens: {tokens}.",
-        f"- Second domain: {result.get('second_domain', '')}.",
+        (
+            f"- Held-out domains: {result.get('second_domain', '')}; and {HELDOUT_WORDS}. "
+            "Fidelity KL is the mean KL over them; the evaluation text (--eval-data) is in-domain and not counted."
+            if points and "fidelity_kl" in points[0]
+            else f"- Second domain: {result.get('second_domain', '')}."  # results from before the fidelity suite
+        ),
         f"- Distillation data: {result['data']}"
         + (
             f", {result['teacher_fraction']:.0%} of the blocks sampled from the teacher"
@@ -359,6 +412,89 @@ def format_report(result: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+HELDOUT_WORDS = (
+    "three real texts no step reads, shipped in tqcompressor/heldout (prose of 1611, Python documentation, "
+    "CPython source; licences in its README)"
+)
+
+
+def _fidelity_section(points: list[dict], quantized: list[dict]) -> list[str]:
+    """The headline: how close each point is to the teacher on text no step saw, then the same per
+    domain, then what quantizing the teacher (or the student) gives instead."""
+    names = list(points[0]["domains"])
+    held_out = [n for n in names if points[0]["domains"][n].get("held_out")]
+    own = [n for n in names if not points[0]["domains"][n].get("held_out")]
+    headers = ["model", "params", "fidelity KL", "fidelity top-1"] + [f"KL ({_short(n)})" for n in held_out]
+    headers += [f"ppl, in-domain ({_short(n)})" for n in own]
+    rows = [
+        [p["label"], p["params"], p["fidelity_kl"], p["fidelity_top1"]]
+        + [p["domains"][n]["kl_to_teacher"] for n in held_out]
+        + [p["domains"][n]["perplexity"] for n in own]
+        for p in points
+    ]
+    detail = [
+        [
+            p["label"],
+            _short(n),
+            "held out" if d.get("held_out") else "in-domain",
+            d["kl_to_teacher"],
+            d["top1_agreement"],
+            d["perplexity"],
+            d.get("perplexity_ratio"),
+        ]
+        for p in points
+        for n, d in p["domains"].items()
+    ]
+    lines = [
+        "## Fidelity to the teacher, on text no step of the run read",
+        "",
+        table(headers, rows),
+        "",
+        "Per domain (perplexity ratio: the model's perplexity over the teacher's on the same windows):",
+        "",
+        table(["model", "domain", "", "KL", "top-1", "perplexity", "ratio"], detail, "lllrrrr"),
+        "",
+    ]
+    if quantized:
+        mib = 2**20
+        q_rows = [
+            [f"{q['model']} {q['format']}", q["params"], q["memory_bytes"] / mib, q["fidelity_kl"], q["fidelity_top1"]]
+            for q in quantized
+        ]
+        lines += [
+            "## What quantization alone gives (bytes held in memory, same windows)",
+            "",
+            table(["model", "params", "MiB", "fidelity KL", "fidelity top-1"], q_rows),
+            "",
+        ]
+    return lines
+
+
+def _legacy_table(points: list[dict]) -> str:
+    domains = list(points[0]["domains"]) if points and "domains" in points[0] else []
+    headers = ["model", "params"]
+    for name in domains:
+        headers += [f"ppl ({_short(name)})", f"KL ({_short(name)})", f"top-1 ({_short(name)})"]
+    rows = [
+        [p["label"], p["params"]]
+        + [
+            x
+            for name in domains
+            for x in (
+                p["domains"][name]["perplexity"],
+                p["domains"][name].get("kl_to_teacher"),
+                p["domains"][name].get("top1_agreement"),
+            )
+        ]
+        for p in points
+    ]
+    return table(headers, rows)
+
+
+def _short(name: str) -> str:
+    return name if name == TEACHER_DOMAIN or " (" in name else Path(name).name
 
 
 def _compression_words(compression: dict, calibration_tokens: int) -> str:
