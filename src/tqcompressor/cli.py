@@ -10,6 +10,7 @@ import contextlib
 import functools
 import inspect
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -76,7 +77,7 @@ def with_distill_options(command):
         from tqcompressor.distill import DistillConfig
 
         kd = DistillConfig(
-            steps=options["steps"],
+            steps=options["steps"] if options["steps"] is not None else recipe.STEPS,  # tqc run's default
             checkpoint_every=options["checkpoint_every"],
             **{name: options.pop(name) for name in DISTILL_OPTIONS},
         )
@@ -611,7 +612,9 @@ def run(
     eval_data: Optional[str] = typer.Option(None, help="evaluation text; default: held-out teacher samples"),
     eval_tokens: int = typer.Option(8192, help="tokens to evaluate on"),
     context: int = typer.Option(512, help="evaluation window"),
-    steps: int = typer.Option(recipe.STEPS, help="distillation steps per stage"),
+    steps: Optional[int] = typer.Option(
+        None, help=f"distillation steps per stage [default: {recipe.STEPS}, or what --time-budget allows]"
+    ),
     checkpoint_every: int = typer.Option(20, help="optimizer steps between checkpoints"),
     out: Path = typer.Option(Path("out/run"), help="run dir: report.md, results.json, perplexity.png, model/"),
     resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
@@ -629,8 +632,15 @@ def run(
         help="weight each layer's outputs by the loss's gradient energy there (Fisher row weights, as FWSVD) when "
         "choosing ranks and fitting; needs calibration and --method auto (default: on wherever it applies)",
     ),
-    compare_quantized: bool = typer.Option(
-        True, help="also measure int8 and int4 (groups of 32 and 128) of the teacher and of the student"
+    compare_tokens: int = typer.Option(
+        2048,
+        help="beside the student, fidelity of the teacher and the student in fp32, int8 and int4 (groups of 32 "
+        "and 128) on this many tokens of each held-out domain, at most --eval-tokens (0: skip the comparison)",
+    ),
+    time_budget: Optional[float] = typer.Option(
+        None,
+        help="minutes the whole job may take: the run times one distillation step and fixes --steps so that "
+        "sampling, compression, distillation and evaluation end inside it",
     ),
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
@@ -666,6 +676,13 @@ def run(
     _at_least("calibration-tokens", calibration_tokens, 0, MAX_CALIBRATION_TOKENS)
     _at_least("teacher-pool", teacher_pool, 1, MAX_TEACHER_POOL)
     _check_teacher_fraction(teacher_fraction)
+    if compare_tokens:
+        _at_least("compare-tokens", compare_tokens, context)
+    if time_budget is not None:
+        if not math.isfinite(time_budget) or not 0 < time_budget <= 7 * 24 * 60:
+            raise TQCError(f"--time-budget must be a number of minutes in (0, {7 * 24 * 60}], got {time_budget}")
+        if steps is not None:
+            raise TQCError("--time-budget chooses --steps itself: drop one of them")
     with writer_lock(out) if is_main_process() else contextlib.nullcontext():
         from tqcompressor.models import load_model
         from tqcompressor.pipeline import run_pipeline
@@ -686,7 +703,8 @@ def run(
             calibration_tokens,
             teacher_fraction,
             teacher_pool,
-            compare_quantized=compare_quantized,
+            compare_tokens=compare_tokens,
+            time_budget=time_budget,
         )
     if not result:
         return  # not rank 0 of a multi-process run: rank 0 reports

@@ -8,6 +8,7 @@ costs to hold and to run."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import time
 from dataclasses import asdict
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tqcompressor.budget import BudgetPlan, plan_steps, seconds_per_step
 from tqcompressor.checkpoint import save
 from tqcompressor.config import CompressionConfig
 from tqcompressor.data import (
@@ -50,7 +52,7 @@ from tqcompressor.outputs import (
 from tqcompressor.planning import count_parameters, plan_compression
 from tqcompressor.recipe import TEACHER_POOL
 from tqcompressor.report import table
-from tqcompressor.schemas import RunResults, read_json_file
+from tqcompressor.schemas import BudgetFile, RunResults, read_json_file
 from tqcompressor.structures import get_structure
 from tqcompressor.surgery import apply_plan
 from tqcompressor.versions import library_versions
@@ -130,47 +132,44 @@ def evaluate_domains(
 QUANTIZED_FORMATS = ("int8", "int4-g32", "int4-g128")
 
 
-def quantized_rows(
-    teacher, student, eval_sets: dict[str, Domain], context: int, tokenizer, reference: dict, final: dict
-) -> list:
-    """What a user would pick instead: int8 and int4 of the teacher (and of the student), each with its
-    bytes and its fidelity on the same windows as every other point (``reference``: the teacher's
-    point, ``final``: the student's)."""
+def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int, tokenizer, tokens: int = 2048) -> list:
+    """What a user would pick instead: the teacher and the student in fp32, int8 and int4, each with
+    its bytes and its fidelity, every row on the same first ``tokens`` of each held-out domain (a
+    subset of the points' windows, so that eight models cost about two evaluations)."""
     from tqcompressor.quantization import QuantizeSettings
     from tqcompressor.quantize import quantize
 
-    held_out = {name: d for name, d in eval_sets.items() if d.held_out}
-    rows = [
-        {
+    tokens = max(context, tokens // context * context)  # whole windows of the teacher's samples
+    subset = {name: Domain(d.ids[:tokens], True) for name, d in eval_sets.items() if d.held_out}
+    reference = measure(teacher, teacher, subset, context, tokenizer)
+
+    def row(name: str, label: str, model) -> dict:
+        measured = evaluate_domains(model, teacher, subset, context, tokenizer, reference)
+        return {
             "model": name,
-            "format": "fp32",
-            "params": point["params"],
+            "format": label,
+            "params": count_parameters(model),
             "memory_bytes": memory_bytes(model),
-            "fidelity_kl": point["fidelity_kl"],
-            "fidelity_top1": point["fidelity_top1"],
+            "fidelity_kl": measured["fidelity_kl"],
+            "fidelity_top1": measured["fidelity_top1"],
+            "domains": {d: _domain_record(m) for d, m in measured["domains"].items()},
         }
-        for name, model, point in (("teacher", teacher, reference), ("student", student, final))
-    ]
+
+    rows = [row("teacher", "fp32", teacher), row("student", "fp32", student)]
     for name, model in (("teacher", teacher), ("student", student)):
         for label in QUANTIZED_FORMATS:
             bits, _, group = label.partition("-g")
-            settings = QuantizeSettings(int(bits.removeprefix("int")), int(group) if group else 32)
             quantized = copy.deepcopy(model)
-            quantize(quantized, settings)
-            measured = evaluate_domains(quantized, teacher, held_out, context, tokenizer, reference)
-            rows.append(
-                {
-                    "model": name,
-                    "format": label,
-                    "params": count_parameters(quantized),
-                    "memory_bytes": memory_bytes(quantized),
-                    "fidelity_kl": measured["fidelity_kl"],
-                    "fidelity_top1": measured["fidelity_top1"],
-                    "domains": {d: _domain_record(m) for d, m in measured["domains"].items()},
-                }
-            )
+            quantize(quantized, QuantizeSettings(int(bits.removeprefix("int")), int(group) if group else 32))
+            rows.append(row(name, label, quantized))
             del quantized
     return rows
+
+
+def comparison_evaluations(compare_tokens: int, eval_tokens: int) -> float:
+    """The quantized comparison's cost in evaluations of one point (for the time budget): seven
+    models scored against the teacher and the teacher's own pass, on a share of the tokens."""
+    return (2 * len(QUANTIZED_FORMATS) + 1.5) * min(1.0, compare_tokens / eval_tokens)
 
 
 def _domain_record(metrics: dict) -> dict:
@@ -192,7 +191,8 @@ def run_pipeline(
     calibration_tokens: int = 8192,
     teacher_fraction: float = 0.0,
     teacher_pool: int = TEACHER_POOL,
-    compare_quantized: bool = True,
+    compare_tokens: int = 2048,
+    time_budget: float | None = None,
 ) -> dict:
     main = is_main_process()  # under torchrun / accelerate launch every rank trains; rank 0 writes
     out_dir = claim_directory(out_dir) if main else check_writable(out_dir)
@@ -217,7 +217,8 @@ def run_pipeline(
         out_dir,
         fraction,
         teacher_fraction,
-        distill.steps * distill.batch_size * distill.grad_accum * stages,
+        # with a time budget the steps are not known yet: the teacher's pool is sampled at its cap
+        distill.steps * distill.batch_size * distill.grad_accum * stages if time_budget is None else 1 << 40,
         teacher_pool,
     )
     phase("evaluation text and held-out teacher samples")
@@ -257,14 +258,34 @@ def run_pipeline(
         calibration = torch.stack(list(itertools.islice(blocks(0), max(1, calibration_tokens // distill.seq_len))))
     phase(f"planning ({compression.method})")
     plan = plan_compression(student, compression, calibration)
+    evaluation_seconds = None
     if not any(r["label"] == "compressed (no KD)" for r in rows):
         one_shot = copy.deepcopy(student)
         refit = dict(calibration=calibration, teacher=teacher) if plan.sequential else {}
         apply_plan(one_shot, plan, **refit)  # every stage at once, no distillation
+        evaluating = time.perf_counter()
         record("compressed (no KD)", 0, one_shot)
+        evaluation_seconds = time.perf_counter() - evaluating
         if len(plan.steps()) == 1:
             student = one_shot  # stage 1 is this very model: distillation finds its layers in place, no second fit
         del one_shot
+    if time_budget is not None:
+        budget = _budget_plan(
+            out_dir,
+            resume,
+            time_budget,
+            started,
+            teacher,
+            student,
+            blocks,
+            distill,
+            evaluation_seconds,
+            len(plan.steps()),
+            comparison_evaluations(compare_tokens, eval_tokens) if compare_tokens else 0,
+        )
+        phase(f"time budget: {budget.steps_per_stage} steps per stage ({budget.seconds_per_step:.1f} s each)")
+        distill = dataclasses.replace(distill, steps=budget.steps_per_stage)
+        settings["distill"], settings["budget"] = distill, budget.to_dict()
 
     phase(f"distillation: {len(plan.steps())} stage(s) of {distill.steps} steps")
     student = multistep_distill(
@@ -289,9 +310,7 @@ def run_pipeline(
     student.to(next(teacher.parameters()).device)  # side by side on one device
     phase("int8 and int4 of the teacher and of the student, for comparison")
     quantized = (
-        quantized_rows(teacher, student, eval_sets, context, loaded.tokenizer, rows[0], rows[-1])
-        if compare_quantized
-        else []
+        quantized_rows(teacher, student, eval_sets, context, loaded.tokenizer, compare_tokens) if compare_tokens else []
     )
     extras = {
         "quantized": quantized,
@@ -301,6 +320,35 @@ def run_pipeline(
     }
     plot_plan(extras["plan_cells"], out_dir / "plan.png", f"{loaded.source}: the plan ({compression.method})")
     return _write(out_dir, loaded, settings, rows, started, extras)
+
+
+def _budget_plan(
+    out_dir: Path,
+    resume: bool,
+    minutes: float,
+    started: float,
+    teacher,
+    student,
+    blocks,
+    distill: DistillConfig,
+    evaluation_seconds: float | None,
+    stages: int,
+    comparison_evaluations: float,
+) -> BudgetPlan:
+    """The run's budget plan: measured now, or, on resume, the one the run fixed before (budget.json)."""
+    path = out_dir / "budget.json"
+    if resume and path.is_file():
+        return BudgetPlan(**read_json_file(path, BudgetFile))
+    if evaluation_seconds is None:
+        raise TQCError(f"{path} is missing: this run cannot be resumed with --time-budget; start it again")
+    stream = blocks(0)
+    batch = torch.stack([next(stream) for _ in range(distill.batch_size)])
+    step = seconds_per_step(teacher, student, batch, distill)
+    spent = time.perf_counter() - started + 3 * step  # the timing itself
+    plan = plan_steps(minutes, spent, step, evaluation_seconds, stages, comparison_evaluations)
+    if is_main_process():
+        write_json_atomic(path, plan.to_dict())
+    return plan
 
 
 def footprint(teacher, student, model_dir: Path, ids: torch.Tensor, context: int) -> dict:
@@ -350,6 +398,7 @@ def _write(out_dir: Path, loaded, settings: dict, rows: list[dict], started: flo
         "kd_tokens_per_stage": distill.steps * distill.batch_size * distill.grad_accum * distill.seq_len,
         "distill": asdict(distill),
         "training_precision": training_precision(distill.mixed_precision),  # what "auto" meant on this machine
+        "budget": settings.get("budget"),
         "compression": {k: v for k, v in asdict(compression).items() if k != "layers"},
         "counting": "every parameter counted once (tied embedding/head once); permutation index buffers excluded",
         "points": rows,
@@ -409,8 +458,17 @@ def format_report(result: dict) -> str:
         f"- Training: {_precision_words(result.get('training_precision', 'no'))}; evaluation in fp32.",
         f"- Parameters: {result['counting']}.",
         f"- Wall time: {result['seconds']:.0f} s.",
-        "",
     ]
+    if result.get("budget"):
+        b = result["budget"]
+        lines.append(
+            f"- Time budget: {b['budget'] / 60:g} min. {b['spent_before_distillation'] / 60:.1f} min went to "
+            "sampling, calibration, planning and the first evaluations; one distillation step took "
+            f"{b['seconds_per_step']:.1f} s, so {b['steps_per_stage']} steps per stage fit beside the "
+            f"{b['reserved_after_distillation'] / 60:.1f} min kept for the evaluations, the quantized comparison "
+            "and saving."
+        )
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -89,8 +89,7 @@ class LowRankLinearConfig(Strict):
 
     @model_validator(mode="after")
     def _rank_within_shape(self):
-        if self.rank > min(self.in_features, self.out_features):
-            raise ValueError(f"rank {self.rank} exceeds min({self.out_features}, {self.in_features})")
+        _check_matrix_rank(self.rank, self.out_features, self.in_features)
         return self
 
 
@@ -102,9 +101,13 @@ class LowRankEmbeddingConfig(Strict):
 
     @model_validator(mode="after")
     def _rank_within_shape(self):
-        if self.rank > min(self.num_embeddings, self.embedding_dim):
-            raise ValueError(f"rank {self.rank} exceeds min({self.num_embeddings}, {self.embedding_dim})")
+        _check_matrix_rank(self.rank, self.num_embeddings, self.embedding_dim)
         return self
+
+
+def _check_matrix_rank(rank: int, rows: int, columns: int) -> None:
+    if rank > min(rows, columns):
+        raise ValueError(f"rank {rank} exceeds min({rows}, {columns}), the most a {rows}x{columns} matrix has")
 
 
 class KroneckerLowRankLinearConfig(Strict):
@@ -299,12 +302,30 @@ class RunResults(BaseModel):
     points: list[RunPoint]
 
 
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class BudgetFile(Strict):
+    """A run dir's ``budget.json`` (``tqc run --time-budget``): the plan a resumed run keeps."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    budget: PositiveSeconds
+    spent_before_distillation: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    seconds_per_step: PositiveSeconds
+    evaluation_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    reserved_after_distillation: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    stages: Size
+    steps_per_stage: Size
+
+
 FILES: dict[str, type[BaseModel]] = {
     "tqcompressor.json": StructureFile,
     "compression.json": CompressionFile,
     "quantization.json": QuantizationFile,
     "spec file (--spec, YAML or JSON)": SpecFile,
     "results.json (a run dir)": RunResults,
+    "budget.json (a run dir, --time-budget)": BudgetFile,
 }
 
 
