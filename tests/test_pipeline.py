@@ -197,3 +197,39 @@ def test_a_one_stage_run_refits_once_and_distils_the_one_shot_model(tmp_path, gp
     assert len(calls) == 1  # the one-shot point's refit is the student distillation starts from
     points = json.loads((tmp_path / "run" / "results.json").read_text())["points"]
     assert [p["label"] for p in points][:2] == ["teacher", "compressed (no KD)"]
+
+
+def test_run_defaults_are_the_recipes_auto_with_output_weights(tmp_path, gpt2_dir, monkeypatch):
+    """What `make demo` runs: no --method given means the recipe's auto, calibrated, with output weights."""
+    from tqcompressor import pipeline, recipe
+
+    seen = {}
+
+    def capture(loaded, compression, distill, *args, **kwargs):
+        seen.update(compression=compression, distill=distill, **kwargs)
+        return {}
+
+    monkeypatch.setattr(pipeline, "run_pipeline", capture)
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--model",
+            str(gpt2_dir),
+            "--context",
+            "64",
+            "--seq-len",
+            "32",
+            "--eval-tokens",
+            "128",
+            "--time-budget",
+            "25",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    compression = seen["compression"]
+    assert compression.method == recipe.METHOD == "auto" and compression.output_weights is True
+    assert compression.auto_methods == list(recipe.AUTO_METHODS) and compression.ratio == 0.65
+    assert seen["time_budget"] == 25 and seen["distill"].steps == recipe.STEPS  # the budget replaces it in the run

@@ -647,12 +647,12 @@ def run(
     """The main job: compress, distill step by step, evaluate fidelity, write report.md and plots."""
     from tqcompressor.config import CompressionConfig, load_spec
 
-    if output_weights is None:  # the recipe's default, wherever it applies
-        output_weights = recipe.OUTPUT_WEIGHTS and method == "auto" and calibration_tokens > 0
     if spec:
         _check_spec_alone(method=method, ratio=ratio, stages=stages, auto_methods=auto_methods, prefer=prefer)
     method, ratio = method or recipe.METHOD, 0.65 if ratio is None else ratio
     stages, prefer = recipe.STAGES if stages is None else stages, prefer or "accuracy"
+    if output_weights is None:  # the recipe's default, wherever it applies (after method's own default)
+        output_weights = recipe.OUTPUT_WEIGHTS and method == "auto" and calibration_tokens > 0
     compression = (
         load_spec(spec)
         if spec
