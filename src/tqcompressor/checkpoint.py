@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file
 from torch import nn
 
-from tqcompressor.errors import TQCError
+from tqcompressor.errors import TQCError, first_line
 from tqcompressor.experts import LinearExperts, fused_experts_class
 from tqcompressor.layers import TiedFactoredHead, bias_of, embedding_scale, module_name, set_module
 from tqcompressor.models import MissingTokenizer, load_tokenizer_or_missing
@@ -321,8 +321,8 @@ def read_base_config(directory: Path):
     try:
         return AutoConfig.from_pretrained(directory)
     except Exception as exc:  # transformers raises many types for one bad file; each is the file's fault
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TQCError(f"{directory / 'config.json'} cannot be used ({first[:200]}); the dir is corrupt") from None
+        first = first_line(exc) or type(exc).__name__
+        raise TQCError(f"{directory / 'config.json'} cannot be used ({first}); the dir is corrupt") from None
 
 
 def check_directory(directory: Path, config, modules: dict[str, dict], dtype: torch.dtype | None) -> None:
@@ -350,8 +350,8 @@ def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch
         try:
             skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
         except Exception as exc:  # an edited config.json (negative sizes, unknown activation, ...)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TQCError(f"{directory / 'config.json'} describes no buildable model ({first[:200]})") from None
+            first = first_line(exc) or type(exc).__name__
+            raise TQCError(f"{directory / 'config.json'} describes no buildable model ({first})") from None
         base = {
             name: tuple(dense_weight_of(skeleton.get_submodule(name))[0].shape)
             for name, desc in modules.items()

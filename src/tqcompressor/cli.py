@@ -19,7 +19,7 @@ from typing import Optional
 import typer
 
 from tqcompressor import recipe
-from tqcompressor.errors import TQCError
+from tqcompressor.errors import TQCError, first_line
 from tqcompressor.models import DEFAULT_MODEL
 from tqcompressor.outputs import check_writable, is_main_process, staged_directory, writer_lock
 
@@ -748,7 +748,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception as exc:
         if debug:
             raise
-        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        message = first_line(exc, limit=300)
         _fail(
             f"error: internal error ({type(exc).__name__}: {message}); rerun with --debug for the traceback "
             "and report it",

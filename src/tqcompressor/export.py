@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tqcompressor.checkpoint import export_dense, load, read_structure
-from tqcompressor.errors import TQCError
+from tqcompressor.errors import TQCError, first_line
 from tqcompressor.outputs import check_not_an_input
 
 
@@ -90,9 +90,9 @@ def push_to_hub(directory: str | Path, repo_id: str, private: bool = False, toke
             folder_path=str(directory), repo_id=repo_id, commit_message="Upload tqcompressor model"
         )
     except Exception as exc:  # offline, no token, no rights: the hub client's many error types, one line
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise TQCError(
-            f"could not upload to the Hub ({type(exc).__name__}: {first}); check the network and `hf auth login`"
+            f"could not upload to the Hub ({type(exc).__name__}: {first_line(exc)}); check the network and "
+            "`hf auth login`"
         ) from None
     return str(getattr(commit, "commit_url", commit))
 

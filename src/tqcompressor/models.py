@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tqcompressor.errors import TQCError
+from tqcompressor.errors import TQCError, first_line
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,8 +57,7 @@ def load_tokenizer_or_missing(name: str, location: str, gguf_file: str | None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return MissingTokenizer(name, first)
+        return MissingTokenizer(name, first_line(exc, limit=10_000) or type(exc).__name__)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -143,7 +142,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
     except TQCError:
         raise
     except Exception as exc:  # a model is input: whatever transformers raises for it is the input's fault
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         raise TQCError(
             f"could not load model {name!r} ({type(exc).__name__}: {first}); use a hub id (gpt2, distilgpt2, ...) "
             f"on a machine with hub access, a local HF model dir, a .gguf file, or '{DEFAULT_MODEL}'"
@@ -213,7 +212,7 @@ def _check_weights_cover_config(directory: Path) -> None:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # the door: any fault of an edited config or a damaged file is the input's
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         raise TQCError(f"model dir {directory} cannot be used ({type(exc).__name__}: {first})") from None
     implied = sum(p.numel() for p in skeleton.parameters())
     if implied > stored * 1.01:
