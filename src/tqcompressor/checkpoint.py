@@ -18,7 +18,14 @@ from torch import nn
 
 from tqcompressor.errors import TQCError, first_line
 from tqcompressor.experts import LinearExperts, fused_experts_class
-from tqcompressor.layers import TiedFactoredHead, bias_of, embedding_scale, module_name, set_module
+from tqcompressor.layers import (
+    TiedFactoredHead,
+    bias_of,
+    embedding_scale,
+    is_tied_head_weight,
+    module_name,
+    set_module,
+)
 from tqcompressor.models import MissingTokenizer, load_tokenizer_or_missing
 from tqcompressor.outputs import staged_directory
 from tqcompressor.planning import Plan
@@ -281,7 +288,7 @@ def load(directory: str | Path) -> nn.Module:
             f"{weights} could not be read ({str(exc).splitlines()[0]}); the dir is corrupt or "
             "half written, re-run `tqc compress`"
         ) from None
-    missing = [k for k in missing if not _is_tied_alias(model, k, structure["modules"])]
+    missing = [k for k in missing if not is_tied_head_weight(model, k)]
     if missing or unexpected:
         raise TQCError(
             f"{weights} does not match its structure file (missing {missing[:3]}, unexpected "
@@ -289,29 +296,6 @@ def load(directory: str | Path) -> nn.Module:
         )
     model.eval()
     return model
-
-
-def _raw_config(directory: Path) -> dict:
-    try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        raise TQCError(f"{directory / 'config.json'} is not valid JSON; the dir is corrupt") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise TQCError(f"{directory / 'config.json'} has no 'model_type'; the dir is corrupt")
-    return config
-
-
-def _tensor_names(weights: Path) -> list[str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights), framework="pt") as stored:
-            return list(stored.keys())
-    except (SafetensorError, OSError) as exc:
-        raise TQCError(
-            f"{weights} could not be read ({str(exc).splitlines()[0]}); the dir is corrupt or half written, "
-            "re-run `tqc compress`"
-        ) from None
 
 
 def read_base_config(directory: Path):
@@ -326,11 +310,11 @@ def read_base_config(directory: Path):
 
 
 def check_directory(directory: Path, config, modules: dict[str, dict], dtype: torch.dtype | None) -> None:
-    """Everything a compressed dir must satisfy before its model is built: no more layers in the config
-    than the weights number, and every module and tensor consistent with the base config (on meta)."""
+    """Everything a compressed dir must satisfy before its model is built (:func:`check_shapes`), for
+    ``tqc.load`` and for transformers' ``from_pretrained`` alike (whose config still holds the plugin's
+    ``quantization_config``)."""
     import copy
 
-    check_layer_count(_raw_config(directory), _tensor_names(directory / WEIGHTS_FILE), str(directory / "config.json"))
     config = copy.deepcopy(config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -338,14 +322,25 @@ def check_directory(directory: Path, config, modules: dict[str, dict], dtype: to
 
 
 def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch.dtype) -> None:
-    """Before anything is allocated: every factored module must stand for a matrix of its base
-    layer's shape, and every tensor it expects must have the shape stored in the weights file
-    (a dir is input from elsewhere too; an edited shape must not become a huge allocation)."""
+    """Before anything is allocated: no more layers in the config than the weights number, every
+    factored module standing for a matrix of its base layer's shape, and every tensor it expects in the
+    weights file with the shape stored there (a dir is input from elsewhere too; an edited shape must
+    not become a huge allocation)."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from tqcompressor.layers import dense_weight_of
 
+    try:
+        with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as stored:
+            shapes = {key: tuple(stored.get_slice(key).get_shape()) for key in stored.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise TQCError(
+            f"{directory / WEIGHTS_FILE} could not be read ({str(exc).splitlines()[0]}); the dir is "
+            "corrupt or half written, re-run `tqc compress`"
+        ) from None
+    # by names alone, before a skeleton is built: a million edited layers would take an hour on meta
+    check_layer_count(config.to_dict(), list(shapes), str(directory / "config.json"))
     with torch.device("meta"):  # shapes only, no memory
         try:
             skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -371,18 +366,10 @@ def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch
                 f"{directory}: module {name} is saved as a {stands_for[0]}x{stands_for[1]} matrix but "
                 f"the base model's layer is {shape[0]}x{shape[1]}; the dir is corrupt"
             )
-    try:
-        with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as stored:
-            shapes = {key: tuple(stored.get_slice(key).get_shape()) for key in stored.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise TQCError(
-            f"{directory / WEIGHTS_FILE} could not be read ({str(exc).splitlines()[0]}); the dir is "
-            "corrupt or half written, re-run `tqc compress`"
-        ) from None
     absent = []
     for key, tensor in skeleton.state_dict().items():
         if key not in shapes:
-            if not _is_tied_alias(skeleton, key, modules):
+            if not is_tied_head_weight(skeleton, key):
                 absent.append(key)
         elif shapes[key] != tuple(tensor.shape):
             raise TQCError(
@@ -399,21 +386,6 @@ def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch
 def read_plan(directory: str | Path) -> Plan:
     """The plan a compressed dir was made with (without factors: those are its weights)."""
     return Plan.from_list(read_structure(directory).get("plan", []))
-
-
-def _is_tied_alias(model: nn.Module, key: str, modules: dict[str, dict] | None = None) -> bool:
-    """A dense LM head tied to a dense embedding is stored once: its weight's second name (and no
-    other key) is not missing."""
-    head = model.get_output_embeddings()
-    embedding = model.get_input_embeddings()
-    if head is None or embedding is None or isinstance(head, TiedFactoredHead):  # its weight is computed
-        return False
-    # tied by identity, or declared tied by the config (a skeleton built inside transformers' own
-    # from_pretrained is not tied yet)
-    tied = getattr(head, "weight", None) is getattr(embedding, "weight", None) or getattr(
-        model.config.get_text_config(), "tie_word_embeddings", False
-    )
-    return bool(tied) and key == f"{module_name(model, head)}.weight"
 
 
 def load_tokenizer(directory: str | Path):

@@ -120,3 +120,17 @@ class TiedFactoredHead(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         logits = self.embedding.project(hidden)
         return logits + self.bias if self.bias is not None else logits
+
+
+def is_tied_head_weight(model: nn.Module, key: str) -> bool:
+    """``key`` names the weight of a dense LM head tied to the embedding, which is stored once (under the
+    embedding's name): its second name is not missing. Tied by identity, or declared tied by the config
+    (a skeleton built inside transformers' own ``from_pretrained`` is not tied yet); a factored head's
+    weight is computed, never stored."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None or isinstance(head, TiedFactoredHead):
+        return False
+    tied = getattr(head, "weight", None) is getattr(embedding, "weight", None) or getattr(
+        model.config.get_text_config(), "tie_word_embeddings", False
+    )
+    return bool(tied) and key == f"{module_name(model, head)}.weight"

@@ -147,7 +147,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
             f"could not load model {name!r} ({type(exc).__name__}: {first}); use a hub id (gpt2, distilgpt2, ...) "
             f"on a machine with hub access, a local HF model dir, a .gguf file, or '{DEFAULT_MODEL}'"
         ) from None
-    missing = [key for key in info.get("missing_keys", []) if not _tied_head_key(model, key)]
+    from tqcompressor.layers import is_tied_head_weight
+
+    missing = [key for key in info.get("missing_keys", []) if not is_tied_head_weight(model, key)]
     if missing:  # transformers would initialise them at random and carry on
         raise TQCError(
             f"model {name!r}: {len(missing)} weight(s) its config implies are not in its files (first: "
@@ -156,14 +158,6 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
     _drop_gguf_quantization(model)
     model.eval()
     return LoadedModel(model, load_tokenizer_or_missing(name, location, gguf_file), name)
-
-
-def _tied_head_key(model: nn.Module, key: str) -> bool:
-    """The LM head's weight of a model whose head is tied to its embedding (stored once)."""
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or embedding is None or getattr(head, "weight", None) is not getattr(embedding, "weight", None):
-        return False
-    return any(key == f"{name}.weight" for name, module in model.named_modules() if module is head)
 
 
 def _check_base_config(directory: Path) -> None:
@@ -178,16 +172,14 @@ def _check_base_config(directory: Path) -> None:
         ) from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise TQCError(f"{directory / 'config.json'} has no 'model_type'; it is not a Hugging Face model config")
-    _check_weights_cover_config(directory)
+    _check_weights_cover_config(directory, config)
 
 
-def _check_weights_cover_config(directory: Path) -> None:
+def _check_weights_cover_config(directory: Path, config_json: dict) -> None:
     """Refuse, before anything is allocated, a config that implies more parameters than the
     safetensors files hold (an edited ``num_hidden_layers: 2000`` would otherwise become 1,998
     randomly initialised layers). Totals, not key names: checkpoints may name or fuse tensors
     differently from the classes that load them."""
-    import json
-
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -206,7 +198,7 @@ def _check_weights_cover_config(directory: Path) -> None:
                     stored += math.prod(handle.get_slice(key).get_shape())
     except Exception as exc:  # a damaged weights file
         raise TQCError(f"model dir {directory}: {file.name} cannot be read ({type(exc).__name__})") from None
-    check_layer_count(json.loads((directory / "config.json").read_text(encoding="utf-8")), names, str(directory))
+    check_layer_count(config_json, names, str(directory))
     try:
         config = AutoConfig.from_pretrained(directory)
         with torch.device("meta"):
