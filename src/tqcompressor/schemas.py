@@ -45,39 +45,35 @@ class Strict(BaseModel):
 # -- one description per factored module class (tqcompressor.json's "modules") ----------------------
 
 
-class KroneckerLinearConfig(Strict):
+class KroneckerShapes(Strict):
+    """What every Kronecker module stores: the factor shapes, the number of terms and which
+    permutations it keeps; the rank cannot exceed the terms the shapes allow."""
+
     a_shape: Shape
     b_shape: Shape
     rank: Size
-    bias: StrictBool
     row_perm: StrictBool
     col_perm: StrictBool
+
+    @model_validator(mode="after")
+    def _rank_within_terms(self):
+        most = min(self.a_shape[0] * self.a_shape[1], self.b_shape[0] * self.b_shape[1])
+        if self.rank > most:
+            raise ValueError(
+                f"rank {self.rank} exceeds the most Kronecker terms shapes {list(self.a_shape)}, "
+                f"{list(self.b_shape)} have"
+            )
+        return self
+
+
+class KroneckerLinearConfig(KroneckerShapes):
+    bias: StrictBool
     kind: LinearKind
     row_scale: StrictBool = False
 
-    @model_validator(mode="after")
-    def _rank_within_terms(self):
-        _check_kronecker_rank(self.a_shape, self.b_shape, self.rank)
-        return self
 
-
-class KroneckerEmbeddingConfig(Strict):
-    a_shape: Shape
-    b_shape: Shape
-    rank: Size
-    row_perm: StrictBool
-    col_perm: StrictBool
+class KroneckerEmbeddingConfig(KroneckerShapes):
     output_scale: FiniteFloat = 1.0
-
-    @model_validator(mode="after")
-    def _rank_within_terms(self):
-        _check_kronecker_rank(self.a_shape, self.b_shape, self.rank)
-        return self
-
-
-def _check_kronecker_rank(a_shape: tuple[int, int], b_shape: tuple[int, int], rank: int) -> None:
-    if rank > min(a_shape[0] * a_shape[1], b_shape[0] * b_shape[1]):
-        raise ValueError(f"rank {rank} exceeds the most Kronecker terms shapes {list(a_shape)}, {list(b_shape)} have")
 
 
 class LowRankLinearConfig(Strict):
