@@ -50,6 +50,7 @@ from tqcompressor.outputs import (
     write_text_atomic,
 )
 from tqcompressor.planning import count_parameters, plan_compression
+from tqcompressor.quantization import QuantizeSettings
 from tqcompressor.recipe import TEACHER_POOL
 from tqcompressor.report import table
 from tqcompressor.schemas import BudgetFile, RunResults, read_json_file
@@ -129,22 +130,21 @@ def evaluate_domains(
     )
 
 
-QUANTIZED_FORMATS = ("int8", "int4-g32", "int4-g128")
+QUANTIZED_FORMATS = (QuantizeSettings(8), QuantizeSettings(4, 32), QuantizeSettings(4, 128))
 
 
 def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int, tokenizer, tokens: int = 2048) -> list:
     """What a user would pick instead: the teacher and the student in fp32, int8 and int4, each with
     its bytes and its fidelity, every row on the same first ``tokens`` of each held-out domain (a
     subset of the points' windows, so that eight models cost about two evaluations)."""
-    from tqcompressor.quantization import QuantizeSettings
     from tqcompressor.quantize import quantize
 
     tokens = max(context, tokens // context * context)  # whole windows of the teacher's samples
     subset = {name: Domain(d.ids[:tokens], True) for name, d in eval_sets.items() if d.held_out}
     reference = measure(teacher, teacher, subset, context, tokenizer)
 
-    def row(name: str, label: str, model) -> dict:
-        measured = evaluate_domains(model, teacher, subset, context, tokenizer, reference)
+    def row(name: str, label: str, model, measured: dict | None = None) -> dict:
+        measured = measured or evaluate_domains(model, teacher, subset, context, tokenizer, reference)
         return {
             "model": name,
             "format": label,
@@ -155,13 +155,12 @@ def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int,
             "domains": {d: _domain_record(m) for d, m in measured["domains"].items()},
         }
 
-    rows = [row("teacher", "fp32", teacher), row("student", "fp32", student)]
+    rows = [row("teacher", "fp32", teacher, reference), row("student", "fp32", student)]  # the teacher's: measured
     for name, model in (("teacher", teacher), ("student", student)):
-        for label in QUANTIZED_FORMATS:
-            bits, _, group = label.partition("-g")
+        for settings in QUANTIZED_FORMATS:
             quantized = copy.deepcopy(model)
-            quantize(quantized, QuantizeSettings(int(bits.removeprefix("int")), int(group) if group else 32))
-            rows.append(row(name, label, quantized))
+            quantize(quantized, settings)
+            rows.append(row(name, settings.name, quantized))
             del quantized
     return rows
 
