@@ -6,12 +6,10 @@ and exits with status 2.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -425,7 +423,7 @@ def distill(
     check_writable(out, inputs=[teacher, student, data])  # before anything is written there
     _at_least("teacher-pool", teacher_pool, 1, MAX_TEACHER_POOL)
     _check_teacher_fraction(teacher_fraction)
-    with writer_lock(out) if is_main_process() else contextlib.nullcontext():
+    with writer_lock(out):
         _distill(teacher, student, data, fraction, teacher_fraction, teacher_pool, out, resume, kd)
 
 
@@ -549,8 +547,9 @@ EVAL_JSON_KEY = "written_by"  # marks a --json file of ours: the only kind `tqc 
 def _check_json_out(path: Path) -> None:
     """Before the evaluation, not after it: the parent must be a directory, and an existing file
     is replaced only if an earlier `tqc eval` wrote it."""
-    if len(os.fsencode(path.name)) > 255:
-        raise TQCError(f"--json {path.name[:40]}...: the name is too long")
+    from tqcompressor.outputs import output_path
+
+    output_path(path, "--json")
     if path.is_dir():
         raise TQCError(f"--json {path} is a directory; name a file, e.g. {path / 'metrics.json'}")
     if not path.parent.is_dir():
@@ -683,7 +682,7 @@ def run(
             raise TQCError(f"--time-budget must be a number of minutes in (0, {7 * 24 * 60}], got {time_budget}")
         if steps is not None:
             raise TQCError("--time-budget chooses --steps itself: drop one of them")
-    with writer_lock(out) if is_main_process() else contextlib.nullcontext():
+    with writer_lock(out):
         from tqcompressor.models import load_model
         from tqcompressor.pipeline import run_pipeline
 

@@ -37,7 +37,7 @@ def written_by_us(path: Path) -> bool:
 def check_writable(path: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
     """``path`` (resolved) if tqcompressor may write a directory there, else a :class:`TQCError`.
     ``inputs``: what the command reads (local paths; hub ids and aliases are ignored)."""
-    path = _resolved(path, "--out")
+    path = output_path(path, "--out")
     if path.exists() and not path.is_dir():
         raise TQCError(f"{path} is a file, not a directory; choose a directory for --out")
     if path.is_dir() and any(path.iterdir()) and not written_by_us(path):
@@ -59,8 +59,9 @@ def check_not_an_input(path: Path, inputs: Iterable[str | Path | None]) -> None:
             raise TQCError(f"--out {path} would overwrite the input {source}; choose another directory for --out")
 
 
-def _resolved(path: str | Path, option: str) -> Path:
-    """The absolute path, after checks that would otherwise fail deep inside a write."""
+def output_path(path: str | Path, option: str) -> Path:
+    """The absolute path of an output named by ``option``, after the checks that would otherwise fail
+    deep inside a write: each name short enough, the nearest existing parent a writable directory."""
     path = Path(path).expanduser()
     for part in path.parts:
         if len(os.fsencode(part)) > NAME_MAX:
@@ -106,7 +107,11 @@ def lock_path(path: Path) -> Path:
 
 @contextlib.contextmanager
 def writer_lock(path: str | Path) -> Iterator[None]:
-    """Hold the advisory lock on the output ``path`` (re-entrant within one process)."""
+    """Hold the advisory lock on the output ``path`` (re-entrant within one process; only the
+    process that writes holds it)."""
+    if not is_main_process():  # under torchrun only rank 0 writes: the other ranks must not wait on its lock
+        yield
+        return
     lock = lock_path(Path(path).resolve())
     if lock in _HELD:
         _HELD[lock] += 1
