@@ -3,7 +3,7 @@
 Everything before distillation (sampling, calibration, planning, the first evaluations) runs as
 it is and is timed. Then one distillation step of the run's own settings is timed on the model
 about to be trained, the time still needed after distillation is estimated from the evaluation
-just measured (one per stage, one per quantized comparison model), and the number of steps per
+just measured (one per stage, the quantized comparison's share, one in reserve), and the number of steps per
 stage is fixed so that the whole job ends inside the budget. The schedule (warm-up, cosine) is
 then the ordinary one for that many steps. The plan is written to ``budget.json`` so that a
 resumed run keeps it instead of measuring again on another machine state.

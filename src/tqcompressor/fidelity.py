@@ -70,9 +70,8 @@ def measure(
     """Per domain: the model's perplexity and, against ``teacher``, KL, top-1 agreement and the
     perplexity ratio; plus ``fidelity_kl`` and ``fidelity_top1`` (means over held-out domains).
     ``teacher_perplexity`` (per domain) saves the teacher's own pass where it is known already."""
-    results = {}
+    results, same = {}, model is teacher
     for name, domain in domains.items():
-        same = model is teacher
         metrics = evaluate(
             model,
             domain.ids,
