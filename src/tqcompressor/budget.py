@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tqcompressor.distill import DistillConfig, distillation_loss, training_precision
+from tqcompressor.distill import DistillConfig, new_optimizer, training_precision
 from tqcompressor.errors import TQCError
+from tqcompressor.losses import distillation_loss
 
 SAFETY = 1.1  # logging, checkpoints and the data stream are not in the timed step
 # saving the model, the plan picture, continuations and the speed ratios: about one evaluation's time
@@ -52,7 +53,7 @@ def seconds_per_step(teacher, student, batch: torch.Tensor, config: DistillConfi
     device = next(student.parameters()).device
     hidden = config.alpha_hidden > 0 or config.alpha_blocks > 0
     probe = copy.deepcopy(student).train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = new_optimizer(probe, config)
     timings = []
     for _ in range(repeats + 1):
         started = time.perf_counter()

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tqcompressor.checkpoint import load as load_compressed
 from tqcompressor.checkpoint import save as save_compressed
 from tqcompressor.errors import TQCError
+from tqcompressor.losses import depth_mismatch, distillation_loss
 from tqcompressor.outputs import check_writable, claim_directory
 from tqcompressor.planning import Plan
 from tqcompressor.surgery import apply_plan
@@ -52,7 +52,7 @@ class DistillConfig:
     clip: float = 1.0
     temperature: float = 2.0
     # loss = alpha_kl * T^2 * KL(teacher || student) + alpha_ce * CE + alpha_hidden * (1 - cos(hidden))
-    #        + alpha_blocks * (every block's output matched, see block_matching_loss)
+    #        + alpha_blocks * (every block's output matched, see losses.block_matching_loss)
     # (the 5 : 2 : 1 weighting of DistilBERT/DistilGPT-2; the hidden-state terms are off by default)
     alpha_kl: float = 5.0
     alpha_ce: float = 2.0
@@ -63,6 +63,10 @@ class DistillConfig:
     seed: int = 0
     mixed_precision: str = "auto"  # bf16 where the hardware computes it natively, else fp32 (training_precision)
     teacher_dtype: str = "fp32"  # the teacher's weights: fp32 | bf16 | fp16 (its memory limits distillation at scale)
+    # the KL and CE terms a few rows of logits at a time, gradient in the same pass (losses.LogitDistillation);
+    # False: the textbook whole-batch form, the same loss to float rounding (bench/throughput.py's baseline)
+    chunked_loss: bool = True
+    fused_optimizer: bool = True  # AdamW's fused kernel where available (new_optimizer); False: the for-each one
 
     def __post_init__(self) -> None:
         """One clear line for a setting that cannot work (instead of a torch traceback later, or
@@ -172,64 +176,12 @@ def _forget_other_precision(precision: str) -> None:
 BlockSource = Callable[[int], Iterator[torch.Tensor]]  # start block index -> endless stream of token blocks
 
 
-def distillation_loss(
-    student_out, teacher_out, input_ids: torch.Tensor, config: DistillConfig
-) -> dict[str, torch.Tensor]:
-    """The weighted KD loss on next-token predictions; returns the total and its parts."""
-    s_logits = student_out.logits[:, :-1].float()
-    t_logits = teacher_out.logits[:, :-1].float()
-    vocab = s_logits.shape[-1]
-    temp = config.temperature
-    kl = (
-        F.kl_div(
-            F.log_softmax(s_logits / temp, -1).reshape(-1, vocab),
-            F.log_softmax(t_logits / temp, -1).reshape(-1, vocab),
-            log_target=True,
-            reduction="batchmean",
-        )
-        * temp**2
-    )
-    ce = F.cross_entropy(s_logits.reshape(-1, vocab), input_ids[:, 1:].reshape(-1))
-    parts = {"kl": kl, "ce": ce}
-    total = config.alpha_kl * kl + config.alpha_ce * ce
-    if config.alpha_hidden > 0:
-        s_h, t_h = student_out.hidden_states[-1].float(), teacher_out.hidden_states[-1].float()
-        parts["hidden"] = 1 - F.cosine_similarity(s_h, t_h, dim=-1).mean()
-        total = total + config.alpha_hidden * parts["hidden"]
-    if config.alpha_blocks > 0:
-        parts["blocks"] = block_matching_loss(student_out.hidden_states, teacher_out.hidden_states)
-        total = total + config.alpha_blocks * parts["blocks"]
-    parts["loss"] = total
-    return parts
-
-
 def check_same_depth(student, teacher) -> None:
     """Block matching pairs block i of the student with block i of the teacher: refuse, before any
     work, a student of another depth (layer dropping)."""
     depths = [getattr(getattr(m, "config", None), "num_hidden_layers", None) for m in (student, teacher)]
     if None not in depths and depths[0] != depths[1]:
-        raise _depth_mismatch(*depths)
-
-
-def _depth_mismatch(student_blocks: int, teacher_blocks: int) -> TQCError:
-    return TQCError(
-        f"alpha-blocks matches block outputs, but the student has {student_blocks} blocks and the teacher "
-        f"{teacher_blocks} (layer dropping changes the depth): set alpha-blocks to 0"
-    )
-
-
-def block_matching_loss(student_states, teacher_states) -> torch.Tensor:
-    """Mean over blocks and tokens of ``‖h_student - h_teacher‖² / ‖h_teacher‖²`` on every block's
-    output (layer-wise distillation as in ZipLM): a compressed student keeps the teacher's depth and
-    width, so each block gets a target of its own instead of one signal at the end. Normalised per
-    token, because a few tokens (the first, above all) carry hidden states far larger than the rest."""
-    if len(student_states) != len(teacher_states):  # hidden states: the embeddings' output, then each block's
-        raise _depth_mismatch(len(student_states) - 1, len(teacher_states) - 1)
-    terms = [
-        ((s.float() - t.float()).pow(2).sum(-1) / t.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
-        for s, t in zip(student_states[1:], teacher_states[1:], strict=True)
-    ]
-    return torch.stack(terms).mean()
+        raise depth_mismatch(*depths)
 
 
 @dataclass
@@ -384,10 +336,21 @@ def _without_autocast(model):
     return model
 
 
+def new_optimizer(student: torch.nn.Module, config: DistillConfig) -> torch.optim.Optimizer:
+    """AdamW over the student's parameters; the fused kernel (one pass over all parameters instead of
+    a dozen elementwise passes) where this PyTorch has it for the parameters' device: on 2 CPU cores
+    the update took a tenth of a step unfused (bench/results/throughput.json)."""
+    params = list(student.parameters())
+    fused = config.fused_optimizer and all(
+        p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
+    )
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+
+
 def _new_trainer(student, config: DistillConfig, accelerator, position: Position, saved: dict | None) -> TrainerState:
     """Optimizer and schedule for one stage, restored from a checkpoint taken inside it."""
     student.to(accelerator.device).requires_grad_(True)  # a copy of the (frozen) teacher starts frozen
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = new_optimizer(student, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])

@@ -25,7 +25,7 @@ STEPS = 260  # optimizer steps per stage (4 blocks of 256 tokens each)
 LR = 3e-4  # peak learning rate
 TEACHER_FRACTION = 0.5  # of the distillation and calibration blocks, sampled from the teacher
 TEMPERATURE = 2.0  # of the KL term (DistilBERT's)
-ALPHA_BLOCKS = 0.0  # weight of block matching (distill.block_matching_loss)
+ALPHA_BLOCKS = 0.0  # weight of block matching (losses.block_matching_loss)
 TEACHER_POOL = 128  # teacher blocks sampled once and cycled (sampling costs about a quarter of a KD step per block)
 # refit block by block before distilling: off. It lowers one-shot perplexity (127.0 -> 111.0 on WikiText-2
 # test, bench/results/sequential-ridge.json; in make demo 208.8 -> 132.8) but the distilled student ended
