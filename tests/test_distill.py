@@ -10,7 +10,7 @@ from conftest import TOY_TEXT, tiny_gpt2
 import tqcompressor as tqc
 from tqcompressor import CompressionConfig, TQCError
 from tqcompressor.data import text_block_source
-from tqcompressor.distill import DistillConfig, multistep_distill, training_precision
+from tqcompressor.distill import DistillConfig, multistep_distill, teacher_weights_dtype, training_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,18 @@ def test_multistep_distillation_lowers_kd_loss_and_logs(tmp_path, tokenizer, pre
     after = evaluate(student, ids, context=32, teacher=teacher, progress=False)["kl_to_teacher"]
     assert after < before
     assert (tmp_path / "run" / "checkpoint" / "trainer_state.pt").is_file()
+
+
+def test_a_half_precision_teacher_trains_the_student_and_leaves_the_callers_teacher_as_it_was(tmp_path, tokenizer):
+    teacher, blocks, _, config = setup(tmp_path, tokenizer)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    config = DistillConfig(**{**vars(config), "teacher_dtype": "bf16", "alpha_hidden": 0.0, "alpha_kl": 1.0})
+    multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "run", progress=False)
+    after = teacher.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert teacher_weights_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert teacher_weights_dtype("auto", torch.device("cpu")) == torch.float32  # exact where casts are cheap
+    assert teacher_weights_dtype("fp16", torch.device("cpu")) == torch.float16  # what the user asks for wins
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_computes_it():

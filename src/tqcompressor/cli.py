@@ -43,7 +43,11 @@ DISTILL_OPTIONS = {
     "grad_accum": (int, 1, "micro-batches per optimizer step"),
     "seed": (int, 0, "seed of the student's training run"),
     "log_every": (int, 10, "optimizer steps between records in metrics.jsonl"),
-    "teacher_dtype": (str, "fp32", "the teacher's weights in training: fp32 | bf16 | fp16 (half the memory)"),
+    "teacher_dtype": (
+        str,
+        "auto",
+        "the teacher's weights in training: fp32 | bf16 | fp16 (half the memory) | auto (bf16 on a GPU, else fp32)",
+    ),
     "mixed_precision": (
         str,
         "auto",

@@ -11,6 +11,7 @@ autocast). Checkpoints are written atomically (into ``checkpoint.partial``, then
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -62,7 +63,8 @@ class DistillConfig:
     log_every: int = 10
     seed: int = 0
     mixed_precision: str = "auto"  # bf16 where the hardware computes it natively, else fp32 (training_precision)
-    teacher_dtype: str = "fp32"  # the teacher's weights: fp32 | bf16 | fp16 (its memory limits distillation at scale)
+    # the teacher's weights: fp32 | bf16 | fp16 | auto (teacher_weights_dtype: bf16 on a GPU, fp32 on a CPU)
+    teacher_dtype: str = "auto"
     # the KL and CE terms a few rows of logits at a time, gradient in the same pass (losses.LogitDistillation);
     # False: the textbook whole-batch form, the same loss to float rounding (bench/throughput.py's baseline)
     chunked_loss: bool = True
@@ -115,8 +117,10 @@ class DistillConfig:
             raise TQCError(
                 "the distillation loss has no term: give alpha_kl, alpha_ce, alpha_hidden or alpha_blocks a weight"
             )
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            raise TQCError(f"teacher dtype must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
+        if self.teacher_dtype not in (*TEACHER_DTYPES, "auto"):
+            raise TQCError(
+                f"teacher dtype must be one of {', '.join(TEACHER_DTYPES)} or auto, got {self.teacher_dtype!r}"
+            )
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise TQCError(f"mixed-precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
 
@@ -155,6 +159,16 @@ def training_precision(requested: str, cuda: bool | None = None, cpu_bf16: bool 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     cpu_bf16 = _cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
     return "bf16" if cuda or cpu_bf16 else "no"
+
+
+def teacher_weights_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The teacher's weights in training: ``requested``, where ``"auto"`` means bf16 on a GPU (half the
+    memory and none of autocast's per-step weight casts; its logits moved by KL 0.004 nats/token from the
+    fp32 teacher's under autocast, bench/results/throughput.json) and fp32 on a CPU, where the casts cost
+    little and the teacher stays exactly the one the student is scored against."""
+    if requested == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return TEACHER_DTYPES[requested]
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -289,10 +303,12 @@ def multistep_distill(
         claim_directory(out_dir)
         _keep_metrics_until(outputs.metrics, position.global_step)  # steps after the checkpoint run again: once
     accelerator.wait_for_everyone()
-    # the teacher only runs forward: never wrapped for DDP, never holding gradients, in its own precision
-    teacher.to(accelerator.device, dtype=TEACHER_DTYPES[config.teacher_dtype]).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    # the teacher only runs forward: never wrapped for DDP, never holding gradients
+    teacher.to(accelerator.device).eval().requires_grad_(False)
+    dtype = teacher_weights_dtype(config.teacher_dtype, accelerator.device)
+    # what the student trains against, in its training dtype; the caller's teacher stays as it is, since the
+    # evaluations during and after the run score the student against it
+    target = teacher if next(teacher.parameters()).dtype == dtype else copy.deepcopy(teacher).to(dtype)
     if saved is None:
         torch.manual_seed(config.seed)
     else:
@@ -312,7 +328,7 @@ def multistep_distill(
         position.stage_index, position.stage_compressed = stage_index, True
         trainer = _new_trainer(student, config, accelerator, position, saved if position.stage_step > 0 else None)
         saved = None
-        finished = train_stage(trainer, teacher, stream, stage, config, accelerator, outputs, stop_after, progress)
+        finished = train_stage(trainer, target, stream, stage, config, accelerator, outputs, stop_after, progress)
         student = _without_autocast(accelerator.unwrap_model(trainer.model))
         if not finished:
             return student
