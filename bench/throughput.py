@@ -155,8 +155,12 @@ def plan_like_tqc_run(student: torch.nn.Module, tokenizer, args: argparse.Namesp
 def in_fresh_process(function, *arguments) -> dict:
     """``function(*arguments)`` in a spawned process (its own peak memory, no state carried over)."""
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1, initializer=os.environ.__setitem__, initargs=("TQDM_DISABLE", "1")) as pool:
+    with context.Pool(1, initializer=_quiet) as pool:
         return pool.apply(function, arguments)
+
+
+def _quiet() -> None:
+    os.environ["TQDM_DISABLE"] = "1"  # no progress bars from the rows: one table at the end
 
 
 def distill_row(args: argparse.Namespace, work: Path, batch_size: int, changes: dict) -> dict:
