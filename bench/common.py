@@ -71,6 +71,56 @@ def distill_config(args: argparse.Namespace, steps: int | None = None, checkpoin
     )
 
 
+def fidelity_options(parser: argparse.ArgumentParser, tokens: int = 4096) -> None:
+    """``--fidelity-tokens``: how much of each held-out domain (teacher samples and the shipped texts)
+    fidelity is measured on."""
+    parser.add_argument(
+        "--fidelity-tokens",
+        type=int,
+        default=tokens,
+        help="tokens of each held-out domain (teacher samples, prose, docs, code) for fidelity to the teacher",
+    )
+
+
+class Fidelity:
+    """The fidelity suite of a run (:mod:`tqcompressor.fidelity`): the held-out domains, sampled and
+    tokenized once, and the teacher's perplexity on each, measured once. ``point(model)`` is what every
+    bench records first for a model: fidelity KL and top-1 (means over the held-out domains) and, per
+    domain, KL, top-1 and the perplexity ratio to the teacher."""
+
+    def __init__(self, teacher, tokenizer, tokens: int, context: int, cache_dir: Path | None = None) -> None:
+        from tqcompressor import fidelity
+
+        self.teacher, self.tokenizer, self.context = teacher, tokenizer, context
+        self.domains = fidelity.heldout_domains(teacher, tokenizer, tokens, context, cache_dir)
+        measured = fidelity.measure(teacher, teacher, self.domains, context, tokenizer)
+        self.teacher_perplexity = fidelity.teacher_perplexities(measured)
+
+    def point(self, model) -> dict:
+        from tqcompressor import fidelity
+
+        measured = fidelity.measure(
+            model.eval(), self.teacher, self.domains, self.context, self.tokenizer, self.teacher_perplexity
+        )
+        return {
+            "fidelity_kl": measured["fidelity_kl"],
+            "fidelity_top1": measured["fidelity_top1"],
+            "held_out": {
+                name: {k: m[k] for k in ("kl_to_teacher", "top1_agreement", "perplexity_ratio")}
+                for name, m in measured["domains"].items()
+            },
+        }
+
+    def protocol(self) -> dict:
+        """What the fidelity figures were measured on, for the result file."""
+        return {
+            "domains": {name: int(domain.ids.numel()) for name, domain in self.domains.items()},
+            "context": self.context,
+            "teacher_perplexity": self.teacher_perplexity,
+            "fidelity_kl": "mean KL(teacher || model) in nats/token over these held-out domains",
+        }
+
+
 def pyplot():
     """matplotlib's pyplot drawing to files only (no display on a server)."""
     import matplotlib
@@ -94,9 +144,10 @@ def before_after_bars(
     path: Path,
     bars: dict[str, tuple[float, float]],
     tick_labels: list[str],
-    teacher: tuple[float, str],
+    teacher: tuple[float, str] | None,
     title: str,
     before_label: str,
+    ylabel: str = "WikiText-2 test perplexity, in-domain (log)",
 ) -> None:
     """Grouped bars per method, perplexity before and after KD (log scale), the after-KD value
     written on its bar, the teacher's perplexity as a dashed line; ``bars``: method -> (before, after),
@@ -109,10 +160,11 @@ def before_after_bars(
     drawn = ax.bar([i + 0.2 for i in x], after, width=0.4, label="after KD", color="#1f77b4")
     for bar, value in zip(drawn, after):
         ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
-    ax.axhline(teacher[0], color="black", linestyle="--", label=teacher[1])
+    if teacher is not None:
+        ax.axhline(teacher[0], color="black", linestyle="--", label=teacher[1])
     ax.set_xticks(list(x), tick_labels)
     ax.set_yscale("log")
-    ax.set_ylabel("WikiText-2 test perplexity (log)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")

@@ -2,10 +2,12 @@
 
 Every method gets the same whole-model parameter budget (--ratio of the teacher, all parameters
 counted once), the same distillation data (WikiText-2 valid) and the same number of KD tokens;
-all are evaluated on the same prefix of WikiText-2 test. The ``*_aware`` methods and ``auto`` also
-see --calibration-tokens of the distillation data before compressing (each structure fitted in the
-output metric ``E||(W - W')x||^2``; auto's loss-weighted output errors); the others fit weights
-only. Writes bench/results/compare.json and bench/results/compare.png and prints a table.
+all are scored first by fidelity to the teacher on held-out text (teacher samples, prose, docs,
+code: fidelity KL and top-1, :class:`common.Fidelity`), then on the same prefix of WikiText-2 test,
+in-domain. The ``*_aware`` methods and ``auto`` also see --calibration-tokens of the distillation
+data before compressing (each structure fitted in the output metric ``E||(W - W')x||^2``; auto's
+loss-weighted output errors); the others fit weights only. Writes bench/results/compare.json and
+bench/results/compare.png and prints a table.
 
     python bench/compare.py                       # CPU, small KD budget
     python bench/compare.py --device cuda --kd-steps 300 --batch-size 16 --workers 2 --threads 7
@@ -30,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from common import HERE, bad_input, before_after_bars, distill_config, distillation_options
+from common import HERE, Fidelity, bad_input, before_after_bars, distill_config, distillation_options, fidelity_options
 from provenance import git_commit
 
 import tqcompressor as tqc
@@ -57,6 +59,7 @@ CALIBRATED = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     distillation_options(parser, eval_tokens=65536)
+    fidelity_options(parser)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, started in this order")
     parser.add_argument(
         "--auto-methods",
@@ -103,6 +106,7 @@ def main() -> None:
     eval_kwargs = dict(context=args.context, tokenizer=loaded.tokenizer, batch_size=8 if args.device != "cpu" else 4)
     t0 = time.perf_counter()
     teacher_metrics = evaluate(teacher, ids, **eval_kwargs)
+    suite = Fidelity(teacher, loaded.tokenizer, args.fidelity_tokens, args.context, args.work)
     teacher_params = tqc.count_parameters(teacher)
     result = {
         "commit": commit,
@@ -116,7 +120,13 @@ def main() -> None:
         "teacher": {"params": teacher_params, "perplexity": teacher_metrics["perplexity"]},
         "kd_tokens": config.steps * config.batch_size * config.seq_len,
         "kd_data": Path(args.train).name,
-        "eval": {"data": Path(args.test).name, "tokens": teacher_metrics["tokens"], **teacher_metrics["protocol"]},
+        "fidelity": suite.protocol(),
+        "eval": {
+            "data": Path(args.test).name,
+            "in_domain": True,  # the distillation data's own corpus: ppl_* and kl_to_teacher below
+            "tokens": teacher_metrics["tokens"],
+            **teacher_metrics["protocol"],
+        },
         "counting": "every parameter counted once (tied embedding/head once); permutation index buffers excluded",
         "calibration": {
             "methods": [m for m in methods if m in CALIBRATED],
@@ -135,6 +145,7 @@ def main() -> None:
         started = time.perf_counter()
         student.to(args.device)
         compressed = evaluate(student, ids, teacher=teacher, **eval_kwargs)
+        before = suite.point(student)
         student = multistep_distill(
             teacher,
             student,
@@ -148,6 +159,8 @@ def main() -> None:
         distilled = evaluate(student.eval(), ids, teacher=teacher, **eval_kwargs)
         result["methods"][method] = {
             "params": tqc.count_parameters(student),
+            **suite.point(student),
+            "fidelity_kl_before_kd": before["fidelity_kl"],
             "ppl_compressed": compressed["perplexity"],
             "ppl_distilled": distilled["perplexity"],
             "kl_to_teacher": distilled["kl_to_teacher"],
@@ -167,21 +180,41 @@ def main() -> None:
     result["finished"] = True
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
-    rows = [
-        [m, r["params"], r["ppl_compressed"], r["ppl_distilled"], r["kl_to_teacher"], r["top1_agreement"]]
-        for m, r in result["methods"].items()
-    ]
-    print(
-        table(
-            ["method", "params", "ppl compressed", "ppl after KD", "KL to teacher", "top-1 agree"],
-            [["teacher", teacher_params, teacher_metrics["perplexity"], teacher_metrics["perplexity"], 0.0, 1.0]]
-            + rows,
-        )
-    )
+    print(format_table(result))
     print(
         f"KD: {result['kd_tokens']:,} tokens of {result['kd_data']} per method; eval: {result['eval']}; "
         f"wrote {args.out}"
     )
+
+
+def format_table(result: dict) -> str:
+    """Fidelity first (held out), then the in-domain perplexities, one row per method."""
+    teacher = result["teacher"]
+    rows = [["teacher", teacher["params"], 0.0, 1.0, 0.0, teacher["perplexity"], teacher["perplexity"], 0.0]]
+    rows += [
+        [
+            m,
+            r["params"],
+            r.get("fidelity_kl", ""),
+            r.get("fidelity_top1", ""),
+            r.get("fidelity_kl_before_kd", ""),
+            r["ppl_compressed"],
+            r["ppl_distilled"],
+            r["kl_to_teacher"],
+        ]
+        for m, r in result["methods"].items()
+    ]
+    headers = [
+        "method",
+        "params",
+        "fidelity KL",
+        "fidelity top-1",
+        "fidelity KL before KD",
+        "ppl compressed (in-domain)",
+        "ppl after KD (in-domain)",
+        "KL (in-domain)",
+    ]
+    return table(headers, rows)
 
 
 def chosen_methods(text: str) -> list[str]:
@@ -274,15 +307,29 @@ def mergeable(earlier: dict, result: dict) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Grouped bars per method: perplexity right after compression and after KD (log scale)."""
+    """Grouped bars per method: fidelity KL right after compression and after KD (log scale); for a
+    file from before the fidelity suite, in-domain perplexity."""
     methods = result["methods"]
     teacher = result["teacher"]
+    title = f"{Path(result['model']).name} at {result['ratio']:.0%} params, {result['kd_tokens'] / 1e6:.1f}M KD tokens"
+    ticks = [f"{m}\n{r['params'] / 1e6:.1f}M" for m, r in methods.items()]
+    if all("fidelity_kl" in r for r in methods.values()):
+        before_after_bars(
+            path,
+            {m: (r["fidelity_kl_before_kd"], r["fidelity_kl"]) for m, r in methods.items()},
+            ticks,
+            None,
+            title,
+            "after compression",
+            ylabel="fidelity KL to the teacher, held out (nats/token, log)",
+        )
+        return
     before_after_bars(
         path,
         {m: (r["ppl_compressed"], r["ppl_distilled"]) for m, r in methods.items()},
-        [f"{m}\n{r['params'] / 1e6:.1f}M" for m, r in methods.items()],
+        ticks,
         (teacher["perplexity"], f"teacher {teacher['perplexity']:.1f} ({teacher['params'] / 1e6:.0f}M)"),
-        f"{Path(result['model']).name} at {result['ratio']:.0%} params, {result['kd_tokens'] / 1e6:.1f}M KD tokens",
+        title,
         "after compression",
     )
 

@@ -1,4 +1,4 @@
-"""Does more distillation close the gap? Perplexity against KD tokens, each family at one budget.
+"""Does more distillation close the gap? Fidelity to the teacher against KD tokens, each family at one budget.
 
 The paper distilled on ~280M tokens, ``compare.json`` on 1.23M, the CPU demo on 0.1M. This runs
 each method's distillation once, with the schedule of the largest budget (warm-up, then cosine to
@@ -28,7 +28,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import HERE, bad_input, distill_config, distillation_options, finish_log_plot, pyplot
+from common import (
+    HERE,
+    Fidelity,
+    bad_input,
+    distill_config,
+    distillation_options,
+    fidelity_options,
+    finish_log_plot,
+    pyplot,
+)
 from compare import chosen_methods, compressed_students, layer_types
 from provenance import git_commit
 
@@ -43,6 +52,7 @@ from tqcompressor.versions import library_versions
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     distillation_options(parser, eval_tokens=8192, kd_steps=False)
+    fidelity_options(parser)
     parser.add_argument("--methods", default="tq_aware,svd_aware,layer_drop,auto")
     parser.add_argument("--kd-tokens", type=int, default=102400, help="the whole run's KD tokens (the last point)")
     parser.add_argument("--points", default="25600,51200", help="KD tokens to stop at and evaluate before the last")
@@ -67,9 +77,15 @@ def main() -> None:
     # every stop is a multiple of the first (stop_steps checks): checkpoint there
     config = distill_config(args, steps=stops[-1], checkpoint_every=stops[0])
     blocks = text_block_source(args.train, loaded.tokenizer, args.seq_len)
-    measure = lambda student: point(  # noqa: E731 - one protocol for every point
-        evaluate(student.eval(), ids, context=args.context, tokenizer=loaded.tokenizer, teacher=teacher, progress=False)
-    )
+    suite = Fidelity(teacher, loaded.tokenizer, args.fidelity_tokens, args.context, args.work)
+    measure = lambda student: {  # noqa: E731 - one protocol for every point: fidelity first, then in-domain
+        **suite.point(student),
+        **point(
+            evaluate(
+                student.eval(), ids, context=args.context, tokenizer=loaded.tokenizer, teacher=teacher, progress=False
+            )
+        ),
+    }
     teacher_metrics = evaluate(teacher, ids, context=args.context, tokenizer=loaded.tokenizer, progress=False)
     result = {
         "commit": commit,
@@ -83,7 +99,13 @@ def main() -> None:
         "distill": asdict(config),
         "schedule": "one run per method with the schedule of the last point; earlier points are part-way through it",
         "kd_data": Path(args.train).name,
-        "eval": {"data": Path(args.test).name, "tokens": teacher_metrics["tokens"], **teacher_metrics["protocol"]},
+        "fidelity": suite.protocol(),
+        "eval": {
+            "data": Path(args.test).name,
+            "in_domain": True,  # perplexity, kl_to_teacher, top1_agreement of each point
+            "tokens": teacher_metrics["tokens"],
+            **teacher_metrics["protocol"],
+        },
         "counting": "every parameter counted once (tied embedding/head once); permutation index buffers excluded",
         "finished": False,
         "methods": {},
@@ -109,11 +131,14 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
     rows = [
-        [m] + [p["perplexity"] for p in r["curve"]] + [r["curve"][-1]["kl_to_teacher"]]
+        [m]
+        + [p["fidelity_kl"] for p in r["curve"]]
+        + [r["curve"][-1]["fidelity_top1"], r["curve"][-1]["perplexity"], r["curve"][-1]["kl_to_teacher"]]
         for m, r in result["methods"].items()
     ]
-    heads = [f"ppl @ {p['tokens']:,}" for p in next(iter(result["methods"].values()))["curve"]]
-    print(table(["method", *heads, "KL at the end"], rows))
+    heads = [f"fidelity KL @ {p['tokens']:,}" for p in next(iter(result["methods"].values()))["curve"]]
+    ends = ["fidelity top-1 at the end", "ppl at the end (in-domain)", "KL at the end (in-domain)"]
+    print(table(["method", *heads, *ends], rows))
     print(f"teacher {teacher_metrics['perplexity']:.2f}; eval: {result['eval']}; wrote {args.out}")
 
 
@@ -156,20 +181,30 @@ def point(metrics: dict) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Perplexity against KD tokens (log axis; the one-shot student at the left edge), one line per method."""
+    """Fidelity KL (held out) against KD tokens (log axes; the one-shot student at the left edge), one
+    line per method; for a file from before the fidelity suite, in-domain perplexity."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    first = min(p["tokens"] for r in result["methods"].values() for p in r["curve"] if p["tokens"])
+    curves = [record["curve"] for record in result["methods"].values()]
+    fidelity = all("fidelity_kl" in p for curve in curves for p in curve)
+    key = "fidelity_kl" if fidelity else "perplexity"
+    first = min(p["tokens"] for curve in curves for p in curve if p["tokens"])
     for method, record in result["methods"].items():
         xs = [p["tokens"] or first / 4 for p in record["curve"]]  # one-shot drawn a quarter of the first point in
-        ax.plot(xs, [p["perplexity"] for p in record["curve"]], marker="o", label=method)
-    ax.axhline(result["teacher"]["perplexity"], color="black", linestyle="--", label="teacher")
+        ax.plot(xs, [p[key] for p in record["curve"]], marker="o", label=method)
+    if not fidelity:
+        ax.axhline(result["teacher"]["perplexity"], color="black", linestyle="--", label="teacher")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(f"KD tokens (log; leftmost point: no KD, at {first / 4:,.0f})")
-    ax.set_ylabel("WikiText-2 test perplexity (log)")
+    ax.set_ylabel(
+        "fidelity KL to the teacher, held out (nats/token, log)"
+        if fidelity
+        else "WikiText-2 test perplexity, in-domain (log)"
+    )
     name = Path(result["model"]).name
-    ax.set_title(f"{name} at {result['ratio']:.0%} params: perplexity against distillation", fontsize=10)
+    what = "fidelity" if fidelity else "in-domain perplexity"
+    ax.set_title(f"{name} at {result['ratio']:.0%} params: {what} against distillation", fontsize=10)
     finish_log_plot(fig, ax, path)
 
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import DATA, HERE, before_after_bars
+from common import DATA, HERE, Fidelity, before_after_bars, fidelity_options
 from provenance import git_commit
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=65536)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    fidelity_options(parser)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "moe.json")
     parser.add_argument("--work", type=Path, default=Path("runs/moe"))
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
@@ -86,6 +87,7 @@ def main() -> None:
     ids = tokenize_text(args.test, tokenizer, args.eval_tokens)
     eval_kwargs = dict(context=args.context, tokenizer=tokenizer, batch_size=16, progress=False)
     teacher_metrics = evaluate(teacher, ids, **eval_kwargs)
+    suite = Fidelity(teacher, tokenizer, args.fidelity_tokens, args.context, work)
     result = {
         "commit": commit,
         "settings": {k: str(v) for k, v in vars(args).items() if k not in ("out", "work", "replot")},
@@ -99,7 +101,13 @@ def main() -> None:
             **train_record,
             **routing(teacher, ids[: 64 * args.seq_len].reshape(-1, args.seq_len)),
         },
-        "eval": {"data": Path(args.test).name, "tokens": teacher_metrics["tokens"], **teacher_metrics["protocol"]},
+        "fidelity": suite.protocol(),
+        "eval": {
+            "data": Path(args.test).name,
+            "in_domain": True,  # the teacher's own training corpus: ppl_* and kl_* of each method
+            "tokens": teacher_metrics["tokens"],
+            **teacher_metrics["protocol"],
+        },
         "kd": {"steps": args.kd_steps, "tokens": args.kd_steps * args.batch_size * args.seq_len, "data": "valid.txt"},
         "counting": "every parameter counted once (tied embedding/head once)",
         "shared_basis": shared_basis_study(teacher, ids, eval_kwargs, args),
@@ -123,6 +131,7 @@ def main() -> None:
             copy.deepcopy(teacher), config, calibration=calibration if method in CALIBRATED else None, progress=False
         )
         one_shot = evaluate(student, ids, teacher=teacher, **eval_kwargs)
+        fidelity_one_shot = suite.point(student)["fidelity_kl"]
         student = multistep_distill(teacher, student, blocks, kd, work / method, progress=False)
         distilled = evaluate(student.eval(), ids, teacher=teacher, **eval_kwargs)
         in_experts = [layer for layer in report.layers if ".experts." in layer.name]
@@ -131,6 +140,8 @@ def main() -> None:
             "expert_params": expert_params(student),
             "expert_layers_factored": len(in_experts),
             "expert_methods": sorted({layer.method for layer in in_experts}),
+            **suite.point(student),
+            "fidelity_kl_one_shot": fidelity_one_shot,
             "ppl_one_shot": one_shot["perplexity"],
             "kl_one_shot": one_shot["kl_to_teacher"],
             "ppl_distilled": distilled["perplexity"],
@@ -314,10 +325,14 @@ def print_tables(result: dict) -> None:
         f"{teacher['max_entropy']:.2f} nats per token"
     )
     rows = [
-        [m, r["params"], r["expert_params"], r["ppl_one_shot"], r["ppl_distilled"], r["kl_distilled"]]
+        [m, r["params"], r["expert_params"]]
+        + [r.get("fidelity_kl_one_shot", ""), r.get("fidelity_kl", ""), r.get("fidelity_top1", "")]
+        + [r["ppl_one_shot"], r["ppl_distilled"], r["kl_distilled"]]
         for m, r in result["methods"].items()
     ]
-    print(table(["method", "params", "in experts", "ppl one-shot", "ppl after KD", "KL after KD"], rows))
+    fidelity = ["fidelity KL one-shot", "fidelity KL after KD", "fidelity top-1 after KD"]
+    in_domain = ["ppl one-shot (in-domain)", "ppl after KD (in-domain)", "KL after KD (in-domain)"]
+    print(table(["method", "params", "in experts", *fidelity, *in_domain], rows))
     study = result["shared_basis"]
     rows = [
         [
@@ -334,15 +349,30 @@ def print_tables(result: dict) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Perplexity per method, one-shot and after KD (log scale), with the teacher's as a line."""
+    """Fidelity KL per method, one-shot and after KD (log scale); for a file from before the fidelity
+    suite, in-domain perplexity with the teacher's as a line."""
     methods, teacher = result["methods"], result["teacher"]
+    title = (
+        f"Tiny Qwen3-MoE ({teacher['experts']} experts, top-{teacher['top_k']}, {teacher['params'] / 1e6:.1f}M) "
+        f"at {float(result['settings']['ratio']):.0%}"
+    )
+    if all("fidelity_kl" in r for r in methods.values()):
+        before_after_bars(
+            path,
+            {m: (r["fidelity_kl_one_shot"], r["fidelity_kl"]) for m, r in methods.items()},
+            [f"{m}\n{r['params'] / 1e6:.2f}M" for m, r in methods.items()],
+            None,
+            title,
+            "one-shot",
+            ylabel="fidelity KL to the teacher, held out (nats/token, log)",
+        )
+        return
     before_after_bars(
         path,
         {m: (r["ppl_one_shot"], r["ppl_distilled"]) for m, r in methods.items()},
         [f"{m}\n{r['params'] / 1e6:.2f}M" for m, r in methods.items()],
         (teacher["perplexity"], f"teacher {teacher['perplexity']:.1f}"),
-        f"Tiny Qwen3-MoE ({teacher['experts']} experts, top-{teacher['top_k']}, {teacher['params'] / 1e6:.1f}M) "
-        f"at {float(result['settings']['ratio']):.0%}",
+        title,
         "one-shot",
     )
 

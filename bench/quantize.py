@@ -6,9 +6,9 @@ built and distilled with the same protocol as there (calibration on WikiText-2 v
 (groups of 32 and 128) with ``tqcompressor.quantize`` and measured:
 
 - ``--part quality`` (the default; wants a GPU for the distillation): bytes of the weights file,
-  WikiText-2 test perplexity (same protocol as compare.json), KL and top-1 agreement to the fp32
-  teacher. Writes bench/results/quantize.json and quantize.png (perplexity against bytes, one curve
-  per family).
+  fidelity to the fp32 teacher on held-out text first (fidelity KL and top-1, common.Fidelity), then
+  WikiText-2 test perplexity, KL and top-1 (in-domain, same protocol as compare.json). Writes
+  bench/results/quantize.json and quantize.png (fidelity KL against bytes, one curve per family).
 - ``--part speed`` (CPU): prefill and generation time of every variant as a ratio to the fp32 teacher,
   interleaved in one process, and the bytes each holds in memory while running. Speed depends on the
   shapes only, so the compressed model is the one-shot svd_aware model (no distillation). Writes
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import HERE, distill_config, distillation_options, pyplot
+from common import HERE, Fidelity, distill_config, distillation_options, fidelity_options, pyplot
 from provenance import git_commit
 
 import tqcompressor as tqc
@@ -57,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["quality", "speed"], default="quality")
     distillation_options(parser, eval_tokens=65536)
+    fidelity_options(parser)
     parser.add_argument("--prompt-tokens", type=int, default=512, help="speed: prefill prompt length (batch 1)")
     parser.add_argument("--new-tokens", type=int, default=32, help="speed: greedy tokens generated")
     parser.add_argument("--repeats", type=int, default=5, help="speed: interleaved repeats (median)")
@@ -143,6 +144,8 @@ def measure_quality(teacher, student, tokenizer, args, result: dict) -> None:
     reference = copy.deepcopy(teacher).to(args.device)
     eval_kwargs = dict(context=args.context, tokenizer=tokenizer, batch_size=8 if args.device != "cpu" else 4)
     args.work.mkdir(parents=True, exist_ok=True)
+    suite = Fidelity(reference, tokenizer, args.fidelity_tokens, args.context, args.work)
+    result["fidelity"] = suite.protocol()
     for family, name, model in variants(teacher, student):
         disk = weights_file_bytes(model, args.work)
         metrics = evaluate(model.to(args.device), ids, teacher=reference, **eval_kwargs)
@@ -151,11 +154,17 @@ def measure_quality(teacher, student, tokenizer, args, result: dict) -> None:
             "format": name,
             "params": tqc.count_parameters(model),
             "weights_file_bytes": disk,
+            **suite.point(model),
             "perplexity": metrics["perplexity"],
             "kl_to_teacher": metrics["kl_to_teacher"],
             "top1_agreement": metrics["top1_agreement"],
         }
-        result["eval"] = {"data": Path(args.test).name, "tokens": metrics["tokens"], **metrics["protocol"]}
+        result["eval"] = {
+            "data": Path(args.test).name,
+            "in_domain": True,  # perplexity, kl_to_teacher, top1_agreement of each model
+            "tokens": metrics["tokens"],
+            **metrics["protocol"],
+        }
         print(family, name, json.dumps(result["models"][f"{family} {name}"]), flush=True)
         del model
 
@@ -204,31 +213,45 @@ def measure_speed(teacher, student, args, result: dict) -> None:
 
 
 def print_table(result: dict) -> None:
-    keys = [k for k in ("perplexity", "kl_to_teacher", "memory_bytes", "prefill_time_ratio", "generation_time_ratio")]
+    keys = [
+        "fidelity_kl",
+        "fidelity_top1",
+        "perplexity",
+        "kl_to_teacher",
+        "memory_bytes",
+        "prefill_time_ratio",
+        "generation_time_ratio",
+    ]
     rows = []
     for name, row in result["models"].items():
         rows.append([name, row["params"], row["weights_file_bytes"] / 1e6] + [row.get(k) for k in keys])
     present = [k for k in keys if any(k in r for r in result["models"].values())]
     rows = [r[:3] + [r[3 + keys.index(k)] for k in present] for r in rows]
-    print(table(["model", "params", "file MB", *present], rows))
+    names = {"perplexity": "perplexity (in-domain)", "kl_to_teacher": "KL (in-domain)"}
+    print(table(["model", "params", "file MB", *[names.get(k, k) for k in present]], rows))
 
 
 def plot(result: dict, path: Path) -> None:
-    """Perplexity against the weights file's size, one curve per family (fp32 -> int8 -> int4)."""
+    """Fidelity KL (held out) against the weights file's size, one curve per family (fp32 -> int8 ->
+    int4); for a file from before the fidelity suite, in-domain perplexity."""
+    fidelity = all("fidelity_kl" in r for r in result["models"].values())
+    key = "fidelity_kl" if fidelity else "perplexity"
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for family, color in (("teacher", "black"), ("svd_aware", "#1f77b4")):
         rows = sorted(
             (r for r in result["models"].values() if r["family"] == family), key=lambda r: r["weights_file_bytes"]
         )
-        xs, ys = [r["weights_file_bytes"] / 1e6 for r in rows], [r["perplexity"] for r in rows]
+        xs, ys = [r["weights_file_bytes"] / 1e6 for r in rows], [r[key] for r in rows]
         label = "teacher (SmolLM2-135M)" if family == "teacher" else f"svd_aware at {result['ratio']:.0%}, after KD"
         ax.plot(xs, ys, marker="o", color=color, label=label)
         for r, x, y in zip(rows, xs, ys):
             ax.annotate(r["format"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("weights file (MB, log)")
-    ax.set_ylabel("WikiText-2 test perplexity")
+    if fidelity:
+        ax.set_yscale("symlog", linthresh=1e-3)  # the fp32 teacher is at 0
+    ax.set_ylabel("fidelity KL to the fp32 teacher, held out" if fidelity else "WikiText-2 test perplexity, in-domain")
     ax.set_title(f"Compression + quantization vs quantization alone ({result['device']})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

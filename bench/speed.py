@@ -79,11 +79,31 @@ def out_in(module: torch.nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
-def random_model(architecture: str) -> torch.nn.Module:
-    """A model of a Hugging Face architecture at its default sizes, randomly initialised."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+# the shapes people deploy, from the models' published config.json files (weights are random: speed depends
+# on the shapes only, and no hub is needed)
+NAMED_SHAPES = {
+    "llama-3.2-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072,
+        rope_theta=500000.0, head_dim=64,
+    ),
+    "llama-3.2-3b": dict(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072,
+        rope_theta=500000.0, head_dim=128,
+    ),
+}  # fmt: skip
 
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(architecture)).eval()
+
+def random_model(architecture: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A model of a Hugging Face architecture at its default sizes (or of NAMED_SHAPES), randomly initialised."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    if architecture in NAMED_SHAPES:
+        config = LlamaConfig(**NAMED_SHAPES[architecture])
+    else:
+        config = AutoConfig.for_model(architecture)
+    return AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval()
 
 
 def linear_macs_per_token(model: torch.nn.Module) -> int:
@@ -109,7 +129,8 @@ def main() -> None:
     parser.add_argument(
         "--architecture",
         default=None,
-        help="time a randomly initialised model of this HF architecture (e.g. gpt2: GPT-2 small) instead of --model",
+        help="time a randomly initialised model of this HF architecture (e.g. gpt2: GPT-2 small) or of these "
+        f"shapes ({', '.join(NAMED_SHAPES)}) instead of --model",
     )
     parser.add_argument("--ratio", type=float, default=0.65)
     parser.add_argument("--device", default="cpu")

@@ -208,11 +208,17 @@ def test_demo_curve_extrapolates_a_power_law_to_the_kl_goal():
     curve = [{"tokens": 0, "teacher samples": {"kl_to_teacher": 3.0}}] + [
         {"tokens": t, "teacher samples": {"kl_to_teacher": law(t)}} for t in (4, 16, 64)
     ]
-    fit = demo_curve.extrapolate(curve, "teacher samples")  # the one-shot point (0 tokens) is left out of the fit
+    # the one-shot point (0 tokens) is left out of the fit
+    fit = demo_curve.extrapolate(curve, "teacher samples", goal=0.5)
     assert fit["a"] == pytest.approx(2.0) and fit["b"] == pytest.approx(0.25)
     assert fit["tokens_to_goal"] == pytest.approx(256.0)
     flat = [{"tokens": t, "teacher samples": {"kl_to_teacher": 1.0 + t / 100}} for t in (4, 16, 64)]
     assert demo_curve.extrapolate(flat, "teacher samples")["tokens_to_goal"] is None  # KL that does not fall
+    # by default the curve's summary figure, fidelity KL, against issue #36's goal of 0.6
+    fidelity = [{"tokens": t, "fidelity_kl": law(t)} for t in (4, 16, 64)]
+    fit = demo_curve.extrapolate(fidelity)
+    assert fit["domain"] == "fidelity" and fit["goal_kl"] == 0.6
+    assert fit["tokens_to_goal"] == pytest.approx((2.0 / 0.6) ** 4)
 
 
 @pytest.mark.parametrize(
@@ -257,16 +263,23 @@ def test_demo_curve_draws_its_figure_from_a_result_file(tmp_path):
     demo_curve = bench_module("demo_curve")
     law = lambda tokens: 8.0 * tokens**-0.17  # noqa: E731
     point = lambda t, kl: {"perplexity": 20.0, "kl_to_teacher": kl, "top1_agreement": 0.5}  # noqa: E731
-    curve = [{"tokens": t, "test.txt": point(t, 0.9 * law(t)), "teacher samples": point(t, law(t))} for t in (10, 20)]
+    curve = [
+        {"tokens": t, "fidelity_kl": law(t), "fidelity_top1": 0.5, "test.txt (in-domain)": point(t, 0.9 * law(t))}
+        | {"teacher samples": point(t, law(t))}
+        for t in (10, 20)
+    ]
+    one_shot = {"tokens": 0, "fidelity_kl": 2.3, "fidelity_top1": 0.3, "test.txt (in-domain)": point(0, 2.0)}
     result = {
         "settings": {"ratio": "0.65"},  # as cpu_run records settings: strings
-        "teacher": {"test.txt": {"perplexity": 29.6}, "teacher samples": {"perplexity": 7.6}},
-        "curve": [{"tokens": 0, "test.txt": point(0, 2.0), "teacher samples": point(0, 2.3)}] + curve,
-        "extrapolation": demo_curve.extrapolate(curve, "teacher samples"),
+        "teacher": {"test.txt (in-domain)": {"perplexity": 29.6}, "teacher samples": {"perplexity": 7.6}},
+        "curve": [one_shot | {"teacher samples": point(0, 2.3)}] + curve,
+        "extrapolation": demo_curve.extrapolate(curve),
     }
     demo_curve.plot(result, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
-    assert "KL 0.5 at" in demo_curve.format_table(result)
+    text = demo_curve.format_table(result)
+    assert "fidelity KL = " in text and "0.6 at" in text
+    assert text.splitlines()[0].split("|")[3].strip() == "fidelity KL"  # fidelity leads the table
 
 
 def test_trust_probe_tells_each_kind_of_failure_apart(tmp_path, monkeypatch):
@@ -289,3 +302,70 @@ def test_trust_probe_tells_each_kind_of_failure_apart(tmp_path, monkeypatch):
         keep.write_text("years of work")
     monkeypatch.setattr(probe, "TQC", [sys.executable, "-c", "raise SystemExit(2)"])
     assert probe.run_case(probe.Case("good input", [], refuse=False), timeout=5)["failure"] == "refused a good input"
+
+
+def test_throughput_counts_flops_per_kd_token_as_stated_and_the_ceiling_per_shape():
+    throughput = bench_module("throughput")
+    teacher = tiny_llama()
+    student = copy.deepcopy(teacher)
+    tqc.compress(student, tqc.CompressionConfig(method="svd", ratio=0.7), progress=False)
+    layers, hidden, seq = teacher.config.num_hidden_layers, teacher.config.hidden_size, 16
+    expected = (
+        6 * tqc.count_parameters(student)
+        + 12 * layers * hidden * seq
+        + 2 * tqc.count_parameters(teacher)
+        + 4 * layers * hidden * seq
+    )
+    assert throughput.kd_flops_per_token(student, teacher, seq) == expected
+    ceiling = throughput.ceiling_row(teacher, tokens=32, device="cpu", repeats=1)
+    linear = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(ceiling["shapes"].values()) == len(linear)  # every linear layer, the LM head included
+    assert ceiling["flops_per_s"] > 0
+
+
+def test_throughput_ratios_are_taken_inside_one_run():
+    throughput = bench_module("throughput")
+    row = {"flops_per_token": 1e9, "heldout_text_kl": 1.0}
+    result = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "rows": {
+            "baseline": {**row, "tokens_per_s": 1000.0},
+            "new defaults": {**row, "tokens_per_s": 12000.0, "heldout_text_kl": 1.005},
+            "anchor": {"flops_per_token": 1e9, "tokens_per_s": 16000.0},
+            "ceiling": {"flops_per_s": 8e14},
+        },
+    }
+    throughput.add_ratios(result, teacher=None)
+    new = result["rows"]["new defaults"]
+    assert new["speedup"] == pytest.approx(12.0)
+    assert new["share_of_anchor"] == pytest.approx(0.75)
+    assert new["heldout_text_kl_change"] == pytest.approx(0.005)
+    assert new["mfu_of_ceiling"] == pytest.approx(12000 * 1e9 / 8e14)
+    assert new["mfu_of_spec"] == pytest.approx(12000 * 1e9 / 989e12)
+
+
+def test_speed_builds_llama_3_2_shapes_without_the_hub():
+    speed = bench_module("speed")
+    with torch.device("meta"):
+        sizes = {name: tqc.count_parameters(speed.random_model(name)) for name in ("llama-3.2-1b", "llama-3.2-3b")}
+    # the published parameter counts of Llama-3.2-1B and 3B (tied embeddings)
+    assert sizes == {"llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824}
+
+
+def test_bench_fidelity_suite_scores_the_teacher_perfect_and_a_student_by_held_out_kl(tmp_path, tokenizer):
+    from conftest import tiny_gpt2
+
+    common = bench_module("common")
+    teacher = tiny_gpt2(vocab_size=len(tokenizer))
+    suite = common.Fidelity(teacher, tokenizer, tokens=64, context=32, cache_dir=tmp_path)
+    protocol = suite.protocol()
+    assert "teacher samples" in protocol["domains"] and len(protocol["domains"]) == 4  # + prose, docs, code
+    perfect = suite.point(teacher)
+    assert perfect["fidelity_kl"] == pytest.approx(0.0, abs=1e-6) and perfect["fidelity_top1"] == 1.0
+    student = copy.deepcopy(teacher)
+    tqc.compress(student, tqc.CompressionConfig(method="svd", ratio=0.5), progress=False)
+    point = suite.point(student)
+    assert point["fidelity_kl"] > 0.0
+    assert set(point["held_out"]) == set(protocol["domains"])
+    kls = [m["kl_to_teacher"] for m in point["held_out"].values()]
+    assert point["fidelity_kl"] == pytest.approx(sum(kls) / len(kls))  # the mean over the held-out domains
