@@ -77,7 +77,7 @@ RUNS = [  # distillation points; the same total number of optimizer steps each
     # the same, auto free to choose every structure: Kronecker layers fitted to the row-weighted matrix keep
     # one scale per output (runs 11 and 12 in one sweep)
     {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "output_weights": True, "auto_methods": "all"},
-    # chosen by fidelity KL (issue #36): the recipe as it stands (run 12), then without the CE term on the data
+    # chosen by fidelity KL (issue #36): the recipe as it stands (run 11), then without the CE term on the data
     # (it pulls the student towards WikiText-2, not towards the teacher), at the temperature fidelity is
     # scored at, and on teacher samples alone (general text instead of one corpus)
     {"teacher_fraction": 0.5, "stages": 1, "lr": 3e-4, "output_weights": True, "alpha_ce": 0.0},
