@@ -195,6 +195,7 @@ BAD_NUMBERS = {
         "--lr": ["inf", "nan", "-1", "0", "5"],
         "--temperature": ["inf", "nan", "0", "-2"],
         "--alpha-blocks": ["inf", "nan", "-1"],
+        "--alpha-ce": ["inf", "nan", "-1"],
         "--batch-size": ["0", "-4", "1000000000"],
         "--seq-len": ["0", "-1"],
         "--grad-accum": ["0"],

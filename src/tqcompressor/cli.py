@@ -54,6 +54,7 @@ DISTILL_OPTIONS = {
         "autocast precision of training: auto (bf16 on a GPU or a CPU with native bf16, else fp32) | bf16 | fp16 | no",
     ),
     "temperature": (float, recipe.TEMPERATURE, "softmax temperature of the KL term"),
+    "alpha_ce": (float, recipe.ALPHA_CE, "weight of cross-entropy on the data's next tokens (0: the teacher alone)"),
     "alpha_blocks": (
         float,
         recipe.ALPHA_BLOCKS,
