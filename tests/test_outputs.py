@@ -100,6 +100,30 @@ def test_a_partial_sibling_the_user_owns_is_not_deleted(tmp_path):
     assert (partial / "thesis.txt").is_file()
 
 
+def test_a_deletion_cut_short_leaves_the_directory_still_ours(tmp_path, monkeypatch):
+    from tqcompressor import outputs
+
+    ours = outputs.claim_directory(tmp_path / "m.partial")
+    for name in ("a.json", "b.safetensors", "c.txt"):
+        (ours / name).write_text("x")
+    (ours / "sub").mkdir()
+    real_unlink, calls = Path.unlink, []
+
+    def killed_on_second_file(path, *args, **kwargs):  # as kill -9 would stop it, part-way
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", killed_on_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.remove_ours(ours)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert outputs.written_by_us(ours)  # the marker goes last: the half-deleted directory is still ours
+    outputs.remove_ours(ours)  # so the next run removes it instead of refusing it
+    assert not ours.exists()
+
+
 def test_a_file_where_a_directory_should_go_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(TQCError, match="is a file"):

@@ -93,7 +93,21 @@ def remove_ours(path: Path) -> None:
                 path.rmdir()
                 return
             raise TQCError(f"{path} holds files that tqcompressor did not write; move it away and run again")
-        shutil.rmtree(path)
+        delete_ours(path)
+
+
+def delete_ours(path: Path) -> None:
+    """Delete a directory of ours with its marker last: a kill part-way leaves it still marked, so the
+    next run removes it instead of refusing it as someone else's."""
+    for entry in path.iterdir():
+        if entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (path / MARKER).unlink(missing_ok=True)
+    path.rmdir()
 
 
 # -- one writer at a time -------------------------------------------------------------------------
@@ -191,13 +205,13 @@ def swap_in(partial: Path, final: Path) -> None:
         os.replace(partial, final)
         return
     if exchange(partial, final):  # partial now holds the old output
-        shutil.rmtree(partial)
+        delete_ours(partial)
         return
     aside = final.with_name(final.name + ".old")  # no exchange here: the short gap is unavoidable
     remove_ours(aside)
     os.replace(final, aside)
     os.replace(partial, final)
-    shutil.rmtree(aside)
+    delete_ours(aside)
 
 
 @contextlib.contextmanager
