@@ -213,7 +213,7 @@ def write_model(
     try:
         save_file(_state_dict_without_tied_head(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     except SafetensorError as exc:  # safetensors reports the OS's error (a full disk, say) as its own
-        raise TQCError(f"could not write {directory / WEIGHTS_FILE}: {str(exc).splitlines()[0]}") from None
+        raise TQCError(f"could not write {directory / WEIGHTS_FILE}: {first_line(exc) or type(exc).__name__}") from None
     if tokenizer is not None and not isinstance(tokenizer, MissingTokenizer):
         tokenizer.save_pretrained(directory)
     (directory / STRUCTURE_FILE).write_text(json.dumps(structure, indent=2) + "\n")
@@ -285,7 +285,7 @@ def load(directory: str | Path) -> nn.Module:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise TQCError(
-            f"{weights} could not be read ({str(exc).splitlines()[0]}); the dir is corrupt or "
+            f"{weights} could not be read ({first_line(exc) or type(exc).__name__}); the dir is corrupt or "
             "half written, re-run `tqc compress`"
         ) from None
     missing = [k for k in missing if not is_tied_head_weight(model, k)]
@@ -336,7 +336,7 @@ def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch
             shapes = {key: tuple(stored.get_slice(key).get_shape()) for key in stored.keys()}
     except (SafetensorError, OSError) as exc:
         raise TQCError(
-            f"{directory / WEIGHTS_FILE} could not be read ({str(exc).splitlines()[0]}); the dir is "
+            f"{directory / WEIGHTS_FILE} could not be read ({first_line(exc) or type(exc).__name__}); the dir is "
             "corrupt or half written, re-run `tqc compress`"
         ) from None
     # by names alone, before a skeleton is built: a million edited layers would take an hour on meta

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from tqcompressor.errors import TQCError
+from tqcompressor.errors import TQCError, first_line
 from tqcompressor.structures import Structure, get_structure, settings_dict
 
 
@@ -114,7 +114,7 @@ def load_spec(path: str | Path) -> CompressionConfig:
         # YAML reads JSON too; the suffix only picks the parser that names the fault best
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise TQCError(f"spec file {path} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+        raise TQCError(f"spec file {path} is not valid YAML/JSON: {first_line(exc) or type(exc).__name__}") from None
     check_data(data, SpecFile, f"spec file {path}")
     layers: list[tuple[str, LayerSpec]] = []
     for i, entry in enumerate(data["layers"]):
