@@ -15,10 +15,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import tqcompressor as tqc
 from tqcompressor.distill import DistillConfig, multistep_distill
 from tqcompressor.experts import split_experts
-from tqcompressor.models import MissingTokenizer, load_model
+from tqcompressor.models import load_model
 from tqcompressor.planning import default_target_modules
 from tqcompressor.quantize import quantize, quantized_layers
 from tqcompressor.structures import all_structures
+from tqcompressor.tokenizer import MissingTokenizer
 
 # Every family the README's table lists; the MoE families with their experts split and factored.
 FAMILIES = [

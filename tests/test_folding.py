@@ -76,7 +76,7 @@ class MixingMLP(nn.Module):
         self.gate_proj = nn.Linear(16, 32)
         self.up_proj = KroneckerLinear.from_linear(nn.Linear(16, 32), "tq", b_shape=up_b_shape)
         self.up_proj.register_buffer("output_index", torch.randperm(32))  # a fold drops it for a 1-row B
-        self.up_proj.refresh_gathers()
+        self.up_proj.refresh_derived()
         self.down_proj = KroneckerLinear.from_linear(nn.Linear(32, 16), "tq", b_shape=(2, 2))
 
     def forward(self, x):

@@ -8,31 +8,38 @@ re-run and nothing is unpickled.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from tqcompressor.errors import TQCError, first_line
-from tqcompressor.experts import LinearExperts, fused_experts_class
+from tqcompressor.experts import fused_experts_class, is_fused_experts
 from tqcompressor.layers import (
+    SavedModule,
     TiedFactoredHead,
     bias_of,
+    build_module,
+    dense_weight_of,
+    describe_module,
     embedding_scale,
     is_tied_head_weight,
     module_name,
+    saved_module_classes,
     set_module,
 )
-from tqcompressor.models import MissingTokenizer, load_tokenizer_or_missing
 from tqcompressor.outputs import staged_directory
 from tqcompressor.planning import Plan
-from tqcompressor.quantized import module_classes as quantized_module_classes
+from tqcompressor.quantized import QuantizedFactored  # noqa: F401  (defines the quantized modules a file may name)
 from tqcompressor.schemas import StructureFile, check_data, check_layer_count, module_config
-from tqcompressor.structures import module_classes as factored_module_classes
+from tqcompressor.structures import REGISTRY  # noqa: F401  (defines every structure's modules)
 from tqcompressor.structures.dense import plain_module
+from tqcompressor.tokenizer import MissingTokenizer, load_tokenizer_or_missing
 
 FORMAT_VERSION = 1
 STRUCTURE_FILE = "tqcompressor.json"
@@ -41,36 +48,21 @@ WEIGHTS_FILE = "model.safetensors"
 TIED_HEAD_TYPES = ("TiedFactoredHead", "TiedKroneckerHead")
 
 
-def module_classes() -> dict[str, type]:
-    """Every module class a structure file can name: factored, quantized, and split MoE experts."""
-    return {**factored_module_classes(), **quantized_module_classes(), LinearExperts.__name__: LinearExperts}
-
-
 def is_container(module: nn.Module) -> bool:
     """A module saved by its own description whose children are saved as modules too (split experts)."""
-    return getattr(module, "is_container", False)
+    return isinstance(module, SavedModule) and module.is_container
 
 
 def _describes_container(desc: dict) -> bool:
-    return getattr(module_classes().get(desc["type"]), "is_container", False)
+    cls = saved_module_classes().get(desc["type"])
+    return cls is not None and cls.is_container
 
 
 def describe(module: nn.Module) -> dict | None:
     """Constructor arguments of a factored module (``None`` for any other module)."""
     if isinstance(module, TiedFactoredHead):  # shares the embedding's factors: only its bias is its own
         return {"type": "TiedFactoredHead", "bias": module.bias is not None}
-    if type(module).__name__ in module_classes():
-        return {"type": type(module).__name__, **module.config()}
-    return None
-
-
-def build(desc: dict, dtype: torch.dtype) -> nn.Module:
-    cls = module_classes().get(desc["type"])
-    if cls is None:
-        raise TQCError(
-            f"unknown module type {desc['type']!r} in {STRUCTURE_FILE}; was it written by a newer tqcompressor?"
-        )
-    return cls.from_config({k: v for k, v in desc.items() if k != "type"}, dtype)
+    return describe_module(module)
 
 
 def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.dtype | None = None) -> nn.Module:
@@ -96,7 +88,7 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
     for name, desc in modules.items():  # a container comes before its children (named_modules order)
         if desc["type"] in TIED_HEAD_TYPES:
             continue
-        module = build(desc, dtype)
+        module = build_module(desc, dtype)
         module._is_hf_initialized = True
         parent = name.rpartition(".")[0]
         if parent:
@@ -119,8 +111,6 @@ def install_structure(model: nn.Module, modules: dict[str, dict], dtype: torch.d
 
 def _check_experts_match(fused: nn.Module, desc: dict, name: str) -> None:
     """Split experts must have the base layer's experts and sizes, before any of them is built."""
-    from tqcompressor.experts import is_fused_experts
-
     if not is_fused_experts(fused):
         raise TQCError(f"{STRUCTURE_FILE}: {name} holds split experts but the base model has none there")
     count = fused.down_proj.shape[0]
@@ -267,8 +257,6 @@ def read_structure(directory: str | Path) -> dict:
 
 def load(directory: str | Path) -> nn.Module:
     """Rebuild a compressed model from ``directory`` without re-running any decomposition."""
-    from transformers import AutoModelForCausalLM
-
     directory = Path(directory)
     structure = read_structure(directory)
     weights = directory / WEIGHTS_FILE
@@ -300,8 +288,6 @@ def load(directory: str | Path) -> nn.Module:
 
 def read_base_config(directory: Path):
     """The base model's ``config.json`` of a compressed dir, with one line for anything wrong in it."""
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(directory)
     except Exception as exc:  # transformers raises many types for one bad file; each is the file's fault
@@ -313,8 +299,6 @@ def check_directory(directory: Path, config, modules: dict[str, dict], dtype: to
     """Everything a compressed dir must satisfy before its model is built (:func:`check_shapes`), for
     ``tqc.load`` and for transformers' ``from_pretrained`` alike (whose config still holds the plugin's
     ``quantization_config``)."""
-    import copy
-
     config = copy.deepcopy(config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -326,11 +310,6 @@ def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch
     factored module standing for a matrix of its base layer's shape, and every tensor it expects in the
     weights file with the shape stored there (a dir is input from elsewhere too; an edited shape must
     not become a huge allocation)."""
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
-    from tqcompressor.layers import dense_weight_of
-
     try:
         with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as stored:
             shapes = {key: tuple(stored.get_slice(key).get_shape()) for key in stored.keys()}

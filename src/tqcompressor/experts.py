@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
 from tqcompressor.errors import TQCError
+from tqcompressor.layers import SavedModule, bias_of, dense_weight_of, set_module
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -29,7 +30,7 @@ def is_fused_experts(module: nn.Module) -> bool:
     return isinstance(down, nn.Parameter) and isinstance(up, nn.Parameter) and down.ndim == 3 and up.ndim == 3
 
 
-class LinearExperts(nn.Module):
+class LinearExperts(SavedModule):
     """The experts of one MoE layer as ``gate_up[e]`` (``nn.Linear`` hidden -> 2 * ffn, or -> ffn
     without a gate) and ``down[e]`` (ffn -> hidden), each replaceable by a factored module."""
 
@@ -105,8 +106,6 @@ class LinearExperts(nn.Module):
         ``fused_class`` comes from the model's own architecture (:func:`fused_experts_class`), never
         from a file: ``self.fused_class`` is a record of where the weights came from, not code to import."""
         fused = fused_class(model_config)
-        from tqcompressor.layers import bias_of, dense_weight_of
-
         with torch.no_grad():
             up = fused.gate_up_proj if self.has_gate else fused.up_proj
             transposed = getattr(fused, "is_transposed", False)
@@ -183,8 +182,6 @@ def _custom_gate(experts: nn.Module) -> bool:
 def split_experts(model: nn.Module) -> list[str]:
     """Replace every fused experts module of ``model`` by a :class:`LinearExperts` (exact, in place);
     the names of those replaced."""
-    from tqcompressor.layers import set_module
-
     names = [name for name, module in model.named_modules() if is_fused_experts(module)]
     for name in names:
         set_module(model, name, LinearExperts.from_fused(model.get_submodule(name)))

@@ -10,8 +10,9 @@ with, so it costs nothing there). The down projection then gathers nothing. This
 reparametrisation of the stored state, not a runtime switch: ``save`` / ``load``, ``to_dense``
 and export see the folded model and compute the same function.
 
-The structures' modules take part through two methods: a consumer's ``take_input_gathered()``
-and a producer's ``permute_outputs(gather)``; plain ``nn.Linear`` / ``Conv1D`` producers are
+The structures' modules take part through :class:`~tqcompressor.layers.FactoredModule`'s folding
+methods: a consumer's ``input_permutation()`` and ``take_input_gathered()``, a producer's
+``permute_outputs(gather)`` (where ``permutes_outputs``); plain ``nn.Linear`` / ``Conv1D`` producers are
 permuted here.
 """
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
+
+from tqcompressor.layers import FactoredModule
 
 # consumer -> the producers whose outputs reach it through feature-wise ops only
 MLP_PRODUCERS = {"down_proj": ("gate_proj", "up_proj"), "c_proj": ("c_fc",), "fc2": ("fc1",)}
@@ -41,8 +44,8 @@ def fold_mlp_permutations(model: nn.Module, skip: set[str] | frozenset[str] = fr
             producers = [getattr(mlp, p, None) for p in producer_names]
             full = [f"{name}.{n}" if name else n for n in (consumer_name, *producer_names)]
             if (
-                not hasattr(consumer, "take_input_gathered")
-                or consumer.input_gather is None
+                not isinstance(consumer, FactoredModule)
+                or consumer.input_permutation() is None
                 or not all(_can_permute_outputs(p) for p in producers)
                 or skip.intersection(full)
             ):
@@ -53,8 +56,8 @@ def fold_mlp_permutations(model: nn.Module, skip: set[str] | frozenset[str] = fr
 
 
 def _can_permute_outputs(module: nn.Module | None) -> bool:
-    """Dense layers, and factored ones that say how (``permute_outputs``)."""
-    return type(module) in (nn.Linear, Conv1D) or hasattr(module, "permute_outputs")
+    """Dense layers, and factored ones that say how (``permutes_outputs``)."""
+    return type(module) in (nn.Linear, Conv1D) or (isinstance(module, FactoredModule) and module.permutes_outputs)
 
 
 def _fold_checked(mlp: nn.Module, consumer: nn.Module, producers: list[nn.Module]) -> bool:
@@ -84,7 +87,7 @@ def _fold_checked(mlp: nn.Module, consumer: nn.Module, producers: list[nn.Module
 
 
 def _fold(consumer: nn.Module, producers: list[nn.Module]) -> None:
-    gather = consumer.input_gather.cpu()
+    gather = consumer.input_permutation().cpu()
     for producer in producers:
         _permute_outputs(producer, gather)
     consumer.take_input_gathered()
@@ -92,7 +95,7 @@ def _fold(consumer: nn.Module, producers: list[nn.Module]) -> None:
 
 def _permute_outputs(module: nn.Module, gather: Tensor) -> None:
     """Make ``module(x)`` return ``module(x)[..., gather]`` by changing its stored state."""
-    if hasattr(module, "permute_outputs"):
+    if isinstance(module, FactoredModule):
         module.permute_outputs(gather)
         return
     with torch.no_grad():

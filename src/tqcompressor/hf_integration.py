@@ -16,6 +16,8 @@ from typing import Any
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from tqcompressor.layers import SavedModule
+
 QUANT_METHOD = "tqcompressor"
 
 
@@ -66,14 +68,11 @@ class TQCompressorQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        # quantized factored modules: their placeholders were made on the meta device
+        # derived buffers are not in the checkpoint: a quantized module's placeholders were made on the meta
+        # device, a Kronecker layer's fused gathers come from its loaded permutations (parents come first)
         for module in model.modules():
-            if hasattr(module, "refresh_placeholders"):
-                module.refresh_placeholders()
-        # the fused gathers are derived buffers, not in the checkpoint: build them from the loaded permutations
-        for module in model.modules():
-            if hasattr(module, "refresh_gathers"):
-                module.refresh_gathers()
+            if isinstance(module, SavedModule):
+                module.refresh_derived()
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

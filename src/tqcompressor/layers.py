@@ -1,16 +1,110 @@
-"""Pieces every factored module shares: reading a dense layer, gathers, and the tied LM head.
+"""The base classes of every module tqcompressor installs, and pieces they share: reading a dense
+layer, gathers, and the tied LM head.
 
-The factored modules themselves live with their structure in :mod:`tqcompressor.structures`.
-None of them ever builds the dense weight in its forward pass.
+The factored modules themselves live with their structure in :mod:`tqcompressor.structures` (their
+quantized forms in :mod:`tqcompressor.quant.modules`). None of them ever builds the dense weight in
+its forward pass.
 """
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from tqcompressor.errors import TQCError
+
+
+class SavedModule(nn.Module):
+    """A module saved by description: ``config()`` (its constructor arguments, JSON-ready) goes to
+    ``tqcompressor.json`` under its class name, its tensors to ``model.safetensors``, and
+    ``from_config`` builds it again, empty, before the weights load. Every concrete subclass is
+    registered by class name (:func:`saved_module_classes`): what a structure file may name.
+
+    ``refresh_derived()`` rebuilds the buffers that are not saved (fused gathers, placeholders) once
+    the weights are in place; the default has none."""
+
+    is_container: ClassVar[bool] = False  # True: its children are saved as modules of their own (split experts)
+
+    def __init_subclass__(cls, abstract: bool = False, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not abstract:
+            _SAVED_MODULES[cls.__name__] = cls
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype) -> SavedModule:
+        raise NotImplementedError
+
+    def refresh_derived(self) -> None:
+        """Rebuild what is computed from the saved tensors (called after loading)."""
+
+
+class FactoredModule(SavedModule, abstract=True):
+    """The contract of every layer that replaces a dense one (``nn.Linear``, GPT-2 ``Conv1D``,
+    ``nn.Embedding``), factored, quantized, or both:
+
+    - ``kind``: ``linear`` | ``conv1d`` | ``embedding``, the layer it stands in for;
+    - ``to_dense()``: the (out, in) weight it represents (for export and checks, never in forward);
+    - ``macs_per_token``: multiply-adds per input row in the forward (0 for a lookup);
+    - ``config()`` / ``from_config()`` / ``refresh_derived()``: see :class:`SavedModule`.
+
+    Folding (:mod:`tqcompressor.folding`) also asks two optional things: a layer with
+    ``permutes_outputs`` can take a permutation of its outputs into its stored state
+    (``permute_outputs``), and one whose ``input_permutation()`` is not ``None`` can stop doing that gather
+    (``take_input_gathered``) once its producers emit their outputs in that order."""
+
+    kind: str = ""
+    permutes_outputs: ClassVar[bool] = False
+
+    def to_dense(self) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def macs_per_token(self) -> int:
+        if self.kind == "embedding":  # a lookup multiplies nothing
+            return 0
+        raise NotImplementedError
+
+    def input_permutation(self) -> Tensor | None:
+        """The gather this layer applies to its input before anything else (``None``: none)."""
+        return None
+
+    def permute_outputs(self, gather: Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot permute its outputs")
+
+    def take_input_gathered(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} gathers no input")
+
+
+_SAVED_MODULES: dict[str, type[SavedModule]] = {}
+
+
+def saved_module_classes() -> dict[str, type[SavedModule]]:
+    """Every module class a structure file can name, by class name (those defined so far: the
+    checkpoint module imports every structure, the quantized modules and the split experts)."""
+    return dict(_SAVED_MODULES)
+
+
+def describe_module(module: nn.Module) -> dict | None:
+    """``{"type": class name, **config()}`` of a saved module, ``None`` for any other module."""
+    if not isinstance(module, SavedModule):
+        return None
+    return {"type": type(module).__name__, **module.config()}
+
+
+def build_module(desc: dict, dtype: torch.dtype) -> SavedModule:
+    """An empty module from its description (weights load later); one line for an unknown type."""
+    cls = _SAVED_MODULES.get(desc["type"])
+    if cls is None:
+        raise TQCError(
+            f"unknown module type {desc['type']!r} in tqcompressor.json; was it written by a newer tqcompressor?"
+        )
+    return cls.from_config({k: v for k, v in desc.items() if k != "type"}, dtype)
 
 
 def dense_weight_of(module: nn.Module) -> tuple[Tensor, str]:
@@ -22,7 +116,7 @@ def dense_weight_of(module: nn.Module) -> tuple[Tensor, str]:
         return module.weight.detach(), "linear"
     if isinstance(module, nn.Embedding):
         return module.weight.detach(), "embedding"
-    if hasattr(module, "to_dense") and hasattr(module, "kind"):  # a factored module, factored again
+    if isinstance(module, FactoredModule):  # a factored module, factored again
         return module.to_dense(), module.kind
     raise TQCError(
         f"cannot factor a {type(module).__name__}; only nn.Linear, GPT-2 Conv1D and nn.Embedding layers are supported"

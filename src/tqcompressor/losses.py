@@ -11,7 +11,7 @@ are never made.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,17 @@ from torch import Tensor
 
 from tqcompressor.errors import TQCError
 
-if TYPE_CHECKING:
-    from tqcompressor.distill import DistillConfig
+
+class LossWeights(Protocol):
+    """What :func:`distillation_loss` reads from a config (``DistillConfig`` has these fields)."""
+
+    temperature: float
+    alpha_kl: float
+    alpha_ce: float
+    alpha_hidden: float
+    alpha_blocks: float
+    chunked_loss: bool
+
 
 # rows of logits per chunk: small enough to stay in a CPU core's cache at a 50k vocabulary (16 x 49152 x 4 B =
 # 3 MB), large enough on a GPU that a chunk's kernels are not launch-bound
@@ -127,7 +136,7 @@ def reference_logit_distillation(
     return alpha_kl * kl + alpha_ce * ce, kl, ce
 
 
-def distillation_loss(student_out, teacher_out, input_ids: Tensor, config: DistillConfig) -> dict[str, Tensor]:
+def distillation_loss(student_out, teacher_out, input_ids: Tensor, config: LossWeights) -> dict[str, Tensor]:
     """The weighted KD loss of ``config`` on a student's and a teacher's outputs (logits, and hidden
     states where a hidden term has a weight): the total (``loss``) and its parts."""
     logit_loss = logit_distillation if config.chunked_loss else reference_logit_distillation

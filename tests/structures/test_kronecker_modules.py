@@ -92,7 +92,7 @@ def _random_layer(a_shape, b_shape, rank, row_perm, col_perm, seed=0):
             layer.input_index.copy_(torch.randperm(layer.in_features))
         if row_perm:
             layer.output_index.copy_(torch.randperm(layer.out_features))
-    layer.refresh_gathers()
+    layer.refresh_derived()
     return layer
 
 

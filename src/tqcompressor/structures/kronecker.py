@@ -31,7 +31,15 @@ from tqcompressor.decompose import (
     tail_energy,
 )
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import bias_of, compose_gathers, dense_weight_of, gather_columns, gather_last, unless_identity
+from tqcompressor.layers import (
+    FactoredModule,
+    bias_of,
+    compose_gathers,
+    dense_weight_of,
+    gather_columns,
+    gather_last,
+    unless_identity,
+)
 from tqcompressor.permutation import output_metric_search, permuted_kronecker
 from tqcompressor.structures.base import Candidate, Factors, Structure, register
 from tqcompressor.structures.lowrank import output_rows
@@ -378,7 +386,7 @@ def kronecker_matmul(
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-class KroneckerLinear(nn.Module):
+class KroneckerLinear(FactoredModule):
     """``y = s * P_r (sum_k A_k (x) B_k) P_c x + bias``: a drop-in for ``nn.Linear`` / ``Conv1D``; the
     per-output scale ``s`` only when built with ``row_scale`` (fits in a row-weighted metric).
 
@@ -412,9 +420,9 @@ class KroneckerLinear(nn.Module):
         self.register_buffer("input_index", torch.arange(n1 * n2) if col_perm else None)
         self.register_buffer("output_index", torch.arange(m1 * m2) if row_perm else None)
         self.order = kronecker_order((m1, n1), (m2, n2), rank)
-        self.refresh_gathers()
+        self.refresh_derived()
 
-    def refresh_gathers(self) -> None:
+    def refresh_derived(self) -> None:
         """Recompute the fused gathers from the permutations. Loading calls it; call it yourself
         only if you write into ``input_index`` / ``output_index`` by hand."""
         input_layout, output_layout = kronecker_layouts(tuple(self.a.shape[1:]), tuple(self.b.shape[1:]), self.order)
@@ -430,7 +438,7 @@ class KroneckerLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self.refresh_gathers()
+        self.refresh_derived()
 
     @classmethod
     def from_factors(
@@ -461,7 +469,7 @@ class KroneckerLinear(nn.Module):
                 layer.input_index.copy_(factors.col_perm)
             if keep_rows:
                 layer.output_index.copy_(inverse_permutation(factors.row_perm))
-        layer.refresh_gathers()
+        layer.refresh_derived()
         return layer
 
     @classmethod
@@ -508,6 +516,11 @@ class KroneckerLinear(nn.Module):
             config.get("row_scale", False),
         )
 
+    permutes_outputs = True
+
+    def input_permutation(self) -> Tensor | None:
+        return self.input_gather
+
     def permute_outputs(self, gather: Tensor) -> None:
         """Make this layer return ``y[..., gather]`` by changing its stored state (folding)."""
         with torch.no_grad():
@@ -523,7 +536,7 @@ class KroneckerLinear(nn.Module):
             for vector in (self.row_scale, self.bias):
                 if vector is not None:
                     vector.copy_(vector[gather.to(vector.device)])
-        self.refresh_gathers()
+        self.refresh_derived()
 
     def take_input_gathered(self) -> None:
         """From now on the input arrives already gathered by ``input_gather`` (folding moved that
@@ -532,7 +545,7 @@ class KroneckerLinear(nn.Module):
         input_layout, _ = kronecker_layouts(tuple(self.a.shape[1:]), tuple(self.b.shape[1:]), self.order)
         index = inverse_permutation(input_layout) if input_layout is not None else torch.arange(self.in_features)
         self._set_index("input_index", index)
-        self.refresh_gathers()
+        self.refresh_derived()
 
     def _set_index(self, name: str, index: Tensor) -> None:
         if getattr(self, name) is None:
@@ -573,7 +586,7 @@ class KroneckerLinear(nn.Module):
         )
 
 
-class KroneckerEmbedding(nn.Module):
+class KroneckerEmbedding(FactoredModule):
     """Token embedding ``E ~= P_r (sum_k A_k (x) B_k) P_c`` looked up one row at a time.
 
     With ``B: (1, 2)`` and ``A: (V, d/2)`` (the paper's setting) every token keeps its own row of

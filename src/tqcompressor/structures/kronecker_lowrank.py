@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from tqcompressor.decompose import (
     fit_error,
@@ -30,6 +30,7 @@ from tqcompressor.decompose import (
     whitening,
 )
 from tqcompressor.errors import TQCError
+from tqcompressor.layers import FactoredModule
 from tqcompressor.structures.base import Candidate, Factors, Structure, get_structure, register
 from tqcompressor.structures.kronecker import (
     KroneckerFactors,
@@ -126,7 +127,7 @@ def fit_kronecker_lowrank(
     )
 
 
-class KroneckerLowRankLinear(nn.Module):
+class KroneckerLowRankLinear(FactoredModule):
     """``y = K x + U (V x) + bias``: a :class:`KroneckerLinear` and a :class:`LowRankLinear` side by side."""
 
     def __init__(self, kronecker: KroneckerLinear, lowrank: LowRankLinear) -> None:

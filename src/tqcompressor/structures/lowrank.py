@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from tqcompressor.decompose import WHITENING_DAMPING, tail_energy, whitening
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import bias_of, dense_weight_of
+from tqcompressor.layers import FactoredModule, bias_of, dense_weight_of
 from tqcompressor.structures.base import Candidate, Factors, Structure, register
 
 SVD_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # auto's menu: fractions of m*n
@@ -124,7 +124,7 @@ def row_weighted_svd(weight: Tensor, rank: int, row_weights: Tensor) -> LowRankF
     return LowRankFactors((w @ right.T).to(weight.dtype).contiguous(), right.to(weight.dtype).contiguous(), history)
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(FactoredModule):
     """``y = U (V x) + bias``: the truncated-SVD baseline as a drop-in layer."""
 
     def __init__(
@@ -173,6 +173,8 @@ class LowRankLinear(nn.Module):
     def from_config(cls, config: dict, dtype: torch.dtype) -> LowRankLinear:
         return cls(config["in_features"], config["out_features"], config["rank"], config["bias"], config["kind"], dtype)
 
+    permutes_outputs = True
+
     def permute_outputs(self, gather: Tensor) -> None:
         """Make this layer return ``y[..., gather]`` by permuting the rows of ``U`` (folding)."""
         with torch.no_grad():
@@ -198,7 +200,7 @@ class LowRankLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
 
 
-class LowRankEmbedding(nn.Module):
+class LowRankEmbedding(FactoredModule):
     """A token embedding ``E ~= U V``: a lookup reads one row of ``U`` (vocab x rank) and maps it
     through ``V`` (rank x dim). A tied LM head computes ``h V^T U^T`` (:meth:`project`) without the table."""
 
