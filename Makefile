@@ -40,7 +40,7 @@ lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-# The main job with the default recipe (src/tqcompressor/recipe.py, chosen by bench/recipe.py): compress
+# The main job with the default recipe (src/tqcompressor/training/recipe.py, chosen by bench/recipe.py): compress
 # SmolLM2-135M to ~65% with calibrated auto, distill on WikiText-2 valid mixed with teacher samples (teacher
 # samples only if the shared data is absent) for as many steps as fit into $(BUDGET) minutes on this machine,
 # evaluate fidelity to the teacher on held-out text (and WikiText-2 test, in-domain) beside int8/int4 of the

@@ -21,8 +21,8 @@ from provenance import cpu_run, git_commit  # bench/provenance.py (scripts run f
 
 import tqcompressor as tqc
 from tqcompressor.data import calibration_ids, tokenize_text
-from tqcompressor.evaluate import evaluate
-from tqcompressor.report import table
+from tqcompressor.evaluation.evaluate import evaluate
+from tqcompressor.evaluation.report import table
 from tqcompressor.structures import REGISTRY
 
 

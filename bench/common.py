@@ -56,9 +56,9 @@ def distillation_options(parser: argparse.ArgumentParser, eval_tokens: int, kd_s
 
 
 def distill_config(args: argparse.Namespace, steps: int | None = None, checkpoint_every: int = 10**9):
-    """The :class:`~tqcompressor.distill.DistillConfig` of :func:`distillation_options` (``steps``
+    """The :class:`~tqcompressor.training.distill.DistillConfig` of :func:`distillation_options` (``steps``
     instead of ``--kd-steps`` where given); no checkpoint unless asked: a bench run is one go."""
-    from tqcompressor.distill import DistillConfig, training_precision
+    from tqcompressor.training.distill import DistillConfig, training_precision
 
     return DistillConfig(
         mixed_precision=training_precision(args.mixed_precision),  # recorded as what it meant on this machine
@@ -83,13 +83,13 @@ def fidelity_options(parser: argparse.ArgumentParser, tokens: int = 4096) -> Non
 
 
 class Fidelity:
-    """The fidelity suite of a run (:mod:`tqcompressor.fidelity`): the held-out domains, sampled and
+    """The fidelity suite of a run (:mod:`tqcompressor.evaluation.fidelity`): the held-out domains, sampled and
     tokenized once, and the teacher's perplexity on each, measured once. ``point(model)`` is what every
     bench records first for a model: fidelity KL and top-1 (means over the held-out domains) and, per
     domain, KL, top-1 and the perplexity ratio to the teacher."""
 
     def __init__(self, teacher, tokenizer, tokens: int, context: int, cache_dir: Path | None = None) -> None:
-        from tqcompressor import fidelity
+        from tqcompressor.evaluation import fidelity
 
         self.teacher, self.tokenizer, self.context = teacher, tokenizer, context
         self.domains = fidelity.heldout_domains(teacher, tokenizer, tokens, context, cache_dir)
@@ -97,7 +97,7 @@ class Fidelity:
         self.teacher_perplexity = fidelity.teacher_perplexities(measured)
 
     def point(self, model) -> dict:
-        from tqcompressor import fidelity
+        from tqcompressor.evaluation import fidelity
 
         measured = fidelity.measure(
             model.eval(), self.teacher, self.domains, self.context, self.tokenizer, self.teacher_perplexity

@@ -36,13 +36,13 @@ from common import HERE, Fidelity, bad_input, before_after_bars, distill_config,
 from provenance import git_commit
 
 import tqcompressor as tqc
-from tqcompressor.baselines import keep_layers, layer_drop_plan
-from tqcompressor.checkpoint import factored_modules
 from tqcompressor.data import calibration_ids, text_block_source, tokenize_text
-from tqcompressor.distill import multistep_distill
-from tqcompressor.evaluate import evaluate
-from tqcompressor.planning import default_target_modules, tied_embedding
-from tqcompressor.report import table
+from tqcompressor.evaluation.evaluate import evaluate
+from tqcompressor.evaluation.report import table
+from tqcompressor.modelio.checkpoint import factored_modules
+from tqcompressor.planning.plan import default_target_modules, tied_embedding
+from tqcompressor.surgery.baselines import keep_layers, layer_drop_plan
+from tqcompressor.training.distill import multistep_distill
 from tqcompressor.versions import library_versions
 
 METHODS = ["tq", "kronecker", "svd", "layer_drop", "tq_aware", "svd_aware", "auto"]

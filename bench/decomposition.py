@@ -35,9 +35,9 @@ from common import DATA
 from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
-from tqcompressor.decompose import relative_error
+from tqcompressor.evaluation.report import table
 from tqcompressor.layers import dense_weight_of
-from tqcompressor.report import table
+from tqcompressor.linalg.decompose import relative_error
 from tqcompressor.versions import library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -149,9 +149,9 @@ def main() -> None:
 
 
 def whole_model(args) -> None:
-    from tqcompressor.calibration import calibrate
     from tqcompressor.data import calibration_ids
-    from tqcompressor.surgery import find_target_modules
+    from tqcompressor.planning.calibration import calibrate
+    from tqcompressor.surgery.apply import find_target_modules
 
     commit = git_commit()  # the code this run imports now; the tree may change while it runs
     loaded = tqc.load_model(args.model)
@@ -260,8 +260,8 @@ SHUFFLED = (0.05, 0.2, 0.5)  # fractions of row and column labels moved away fro
 
 
 def planted(args) -> None:
-    from tqcompressor.decompose import inverse_permutation, kronecker_sum, nearest_kronecker
-    from tqcompressor.permutation import permuted_kronecker
+    from tqcompressor.linalg.decompose import inverse_permutation, kronecker_sum, nearest_kronecker
+    from tqcompressor.linalg.permutation import permuted_kronecker
 
     commit = git_commit()
     cases, rows = [], []

@@ -32,13 +32,13 @@ from kd_scaling import distill_curve
 from provenance import cpu_run, git_commit
 
 import tqcompressor as tqc
-from tqcompressor import recipe
-from tqcompressor.config import CompressionConfig
-from tqcompressor.distill import DistillConfig, training_precision
+from tqcompressor.evaluation.report import table
 from tqcompressor.pipeline import block_source_for, evaluate_domains, evaluation_sets
-from tqcompressor.planning import plan_compression
-from tqcompressor.report import table
-from tqcompressor.surgery import apply_plan
+from tqcompressor.planning.config import CompressionConfig
+from tqcompressor.planning.plan import plan_compression
+from tqcompressor.surgery.apply import apply_plan
+from tqcompressor.training import recipe
+from tqcompressor.training.distill import DistillConfig, training_precision
 
 FIDELITY = "fidelity"  # the curve's summary figure: fidelity KL, the mean KL over the held-out domains
 GOAL_KL = 0.6  # issue #36: fidelity KL of make demo, nats/token

@@ -22,11 +22,11 @@ from common import HERE, calibrated_options
 from provenance import cpu_run, git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
-from tqcompressor.checkpoint import factored_modules
 from tqcompressor.data import calibration_ids, tokenize_text
-from tqcompressor.evaluate import evaluate
-from tqcompressor.planning import default_target_modules, tied_embedding
-from tqcompressor.report import table
+from tqcompressor.evaluation.evaluate import evaluate
+from tqcompressor.evaluation.report import table
+from tqcompressor.modelio.checkpoint import factored_modules
+from tqcompressor.planning.plan import default_target_modules, tied_embedding
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 rm -rf .gpu && mkdir -p .gpu/a .gpu/b/whl .gpu/b/wikitext-2
-gguf=$(.venv/bin/python -c 'import os; from tqcompressor.models import resolve_alias; d, f = resolve_alias("smollm2-135m"); print(os.path.join(d, f))')
+gguf=$(.venv/bin/python -c 'import os; from tqcompressor.modelio.models import resolve_alias; d, f = resolve_alias("smollm2-135m"); print(os.path.join(d, f))')
 split -n 2 -d "$gguf" .gpu/part-
 mv .gpu/part-00 .gpu/a/ && mv .gpu/part-01 .gpu/b/
 (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") > .gpu/b/gguf.sha256

@@ -29,9 +29,9 @@ from provenance import cpu_run, git_commit
 from torch.profiler import ProfilerActivity, profile
 
 import tqcompressor as tqc
-from tqcompressor.distill import DistillConfig, new_optimizer, training_precision
-from tqcompressor.losses import distillation_loss
-from tqcompressor.report import table
+from tqcompressor.evaluation.report import table
+from tqcompressor.training.distill import DistillConfig, new_optimizer, training_precision
+from tqcompressor.training.losses import distillation_loss
 
 PHASES = ("teacher forward", "student forward", "loss", "backward", "clip + optimizer")
 SETTINGS = {

@@ -43,9 +43,9 @@ from provenance import git_commit
 
 import tqcompressor as tqc
 from tqcompressor.data import text_block_source, tokenize_text
-from tqcompressor.distill import DistillConfig, multistep_distill
-from tqcompressor.evaluate import evaluate
-from tqcompressor.report import table
+from tqcompressor.evaluation.evaluate import evaluate
+from tqcompressor.evaluation.report import table
+from tqcompressor.training.distill import DistillConfig, multistep_distill
 from tqcompressor.versions import library_versions
 
 

@@ -37,10 +37,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 import tqcompressor as tqc
 from tqcompressor.data import calibration_ids, text_block_source, tokenize_text
-from tqcompressor.distill import DistillConfig, multistep_distill
-from tqcompressor.evaluate import evaluate
-from tqcompressor.experts import LinearExperts, split_experts
-from tqcompressor.report import table
+from tqcompressor.evaluation.evaluate import evaluate
+from tqcompressor.evaluation.report import table
+from tqcompressor.surgery.experts import LinearExperts, split_experts
+from tqcompressor.training.distill import DistillConfig, multistep_distill
 from tqcompressor.versions import library_versions
 
 METHODS = ["svd", "kronecker", "tq", "svd_aware", "auto"]

@@ -36,11 +36,11 @@ from common import DATA, HERE
 from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
-from tqcompressor.calibration import calibrate
 from tqcompressor.data import calibration_ids
-from tqcompressor.decompose import output_error, output_metric_kronecker
-from tqcompressor.planning import find_target_modules
-from tqcompressor.report import table
+from tqcompressor.evaluation.report import table
+from tqcompressor.linalg.decompose import output_error, output_metric_kronecker
+from tqcompressor.planning.calibration import calibrate
+from tqcompressor.planning.plan import find_target_modules
 from tqcompressor.structures.kronecker import AUTO_B_SHAPES, KroneckerFactors, input_rms, scaled_kronecker
 from tqcompressor.versions import library_versions
 

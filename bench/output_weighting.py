@@ -32,12 +32,12 @@ from common import bad_input, calibrated_options
 from provenance import cpu_run, git_commit
 
 import tqcompressor as tqc
-from tqcompressor.calibration import calibrate
 from tqcompressor.data import text_block_source
+from tqcompressor.evaluation.report import table
 from tqcompressor.layers import bias_of, dense_weight_of, set_module
 from tqcompressor.pipeline import evaluate_domains, evaluation_sets
-from tqcompressor.planning import default_target_modules
-from tqcompressor.report import table
+from tqcompressor.planning.calibration import calibrate
+from tqcompressor.planning.plan import default_target_modules
 from tqcompressor.structures.lowrank import LowRankLinear, truncated_svd
 
 VARIANTS = ("svd_aware", "svd_aware + rows")

@@ -23,8 +23,8 @@ from common import HERE
 from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
-from tqcompressor.permutation import SEARCH_STARTS, permuted_kronecker
-from tqcompressor.report import table
+from tqcompressor.evaluation.report import table
+from tqcompressor.linalg.permutation import SEARCH_STARTS, permuted_kronecker
 from tqcompressor.structures.kronecker import AUTO_B_SHAPES, AUTO_RANKS
 from tqcompressor.versions import library_versions
 

@@ -3,7 +3,7 @@
 The compressed model is the best family at 65% in compare.json (activation-aware SVD, ``svd_aware``),
 built and distilled with the same protocol as there (calibration on WikiText-2 valid, --kd-steps x
 --batch-size x --seq-len KD tokens of it). Each of the two is then stored in fp32, int8 and int4
-(groups of 32 and 128) with ``tqcompressor.quantize`` and measured:
+(groups of 32 and 128) with ``tqcompressor.quant.api`` and measured:
 
 - ``--part quality`` (the default; wants a GPU for the distillation): bytes of the weights file,
   fidelity to the fp32 teacher on held-out text first (fidelity KL and top-1, common.Fidelity), then
@@ -34,15 +34,15 @@ from common import HERE, Fidelity, distill_config, distillation_options, fidelit
 from provenance import git_commit
 
 import tqcompressor as tqc
-from tqcompressor.calibration import calibrate
 from tqcompressor.data import calibration_ids, text_block_source, tokenize_text
-from tqcompressor.distill import multistep_distill
-from tqcompressor.evaluate import evaluate
-from tqcompressor.footprint import interleaved, memory_bytes
-from tqcompressor.quantization import QuantizeSettings
-from tqcompressor.quantize import quantize
-from tqcompressor.report import table
-from tqcompressor.surgery import find_target_modules
+from tqcompressor.evaluation.evaluate import evaluate
+from tqcompressor.evaluation.footprint import interleaved, memory_bytes
+from tqcompressor.evaluation.report import table
+from tqcompressor.planning.calibration import calibrate
+from tqcompressor.quant.api import quantize
+from tqcompressor.quant.formats import QuantizeSettings
+from tqcompressor.surgery.apply import find_target_modules
+from tqcompressor.training.distill import multistep_distill
 from tqcompressor.versions import library_versions
 
 FORMATS = {

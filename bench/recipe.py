@@ -12,11 +12,11 @@ What varies (see RUNS):
   at the same total number of optimizer steps;
 * ``lr``: the peak learning rate;
 * the loss (``temperature``, ``alpha_ce``, ``alpha_blocks``: every block's output matched to the teacher's), where a
-  run names it; the rest keep :class:`~tqcompressor.distill.DistillConfig`'s defaults;
+  run names it; the rest keep :class:`~tqcompressor.training.distill.DistillConfig`'s defaults;
 * ``teacher_pool``: how many teacher blocks are sampled once and cycled, where a run names it (by
-  default tqc run's, ``tqcompressor.recipe.TEACHER_POOL``);
+  default tqc run's, ``tqcompressor.training.recipe.TEACHER_POOL``);
 * ``output_weights``: ``auto`` weighs each layer's outputs by the loss's gradient energy there, where a
-  run names it (:class:`~tqcompressor.config.CompressionConfig`);
+  run names it (:class:`~tqcompressor.planning.config.CompressionConfig`);
 * ``auto_methods``: the structures ``auto`` chooses among, where a run names them (``all``: every
   registered one), else --auto-methods;
 * ``mixed_precision``: training in fp32 (``no``) or with bf16 autocast, where a run names it (the default,
@@ -47,14 +47,14 @@ from common import DATA, HERE
 from provenance import git_commit
 
 from tqcompressor.cli import _auto_methods
-from tqcompressor.config import CompressionConfig
-from tqcompressor.distill import DistillConfig, multistep_distill
-from tqcompressor.models import load_model
+from tqcompressor.evaluation.report import table
+from tqcompressor.modelio.models import load_model
 from tqcompressor.pipeline import block_source_for, evaluate_domains, evaluation_sets
-from tqcompressor.planning import plan_compression
-from tqcompressor.recipe import TEACHER_POOL
-from tqcompressor.report import table
-from tqcompressor.surgery import apply_plan
+from tqcompressor.planning.config import CompressionConfig
+from tqcompressor.planning.plan import plan_compression
+from tqcompressor.surgery.apply import apply_plan
+from tqcompressor.training.distill import DistillConfig, multistep_distill
+from tqcompressor.training.recipe import TEACHER_POOL
 from tqcompressor.versions import library_versions
 
 RUNS = [  # distillation points; the same total number of optimizer steps each

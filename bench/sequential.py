@@ -1,4 +1,4 @@
-"""One-shot quality with and without the sequential refit (tqcompressor.sequential), same plan.
+"""One-shot quality with and without the sequential refit (tqcompressor.surgery.sequential), same plan.
 
 SmolLM2-135M compressed to --ratio with calibrated auto (the main job's default menu), calibrated
 on --calibration-tokens of WikiText-2 valid; then the same plan applied twice: as planned, and
@@ -23,11 +23,11 @@ from common import HERE, calibrated_options
 from provenance import git_commit  # bench/provenance.py (scripts run from bench/)
 
 import tqcompressor as tqc
-from tqcompressor import recipe
 from tqcompressor.data import calibration_ids, tokenize_text
-from tqcompressor.evaluate import evaluate
-from tqcompressor.report import table
-from tqcompressor.surgery import apply_plan
+from tqcompressor.evaluation.evaluate import evaluate
+from tqcompressor.evaluation.report import table
+from tqcompressor.surgery.apply import apply_plan
+from tqcompressor.training import recipe
 from tqcompressor.versions import library_versions
 
 

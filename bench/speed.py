@@ -30,8 +30,8 @@ from transformers.pytorch_utils import Conv1D
 
 import tqcompressor as tqc
 from tqcompressor import LowRankLinear
-from tqcompressor.footprint import interleaved, sync
-from tqcompressor.report import table
+from tqcompressor.evaluation.footprint import interleaved, sync
+from tqcompressor.evaluation.report import table
 from tqcompressor.versions import library_versions
 
 # Per-layer timing: one block's matrices of each distinct shape, by architecture.

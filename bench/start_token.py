@@ -1,7 +1,7 @@
 """A model's perplexity with and without the token its tokenizer puts before every text.
 
 Gemma's and Llama's tokenizers start every text with ``<bos>``, and their models were trained that
-way; ``tqcompressor.evaluate`` and the distillation blocks lead with it (``data.start_token``).
+way; ``tqcompressor.evaluation.evaluate`` and the distillation blocks lead with it (``data.start_token``).
 This measures what leaving it out does: the same windows of WikiText-2 test, scored with and
 without it. Writes bench/results/start-token.json and prints a table.
 
@@ -20,8 +20,8 @@ from provenance import cpu_run, git_commit  # bench/provenance.py (scripts run f
 
 import tqcompressor as tqc
 from tqcompressor.data import start_token, tokenize_text
-from tqcompressor.evaluate import evaluate
-from tqcompressor.report import table
+from tqcompressor.evaluation.evaluate import evaluate
+from tqcompressor.evaluation.report import table
 
 
 def main() -> None:

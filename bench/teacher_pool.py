@@ -23,8 +23,8 @@ from provenance import cpu_run, git_commit  # bench/provenance.py (scripts run f
 from safetensors.torch import load_file
 
 import tqcompressor as tqc
-from tqcompressor.evaluate import evaluate
-from tqcompressor.report import table
+from tqcompressor.evaluation.evaluate import evaluate
+from tqcompressor.evaluation.report import table
 
 
 def main() -> None:

@@ -50,11 +50,11 @@ from common import DATA, HERE, bad_input
 from provenance import git_commit
 
 import tqcompressor as tqc
-from tqcompressor import recipe
 from tqcompressor.data import calibration_ids, text_block_source, tokenize_text
-from tqcompressor.distill import DistillConfig, multistep_distill
-from tqcompressor.fidelity import HELDOUT_DIR, HELDOUT_FILES, Domain, measure
-from tqcompressor.report import table
+from tqcompressor.evaluation.fidelity import HELDOUT_DIR, HELDOUT_FILES, Domain, measure
+from tqcompressor.evaluation.report import table
+from tqcompressor.training import recipe
+from tqcompressor.training.distill import DistillConfig, multistep_distill
 from tqcompressor.versions import library_versions
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts), FLOP/s

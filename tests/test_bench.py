@@ -11,8 +11,8 @@ import torch
 
 import tqcompressor as tqc
 from tests.conftest import tiny_llama
-from tqcompressor.decompose import relative_error
-from tqcompressor.planning import find_target_modules
+from tqcompressor.linalg.decompose import relative_error
+from tqcompressor.planning.plan import find_target_modules
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -110,7 +110,7 @@ def test_compare_factors_the_tied_embedding_with_every_method_when_asked():
 
 
 def test_kd_scaling_stops_and_resumes_one_run_without_changing_it(tmp_path):
-    from tqcompressor.distill import DistillConfig, multistep_distill
+    from tqcompressor.training.distill import DistillConfig, multistep_distill
 
     def blocks(start: int):  # block i depends on i alone, as a resumed stream needs
         for i in range(start, start + 10**6):
@@ -234,8 +234,8 @@ def test_demo_curve_refuses_bad_points_and_an_existing_work_dir(arguments, messa
 
 
 def test_output_weighting_fits_each_variant_in_its_own_metric():
-    from tqcompressor.calibration import calibrate
-    from tqcompressor.planning import default_target_modules
+    from tqcompressor.planning.calibration import calibrate
+    from tqcompressor.planning.plan import default_target_modules
 
     output_weighting = bench_module("output_weighting")
     teacher = tiny_llama()

@@ -165,7 +165,7 @@ def test_compress_auto_with_calibration_text(tmp_path, gpt2_dir):
 
 
 def test_info_targets_says_auto_also_weighs_a_tied_embedding(tmp_path):
-    from tests.test_architectures import tiny_model
+    from tests.modelio.test_architectures import tiny_model
 
     tiny_model("gemma3_text").save_pretrained(tmp_path / "bare")
     targets = CliRunner().invoke(app, ["info", str(tmp_path / "bare"), "--targets"])
@@ -174,7 +174,7 @@ def test_info_targets_says_auto_also_weighs_a_tied_embedding(tmp_path):
 
 
 def test_a_dir_of_config_and_weights_compresses_with_no_target_names_and_text_needs_a_tokenizer(tmp_path):
-    from tests.test_architectures import tiny_model
+    from tests.modelio.test_architectures import tiny_model
 
     tiny_model("qwen3").save_pretrained(tmp_path / "bare")  # config.json + model.safetensors only
     targets = CliRunner().invoke(app, ["info", str(tmp_path / "bare"), "--targets"])
@@ -269,7 +269,7 @@ def test_usage_errors_and_unexpected_failures_are_one_line(capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("something of ours broke\nsecond line")
 
-    monkeypatch.setattr("tqcompressor.models.load_model", broken)
+    monkeypatch.setattr("tqcompressor.modelio.models.load_model", broken)
     with pytest.raises(SystemExit) as exited:
         cli.main(["info", "x", "--targets"])
     err = capsys.readouterr().err
@@ -316,8 +316,8 @@ def test_eval_json_is_checked_before_the_evaluation(tmp_path, gpt2_dir, capsys):
     value=st.floats(allow_nan=True, allow_infinity=True),
 )
 def test_any_float_setting_is_accepted_only_when_finite_and_in_range(field, value):
-    from tqcompressor.distill import DistillConfig
     from tqcompressor.errors import TQCError
+    from tqcompressor.training.distill import DistillConfig
 
     try:
         config = DistillConfig(**{field: value})
@@ -333,8 +333,8 @@ def test_any_float_setting_is_accepted_only_when_finite_and_in_range(field, valu
     value=st.integers(min_value=-(10**30), max_value=10**30),
 )
 def test_any_integer_setting_is_accepted_only_in_range(field, value):
-    from tqcompressor.distill import DistillConfig
     from tqcompressor.errors import TQCError
+    from tqcompressor.training.distill import DistillConfig
 
     try:
         config = DistillConfig(**{field: value})

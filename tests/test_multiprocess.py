@@ -130,7 +130,7 @@ def test_two_processes_follow_the_single_process_schedule_and_result(tmp_path, s
 def test_each_process_reads_its_own_blocks():
     from types import SimpleNamespace
 
-    from tqcompressor.distill import _sharded
+    from tqcompressor.training.distill import _sharded
 
     seen = [list(_sharded(iter(range(12)), SimpleNamespace(num_processes=3, process_index=rank))) for rank in range(3)]
     assert seen == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import tqcompressor as tqc
 from tqcompressor.cli import app
-from tqcompressor.fidelity import HELDOUT_FILES
+from tqcompressor.evaluation.fidelity import HELDOUT_FILES
 from tqcompressor.pipeline import PROMPTS, TEACHER_DOMAIN
 
 
@@ -120,7 +120,7 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
         assert section in report, section
     assert results["compression"]["output_weights"] is True
     # what the default precision meant on this machine is recorded, and said in the report
-    from tqcompressor.distill import training_precision
+    from tqcompressor.training.distill import training_precision
 
     assert results["training_precision"] == training_precision("auto")
     assert ("bf16 autocast" in report) == (results["training_precision"] == "bf16")
@@ -182,7 +182,7 @@ def test_a_teacher_fraction_outside_0_1_is_refused_before_sampling(tmp_path, gpt
 
 
 def test_a_one_stage_run_refits_once_and_distils_the_one_shot_model(tmp_path, gpt2_dir, monkeypatch):
-    import tqcompressor.surgery as surgery
+    import tqcompressor.surgery.apply as surgery
 
     calls = []
     real = surgery.refit_sequentially
@@ -201,7 +201,8 @@ def test_a_one_stage_run_refits_once_and_distils_the_one_shot_model(tmp_path, gp
 
 def test_run_defaults_are_the_recipes_auto_with_output_weights(tmp_path, gpt2_dir, monkeypatch):
     """What `make demo` runs: no --method given means the recipe's auto, calibrated, with output weights."""
-    from tqcompressor import pipeline, recipe
+    from tqcompressor import pipeline
+    from tqcompressor.training import recipe
 
     seen = {}
 

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 import tqcompressor as tqc
 from tests.conftest import tiny_llama
-from tests.test_checkpoint import compressed_llama
+from tests.modelio.test_checkpoint import compressed_llama
 from tqcompressor import TQCError
-from tqcompressor.checkpoint import STRUCTURE_FILE
-from tqcompressor.config import load_spec
+from tqcompressor.modelio.checkpoint import STRUCTURE_FILE
+from tqcompressor.planning.config import load_spec
 from tqcompressor.schemas import (
     CompressionFile,
     QuantizationFile,

@@ -1,19 +1,19 @@
 """tqcompressor: make pretrained causal LMs smaller with permuted Kronecker factorizations
 (TQCompressor, arXiv:2401.16367) and recover quality with knowledge distillation."""
 
-from tqcompressor import hf_integration  # noqa: F401 (registers the quantizer plugin: plain from_pretrained works)
-from tqcompressor.calibration import calibrate
-from tqcompressor.checkpoint import densify, export_dense, load, read_plan, save
-from tqcompressor.config import CompressionConfig, CompressionReport, LayerSpec, load_spec
 from tqcompressor.data import calibration_ids
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import TiedFactoredHead
-from tqcompressor.models import load_model
-from tqcompressor.planning import LayerPlan, Plan, count_parameters, plan_compression
+from tqcompressor.modelio import hf_integration  # noqa: F401 (registers the quantizer plugin: plain from_pretrained works)
+from tqcompressor.modelio.checkpoint import densify, export_dense, load, read_plan, save
+from tqcompressor.modelio.models import load_model
+from tqcompressor.planning.calibration import calibrate
+from tqcompressor.planning.config import CompressionConfig, CompressionReport, LayerSpec, load_spec
+from tqcompressor.planning.plan import LayerPlan, Plan, count_parameters, plan_compression
 from tqcompressor.structures import Structure, compression_methods, decompose, get_structure, register
 from tqcompressor.structures.kronecker import KroneckerEmbedding, KroneckerFactors, KroneckerLinear
 from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankFactors, LowRankLinear
-from tqcompressor.surgery import apply_plan, compress
+from tqcompressor.surgery.apply import apply_plan, compress
 
 __version__ = "0.1.0"
 

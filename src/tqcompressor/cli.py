@@ -16,10 +16,10 @@ from typing import Optional
 
 import typer
 
-from tqcompressor import recipe
 from tqcompressor.errors import TQCError, first_line
-from tqcompressor.models import DEFAULT_MODEL
+from tqcompressor.modelio.models import DEFAULT_MODEL
 from tqcompressor.outputs import check_writable, is_main_process, staged_directory, writer_lock
+from tqcompressor.training import recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -65,7 +65,7 @@ DISTILL_OPTIONS = {
 
 def with_distill_options(command):
     """Give ``command`` the options of :data:`DISTILL_OPTIONS`; it receives them as one
-    :class:`~tqcompressor.distill.DistillConfig` ``kd`` (with its own ``steps`` and
+    :class:`~tqcompressor.training.distill.DistillConfig` ``kd`` (with its own ``steps`` and
     ``checkpoint_every``, which differ between commands)."""
     own = [p for name, p in inspect.signature(command).parameters.items() if name != "kd"]
     shared = [
@@ -77,7 +77,7 @@ def with_distill_options(command):
 
     @functools.wraps(command)
     def wrapper(**options):
-        from tqcompressor.distill import DistillConfig
+        from tqcompressor.training.distill import DistillConfig
 
         kd = DistillConfig(
             steps=options["steps"] if options["steps"] is not None else recipe.STEPS,  # tqc run's default
@@ -158,13 +158,13 @@ def compress(
     group_size: int = typer.Option(32, help="with --quantize int4: inputs sharing one scale (32, 64, 128, 256)"),
 ) -> None:
     """Compress a model and write a model dir plus compression.json (and quantization.json with --quantize)."""
-    from tqcompressor.checkpoint import write_model
-    from tqcompressor.config import CompressionConfig, load_spec
-    from tqcompressor.models import load_model
-    from tqcompressor.quantization import QuantizeSettings
-    from tqcompressor.quantize import quantize as run_quantize
-    from tqcompressor.report import format_compression_table, format_quantization_table
-    from tqcompressor.surgery import compress as run_compress
+    from tqcompressor.evaluation.report import format_compression_table, format_quantization_table
+    from tqcompressor.modelio.checkpoint import write_model
+    from tqcompressor.modelio.models import load_model
+    from tqcompressor.planning.config import CompressionConfig, load_spec
+    from tqcompressor.quant.api import quantize as run_quantize
+    from tqcompressor.quant.formats import QuantizeSettings
+    from tqcompressor.surgery.apply import compress as run_compress
 
     check_writable(out, inputs=[model, spec, calibration])  # before the long work, not after it
     if spec is not None:
@@ -231,11 +231,11 @@ def quantize(
     out: Path = typer.Option(..., help="output directory"),
 ) -> None:
     """Store a model's matrices (factors of a compressed model, or an uncompressed one's layers) in int8/int4."""
-    from tqcompressor.checkpoint import STRUCTURE_FILE, read_plan, write_model
-    from tqcompressor.models import load_model
-    from tqcompressor.quantization import QuantizeSettings
-    from tqcompressor.quantize import quantize as run_quantize
-    from tqcompressor.report import format_quantization_table
+    from tqcompressor.evaluation.report import format_quantization_table
+    from tqcompressor.modelio.checkpoint import STRUCTURE_FILE, read_plan, write_model
+    from tqcompressor.modelio.models import load_model
+    from tqcompressor.quant.api import quantize as run_quantize
+    from tqcompressor.quant.formats import QuantizeSettings
 
     check_writable(out, inputs=[model])
     settings = QuantizeSettings.parse(bits, group_size)
@@ -265,7 +265,7 @@ def _read_compression_json(model_dir: Path) -> Optional[str]:
 
 
 def _write_quantization(report, out: Path, source: str) -> None:
-    from tqcompressor.checkpoint import WEIGHTS_FILE
+    from tqcompressor.modelio.checkpoint import WEIGHTS_FILE
 
     result = {
         "source": source,
@@ -291,13 +291,13 @@ def info(
     target_modules: Optional[str] = typer.Option(None, help="with --targets: the patterns you would pass to compress"),
 ) -> None:
     """Print the compression table of a compressed model dir, or (--targets) what a model offers."""
-    from tqcompressor.checkpoint import read_structure
-    from tqcompressor.report import format_compression_table
+    from tqcompressor.evaluation.report import format_compression_table
+    from tqcompressor.modelio.checkpoint import read_structure
 
     if targets:
         typer.echo(_targets_table(directory, _split(target_modules)))
         return
-    from tqcompressor.report import format_quantization_table
+    from tqcompressor.evaluation.report import format_quantization_table
 
     read_structure(Path(directory))
     compression, quantization = Path(directory) / "compression.json", Path(directory) / "quantization.json"
@@ -312,10 +312,10 @@ def info(
 
 
 def _targets_table(model_name: str, patterns: Optional[list[str]]) -> str:
-    from tqcompressor.experts import split_experts
-    from tqcompressor.models import load_model
-    from tqcompressor.planning import count_parameters, find_target_modules, target_summary, tied_embedding
-    from tqcompressor.report import table
+    from tqcompressor.evaluation.report import table
+    from tqcompressor.modelio.models import load_model
+    from tqcompressor.planning.plan import count_parameters, find_target_modules, target_summary, tied_embedding
+    from tqcompressor.surgery.experts import split_experts
 
     model = load_model(model_name).model
     split_experts(model)  # as compress does: MoE experts are targets like any other layer
@@ -344,7 +344,7 @@ def export(
     onnx: bool = typer.Option(False, "--onnx", help="ONNX graph input_ids -> logits, factored layers kept"),
 ) -> None:
     """Export a compressed model: a plain dense HF dir (--dense) or ONNX (--onnx)."""
-    from tqcompressor.export import export_dense, export_onnx
+    from tqcompressor.modelio.export import export_dense, export_onnx
 
     if dense == onnx:
         raise TQCError("choose one of --dense or --onnx")
@@ -365,7 +365,7 @@ def push(
     private: bool = typer.Option(False, help="create the repo as private"),
 ) -> None:
     """Upload a compressed model dir to the Hugging Face Hub (needs a token: `hf auth login`)."""
-    from tqcompressor.export import push_to_hub
+    from tqcompressor.modelio.export import push_to_hub
 
     typer.echo(f"uploaded: {push_to_hub(directory, repo, private)}")
 
@@ -390,7 +390,7 @@ def _check_teacher_fraction(value: float) -> None:
 
 
 def _check_training(model, kd, seq_len: int) -> None:
-    from tqcompressor.distill import check_memory
+    from tqcompressor.training.distill import check_memory
 
     _check_seq_len(model, seq_len)
     check_memory(kd, model.config)  # before minutes of sampling and compressing, not after
@@ -433,12 +433,12 @@ def distill(
 
 
 def _distill(teacher, student, data, fraction, teacher_fraction, teacher_pool, out: Path, resume: bool, kd) -> None:
-    from tqcompressor.checkpoint import load, save
-    from tqcompressor.distill import check_same_depth, multistep_distill
-    from tqcompressor.models import load_model
+    from tqcompressor.modelio.checkpoint import load, save
+    from tqcompressor.modelio.models import load_model
     from tqcompressor.outputs import claim_directory
     from tqcompressor.pipeline import block_source_for, check_student_matches_teacher, data_name
-    from tqcompressor.quantize import check_not_quantized
+    from tqcompressor.quant.api import check_not_quantized
+    from tqcompressor.training.distill import check_same_depth, multistep_distill
 
     if is_main_process():
         claim_directory(out, inputs=[teacher, student, data])  # marked before teacher samples are cached there
@@ -489,9 +489,9 @@ def eval_command(
 ) -> None:
     """Fidelity to the teacher on held-out text (with --teacher), perplexity (token, word, byte level) on --data."""
     from tqcompressor.data import tokenize_text
-    from tqcompressor.evaluate import evaluate
-    from tqcompressor.models import load_model
-    from tqcompressor.report import table
+    from tqcompressor.evaluation.evaluate import evaluate
+    from tqcompressor.evaluation.report import table
+    from tqcompressor.modelio.models import load_model
 
     _at_least("context", context, 2)
     _at_least("stride", stride, 1)
@@ -505,7 +505,7 @@ def eval_command(
     loaded = load_model(model)
     if data is not None and (data == "lambada" or data.startswith("lambada:")):
         from tqcompressor.data import iter_texts
-        from tqcompressor.evaluate import lambada
+        from tqcompressor.evaluation.evaluate import lambada
 
         # "lambada" streams the hub dataset; "lambada:FILE" reads one passage per line from a file
         source = data.split(":", 1)[1] if ":" in data else "lambada"
@@ -518,7 +518,7 @@ def eval_command(
     teacher_model = load_model(teacher).model if teacher else None
     metrics: dict = {"model": model, "data": data, "teacher": teacher}
     if teacher_model is not None and fidelity:
-        from tqcompressor.fidelity import TABLE_HEADER, heldout_domains, measure, table_rows
+        from tqcompressor.evaluation.fidelity import TABLE_HEADER, heldout_domains, measure, table_rows
 
         domains = heldout_domains(teacher_model, loaded.tokenizer, fidelity_tokens, context)
         measured = measure(loaded.model, teacher_model, domains, context, loaded.tokenizer, batch_size=batch_size)
@@ -649,7 +649,7 @@ def run(
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
     """The main job: compress, distill step by step, evaluate fidelity, write report.md and plots."""
-    from tqcompressor.config import CompressionConfig, load_spec
+    from tqcompressor.planning.config import CompressionConfig, load_spec
 
     if spec:
         _check_spec_alone(method=method, ratio=ratio, stages=stages, auto_methods=auto_methods, prefer=prefer)
@@ -688,7 +688,7 @@ def run(
         if steps is not None:
             raise TQCError("--time-budget chooses --steps itself: drop one of them")
     with writer_lock(out):
-        from tqcompressor.models import load_model
+        from tqcompressor.modelio.models import load_model
         from tqcompressor.pipeline import run_pipeline
 
         loaded = load_model(model)

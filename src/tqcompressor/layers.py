@@ -53,7 +53,7 @@ class FactoredModule(SavedModule, abstract=True):
     - ``macs_per_token``: multiply-adds per input row in the forward (0 for a lookup);
     - ``config()`` / ``from_config()`` / ``refresh_derived()``: see :class:`SavedModule`.
 
-    Folding (:mod:`tqcompressor.folding`) also asks two optional things: a layer with
+    Folding (:mod:`tqcompressor.surgery.folding`) also asks two optional things: a layer with
     ``permutes_outputs`` can take a permutation of its outputs into its stored state
     (``permute_outputs``), and one whose ``input_permutation()`` is not ``None`` can stop doing that gather
     (``take_input_gathered``) once its producers emit their outputs in that order."""

@@ -17,9 +17,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tqcompressor.budget import BudgetPlan, plan_steps, seconds_per_step
-from tqcompressor.checkpoint import save
-from tqcompressor.config import CompressionConfig
 from tqcompressor.data import (
     check_teacher_fraction,
     mixed_block_source,
@@ -27,10 +24,9 @@ from tqcompressor.data import (
     text_block_source,
     tokenize_text,
 )
-from tqcompressor.distill import DistillConfig, multistep_distill, training_precision
 from tqcompressor.errors import TQCError
-from tqcompressor.evaluate import greedy_continuations
-from tqcompressor.fidelity import (
+from tqcompressor.evaluation.evaluate import greedy_continuations
+from tqcompressor.evaluation.fidelity import (
     EVAL_SEED,
     TEACHER_DOMAIN,
     Domain,
@@ -39,9 +35,11 @@ from tqcompressor.fidelity import (
     measure,
     teacher_perplexities,
 )
-from tqcompressor.figures import plan_cells, plot_fidelity, plot_plan, plot_points
-from tqcompressor.footprint import directory_bytes, memory_bytes, speed_ratios
-from tqcompressor.models import LoadedModel
+from tqcompressor.evaluation.figures import plan_cells, plot_fidelity, plot_plan, plot_points
+from tqcompressor.evaluation.footprint import directory_bytes, memory_bytes, speed_ratios
+from tqcompressor.evaluation.report import table
+from tqcompressor.modelio.checkpoint import save
+from tqcompressor.modelio.models import LoadedModel
 from tqcompressor.outputs import (
     check_writable,
     claim_directory,
@@ -49,13 +47,15 @@ from tqcompressor.outputs import (
     write_json_atomic,
     write_text_atomic,
 )
-from tqcompressor.planning import count_parameters, plan_compression
-from tqcompressor.quantization import QuantizeSettings
-from tqcompressor.recipe import TEACHER_POOL
-from tqcompressor.report import table
+from tqcompressor.planning.config import CompressionConfig
+from tqcompressor.planning.plan import count_parameters, plan_compression
+from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.schemas import BudgetFile, RunResults, read_json_file
 from tqcompressor.structures import get_structure
-from tqcompressor.surgery import apply_plan
+from tqcompressor.surgery.apply import apply_plan
+from tqcompressor.training.budget import BudgetPlan, plan_steps, seconds_per_step
+from tqcompressor.training.distill import DistillConfig, multistep_distill, training_precision
+from tqcompressor.training.recipe import TEACHER_POOL
 from tqcompressor.versions import library_versions
 
 PROMPTS = [
@@ -122,7 +122,7 @@ def evaluation_sets(
 def evaluate_domains(
     model, teacher, eval_sets: dict[str, Domain], context: int, tokenizer=None, reference=None
 ) -> dict:
-    """:func:`tqcompressor.fidelity.measure`: per domain KL, top-1 and perplexity ratio against
+    """:func:`tqcompressor.evaluation.fidelity.measure`: per domain KL, top-1 and perplexity ratio against
     ``teacher``, and fidelity KL over the held-out domains. ``reference``: the teacher's own result
     (its perplexities are reused)."""
     return measure(
@@ -137,7 +137,7 @@ def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int,
     """What a user would pick instead: the teacher and the student in fp32, int8 and int4, each with
     its bytes and its fidelity, every row on the same first ``tokens`` of each held-out domain (a
     subset of the points' windows, so that eight models cost about two evaluations)."""
-    from tqcompressor.quantize import quantize
+    from tqcompressor.quant.api import quantize
 
     tokens = max(context, tokens // context * context)  # whole windows of the teacher's samples
     subset = {name: Domain(d.ids[:tokens], True) for name, d in eval_sets.items() if d.held_out}
@@ -472,7 +472,7 @@ def format_report(result: dict) -> str:
 
 
 HELDOUT_WORDS = (
-    "three real texts no step reads, shipped in tqcompressor/heldout (prose of 1611, Python documentation, "
+    "three real texts no step reads, shipped in tqcompressor/evaluation/heldout (prose of 1611, Python documentation, "
     "CPython source; licences in its README)"
 )
 

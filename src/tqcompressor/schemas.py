@@ -8,7 +8,7 @@ A file that does not match is refused with one line naming the file, the key and
 
 Consistency with the base model (each factored module stands for a layer of the base config's
 shape, every tensor it implies is in the weights file) is checked against a meta-device skeleton
-in :func:`tqcompressor.checkpoint.check_shapes`, right after these schemas pass.
+in :func:`tqcompressor.modelio.checkpoint.check_shapes`, right after these schemas pass.
 """
 
 from __future__ import annotations

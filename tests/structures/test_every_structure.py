@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 import tqcompressor as tqc
 from tests.conftest import tiny_gpt2, tiny_llama
-from tqcompressor.decompose import OutputSketch, output_error, relative_error
+from tqcompressor.linalg.decompose import OutputSketch, output_error, relative_error
 from tqcompressor.structures import all_structures, settings_dict
 
 STRUCTURES = [s for s in all_structures() if s.compresses]
@@ -130,7 +130,7 @@ def test_compressed_model_saves_loads_reopens_and_densifies(tmp_path, tokenizer,
 @pytest.mark.parametrize("structure", STRUCTURES, ids=IDS)
 def test_onnx_export_keeps_the_structure(tmp_path, structure):
     ort = pytest.importorskip("onnxruntime")
-    from tqcompressor.export import export_onnx
+    from tqcompressor.modelio.export import export_onnx
 
     model, report = tqc.compress(tiny_llama(), tqc.CompressionConfig(method=structure.name, ratio=0.8), progress=False)
     tqc.save(model, tmp_path / "m", plan=report.plan)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import tqcompressor as tqc
 from tqcompressor.cli import app
-from tqcompressor.decompose import output_error, relative_error
+from tqcompressor.linalg.decompose import output_error, relative_error
 from tqcompressor.structures.kronecker_lowrank import (
     KroneckerLowRankLinear,
     KroneckerLowRankSettings,

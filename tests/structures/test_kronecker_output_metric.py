@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tqcompressor as tqc
-from tqcompressor.decompose import (
+from tqcompressor.linalg.decompose import (
     WHITENING_DAMPING,
     damped_eigen,
     kronecker_sum,
@@ -127,7 +127,7 @@ def test_calibrated_auto_candidates_are_fitted_in_the_output_metric():
     """With calibration, auto's tq candidates are least-squares fits in the output metric: never
     worse than Van Loan's factors at the same permutations measured in that metric, and what auto
     installs."""
-    from tqcompressor.decompose import OutputSketch
+    from tqcompressor.linalg.decompose import OutputSketch
     from tqcompressor.structures.kronecker import kronecker_errors
 
     g = torch.Generator().manual_seed(8)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tqcompressor import TQCError
-from tqcompressor.decompose import output_error, relative_error
+from tqcompressor.linalg.decompose import output_error, relative_error
 from tqcompressor.structures import decompose
 from tqcompressor.structures.kronecker import pruning_start
 

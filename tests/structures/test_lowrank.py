@@ -39,7 +39,7 @@ def test_row_weighted_svd_is_plain_svd_for_equal_weights_and_favours_heavy_rows(
 
 
 def test_svd_with_row_weights_minimises_the_row_weighted_output_error():
-    from tqcompressor.decompose import damped_cov
+    from tqcompressor.linalg.decompose import damped_cov
     from tqcompressor.structures.lowrank import damped_row_roots, truncated_svd
 
     gen = torch.Generator().manual_seed(1)

@@ -96,7 +96,7 @@ class Structure:
     # -- fitting and modules ----------------------------------------------------------------
     def fit(self, weight: Tensor, settings: Any, stats: Any = None, max_iterations: int = 20) -> Any:
         """Factors of ``weight`` (out x in). ``stats``: the layer's calibration statistics
-        (:class:`tqcompressor.calibration.LayerStatistics`) or ``None`` for a weight-space fit."""
+        (:class:`tqcompressor.planning.calibration.LayerStatistics`) or ``None`` for a weight-space fit."""
         raise NotImplementedError
 
     def module(self, factors: Any, bias: Tensor | None, kind: str) -> nn.Module:
@@ -110,7 +110,7 @@ class Structure:
 
     def candidates(self, weight: Tensor, sketch: Any = None, max_iterations: int = 10) -> tuple[list[Candidate], Any]:
         """``auto``'s menu for this matrix, and any state worth reusing in :meth:`fit_candidate`.
-        ``sketch``: a :class:`tqcompressor.decompose.OutputSketch` of the inputs (errors in the output
+        ``sketch``: a :class:`tqcompressor.linalg.decompose.OutputSketch` of the inputs (errors in the output
         metric), or ``None`` (relative weight error)."""
         return [], None
 

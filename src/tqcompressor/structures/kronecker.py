@@ -2,7 +2,7 @@
 
 ``kronecker`` is the nearest sum of Kronecker products (Van Loan & Pitsianis, as KnGPT-2);
 ``tq`` (TQCompressor) also searches the row and column permutations ``P_r``, ``P_c``
-(:mod:`tqcompressor.permutation`); ``kronecker_prune`` starts from Krony-PT's pruning (each ``B_k``
+(:mod:`tqcompressor.linalg.permutation`); ``kronecker_prune`` starts from Krony-PT's pruning (each ``B_k``
 a unit selector, each ``A_k`` a strided sub-matrix of ``W``), a start for distillation, not a fit.
 All build :class:`KroneckerLinear` for linear layers and :class:`KroneckerEmbedding` for a token
 embedding, whose tied LM head shares its factors.
@@ -18,7 +18,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tqcompressor.decompose import (
+from tqcompressor.errors import TQCError
+from tqcompressor.layers import (
+    FactoredModule,
+    bias_of,
+    compose_gathers,
+    dense_weight_of,
+    gather_columns,
+    gather_last,
+    unless_identity,
+)
+from tqcompressor.linalg.decompose import (
     complete_shapes,
     damped_cov,
     fit_error,
@@ -30,17 +40,7 @@ from tqcompressor.decompose import (
     relative_error,
     tail_energy,
 )
-from tqcompressor.errors import TQCError
-from tqcompressor.layers import (
-    FactoredModule,
-    bias_of,
-    compose_gathers,
-    dense_weight_of,
-    gather_columns,
-    gather_last,
-    unless_identity,
-)
-from tqcompressor.permutation import output_metric_search, permuted_kronecker
+from tqcompressor.linalg.permutation import output_metric_search, permuted_kronecker
 from tqcompressor.structures.base import Candidate, Factors, Structure, register
 from tqcompressor.structures.lowrank import output_rows
 
@@ -209,7 +209,7 @@ def output_metric_fit(
     (Van Loan's factors) and, for ``tq``, the weight-space permutation search of the RMS-weighted
     matrix (:func:`scaled_kronecker`); ``tq`` has ``kronecker``'s start, so it never ends worse.
     For ``tq`` the permutations are then searched in the output metric itself
-    (:func:`tqcompressor.permutation.output_metric_search`). ``history``: relative output error."""
+    (:func:`tqcompressor.linalg.permutation.output_metric_search`). ``history``: relative output error."""
     w = weight.detach().to(torch.float64)
     m, n = w.shape
     starts = [(torch.arange(m), torch.arange(n), *nearest_kronecker(w, a_shape, b_shape, rank))]

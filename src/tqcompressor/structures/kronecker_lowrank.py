@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tqcompressor.decompose import (
+from tqcompressor.errors import TQCError
+from tqcompressor.layers import FactoredModule
+from tqcompressor.linalg.decompose import (
     fit_error,
     kronecker_sum,
     nearest_kronecker,
@@ -29,8 +31,6 @@ from tqcompressor.decompose import (
     tail_energy,
     whitening,
 )
-from tqcompressor.errors import TQCError
-from tqcompressor.layers import FactoredModule
 from tqcompressor.structures.base import Candidate, Factors, Structure, get_structure, register
 from tqcompressor.structures.kronecker import (
     KroneckerFactors,

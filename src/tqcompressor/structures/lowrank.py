@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tqcompressor.decompose import WHITENING_DAMPING, tail_energy, whitening
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import FactoredModule, bias_of, dense_weight_of
+from tqcompressor.linalg.decompose import WHITENING_DAMPING, tail_energy, whitening
 from tqcompressor.structures.base import Candidate, Factors, Structure, register
 
 SVD_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # auto's menu: fractions of m*n
@@ -114,7 +114,7 @@ def row_weighted_svd(weight: Tensor, rank: int, row_weights: Tensor) -> LowRankF
     """Best rank-``rank`` ``U V`` in ``sum_i r_i ||W_i - (U V)_i||^2`` (``r_i > 0``): the rows of
     ``V`` are the top right singular vectors of ``diag(sqrt(r)) W``, and each row of ``U`` is its row
     of ``W`` projected on them (the best coefficients whatever the row's weight). For a token table
-    whose rows matter as often as they are read (:func:`tqcompressor.auto.embedding_factors`)."""
+    whose rows matter as often as they are read (:func:`tqcompressor.planning.auto.embedding_factors`)."""
     w = weight.detach().to(torch.float64)
     if rank > min(w.shape):
         raise TQCError(f"SVD rank {rank} exceeds min{tuple(w.shape)}")

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, fidelity to the teacher, speed and memory, reports and figures."""

@@ -1,0 +1,1 @@
+"""Pure tensor math: nearest Kronecker products, whitening, output metrics, permutation search."""

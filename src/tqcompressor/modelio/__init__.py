@@ -1,0 +1,1 @@
+"""Model I/O: loading what users name, our compressed dirs, the transformers plugin, export."""

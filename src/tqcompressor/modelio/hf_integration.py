@@ -1,0 +1,83 @@
+"""Open compressed dirs with plain ``AutoModelForCausalLM.from_pretrained(dir)``.
+
+We use transformers' quantizer plugin registry: ``save`` writes a ``quantization_config`` with
+``quant_method: "tqcompressor"`` and the module structure into ``config.json``; the quantizer
+registered here rebuilds the factored modules on the empty model *before* the weights load, so
+no dense matrix is ever reconstructed. This needs no ``trust_remote_code`` and no code copied
+into model dirs: importing ``tqcompressor`` registers the plugin (lm-evaluation-harness users add
+``import tqcompressor`` or use ``python -m tqcompressor.evaluation.harness``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from tqcompressor.layers import SavedModule
+
+QUANT_METHOD = "tqcompressor"
+
+
+@register_quantization_config(QUANT_METHOD)
+class TQCompressorConfig(QuantizationConfigMixin):
+    """The structure of a compressed model, as stored in ``config.json``."""
+
+    def __init__(
+        self,
+        modules: dict[str, dict] | None = None,
+        format_version: int = 1,
+        base_model: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        self.modules = modules or {}
+        self.format_version = format_version
+        self.base_model = base_model
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "modules": self.modules,
+            "format_version": self.format_version,
+            "base_model": self.base_model,
+        }
+
+
+@register_quantizer(QUANT_METHOD)
+class TQCompressorQuantizer(HfQuantizer):
+    """Swaps in the factored modules before the checkpoint's tensors are loaded."""
+
+    requires_calibration = True  # only loads models compressed by tqcompressor; never compresses on load
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        from tqcompressor.errors import TQCError
+        from tqcompressor.modelio.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, check_directory, install_structure
+
+        if self.quantization_config.format_version > FORMAT_VERSION:
+            raise TQCError(
+                f"this model uses tqcompressor format {self.quantization_config.format_version}; "
+                f"the installed tqcompressor reads up to {FORMAT_VERSION}: upgrade tqcompressor"
+            )
+        files = kwargs.get("checkpoint_files") or []
+        if len(files) == 1 and str(files[0]).endswith(WEIGHTS_FILE):  # a dir tqc.save wrote: the same door as tqc.load
+            check_directory(Path(files[0]).parent, model.config, self.quantization_config.modules, kwargs.get("dtype"))
+        install_structure(model, self.quantization_config.modules, dtype=kwargs.get("dtype"))
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # derived buffers are not in the checkpoint: a quantized module's placeholders were made on the meta
+        # device, a Kronecker layer's fused gathers come from its loaded permutations (parents come first)
+        for module in model.modules():
+            if isinstance(module, SavedModule):
+                module.refresh_derived()
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True

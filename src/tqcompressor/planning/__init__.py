@@ -1,0 +1,1 @@
+"""Planning: what the model holds (read once), and which module gets which structure at which step."""

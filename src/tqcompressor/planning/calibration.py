@@ -1,0 +1,152 @@
+"""Calibration: what a few batches of text say about each layer, for activation-aware compression.
+
+One pass of forward + backward over the calibration tokens records, for every target module,
+
+* ``input_cov``: the second moment ``E[x x^T]`` of its inputs. The output error of a
+  replacement ``W'`` is ``E||(W - W') x||^2 = tr(D C D^T)``, so this turns weight error into
+  output error (and lets SVD minimise it directly);
+* ``grad_sq``: the mean squared gradient of the language-model loss with respect to the module's
+  output, per output element. A second-order Taylor step with a diagonal, per-layer-constant Fisher
+  estimate says the loss grows by about ``grad_sq * E||delta y||^2 / 2``, which makes output errors
+  of different layers comparable (the budget goes where the loss is sensitive);
+* ``grad_sq_rows``: the same per output element (a vector), to weight a layer's outputs by how much
+  the loss depends on each (FWSVD's Fisher row weights; ``bench/output_weighting.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tqcompressor.errors import TQCError
+from tqcompressor.layers import dense_weight_of
+from tqcompressor.planning.plan import is_embedding
+
+
+@dataclass
+class LayerStatistics:
+    input_cov: Tensor  # (in, in) float64, E[x x^T] over calibration tokens
+    grad_sq: float  # mean over the tokens the layer saw of ||dL/dy||^2 / out_features
+    tokens: int  # tokens the layer saw (an MoE expert: those routed to it)
+    grad_sq_rows: Tensor | None = None  # (out,) float64: mean over those tokens of (dL/dy_i)^2
+
+
+@dataclass
+class LookupStatistics:
+    """What calibration records of a token embedding: its inputs are token ids, not vectors."""
+
+    token_counts: Tensor  # (num_embeddings,) float64: how often each row was looked up
+    grad_sq: float  # mean over tokens of ||dL/dy||^2 / embedding_dim, y the looked-up (scaled) row
+    tokens: int
+
+
+@dataclass
+class EmbeddingStatistics:
+    """A tied token table in both of its roles. As the LM head (``hidden -> logits``) every row is
+    used for every token: ``head`` holds that layer's statistics, and the fit minimises its output
+    error. As the lookup, a row error ``D_v`` moves the residual stream by ``output_scale * D_v``
+    wherever token ``v`` occurs: ``lookup``. ``input_cov``, ``grad_sq`` and ``tokens`` are the
+    head's, so a structure's activation-aware fit sees the head metric."""
+
+    head: LayerStatistics
+    lookup: LookupStatistics
+    output_scale: float  # lookups are multiplied by it (Gemma 3: sqrt(hidden))
+
+    @property
+    def input_cov(self) -> Tensor:
+        return self.head.input_cov
+
+    @property
+    def grad_sq(self) -> float:
+        return self.head.grad_sq
+
+    @property
+    def tokens(self) -> int:
+        return self.head.tokens
+
+
+@torch.enable_grad()
+def calibrate(
+    model: nn.Module, names: list[str], ids: Tensor, batch_size: int = 4, progress: bool = True
+) -> dict[str, LayerStatistics]:
+    """Statistics of the modules ``names`` of ``model`` over token blocks ``ids`` (batch, seq_len)."""
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise TQCError(f"calibration tokens must be a (blocks, seq_len >= 2) tensor, got shape {tuple(ids.shape)}")
+    cov: dict[str, Tensor] = {}
+    grad: dict[str, float] = {name: 0.0 for name in names}
+    grad_rows: dict[str, Tensor] = {}
+    seen: dict[str, int] = {name: 0 for name in names}  # an MoE expert sees only the tokens routed to it
+
+    def pre_hook(name):
+        def hook(module, args):
+            if is_embedding(module):  # token ids in: count them
+                ids = args[0].detach().reshape(-1)
+                counts = torch.bincount(ids.cpu(), minlength=module.num_embeddings).double()
+                cov[name] = cov.get(name, 0) + counts
+                seen[name] += ids.numel()
+                return
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            cov[name] = cov.get(name, 0) + x.T @ x
+            seen[name] += x.shape[0]
+
+        return hook
+
+    def output_hook(name):
+        # a hook on the output tensor, not a module backward hook: those wrap the output in a view
+        # that models adding into it in place (Falcon, `mlp_output += attention_output`) cannot modify
+        def on_gradient(g):
+            rows = g.detach().double().square().reshape(-1, g.shape[-1]).sum(0).cpu()
+            grad[name] += float(rows.sum()) / g.shape[-1]
+            grad_rows[name] = grad_rows.get(name, 0) + rows
+
+        def hook(module, args, output):
+            if output.requires_grad:
+                output.register_hook(on_gradient)
+
+        return hook
+
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(pre_hook(name)))
+        handles.append(module.register_forward_hook(output_hook(name)))
+    was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:  # gradients must flow back through every layer; restored below
+        p.requires_grad_(True)
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(ids), batch_size), desc="calibrating", unit="batch", disable=not progress):
+            batch = ids[start : start + batch_size].to(device)
+            # the loss summed over tokens: every token's gradient counts with the same weight
+            loss = model(batch, labels=batch).loss * batch[:, 1:].numel()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(False)
+    tokens = ids.numel()
+    stats = {}
+    for name in names:
+        if is_embedding(model.get_submodule(name)):
+            stats[name] = LookupStatistics(cov[name].cpu(), grad[name] / max(seen[name], 1), seen[name])
+            continue
+        # E[x x^T] over all tokens (a token not routed to an expert gives it x = 0), so an expert's
+        # covariance carries how often it is used; grad_sq is a mean over the tokens the layer saw
+        moment = cov[name] / tokens if name in cov else _zero_moment(model.get_submodule(name))
+        rows = grad_rows[name] / max(seen[name], 1) if name in grad_rows else None
+        stats[name] = LayerStatistics(moment.cpu(), grad[name] / max(seen[name], 1), seen[name], rows)
+    return stats
+
+
+def _zero_moment(module: nn.Module) -> Tensor:
+    """The second moment of a layer no calibration token reached (an unused MoE expert)."""
+    inputs = dense_weight_of(module)[0].shape[1]
+    return torch.zeros(inputs, inputs, dtype=torch.float64)

@@ -1,0 +1,1 @@
+"""Quantization: int8/int4 formats (pure math), the quantized modules, and ``quantize_``."""

@@ -1,0 +1,157 @@
+"""Model surgery for quantization: swap every weight matrix of a model, compressed or not, for its
+int8 or int4 form (:mod:`tqcompressor.quant.modules`), in place.
+
+What is quantized: every ``nn.Linear`` and GPT-2 ``Conv1D`` (the LM head too), the token embedding
+and plain position embeddings, and every factored module's factors. Biases and norms stay in float. A dense
+LM head tied to the embedding stays tied: one quantized table serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from tqcompressor.errors import TQCError
+from tqcompressor.layers import TiedFactoredHead, bias_of, dense_weight_of, embedding_scale, set_module
+from tqcompressor.modelio.checkpoint import factored_modules, is_container
+from tqcompressor.quant.formats import QuantizeSettings, relative_error
+from tqcompressor.quant.modules import (
+    MODULE_TYPES,
+    QuantizedEmbedding,
+    QuantizedFactored,
+    QuantizedLinear,
+    QuantizedLowRankEmbedding,
+    QuantizedLowRankLinear,
+)
+from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankLinear
+
+
+@dataclass
+class QuantizedLayer:
+    name: str
+    kind: str  # what was quantized: linear | conv1d | embedding | a factored module's class
+    weights: int  # matrix entries stored (padding included)
+    float_bytes: int  # bytes of those entries before
+    stored_bytes: int  # integers + scales + offsets after
+    error: float  # ||W - W'|| / ||W|| of the matrix the layer stands for
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class QuantizeReport:
+    settings: QuantizeSettings
+    layers: list[QuantizedLayer] = field(default_factory=list)
+
+    @property
+    def float_bytes(self) -> int:
+        return sum(layer.float_bytes for layer in self.layers)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(layer.stored_bytes for layer in self.layers)
+
+    def summary(self) -> str:
+        return (
+            f"quantized {len(self.layers)} layers to {self.settings.name}: their weights went from "
+            f"{self.float_bytes / 2**20:.1f} MiB to {self.stored_bytes / 2**20:.1f} MiB"
+        )
+
+
+def quantize(model: nn.Module, settings: QuantizeSettings | str, measure_error: bool = True) -> QuantizeReport:
+    """Quantize ``model``'s weight matrices in place (``settings``: a :class:`QuantizeSettings` or
+    ``"int8"`` / ``"int4"``). Factored modules keep their structure; their factors are quantized."""
+    if isinstance(settings, str):
+        settings = QuantizeSettings.parse(settings)
+    already = list(quantized_layers(model))
+    if already:
+        raise TQCError(f"the model is quantized already ({already[0]}); quantize the unquantized model instead")
+    report = QuantizeReport(settings)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied_dense = (
+        head is not None
+        and embedding is not None
+        and isinstance(embedding, nn.Embedding)
+        and getattr(head, "weight", None) is embedding.weight
+    )
+    factored = {name: module for name, module in factored_modules(model) if not is_container(module)}
+    for name, module in factored.items():
+        if isinstance(module, TiedFactoredHead):
+            continue  # follows its embedding below
+        before = _before(module, measure_error)  # the wrapper takes over the module's factors
+        quantized = _quantize_factored(module, settings)
+        report.layers.append(_layer(name, type(module).__name__, before, quantized))
+        set_module(model, name, quantized)
+        if module is embedding and isinstance(head, TiedFactoredHead):
+            model.set_output_embeddings(TiedFactoredHead(quantized, head.bias))
+    for name, module in list(model.named_modules()):
+        if any(name == outer or name.startswith(outer + ".") for outer in factored) or not name:
+            continue
+        if isinstance(module, (nn.Linear, Conv1D)) and not (tied_dense and module is head):
+            before = _before(module, measure_error)
+            weight, kind = dense_weight_of(module)
+            quantized = QuantizedLinear.from_dense(weight, bias_of(module), kind, settings)
+        elif type(module) is nn.Embedding or module is embedding and isinstance(module, nn.Embedding):
+            # a subclass with its own forward (OPT's learned positions) stays float; the input
+            # embedding's subclasses only scale their lookups (Gemma), which QuantizedEmbedding keeps
+            before = _before(module, measure_error)
+            quantized = QuantizedEmbedding.from_dense(module.weight.detach(), settings, embedding_scale(module))
+        else:
+            continue
+        report.layers.append(_layer(name, _kind(module), before, quantized))
+        set_module(model, name, quantized)
+        if tied_dense and module is embedding:
+            model.set_output_embeddings(TiedFactoredHead(quantized, bias_of(head)))
+            model.config.tie_word_embeddings = False  # stop transformers from re-tying to a dense table
+    return report
+
+
+def _quantize_factored(module: nn.Module, settings: QuantizeSettings) -> nn.Module:
+    if isinstance(module, LowRankLinear):
+        return QuantizedLowRankLinear.from_lowrank(module, settings)
+    if isinstance(module, LowRankEmbedding):
+        return QuantizedLowRankEmbedding.from_lowrank(module, settings)
+    return QuantizedFactored.from_module(module, settings)
+
+
+def _kind(module: nn.Module) -> str:
+    return "conv1d" if isinstance(module, Conv1D) else "embedding" if isinstance(module, nn.Embedding) else "linear"
+
+
+def _before(module: nn.Module, measure_error: bool) -> tuple[int, Tensor | None]:
+    """Bytes of the matrices about to be quantized, and the matrix the layer stands for."""
+    float_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if p.ndim >= 2)
+    if not measure_error:
+        return float_bytes, None
+    return float_bytes, dense_weight_of(module)[0]
+
+
+def _layer(name: str, kind: str, before: tuple[int, Tensor | None], after: nn.Module) -> QuantizedLayer:
+    float_bytes, dense = before
+    stored = [m for m in after.modules() if hasattr(m, "stored_bytes")]
+    weights = sum(m.padded_shape[0] * m.padded_shape[1] for m in stored)
+    error = relative_error(dense, after.to_dense()) if dense is not None else float("nan")
+    return QuantizedLayer(name, kind, weights, float_bytes, sum(m.stored_bytes for m in stored), error)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, str]:
+    """``{module name: format}`` of every quantized module (``tqc info`` shows it)."""
+    return {name: module.settings.name for name, module in model.named_modules() if isinstance(module, MODULE_TYPES)}
+
+
+def check_not_quantized(model: nn.Module, what: str) -> None:
+    """One clear error where a step needs float weights (compressing again, distilling)."""
+    quantized = quantized_layers(model)
+    if quantized:
+        name = next(iter(quantized))
+        raise TQCError(
+            f"{what} needs float weights, but {name} is quantized ({quantized[name]}); "
+            "run it on the model before quantizing, then quantize the result"
+        )
+
+
+__all__ = ["QuantizeReport", "QuantizeSettings", "QuantizedLayer", "check_not_quantized", "quantize"]

@@ -1,0 +1,551 @@
+"""Quantized modules: drop-in layers whose matrices are stored in int8 or int4.
+
+- :class:`QuantizedWeight` holds one matrix and computes ``x @ W^T`` from the integers: on CPU
+  with PyTorch's weight-only kernels (bfloat16 activations, which those kernels take), elsewhere
+  by dequantizing to bfloat16. Quantized layers therefore compute in bfloat16 on every device.
+- :class:`QuantizedLinear` replaces an ``nn.Linear`` or GPT-2 ``Conv1D`` (the teacher's layers,
+  the layers a plan kept dense); :class:`QuantizedLowRankLinear` an ``svd`` layer (both factors
+  through the kernels); :class:`QuantizedEmbedding` an embedding, with :meth:`project` for a tied
+  LM head (:class:`~tqcompressor.layers.TiedFactoredHead`, which stores nothing of its own).
+- :class:`QuantizedFactored` wraps any other factored module (Kronecker, Kronecker + low rank):
+  its float factors are stored quantized and dequantized for each call, so it saves bytes but,
+  unlike the two above, not time.
+
+The math is in :mod:`tqcompressor.quant.formats`; which modules to swap is :mod:`tqcompressor.quant.api`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from tqcompressor.layers import FactoredModule, build_module, describe_module
+from tqcompressor.quant.formats import (
+    QuantizeSettings,
+    dequantize_int4,
+    dequantize_int8,
+    group_size_for,
+    int4_from_cpu_layout,
+    pad_to,
+    padded_shape,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+
+COMPUTE_DTYPE = torch.bfloat16  # what the CPU kernels take; used on every device for the same numbers
+FLAT_ROW = 256  # QuantizedFactored stores a factor as rows of this many values (int8: one scale per row)
+
+
+class QuantizedWeight(nn.Module):
+    """One (out_features, in_features) matrix, padded as :func:`padded_shape` says. Scales and
+    offsets are stored in bfloat16, the precision the kernels use them in."""
+
+    def __init__(self, out_features: int, in_features: int, settings: QuantizeSettings) -> None:
+        super().__init__()
+        self.out_features, self.in_features, self.settings = out_features, in_features, settings
+        self.group_size = group_size_for(in_features, settings) if settings.bits == 4 else None
+        rows, inputs = padded_shape((out_features, in_features), settings)
+        if settings.bits == 8:
+            self.register_buffer("qdata", torch.zeros(rows, inputs, dtype=torch.int8))
+            self.register_buffer("scale", torch.ones(rows, dtype=COMPUTE_DTYPE))
+            self.zero = None
+        else:
+            groups = inputs // self.group_size
+            self.register_buffer("qdata", torch.zeros(rows, inputs // 2, dtype=torch.uint8))
+            self.register_buffer("scale", torch.ones(rows, groups, dtype=COMPUTE_DTYPE))
+            self.register_buffer("zero", torch.zeros(rows, groups, dtype=COMPUTE_DTYPE))
+        # int4 on CPU: the kernel's layout of the values, derived on the machine that runs it (it
+        # depends on the CPU). It replaces the portable layout in ``qdata`` (files still get the
+        # portable one), except for an embedding's table, whose lookups read the portable layout:
+        # that keeps both (``lookups``)
+        self.kernel_layout = False
+        self.lookups = False
+        self.register_buffer("cpu_int4", None, persistent=False)
+        self.register_buffer("cpu_scale_zero", None, persistent=False)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, settings: QuantizeSettings) -> QuantizedWeight:
+        out_features, in_features = weight.shape
+        return cls(out_features, in_features, settings).quantize_from(weight)
+
+    @torch.no_grad()
+    def quantize_from(self, weight: Tensor) -> QuantizedWeight:
+        """Store ``weight`` (out_features x in_features) in this module's format; moves to its device."""
+        padded = pad_to(weight.detach().float(), tuple(self.padded_shape))
+        if self.settings.bits == 8:
+            q, scale = quantize_int8(padded)
+            self.qdata.copy_(q), self.scale.copy_(scale)
+        else:
+            q, scale, zero = quantize_int4(padded, self.group_size)
+            self.qdata.copy_(q), self.scale.copy_(scale), self.zero.copy_(zero)
+        self.kernel_layout, self.cpu_int4, self.cpu_scale_zero = False, None, None
+        return self.to(weight.device)
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return padded_shape((self.out_features, self.in_features), self.settings)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes saved to disk for this matrix (integers, scales, offsets)."""
+        return sum(t.numel() * t.element_size() for t in (self.qdata, self.scale, self.zero) if t is not None)
+
+    def portable_qdata(self) -> Tensor:
+        """``qdata`` in the portable layout files store."""
+        if not self.kernel_layout:
+            return self.qdata
+        return int4_from_cpu_layout(self.qdata, self.padded_shape).to(self.qdata.device)
+
+    def dequantize(self) -> Tensor:
+        """The float32 matrix these integers stand for (out_features, in_features)."""
+        return self.dequantize_padded()[: self.out_features, : self.in_features]
+
+    def rows(self, index: Tensor) -> Tensor:
+        """Rows ``index`` of the float32 matrix (an embedding lookup), without dequantizing the rest."""
+        if self.settings.bits == 8:
+            w = self.qdata[index].float() * self.scale[index].unsqueeze(-1)
+        else:
+            flat = index.reshape(-1)
+            w = dequantize_int4(self.qdata[flat], self.scale[flat], self.zero[flat], self.group_size)
+            w = w.reshape(*index.shape, -1)
+        return w[..., : self.in_features]
+
+    def linear(self, x: Tensor) -> Tensor:
+        """``x @ W^T`` computed in bfloat16, returned in ``x``'s dtype."""
+        rows, inputs = self.padded_shape
+        flat = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
+        if inputs != self.in_features:
+            flat = F.pad(flat, (0, inputs - self.in_features))
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):  # the kernels have no backward
+            y = self._cpu_kernel(flat)
+        else:
+            if self.kernel_layout:  # moved off the CPU: back to the portable layout, once
+                self.qdata, self.kernel_layout, self.cpu_scale_zero = self.portable_qdata(), False, None
+            w = self.dequantize_padded().to(COMPUTE_DTYPE)
+            y = flat @ w.T
+        return y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize_padded(self) -> Tensor:
+        if self.settings.bits == 8:
+            return dequantize_int8(self.qdata, self.scale)
+        return dequantize_int4(self.portable_qdata(), self.scale, self.zero, self.group_size)
+
+    def _cpu_kernel(self, flat: Tensor) -> Tensor:
+        if self.settings.bits == 8:
+            if self.qdata.data_ptr() % 64:  # e.g. memory-mapped from a file by from_pretrained
+                self.qdata = self.qdata.clone()  # the kernel reads it with aligned vector loads
+            return torch.ops.aten._weight_int8pack_mm(flat, self.qdata, self.scale)
+        if self.cpu_scale_zero is None:
+            self._prepare_cpu_int4()
+        packed = self.cpu_int4 if self.lookups else self.qdata
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, self.cpu_scale_zero)
+
+    def _prepare_cpu_int4(self) -> None:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.qdata).to(torch.int32), 1)
+        if self.lookups:
+            self.cpu_int4 = packed
+        else:  # in place: in memory as on disk
+            self.qdata, self.kernel_layout = packed, True
+        # the kernel wants (groups, rows, 2): scale and offset of each group side by side
+        self.cpu_scale_zero = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel_layout:
+            destination[prefix + "qdata"] = self.portable_qdata()  # files hold the portable layout
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)  # the portable layout, into the same shape
+        self.kernel_layout = False
+        self.cpu_int4 = self.cpu_scale_zero = None  # new integers: derive the kernel layout again
+
+    def extra_repr(self) -> str:
+        groups = f", groups of {self.group_size}" if self.group_size else ""
+        return f"{self.out_features}x{self.in_features}, {self.settings.name}{groups}"
+
+
+def _settings_config(settings: QuantizeSettings) -> dict:
+    return {"bits": settings.bits, "group_size": settings.group_size}
+
+
+def _settings_from(config: dict) -> QuantizeSettings:
+    return QuantizeSettings(int(config["bits"]), int(config["group_size"]))
+
+
+class QuantizedLinear(FactoredModule):
+    """``y = W x + bias`` with ``W`` quantized; stands for an ``nn.Linear`` or ``Conv1D`` (``kind``)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, kind: str, settings: QuantizeSettings, dtype=None
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+        self.quantized = QuantizedWeight(out_features, in_features, settings)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None, kind: str, settings: QuantizeSettings) -> QuantizedLinear:
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bias is not None, kind, settings, dtype=weight.dtype)
+        layer.quantized.quantize_from(weight)
+        if bias is not None:
+            layer.bias.data.copy_(bias)
+        return layer.to(weight.device)
+
+    def config(self) -> dict:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "kind": self.kind,
+            **_settings_config(self.quantized.settings),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype) -> QuantizedLinear:
+        return cls(
+            config["in_features"], config["out_features"], config["bias"], config["kind"], _settings_from(config), dtype
+        )
+
+    @property
+    def settings(self) -> QuantizeSettings:
+        return self.quantized.settings
+
+    def to_dense(self) -> Tensor:
+        return self.quantized.dequantize()
+
+    @property
+    def macs_per_token(self) -> int:
+        return self.in_features * self.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.quantized.linear(x)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.settings.name}"
+
+
+class QuantizedLowRankLinear(FactoredModule):
+    """``y = U (V x) + bias`` with ``U`` and ``V`` quantized (a quantized ``svd`` layer)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool,
+        kind: str,
+        settings: QuantizeSettings,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.kind = in_features, out_features, rank, kind
+        self.v = QuantizedWeight(rank, in_features, settings)
+        self.u = QuantizedWeight(out_features, rank, settings)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_lowrank(cls, layer: nn.Module, settings: QuantizeSettings) -> QuantizedLowRankLinear:
+        has_bias = layer.bias is not None
+        quantized = cls(
+            layer.in_features, layer.out_features, layer.rank, has_bias, layer.kind, settings, layer.u.dtype
+        )
+        quantized.u.quantize_from(layer.u)
+        quantized.v.quantize_from(layer.v)
+        if layer.bias is not None:
+            quantized.bias.data.copy_(layer.bias.detach())
+        return quantized.to(layer.u.device)
+
+    def config(self) -> dict:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+            "kind": self.kind,
+            **_settings_config(self.settings),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype) -> QuantizedLowRankLinear:
+        return cls(
+            config["in_features"],
+            config["out_features"],
+            config["rank"],
+            config["bias"],
+            config["kind"],
+            _settings_from(config),
+            dtype,
+        )
+
+    @property
+    def settings(self) -> QuantizeSettings:
+        return self.u.settings
+
+    def to_dense(self) -> Tensor:
+        return self.u.dequantize() @ self.v.dequantize()
+
+    @property
+    def macs_per_token(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.u.linear(self.v.linear(x))
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, {self.settings.name}"
+
+
+class QuantizedEmbedding(FactoredModule):
+    """A token embedding whose table is quantized; lookups dequantize only the rows they read."""
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, settings: QuantizeSettings, output_scale: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.kind = num_embeddings, embedding_dim, "embedding"
+        self.output_scale = output_scale
+        self.quantized = QuantizedWeight(num_embeddings, embedding_dim, settings)
+        self.quantized.lookups = True
+
+    @classmethod
+    def from_dense(cls, table: Tensor, settings: QuantizeSettings, output_scale: float = 1.0) -> QuantizedEmbedding:
+        embedding = cls(table.shape[0], table.shape[1], settings, output_scale)
+        embedding.quantized.quantize_from(table)
+        return embedding.to(table.device)
+
+    def config(self) -> dict:
+        return {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "output_scale": self.output_scale,
+            **_settings_config(self.settings),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype) -> QuantizedEmbedding:
+        return cls(config["num_embeddings"], config["embedding_dim"], _settings_from(config), config["output_scale"])
+
+    @property
+    def settings(self) -> QuantizeSettings:
+        return self.quantized.settings
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized table (for code that reads ``.weight``; the forward never builds it)."""
+        return self.to_dense()
+
+    def to_dense(self) -> Tensor:
+        return self.quantized.dequantize()
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        rows = self.quantized.rows(input_ids)
+        return rows * self.output_scale if self.output_scale != 1.0 else rows
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """``hidden @ E^T``: logits for an LM head tied to this table."""
+        return self.quantized.linear(hidden)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.settings.name}"
+
+
+class QuantizedLowRankEmbedding(FactoredModule):
+    """A low-rank token table ``E ~= U V`` (an ``svd`` embedding) with both factors quantized. A
+    lookup dequantizes only the rows of ``U`` it reads; a tied head computes ``(h V^T) U^T``
+    through the kernels, without building the table."""
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, rank: int, settings: QuantizeSettings, output_scale: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank, self.kind = num_embeddings, embedding_dim, rank, "embedding"
+        self.output_scale = output_scale
+        self.u = QuantizedWeight(num_embeddings, rank, settings)
+        self.u.lookups = True
+        self.v = QuantizedWeight(rank, embedding_dim, settings)
+
+    @classmethod
+    def from_lowrank(cls, layer: nn.Module, settings: QuantizeSettings) -> QuantizedLowRankEmbedding:
+        quantized = cls(layer.num_embeddings, layer.embedding_dim, layer.rank, settings, layer.output_scale)
+        quantized.u.quantize_from(layer.u)
+        quantized.v.quantize_from(layer.v)
+        return quantized.to(layer.u.device)
+
+    def config(self) -> dict:
+        return {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "rank": self.rank,
+            "output_scale": self.output_scale,
+            **_settings_config(self.settings),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype) -> QuantizedLowRankEmbedding:
+        return cls(
+            config["num_embeddings"],
+            config["embedding_dim"],
+            config["rank"],
+            _settings_from(config),
+            config["output_scale"],
+        )
+
+    @property
+    def settings(self) -> QuantizeSettings:
+        return self.u.settings
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized table (for code that reads ``.weight``; the forward never builds it)."""
+        return self.to_dense()
+
+    def to_dense(self) -> Tensor:
+        return self.u.dequantize() @ self.v.dequantize()
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        rows = self.u.rows(input_ids) @ self.v.dequantize()
+        return rows * self.output_scale if self.output_scale != 1.0 else rows
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """``hidden @ E^T = (hidden V^T) U^T``: logits for an LM head tied to this table."""
+        return self.u.linear(self.v.linear(hidden))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, {self.settings.name}"
+
+
+class QuantizedFactored(FactoredModule):
+    """Any other factored module with its float factors (2-D and up) stored quantized.
+
+    The inner module keeps its structure, index buffers and biases; in place of each quantized
+    factor it holds a one-element placeholder, and every call puts the dequantized factors in
+    for the duration of that call."""
+
+    def __init__(self, inner: nn.Module, settings: QuantizeSettings) -> None:
+        """Empty storage for ``inner``'s factors (their values are dropped): see :meth:`from_module`."""
+        super().__init__()
+        self.inner, self.kind = inner, inner.kind
+        for attr in ("in_features", "out_features", "num_embeddings", "embedding_dim", "output_scale"):
+            if hasattr(inner, attr):
+                setattr(self, attr, getattr(inner, attr))
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.quantized = nn.ModuleDict()
+        for name, param in list(inner.named_parameters()):
+            if param.ndim < 2:
+                continue
+            key = name.replace(".", "__")
+            self.shapes[key] = tuple(param.shape)
+            rows = _flat_rows(torch.empty(param.shape, device="meta"), settings).shape
+            self.quantized[key] = QuantizedWeight(rows[0], rows[1], settings)
+            _set_placeholder(inner, name, param)
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The inner module's bias (float, never quantized)."""
+        return getattr(self.inner, "bias", None)
+
+    @classmethod
+    def from_module(cls, inner: nn.Module, settings: QuantizeSettings) -> QuantizedFactored:
+        values = {name.replace(".", "__"): p.detach() for name, p in inner.named_parameters() if p.ndim >= 2}
+        wrapper = cls(inner, settings)
+        for key, value in values.items():
+            wrapper.quantized[key].quantize_from(_flat_rows(value, settings))
+        return wrapper
+
+    def refresh_derived(self) -> None:
+        """Put the placeholders on the storage's device (a model built on the meta device, then loaded)."""
+        device = next(iter(self.quantized.values())).qdata.device
+        for key, shape in self.shapes.items():
+            owner, leaf = _owner(self.inner, key.replace("__", "."))
+            dtype = owner._buffers[leaf].dtype
+            owner._buffers[leaf] = torch.zeros(1, dtype=dtype, device=device).expand(shape)
+
+    @property
+    def settings(self) -> QuantizeSettings:
+        return next(iter(self.quantized.values())).settings
+
+    def config(self) -> dict:
+        return {"inner": describe_module(self.inner), **_settings_config(self.settings)}
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype) -> QuantizedFactored:
+        return cls(build_module(config["inner"], dtype), _settings_from(config))
+
+    @contextlib.contextmanager
+    def dequantized(self):
+        """The inner module with its real factors, for one call."""
+        placeholders = []
+        for key, shape in self.shapes.items():
+            owner, leaf = _owner(self.inner, key.replace("__", "."))
+            placeholder = owner._buffers[leaf]
+            placeholders.append((owner, leaf, placeholder))
+            value = self.quantized[key].dequantize().reshape(-1)[: math.prod(shape)].reshape(shape)
+            owner._buffers[leaf] = value.to(placeholder.dtype)
+        try:
+            yield self.inner
+        finally:
+            for owner, leaf, placeholder in placeholders:
+                owner._buffers[leaf] = placeholder
+
+    def to_dense(self) -> Tensor:
+        with self.dequantized() as inner:
+            return inner.to_dense()
+
+    @property
+    def macs_per_token(self) -> int:
+        return self.inner.macs_per_token
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """Logits for an LM head tied to a quantized factored embedding."""
+        with self.dequantized() as inner:
+            return inner.project(hidden)
+
+    def forward(self, *args, **kwargs):
+        with self.dequantized() as inner:
+            return inner(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.settings.name}, factors dequantized per call"
+
+
+def _flat_rows(tensor: Tensor, settings: QuantizeSettings) -> Tensor:
+    """A factor of any shape as rows of ``FLAT_ROW`` values (int4: of ``group_size``), zero-padded."""
+    row = FLAT_ROW if settings.bits == 8 else settings.group_size
+    flat = tensor.reshape(-1)
+    flat = F.pad(flat, (0, -flat.numel() % row))
+    return flat.reshape(-1, row)
+
+
+def _owner(inner: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding the tensor at the dotted ``name`` inside ``inner``, and its own name there."""
+    parent, _, leaf = name.rpartition(".")
+    return (inner.get_submodule(parent) if parent else inner), leaf
+
+
+def _set_placeholder(inner: nn.Module, name: str, param: Tensor) -> None:
+    """Drop the float parameter; keep a one-element tensor of its shape, dtype and device."""
+    owner, leaf = _owner(inner, name)
+    del owner._parameters[leaf]
+    placeholder = torch.zeros(1, dtype=param.dtype, device=param.device).expand(param.shape)
+    owner.register_buffer(leaf, placeholder, persistent=False)
+
+
+MODULE_TYPES = (
+    QuantizedLinear,
+    QuantizedLowRankLinear,
+    QuantizedEmbedding,
+    QuantizedLowRankEmbedding,
+    QuantizedFactored,
+)
+
+
+def module_classes() -> dict[str, type]:
+    return {cls.__name__: cls for cls in MODULE_TYPES}

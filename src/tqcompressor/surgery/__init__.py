@@ -1,0 +1,1 @@
+"""Model surgery: applying a plan by swapping modules in place, and the exact rewrites around it."""

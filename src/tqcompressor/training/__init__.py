@@ -1,0 +1,1 @@
+"""Training: multi-step knowledge distillation, its losses, recipe and time budget."""

@@ -1,0 +1,95 @@
+"""A main job that ends inside a time budget (``tqc run --time-budget MINUTES``).
+
+Everything before distillation (sampling, calibration, planning, the first evaluations) runs as
+it is and is timed. Then one distillation step of the run's own settings is timed on the model
+about to be trained, the time still needed after distillation is estimated from the evaluation
+just measured (one per stage, the quantized comparison's share, one in reserve), and the number of steps per
+stage is fixed so that the whole job ends inside the budget. The schedule (warm-up, cosine) is
+then the ordinary one for that many steps. The plan is written to ``budget.json`` so that a
+resumed run keeps it instead of measuring again on another machine state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tqcompressor.errors import TQCError
+from tqcompressor.training.distill import DistillConfig, new_optimizer, training_precision
+from tqcompressor.training.losses import distillation_loss
+
+SAFETY = 1.1  # logging, checkpoints and the data stream are not in the timed step
+# saving the model, the plan picture, continuations and the speed ratios: about one evaluation's time
+RESERVE_EVALUATIONS, RESERVE_SECONDS = 1, 5.0
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """How a run spends its budget (all times in seconds)."""
+
+    budget: float
+    spent_before_distillation: float
+    seconds_per_step: float
+    evaluation_seconds: float  # one evaluation of every domain, as measured on the one-shot model
+    reserved_after_distillation: float
+    stages: int
+    steps_per_stage: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seconds_per_step(teacher, student, batch: torch.Tensor, config: DistillConfig, repeats: int = 2) -> float:
+    """Wall seconds of one optimizer step under ``config`` on ``batch``, after one warm-up: the
+    teacher's forward and the student's forward and backward ``grad_accum`` times, clipping and the
+    AdamW update (a fifth of a step on 2 CPU cores, so it is timed too). It trains a copy: the
+    student itself is left as it was."""
+    precision = training_precision(config.mixed_precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    device = next(student.parameters()).device
+    hidden = config.alpha_hidden > 0 or config.alpha_blocks > 0
+    probe = copy.deepcopy(student).train().requires_grad_(True)
+    optimizer = new_optimizer(probe, config)
+    timings = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        for _ in range(config.grad_accum):
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                with torch.no_grad():
+                    teacher_out = teacher(batch, output_hidden_states=hidden)
+                loss = distillation_loss(probe(batch, output_hidden_states=hidden), teacher_out, batch, config)
+            loss["loss"].backward()
+        if config.clip:
+            torch.nn.utils.clip_grad_norm_(probe.parameters(), config.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timings.append(time.perf_counter() - started)
+    del probe, optimizer
+    return min(timings[1:])
+
+
+def plan_steps(
+    budget_minutes: float,
+    spent: float,
+    step_seconds: float,
+    evaluation_seconds: float,
+    stages: int,
+    comparison_evaluations: float,
+) -> BudgetPlan:
+    """The steps per stage that fit: what is left after ``spent`` and after the evaluations still to
+    come (one per stage, the quantized comparison's share, one in reserve), over the step's time."""
+    budget = budget_minutes * 60
+    after = evaluation_seconds * (stages + comparison_evaluations + RESERVE_EVALUATIONS) + RESERVE_SECONDS
+    available = budget - spent - after
+    steps = math.floor(available / (step_seconds * SAFETY * stages)) if available > 0 else 0
+    if steps < 1:
+        raise TQCError(
+            f"--time-budget {budget_minutes:g} min leaves no time to distill: {spent / 60:.1f} min went to "
+            f"sampling, planning and evaluating, {after / 60:.1f} min are needed after distillation, and one "
+            f"step takes {step_seconds:.1f} s; give a larger budget, or fewer --eval-tokens / --compare-tokens"
+        )
+    return BudgetPlan(budget, spent, step_seconds, evaluation_seconds, after, stages, steps)

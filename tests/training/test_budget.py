@@ -1,0 +1,71 @@
+"""tqc run --time-budget: the steps that fit, measured on the run's own model and settings."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import TOY_TEXT, tiny_gpt2
+from typer.testing import CliRunner
+
+from tqcompressor import TQCError
+from tqcompressor.cli import app
+from tqcompressor.training.budget import SAFETY, plan_steps, seconds_per_step
+from tqcompressor.training.distill import DistillConfig
+
+
+def test_the_steps_fill_what_is_left_after_the_evaluations_still_to_come():
+    plan = plan_steps(10, spent=120, step_seconds=2.0, evaluation_seconds=30, stages=1, comparison_evaluations=6)
+    after = 30 * (1 + 6 + 1) + 5  # one evaluation per stage, per quantized model, and one in reserve
+    assert plan.reserved_after_distillation == after
+    assert plan.steps_per_stage == int((600 - 120 - after) / (2.0 * SAFETY))
+    two = plan_steps(10, spent=120, step_seconds=2.0, evaluation_seconds=30, stages=2, comparison_evaluations=0)
+    assert two.steps_per_stage == int((600 - 120 - 30 * 3 - 5) / (2.0 * SAFETY * 2))
+    with pytest.raises(TQCError, match="leaves no time to distill") as caught:
+        plan_steps(1, spent=50, step_seconds=2.0, evaluation_seconds=30, stages=1, comparison_evaluations=6)
+    assert "\n" not in str(caught.value)
+
+
+def test_timing_a_step_changes_no_weight(tokenizer):
+    teacher = tiny_gpt2(vocab_size=len(tokenizer))
+    student = copy.deepcopy(teacher).requires_grad_(False)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    batch = torch.randint(0, len(tokenizer), (2, 16))
+    seconds = seconds_per_step(teacher, student, batch, DistillConfig(batch_size=2, seq_len=16, grad_accum=2))
+    assert seconds > 0
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert all(p.grad is None and not p.requires_grad for p in student.parameters())
+
+
+def test_a_budgeted_run_fixes_its_steps_once_and_resumes_with_them(tmp_path, gpt2_dir):
+    (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
+    args = ["run", "--model", str(gpt2_dir), "--method", "svd", "--ratio", "0.8", "--data", str(tmp_path / "train.txt")]
+    args += ["--teacher-fraction", "0", "--calibration-tokens", "0", "--eval-tokens", "128", "--context", "64"]
+    args += ["--batch-size", "2", "--seq-len", "32", "--compare-tokens", "0", "--time-budget", "0.5"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    budget = json.loads((tmp_path / "run" / "budget.json").read_text())
+    assert results["budget"] == budget and budget["budget"] == 30 and budget["steps_per_stage"] >= 1
+    assert results["distill"]["steps"] == budget["steps_per_stage"]
+    assert "Time budget: 0.5 min" in (tmp_path / "run" / "report.md").read_text()
+    again = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run"), "--resume"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "run" / "budget.json").read_text()) == budget  # kept, not measured again
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--time-budget", "0"], "--time-budget must be"),
+        (["--time-budget", "nan"], "--time-budget must be"),
+        (["--time-budget", "inf"], "--time-budget must be"),
+        (["--time-budget", "5", "--steps", "10"], "drop one of them"),
+    ],
+)
+def test_budget_options_are_checked_before_any_work(tmp_path, capsys, extra, message):
+    from tqcompressor.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--model", "missing-model", "--out", str(tmp_path / "o"), *extra])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
