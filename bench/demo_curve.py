@@ -35,7 +35,7 @@ import tqcompressor as tqc
 from tqcompressor.evaluation.report import table
 from tqcompressor.pipeline import block_source_for, evaluate_domains, evaluation_sets
 from tqcompressor.planning.config import CompressionConfig
-from tqcompressor.planning.plan import plan_compression
+from tqcompressor.planning.planners import plan_compression
 from tqcompressor.surgery.apply import apply_plan
 from tqcompressor.training import recipe
 from tqcompressor.training.distill import DistillConfig, training_precision

@@ -26,7 +26,7 @@ from tqcompressor.data import calibration_ids, tokenize_text
 from tqcompressor.evaluation.evaluate import evaluate
 from tqcompressor.evaluation.report import table
 from tqcompressor.modelio.checkpoint import factored_modules
-from tqcompressor.planning.plan import default_target_modules, tied_embedding
+from tqcompressor.planning.inventory import default_target_modules, tied_embedding
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from tqcompressor.evaluation.report import table
 from tqcompressor.layers import bias_of, dense_weight_of, set_module
 from tqcompressor.pipeline import evaluate_domains, evaluation_sets
 from tqcompressor.planning.calibration import calibrate
-from tqcompressor.planning.plan import default_target_modules
+from tqcompressor.planning.inventory import default_target_modules
 from tqcompressor.structures.lowrank import LowRankLinear, truncated_svd
 
 VARIANTS = ("svd_aware", "svd_aware + rows")

@@ -51,7 +51,7 @@ from tqcompressor.evaluation.report import table
 from tqcompressor.modelio.models import load_model
 from tqcompressor.pipeline import block_source_for, evaluate_domains, evaluation_sets
 from tqcompressor.planning.config import CompressionConfig
-from tqcompressor.planning.plan import plan_compression
+from tqcompressor.planning.planners import plan_compression
 from tqcompressor.surgery.apply import apply_plan
 from tqcompressor.training.distill import DistillConfig, multistep_distill
 from tqcompressor.training.recipe import TEACHER_POOL

@@ -12,7 +12,7 @@ import torch
 import tqcompressor as tqc
 from tests.conftest import tiny_llama
 from tqcompressor.linalg.decompose import relative_error
-from tqcompressor.planning.plan import find_target_modules
+from tqcompressor.planning.inventory import find_target_modules
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -235,7 +235,7 @@ def test_demo_curve_refuses_bad_points_and_an_existing_work_dir(arguments, messa
 
 def test_output_weighting_fits_each_variant_in_its_own_metric():
     from tqcompressor.planning.calibration import calibrate
-    from tqcompressor.planning.plan import default_target_modules
+    from tqcompressor.planning.inventory import default_target_modules
 
     output_weighting = bench_module("output_weighting")
     teacher = tiny_llama()

@@ -269,7 +269,7 @@ def test_usage_errors_and_unexpected_failures_are_one_line(capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("something of ours broke\nsecond line")
 
-    monkeypatch.setattr("tqcompressor.modelio.models.load_model", broken)
+    monkeypatch.setattr(cli, "load_model", broken)
     with pytest.raises(SystemExit) as exited:
         cli.main(["info", "x", "--targets"])
     err = capsys.readouterr().err

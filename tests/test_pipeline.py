@@ -201,7 +201,7 @@ def test_a_one_stage_run_refits_once_and_distils_the_one_shot_model(tmp_path, gp
 
 def test_run_defaults_are_the_recipes_auto_with_output_weights(tmp_path, gpt2_dir, monkeypatch):
     """What `make demo` runs: no --method given means the recipe's auto, calibrated, with output weights."""
-    from tqcompressor import pipeline
+    from tqcompressor import cli
     from tqcompressor.training import recipe
 
     seen = {}
@@ -210,7 +210,7 @@ def test_run_defaults_are_the_recipes_auto_with_output_weights(tmp_path, gpt2_di
         seen.update(compression=compression, distill=distill, **kwargs)
         return {}
 
-    monkeypatch.setattr(pipeline, "run_pipeline", capture)
+    monkeypatch.setattr(cli, "run_pipeline", capture)
     result = CliRunner().invoke(
         app,
         [

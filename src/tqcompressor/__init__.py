@@ -9,15 +9,18 @@ from tqcompressor.modelio.checkpoint import densify, export_dense, load, read_pl
 from tqcompressor.modelio.models import load_model
 from tqcompressor.planning.calibration import calibrate
 from tqcompressor.planning.config import CompressionConfig, CompressionReport, LayerSpec, load_spec
-from tqcompressor.planning.plan import LayerPlan, Plan, count_parameters, plan_compression
+from tqcompressor.planning.inventory import count_parameters
+from tqcompressor.planning.plan import LayerPlan, Plan
+from tqcompressor.planning.planners import plan_compression
 from tqcompressor.structures import Structure, compression_methods, decompose, get_structure, register
 from tqcompressor.structures.kronecker import KroneckerEmbedding, KroneckerFactors, KroneckerLinear
 from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankFactors, LowRankLinear
 from tqcompressor.surgery.apply import apply_plan, compress
-
-__version__ = "0.1.0"
+from tqcompressor.surgery.experts import split_experts
+from tqcompressor.versions import __version__
 
 __all__ = [
+    "__version__",
     "CompressionConfig",
     "CompressionReport",
     "KroneckerEmbedding",
@@ -49,4 +52,5 @@ __all__ = [
     "read_plan",
     "register",
     "save",
+    "split_experts",
 ]

@@ -16,10 +16,49 @@ from typing import Optional
 
 import typer
 
+from tqcompressor.data import calibration_ids, check_teacher_fraction, iter_texts, tokenize_text
 from tqcompressor.errors import TQCError, first_line
-from tqcompressor.modelio.models import DEFAULT_MODEL
-from tqcompressor.outputs import check_writable, is_main_process, staged_directory, writer_lock
+from tqcompressor.evaluation.evaluate import evaluate, lambada
+from tqcompressor.evaluation.fidelity import TABLE_HEADER, heldout_domains, measure, table_rows
+from tqcompressor.evaluation.report import format_compression_table, format_quantization_table, table
+from tqcompressor.modelio.checkpoint import (
+    STRUCTURE_FILE,
+    WEIGHTS_FILE,
+    load,
+    read_plan,
+    read_structure,
+    save,
+    write_model,
+)
+from tqcompressor.modelio.export import export_dense, export_onnx, push_to_hub
+from tqcompressor.modelio.models import DEFAULT_MODEL, load_model
+from tqcompressor.outputs import (
+    check_writable,
+    claim_directory,
+    is_main_process,
+    output_path,
+    staged_directory,
+    write_json_atomic,
+    writer_lock,
+)
+from tqcompressor.pipeline import (
+    block_source_for,
+    check_student_matches_teacher,
+    data_name,
+    format_report,
+    run_pipeline,
+)
+from tqcompressor.planning.config import CompressionConfig, load_spec
+from tqcompressor.planning.inventory import count_parameters, find_target_modules, target_summary, tied_embedding
+from tqcompressor.quant.api import check_not_quantized
+from tqcompressor.quant.api import quantize as run_quantize
+from tqcompressor.quant.formats import QuantizeSettings
+from tqcompressor.schemas import CompressionFile, QuantizationFile, read_json_file
+from tqcompressor.structures import compression_methods
+from tqcompressor.surgery.apply import compress as run_compress
+from tqcompressor.surgery.experts import split_experts
 from tqcompressor.training import recipe
+from tqcompressor.training.distill import DistillConfig, check_memory, check_same_depth, multistep_distill
 
 app = typer.Typer(
     add_completion=False,
@@ -30,8 +69,6 @@ app = typer.Typer(
 
 
 def _methods_help(auto: bool = True) -> str:
-    from tqcompressor.structures import compression_methods
-
     return " | ".join(compression_methods() + (["auto (choose per layer)"] if auto else []))
 
 
@@ -77,8 +114,6 @@ def with_distill_options(command):
 
     @functools.wraps(command)
     def wrapper(**options):
-        from tqcompressor.training.distill import DistillConfig
-
         kd = DistillConfig(
             steps=options["steps"] if options["steps"] is not None else recipe.STEPS,  # tqc run's default
             checkpoint_every=options["checkpoint_every"],
@@ -158,13 +193,6 @@ def compress(
     group_size: int = typer.Option(32, help="with --quantize int4: inputs sharing one scale (32, 64, 128, 256)"),
 ) -> None:
     """Compress a model and write a model dir plus compression.json (and quantization.json with --quantize)."""
-    from tqcompressor.evaluation.report import format_compression_table, format_quantization_table
-    from tqcompressor.modelio.checkpoint import write_model
-    from tqcompressor.modelio.models import load_model
-    from tqcompressor.planning.config import CompressionConfig, load_spec
-    from tqcompressor.quant.api import quantize as run_quantize
-    from tqcompressor.quant.formats import QuantizeSettings
-    from tqcompressor.surgery.apply import compress as run_compress
 
     check_writable(out, inputs=[model, spec, calibration])  # before the long work, not after it
     if spec is not None:
@@ -207,8 +235,6 @@ def compress(
         loaded = load_model(model)
         ids = None
         if calibration is not None:
-            from tqcompressor.data import calibration_ids
-
             ids = calibration_ids(calibration, loaded.model, loaded.tokenizer, calibration_tokens)
         compressed, report = run_compress(loaded.model, config, calibration=ids)
         quantized = run_quantize(compressed, settings) if settings is not None else None
@@ -231,11 +257,6 @@ def quantize(
     out: Path = typer.Option(..., help="output directory"),
 ) -> None:
     """Store a model's matrices (factors of a compressed model, or an uncompressed one's layers) in int8/int4."""
-    from tqcompressor.evaluation.report import format_quantization_table
-    from tqcompressor.modelio.checkpoint import STRUCTURE_FILE, read_plan, write_model
-    from tqcompressor.modelio.models import load_model
-    from tqcompressor.quant.api import quantize as run_quantize
-    from tqcompressor.quant.formats import QuantizeSettings
 
     check_writable(out, inputs=[model])
     settings = QuantizeSettings.parse(bits, group_size)
@@ -255,8 +276,6 @@ def quantize(
 
 def _read_compression_json(model_dir: Path) -> Optional[str]:
     """A compressed dir's compression.json, checked against its schema (None where there is none)."""
-    from tqcompressor.schemas import CompressionFile, read_json_file
-
     path = model_dir / "compression.json"
     if not path.is_file():
         return None
@@ -265,8 +284,6 @@ def _read_compression_json(model_dir: Path) -> Optional[str]:
 
 
 def _write_quantization(report, out: Path, source: str) -> None:
-    from tqcompressor.modelio.checkpoint import WEIGHTS_FILE
-
     result = {
         "source": source,
         "format": report.settings.name,
@@ -291,20 +308,14 @@ def info(
     target_modules: Optional[str] = typer.Option(None, help="with --targets: the patterns you would pass to compress"),
 ) -> None:
     """Print the compression table of a compressed model dir, or (--targets) what a model offers."""
-    from tqcompressor.evaluation.report import format_compression_table
-    from tqcompressor.modelio.checkpoint import read_structure
 
     if targets:
         typer.echo(_targets_table(directory, _split(target_modules)))
         return
-    from tqcompressor.evaluation.report import format_quantization_table
-
     read_structure(Path(directory))
     compression, quantization = Path(directory) / "compression.json", Path(directory) / "quantization.json"
     if not compression.is_file() and not quantization.is_file():
         raise TQCError(f"{directory} has no compression.json; it was not written by `tqc compress`")
-    from tqcompressor.schemas import CompressionFile, QuantizationFile, read_json_file
-
     if compression.is_file():
         typer.echo(format_compression_table(read_json_file(compression, CompressionFile)))
     if quantization.is_file():
@@ -312,10 +323,6 @@ def info(
 
 
 def _targets_table(model_name: str, patterns: Optional[list[str]]) -> str:
-    from tqcompressor.evaluation.report import table
-    from tqcompressor.modelio.models import load_model
-    from tqcompressor.planning.plan import count_parameters, find_target_modules, target_summary, tied_embedding
-    from tqcompressor.surgery.experts import split_experts
 
     model = load_model(model_name).model
     split_experts(model)  # as compress does: MoE experts are targets like any other layer
@@ -344,8 +351,6 @@ def export(
     onnx: bool = typer.Option(False, "--onnx", help="ONNX graph input_ids -> logits, factored layers kept"),
 ) -> None:
     """Export a compressed model: a plain dense HF dir (--dense) or ONNX (--onnx)."""
-    from tqcompressor.modelio.export import export_dense, export_onnx
-
     if dense == onnx:
         raise TQCError("choose one of --dense or --onnx")
     if dense:
@@ -365,8 +370,6 @@ def push(
     private: bool = typer.Option(False, help="create the repo as private"),
 ) -> None:
     """Upload a compressed model dir to the Hugging Face Hub (needs a token: `hf auth login`)."""
-    from tqcompressor.modelio.export import push_to_hub
-
     typer.echo(f"uploaded: {push_to_hub(directory, repo, private)}")
 
 
@@ -384,14 +387,10 @@ def _at_least(option: str, value: Optional[int], minimum: int, maximum: Optional
 
 
 def _check_teacher_fraction(value: float) -> None:
-    from tqcompressor.data import check_teacher_fraction
-
     check_teacher_fraction(value)
 
 
 def _check_training(model, kd, seq_len: int) -> None:
-    from tqcompressor.training.distill import check_memory
-
     _check_seq_len(model, seq_len)
     check_memory(kd, model.config)  # before minutes of sampling and compressing, not after
 
@@ -433,12 +432,6 @@ def distill(
 
 
 def _distill(teacher, student, data, fraction, teacher_fraction, teacher_pool, out: Path, resume: bool, kd) -> None:
-    from tqcompressor.modelio.checkpoint import load, save
-    from tqcompressor.modelio.models import load_model
-    from tqcompressor.outputs import claim_directory
-    from tqcompressor.pipeline import block_source_for, check_student_matches_teacher, data_name
-    from tqcompressor.quant.api import check_not_quantized
-    from tqcompressor.training.distill import check_same_depth, multistep_distill
 
     if is_main_process():
         claim_directory(out, inputs=[teacher, student, data])  # marked before teacher samples are cached there
@@ -488,10 +481,6 @@ def eval_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics to this JSON file"),
 ) -> None:
     """Fidelity to the teacher on held-out text (with --teacher), perplexity (token, word, byte level) on --data."""
-    from tqcompressor.data import tokenize_text
-    from tqcompressor.evaluation.evaluate import evaluate
-    from tqcompressor.evaluation.report import table
-    from tqcompressor.modelio.models import load_model
 
     _at_least("context", context, 2)
     _at_least("stride", stride, 1)
@@ -504,9 +493,6 @@ def eval_command(
         _check_json_out(json_out)
     loaded = load_model(model)
     if data is not None and (data == "lambada" or data.startswith("lambada:")):
-        from tqcompressor.data import iter_texts
-        from tqcompressor.evaluation.evaluate import lambada
-
         # "lambada" streams the hub dataset; "lambada:FILE" reads one passage per line from a file
         source = data.split(":", 1)[1] if ":" in data else "lambada"
         texts = iter_texts(source, split="test") if source == "lambada" else _passages(source)
@@ -518,8 +504,6 @@ def eval_command(
     teacher_model = load_model(teacher).model if teacher else None
     metrics: dict = {"model": model, "data": data, "teacher": teacher}
     if teacher_model is not None and fidelity:
-        from tqcompressor.evaluation.fidelity import TABLE_HEADER, heldout_domains, measure, table_rows
-
         domains = heldout_domains(teacher_model, loaded.tokenizer, fidelity_tokens, context)
         measured = measure(loaded.model, teacher_model, domains, context, loaded.tokenizer, batch_size=batch_size)
         metrics["fidelity"] = measured
@@ -552,8 +536,6 @@ EVAL_JSON_KEY = "written_by"  # marks a --json file of ours: the only kind `tqc 
 def _check_json_out(path: Path) -> None:
     """Before the evaluation, not after it: the parent must be a directory, and an existing file
     is replaced only if an earlier `tqc eval` wrote it."""
-    from tqcompressor.outputs import output_path
-
     output_path(path, "--json")
     if path.is_dir():
         raise TQCError(f"--json {path} is a directory; name a file, e.g. {path / 'metrics.json'}")
@@ -569,8 +551,6 @@ def _check_json_out(path: Path) -> None:
 
 
 def _write_eval_json(path: Path, metrics: dict) -> None:
-    from tqcompressor.outputs import write_json_atomic
-
     write_json_atomic(path, {EVAL_JSON_KEY: "tqc eval", **metrics})
 
 
@@ -649,8 +629,6 @@ def run(
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
     """The main job: compress, distill step by step, evaluate fidelity, write report.md and plots."""
-    from tqcompressor.planning.config import CompressionConfig, load_spec
-
     if spec:
         _check_spec_alone(method=method, ratio=ratio, stages=stages, auto_methods=auto_methods, prefer=prefer)
     method, ratio = method or recipe.METHOD, 0.65 if ratio is None else ratio
@@ -688,9 +666,6 @@ def run(
         if steps is not None:
             raise TQCError("--time-budget chooses --steps itself: drop one of them")
     with writer_lock(out):
-        from tqcompressor.modelio.models import load_model
-        from tqcompressor.pipeline import run_pipeline
-
         loaded = load_model(model)
         _check_training(loaded.model, kd, max(kd.seq_len, context))
         result = run_pipeline(
@@ -712,8 +687,6 @@ def run(
         )
     if not result:
         return  # not rank 0 of a multi-process run: rank 0 reports
-    from tqcompressor.pipeline import format_report
-
     typer.echo(format_report(result))
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'perplexity.png'}, {out / 'model'}")
 

@@ -48,11 +48,14 @@ from tqcompressor.outputs import (
     write_text_atomic,
 )
 from tqcompressor.planning.config import CompressionConfig
-from tqcompressor.planning.plan import count_parameters, plan_compression
+from tqcompressor.planning.inventory import count_parameters
+from tqcompressor.planning.planners import plan_compression
+from tqcompressor.quant.api import quantize
 from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.schemas import BudgetFile, RunResults, read_json_file
 from tqcompressor.structures import get_structure
 from tqcompressor.surgery.apply import apply_plan
+from tqcompressor.surgery.experts import split_experts
 from tqcompressor.training.budget import BudgetPlan, plan_steps, seconds_per_step
 from tqcompressor.training.distill import DistillConfig, multistep_distill, training_precision
 from tqcompressor.training.recipe import TEACHER_POOL
@@ -137,8 +140,6 @@ def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int,
     """What a user would pick instead: the teacher and the student in fp32, int8 and int4, each with
     its bytes and its fidelity, every row on the same first ``tokens`` of each held-out domain (a
     subset of the points' windows, so that eight models cost about two evaluations)."""
-    from tqcompressor.quant.api import quantize
-
     tokens = max(context, tokens // context * context)  # whole windows of the teacher's samples
     subset = {name: Domain(d.ids[:tokens], True) for name, d in eval_sets.items() if d.held_out}
     reference = measure(teacher, teacher, subset, context, tokenizer)
@@ -256,6 +257,7 @@ def run_pipeline(
         phase(f"calibration on {calibration_tokens:,} tokens of the distillation data")
         calibration = torch.stack(list(itertools.islice(blocks(0), max(1, calibration_tokens // distill.seq_len))))
     phase(f"planning ({compression.method})")
+    split_experts(student)  # exact: each expert matrix becomes a module a plan can name
     plan = plan_compression(student, compression, calibration)
     evaluation_seconds = None
     if not any(r["label"] == "compressed (no KD)" for r in rows):

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, TypeAdapter, ValidationError, model_validator
 
 from tqcompressor.errors import TQCError
+from tqcompressor.structures import compression_methods, get_structure
 
 SCHEMA_VERSION = 1  # equals checkpoint.FORMAT_VERSION: the format and its schema change together
 MAX_SIZE = 1 << 24  # no matrix side, rank or count in a real model comes near 16.7M
@@ -328,8 +329,6 @@ FILES: dict[str, type[BaseModel]] = {
 def structure_settings(method: str, fields: dict, where: str) -> dict:
     """A structure's spec fields, type-checked: integers must be whole positive numbers (not 4.7,
     'abc' or .nan), flags true/false (not "no"), shapes two sizes. Returns them with tuples."""
-    from tqcompressor.structures import get_structure
-
     settings_type = get_structure(method).settings_type
     hints = typing.get_type_hints(settings_type)
     names = {f.name for f in dataclasses.fields(settings_type)}
@@ -348,8 +347,6 @@ def structure_settings(method: str, fields: dict, where: str) -> dict:
 
 def check_plan_entry(entry: Any, where: str) -> None:
     """One entry of a saved plan (``Plan.to_list``): a module name, a known method, its settings, a step."""
-    from tqcompressor.structures import compression_methods
-
     if not isinstance(entry, dict) or not isinstance(entry.get("module"), str):
         raise TQCError(f"{where}: a plan entry needs a 'module' name")
     method = entry.get("method")

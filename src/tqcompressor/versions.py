@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import platform
 
+import torch
+import transformers
+
+__version__ = "0.1.0"  # tqcompressor's own; pyproject.toml holds the same
+
 
 def library_versions() -> dict[str, str]:
     """Python, tqcompressor, torch and transformers, as imported by this process."""
-    import torch
-    import transformers
-
-    from tqcompressor import __version__
-
     return {
         "python": platform.python_version(),
         "tqcompressor": __version__,

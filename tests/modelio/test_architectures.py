@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import tqcompressor as tqc
 from tqcompressor.modelio.models import load_model
 from tqcompressor.modelio.tokenizer import MissingTokenizer
-from tqcompressor.planning.plan import default_target_modules
+from tqcompressor.planning.inventory import default_target_modules
 from tqcompressor.quant.api import quantize, quantized_layers
 from tqcompressor.structures import all_structures
 from tqcompressor.surgery.experts import split_experts

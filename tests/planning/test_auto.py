@@ -196,8 +196,8 @@ def test_auto_offers_a_tied_embedding_measured_through_its_head(tmp_path):
     import tqcompressor as tqc
     from tests.modelio.test_architectures import SIZES
     from tqcompressor.layers import TiedFactoredHead
-    from tqcompressor.planning.calibration import calibrate
-    from tqcompressor.planning.plan import layer_statistics, tied_embedding
+    from tqcompressor.planning.calibration import calibrate, layer_statistics
+    from tqcompressor.planning.inventory import tied_embedding
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3_text", **{**SIZES, "vocab_size": 4096}))
@@ -267,7 +267,7 @@ def test_auto_refuses_an_unreachable_budget_before_calibrating(monkeypatch):
     from tests.conftest import tiny_llama
     from tqcompressor import TQCError
     from tqcompressor.planning import calibration
-    from tqcompressor.planning.plan import default_target_modules
+    from tqcompressor.planning.inventory import default_target_modules
 
     model = tiny_llama(vocab_size=4096)  # the tied table holds most of the parameters
 

@@ -4,7 +4,7 @@ import torch
 from tests.conftest import tiny_gpt2, tiny_llama
 from tqcompressor import CompressionConfig, LowRankLinear, TQCError, compress
 from tqcompressor.planning.calibration import calibrate
-from tqcompressor.planning.plan import plan_compression
+from tqcompressor.planning.planners import plan_compression
 
 
 def test_input_covariance_is_the_second_moment_of_the_layer_inputs():

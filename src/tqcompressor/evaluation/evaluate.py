@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from tqcompressor.data import start_token
 from tqcompressor.errors import TQCError
-from tqcompressor.planning.plan import count_parameters
+from tqcompressor.planning.inventory import count_parameters
 
 
 def windows(num_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:

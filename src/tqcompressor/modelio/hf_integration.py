@@ -16,7 +16,9 @@ from typing import Any
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from tqcompressor.errors import TQCError
 from tqcompressor.layers import SavedModule
+from tqcompressor.modelio.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, check_directory, install_structure
 
 QUANT_METHOD = "tqcompressor"
 
@@ -53,8 +55,6 @@ class TQCompressorQuantizer(HfQuantizer):
     requires_calibration = True  # only loads models compressed by tqcompressor; never compresses on load
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from tqcompressor.errors import TQCError
-        from tqcompressor.modelio.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, check_directory, install_structure
 
         if self.quantization_config.format_version > FORMAT_VERSION:
             raise TQCError(

@@ -14,6 +14,7 @@ from tqcompressor.errors import TQCError, first_line
 from tqcompressor.layers import is_tied_head_weight
 from tqcompressor.modelio.checkpoint import STRUCTURE_FILE, load
 from tqcompressor.modelio.tokenizer import load_tokenizer_or_missing
+from tqcompressor.schemas import check_layer_count
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -143,8 +144,6 @@ def _check_weights_cover_config(directory: Path, config_json: dict) -> None:
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tqcompressor.schemas import check_layer_count
 
     files = sorted(directory.glob("*.safetensors"))
     if not files:

@@ -30,14 +30,23 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from tqcompressor.errors import TQCError
 from tqcompressor.linalg.decompose import OutputSketch
-from tqcompressor.planning.calibration import EmbeddingStatistics
-from tqcompressor.structures import REGISTRY, Candidate, all_structures
-from tqcompressor.structures.lowrank import LowRankFactors, row_weighted_svd
+from tqcompressor.planning.calibration import EmbeddingStatistics, usable_statistics
+from tqcompressor.planning.config import CompressionConfig, LayerSpec
+from tqcompressor.planning.inventory import Inventory
+from tqcompressor.planning.plan import LayerPlan, steps_upper_first
+from tqcompressor.planning.planners import target_params
+from tqcompressor.planning.registry import Planner, register_planner
+from tqcompressor.structures import REGISTRY, Candidate, all_structures, get_structure
+from tqcompressor.structures.lowrank import LowRankFactors, output_rows, row_weighted_svd
 
 
 def candidate_menu(
@@ -225,3 +234,177 @@ def _lower_hull(menu: list[Candidate], norm_sq: float) -> list[Candidate]:
 
 def _point(c: Candidate, norm_sq: float) -> tuple[float, float]:
     return float(c.params), c.error**2 * norm_sq
+
+
+# ---------------------------------------------------------------------------------------------
+# The auto planner: measure every layer's menu, allocate the budget, fit the choices
+
+EMBEDDING_METRIC = "relative error as LM head and as lookup on the calibration text, weighted by loss sensitivity"
+
+
+@dataclass
+class Menus:
+    """What ``auto`` measured per layer: the matrix measured (``diag(rows) W`` with output weights),
+    its candidates, the structures' reusable state, the layer's weight in the allocation, and for a
+    tied table its two roles' weights."""
+
+    measured: dict[str, Tensor]
+    candidates: dict[str, list[Candidate]]
+    states: dict[str, dict]
+    scales: dict[str, float]
+    roles: dict[str, tuple[float, float]]
+    rows: dict[str, Tensor]
+    usable: dict[str, Any]
+
+
+def auto_targets(inventory: Inventory, config: CompressionConfig, offer_embedding: bool) -> list[str]:
+    """What ``auto`` measures: the targets, and with no targets named a tied token embedding too
+    (keeping it dense is on its menu, so offering it never costs quality). An embedding is
+    measured through the head tied to it, so an untied one, or a head about to be untied, is refused."""
+    names = list(inventory.targets)
+    embedding = inventory.tied_embedding if config.tie_lm_head else None
+    refused = [name for name in names if name in inventory.embeddings and name != embedding]
+    if refused:
+        raise TQCError(
+            f"method 'auto' measures an embedding through the LM head tied to it; {refused[0]} has none "
+            "(or tie_lm_head is off): factor it with an explicit spec"
+        )
+    if offer_embedding and config.target_modules is None and embedding is not None:
+        return [*names, embedding]
+    return names
+
+
+def _outside_targets(inventory: Inventory, names: list[str], target: int) -> int:
+    """The parameters outside the target modules; one clear error if they alone exceed the budget."""
+    fixed = inventory.params_outside(names)
+    if target <= fixed:
+        raise TQCError(
+            f"a budget of {target:,} parameters is below the {fixed:,} parameters outside the target "
+            "modules; raise the ratio or add target modules"
+        )
+    return fixed
+
+
+def _auto_prepare(inventory: Inventory, config: CompressionConfig, calibration) -> list[str]:
+    # statistics handed in were measured for the named targets: the embedding is offered with token ids
+    names = auto_targets(inventory, config, offer_embedding=not isinstance(calibration, dict))
+    _outside_targets(inventory, names, target_params(inventory, config))  # before calibrating: no work wasted
+    return names if calibration is not None else []
+
+
+def plan_auto(
+    inventory: Inventory, config: CompressionConfig, stats: dict | None, progress: bool
+) -> tuple[list[LayerPlan], dict]:
+    """Measure every structure's candidates per layer and allocate the budget by error per
+    parameter (see the module's docstring). The chosen factors are fitted here."""
+    names = auto_targets(inventory, config, offer_embedding=stats is None or inventory.tied_embedding in stats)
+    missing = [name for name in names if stats is not None and name not in stats]
+    if missing:
+        raise TQCError(f"the calibration statistics have none for {missing[0]}; pass calibration token ids")
+    fixed = _outside_targets(inventory, names, target_params(inventory, config))
+    menus = measure_menus(inventory, names, config, stats, progress)
+    try:
+        choices = allocate(menus.candidates, menus.scales, target_params(inventory, config) - fixed)
+    except ValueError as exc:
+        raise TQCError(f"{exc}; raise the ratio") from None
+    metric = "relative output error on the calibration text" if stats else "relative weight error"
+    if menus.rows:
+        metric = "relative output error on the calibration text, outputs weighted by gradient energy"
+    steps = steps_upper_first(names, config.steps)
+    layers, record = [], {}
+    for name in names:
+        measured_in = EMBEDDING_METRIC if name in menus.roles else metric
+        record[name] = _record(name, choices[name], menus, measured_in)
+        if REGISTRY[choices[name].method].compresses:  # else kept dense
+            layers.append(_chosen_layer(inventory, name, choices[name], menus, measured_in, steps[name]))
+    return layers, record
+
+
+def measure_menus(
+    inventory: Inventory, names: list[str], config: CompressionConfig, stats: dict | None, progress: bool
+) -> Menus:
+    """Every layer's candidates, in the metric its statistics allow."""
+    weights = {name: inventory.weights[name] for name in names}
+    usable = {name: usable_statistics(stats[name], weights[name]) if stats else None for name in names}
+    cov = {name: usable[name].input_cov if usable[name] is not None else None for name in names}
+    # a tied table's two role weights (tr(W C W^T) over 262k rows for Gemma): measured once, used thrice
+    roles = {name: role_scales(weights[name], s) for name, s in usable.items() if isinstance(s, EmbeddingStatistics)}
+    rows = _output_weights(weights, usable, roles) if config.output_weights else {}
+    # with output weights a layer is measured, budgeted and fitted as diag(rows) W in the output metric
+    # (1/2 sum_i r_i E[(delta y_i)^2] = grad_sq * ||diag(rows) (W - W') x||^2), its factors scaled back
+    # exactly: svd's U absorbs the scale, a Kronecker layer stores it (one parameter per output, counted)
+    measured = {name: w * rows[name][:, None].to(w.dtype) if name in rows else w for name, w in weights.items()}
+    candidates, states = {}, {}
+    for name in tqdm(names, desc="measuring candidates", unit="layer", disable=not progress):
+        embedding = name in inventory.embeddings
+        candidates[name], states[name] = candidate_menu(
+            measured[name], cov[name], config.max_iterations, config.auto_methods, embedding=embedding
+        )
+        if name in roles:
+            candidates[name] = embedding_candidates(
+                weights[name], candidates[name], states[name], usable[name], roles[name]
+            )
+        if name in rows:
+            candidates[name] = [REGISTRY[c.method].row_scaled(c, weights[name].shape[0]) for c in candidates[name]]
+    scales = {
+        name: sum(roles[name]) if name in roles else layer_scale(w, stats[name] if stats else None)
+        for name, w in measured.items()
+    }
+    return Menus(measured, candidates, states, scales, roles, rows, usable)
+
+
+def _record(name: str, choice: Candidate, menus: Menus, measured_in: str) -> dict:
+    """What the report shows of one layer: the choice, the metric, its weight and the whole menu."""
+    record = {
+        "chosen": choice.to_dict(),
+        "metric": measured_in,
+        "layer_weight": menus.scales[name],
+        "menu": [c.to_dict() for c in menus.candidates[name]],
+    }
+    if name in menus.roles:  # what each role of the table adds to its weight
+        record["role_weights"] = dict(zip(("head", "lookup"), menus.roles[name]))
+    return record
+
+
+def _chosen_layer(
+    inventory: Inventory, name: str, choice: Candidate, menus: Menus, measured_in: str, step: int
+) -> LayerPlan:
+    """The plan of one layer ``auto`` compresses, with the chosen candidate's factors fitted."""
+    reason = (
+        f"auto: {choice.method} at {choice.params:,} params gives {measured_in} {choice.error:.3f}; "
+        f"chosen by weighted error reduction per parameter among {len(menus.candidates[name])} candidates"
+    )
+    spec = LayerSpec(choice.method, step=step, reason=reason, **choice.settings)
+    usable = menus.usable[name]
+    if name in menus.roles:
+        factors = embedding_factors(inventory.weights[name], choice, menus.states[name], usable, menus.roles[name])
+    else:
+        cov = usable.input_cov if usable is not None else None
+        factors = factors_for(menus.measured[name], choice, menus.states[name], cov)
+        if name in menus.rows:
+            factors = REGISTRY[choice.method].divide_rows(factors, menus.rows[name])
+    return LayerPlan(name, spec, factors)
+
+
+def _output_weights(weights: dict, usable: dict, roles: dict) -> dict[str, Tensor]:
+    """Per layer with calibration statistics (not a tied table, whose roles are weighed apart): the
+    square roots of its outputs' damped gradient energies, mean square 1."""
+    found = {name: output_rows(weights[name], s) for name, s in usable.items() if s is not None and name not in roles}
+    return {name: rows.float() for name, rows in found.items() if rows is not None}
+
+
+def _check_auto_options(config: CompressionConfig) -> None:
+    for name in config.auto_methods or []:
+        get_structure(name)  # one clear line for an unknown name
+
+
+register_planner(
+    Planner(
+        "auto",
+        "choose structure and size per layer from measured error, under one budget",
+        plan_auto,
+        _check_auto_options,
+        is_method=True,
+        prepare=_auto_prepare,
+    )
+)

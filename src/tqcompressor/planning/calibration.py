@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import dense_weight_of
-from tqcompressor.planning.plan import is_embedding
+from tqcompressor.layers import dense_weight_of, embedding_scale, module_name
+from tqcompressor.planning.inventory import is_embedding, tied_embedding
 
 
 @dataclass
@@ -150,3 +150,26 @@ def _zero_moment(module: nn.Module) -> Tensor:
     """The second moment of a layer no calibration token reached (an unused MoE expert)."""
     inputs = dense_weight_of(module)[0].shape[1]
     return torch.zeros(inputs, inputs, dtype=torch.float64)
+
+
+def layer_statistics(model: nn.Module, names: list[str], calibration, progress: bool = True) -> dict | None:
+    """Calibration statistics of ``names``: computed from token ids, or passed through. A tied
+    embedding is measured in both roles (:class:`EmbeddingStatistics`)."""
+    if calibration is None or isinstance(calibration, dict):
+        return calibration
+    if not isinstance(calibration, Tensor):
+        raise TQCError("calibration must be token ids (a blocks x seq_len tensor) or statistics from calibrate()")
+    tied = tied_embedding(model)
+    embedding = tied if tied in names else None
+    extra = [module_name(model, model.get_output_embeddings())] if embedding is not None else []
+    measured = calibrate(model, list(dict.fromkeys(names + extra)), calibration, progress=progress)
+    if embedding is not None:
+        scale = embedding_scale(model.get_submodule(embedding))
+        measured[embedding] = EmbeddingStatistics(measured[extra[0]], measured[embedding], scale)
+    return {name: measured[name] for name in names}
+
+
+def usable_statistics(stats, weight: Tensor):
+    """``stats`` if enough tokens reached the layer to fit it in the output metric: at least as many
+    as it has inputs (an MoE expert sees only the tokens routed to it); ``None`` otherwise."""
+    return stats if stats.tokens >= weight.shape[1] else None

@@ -10,6 +10,8 @@ from typing import Any
 import yaml
 
 from tqcompressor.errors import TQCError, first_line
+from tqcompressor.planning.registry import get_planner, planner_name, planning_methods
+from tqcompressor.schemas import SpecFile, check_data, structure_settings
 from tqcompressor.structures import Structure, get_structure, settings_dict
 
 
@@ -73,12 +75,8 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         if self.prefer not in ("accuracy", "speed"):
             raise TQCError(f"prefer must be 'accuracy' or 'speed', got {self.prefer!r}")
-        if self.method != "auto":  # auto: choose per layer among every structure (and dense)
+        if self.method not in planning_methods():  # a structure for every layer, or a planner that chooses
             get_structure(self.method)
-        for name in self.auto_methods or []:
-            get_structure(name)  # one clear line for an unknown name
-        if self.auto_methods is not None and self.method != "auto":
-            raise TQCError("auto_methods (--auto-methods) only applies to method 'auto'")
         if self.layers is None:
             if self.target_params is None and self.ratio is None:
                 raise TQCError("give a ratio (0, 1], a target parameter count, or an explicit layer spec")
@@ -88,8 +86,12 @@ class CompressionConfig:
                 raise TQCError(f"target_params must be positive, got {self.target_params}")
         if self.steps < 1:
             raise TQCError(f"steps must be 1 or more, got {self.steps}")
-        if self.output_weights and self.method != "auto":
-            raise TQCError("output weights (--output-weights) apply to --method auto: its budget and fits use them")
+        get_planner(self.planner).check(self)  # each planner refuses the options it does not read
+
+    @property
+    def planner(self) -> str:
+        """The name of the planner that turns this config into a plan (:mod:`tqcompressor.planning.registry`)."""
+        return planner_name(self.method, self.layers is not None)
 
 
 def load_spec(path: str | Path) -> CompressionConfig:
@@ -104,8 +106,6 @@ def load_spec(path: str | Path) -> CompressionConfig:
         b_shape: [4, 2]
         step: 1
     """
-    from tqcompressor.schemas import SpecFile, check_data, structure_settings
-
     path = Path(path)
     if not path.is_file():
         raise TQCError(f"spec file {path} does not exist; pass a YAML or JSON file with a 'layers' list")

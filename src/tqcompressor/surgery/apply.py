@@ -12,18 +12,14 @@ from tqdm.auto import tqdm
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import TiedFactoredHead, bias_of, dense_weight_of, embedding_scale, set_module
 from tqcompressor.linalg.decompose import relative_error
+from tqcompressor.planning.calibration import layer_statistics
 from tqcompressor.planning.config import CompressionConfig, CompressionReport, LayerReport
-from tqcompressor.planning.plan import (
-    LayerPlan,
-    Plan,
-    count_parameters,
-    find_target_modules,
-    is_embedding,
-    layer_statistics,
-    plan_compression,
-)
+from tqcompressor.planning.inventory import count_parameters, find_target_modules, is_embedding
+from tqcompressor.planning.plan import LayerPlan, Plan
+from tqcompressor.planning.planners import plan_compression
 from tqcompressor.quant.api import check_not_quantized
 from tqcompressor.structures import all_structures, settings_dict
+from tqcompressor.surgery.experts import split_experts
 from tqcompressor.surgery.folding import fold_mlp_permutations
 from tqcompressor.surgery.sequential import refit_sequentially
 
@@ -33,13 +29,15 @@ __all__ = ["apply_plan", "compress", "count_parameters", "find_target_modules", 
 def compress(
     model: nn.Module, config: CompressionConfig, calibration: Tensor | dict | None = None, progress: bool = True
 ) -> tuple[nn.Module, CompressionReport]:
-    """Plan (:func:`~tqcompressor.planning.plan.plan_compression`) and apply every step at once, in
+    """Split fused MoE experts (:func:`~tqcompressor.surgery.experts.split_experts`), plan
+    (:func:`~tqcompressor.planning.planners.plan_compression`) and apply every step at once, in
     place. ``report.plan`` is the plan, for :func:`tqcompressor.save` and distillation. With
     ``config.sequential`` (calibration token ids needed) the layers are then refitted block by block
     to the uncompressed model's outputs (:mod:`tqcompressor.surgery.sequential`)."""
     if config.sequential and not isinstance(calibration, Tensor):
         raise TQCError("sequential refit needs calibration text (token ids), not precomputed statistics")
     check_not_quantized(model, "compression")
+    split_experts(model)  # exact: each expert matrix becomes a module a plan can name
     teacher = copy.deepcopy(model) if config.sequential else None
     plan = plan_compression(model, config, calibration, progress=progress)
     if teacher is None:

@@ -179,6 +179,10 @@ def _custom_gate(experts: nn.Module) -> bool:
     return gate is not _default_apply_gate
 
 
+def has_fused_experts(model: nn.Module) -> bool:
+    return any(is_fused_experts(module) for module in model.modules())
+
+
 def split_experts(model: nn.Module) -> list[str]:
     """Replace every fused experts module of ``model`` by a :class:`LinearExperts` (exact, in place);
     the names of those replaced."""

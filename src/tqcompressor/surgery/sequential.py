@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from tqcompressor.linalg.decompose import damped_cov
 from tqcompressor.planning.calibration import LayerStatistics
-from tqcompressor.planning.plan import block_index
+from tqcompressor.planning.inventory import block_index
 
 # Relative ridge on C_ss in the correction W (C_ts - C_ss) C_ss^-1. The fits' own 1e-4 lets noise
 # in the low-energy input directions through: with it the refit made SmolLM2's one-shot perplexity
