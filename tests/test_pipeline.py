@@ -206,8 +206,8 @@ def test_run_defaults_are_the_recipes_auto_with_output_weights(tmp_path, gpt2_di
 
     seen = {}
 
-    def capture(loaded, compression, distill, *args, **kwargs):
-        seen.update(compression=compression, distill=distill, **kwargs)
+    def capture(loaded, run):
+        seen.update(run=run)
         return {}
 
     monkeypatch.setattr(cli, "run_pipeline", capture)
@@ -230,7 +230,7 @@ def test_run_defaults_are_the_recipes_auto_with_output_weights(tmp_path, gpt2_di
         ],
     )
     assert result.exit_code == 0, result.output
-    compression = seen["compression"]
+    compression = seen["run"].compression
     assert compression.method == recipe.METHOD == "auto" and compression.output_weights is True
     assert compression.auto_methods == list(recipe.AUTO_METHODS) and compression.ratio == 0.65
-    assert seen["time_budget"] == 25 and seen["distill"].steps == recipe.STEPS  # the budget replaces it in the run
+    assert seen["run"].time_budget == 25 and seen["run"].distill.steps == recipe.STEPS  # the budget replaces it in the run

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,7 +16,7 @@ from typing import Optional
 import typer
 
 from tqcompressor.data import calibration_ids, check_teacher_fraction, iter_texts, tokenize_text
-from tqcompressor.errors import TQCError, first_line
+from tqcompressor.errors import TQCError, check_count, first_line
 from tqcompressor.evaluation.evaluate import evaluate, lambada
 from tqcompressor.evaluation.fidelity import TABLE_HEADER, heldout_domains, measure, table_rows
 from tqcompressor.evaluation.report import format_compression_table, format_quantization_table, table
@@ -42,6 +41,9 @@ from tqcompressor.outputs import (
     writer_lock,
 )
 from tqcompressor.pipeline import (
+    MAX_CALIBRATION_TOKENS,
+    MAX_TEACHER_POOL,
+    RunConfig,
     block_source_for,
     check_student_matches_teacher,
     data_name,
@@ -50,6 +52,7 @@ from tqcompressor.pipeline import (
 )
 from tqcompressor.planning.config import CompressionConfig, load_spec
 from tqcompressor.planning.inventory import count_parameters, find_target_modules, target_summary, tied_embedding
+from tqcompressor.planning.registry import planning_methods
 from tqcompressor.quant.api import check_not_quantized
 from tqcompressor.quant.api import quantize as run_quantize
 from tqcompressor.quant.formats import QuantizeSettings
@@ -229,8 +232,8 @@ def compress(
             "--sequential refits layers to calibration text: give --calibration (a text source or 'teacher')"
         )
     settings = QuantizeSettings.parse(quantize, group_size) if quantize is not None else None
-    _at_least("calibration-tokens", calibration_tokens, 1, MAX_CALIBRATION_TOKENS)
-    _at_least("max-iterations", max_iterations, 1, 10_000)
+    check_count("calibration-tokens", calibration_tokens, 1, MAX_CALIBRATION_TOKENS)
+    check_count("max-iterations", max_iterations, 1, 10_000)
     with writer_lock(out):  # held from the first read to the last write: a second writer is refused
         loaded = load_model(model)
         ids = None
@@ -373,19 +376,6 @@ def push(
     typer.echo(f"uploaded: {push_to_hub(directory, repo, private)}")
 
 
-MAX_CALIBRATION_TOKENS = 1 << 24  # far past where calibration statistics stop changing
-MAX_TEACHER_POOL = 1 << 20
-
-
-def _at_least(option: str, value: Optional[int], minimum: int, maximum: Optional[int] = None) -> None:
-    """Numbers are checked where they enter: 0 is not "all", a negative count is not a count."""
-    if value is None:
-        return
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum:,} and {maximum:,}" if maximum is not None else f"{minimum:,} or more"
-        raise TQCError(f"--{option} must be {bound}, got {value:,}")
-
-
 def _check_teacher_fraction(value: float) -> None:
     check_teacher_fraction(value)
 
@@ -425,7 +415,7 @@ def distill(
 ) -> None:
     """Distill a compressed student from its teacher (single stage)."""
     check_writable(out, inputs=[teacher, student, data])  # before anything is written there
-    _at_least("teacher-pool", teacher_pool, 1, MAX_TEACHER_POOL)
+    check_count("teacher-pool", teacher_pool, 1, MAX_TEACHER_POOL)
     _check_teacher_fraction(teacher_fraction)
     with writer_lock(out):
         _distill(teacher, student, data, fraction, teacher_fraction, teacher_pool, out, resume, kd)
@@ -482,11 +472,11 @@ def eval_command(
 ) -> None:
     """Fidelity to the teacher on held-out text (with --teacher), perplexity (token, word, byte level) on --data."""
 
-    _at_least("context", context, 2)
-    _at_least("stride", stride, 1)
-    _at_least("max-tokens", max_tokens, 1)
-    _at_least("batch-size", batch_size, 1)
-    _at_least("fidelity-tokens", fidelity_tokens, context)
+    check_count("context", context, 2)
+    check_count("stride", stride, 1)
+    check_count("max-tokens", max_tokens, 1)
+    check_count("batch-size", batch_size, 1)
+    check_count("fidelity-tokens", fidelity_tokens, context)
     if data is None and teacher is None:
         raise TQCError("give --data (a text to score) or --teacher (fidelity on held-out text), or both")
     if json_out is not None:
@@ -629,66 +619,57 @@ def run(
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
     """The main job: compress, distill step by step, evaluate fidelity, write report.md and plots."""
-    if spec:
-        _check_spec_alone(method=method, ratio=ratio, stages=stages, auto_methods=auto_methods, prefer=prefer)
-    method, ratio = method or recipe.METHOD, 0.65 if ratio is None else ratio
-    stages, prefer = recipe.STAGES if stages is None else stages, prefer or "accuracy"
-    if output_weights is None:  # the recipe's default, wherever it applies (after method's own default)
-        output_weights = recipe.OUTPUT_WEIGHTS and method == "auto" and calibration_tokens > 0
-    compression = (
-        load_spec(spec)
-        if spec
-        else CompressionConfig(
-            method=method,
-            ratio=ratio,
-            steps=stages,
-            prefer=prefer,
-            auto_methods=_auto_methods(auto_methods, method),
-            sequential=sequential and calibration_tokens > 0,
-            output_weights=output_weights,
-        )
+    if time_budget is not None and steps is not None:
+        raise TQCError("--time-budget chooses --steps itself: drop one of them")
+    compression = _run_compression(
+        spec, method, ratio, stages, prefer, auto_methods, sequential, output_weights, calibration_tokens
     )
-    if output_weights and calibration_tokens <= 0:
-        raise TQCError(
-            "--output-weights weighs outputs by their gradients on calibration text: keep --calibration-tokens"
-        )
+    run_config = RunConfig(
+        compression,
+        kd,
+        data,
+        eval_data,
+        out,
+        eval_tokens,
+        context,
+        resume,
+        fraction,
+        calibration_tokens,
+        teacher_fraction,
+        teacher_pool,
+        compare_tokens,
+        time_budget,
+    )
     check_writable(out, inputs=[model, spec, data, eval_data])  # before loading anything; run_pipeline claims it
-    _at_least("context", context, 2)
-    _at_least("eval-tokens", eval_tokens, context)
-    _at_least("calibration-tokens", calibration_tokens, 0, MAX_CALIBRATION_TOKENS)
-    _at_least("teacher-pool", teacher_pool, 1, MAX_TEACHER_POOL)
-    _check_teacher_fraction(teacher_fraction)
-    if compare_tokens:
-        _at_least("compare-tokens", compare_tokens, context)
-    if time_budget is not None:
-        if not math.isfinite(time_budget) or not 0 < time_budget <= 7 * 24 * 60:
-            raise TQCError(f"--time-budget must be a number of minutes in (0, {7 * 24 * 60}], got {time_budget}")
-        if steps is not None:
-            raise TQCError("--time-budget chooses --steps itself: drop one of them")
     with writer_lock(out):
         loaded = load_model(model)
         _check_training(loaded.model, kd, max(kd.seq_len, context))
-        result = run_pipeline(
-            loaded,
-            compression,
-            kd,
-            data,
-            eval_data,
-            out,
-            eval_tokens,
-            context,
-            resume,
-            fraction,
-            calibration_tokens,
-            teacher_fraction,
-            teacher_pool,
-            compare_tokens=compare_tokens,
-            time_budget=time_budget,
-        )
+        result = run_pipeline(loaded, run_config)
     if not result:
         return  # not rank 0 of a multi-process run: rank 0 reports
     typer.echo(format_report(result))
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'perplexity.png'}, {out / 'model'}")
+
+
+def _run_compression(
+    spec, method, ratio, stages, prefer, auto_methods, sequential, output_weights, calibration_tokens
+) -> CompressionConfig:
+    """``tqc run``'s compression: a spec file, or the recipe's defaults for what is not given."""
+    if spec:
+        _check_spec_alone(method=method, ratio=ratio, stages=stages, auto_methods=auto_methods, prefer=prefer)
+        return load_spec(spec)
+    method, ratio = method or recipe.METHOD, 0.65 if ratio is None else ratio
+    if output_weights is None:  # the recipe's default, wherever it applies (after method's own default)
+        output_weights = recipe.OUTPUT_WEIGHTS and method in planning_methods() and calibration_tokens > 0
+    return CompressionConfig(
+        method=method,
+        ratio=ratio,
+        steps=recipe.STAGES if stages is None else stages,
+        prefer=prefer or "accuracy",
+        auto_methods=_auto_methods(auto_methods, method),
+        sequential=sequential and calibration_tokens > 0,
+        output_weights=output_weights,
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -10,3 +10,13 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     what a one-line error quotes of a library's longer complaint."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else ""
+
+
+def check_count(option: str, value: int | None, minimum: int, maximum: int | None = None) -> None:
+    """Numbers are checked where they enter: 0 is not "all", a negative count is not a count. ``option``
+    is the CLI's name for it (without the dashes); ``None`` means "not given"."""
+    if value is None:
+        return
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum:,} and {maximum:,}" if maximum is not None else f"{minimum:,} or more"
+        raise TQCError(f"--{option} must be {bound}, got {value:,}")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from tqcompressor.data import (
     text_block_source,
     tokenize_text,
 )
-from tqcompressor.errors import TQCError
+from tqcompressor.errors import TQCError, check_count
 from tqcompressor.evaluation.evaluate import greedy_continuations
 from tqcompressor.evaluation.fidelity import (
     EVAL_SEED,
@@ -50,6 +51,7 @@ from tqcompressor.outputs import (
 from tqcompressor.planning.config import CompressionConfig
 from tqcompressor.planning.inventory import count_parameters
 from tqcompressor.planning.planners import plan_compression
+from tqcompressor.planning.registry import planning_methods
 from tqcompressor.quant.api import quantize
 from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.schemas import BudgetFile, RunResults, read_json_file
@@ -177,176 +179,222 @@ def _domain_record(metrics: dict) -> dict:
     return {k: metrics[k] for k in keep if k in metrics}
 
 
-def run_pipeline(
-    loaded: LoadedModel,
-    compression: CompressionConfig,
-    distill: DistillConfig,
-    data: str,
-    eval_data: str | None,
-    out_dir: str | Path,
-    eval_tokens: int = 16384,
-    context: int = 512,
-    resume: bool = False,
-    fraction: float | None = None,
-    calibration_tokens: int = 8192,
-    teacher_fraction: float = 0.0,
-    teacher_pool: int = TEACHER_POOL,
-    compare_tokens: int = 2048,
-    time_budget: float | None = None,
-) -> dict:
+MAX_CALIBRATION_TOKENS = 1 << 24  # far past where calibration statistics stop changing
+MAX_TEACHER_POOL = 1 << 20
+MAX_TIME_BUDGET = 7 * 24 * 60  # minutes
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``tqc run`` does with a loaded model, checked once, when it is made. The
+    numbers' messages name the CLI options that set them."""
+
+    compression: CompressionConfig
+    distill: DistillConfig
+    data: str  # distillation (and calibration) text: a name of :mod:`tqcompressor.data`, a file, or "teacher"
+    eval_data: str | None  # the in-domain evaluation text (None: held-out domains only)
+    out_dir: Path
+    eval_tokens: int = 16384
+    context: int = 512
+    resume: bool = False
+    fraction: float | None = None  # of the distillation text to read
+    calibration_tokens: int = 8192
+    teacher_fraction: float = 0.0  # of the distillation blocks sampled from the teacher
+    teacher_pool: int = TEACHER_POOL
+    compare_tokens: int = 2048  # 0: no int8/int4 comparison
+    time_budget: float | None = None  # minutes; fixes the steps per stage
+
+    def __post_init__(self) -> None:
+        if self.compression.output_weights and self.calibration_tokens <= 0:
+            raise TQCError(
+                "--output-weights weighs outputs by their gradients on calibration text: keep --calibration-tokens"
+            )
+        check_count("context", self.context, 2)
+        check_count("eval-tokens", self.eval_tokens, self.context)
+        check_count("calibration-tokens", self.calibration_tokens, 0, MAX_CALIBRATION_TOKENS)
+        check_count("teacher-pool", self.teacher_pool, 1, MAX_TEACHER_POOL)
+        check_teacher_fraction(self.teacher_fraction)
+        if self.compare_tokens:
+            check_count("compare-tokens", self.compare_tokens, self.context)
+        budget = self.time_budget
+        if budget is not None and (not math.isfinite(budget) or not 0 < budget <= MAX_TIME_BUDGET):
+            raise TQCError(f"--time-budget must be a number of minutes in (0, {MAX_TIME_BUDGET}], got {budget}")
+
+    @property
+    def stages(self) -> int:
+        layers = self.compression.layers
+        return self.compression.steps if layers is None else len({spec.step for _, spec in layers})
+
+
+@dataclass
+class RunRecord:
+    """What ``results.json`` holds while the run goes: every point evaluated so far, the distillation
+    settings as the time budget fixed them; written whole after each point (by rank 0 only)."""
+
+    out_dir: Path
+    source: str
+    run: RunConfig
+    distill: DistillConfig
+    started: float
+    writes: bool
+    points: list[dict]
+    budget: dict | None = None
+
+    def has(self, label: str) -> bool:
+        return any(point["label"] == label for point in self.points)
+
+    def add(self, point: dict) -> None:
+        self.points.append(point)
+        if self.writes:
+            write_results(self)
+
+
+def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
+    """The main job, in phases: data → teacher's point → calibration → plan and one-shot point →
+    time budget → multi-step distillation (a point per stage) → the saved model and the report.
+    Each point lands in ``results.json`` as it is measured; ``run.resume`` skips those already there."""
     main = is_main_process()  # under torchrun / accelerate launch every rank trains; rank 0 writes
-    out_dir = claim_directory(out_dir) if main else check_writable(out_dir)
+    out_dir = claim_directory(run.out_dir) if main else check_writable(run.out_dir)
     started = time.perf_counter()
-    teacher = loaded.model
-    settings = {
-        "data": data,
-        "teacher_fraction": teacher_fraction,
-        "teacher_pool": teacher_pool,
-        "eval_data": eval_data,
-        "calibration_tokens": calibration_tokens,
-        "compression": compression,
-        "distill": distill,
-    }
     phase = _phases(started)
-    stages = compression.steps if compression.layers is None else len({s.step for _, s in compression.layers})
-    phase("distillation data" + (" (sampling from the teacher)" if data == "teacher" or teacher_fraction else ""))
-    blocks = block_source_for(
-        data,
-        loaded,
-        distill,
-        out_dir,
-        fraction,
-        teacher_fraction,
-        # with a time budget the steps are not known yet: the teacher's pool is sampled at its cap
-        distill.steps * distill.batch_size * distill.grad_accum * stages if time_budget is None else 1 << 40,
-        teacher_pool,
-    )
-    phase("evaluation text and held-out teacher samples")
-    eval_sets = evaluation_sets(eval_data, loaded, eval_tokens, context, out_dir)
+    blocks, eval_sets = _data(loaded, run, out_dir, phase)
     results_path = out_dir / "results.json"
-    previous = read_json_file(results_path, RunResults) if resume and results_path.is_file() else {}
-    rows = previous.get("points", [])
+    previous = read_json_file(results_path, RunResults) if run.resume and results_path.is_file() else {}
+    record = RunRecord(out_dir, loaded.source, run, run.distill, started, main, previous.get("points", []))
+    teacher = loaded.model
 
-    def record(label: str, stage: int, model) -> None:
-        if any(r["label"] == label for r in rows):
-            return
-        phase(f"evaluating: {label}")
-        reference = rows[0] if rows and rows[0]["label"] == "teacher" else None
-        measured = evaluate_domains(model, teacher, eval_sets, context, loaded.tokenizer, reference)
-        domains = measured["domains"]
-        primary = next(iter(domains.values()))  # the evaluation text: perplexity, params, protocol
-        rows.append(
-            {
-                "label": label,
-                "stage": stage,
-                **{k: v for k, v in primary.items() if k not in ("held_out", "teacher_perplexity")},
-                "fidelity_kl": measured["fidelity_kl"],
-                "fidelity_top1": measured["fidelity_top1"],
-                "domains": {name: _domain_record(m) for name, m in domains.items()},
-            }
-        )
-        if main:
-            _write(out_dir, loaded, settings, rows, started)
+    def point(label: str, stage: int, model) -> None:
+        if not record.has(label):
+            phase(f"evaluating: {label}")
+            record.add(_evaluate_point(label, stage, model, teacher, eval_sets, run.context, loaded, record))
 
-    record("teacher", 0, teacher)
-    student = copy.deepcopy(teacher)
-    calibration = None
-    methods = {spec.method for _, spec in compression.layers} if compression.layers else {compression.method}
-    if calibration_tokens > 0 and any(m == "auto" or get_structure(m).calibrated_in_run for m in methods):
-        # fits in the output metric (auto, svd, tq, ...): plan once from the first distillation blocks
-        phase(f"calibration on {calibration_tokens:,} tokens of the distillation data")
-        calibration = torch.stack(list(itertools.islice(blocks(0), max(1, calibration_tokens // distill.seq_len))))
-    phase(f"planning ({compression.method})")
-    split_experts(student)  # exact: each expert matrix becomes a module a plan can name
-    plan = plan_compression(student, compression, calibration)
-    evaluation_seconds = None
-    if not any(r["label"] == "compressed (no KD)" for r in rows):
-        one_shot = copy.deepcopy(student)
-        refit = dict(calibration=calibration, teacher=teacher) if plan.sequential else {}
-        apply_plan(one_shot, plan, **refit)  # every stage at once, no distillation
-        evaluating = time.perf_counter()
-        record("compressed (no KD)", 0, one_shot)
-        evaluation_seconds = time.perf_counter() - evaluating
-        if len(plan.steps()) == 1:
-            student = one_shot  # stage 1 is this very model: distillation finds its layers in place, no second fit
-        del one_shot
-    if time_budget is not None:
-        budget = _budget_plan(
-            out_dir,
-            resume,
-            time_budget,
-            started,
-            teacher,
-            student,
-            blocks,
-            distill,
-            evaluation_seconds,
-            len(plan.steps()),
-            comparison_evaluations(compare_tokens, eval_tokens) if compare_tokens else 0,
-        )
+    point("teacher", 0, teacher)
+    calibration = _calibration(run, blocks, phase)
+    student, plan, evaluation_seconds = _plan_and_one_shot(teacher, run, calibration, record, point, phase)
+    if run.time_budget is not None:
+        budget = _budget_plan(record, teacher, student, blocks, evaluation_seconds, len(plan.steps()))
         phase(f"time budget: {budget.steps_per_stage} steps per stage ({budget.seconds_per_step:.1f} s each)")
-        distill = dataclasses.replace(distill, steps=budget.steps_per_stage)
-        settings["distill"], settings["budget"] = distill, budget.to_dict()
-
-    phase(f"distillation: {len(plan.steps())} stage(s) of {distill.steps} steps")
+        record.distill, record.budget = dataclasses.replace(run.distill, steps=budget.steps_per_stage), budget.to_dict()
+    phase(f"distillation: {len(plan.steps())} stage(s) of {record.distill.steps} steps")
     student = multistep_distill(
         teacher,
         student,
         blocks,
-        distill,
+        record.distill,
         out_dir,
         plan,
-        resume=resume,
+        resume=run.resume,
         tokenizer=loaded.tokenizer,
         teacher_name=loaded.source,
-        data_name=data_name(data, teacher_fraction, teacher_pool),
+        data_name=data_name(run.data, run.teacher_fraction, run.teacher_pool),
         calibration=calibration,
-        on_stage_end=lambda stage, model: record(f"after KD stage {stage}", stage, model),
+        on_stage_end=lambda stage, model: point(f"after KD stage {stage}", stage, model),
     )
     student.to("cpu")
     if not main:
         return {}
     save(student, out_dir / "model", loaded.tokenizer, base_model=loaded.source, plan=plan)
+    return _finish(record, loaded, student, eval_sets, phase)
+
+
+def _data(loaded: LoadedModel, run: RunConfig, out_dir: Path, phase) -> tuple:
+    """The distillation blocks and the evaluation sets (both may sample from the teacher, cached in ``out_dir``)."""
+    sampling = run.data == "teacher" or run.teacher_fraction
+    phase("distillation data" + (" (sampling from the teacher)" if sampling else ""))
+    distill = run.distill
+    # with a time budget the steps are not known yet: the teacher's pool is sampled at its cap
+    total = distill.steps * distill.batch_size * distill.grad_accum * run.stages if run.time_budget is None else 1 << 40
+    blocks = block_source_for(
+        run.data, loaded, distill, out_dir, run.fraction, run.teacher_fraction, total, run.teacher_pool
+    )
+    phase("evaluation text and held-out teacher samples")
+    return blocks, evaluation_sets(run.eval_data, loaded, run.eval_tokens, run.context, out_dir)
+
+
+def _evaluate_point(label: str, stage: int, model, teacher, eval_sets, context: int, loaded, record) -> dict:
+    """One row of ``results.json``: the in-domain text's figures, fidelity, and every domain's."""
+    reference = record.points[0] if record.points and record.points[0]["label"] == "teacher" else None
+    measured = evaluate_domains(model, teacher, eval_sets, context, loaded.tokenizer, reference)
+    domains = measured["domains"]
+    primary = next(iter(domains.values()))  # the evaluation text: perplexity, params, protocol
+    return {
+        "label": label,
+        "stage": stage,
+        **{k: v for k, v in primary.items() if k not in ("held_out", "teacher_perplexity")},
+        "fidelity_kl": measured["fidelity_kl"],
+        "fidelity_top1": measured["fidelity_top1"],
+        "domains": {name: _domain_record(m) for name, m in domains.items()},
+    }
+
+
+def _calibration(run: RunConfig, blocks, phase) -> torch.Tensor | None:
+    """Token ids to calibrate the fits on, when a planned structure fits in the output metric."""
+    compression = run.compression
+    methods = {spec.method for _, spec in compression.layers} if compression.layers else {compression.method}
+    if run.calibration_tokens <= 0 or not any(
+        m in planning_methods() or get_structure(m).calibrated_in_run for m in methods
+    ):
+        return None
+    # fits in the output metric (auto, svd, tq, ...): plan once from the first distillation blocks
+    phase(f"calibration on {run.calibration_tokens:,} tokens of the distillation data")
+    count = max(1, run.calibration_tokens // run.distill.seq_len)
+    return torch.stack(list(itertools.islice(blocks(0), count)))
+
+
+def _plan_and_one_shot(teacher, run: RunConfig, calibration, record: RunRecord, point, phase) -> tuple:
+    """The student to distil, the plan, and how long one evaluation took (``None`` when the one-shot
+    point was measured before, in the run being resumed)."""
+    phase(f"planning ({run.compression.method})")
+    student = copy.deepcopy(teacher)
+    split_experts(student)  # exact: each expert matrix becomes a module a plan can name
+    plan = plan_compression(student, run.compression, calibration)
+    if record.has("compressed (no KD)"):
+        return student, plan, None
+    one_shot = copy.deepcopy(student)
+    refit = dict(calibration=calibration, teacher=teacher) if plan.sequential else {}
+    apply_plan(one_shot, plan, **refit)  # every stage at once, no distillation
+    evaluating = time.perf_counter()
+    point("compressed (no KD)", 0, one_shot)
+    evaluation_seconds = time.perf_counter() - evaluating
+    # one stage: stage 1 is this very model, distillation finds its layers in place (no second fit)
+    return (one_shot if len(plan.steps()) == 1 else student), plan, evaluation_seconds
+
+
+def _finish(record: RunRecord, loaded: LoadedModel, student, eval_sets: dict, phase) -> dict:
+    """The comparison with quantization, the plan picture, continuations, memory and speed; the final write."""
+    run, teacher = record.run, loaded.model
     phase("plan picture, continuations, memory and speed")
     student.to(next(teacher.parameters()).device)  # side by side on one device
     phase("int8 and int4 of the teacher and of the student, for comparison")
-    quantized = (
-        quantized_rows(teacher, student, eval_sets, context, loaded.tokenizer, compare_tokens) if compare_tokens else []
-    )
+    compare = run.compare_tokens
+    quantized = quantized_rows(teacher, student, eval_sets, run.context, loaded.tokenizer, compare) if compare else []
     extras = {
         "quantized": quantized,
         "plan_cells": plan_cells(teacher, student),
         "continuations": greedy_continuations({"teacher": teacher, "student": student}, loaded.tokenizer, PROMPTS),
-        "footprint": footprint(teacher, student, out_dir / "model", next(iter(eval_sets.values())).ids, context),
+        "footprint": footprint(
+            teacher, student, record.out_dir / "model", next(iter(eval_sets.values())).ids, run.context
+        ),
     }
-    plot_plan(extras["plan_cells"], out_dir / "plan.png", f"{loaded.source}: the plan ({compression.method})")
-    return _write(out_dir, loaded, settings, rows, started, extras)
+    title = f"{loaded.source}: the plan ({run.compression.method})"
+    plot_plan(extras["plan_cells"], record.out_dir / "plan.png", title)
+    return write_results(record, extras)
 
 
-def _budget_plan(
-    out_dir: Path,
-    resume: bool,
-    minutes: float,
-    started: float,
-    teacher,
-    student,
-    blocks,
-    distill: DistillConfig,
-    evaluation_seconds: float | None,
-    stages: int,
-    comparison_evaluations: float,
-) -> BudgetPlan:
+def _budget_plan(record: RunRecord, teacher, student, blocks, evaluation_seconds: float | None, stages: int):
     """The run's budget plan: measured now, or, on resume, the one the run fixed before (budget.json)."""
-    path = out_dir / "budget.json"
-    if resume and path.is_file():
+    run = record.run
+    path = record.out_dir / "budget.json"
+    if run.resume and path.is_file():
         return BudgetPlan(**read_json_file(path, BudgetFile))
     if evaluation_seconds is None:
         raise TQCError(f"{path} is missing: this run cannot be resumed with --time-budget; start it again")
     stream = blocks(0)
-    batch = torch.stack([next(stream) for _ in range(distill.batch_size)])
-    step = seconds_per_step(teacher, student, batch, distill)
-    spent = time.perf_counter() - started + 3 * step  # the timing itself
-    plan = plan_steps(minutes, spent, step, evaluation_seconds, stages, comparison_evaluations)
+    batch = torch.stack([next(stream) for _ in range(run.distill.batch_size)])
+    step = seconds_per_step(teacher, student, batch, run.distill)
+    spent = time.perf_counter() - record.started + 3 * step  # the timing itself
+    comparison = comparison_evaluations(run.compare_tokens, run.eval_tokens) if run.compare_tokens else 0
+    plan = plan_steps(run.time_budget, spent, step, evaluation_seconds, stages, comparison)
     if is_main_process():
         write_json_atomic(path, plan.to_dict())
     return plan
@@ -382,37 +430,39 @@ def _phases(started: float):
     return phase
 
 
-def _write(out_dir: Path, loaded, settings: dict, rows: list[dict], started: float, extras: dict | None = None) -> dict:
-    compression, distill = settings["compression"], settings["distill"]
+def write_results(record: RunRecord, extras: dict | None = None) -> dict:
+    """``results.json``, ``report.md`` and the plots of the run so far (``extras``: the final write)."""
+    run, distill, rows = record.run, record.distill, record.points
+    compression = run.compression
     result = {
-        "base_model": loaded.source,
+        "base_model": record.source,
         "method": compression.method,
         "ratio": compression.ratio,
         "stages": sorted({r["stage"] for r in rows if r["stage"] > 0}),
-        "data": settings["data"],
-        "teacher_fraction": settings["teacher_fraction"],
-        "teacher_pool_blocks": settings["teacher_pool"],
-        "calibration_tokens": settings["calibration_tokens"],
-        "eval_data": settings["eval_data"] or TEACHER_DOMAIN,
+        "data": run.data,
+        "teacher_fraction": run.teacher_fraction,
+        "teacher_pool_blocks": run.teacher_pool,
+        "calibration_tokens": run.calibration_tokens,
+        "eval_data": run.eval_data or TEACHER_DOMAIN,
         "second_domain": f"{TEACHER_DOMAIN}: sequences sampled from the teacher (temperature 1, top-k 50, from the "
         f"start token) with seed {EVAL_SEED}, which no distillation or calibration sample uses",
         "kd_tokens_per_stage": distill.steps * distill.batch_size * distill.grad_accum * distill.seq_len,
         "distill": asdict(distill),
         "training_precision": training_precision(distill.mixed_precision),  # what "auto" meant on this machine
-        "budget": settings.get("budget"),
+        "budget": record.budget,
         "compression": {k: v for k, v in asdict(compression).items() if k != "layers"},
         "counting": "every parameter counted once (tied embedding/head once); permutation index buffers excluded",
         "points": rows,
         "versions": library_versions(),
         **(extras or {}),
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - record.started,
         "complete": extras is not None,
     }
-    write_json_atomic(out_dir / "results.json", result)
-    write_text_atomic(out_dir / "report.md", format_report(result))
-    plot_points(rows, out_dir / "perplexity.png", f"{loaded.source}: {compression.method}")
+    write_json_atomic(record.out_dir / "results.json", result)
+    write_text_atomic(record.out_dir / "report.md", format_report(result))
+    plot_points(rows, record.out_dir / "perplexity.png", f"{record.source}: {compression.method}")
     if rows and rows[0].get("fidelity_kl") is not None:
-        plot_fidelity(rows, (extras or {}).get("quantized", []), out_dir / "fidelity.png", loaded.source)
+        plot_fidelity(rows, (extras or {}).get("quantized", []), record.out_dir / "fidelity.png", record.source)
     return result
 
 
