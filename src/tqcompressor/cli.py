@@ -11,7 +11,7 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -107,7 +107,7 @@ def with_distill_options(command):
     """Give ``command`` the options of :data:`DISTILL_OPTIONS`; it receives them as one
     :class:`~tqcompressor.training.distill.DistillConfig` ``kd`` (with its own ``steps`` and
     ``checkpoint_every``, which differ between commands)."""
-    own = [p for name, p in inspect.signature(command).parameters.items() if name != "kd"]
+    own = [p for name, p in inspect.signature(command, eval_str=True).parameters.items() if name != "kd"]
     shared = [
         inspect.Parameter(
             name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=typer.Option(default, help=text)
@@ -153,78 +153,85 @@ def _split(text: Optional[str]) -> Optional[list[str]]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+# `tqc compress` options whose help takes more than a line
+CompressRatio = Annotated[
+    Optional[float], typer.Option(help="fraction of the whole model's parameters to keep, in (0, 1] [default: 0.65]")
+]
+CompressSteps = Annotated[
+    Optional[int], typer.Option(help="spread the automatic plan over this many distillation steps [default: 1]")
+]
+CompressPrefer = Annotated[
+    Optional[str],
+    typer.Option(help="budget solver: accuracy | speed (B one row wide: faster layers) [default: accuracy]"),
+]
+CompressAutoMethods = Annotated[
+    Optional[str],
+    typer.Option(
+        help="--method auto: comma-separated structures it may choose, "
+        f"or 'all' (default: {','.join(recipe.AUTO_METHODS)}; dense is always allowed)"
+    ),
+]
+CompressCalibration = Annotated[
+    Optional[str],
+    typer.Option(
+        help="text (file/dir/glob, dataset name) or 'teacher': activation-aware fits (best with --method auto)"
+    ),
+]
+CompressSequential = Annotated[
+    bool,
+    typer.Option(
+        help="with --calibration: refit each block's layers to the original model's outputs from the inputs "
+        "the compressed model feeds them (compensates earlier layers' errors)"
+    ),
+]
+CompressOutputWeights = Annotated[
+    bool,
+    typer.Option(
+        help="with calibration and --method auto: weight each layer's outputs by the loss's gradient "
+        "energy there (Fisher row weights, as FWSVD) when choosing ranks and fitting"
+    ),
+]
+CompressQuantize = Annotated[
+    Optional[str], typer.Option(help="then store the factors and the remaining matrices in int8 or int4 (weight-only)")
+]
+
+
 @app.command()
 def compress(
     model: str = typer.Option(DEFAULT_MODEL, help="hub id, local HF dir, .gguf file, or 'smollm2-135m'"),
     method: Optional[str] = typer.Option(None, help=_methods_help() + " [default: tq]"),
-    ratio: Optional[float] = typer.Option(
-        None, help="fraction of the whole model's parameters to keep, in (0, 1] [default: 0.65]"
-    ),
+    ratio: CompressRatio = None,
     target_params: Optional[int] = typer.Option(None, help="absolute parameter budget (instead of --ratio)"),
     target_modules: Optional[str] = typer.Option(None, help="comma-separated module names/patterns"),
     spec: Optional[Path] = typer.Option(None, help="explicit per-layer spec file (YAML/JSON) instead of a budget"),
-    steps: Optional[int] = typer.Option(
-        None, help="spread the automatic plan over this many distillation steps [default: 1]"
-    ),
+    steps: CompressSteps = None,
     out: Path = typer.Option(..., help="output directory"),
     max_iterations: int = typer.Option(20, help="permutation-search rounds per matrix (tq)"),
-    prefer: Optional[str] = typer.Option(
-        None, help="budget solver: accuracy | speed (B one row wide: faster layers) [default: accuracy]"
-    ),
-    auto_methods: Optional[str] = typer.Option(
-        None,
-        help="--method auto: comma-separated structures it may choose, "
-        f"or 'all' (default: {','.join(recipe.AUTO_METHODS)}; dense is always allowed)",
-    ),
-    calibration: Optional[str] = typer.Option(
-        None, help="text (file/dir/glob, dataset name) or 'teacher': activation-aware fits (best with --method auto)"
-    ),
+    prefer: CompressPrefer = None,
+    auto_methods: CompressAutoMethods = None,
+    calibration: CompressCalibration = None,
     calibration_tokens: int = typer.Option(8192, help="calibration tokens (in blocks of 256)"),
-    sequential: bool = typer.Option(
-        False,
-        help="with --calibration: refit each block's layers to the original model's outputs from the inputs "
-        "the compressed model feeds them (compensates earlier layers' errors)",
-    ),
-    output_weights: bool = typer.Option(
-        False,
-        help="with calibration and --method auto: weight each layer's outputs by the loss's gradient "
-        "energy there (Fisher row weights, as FWSVD) when choosing ranks and fitting",
-    ),
-    quantize: Optional[str] = typer.Option(
-        None, help="then store the factors and the remaining matrices in int8 or int4 (weight-only)"
-    ),
+    sequential: CompressSequential = False,
+    output_weights: CompressOutputWeights = False,
+    quantize: CompressQuantize = None,
     group_size: int = typer.Option(32, help="with --quantize int4: inputs sharing one scale (32, 64, 128, 256)"),
 ) -> None:
     """Compress a model and write a model dir plus compression.json (and quantization.json with --quantize)."""
 
     check_writable(out, inputs=[model, spec, calibration])  # before the long work, not after it
-    if spec is not None:
-        _check_spec_alone(
-            method=method,
-            ratio=ratio,
-            target_params=target_params,
-            target_modules=target_modules,
-            steps=steps,
-            auto_methods=auto_methods,
-            prefer=prefer,
-        )
-        config = load_spec(spec)
-    else:
-        method = method or "tq"
-        if ratio is None and target_params is None:
-            ratio = 0.65
-        config = CompressionConfig(
-            method=method,
-            ratio=ratio,
-            target_params=target_params,
-            target_modules=_split(target_modules),
-            steps=steps or 1,
-            max_iterations=max_iterations,
-            prefer=prefer or "accuracy",
-            auto_methods=_auto_methods(auto_methods, method),
-            sequential=sequential,
-            output_weights=output_weights,
-        )
+    config = _compress_config(
+        spec,
+        method,
+        ratio,
+        target_params,
+        target_modules,
+        steps,
+        max_iterations,
+        prefer,
+        auto_methods,
+        sequential,
+        output_weights,
+    )
     if output_weights and calibration is None:
         raise TQCError("--output-weights weighs outputs by their gradients on calibration text: give --calibration")
     if sequential and calibration is None:
@@ -250,6 +257,48 @@ def compress(
     if quantized is not None:
         typer.echo(format_quantization_table(json.loads((Path(out) / "quantization.json").read_text())))
     typer.echo(f"wrote {out}")
+
+
+def _compress_config(
+    spec,
+    method,
+    ratio,
+    target_params,
+    target_modules,
+    steps,
+    max_iterations,
+    prefer,
+    auto_methods,
+    sequential,
+    output_weights,
+) -> CompressionConfig:
+    """``tqc compress``'s compression: a spec file (alone), or a budget with the defaults for what is not given."""
+    if spec is not None:
+        _check_spec_alone(
+            method=method,
+            ratio=ratio,
+            target_params=target_params,
+            target_modules=target_modules,
+            steps=steps,
+            auto_methods=auto_methods,
+            prefer=prefer,
+        )
+        return load_spec(spec)
+    method = method or "tq"
+    if ratio is None and target_params is None:
+        ratio = 0.65
+    return CompressionConfig(
+        method=method,
+        ratio=ratio,
+        target_params=target_params,
+        target_modules=_split(target_modules),
+        steps=steps or 1,
+        max_iterations=max_iterations,
+        prefer=prefer or "accuracy",
+        auto_methods=_auto_methods(auto_methods, method),
+        sequential=sequential,
+        output_weights=output_weights,
+    )
 
 
 @app.command()
@@ -449,20 +498,31 @@ def _distill(teacher, student, data, fraction, teacher_fraction, teacher_pool, o
         typer.echo(f"wrote {out / 'model'}; metrics in {out / 'metrics.jsonl'}")
 
 
+# `tqc eval` options whose help takes more than a line
+EvalData = Annotated[
+    Optional[str],
+    typer.Option(
+        help="text file/dir/glob, a dataset name (wikitext), or lambada / lambada:FILE for last-word accuracy "
+        "(optional with --teacher: the fidelity suite needs none)"
+    ),
+]
+EvalTeacher = Annotated[
+    Optional[str], typer.Option(help="the model it came from: KL and top-1 agreement on --data, and the fidelity suite")
+]
+EvalFidelity = Annotated[
+    bool,
+    typer.Option(
+        help="with --teacher: fidelity on held-out text (teacher samples, prose, docs, code), led by fidelity KL"
+    ),
+]
+
+
 @app.command(name="eval")
 def eval_command(
     model: str = typer.Option(..., help="a compressed dir or any model --model accepts"),
-    data: Optional[str] = typer.Option(
-        None,
-        help="text file/dir/glob, a dataset name (wikitext), or lambada / lambada:FILE for last-word accuracy "
-        "(optional with --teacher: the fidelity suite needs none)",
-    ),
-    teacher: Optional[str] = typer.Option(
-        None, help="the model it came from: KL and top-1 agreement on --data, and the fidelity suite"
-    ),
-    fidelity: bool = typer.Option(
-        True, help="with --teacher: fidelity on held-out text (teacher samples, prose, docs, code), led by fidelity KL"
-    ),
+    data: EvalData = None,
+    teacher: EvalTeacher = None,
+    fidelity: EvalFidelity = True,
     fidelity_tokens: int = typer.Option(8192, help="tokens of each held-out domain"),
     context: int = typer.Option(512, help="window length (tokens)"),
     stride: Optional[int] = typer.Option(None, help="window stride (tokens); default = context"),
@@ -554,68 +614,100 @@ def _passages(path: str):
         ) from None
 
 
+# `tqc run` options whose help takes more than a line
+RunRatio = Annotated[
+    Optional[float], typer.Option(help="fraction of the whole model's parameters to keep [default: 0.65]")
+]
+RunStages = Annotated[
+    Optional[int], typer.Option(help=f"compression/distillation steps (upper layers first) [default: {recipe.STAGES}]")
+]
+RunPrefer = Annotated[
+    Optional[str],
+    typer.Option(help="budget solver: accuracy | speed (B one row wide: faster layers) [default: accuracy]"),
+]
+RunAutoMethods = Annotated[
+    Optional[str],
+    typer.Option(
+        help="--method auto: comma-separated structures it may choose, "
+        f"or 'all' (default: {','.join(recipe.AUTO_METHODS)}; dense is always allowed)"
+    ),
+]
+RunTeacherFraction = Annotated[
+    float,
+    typer.Option(
+        help="fraction of the distillation (and calibration) blocks sampled from the teacher, mixed evenly into --data"
+    ),
+]
+RunTeacherPool = Annotated[
+    int, typer.Option(help="teacher blocks sampled once (then cycled) for --data teacher or --teacher-fraction")
+]
+RunSteps = Annotated[
+    Optional[int],
+    typer.Option(help=f"distillation steps per stage [default: {recipe.STEPS}, or what --time-budget allows]"),
+]
+RunCalibrationTokens = Annotated[
+    int,
+    typer.Option(
+        help="distillation tokens the fits are calibrated on (0: weight-space fits, e.g. the paper's tq as is)"
+    ),
+]
+RunSequential = Annotated[
+    bool,
+    typer.Option(
+        help="refit each block's layers to the teacher's outputs from the inputs the compressed "
+        "model feeds them, before distilling (needs calibration)"
+    ),
+]
+RunOutputWeights = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--output-weights/--no-output-weights",
+        help="weight each layer's outputs by the loss's gradient energy there (Fisher row weights, as FWSVD) when "
+        "choosing ranks and fitting; needs calibration and --method auto (default: on wherever it applies)",
+    ),
+]
+RunCompareTokens = Annotated[
+    int,
+    typer.Option(
+        help="beside the student, fidelity of the teacher and the student in fp32, int8 and int4 (groups of 32 "
+        "and 128) on this many tokens of each held-out domain, at most --eval-tokens (0: skip the comparison)"
+    ),
+]
+RunTimeBudget = Annotated[
+    Optional[float],
+    typer.Option(
+        help="minutes the whole job may take: the run times one distillation step and fixes --steps so that "
+        "sampling, compression, distillation and evaluation end inside it"
+    ),
+]
+
+
 @app.command()
 @with_distill_options
 def run(
     model: str = typer.Option(DEFAULT_MODEL, help="the model to compress (and the teacher)"),
     method: Optional[str] = typer.Option(None, help=_methods_help() + f" [default: {recipe.METHOD}]"),
-    ratio: Optional[float] = typer.Option(
-        None, help="fraction of the whole model's parameters to keep [default: 0.65]"
-    ),
-    stages: Optional[int] = typer.Option(
-        None, help=f"compression/distillation steps (upper layers first) [default: {recipe.STAGES}]"
-    ),
-    prefer: Optional[str] = typer.Option(
-        None, help="budget solver: accuracy | speed (B one row wide: faster layers) [default: accuracy]"
-    ),
-    auto_methods: Optional[str] = typer.Option(
-        None,
-        help="--method auto: comma-separated structures it may choose, "
-        f"or 'all' (default: {','.join(recipe.AUTO_METHODS)}; dense is always allowed)",
-    ),
+    ratio: RunRatio = None,
+    stages: RunStages = None,
+    prefer: RunPrefer = None,
+    auto_methods: RunAutoMethods = None,
     spec: Optional[Path] = typer.Option(None, help="explicit per-layer plan instead of --ratio/--stages"),
     data: str = typer.Option("teacher", help="distillation text (file/dir/glob, dataset name) or 'teacher'"),
     fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split"),
-    teacher_fraction: float = typer.Option(
-        recipe.TEACHER_FRACTION,
-        help="fraction of the distillation (and calibration) blocks sampled from the teacher, mixed evenly into --data",
-    ),
-    teacher_pool: int = typer.Option(
-        recipe.TEACHER_POOL, help="teacher blocks sampled once (then cycled) for --data teacher or --teacher-fraction"
-    ),
+    teacher_fraction: RunTeacherFraction = recipe.TEACHER_FRACTION,
+    teacher_pool: RunTeacherPool = recipe.TEACHER_POOL,
     eval_data: Optional[str] = typer.Option(None, help="evaluation text; default: held-out teacher samples"),
     eval_tokens: int = typer.Option(8192, help="tokens to evaluate on"),
     context: int = typer.Option(512, help="evaluation window"),
-    steps: Optional[int] = typer.Option(
-        None, help=f"distillation steps per stage [default: {recipe.STEPS}, or what --time-budget allows]"
-    ),
+    steps: RunSteps = None,
     checkpoint_every: int = typer.Option(20, help="optimizer steps between checkpoints"),
     out: Path = typer.Option(Path("out/run"), help="run dir: report.md, results.json, perplexity.png, model/"),
     resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
-    calibration_tokens: int = typer.Option(
-        8192, help="distillation tokens the fits are calibrated on (0: weight-space fits, e.g. the paper's tq as is)"
-    ),
-    sequential: bool = typer.Option(
-        recipe.SEQUENTIAL,
-        help="refit each block's layers to the teacher's outputs from the inputs the compressed "
-        "model feeds them, before distilling (needs calibration)",
-    ),
-    output_weights: Optional[bool] = typer.Option(
-        None,
-        "--output-weights/--no-output-weights",
-        help="weight each layer's outputs by the loss's gradient energy there (Fisher row weights, as FWSVD) when "
-        "choosing ranks and fitting; needs calibration and --method auto (default: on wherever it applies)",
-    ),
-    compare_tokens: int = typer.Option(
-        2048,
-        help="beside the student, fidelity of the teacher and the student in fp32, int8 and int4 (groups of 32 "
-        "and 128) on this many tokens of each held-out domain, at most --eval-tokens (0: skip the comparison)",
-    ),
-    time_budget: Optional[float] = typer.Option(
-        None,
-        help="minutes the whole job may take: the run times one distillation step and fixes --steps so that "
-        "sampling, compression, distillation and evaluation end inside it",
-    ),
+    calibration_tokens: RunCalibrationTokens = 8192,
+    sequential: RunSequential = recipe.SEQUENTIAL,
+    output_weights: RunOutputWeights = None,
+    compare_tokens: RunCompareTokens = 2048,
+    time_budget: RunTimeBudget = None,
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
     """The main job: compress, distill step by step, evaluate fidelity, write report.md and plots."""

@@ -82,16 +82,8 @@ def evaluate(
             logits = model(inputs).logits.float()
             teacher_logits = teacher(inputs).logits.float() if teacher is not None else None
             for row, (b, e, scored) in enumerate(group):
-                length = e - b + len(lead)
-                pred = logits[row, length - scored - 1 : length - 1]
-                target = inputs[row, length - scored :]
-                log_probs = F.log_softmax(pred, dim=-1)
-                nll -= float(log_probs.gather(-1, target[:, None]).sum())
-                if teacher_logits is not None:
-                    t_log_probs = F.log_softmax(teacher_logits[row, length - scored - 1 : length - 1], dim=-1)
-                    kl += float((t_log_probs.exp() * (t_log_probs - log_probs)).sum())
-                    agree += int((t_log_probs.argmax(-1) == pred.argmax(-1)).sum())
-                count += scored
+                sums = _scored_sums(inputs[row], logits[row], teacher_logits, row, e - b + len(lead), scored)
+                nll, kl, agree, count = nll + sums[0], kl + sums[1], agree + sums[2], count + scored
     result = {
         "perplexity": math.exp(nll / count),
         "nll_per_token": nll / count,
@@ -102,13 +94,34 @@ def evaluate(
     if teacher is not None:
         result["kl_to_teacher"] = kl / count
         result["top1_agreement"] = agree / count
-    if tokenizer is not None:  # words and bytes of the scored tokens only, like the NLL they divide
-        spans = [tokenizer.decode(ids[e - scored : e].tolist()) for _, e, scored in plan]
-        words, text_bytes = sum(len(t.split()) for t in spans), sum(len(t.encode("utf-8")) for t in spans)
-        result["word_perplexity"] = math.exp(nll / max(words, 1))
-        result["byte_perplexity"] = math.exp(nll / max(text_bytes, 1))
-        result["bits_per_byte"] = nll / max(text_bytes, 1) / math.log(2)
+    if tokenizer is not None:
+        result.update(_text_level(nll, ids, plan, tokenizer))
     return result
+
+
+def _scored_sums(inputs, logits, teacher_logits, row: int, length: int, scored: int) -> tuple[float, float, int]:
+    """Negative log-likelihood, KL(teacher || model) and top-1 agreements over one window's last
+    ``scored`` positions (``teacher_logits``: the batch's, or ``None``)."""
+    pred = logits[length - scored - 1 : length - 1]
+    target = inputs[length - scored :]
+    log_probs = F.log_softmax(pred, dim=-1)
+    nll = -float(log_probs.gather(-1, target[:, None]).sum())
+    if teacher_logits is None:
+        return nll, 0.0, 0
+    t_log_probs = F.log_softmax(teacher_logits[row, length - scored - 1 : length - 1], dim=-1)
+    kl = float((t_log_probs.exp() * (t_log_probs - log_probs)).sum())
+    return nll, kl, int((t_log_probs.argmax(-1) == pred.argmax(-1)).sum())
+
+
+def _text_level(nll: float, ids, plan, tokenizer) -> dict:
+    """Word- and byte-level perplexity: words and bytes of the scored tokens only, like the NLL they divide."""
+    spans = [tokenizer.decode(ids[e - scored : e].tolist()) for _, e, scored in plan]
+    words, text_bytes = sum(len(t.split()) for t in spans), sum(len(t.encode("utf-8")) for t in spans)
+    return {
+        "word_perplexity": math.exp(nll / max(words, 1)),
+        "byte_perplexity": math.exp(nll / max(text_bytes, 1)),
+        "bits_per_byte": nll / max(text_bytes, 1) / math.log(2),
+    }
 
 
 def _same_length_groups(batch):

@@ -12,6 +12,8 @@ of TQCompressor is in :mod:`tqcompressor.linalg.permutation`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -156,60 +158,77 @@ def output_metric_kronecker(
     c = damped_cov(input_cov, damping)
     p = product if product is not None else w @ c
     total = max(float((p * w).sum()), 1e-300)
-    # C and W C with the A-indices in front: every contraction below is one matrix product
     c_blocks = c.reshape(n1, n2, n1, n2).permute(0, 2, 1, 3).reshape(n1 * n1, n2 * n2)  # [(j1,j1'), (j2,j2')]
     p_blocks = p.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)  # [(i1,j1), (i2,j2)]
     a, b = a.to(torch.float64).clone(), b.to(torch.float64).clone()
 
-    # With the factor x of one side stacked as the unknowns of the system (gram, rhs) that the other
-    # side sets up, tr(D C D^T) = tr(W C W^T) - 2 <x, rhs> + <x, gram x>: each step's error costs
-    # no product with C (the exact error is computed once, at the end).
-    def a_system(b):  # G[(k,j1),(l,j1')] = sum_{i2,j2,j2'} B_k[i2,j2] C[(j1,j2),(j1',j2')] B_l[i2,j2']
-        pairs = torch.einsum("kpq,lps->klqs", b, b).reshape(rank * rank, n2 * n2)
-        gram = (c_blocks @ pairs.T).reshape(n1, n1, rank, rank).permute(2, 0, 3, 1).reshape(rank * n1, rank * n1)
-        rhs = (p_blocks @ b.reshape(rank, m2 * n2).T).reshape(m1, n1, rank).permute(2, 1, 0)
-        return gram, rhs.reshape(rank * n1, m1)
-
-    def b_system(a):  # H[(k,j2),(l,j2')] = sum_{i1,j1,j1'} A_k[i1,j1] C[(j1,j2),(j1',j2')] A_l[i1,j1']
-        stacked = a.permute(1, 0, 2).reshape(m1, rank * n1)
-        pairs = (stacked.T @ stacked).reshape(rank, n1, rank, n1).permute(0, 2, 1, 3).reshape(rank * rank, n1 * n1)
-        gram = (pairs @ c_blocks).reshape(rank, rank, n2, n2).permute(0, 2, 1, 3).reshape(rank * n2, rank * n2)
-        rhs = (a.reshape(rank, m1 * n1) @ p_blocks).reshape(rank, m2, n2).permute(0, 2, 1)
-        return gram, rhs.reshape(rank * n2, m2)
-
-    def error(gram, rhs, x) -> float:
-        return (max(total - 2 * float((x * rhs).sum()) + float((x * (gram @ x)).sum()), 0.0) / total) ** 0.5
-
-    def solve(gram: Tensor, rhs: Tensor) -> Tensor:
-        # gram is symmetric positive (semi)definite: Cholesky, half the work of a general solve
-        ridged = gram.clone()
-        ridged.diagonal().add_(1e-12 * float(gram.diagonal().mean()) or 1e-300)  # only guards exact singularity
-        if solve_dtype != torch.float64:
-            factor, info = torch.linalg.cholesky_ex(ridged.to(solve_dtype))
-            if int(info) == 0:
-                return torch.cholesky_solve(rhs.to(solve_dtype), factor).to(torch.float64)
-        factor, info = torch.linalg.cholesky_ex(ridged)
-        if int(info) != 0:  # not numerically positive definite after all: a general solve
-            return torch.linalg.lstsq(gram, rhs).solution
-        return torch.cholesky_solve(rhs, factor)
-
-    gram, rhs = a_system(b)
-    history = [error(gram, rhs, a.transpose(1, 2).reshape(rank * n1, m1))]
+    blocks = _KroneckerBlocks(c_blocks, p_blocks, rank, (m1, n1), (m2, n2))
+    gram, rhs = blocks.a_system(b)
+    history = [_expanded_error(gram, rhs, a.transpose(1, 2).reshape(rank * n1, m1), total)]
     for _ in range(max_iterations):
-        a = solve(gram, rhs).reshape(rank, n1, m1).transpose(1, 2).contiguous()
-        gram, rhs = b_system(a)
-        x = solve(gram, rhs)
+        a = _solve_psd(gram, rhs, solve_dtype).reshape(rank, n1, m1).transpose(1, 2).contiguous()
+        gram, rhs = blocks.b_system(a)
+        x = _solve_psd(gram, rhs, solve_dtype)
         b = x.reshape(rank, n2, m2).transpose(1, 2).contiguous()
-        history.append(error(gram, rhs, x))
+        history.append(_expanded_error(gram, rhs, x, total))
         # keep each term's two factors at the same scale (the product is unchanged)
         ratio = (a.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1).clamp_min(1e-300)).clamp_min(1e-300).sqrt()
         a, b = a / ratio[:, None, None], b * ratio[:, None, None]
-        gram, rhs = a_system(b)
+        gram, rhs = blocks.a_system(b)
         if history[-1] > history[-2] * (1 - tolerance):
             break
     d = w - kronecker_sum(a, b)  # the last error exactly (the expansion above cancels when it is tiny)
     history[-1] = (max(float((d @ c * d).sum()), 0.0) / total) ** 0.5
     return a, b, history
+
+
+class _KroneckerBlocks(NamedTuple):
+    """``C`` and ``W C`` with the A-indices in front (``c``: [(j1,j1'), (j2,j2')], ``p``: [(i1,j1), (i2,j2)]),
+    so that every contraction of the alternating solve is one matrix product. With the factor ``x`` of
+    one side stacked as the unknowns of the system (gram, rhs) that the other side sets up,
+    ``tr(D C D^T) = tr(W C W^T) - 2 <x, rhs> + <x, gram x>``: each step's error costs no product with C."""
+
+    c: Tensor
+    p: Tensor
+    rank: int
+    a_shape: tuple[int, int]
+    b_shape: tuple[int, int]
+
+    def a_system(self, b: Tensor) -> tuple[Tensor, Tensor]:
+        """G[(k,j1),(l,j1')] = sum_{i2,j2,j2'} B_k[i2,j2] C[(j1,j2),(j1',j2')] B_l[i2,j2']."""
+        rank, (m1, n1), (m2, n2) = self.rank, self.a_shape, self.b_shape
+        pairs = torch.einsum("kpq,lps->klqs", b, b).reshape(rank * rank, n2 * n2)
+        gram = (self.c @ pairs.T).reshape(n1, n1, rank, rank).permute(2, 0, 3, 1).reshape(rank * n1, rank * n1)
+        rhs = (self.p @ b.reshape(rank, m2 * n2).T).reshape(m1, n1, rank).permute(2, 1, 0)
+        return gram, rhs.reshape(rank * n1, m1)
+
+    def b_system(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """H[(k,j2),(l,j2')] = sum_{i1,j1,j1'} A_k[i1,j1] C[(j1,j2),(j1',j2')] A_l[i1,j1']."""
+        rank, (m1, n1), (m2, n2) = self.rank, self.a_shape, self.b_shape
+        stacked = a.permute(1, 0, 2).reshape(m1, rank * n1)
+        pairs = (stacked.T @ stacked).reshape(rank, n1, rank, n1).permute(0, 2, 1, 3).reshape(rank * rank, n1 * n1)
+        gram = (pairs @ self.c).reshape(rank, rank, n2, n2).permute(0, 2, 1, 3).reshape(rank * n2, rank * n2)
+        rhs = (a.reshape(rank, m1 * n1) @ self.p).reshape(rank, m2, n2).permute(0, 2, 1)
+        return gram, rhs.reshape(rank * n2, m2)
+
+
+def _expanded_error(gram: Tensor, rhs: Tensor, x: Tensor, total: float) -> float:
+    return (max(total - 2 * float((x * rhs).sum()) + float((x * (gram @ x)).sum()), 0.0) / total) ** 0.5
+
+
+def _solve_psd(gram: Tensor, rhs: Tensor, solve_dtype: torch.dtype) -> Tensor:
+    """``gram^-1 rhs`` for a symmetric positive (semi)definite ``gram``: Cholesky, half the work of a
+    general solve (in ``solve_dtype`` first, float64 if that factorisation fails)."""
+    ridged = gram.clone()
+    ridged.diagonal().add_(1e-12 * float(gram.diagonal().mean()) or 1e-300)  # only guards exact singularity
+    if solve_dtype != torch.float64:
+        factor, info = torch.linalg.cholesky_ex(ridged.to(solve_dtype))
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs.to(solve_dtype), factor).to(torch.float64)
+    factor, info = torch.linalg.cholesky_ex(ridged)
+    if int(info) != 0:  # not numerically positive definite after all: a general solve
+        return torch.linalg.lstsq(gram, rhs).solution
+    return torch.cholesky_solve(rhs, factor)
 
 
 def output_error(weight: Tensor, approx: Tensor, input_cov: Tensor) -> float:

@@ -171,37 +171,16 @@ def output_metric_search(
     c = damped_cov(input_cov)
     _, m1, n1 = starts[0][2].shape
     _, m2, n2 = starts[0][3].shape
-    search_rows, search_cols = m1 > 1 and m2 > 1, n1 > 1 and n2 > 1
-    wc = w @ c
-
-    def refit(row_perm, col_perm, a, b, iterations):
-        a, b, history = output_metric_kronecker(
-            w[row_perm][:, col_perm],
-            c[col_perm][:, col_perm],
-            a,
-            b,
-            iterations,
-            tolerance,
-            damping=0.0,
-            product=wc[row_perm][:, col_perm],
-        )
-        return a, b, history[-1]
-
-    fitted = [(r, col, *refit(r, col, a.double(), b.double(), CONVERGE_STEPS)) for r, col, a, b in starts]
+    problem = _OutputProblem(w, c, w @ c, tolerance)
+    fitted = [(r, col, *problem.refit(r, col, a.double(), b.double(), CONVERGE_STEPS)) for r, col, a, b in starts]
     row_perm, col_perm, a, b, error = min(fitted, key=lambda f: f[4])
     history = [error]
-    for _ in range(max_iterations if (search_rows or search_cols) else 0):
+    axes = [axis for axis, enabled in ((0, m1 > 1 and m2 > 1), (1, n1 > 1 and n2 > 1)) if enabled]
+    for _ in range(max_iterations if axes else 0):
         improved = False
-        for axis, enabled in ((0, search_rows), (1, search_cols)):
-            if not enabled:
-                continue
-            k = kronecker_sum(a, b)
-            if axis == 0:
-                new_row = output_row_assignment(w[:, col_perm], c[col_perm][:, col_perm], k, wc[:, col_perm])
-                new_col = col_perm
-            else:
-                new_row, new_col = row_perm, assign(w[row_perm].T, k.T, weights=c.diagonal())
-            new_a, new_b, new_error = refit(new_row, new_col, a, b, STEP_STEPS)
+        for axis in axes:
+            new_row, new_col = problem.propose(axis, row_perm, col_perm, kronecker_sum(a, b))
+            new_a, new_b, new_error = problem.refit(new_row, new_col, a, b, STEP_STEPS)
             if new_error < history[-1] * (1 - tolerance):
                 row_perm, col_perm, a, b = new_row, new_col, new_a, new_b
                 history.append(new_error)
@@ -209,9 +188,39 @@ def output_metric_search(
         if not improved:
             break
     if len(history) > 1:  # converge the factors of the final permutations
-        a, b, error = refit(row_perm, col_perm, a, b, CONVERGE_STEPS)
+        a, b, error = problem.refit(row_perm, col_perm, a, b, CONVERGE_STEPS)
         history[-1] = min(history[-1], error)
     return PermutedKronecker(a, b, row_perm, col_perm, history)
+
+
+class _OutputProblem(NamedTuple):
+    """One matrix's output-metric search: ``w``, the damped input moment ``c``, ``w @ c``."""
+
+    w: Tensor
+    c: Tensor
+    wc: Tensor
+    tolerance: float
+
+    def refit(self, row_perm: Tensor, col_perm: Tensor, a: Tensor, b: Tensor, iterations: int):
+        """The factors for these permutations, refined from ``(a, b)``, and their relative output error."""
+        a, b, history = output_metric_kronecker(
+            self.w[row_perm][:, col_perm],
+            self.c[col_perm][:, col_perm],
+            a,
+            b,
+            iterations,
+            self.tolerance,
+            damping=0.0,
+            product=self.wc[row_perm][:, col_perm],
+        )
+        return a, b, history[-1]
+
+    def propose(self, axis: int, row_perm: Tensor, col_perm: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """New permutations for one axis (0: rows, by exact output cost; 1: columns, by energy-weighted distance)."""
+        if axis == 0:
+            c = self.c[col_perm][:, col_perm]
+            return output_row_assignment(self.w[:, col_perm], c, k, self.wc[:, col_perm]), col_perm
+        return row_perm, assign(self.w[row_perm].T, k.T, weights=self.c.diagonal())
 
 
 def output_row_assignment(w: Tensor, c: Tensor, target: Tensor, product: Tensor | None = None) -> Tensor:

@@ -75,32 +75,51 @@ def calibrate(
     """Statistics of the modules ``names`` of ``model`` over token blocks ``ids`` (batch, seq_len)."""
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise TQCError(f"calibration tokens must be a (blocks, seq_len >= 2) tensor, got shape {tuple(ids.shape)}")
-    cov: dict[str, Tensor] = {}
-    grad: dict[str, float] = {name: 0.0 for name in names}
-    grad_rows: dict[str, Tensor] = {}
-    seen: dict[str, int] = {name: 0 for name in names}  # an MoE expert sees only the tokens routed to it
+    sums = _Sums(names)
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(sums.input_hook(name)))
+        handles.append(module.register_forward_hook(sums.output_hook(name)))
+    try:
+        _forward_backward(model, ids, batch_size, progress)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums.statistics(model, ids.numel())
 
-    def pre_hook(name):
+
+class _Sums:
+    """What the hooks add up over the calibration tokens, per module: its inputs' second moment (an
+    embedding: how often each token was read), its output gradients' energy, the tokens it saw."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.cov: dict[str, Tensor] = {}
+        self.grad: dict[str, float] = {name: 0.0 for name in names}
+        self.grad_rows: dict[str, Tensor] = {}
+        self.seen: dict[str, int] = {name: 0 for name in names}  # an MoE expert sees only the tokens routed to it
+
+    def input_hook(self, name: str):
         def hook(module, args):
             if is_embedding(module):  # token ids in: count them
                 ids = args[0].detach().reshape(-1)
                 counts = torch.bincount(ids.cpu(), minlength=module.num_embeddings).double()
-                cov[name] = cov.get(name, 0) + counts
-                seen[name] += ids.numel()
+                self.cov[name] = self.cov.get(name, 0) + counts
+                self.seen[name] += ids.numel()
                 return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            cov[name] = cov.get(name, 0) + x.T @ x
-            seen[name] += x.shape[0]
+            self.cov[name] = self.cov.get(name, 0) + x.T @ x
+            self.seen[name] += x.shape[0]
 
         return hook
 
-    def output_hook(name):
+    def output_hook(self, name: str):
         # a hook on the output tensor, not a module backward hook: those wrap the output in a view
         # that models adding into it in place (Falcon, `mlp_output += attention_output`) cannot modify
         def on_gradient(g):
             rows = g.detach().double().square().reshape(-1, g.shape[-1]).sum(0).cpu()
-            grad[name] += float(rows.sum()) / g.shape[-1]
-            grad_rows[name] = grad_rows.get(name, 0) + rows
+            self.grad[name] += float(rows.sum()) / g.shape[-1]
+            self.grad_rows[name] = self.grad_rows.get(name, 0) + rows
 
         def hook(module, args, output):
             if output.requires_grad:
@@ -108,11 +127,24 @@ def calibrate(
 
         return hook
 
-    handles = []
-    for name in names:
-        module = model.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(pre_hook(name)))
-        handles.append(module.register_forward_hook(output_hook(name)))
+    def statistics(self, model: nn.Module, tokens: int) -> dict:
+        stats = {}
+        for name, seen in self.seen.items():
+            grad_sq = self.grad[name] / max(seen, 1)
+            if is_embedding(model.get_submodule(name)):
+                stats[name] = LookupStatistics(self.cov[name].cpu(), grad_sq, seen)
+                continue
+            # E[x x^T] over all tokens (a token not routed to an expert gives it x = 0), so an expert's
+            # covariance carries how often it is used; grad_sq is a mean over the tokens the layer saw
+            moment = self.cov[name] / tokens if name in self.cov else _zero_moment(model.get_submodule(name))
+            rows = self.grad_rows[name] / max(seen, 1) if name in self.grad_rows else None
+            stats[name] = LayerStatistics(moment.cpu(), grad_sq, seen, rows)
+        return stats
+
+
+def _forward_backward(model: nn.Module, ids: Tensor, batch_size: int, progress: bool) -> None:
+    """The language-model loss and its gradient over ``ids``, for the hooks; the model's training
+    mode and frozen parameters are as before afterwards, and it holds no gradients."""
     was_training = model.training
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:  # gradients must flow back through every layer; restored below
@@ -127,23 +159,9 @@ def calibrate(
             loss.backward()
             model.zero_grad(set_to_none=True)
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
         for p in frozen:
             p.requires_grad_(False)
-    tokens = ids.numel()
-    stats = {}
-    for name in names:
-        if is_embedding(model.get_submodule(name)):
-            stats[name] = LookupStatistics(cov[name].cpu(), grad[name] / max(seen[name], 1), seen[name])
-            continue
-        # E[x x^T] over all tokens (a token not routed to an expert gives it x = 0), so an expert's
-        # covariance carries how often it is used; grad_sq is a mean over the tokens the layer saw
-        moment = cov[name] / tokens if name in cov else _zero_moment(model.get_submodule(name))
-        rows = grad_rows[name] / max(seen[name], 1) if name in grad_rows else None
-        stats[name] = LayerStatistics(moment.cpu(), grad[name] / max(seen[name], 1), seen[name], rows)
-    return stats
 
 
 def _zero_moment(module: nn.Module) -> Tensor:

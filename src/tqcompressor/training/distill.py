@@ -277,54 +277,26 @@ def multistep_distill(
     to the inputs they see in the distilled student, so a resumed run compresses exactly as an
     uninterrupted one. Returns the student (unwrapped, on the training device).
     """
-    from accelerate import Accelerator
-
     if config.alpha_blocks > 0:
         check_same_depth(student, teacher)
-    precision = training_precision(config.mixed_precision)
-    _forget_other_precision(precision)
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accum)
-    check_memory(config, teacher.config, accelerator.device)
+    accelerator = _accelerator(config, teacher)
     out_dir = Path(out_dir)
     check_writable(out_dir)  # every process refuses a user's directory; only the main one writes
-    stages = plan.steps() if plan is not None else [1]
-    outputs = RunOutputs(
-        out_dir / "checkpoint",
-        out_dir / "metrics.jsonl",
-        run_fingerprint(teacher_name, data_name, plan, config),
-        tokenizer,
-        plan,
-    )
-    position, saved = Position(), None
-    if resume:
-        student, saved = _load_checkpoint(outputs.checkpoint, outputs.fingerprint)
-        position = Position(**{k: saved[k] for k in asdict(position) if k in saved})
+    fingerprint = run_fingerprint(teacher_name, data_name, plan, config)
+    outputs = RunOutputs(out_dir / "checkpoint", out_dir / "metrics.jsonl", fingerprint, tokenizer, plan)
+    student, position, saved = _resumed(outputs) if resume else (student, Position(), None)
     if accelerator.is_main_process:
         claim_directory(out_dir)
         _keep_metrics_until(outputs.metrics, position.global_step)  # steps after the checkpoint run again: once
     accelerator.wait_for_everyone()
-    # the teacher only runs forward: never wrapped for DDP, never holding gradients
-    teacher.to(accelerator.device).eval().requires_grad_(False)
-    dtype = teacher_weights_dtype(config.teacher_dtype, accelerator.device)
-    # what the student trains against, in its training dtype; the caller's teacher stays as it is, since the
-    # evaluations during and after the run score the student against it
-    target = teacher if next(teacher.parameters()).dtype == dtype else copy.deepcopy(teacher).to(dtype)
-    if saved is None:
-        torch.manual_seed(config.seed)
-    else:
-        torch.set_rng_state(saved["torch_rng"])
-        if "cuda_rng" in saved and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
-
+    target = _training_teacher(teacher, config, accelerator)
+    _seed(config, saved)
+    stages = plan.steps() if plan is not None else [1]
     stream = _sharded(blocks(position.data_position), accelerator)
     for stage_index in range(position.stage_index, len(stages)):
         stage = stages[stage_index]
         if plan is not None and not (position.stage_index == stage_index and position.stage_compressed):
-            student.to("cpu")
-            # factors fitted before distilling are stale after it: refit them to the distilled student
-            stage_plan = plan.without_factors(stage) if calibration is not None and stage_index > 0 else plan
-            refit_from = teacher if plan.sequential else None  # block by block, to the teacher's outputs
-            apply_plan(student, stage_plan, step=stage, calibration=calibration, progress=progress, teacher=refit_from)
+            _compress_stage(student, teacher, plan, stage, stage_index, calibration, progress)
         position.stage_index, position.stage_compressed = stage_index, True
         trainer = _new_trainer(student, config, accelerator, position, saved if position.stage_step > 0 else None)
         saved = None
@@ -339,6 +311,51 @@ def multistep_distill(
             on_stage_end(stage, student)
         position.stage_index, position.stage_step, position.stage_compressed = stage_index + 1, 0, False
     return student
+
+
+def _resumed(outputs: RunOutputs) -> tuple:
+    """The student, position and saved state of the run's newest readable checkpoint."""
+    student, saved = _load_checkpoint(outputs.checkpoint, outputs.fingerprint)
+    return student, Position(**{k: saved[k] for k in asdict(Position()) if k in saved}), saved
+
+
+def _accelerator(config: DistillConfig, teacher):
+    """The ``accelerate`` state of the run: its precision, accumulation, device; memory checked on it."""
+    from accelerate import Accelerator  # imported when training starts: it is slow to import
+
+    precision = training_precision(config.mixed_precision)
+    _forget_other_precision(precision)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accum)
+    check_memory(config, teacher.config, accelerator.device)
+    return accelerator
+
+
+def _training_teacher(teacher, config: DistillConfig, accelerator):
+    """What the student trains against, in its training dtype. The teacher only runs forward: never
+    wrapped for DDP, never holding gradients. The caller's teacher keeps its dtype (a copy is made when
+    it differs), since the evaluations during and after the run score the student against it."""
+    teacher.to(accelerator.device).eval().requires_grad_(False)
+    dtype = teacher_weights_dtype(config.teacher_dtype, accelerator.device)
+    return teacher if next(teacher.parameters()).dtype == dtype else copy.deepcopy(teacher).to(dtype)
+
+
+def _seed(config: DistillConfig, saved: dict | None) -> None:
+    """The run's seed, or on resume the random state its checkpoint saved."""
+    if saved is None:
+        torch.manual_seed(config.seed)
+        return
+    torch.set_rng_state(saved["torch_rng"])
+    if "cuda_rng" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+
+
+def _compress_stage(student, teacher, plan: Plan, stage: int, stage_index: int, calibration, progress: bool) -> None:
+    """Factor this stage's layers of the student, in place (on the CPU, where the fits run)."""
+    student.to("cpu")
+    # factors fitted before distilling are stale after it: refit them to the distilled student
+    stage_plan = plan.without_factors(stage) if calibration is not None and stage_index > 0 else plan
+    refit_from = teacher if plan.sequential else None  # block by block, to the teacher's outputs
+    apply_plan(student, stage_plan, step=stage, calibration=calibration, progress=progress, teacher=refit_from)
 
 
 def _without_autocast(model):
@@ -390,7 +407,7 @@ def train_stage(
 ) -> bool:
     """Train until the stage has ``config.steps`` optimizer steps; log every ``log_every`` and
     checkpoint every ``checkpoint_every`` steps. Returns False when ``stop_after`` cut it short."""
-    model, optimizer, scheduler, position = trainer.model, trainer.optimizer, trainer.scheduler, trainer.position
+    model, position = trainer.model, trainer.position
     model.train()
     bar = tqdm(
         total=config.steps,
@@ -406,24 +423,7 @@ def train_stage(
         for _ in range(config.grad_accum):
             batch = torch.stack([next(stream) for _ in range(config.batch_size)]).to(accelerator.device)
             position.data_position += config.batch_size * accelerator.num_processes
-            with accelerator.accumulate(model), accelerator.autocast():
-                hidden = config.alpha_hidden > 0 or config.alpha_blocks > 0
-                with torch.no_grad():
-                    teacher_out = teacher(batch, output_hidden_states=hidden)
-                parts = distillation_loss(model(batch, output_hidden_states=hidden), teacher_out, batch, config)
-                if not torch.isfinite(parts["loss"]):  # before the step: the weights stay as last checkpointed
-                    raise TQCError(
-                        f"the distillation loss became {parts['loss'].item()} at step {position.global_step + 1} "
-                        f"(stage {stage}); training stopped, the last good checkpoint in {outputs.checkpoint.parent} "
-                        "is kept: lower --lr (or --temperature, --alpha-blocks) and resume from it with --resume"
-                    )
-                accelerator.backward(parts["loss"])
-                if accelerator.sync_gradients and config.clip:
-                    accelerator.clip_grad_norm_(model.parameters(), config.clip)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
+            parts = _micro_step(trainer, teacher, batch, stage, config, accelerator, outputs)
             tokens += batch.numel() * accelerator.num_processes
         position.stage_step += 1
         position.global_step += 1
@@ -431,25 +431,59 @@ def train_stage(
         bar.set_postfix(loss=f"{parts['loss'].item():.3f}", kl=f"{parts['kl'].item():.3f}", tok_s=f"{rate:.0f}")
         bar.update(1)
         if position.stage_step % config.log_every == 0 or position.stage_step == config.steps:
-            # the losses of the whole global batch: every process's, averaged (a collective: all call it)
-            losses = accelerator.reduce({k: v.detach() for k, v in parts.items()}, reduction="mean")
-            if accelerator.is_main_process:
-                record = {
-                    "stage": stage,
-                    "step": position.stage_step,
-                    "global_step": position.global_step,
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": rate,
-                    **{k: float(v) for k, v in losses.items()},
-                }
-                with outputs.metrics.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+            _log_metrics(parts, trainer, stage, rate, accelerator, outputs)
         if position.stage_step % config.checkpoint_every == 0 or position.stage_step == config.steps:
             if accelerator.is_main_process:
                 _save_checkpoint(outputs, trainer, accelerator.unwrap_model(model))
             accelerator.wait_for_everyone()
     bar.close()
     return True
+
+
+def _micro_step(
+    trainer: TrainerState, teacher, batch: torch.Tensor, stage: int, config: DistillConfig, accelerator, outputs
+) -> dict[str, torch.Tensor]:
+    """One micro-batch: the teacher's outputs, the student's loss and its gradient; the optimizer
+    steps when the accumulated batch is complete. A loss that is not finite stops the run first."""
+    model, optimizer, scheduler, position = trainer.model, trainer.optimizer, trainer.scheduler, trainer.position
+    with accelerator.accumulate(model), accelerator.autocast():
+        hidden = config.alpha_hidden > 0 or config.alpha_blocks > 0
+        with torch.no_grad():
+            teacher_out = teacher(batch, output_hidden_states=hidden)
+        parts = distillation_loss(model(batch, output_hidden_states=hidden), teacher_out, batch, config)
+        if not torch.isfinite(parts["loss"]):  # before the step: the weights stay as last checkpointed
+            raise TQCError(
+                f"the distillation loss became {parts['loss'].item()} at step {position.global_step + 1} "
+                f"(stage {stage}); training stopped, the last good checkpoint in {outputs.checkpoint.parent} "
+                "is kept: lower --lr (or --temperature, --alpha-blocks) and resume from it with --resume"
+            )
+        accelerator.backward(parts["loss"])
+        if accelerator.sync_gradients and config.clip:
+            accelerator.clip_grad_norm_(model.parameters(), config.clip)
+        optimizer.step()
+        if accelerator.sync_gradients:
+            scheduler.step()
+        optimizer.zero_grad()
+    return parts
+
+
+def _log_metrics(parts: dict, trainer: TrainerState, stage: int, rate: float, accelerator, outputs) -> None:
+    """One line of metrics.jsonl: the losses of the whole global batch, every process's averaged (a
+    collective: every process calls it; the main one writes)."""
+    losses = accelerator.reduce({k: v.detach() for k, v in parts.items()}, reduction="mean")
+    if not accelerator.is_main_process:
+        return
+    position = trainer.position
+    record = {
+        "stage": stage,
+        "step": position.stage_step,
+        "global_step": position.global_step,
+        "lr": trainer.scheduler.get_last_lr()[0],
+        "tokens_per_s": rate,
+        **{k: float(v) for k, v in losses.items()},
+    }
+    with outputs.metrics.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 def _keep_metrics_until(path: Path, global_step: int) -> None:
