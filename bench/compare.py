@@ -39,7 +39,7 @@ import tqcompressor as tqc
 from tqcompressor.data import calibration_ids, text_block_source, tokenize_text
 from tqcompressor.evaluation.evaluate import evaluate
 from tqcompressor.evaluation.report import table
-from tqcompressor.modelio.checkpoint import factored_modules
+from tqcompressor.layers import factored_modules
 from tqcompressor.planning.inventory import default_target_modules, tied_embedding
 from tqcompressor.surgery.baselines import keep_layers, layer_drop_plan
 from tqcompressor.training.distill import multistep_distill

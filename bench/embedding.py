@@ -25,7 +25,7 @@ import tqcompressor as tqc
 from tqcompressor.data import calibration_ids, tokenize_text
 from tqcompressor.evaluation.evaluate import evaluate
 from tqcompressor.evaluation.report import table
-from tqcompressor.modelio.checkpoint import factored_modules
+from tqcompressor.layers import factored_modules
 from tqcompressor.planning.inventory import default_target_modules, tied_embedding
 
 

@@ -39,7 +39,7 @@ from tqcompressor.evaluation.evaluate import evaluate
 from tqcompressor.evaluation.footprint import interleaved, memory_bytes
 from tqcompressor.evaluation.report import table
 from tqcompressor.planning.calibration import calibrate
-from tqcompressor.quant.api import quantize
+from tqcompressor.quant.api import quantize_
 from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.surgery.apply import find_target_modules
 from tqcompressor.training.distill import multistep_distill
@@ -129,7 +129,7 @@ def variants(teacher: torch.nn.Module, student: torch.nn.Module):
         for name, settings in FORMATS.items():
             variant = copy.deepcopy(model)
             if settings is not None:
-                quantize(variant, settings, measure_error=False)
+                quantize_(variant, settings, measure_error=False)
             yield family, name, variant.eval()
 
 

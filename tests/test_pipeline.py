@@ -233,4 +233,5 @@ def test_run_defaults_are_the_recipes_auto_with_output_weights(tmp_path, gpt2_di
     compression = seen["run"].compression
     assert compression.method == recipe.METHOD == "auto" and compression.output_weights is True
     assert compression.auto_methods == list(recipe.AUTO_METHODS) and compression.ratio == 0.65
-    assert seen["run"].time_budget == 25 and seen["run"].distill.steps == recipe.STEPS  # the budget replaces it in the run
+    run = seen["run"]
+    assert run.time_budget == 25 and run.distill.steps == recipe.STEPS  # the budget replaces it in the run

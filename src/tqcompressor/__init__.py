@@ -12,6 +12,8 @@ from tqcompressor.planning.config import CompressionConfig, CompressionReport, L
 from tqcompressor.planning.inventory import count_parameters
 from tqcompressor.planning.plan import LayerPlan, Plan
 from tqcompressor.planning.planners import plan_compression
+from tqcompressor.quant.api import quantize_
+from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.structures import Structure, compression_methods, decompose, get_structure, register
 from tqcompressor.structures.kronecker import KroneckerEmbedding, KroneckerFactors, KroneckerLinear
 from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankFactors, LowRankLinear
@@ -32,6 +34,7 @@ __all__ = [
     "LowRankFactors",
     "LowRankLinear",
     "Plan",
+    "QuantizeSettings",
     "Structure",
     "TQCError",
     "TiedFactoredHead",
@@ -49,6 +52,7 @@ __all__ = [
     "load_model",
     "load_spec",
     "plan_compression",
+    "quantize_",
     "read_plan",
     "register",
     "save",

@@ -53,8 +53,7 @@ from tqcompressor.pipeline import (
 from tqcompressor.planning.config import CompressionConfig, load_spec
 from tqcompressor.planning.inventory import count_parameters, find_target_modules, target_summary, tied_embedding
 from tqcompressor.planning.registry import planning_methods
-from tqcompressor.quant.api import check_not_quantized
-from tqcompressor.quant.api import quantize as run_quantize
+from tqcompressor.quant.api import check_not_quantized, quantize_
 from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.schemas import CompressionFile, QuantizationFile, read_json_file
 from tqcompressor.structures import compression_methods
@@ -247,7 +246,7 @@ def compress(
         if calibration is not None:
             ids = calibration_ids(calibration, loaded.model, loaded.tokenizer, calibration_tokens)
         compressed, report = run_compress(loaded.model, config, calibration=ids)
-        quantized = run_quantize(compressed, settings) if settings is not None else None
+        quantized = quantize_(compressed, settings) if settings is not None else None
         with staged_directory(out, inputs=[model]) as staging:  # metadata inside before the swap
             write_model(compressed, staging, loaded.tokenizer, base_model=model, plan=report.plan)
             (staging / "compression.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -316,7 +315,7 @@ def quantize(
         loaded = load_model(model)
         plan = read_plan(model) if (Path(model) / STRUCTURE_FILE).is_file() else None
         compression = _read_compression_json(Path(model))  # ours: the plan's table stays with the model
-        report = run_quantize(loaded.model, settings)
+        report = quantize_(loaded.model, settings)
         with staged_directory(out, inputs=[model]) as staging:
             write_model(loaded.model, staging, loaded.tokenizer, base_model=model, plan=plan)
             if compression is not None:

@@ -81,6 +81,14 @@ class FactoredModule(SavedModule, abstract=True):
         raise NotImplementedError(f"{type(self).__name__} gathers no input")
 
 
+class QuantizedMatrix(nn.Module):
+    """A matrix stored in fewer bits (``out_features`` x ``in_features`` entries): counted as that
+    many parameters (:func:`tqcompressor.planning.inventory.count_parameters`)."""
+
+    out_features: int
+    in_features: int
+
+
 _SAVED_MODULES: dict[str, type[SavedModule]] = {}
 
 
@@ -105,6 +113,23 @@ def build_module(desc: dict, dtype: torch.dtype) -> SavedModule:
             f"unknown module type {desc['type']!r} in tqcompressor.json; was it written by a newer tqcompressor?"
         )
     return cls.from_config({k: v for k, v in desc.items() if k != "type"}, dtype)
+
+
+def is_container(module: nn.Module) -> bool:
+    """A module saved by its own description whose children are saved as modules too (split experts)."""
+    return isinstance(module, SavedModule) and module.is_container
+
+
+def factored_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The saved modules of ``model`` and its factored LM heads, outermost only: a structure built
+    from other factored modules (say a Kronecker layer plus a low-rank one) is saved and densified as
+    one. Split MoE experts are listed and so are the factored modules inside them."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(outer + ".") for outer, m in found if not is_container(m))
+        if not inside and isinstance(module, (SavedModule, TiedFactoredHead)):
+            found.append((name, module))
+    return found
 
 
 def dense_weight_of(module: nn.Module) -> tuple[Tensor, str]:

@@ -52,7 +52,7 @@ from tqcompressor.planning.config import CompressionConfig
 from tqcompressor.planning.inventory import count_parameters
 from tqcompressor.planning.planners import plan_compression
 from tqcompressor.planning.registry import planning_methods
-from tqcompressor.quant.api import quantize
+from tqcompressor.quant.api import quantize_
 from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.schemas import BudgetFile, RunResults, read_json_file
 from tqcompressor.structures import get_structure
@@ -162,7 +162,7 @@ def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int,
     for name, model in (("teacher", teacher), ("student", student)):
         for settings in QUANTIZED_FORMATS:
             quantized = copy.deepcopy(model)
-            quantize(quantized, settings)
+            quantize_(quantized, settings)
             rows.append(row(name, settings.name, quantized))
             del quantized
     return rows
@@ -332,7 +332,7 @@ def _calibration(run: RunConfig, blocks, phase) -> torch.Tensor | None:
     compression = run.compression
     methods = {spec.method for _, spec in compression.layers} if compression.layers else {compression.method}
     if run.calibration_tokens <= 0 or not any(
-        m in planning_methods() or get_structure(m).calibrated_in_run for m in methods
+        m in planning_methods() or get_structure(m).capabilities.calibrated_in_run for m in methods
     ):
         return None
     # fits in the output metric (auto, svd, tq, ...): plan once from the first distillation blocks

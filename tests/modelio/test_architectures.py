@@ -16,7 +16,7 @@ import tqcompressor as tqc
 from tqcompressor.modelio.models import load_model
 from tqcompressor.modelio.tokenizer import MissingTokenizer
 from tqcompressor.planning.inventory import default_target_modules
-from tqcompressor.quant.api import quantize, quantized_layers
+from tqcompressor.quant.api import quantize_, quantized_layers
 from tqcompressor.structures import all_structures
 from tqcompressor.surgery.experts import split_experts
 from tqcompressor.training.distill import DistillConfig, multistep_distill
@@ -61,7 +61,7 @@ PER_FAMILY = {
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1),
 }
 MOE_FAMILIES = {"mixtral", "qwen3_moe"}
-METHODS = [s.name for s in all_structures() if s.compresses] + ["auto"]
+METHODS = [s.name for s in all_structures() if s.capabilities.compresses] + ["auto"]
 
 
 def tiny_model(family: str):
@@ -127,7 +127,7 @@ def test_every_structure_and_auto_on_every_family(tmp_path, model_dirs, family):
         dense = AutoModelForCausalLM.from_pretrained(tmp_path / f"{method}-dense")
         with torch.no_grad():
             assert torch.allclose(dense(ids).logits, expected, atol=1e-4), method
-    quantize(student, "int8")  # the last student (auto): its factors and dense layers in int8
+    quantize_(student, "int8")  # the last student (auto): its factors and dense layers in int8
     expected = logits_of(student, ids)
     tqc.save(student, tmp_path / "int8", loaded.tokenizer, plan=report.plan)
     opened = AutoModelForCausalLM.from_pretrained(tmp_path / "int8")

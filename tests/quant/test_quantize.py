@@ -16,12 +16,12 @@ from typer.testing import CliRunner
 import tqcompressor as tqc
 from tqcompressor.cli import app
 from tqcompressor.evaluation.evaluate import evaluate
-from tqcompressor.quant.api import quantize, quantized_layers
+from tqcompressor.quant.api import quantize_, quantized_layers
 from tqcompressor.quant.modules import QuantizedEmbedding, QuantizedFactored, QuantizedLinear, QuantizedLowRankLinear
 from tqcompressor.structures import all_structures
 
 IDS = torch.randint(2, 512, (2, 12), generator=torch.Generator().manual_seed(0))
-STRUCTURES = [s.name for s in all_structures() if s.compresses]
+STRUCTURES = [s.name for s in all_structures() if s.capabilities.compresses]
 
 
 def logits(model) -> torch.Tensor:
@@ -37,7 +37,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_uncompressed_model_quantizes_every_matrix_and_keeps_the_head_tied(tmp_path, bits, tolerance):
     model = tiny_llama()
     reference, params = logits(model), tqc.count_parameters(model)
-    report = quantize(model, bits)
+    report = quantize_(model, bits)
     assert tqc.count_parameters(model) == params  # the same parameters, in fewer bits
     assert evaluate(model, IDS.reshape(-1), context=12, progress=False)["params"] == params
     assert isinstance(model.get_input_embeddings(), QuantizedEmbedding)
@@ -64,7 +64,7 @@ def stored_dtype(directory, key):
 def test_compressed_model_quantizes_saves_and_reopens_anywhere(tmp_path, method, bits):
     student, report = tqc.compress(tiny_llama(), tqc.CompressionConfig(method=method, ratio=0.7), progress=False)
     float_logits = logits(student)
-    quantize(student, bits)
+    quantize_(student, bits)
     factored = [m for m in student.modules() if isinstance(m, (QuantizedLowRankLinear, QuantizedFactored))]
     assert len(factored) == len(report.layers)
     expected = logits(student)
@@ -89,7 +89,7 @@ def test_a_quantized_gpt2_exports_dense_with_its_biases(tmp_path, method):
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
     student, report = tqc.compress(model, tqc.CompressionConfig(method=method, ratio=0.7), progress=False)
-    quantize(student, "int8")
+    quantize_(student, "int8")
     expected = logits(student)
     tqc.save(student, tmp_path / "q", plan=report.plan)
     tqc.export_dense(tmp_path / "q", tmp_path / "dense")
@@ -99,7 +99,7 @@ def test_a_quantized_gpt2_exports_dense_with_its_biases(tmp_path, method):
 def test_gpt2_conv1d_layers_quantize(tmp_path):
     model = tiny_gpt2()
     reference = logits(model)
-    quantize(model, "int8")
+    quantize_(model, "int8")
     assert isinstance(model.transformer.h[0].attn.c_attn, QuantizedLinear)
     assert model.transformer.h[0].attn.c_attn.kind == "conv1d"
     assert isinstance(model.transformer.wpe, QuantizedEmbedding)
@@ -110,11 +110,11 @@ def test_gpt2_conv1d_layers_quantize(tmp_path):
 
 def test_quantized_models_refuse_to_be_compressed_distilled_or_quantized_again():
     model = tiny_llama()
-    quantize(model, "int8")
+    quantize_(model, "int8")
     with pytest.raises(tqc.TQCError, match="compression needs float weights"):
         tqc.compress(model, tqc.CompressionConfig(method="svd", ratio=0.5), progress=False)
     with pytest.raises(tqc.TQCError, match="quantized already"):
-        quantize(model, "int4")
+        quantize_(model, "int4")
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_a_tied_factored_embedding_stays_tied_when_quantized(tmp_path, spec):
     spec = [("model.embed_tokens", spec)]
     student, _ = tqc.compress(tiny_llama(), tqc.CompressionConfig(layers=spec), progress=False)
     float_logits = logits(student)
-    quantize(student, "int8")
+    quantize_(student, "int8")
     assert student.get_output_embeddings().embedding is student.get_input_embeddings()
     expected_type = "QuantizedLowRankEmbedding" if spec[0][1].method == "svd" else "QuantizedFactored"
     assert type(student.get_input_embeddings()).__name__ == expected_type
@@ -185,7 +185,7 @@ def test_a_quantized_svd_embedding_reads_only_its_rows_and_keeps_gemmas_scale(tm
     ids = torch.randint(2, 256, (2, 10))
     with torch.no_grad():
         float_logits = student(ids).logits
-    quantize(student, bits)
+    quantize_(student, bits)
     table = student.get_input_embeddings()
     assert isinstance(table, QuantizedLowRankEmbedding) and table.output_scale == 8.0
     assert student.get_output_embeddings().embedding is table

@@ -14,7 +14,7 @@ from tests.conftest import tiny_gpt2, tiny_llama
 from tqcompressor.linalg.decompose import OutputSketch, output_error, relative_error
 from tqcompressor.structures import all_structures, settings_dict
 
-STRUCTURES = [s for s in all_structures() if s.compresses]
+STRUCTURES = [s for s in all_structures() if s.capabilities.compresses]
 IDS = [s.name for s in STRUCTURES]
 
 
@@ -74,7 +74,7 @@ def test_candidates_report_the_error_of_what_auto_installs(structure):
     cov = x.T @ x / len(x)
     for sketch, input_cov in ((None, None), (OutputSketch(cov), cov)):
         menu, state = structure.candidates(w, sketch, max_iterations=5)
-        if not structure.offers_candidates:
+        if not structure.capabilities.offers_candidates:
             assert menu == []
             continue
         assert menu, f"{structure.name} offers auto no candidate for a 32x48 matrix"

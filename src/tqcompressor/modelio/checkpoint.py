@@ -20,13 +20,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tqcompressor.errors import TQCError, first_line
 from tqcompressor.layers import (
-    SavedModule,
     TiedFactoredHead,
     bias_of,
     build_module,
     dense_weight_of,
     describe_module,
     embedding_scale,
+    factored_modules,
+    is_container,
     is_tied_head_weight,
     module_name,
     saved_module_classes,
@@ -34,23 +35,19 @@ from tqcompressor.layers import (
 )
 from tqcompressor.modelio.tokenizer import MissingTokenizer, load_tokenizer_or_missing
 from tqcompressor.outputs import staged_directory
+from tqcompressor.planning.inventory import is_fused_experts
 from tqcompressor.planning.plan import Plan
 from tqcompressor.quant.modules import QuantizedFactored  # noqa: F401  (defines the quantized modules a file may name)
 from tqcompressor.schemas import StructureFile, check_data, check_layer_count, module_config
 from tqcompressor.structures import REGISTRY  # noqa: F401  (defines every structure's modules)
 from tqcompressor.structures.dense import plain_module
-from tqcompressor.surgery.experts import fused_experts_class, is_fused_experts
+from tqcompressor.surgery.experts import fused_experts_class
 
 FORMAT_VERSION = 1
 STRUCTURE_FILE = "tqcompressor.json"
 WEIGHTS_FILE = "model.safetensors"
 # files written before svd could factor embeddings name the tied head by its old class name
 TIED_HEAD_TYPES = ("TiedFactoredHead", "TiedKroneckerHead")
-
-
-def is_container(module: nn.Module) -> bool:
-    """A module saved by its own description whose children are saved as modules too (split experts)."""
-    return isinstance(module, SavedModule) and module.is_container
 
 
 def _describes_container(desc: dict) -> bool:
@@ -129,18 +126,6 @@ def _has(model: nn.Module, name: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def factored_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The factored modules of ``model``, outermost only: a structure built from other factored
-    modules (say a Kronecker layer plus a low-rank one) is saved and densified as one. Split MoE
-    experts are listed and so are the factored modules inside them."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        inside = any(name.startswith(outer + ".") for outer, m in found if not is_container(m))
-        if not inside and describe(module) is not None:
-            found.append((name, module))
-    return found
 
 
 def structure_of(model: nn.Module) -> dict[str, dict]:

@@ -59,26 +59,28 @@ def candidate_menu(
     """Every structure's candidates for one matrix (only those named in ``methods``, keeping the
     layer dense always included; for an ``embedding`` table only the structures ``auto``
     measures on one; none of a structure whose candidates another measured one includes, see
-    ``Structure.covered_by``), and per structure the state its ``fit_candidate`` reuses (e.g. the
-    permutation searches).
+    ``Capabilities.covered_by``), and per structure the state its ``fit_candidate`` reuses (e.g.
+    the permutation searches).
 
     Errors are relative Frobenius errors of the weight, or, given the covariance of the layer's
     inputs, relative *output* errors (and the SVD candidates are then activation-aware)."""
     sketch = OutputSketch(input_cov) if input_cov is not None else None
-    measured = [
-        structure
-        for structure in all_structures()
-        if not structure.compresses
-        or ((methods is None or structure.name in methods) and (structure.auto_embeddings or not embedding))
-    ]
+    measured = [structure for structure in all_structures() if _on_menu(structure, methods, embedding)]
     names = {structure.name for structure in measured}
     menu, states = [], {}
     for structure in measured:
-        if structure.covered_by in names:
+        if structure.capabilities.covered_by in names:
             continue
         candidates, states[structure.name] = structure.candidates(weight, sketch, max_iterations)
         menu += candidates
     return menu, states
+
+
+def _on_menu(structure, methods: list[str] | None, embedding: bool) -> bool:
+    able = structure.capabilities
+    return not able.compresses or (
+        (methods is None or structure.name in methods) and (able.auto_embeddings or not embedding)
+    )
 
 
 def factors_for(weight: Tensor, choice: Candidate, states: dict, input_cov: Tensor | None = None):
@@ -117,7 +119,7 @@ def embedding_candidates(
     widest = embedding_factors(weight, max(ranks, key=lambda c: c.params), states, stats, roles) if ranks else None
     measured = []
     for candidate in menu:
-        if not REGISTRY[candidate.method].compresses:
+        if not REGISTRY[candidate.method].capabilities.compresses:
             measured.append(candidate)
             continue
         if candidate.method == "svd":
@@ -315,7 +317,7 @@ def plan_auto(
     for name in names:
         measured_in = EMBEDDING_METRIC if name in menus.roles else metric
         record[name] = _record(name, choices[name], menus, measured_in)
-        if REGISTRY[choices[name].method].compresses:  # else kept dense
+        if REGISTRY[choices[name].method].capabilities.compresses:  # else kept dense
             layers.append(_chosen_layer(inventory, name, choices[name], menus, measured_in, steps[name]))
     return layers, record
 

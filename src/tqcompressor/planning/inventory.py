@@ -17,9 +17,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import FactoredModule, dense_weight_of, module_name
+from tqcompressor.layers import FactoredModule, QuantizedMatrix, dense_weight_of, module_name
 from tqcompressor.planning.config import CompressionConfig
-from tqcompressor.quant.modules import QuantizedWeight
 from tqcompressor.structures import module_classes
 
 
@@ -73,10 +72,21 @@ def read_inventory(model: nn.Module, config: CompressionConfig) -> Inventory:
     )
 
 
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers experts module: 3-D ``down_proj`` and ``gate_up_proj`` (or ``up_proj``) parameters."""
+    down = getattr(module, "down_proj", None)
+    up = getattr(module, "gate_up_proj", getattr(module, "up_proj", None))
+    return isinstance(down, nn.Parameter) and isinstance(up, nn.Parameter) and down.ndim == 3 and up.ndim == 3
+
+
+def has_fused_experts(model: nn.Module) -> bool:
+    return any(is_fused_experts(module) for module in model.modules())
+
+
 def count_parameters(model: nn.Module) -> int:
     """Every parameter once: ``parameters()`` already skips a tied LM head's shared weight. A
     quantized matrix counts its entries (it is a parameter stored in fewer bits; padding excluded)."""
-    quantized = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedWeight))
+    quantized = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedMatrix))
     return sum(p.numel() for p in model.parameters()) + quantized
 
 

@@ -14,11 +14,10 @@ from tqdm.auto import tqdm
 from tqcompressor.errors import TQCError
 from tqcompressor.planning.calibration import layer_statistics, usable_statistics
 from tqcompressor.planning.config import CompressionConfig, LayerSpec
-from tqcompressor.planning.inventory import Inventory, read_inventory
+from tqcompressor.planning.inventory import Inventory, has_fused_experts, read_inventory
 from tqcompressor.planning.plan import LayerPlan, Plan, steps_upper_first
 from tqcompressor.planning.registry import Planner, get_planner, register_planner
 from tqcompressor.structures import get_structure, settings_dict
-from tqcompressor.surgery.experts import has_fused_experts
 
 
 def plan_compression(
@@ -76,7 +75,7 @@ def fit_calibrated(
         entry.factors = structure.fit(weight, entry.spec.settings, layer_stats, config.max_iterations)
         # a fresh spec: the modules of one spec-file group share theirs
         entry.spec = LayerSpec.from_dict(
-            {**entry.spec.to_dict(), "reason": entry.spec.reason + structure.calibrated_note}
+            {**entry.spec.to_dict(), "reason": entry.spec.reason + structure.capabilities.calibrated_note}
         )
 
 

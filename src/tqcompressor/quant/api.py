@@ -1,5 +1,5 @@
-"""Model surgery for quantization: swap every weight matrix of a model, compressed or not, for its
-int8 or int4 form (:mod:`tqcompressor.quant.modules`), in place.
+"""Quantizing a model: :func:`quantize_` swaps every weight matrix of a model, compressed or not, for
+its int8 or int4 form (:mod:`tqcompressor.quant.modules`), in place.
 
 What is quantized: every ``nn.Linear`` and GPT-2 ``Conv1D`` (the LM head too), the token embedding
 and plain position embeddings, and every factored module's factors. Biases and norms stay in float. A dense
@@ -14,18 +14,23 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import TiedFactoredHead, bias_of, dense_weight_of, embedding_scale, set_module
-from tqcompressor.modelio.checkpoint import factored_modules, is_container
+from tqcompressor.layers import (
+    TiedFactoredHead,
+    bias_of,
+    dense_weight_of,
+    embedding_scale,
+    factored_modules,
+    is_container,
+    set_module,
+)
 from tqcompressor.quant.formats import QuantizeSettings, relative_error
 from tqcompressor.quant.modules import (
     MODULE_TYPES,
     QuantizedEmbedding,
-    QuantizedFactored,
     QuantizedLinear,
-    QuantizedLowRankEmbedding,
-    QuantizedLowRankLinear,
+    QuantizedWeight,
+    quantized_form,
 )
-from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankLinear
 
 
 @dataclass
@@ -61,9 +66,10 @@ class QuantizeReport:
         )
 
 
-def quantize(model: nn.Module, settings: QuantizeSettings | str, measure_error: bool = True) -> QuantizeReport:
+def quantize_(model: nn.Module, settings: QuantizeSettings | str, measure_error: bool = True) -> QuantizeReport:
     """Quantize ``model``'s weight matrices in place (``settings``: a :class:`QuantizeSettings` or
-    ``"int8"`` / ``"int4"``). Factored modules keep their structure; their factors are quantized."""
+    ``"int8"`` / ``"int4"``). Factored modules keep their structure; their factors are quantized
+    (:data:`~tqcompressor.quant.modules.QUANTIZED_FORMS`)."""
     if isinstance(settings, str):
         settings = QuantizeSettings.parse(settings)
     already = list(quantized_layers(model))
@@ -83,7 +89,7 @@ def quantize(model: nn.Module, settings: QuantizeSettings | str, measure_error: 
         if isinstance(module, TiedFactoredHead):
             continue  # follows its embedding below
         before = _before(module, measure_error)  # the wrapper takes over the module's factors
-        quantized = _quantize_factored(module, settings)
+        quantized = quantized_form(module, settings)
         report.layers.append(_layer(name, type(module).__name__, before, quantized))
         set_module(model, name, quantized)
         if module is embedding and isinstance(head, TiedFactoredHead):
@@ -110,14 +116,6 @@ def quantize(model: nn.Module, settings: QuantizeSettings | str, measure_error: 
     return report
 
 
-def _quantize_factored(module: nn.Module, settings: QuantizeSettings) -> nn.Module:
-    if isinstance(module, LowRankLinear):
-        return QuantizedLowRankLinear.from_lowrank(module, settings)
-    if isinstance(module, LowRankEmbedding):
-        return QuantizedLowRankEmbedding.from_lowrank(module, settings)
-    return QuantizedFactored.from_module(module, settings)
-
-
 def _kind(module: nn.Module) -> str:
     return "conv1d" if isinstance(module, Conv1D) else "embedding" if isinstance(module, nn.Embedding) else "linear"
 
@@ -132,7 +130,7 @@ def _before(module: nn.Module, measure_error: bool) -> tuple[int, Tensor | None]
 
 def _layer(name: str, kind: str, before: tuple[int, Tensor | None], after: nn.Module) -> QuantizedLayer:
     float_bytes, dense = before
-    stored = [m for m in after.modules() if hasattr(m, "stored_bytes")]
+    stored = [m for m in after.modules() if isinstance(m, QuantizedWeight)]
     weights = sum(m.padded_shape[0] * m.padded_shape[1] for m in stored)
     error = relative_error(dense, after.to_dense()) if dense is not None else float("nan")
     return QuantizedLayer(name, kind, weights, float_bytes, sum(m.stored_bytes for m in stored), error)
@@ -154,4 +152,4 @@ def check_not_quantized(model: nn.Module, what: str) -> None:
         )
 
 
-__all__ = ["QuantizeReport", "QuantizeSettings", "QuantizedLayer", "check_not_quantized", "quantize"]
+__all__ = ["QuantizeReport", "QuantizeSettings", "QuantizedLayer", "check_not_quantized", "quantize_"]

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tqcompressor.layers import FactoredModule, build_module, describe_module
+from tqcompressor.layers import FactoredModule, QuantizedMatrix, build_module, describe_module
 from tqcompressor.quant.formats import (
     QuantizeSettings,
     dequantize_int4,
@@ -36,12 +37,13 @@ from tqcompressor.quant.formats import (
     quantize_int8,
     unpack_int4,
 )
+from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankLinear
 
 COMPUTE_DTYPE = torch.bfloat16  # what the CPU kernels take; used on every device for the same numbers
 FLAT_ROW = 256  # QuantizedFactored stores a factor as rows of this many values (int8: one scale per row)
 
 
-class QuantizedWeight(nn.Module):
+class QuantizedWeight(QuantizedMatrix):
     """One (out_features, in_features) matrix, padded as :func:`padded_shape` says. Scales and
     offsets are stored in bfloat16, the precision the kernels use them in."""
 
@@ -546,6 +548,15 @@ MODULE_TYPES = (
     QuantizedFactored,
 )
 
+# A factored module's quantized form, by its class: a structure whose factors have kernels of their own
+# registers a handler here; every other one is wrapped by QuantizedFactored, which works for any structure
+# (it saves bytes, not time), so a new structure gets int8 and int4 without a class of its own.
+QUANTIZED_FORMS: dict[type, Callable[[nn.Module, QuantizeSettings], FactoredModule]] = {
+    LowRankLinear: QuantizedLowRankLinear.from_lowrank,
+    LowRankEmbedding: QuantizedLowRankEmbedding.from_lowrank,
+}
 
-def module_classes() -> dict[str, type]:
-    return {cls.__name__: cls for cls in MODULE_TYPES}
+
+def quantized_form(module: FactoredModule, settings: QuantizeSettings) -> FactoredModule:
+    """``module`` with its factors stored as ``settings`` says."""
+    return QUANTIZED_FORMS.get(type(module), QuantizedFactored.from_module)(module, settings)

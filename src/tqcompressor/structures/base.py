@@ -50,6 +50,19 @@ class Candidate:
         return {"method": self.method, "params": self.params, "error": self.error, "macs": self.macs, **self.settings}
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a structure can do and how the rest of tqcompressor should treat it, in one value."""
+
+    compresses: bool = True  # False only for 'dense', auto's "keep the layer as it is"
+    embeddings: bool = False  # can it replace an nn.Embedding
+    auto_embeddings: bool = False  # does auto measure it on a (vocab-sized) embedding table
+    offers_candidates: bool = True  # False: a start to distil from, which auto's one-shot errors would misjudge
+    covered_by: str = ""  # auto skips this structure's candidates when that one's are measured (they include them)
+    calibrated_in_run: bool = False  # `tqc run` calibrates it on the distillation data before planning
+    calibrated_note: str = ""  # added to a layer's reason when its fit used calibration statistics
+
+
 class Structure:
     """The interface. Subclasses set the class attributes and implement the methods that raise."""
 
@@ -57,13 +70,7 @@ class Structure:
     help: str = ""  # one line for --help and the README
     settings_type: type = object  # a dataclass of the spec fields; validates itself in __post_init__
     module_types: tuple[type, ...] = ()  # the nn.Module classes it builds (saved by class name)
-    embeddings: bool = False  # can it replace an nn.Embedding
-    auto_embeddings: bool = False  # does auto measure it on a (vocab-sized) embedding table
-    compresses: bool = True  # False only for 'dense', auto's "keep the layer as it is"
-    calibrated_note: str = ""  # added to a layer's reason when its fit used calibration statistics
-    calibrated_in_run: bool = False  # `tqc run` calibrates it on the distillation data before planning
-    offers_candidates: bool = True  # False: a start to distil from, which auto's one-shot errors would misjudge
-    covered_by: str = ""  # auto skips this structure's candidates when that one's are measured (they include them)
+    capabilities: Capabilities = Capabilities()
 
     # -- settings ---------------------------------------------------------------------------
     def make_settings(self, fields: dict[str, Any]) -> Any:
@@ -140,13 +147,13 @@ def register(structure: Structure) -> Structure:
 
 
 def get_structure(name: str) -> Structure:
-    if name not in REGISTRY or not REGISTRY[name].compresses:
+    if name not in REGISTRY or not REGISTRY[name].capabilities.compresses:
         raise TQCError(f"unknown method {name!r}; choose one of {', '.join(compression_methods())}")
     return REGISTRY[name]
 
 
 def compression_methods() -> list[str]:
-    return [name for name, structure in REGISTRY.items() if structure.compresses]
+    return [name for name, structure in REGISTRY.items() if structure.capabilities.compresses]
 
 
 def all_structures() -> list[Structure]:

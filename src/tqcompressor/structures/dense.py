@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from tqcompressor.layers import ScaledEmbedding
-from tqcompressor.structures.base import Candidate, Structure, register
+from tqcompressor.structures.base import Candidate, Capabilities, Structure, register
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Dense(Structure):
     name = "dense"
     help = "keep the layer as it is (auto's baseline)"
     settings_type = DenseSettings
-    compresses = False
+    capabilities = Capabilities(compresses=False)
 
     def fit(self, weight: Tensor, settings=None, stats=None, max_iterations: int = 20) -> Tensor:
         return weight

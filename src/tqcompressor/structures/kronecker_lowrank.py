@@ -31,7 +31,7 @@ from tqcompressor.linalg.decompose import (
     tail_energy,
     whitening,
 )
-from tqcompressor.structures.base import Candidate, Factors, Structure, get_structure, register
+from tqcompressor.structures.base import Candidate, Capabilities, Factors, Structure, get_structure, register
 from tqcompressor.structures.kronecker import (
     KroneckerFactors,
     KroneckerLinear,
@@ -173,8 +173,10 @@ class KroneckerLowRank(Structure):
     help = "permuted Kronecker products plus a low-rank residual"
     settings_type = KroneckerLowRankSettings
     module_types = (KroneckerLowRankLinear,)
-    calibrated_note = " (both parts fitted in the output metric of the calibration text, alternately)"
-    calibrated_in_run = True
+    capabilities = Capabilities(
+        calibrated_in_run=True,
+        calibrated_note=" (both parts fitted in the output metric of the calibration text, alternately)",
+    )
 
     def check(self, settings: KroneckerLowRankSettings, shape: tuple[int, int]) -> None:
         get_structure("tq").check(KroneckerSettings(settings.rank, settings.a_shape, settings.b_shape), shape)

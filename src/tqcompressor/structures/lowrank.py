@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import FactoredModule, bias_of, dense_weight_of
 from tqcompressor.linalg.decompose import WHITENING_DAMPING, tail_energy, whitening
-from tqcompressor.structures.base import Candidate, Factors, Structure, register
+from tqcompressor.structures.base import Candidate, Capabilities, Factors, Structure, register
 
 SVD_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # auto's menu: fractions of m*n
 
@@ -263,10 +263,12 @@ class LowRank(Structure):
     help = "truncated SVD U V (activation-aware with calibration)"
     settings_type = LowRankSettings
     module_types = (LowRankLinear, LowRankEmbedding)
-    embeddings = True
-    auto_embeddings = True
-    calibrated_note = " (activation-aware: minimises the output error on the calibration text)"
-    calibrated_in_run = True
+    capabilities = Capabilities(
+        embeddings=True,
+        auto_embeddings=True,
+        calibrated_in_run=True,
+        calibrated_note=" (activation-aware: minimises the output error on the calibration text)",
+    )
 
     def settings_of(self, module: nn.Module) -> LowRankSettings:
         return LowRankSettings(rank=module.rank)

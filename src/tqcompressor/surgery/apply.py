@@ -128,8 +128,8 @@ def _replace(model: nn.Module, entry: LayerPlan, factors, plan: Plan) -> LayerRe
     module = model.get_submodule(entry.name)
     structure, settings = entry.spec.structure, entry.spec.settings
     weight, kind = dense_weight_of(module)
-    if kind == "embedding" and not structure.embeddings:
-        able = ", ".join(repr(s.name) for s in all_structures() if s.embeddings)
+    if kind == "embedding" and not structure.capabilities.embeddings:
+        able = ", ".join(repr(s.name) for s in all_structures() if s.capabilities.embeddings)
         raise TQCError(f"{entry.name}: embeddings are factored with {able}, not {entry.spec.method!r}")
     if factors is None:
         factors = structure.fit(weight, settings, None, plan.max_iterations)

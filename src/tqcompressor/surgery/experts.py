@@ -21,13 +21,7 @@ from transformers.activations import ACT2FN
 
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import SavedModule, bias_of, dense_weight_of, set_module
-
-
-def is_fused_experts(module: nn.Module) -> bool:
-    """A transformers experts module: 3-D ``down_proj`` and ``gate_up_proj`` (or ``up_proj``) parameters."""
-    down = getattr(module, "down_proj", None)
-    up = getattr(module, "gate_up_proj", getattr(module, "up_proj", None))
-    return isinstance(down, nn.Parameter) and isinstance(up, nn.Parameter) and down.ndim == 3 and up.ndim == 3
+from tqcompressor.planning.inventory import is_fused_experts
 
 
 class LinearExperts(SavedModule):
@@ -177,10 +171,6 @@ def _custom_gate(experts: nn.Module) -> bool:
 
     gate = getattr(type(experts), "_apply_gate", _default_apply_gate)
     return gate is not _default_apply_gate
-
-
-def has_fused_experts(model: nn.Module) -> bool:
-    return any(is_fused_experts(module) for module in model.modules())
 
 
 def split_experts(model: nn.Module) -> list[str]:
