@@ -41,7 +41,8 @@ from tqcompressor.evaluation.report import table
 from tqcompressor.linalg.decompose import output_error, output_metric_kronecker
 from tqcompressor.planning.calibration import calibrate
 from tqcompressor.planning.inventory import find_target_modules
-from tqcompressor.structures.kronecker import AUTO_B_SHAPES, KroneckerFactors, input_rms, scaled_kronecker
+from tqcompressor.structures.kronecker.fit import KroneckerFactors, input_rms, scaled_kronecker
+from tqcompressor.structures.kronecker.settings import AUTO_B_SHAPES
 from tqcompressor.versions import library_versions
 
 

@@ -25,7 +25,7 @@ from provenance import git_commit  # bench/provenance.py (scripts run from bench
 import tqcompressor as tqc
 from tqcompressor.evaluation.report import table
 from tqcompressor.linalg.permutation import SEARCH_STARTS, permuted_kronecker
-from tqcompressor.structures.kronecker import AUTO_B_SHAPES, AUTO_RANKS
+from tqcompressor.structures.kronecker.settings import AUTO_B_SHAPES, AUTO_RANKS
 from tqcompressor.versions import library_versions
 
 MATRICES = [f"self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")] + [

@@ -343,3 +343,22 @@ def test_any_integer_setting_is_accepted_only_in_range(field, value):
     else:
         assert 0 <= getattr(config, field) < 2**63
         assert config.batch_size * config.seq_len <= 1 << 24
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "words"),
+    [
+        ("run", "--time-budget", "minutes the whole job may take"),
+        ("run", "--output-weights", "Fisher row weights"),
+        ("run", "--prefer", "budget solver"),
+        ("compress", "--sequential", "refit each block's layers"),
+        ("compress", "--auto-methods", "comma-separated structures"),
+        ("eval", "--fidelity", "held-out text"),
+    ],
+)
+def test_every_option_shows_its_help(command, option, words):
+    """Options declared once for several commands (and those `tqc run` gets through its distillation
+    options wrapper) keep their help text."""
+    result = CliRunner().invoke(app, [command, "--help"])
+    text = " ".join(result.output.replace("│", " ").split())  # the help as one line, table borders gone
+    assert option in text and words in text

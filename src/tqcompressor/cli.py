@@ -152,23 +152,25 @@ def _split(text: Optional[str]) -> Optional[list[str]]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+# options `tqc compress` and `tqc run` share
+Prefer = Annotated[
+    Optional[str],
+    typer.Option(help="budget solver: accuracy | speed (B one row wide: faster layers) [default: accuracy]"),
+]
+AutoMethods = Annotated[
+    Optional[str],
+    typer.Option(
+        help="--method auto: comma-separated structures it may choose, "
+        f"or 'all' (default: {','.join(recipe.AUTO_METHODS)}; dense is always allowed)"
+    ),
+]
+
 # `tqc compress` options whose help takes more than a line
 CompressRatio = Annotated[
     Optional[float], typer.Option(help="fraction of the whole model's parameters to keep, in (0, 1] [default: 0.65]")
 ]
 CompressSteps = Annotated[
     Optional[int], typer.Option(help="spread the automatic plan over this many distillation steps [default: 1]")
-]
-CompressPrefer = Annotated[
-    Optional[str],
-    typer.Option(help="budget solver: accuracy | speed (B one row wide: faster layers) [default: accuracy]"),
-]
-CompressAutoMethods = Annotated[
-    Optional[str],
-    typer.Option(
-        help="--method auto: comma-separated structures it may choose, "
-        f"or 'all' (default: {','.join(recipe.AUTO_METHODS)}; dense is always allowed)"
-    ),
 ]
 CompressCalibration = Annotated[
     Optional[str],
@@ -206,8 +208,8 @@ def compress(
     steps: CompressSteps = None,
     out: Path = typer.Option(..., help="output directory"),
     max_iterations: int = typer.Option(20, help="permutation-search rounds per matrix (tq)"),
-    prefer: CompressPrefer = None,
-    auto_methods: CompressAutoMethods = None,
+    prefer: Prefer = None,
+    auto_methods: AutoMethods = None,
     calibration: CompressCalibration = None,
     calibration_tokens: int = typer.Option(8192, help="calibration tokens (in blocks of 256)"),
     sequential: CompressSequential = False,
@@ -218,18 +220,13 @@ def compress(
     """Compress a model and write a model dir plus compression.json (and quantization.json with --quantize)."""
 
     check_writable(out, inputs=[model, spec, calibration])  # before the long work, not after it
-    config = _compress_config(
-        spec,
-        method,
-        ratio,
-        target_params,
-        target_modules,
-        steps,
-        max_iterations,
-        prefer,
-        auto_methods,
-        sequential,
-        output_weights,
+    # what would plan without a spec file (a spec file is the whole plan: these are refused beside it)
+    planning = dict(method=method, ratio=ratio, target_params=target_params, target_modules=target_modules)
+    planning.update(steps=steps, auto_methods=auto_methods, prefer=prefer)
+    if spec is not None:
+        _check_spec_alone(**planning)
+    config = (
+        load_spec(spec) if spec is not None else _budget_config(planning, max_iterations, sequential, output_weights)
     )
     if output_weights and calibration is None:
         raise TQCError("--output-weights weighs outputs by their gradients on calibration text: give --calibration")
@@ -258,43 +255,19 @@ def compress(
     typer.echo(f"wrote {out}")
 
 
-def _compress_config(
-    spec,
-    method,
-    ratio,
-    target_params,
-    target_modules,
-    steps,
-    max_iterations,
-    prefer,
-    auto_methods,
-    sequential,
-    output_weights,
-) -> CompressionConfig:
-    """``tqc compress``'s compression: a spec file (alone), or a budget with the defaults for what is not given."""
-    if spec is not None:
-        _check_spec_alone(
-            method=method,
-            ratio=ratio,
-            target_params=target_params,
-            target_modules=target_modules,
-            steps=steps,
-            auto_methods=auto_methods,
-            prefer=prefer,
-        )
-        return load_spec(spec)
-    method = method or "tq"
-    if ratio is None and target_params is None:
-        ratio = 0.65
+def _budget_config(planning: dict, max_iterations: int, sequential: bool, output_weights: bool) -> CompressionConfig:
+    """``tqc compress``'s budget, with the defaults for what is not given."""
+    method = planning["method"] or "tq"
+    no_budget = planning["ratio"] is None and planning["target_params"] is None
     return CompressionConfig(
         method=method,
-        ratio=ratio,
-        target_params=target_params,
-        target_modules=_split(target_modules),
-        steps=steps or 1,
+        ratio=0.65 if no_budget else planning["ratio"],
+        target_params=planning["target_params"],
+        target_modules=_split(planning["target_modules"]),
+        steps=planning["steps"] or 1,
         max_iterations=max_iterations,
-        prefer=prefer or "accuracy",
-        auto_methods=_auto_methods(auto_methods, method),
+        prefer=planning["prefer"] or "accuracy",
+        auto_methods=_auto_methods(planning["auto_methods"], method),
         sequential=sequential,
         output_weights=output_weights,
     )
@@ -620,17 +593,6 @@ RunRatio = Annotated[
 RunStages = Annotated[
     Optional[int], typer.Option(help=f"compression/distillation steps (upper layers first) [default: {recipe.STAGES}]")
 ]
-RunPrefer = Annotated[
-    Optional[str],
-    typer.Option(help="budget solver: accuracy | speed (B one row wide: faster layers) [default: accuracy]"),
-]
-RunAutoMethods = Annotated[
-    Optional[str],
-    typer.Option(
-        help="--method auto: comma-separated structures it may choose, "
-        f"or 'all' (default: {','.join(recipe.AUTO_METHODS)}; dense is always allowed)"
-    ),
-]
 RunTeacherFraction = Annotated[
     float,
     typer.Option(
@@ -688,8 +650,8 @@ def run(
     method: Optional[str] = typer.Option(None, help=_methods_help() + f" [default: {recipe.METHOD}]"),
     ratio: RunRatio = None,
     stages: RunStages = None,
-    prefer: RunPrefer = None,
-    auto_methods: RunAutoMethods = None,
+    prefer: Prefer = None,
+    auto_methods: AutoMethods = None,
     spec: Optional[Path] = typer.Option(None, help="explicit per-layer plan instead of --ratio/--stages"),
     data: str = typer.Option("teacher", help="distillation text (file/dir/glob, dataset name) or 'teacher'"),
     fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split"),

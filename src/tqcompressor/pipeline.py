@@ -257,7 +257,7 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     out_dir = claim_directory(run.out_dir) if main else check_writable(run.out_dir)
     started = time.perf_counter()
     phase = _phases(started)
-    blocks, eval_sets = _data(loaded, run, out_dir, phase)
+    blocks, eval_sets = load_data(loaded, run, out_dir, phase)
     results_path = out_dir / "results.json"
     previous = read_json_file(results_path, RunResults) if run.resume and results_path.is_file() else {}
     record = RunRecord(out_dir, loaded.source, run, run.distill, started, main, previous.get("points", []))
@@ -266,10 +266,10 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     def point(label: str, stage: int, model) -> None:
         if not record.has(label):
             phase(f"evaluating: {label}")
-            record.add(_evaluate_point(label, stage, model, teacher, eval_sets, run.context, loaded, record))
+            record.add(evaluate_point(label, stage, model, teacher, eval_sets, run.context, loaded, record))
 
     point("teacher", 0, teacher)
-    calibration = _calibration(run, blocks, phase)
+    calibration = calibration_blocks(run, blocks, phase)
     student, plan, evaluation_seconds = _plan_and_one_shot(teacher, run, calibration, record, point, phase)
     if run.time_budget is not None:
         budget = _budget_plan(record, teacher, student, blocks, evaluation_seconds, len(plan.steps()))
@@ -297,7 +297,7 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     return _finish(record, loaded, student, eval_sets, phase)
 
 
-def _data(loaded: LoadedModel, run: RunConfig, out_dir: Path, phase) -> tuple:
+def load_data(loaded: LoadedModel, run: RunConfig, out_dir: Path, phase) -> tuple:
     """The distillation blocks and the evaluation sets (both may sample from the teacher, cached in ``out_dir``)."""
     sampling = run.data == "teacher" or run.teacher_fraction
     phase("distillation data" + (" (sampling from the teacher)" if sampling else ""))
@@ -311,7 +311,7 @@ def _data(loaded: LoadedModel, run: RunConfig, out_dir: Path, phase) -> tuple:
     return blocks, evaluation_sets(run.eval_data, loaded, run.eval_tokens, run.context, out_dir)
 
 
-def _evaluate_point(label: str, stage: int, model, teacher, eval_sets, context: int, loaded, record) -> dict:
+def evaluate_point(label: str, stage: int, model, teacher, eval_sets, context: int, loaded, record) -> dict:
     """One row of ``results.json``: the in-domain text's figures, fidelity, and every domain's."""
     reference = record.points[0] if record.points and record.points[0]["label"] == "teacher" else None
     measured = evaluate_domains(model, teacher, eval_sets, context, loaded.tokenizer, reference)
@@ -327,7 +327,7 @@ def _evaluate_point(label: str, stage: int, model, teacher, eval_sets, context: 
     }
 
 
-def _calibration(run: RunConfig, blocks, phase) -> torch.Tensor | None:
+def calibration_blocks(run: RunConfig, blocks, phase) -> torch.Tensor | None:
     """Token ids to calibrate the fits on, when a planned structure fits in the output metric."""
     compression = run.compression
     methods = {spec.method for _, spec in compression.layers} if compression.layers else {compression.method}

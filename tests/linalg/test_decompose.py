@@ -95,7 +95,7 @@ def test_whitening_inverts_and_damps():
 
 
 def test_kronecker_scaling_recovers_an_exact_kronecker_scale():
-    from tqcompressor.structures.kronecker import kronecker_scaling
+    from tqcompressor.structures.kronecker.fit import kronecker_scaling
 
     d_a, d_b = torch.rand(6, dtype=torch.float64) + 0.5, torch.rand(4, dtype=torch.float64) + 0.5
     got_a, got_b = kronecker_scaling(torch.kron(d_a, d_b), 6, 4)
@@ -106,7 +106,7 @@ def test_kronecker_scaling_recovers_an_exact_kronecker_scale():
 @pytest.mark.parametrize("method", ["kronecker", "tq"])
 def test_input_scaled_kronecker_fit_is_folded_into_the_factors(method):
     from tqcompressor.linalg.decompose import nearest_kronecker
-    from tqcompressor.structures.kronecker import fit_kronecker
+    from tqcompressor.structures.kronecker.fit import fit_kronecker
 
     g = torch.Generator().manual_seed(4)
     w = torch.randn(16, 24, generator=g, dtype=torch.float64)

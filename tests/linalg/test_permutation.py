@@ -58,7 +58,7 @@ def test_tq_never_worse_than_kronecker_on_random_matrix():
 
 
 def test_skipped_starts_still_find_planted_structure_and_never_end_worse_than_kronecker(monkeypatch):
-    from tqcompressor.structures.kronecker import AUTO_STARTS
+    from tqcompressor.structures.kronecker.settings import AUTO_STARTS
 
     w = scrambled_kronecker(16, 16, 2, 4, seed=4).double()
     found = permuted_kronecker(w, (16, 16), (2, 4), 1, start_names=AUTO_STARTS)

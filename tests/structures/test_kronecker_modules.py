@@ -124,7 +124,7 @@ def test_fused_gathers_keep_forward_and_gradients_equal_to_dense(a_shape, b_shap
 
 
 def test_contraction_order_follows_multiply_adds():
-    from tqcompressor.structures.kronecker import kronecker_macs, kronecker_order
+    from tqcompressor.structures.kronecker.kernels import kronecker_macs, kronecker_order
 
     assert kronecker_order((576, 64), (1, 9), 5) == "b"  # one-row B: contract B first
     assert kronecker_order((384, 768), (2, 4), 4) == "b"  # the paper's GPT-2 MLP shape
@@ -155,7 +155,7 @@ def test_row_scale_maps_a_row_weighted_fit_back_exactly_and_follows_output_permu
     """A fit of diag(rows) W divided back by its rows: y = (K x) / rows, stored as one scale per
     output, counted as parameters, saved in the config, and moved along with folded output gathers
     (the one-row B case moves the permutation into A's rows)."""
-    from tqcompressor.structures.kronecker import fit_kronecker
+    from tqcompressor.structures.kronecker.fit import fit_kronecker
 
     torch.manual_seed(5)
     w, rows = torch.randn(16, 24), torch.rand(16) + 0.5

@@ -12,7 +12,7 @@ from tqcompressor.linalg.decompose import (
     output_error,
     output_metric_kronecker,
 )
-from tqcompressor.structures.kronecker import input_rms, scaled_kronecker
+from tqcompressor.structures.kronecker.fit import input_rms, scaled_kronecker
 
 
 def problem(m1=3, n1=2, m2=2, n2=3, seed=0):
@@ -128,7 +128,7 @@ def test_calibrated_auto_candidates_are_fitted_in_the_output_metric():
     worse than Van Loan's factors at the same permutations measured in that metric, and what auto
     installs."""
     from tqcompressor.linalg.decompose import OutputSketch
-    from tqcompressor.structures.kronecker import kronecker_errors
+    from tqcompressor.structures.kronecker.fit import kronecker_errors
 
     g = torch.Generator().manual_seed(8)
     w = torch.randn(32, 48, generator=g, dtype=torch.float64)

@@ -8,7 +8,7 @@ import torch
 from tqcompressor import TQCError
 from tqcompressor.linalg.decompose import output_error, relative_error
 from tqcompressor.structures import decompose
-from tqcompressor.structures.kronecker import pruning_start
+from tqcompressor.structures.kronecker.fit import pruning_start
 
 
 def test_keeps_the_strongest_strided_submatrices_exactly_and_zeroes_the_rest():

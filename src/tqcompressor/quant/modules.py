@@ -265,14 +265,8 @@ class QuantizedLowRankLinear(FactoredModule):
         return quantized.to(layer.u.device)
 
     def config(self) -> dict:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "rank": self.rank,
-            "bias": self.bias is not None,
-            "kind": self.kind,
-            **_settings_config(self.settings),
-        }
+        # the float layer's constructor arguments (they read the same attributes), and the format
+        return {**LowRankLinear.config(self), **_settings_config(self.settings)}
 
     @classmethod
     def from_config(cls, config: dict, dtype: torch.dtype) -> QuantizedLowRankLinear:

@@ -32,17 +32,11 @@ from tqcompressor.linalg.decompose import (
     whitening,
 )
 from tqcompressor.structures.base import Candidate, Capabilities, Factors, Structure, get_structure, register
-from tqcompressor.structures.kronecker import (
-    KroneckerFactors,
-    KroneckerLinear,
-    KroneckerSettings,
-    fit_kronecker,
-    fit_row_scaled,
-    input_rms,
-    kronecker_macs,
-    kronecker_order,
-    row_scaled_candidate,
-)
+from tqcompressor.structures.kronecker.fit import KroneckerFactors, fit_kronecker, input_rms
+from tqcompressor.structures.kronecker.kernels import kronecker_macs, kronecker_order
+from tqcompressor.structures.kronecker.modules import KroneckerLinear
+from tqcompressor.structures.kronecker.settings import KroneckerSettings
+from tqcompressor.structures.kronecker.structure import fit_row_scaled, row_scaled_candidate
 from tqcompressor.structures.lowrank import LowRankFactors, LowRankLinear, divide_rows, truncated_svd
 
 AUTO_B_SHAPES = ((2, 4), (4, 2))  # the first that divides the matrix is measured
