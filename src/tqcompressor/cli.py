@@ -19,7 +19,7 @@ from tqcompressor.data import calibration_ids, check_teacher_fraction, iter_text
 from tqcompressor.errors import TQCError, check_count, first_line
 from tqcompressor.evaluation.evaluate import evaluate, lambada
 from tqcompressor.evaluation.fidelity import TABLE_HEADER, heldout_domains, measure, table_rows
-from tqcompressor.evaluation.report import format_compression_table, format_quantization_table, table
+from tqcompressor.evaluation.report import format_compression_table, format_quantization_table, format_report, table
 from tqcompressor.modelio.checkpoint import (
     STRUCTURE_FILE,
     WEIGHTS_FILE,
@@ -47,7 +47,6 @@ from tqcompressor.pipeline import (
     block_source_for,
     check_student_matches_teacher,
     data_name,
-    format_report,
     run_pipeline,
 )
 from tqcompressor.planning.config import CompressionConfig, load_spec

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from tqcompressor.evaluation.fidelity import TEACHER_DOMAIN
 from tqcompressor.structures import REGISTRY
 
 
@@ -130,3 +133,213 @@ def _layer_settings(layer: dict) -> dict:
 
 def _settings_text(settings: dict) -> str:
     return ", ".join(f"{k} {_fmt(v)}" for k, v in settings.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# The report.md of a `tqc run` (from its results.json)
+
+
+def format_report(result: dict) -> str:
+    points = result["points"]
+    lines = [
+        f"# tqcompressor run: {result['base_model']}, method {result['method']}, ratio {result['ratio']}",
+        "",
+    ]
+    if points and "fidelity_kl" in points[0]:
+        lines += _fidelity_section(points, result.get("quantized", []))
+        lines += ["![fidelity KL vs bytes](fidelity.png) ![in-domain perplexity vs parameters](perplexity.png)", ""]
+    else:  # results written before the fidelity suite
+        lines += [_legacy_table(points), "", "![perplexity vs parameters](perplexity.png)", ""]
+    if "plan_cells" in result:
+        lines += _plan_section(result["plan_cells"])
+    if "continuations" in result:
+        lines += _continuations_section(result["continuations"])
+    if "footprint" in result:
+        lines += _footprint_section(result["footprint"])
+    domains = list(points[0]["domains"]) if points and "domains" in points[0] else []
+    tokens = ", ".join(f"{points[0]['domains'][n]['tokens']:,} of {n}" for n in domains) if domains else ""
+    protocol = points[0]["protocol"] if points else {}
+    lines += [
+        "## How this was measured",
+        "",
+        f"- Perplexity, KL(teacher || student) and top-1 agreement: token level, sliding window (context "
+        f"{protocol.get('context')}, stride {protocol.get('stride')}), scored tokens: {tokens}.",
+        (
+            f"- Held-out domains: {result.get('second_domain', '')}; and {HELDOUT_WORDS}. "
+            "Fidelity KL is the mean KL over them; the evaluation text (--eval-data) is in-domain and not counted."
+            if points and "fidelity_kl" in points[0]
+            else f"- Second domain: {result.get('second_domain', '')}."  # results from before the fidelity suite
+        ),
+        f"- Distillation data: {result['data']}"
+        + (
+            f", {result['teacher_fraction']:.0%} of the blocks sampled from the teacher"
+            if result.get("teacher_fraction")
+            else ""
+        )
+        + f"; {result['kd_tokens_per_stage']:,} tokens per stage; calibration: the first "
+        f"{result.get('calibration_tokens', 0):,} tokens of the same blocks.",
+        f"- Compression: {_compression_words(result.get('compression', {}), result.get('calibration_tokens', 0))}.",
+        f"- Training: {_precision_words(result.get('training_precision', 'no'))}; evaluation in fp32.",
+        f"- Parameters: {result['counting']}.",
+        f"- Wall time: {result['seconds']:.0f} s.",
+    ]
+    if result.get("budget"):
+        b = result["budget"]
+        lines.append(
+            f"- Time budget: {b['budget'] / 60:g} min. {b['spent_before_distillation'] / 60:.1f} min went to "
+            "sampling, calibration, planning and the first evaluations; one distillation step took "
+            f"{b['seconds_per_step']:.1f} s, so {b['steps_per_stage']} steps per stage fit beside the "
+            f"{b['reserved_after_distillation'] / 60:.1f} min kept for the evaluations, the quantized comparison "
+            "and saving."
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+HELDOUT_WORDS = (
+    "three real texts no step reads, shipped in tqcompressor/evaluation/heldout (prose of 1611, Python documentation, "
+    "CPython source; licences in its README)"
+)
+
+
+def _fidelity_section(points: list[dict], quantized: list[dict]) -> list[str]:
+    """The headline: how close each point is to the teacher on text no step saw, then the same per
+    domain, then what quantizing the teacher (or the student) gives instead."""
+    names = list(points[0]["domains"])
+    held_out = [n for n in names if points[0]["domains"][n].get("held_out")]
+    own = [n for n in names if not points[0]["domains"][n].get("held_out")]
+    headers = ["model", "params", "fidelity KL", "fidelity top-1"] + [f"KL ({_short(n)})" for n in held_out]
+    headers += [f"ppl, in-domain ({_short(n)})" for n in own]
+    rows = [
+        [p["label"], p["params"], p["fidelity_kl"], p["fidelity_top1"]]
+        + [p["domains"][n]["kl_to_teacher"] for n in held_out]
+        + [p["domains"][n]["perplexity"] for n in own]
+        for p in points
+    ]
+    detail = [
+        [
+            p["label"],
+            _short(n),
+            "held out" if d.get("held_out") else "in-domain",
+            d["kl_to_teacher"],
+            d["top1_agreement"],
+            d["perplexity"],
+            d.get("perplexity_ratio"),
+        ]
+        for p in points
+        for n, d in p["domains"].items()
+    ]
+    lines = [
+        "## Fidelity to the teacher, on text no step of the run read",
+        "",
+        table(headers, rows),
+        "",
+        "Per domain (perplexity ratio: the model's perplexity over the teacher's on the same windows):",
+        "",
+        table(["model", "domain", "", "KL", "top-1", "perplexity", "ratio"], detail, "lllrrrr"),
+        "",
+    ]
+    if quantized:
+        mib = 2**20
+        q_rows = [
+            [f"{q['model']} {q['format']}", q["params"], q["memory_bytes"] / mib, q["fidelity_kl"], q["fidelity_top1"]]
+            for q in quantized
+        ]
+        lines += [
+            "## What quantization alone gives (bytes held in memory, same windows)",
+            "",
+            table(["model", "params", "MiB", "fidelity KL", "fidelity top-1"], q_rows),
+            "",
+        ]
+    return lines
+
+
+def _legacy_table(points: list[dict]) -> str:
+    domains = list(points[0]["domains"]) if points and "domains" in points[0] else []
+    headers = ["model", "params"]
+    for name in domains:
+        headers += [f"ppl ({_short(name)})", f"KL ({_short(name)})", f"top-1 ({_short(name)})"]
+    rows = [
+        [p["label"], p["params"]]
+        + [
+            x
+            for name in domains
+            for x in (
+                p["domains"][name]["perplexity"],
+                p["domains"][name].get("kl_to_teacher"),
+                p["domains"][name].get("top1_agreement"),
+            )
+        ]
+        for p in points
+    ]
+    return table(headers, rows)
+
+
+def _short(name: str) -> str:
+    return name if name == TEACHER_DOMAIN or " (" in name else Path(name).name
+
+
+def _compression_words(compression: dict, calibration_tokens: int) -> str:
+    """How the plan was made, in words: method, menu, calibration, how layers were weighed."""
+    method = compression.get("method", "?")
+    words = method
+    if method == "auto":
+        menu = compression.get("auto_methods")
+        words += f" over {', '.join(menu)} (or dense)" if menu else " over every structure"
+    words += ", fitted to the calibration tokens' outputs" if calibration_tokens else ", fitted to the weights"
+    if compression.get("output_weights"):
+        words += "; each layer's outputs weighted by the loss's squared gradient there (Fisher rows)"
+    if compression.get("sequential"):
+        words += "; refitted block by block to the teacher's outputs"
+    return words
+
+
+def _precision_words(precision: str) -> str:
+    if precision == "no":
+        return "fp32"
+    return f"{precision} autocast (weights, optimizer and loss in fp32)"
+
+
+def _plan_section(cells: list[dict]) -> list[str]:
+    counts: dict[str, int] = {}
+    for c in cells:
+        counts[c["method"]] = counts.get(c["method"], 0) + 1
+    summary = ", ".join(f"{n} {m}" for m, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return ["## The plan", "", f"Linear layers of the blocks: {summary}.", "", "![the plan](plan.png)", ""]
+
+
+def _continuations_section(rows: list[dict]) -> list[str]:
+    lines = ["## The same prompts, continued greedily", ""]
+    for r in rows:
+        lines += [
+            f"**{r['prompt']}**",
+            "",
+            f"- teacher: {_one_line(r['teacher'])}",
+            f"- student: {_one_line(r['student'])}",
+            "",
+        ]
+    return lines
+
+
+def _footprint_section(f: dict) -> list[str]:
+    t, s, speed = f["teacher"], f["student"], f["speed"]
+    mb = 2**20
+    rows = [
+        ["parameters", t["params"], s["params"], s["params"] / t["params"]],
+        ["memory (MiB)", t["memory_bytes"] / mb, s["memory_bytes"] / mb, s["memory_bytes"] / t["memory_bytes"]],
+        ["disk (MiB)", t["disk_bytes"] / mb, s["disk_bytes"] / mb, s["disk_bytes"] / t["disk_bytes"]],
+        ["prefill time", "", "", speed["prefill_time_ratio"]],
+        ["generation time", "", "", speed["generation_time_ratio"]],
+    ]
+    return [
+        "## What it costs to hold and run",
+        "",
+        table(["", "teacher", "student", "student / teacher"], rows),
+        "",
+        f"Times: {speed['protocol']}. Disk: {f['disk_note']}.",
+        "",
+    ]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
