@@ -59,8 +59,12 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The CPU studies behind the headline tables: make demo's run (docs/demo-results.json, copied from
+# out/demo/results.json by hand when a new run is committed), its one-shot point measured again with the
+# current code, then every generated table (docs/results.md and the README's blocks) from the JSON.
 bench: install
-	$(BIN)/python bench/decomposition.py
+	$(BIN)/python bench/one_shot.py
+	$(BIN)/python bench/tables.py
 
 clean:
 	rm -rf $(VENV) out runs

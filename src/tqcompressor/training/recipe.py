@@ -1,18 +1,19 @@
 """The defaults of `tqc run`: the recipe the measurements on 2 CPU cores support.
 
-Chosen by `bench/recipe.py` (bench/results/recipe.json; the README's "Choosing the main job's
-recipe"): at the same 40 optimizer steps, one stage ended below two (the second stage's layers get
+Chosen by `bench/recipe.py` (bench/results/recipe.json; "Choosing the main job's recipe" in the
+README of commit f85860f): at the same 40 optimizer steps, one stage ended below two (the second stage's layers get
 half the steps, and its recalibration costs time), a peak learning rate of 3e-4 below 1e-3, and
 half the calibration and distillation blocks sampled from the teacher kept the student far closer
 to the teacher on text the distillation never saw (KL 1.17 vs 2.03 nats/token) at 1.07 vs 1.04 on
 WikiText-2 test. STEPS is what fits `make demo` into 25 minutes on 2 cores. Training runs in bf16
 autocast on a CPU with native bf16 (bench/results/recipe-precision.json: 1.66x the tokens per
 second of fp32, the same perplexity and KL to 0.003 at 40 steps), so it rose from 100 (fp32) to
-240 and 280 steps with a pool of 64 teacher samples (demo-240-steps.json, demo-280-steps-pool-64.json).
+240 and 280 steps with a pool of 64 teacher samples (bench/results/demo-240-steps.json and
+demo-280-steps-pool-64.json of commit e091dba).
 The student had memorised those 64 (perplexity 2.60 on them against the teacher's 8.64,
 teacher-pool-64.json), so TEACHER_POOL is 128, which costs about 70 s of sampling, and STEPS is
 260: on held-out teacher samples KL 0.95 instead of 1.03, WikiText-2 test 37.96 (1.28x the
-teacher), 1,325 s inside tqc run (bench/results/demo-260-steps-scalar-weights.json). Weighting each
+teacher), 1,325 s inside tqc run (bench/results/demo-260-steps-scalar-weights.json of commit 2c8c0e2). Weighting each
 layer's outputs by the loss's gradient energy (OUTPUT_WEIGHTS) then halved the one-shot perplexity
 (208.8 -> 99.4) and the same 260 steps ended at 36.33 (1.23x) and KL 0.86 in 1,343 s. Since the
 fidelity suite the recipe is chosen by fidelity KL on held-out text: the loss is the KL term at
@@ -36,7 +37,7 @@ TEACHER_POOL = 128  # teacher blocks sampled once and cycled (sampling costs abo
 # refit block by block before distilling: off. It lowers one-shot perplexity (127.0 -> 111.0 on WikiText-2
 # test, bench/results/sequential-ridge.json; in make demo 208.8 -> 132.8) but the distilled student ended
 # worse: 64.2 (KL 1.28) after 80 steps, against 47.28 (KL 0.94) after 100 without it
-# (both fp32: bench/results/demo-sequential.json, and docs/demo-results.json of 0dec7e0, replaced at c106c71)
+# (both fp32: bench/results/demo-sequential.json of commit 4c93b32, and docs/demo-results.json of 0dec7e0)
 SEQUENTIAL = False
 # weigh each layer's outputs by the loss's gradient energy in auto's budget and fits (Fisher rows): at the same
 # 40 steps it started from 99.4 instead of 208.8 and ended at 49.88 instead of 57.41 on WikiText-2 test, KL 1.044
