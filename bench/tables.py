@@ -314,6 +314,76 @@ def speed_section() -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Blocks inside the reference pages of docs/
+
+
+def sequential_block() -> str:
+    """docs/method.md: the one-shot effect of the sequential refit, at the fits' own ridge and at 1e-2."""
+    fits, ridge = load("sequential.json"), load("sequential-ridge.json")
+    rows = [["teacher", fits["rows"]["teacher"]["perplexity"], 0.0, 1.0, ""]]
+    planned = fits["rows"]["as planned"]
+    rows.append(["as planned", planned["perplexity"], planned["kl_to_teacher"], planned["top1_agreement"], "both"])
+    for label, run, name in (
+        ("refitted, the fits' own ridge", fits, "sequential.json"),
+        ("refitted, ridge 1e-2", ridge, "sequential-ridge.json"),
+    ):
+        r = run["rows"]["sequential refit"]
+        rows.append(
+            [label, r["perplexity"], r["kl_to_teacher"], r["top1_agreement"], f"`{name}` ({short(run['commit'])})"]
+        )
+    headers = ["one-shot", "perplexity (in-domain)", "KL to teacher", "top-1", "file"]
+    return "\n".join(
+        [
+            table(headers, rows, "lrrrl"),
+            "",
+            f"{fits['settings']['model']} at {float(fits['settings']['ratio']):.0%}, `auto` over "
+            f"`{fits['settings']['methods']}`, {int(fits['settings']['calibration_tokens']):,} calibration tokens of "
+            f"WikiText-2 valid, {planned['tokens']:,} tokens of WikiText-2 test.",
+        ]
+    )
+
+
+def auto_menu_block() -> str:
+    """docs/method.md: what calibrated `auto` over every structure chose, and what it cost."""
+    run = load("decomposition-auto-menu-after.json")
+    auto = run["methods"]["auto"]
+    chosen = ", ".join(f"{count} {method}" for method, count in sorted(auto["layers_by_method"].items()))
+    return (
+        f"With every structure on its menu, calibrated `auto` chose {chosen} layers (loss proxy "
+        f"{auto['loss_proxy_error']:.4f}), and the planning took {auto['seconds']:.0f} s, calibration included "
+        f"(`decomposition-auto-menu-after.json`, commit {short(run['commit'])}, {run['torch_threads']} threads)."
+    )
+
+
+def start_token_block() -> str:
+    """docs/distillation.md: what leaving out the tokenizer's start token does to a Gemma perplexity."""
+    run = load("start-token.json")
+    rows = run["rows"]
+    return (
+        f"Without it Gemma-3-270M measures a perplexity of {rows['without']['perplexity']:.1f} instead of "
+        f"{rows['with the start token']['perplexity']:.1f} (`start-token.json`, commit {short(run['commit'])})."
+    )
+
+
+def trust_block() -> str:
+    """docs/cli.md: the adversarial probe's outcome."""
+    run = load("trust-probe.json")
+    failures = "; ".join(f"{count} {kind}" for kind, count in run["failures"].items())
+    return (
+        f"`bench/results/trust-probe.json` (one run of {short(run['commit'])}): {run['cases']} cases; {failures}. "
+        "Every refusal was one `error:` line with exit status 2, the slowest in "
+        f"{run['slowest_refusal_seconds']:.1f} s including the process's start."
+    )
+
+
+DOC_BLOCKS = {
+    "method.md": {"sequential": sequential_block, "auto menu": auto_menu_block},
+    "distillation.md": {"start token": start_token_block},
+    "cli.md": {"trust probe": trust_block},
+}
+
+
 SECTIONS = (
     demo_section,
     one_shot_section,
@@ -339,13 +409,13 @@ def results_page() -> str:
     )
 
 
-def with_blocks(text: str, blocks: dict[str, str]) -> str:
+def with_blocks(text: str, blocks: dict[str, str], page: str) -> str:
     """``text`` with each generated block between its markers replaced by what the script writes."""
     for name, content in blocks.items():
         begin = BEGIN.format(name)
         head, found, rest = text.partition(begin)
         if not found:
-            raise SystemExit(f"README.md has no {begin!r} marker")
+            raise SystemExit(f"{page} has no {begin!r} marker")
         _, _, tail = rest.partition(END)
         text = f"{head}{begin}\n{content}\n{END}{tail}"
     return text
@@ -354,10 +424,15 @@ def with_blocks(text: str, blocks: dict[str, str]) -> str:
 def pages() -> dict[Path, str]:
     """Every generated page, as the script would write it."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    return {
+    written = {
         REPO / "docs" / "results.md": results_page(),
-        REPO / "README.md": with_blocks(readme, {"headline": headline(), "which method": which_method()}),
+        REPO / "README.md": with_blocks(readme, {"headline": headline(), "which method": which_method()}, "README.md"),
     }
+    for page, blocks in DOC_BLOCKS.items():
+        path = REPO / "docs" / page
+        contents = {name: block() for name, block in blocks.items()}
+        written[path] = with_blocks(path.read_text(encoding="utf-8"), contents, f"docs/{page}")
+    return written
 
 
 def stale_pages() -> list[Path]:
