@@ -2,7 +2,7 @@
 planned by calibrated ``auto`` once per menu (``--menus``, e.g. ``svd`` alone, the CLI's default,
 against every registered structure), each evaluated one-shot on WikiText-2 test (perplexity, KL to
 the teacher, top-1 agreement), with its compress seconds (calibration included) and the layers it
-chose. Writes bench/results/auto-menus.json and prints a table.
+chose. Writes bench/results/auto_menus/auto-menus.json and prints a table.
 
     python bench/auto_menus.py [--menus "svd;all"] [--ratio 0.65] [--eval-tokens 16384]
 """
@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     calibrated_options(parser, eval_tokens=16384)
     parser.add_argument("--menus", default="svd;all", help="auto's menus to compare, ';'-separated")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "auto-menus.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "auto_menus" / "auto-menus.json")
     args = parser.parse_args()
     menus = parse_menus(args.menus)
     commit = git_commit()  # the code this run imports now

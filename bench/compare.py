@@ -6,8 +6,8 @@ all are scored first by fidelity to the teacher on held-out text (teacher sample
 code: fidelity KL and top-1, :class:`common.Fidelity`), then on the same prefix of WikiText-2 test,
 in-domain. The ``*_aware`` methods and ``auto`` also see --calibration-tokens of the distillation
 data before compressing (each structure fitted in the output metric ``E||(W - W')x||^2``; auto's
-loss-weighted output errors); the others fit weights only. Writes bench/results/compare.json and
-bench/results/compare.png and prints a table.
+loss-weighted output errors); the others fit weights only. Writes bench/results/compare/compare.json and
+bench/results/compare/compare.png and prints a table.
 
     python bench/compare.py                       # CPU, small KD budget
     python bench/compare.py --device cuda --kd-steps 300 --batch-size 16 --workers 2 --threads 7
@@ -78,7 +78,7 @@ def main() -> None:
         help="compress in this many processes beside the main one (0: one after another, in it)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of each compressing worker")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "compare.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "compare" / "compare.json")
     parser.add_argument("--work", type=Path, default=Path("runs/compare"))
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
     parser.add_argument(

@@ -2,12 +2,12 @@
 
 For a few layers and every matrix type (q/k/v/o, gate/up/down) it factors the weight with each
 method at the same parameter count, then times a full-model `compress` at --ratio 0.65.
-Writes bench/results/decomposition.json and prints a table.
+Writes bench/results/decomposition/decomposition.json and prints a table.
 
 With --planted it measures the permutation search where the answer is known: scrambled sums of
 Kronecker products (with and without noise) of a few sizes, from its own starts and from the true
 permutations with a fraction of the labels shuffled (how far its local search reaches), and the
-number of steps it accepts on a random matrix. Writes bench/results/decomposition-planted.json.
+number of steps it accepts on a random matrix. Writes bench/results/decomposition/decomposition-planted.json.
 
 With --whole-model it instead compresses the whole model with every method at the same budget
 (tq, kronecker, svd, tq_aware, svd_aware, auto without and with calibration) and reports the whole-model
@@ -15,7 +15,7 @@ totals: relative weight error sqrt(sum ||dW||^2 / sum ||W||^2) and the loss prox
 auto minimises, sqrt(sum g_l tr(dW C dW^T) / sum g_l tr(W C W^T)) (C: input second moment, g_l:
 squared output gradient, from --calibration-tokens of WikiText-2 valid), with the seconds each
 method took. The totals cover the target matrices; a tied token table that auto cuts too is
-recorded apart (``other_layers``). Writes bench/results/decomposition-whole-model.json.
+recorded apart (``other_layers``). Writes bench/results/decomposition/decomposition-whole-model.json.
 
     python bench/decomposition.py [--layers 0,10,20,29] [--b-shape 2,4] [--rank 4]
     python bench/decomposition.py --whole-model [--methods tq_aware,svd_aware] [--out ...]
@@ -40,7 +40,7 @@ from tqcompressor.layers import dense_weight_of
 from tqcompressor.linalg.decompose import relative_error
 from tqcompressor.versions import library_versions
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "decomposition"
 WHOLE_MODEL_METHODS = ["tq", "kronecker", "svd", "tq_aware", "svd_aware", "auto_weights", "auto"]
 CALIBRATED = {
     "tq_aware": "tq",

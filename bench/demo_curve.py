@@ -11,7 +11,7 @@ one schedule, still at a high learning rate: it understates what a run ending th
 
 A power law ``fidelity KL = a * tokens^-b`` through the distilled points says how many KD tokens the goal
 would take at this rate of improvement (recorded as an extrapolation, not a measurement). Writes
-bench/results/demo-curve.json and .png and prints a table.
+bench/results/demo_curve/demo-curve.json and .png and prints a table.
 
     python bench/demo_curve.py [--steps 520 --points 130,260,390 --teacher-pool 256]   # 2 CPU cores: ~45 min
 """
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--teacher-pool", type=int, default=2 * recipe.TEACHER_POOL)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="per domain (tqc run's default)")
     parser.add_argument("--calibration-tokens", type=int, default=8192)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "demo-curve.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "demo_curve" / "demo-curve.json")
     parser.add_argument("--work", type=Path, default=Path("runs/demo_curve"))
     args = parser.parse_args()
     stops = sorted({int(p) for p in args.points.split(",") if p} | {args.steps})

@@ -4,7 +4,7 @@ named) and with the decoder blocks' projections only; and, for reference, activa
 with every projection and the table keeping the same fraction. Each is evaluated one-shot on
 WikiText-2 test (perplexity, KL to the teacher, top-1 agreement). A plan that cannot meet the
 budget (the projections alone, on a model whose table is most of it) is recorded with its reason.
-Writes bench/results/embedding.json and prints a table.
+Writes bench/results/embedding/embedding.json and prints a table.
 
     python bench/embedding.py [--model smollm2-135m] [--ratio 0.65] [--methods svd] [--eval-tokens 16384]
 """
@@ -33,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     calibrated_options(parser, eval_tokens=16384)
     parser.add_argument("--methods", default="svd", help="auto's menu (comma-separated structures)")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "embedding.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "embedding" / "embedding.json")
     args = parser.parse_args()
     commit = git_commit()  # the code this run imports now
     loaded = tqc.load_model(args.model)

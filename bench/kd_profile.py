@@ -9,7 +9,7 @@ by step, in one process; then torch.profiler lists the ops that take the most ti
 each. The loop is the one of distill.train_stage, without accelerate's wrapper (bf16 autocast as it
 sets it on a CPU with native bf16).
 
-Writes bench/results/kd-profile.json and prints the tables.
+Writes bench/results/kd_profile/kd-profile.json and prints the tables.
 
     python bench/kd_profile.py
 """
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top-ops", type=int, default=12)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "kd-profile.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "kd_profile" / "kd-profile.json")
     args = parser.parse_args()
     commit = git_commit()
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ last is a student part-way through one run, still at a high learning rate, not a
 with that budget: the curve understates what a dedicated shorter run reaches.
 
 Students are built as ``compare.py`` builds them (``*_aware`` and ``auto`` calibrated on
---calibration-tokens of the distillation data). Writes bench/results/kd_scaling.json and
+--calibration-tokens of the distillation data). Writes bench/results/kd_scaling/kd_scaling.json and
 kd_scaling.png and prints a table.
 
     python bench/kd_scaling.py                   # 2 CPU cores: ~1 hour
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--kd-tokens", type=int, default=102400, help="the whole run's KD tokens (the last point)")
     parser.add_argument("--points", default="25600,51200", help="KD tokens to stop at and evaluate before the last")
     parser.add_argument("--auto-methods", default="svd", help="structures auto may choose (the CLI's default)")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "kd_scaling.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "kd_scaling" / "kd_scaling.json")
     parser.add_argument("--work", type=Path, default=Path("runs/kd_scaling"))
     args = parser.parse_args()
     # what compare.build_student reads beside these

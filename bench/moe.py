@@ -14,7 +14,7 @@ matrix of the teacher: one basis shared by the experts of a layer (their inputs'
 side, whichever is better) plus a small per-expert factor, versus each expert's own truncated SVD;
 relative weight error per matrix type, and one-shot perplexity with every expert replaced.
 
-Writes bench/results/moe.json and moe.png and prints tables.
+Writes bench/results/moe/moe.json and moe.png and prints tables.
 
     python bench/moe.py
 """
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     fidelity_options(parser)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "moe.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "moe" / "moe.json")
     parser.add_argument("--work", type=Path, default=Path("runs/moe"))
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
     args = parser.parse_args()

@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="what the reference run used (tqc run's default)")
     parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--out", default=str(HERE / "results" / "one-shot-demo.json"))
+    parser.add_argument("--out", default=str(HERE / "results" / "one_shot" / "one-shot-demo.json"))
     args = parser.parse_args()
     reference_path = Path(args.reference)
     if not reference_path.is_file():

@@ -18,7 +18,7 @@ the rank closest to half; the others at no more parameters than that):
 
 The error is the relative output error sqrt(tr(D C D^T) / tr(W C W^T)) with C = E[x x^T] of
 each layer's inputs on --calibration-tokens of WikiText-2 valid. Writes
-bench/results/output-metric.json (commit, settings, device, per matrix errors and seconds) and
+bench/results/output_metric/output-metric.json (commit, settings, device, per matrix errors and seconds) and
 prints a table.
 
     python bench/output_metric.py [--layers 10,25] [--b-shape 2,4]
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--b-shape", default="2,4")
     parser.add_argument("--calibration", default=str(DATA / "valid.txt"))
     parser.add_argument("--calibration-tokens", type=int, default=8192)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "output-metric.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "output_metric" / "output-metric.json")
     args = parser.parse_args()
     b_shape = tuple(int(x) for x in args.b_shape.split(","))
     measured = git_commit()  # the code this run imports now; the tree may change while it runs

@@ -12,7 +12,7 @@ at the same rank (--keeps: the fraction of each matrix's parameters kept, the sa
 
 swaps all of them in, and evaluates one-shot on WikiText-2 test and on held-out teacher samples. It
 also sums over the layers both loss proxies, ``1/2 grad_sq E||delta y||^2`` (the scalar ``auto``
-uses) and ``1/2 sum_i r_i E[(delta y_i)^2]``. Writes bench/results/output-weighting.json and prints a
+uses) and ``1/2 sum_i r_i E[(delta y_i)^2]``. Writes bench/results/output_weighting/output-weighting.json and prints a
 table.
 
     python bench/output_weighting.py [--keeps 0.5,0.7]     # 2 CPU cores: ~10 min
@@ -47,7 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     calibrated_options(parser, eval_tokens=8192)
     parser.add_argument("--keeps", default="0.5,0.7", help="fractions of each matrix's parameters kept")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "output-weighting.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "output_weighting" / "output-weighting.json"
+    )
     args = parser.parse_args()
     try:
         keeps = [float(k) for k in args.keeps.split(",") if k]

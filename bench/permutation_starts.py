@@ -7,7 +7,7 @@ blocks and every B shape of ``auto``'s menu (at the largest rank it searches wit
 search from each start alone and records the weight-space relative error it ends at and its seconds
 (building the start included), and the error of the start itself, before any search (whether a
 start that begins behind ever ends ahead: the search skips such starts). Writes
-bench/results/permutation-starts.json and prints a table.
+bench/results/permutation_starts/permutation-starts.json and prints a table.
 
     python bench/permutation_starts.py [--layers 2,10,20,28]
 """
@@ -38,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--layers", default="2,10,20,28")
-    parser.add_argument("--out", default=str(HERE / "results" / "permutation-starts.json"))
+    parser.add_argument("--out", default=str(HERE / "results" / "permutation_starts" / "permutation-starts.json"))
     args = parser.parse_args()
     commit = git_commit()
     model = tqc.load_model(args.model).model

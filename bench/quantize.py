@@ -8,11 +8,11 @@ built and distilled with the same protocol as there (calibration on WikiText-2 v
 - ``--part quality`` (the default; wants a GPU for the distillation): bytes of the weights file,
   fidelity to the fp32 teacher on held-out text first (fidelity KL and top-1, common.Fidelity), then
   WikiText-2 test perplexity, KL and top-1 (in-domain, same protocol as compare.json). Writes
-  bench/results/quantize.json and quantize.png (fidelity KL against bytes, one curve per family).
+  bench/results/quantize/quantize.json and quantize.png (fidelity KL against bytes, one curve per family).
 - ``--part speed`` (CPU): prefill and generation time of every variant as a ratio to the fp32 teacher,
   interleaved in one process, and the bytes each holds in memory while running. Speed depends on the
   shapes only, so the compressed model is the one-shot svd_aware model (no distillation). Writes
-  bench/results/quantize-speed.json.
+  bench/results/quantize/quantize-speed.json.
 
     python bench/quantize.py --device cuda --kd-steps 300 --batch-size 16      # quality, on a GPU
     python bench/quantize.py --part speed                                        # speed, on this CPU
@@ -65,7 +65,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/quantize"))
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
     args = parser.parse_args()
-    out = args.out or HERE / "results" / ("quantize.json" if args.part == "quality" else "quantize-speed.json")
+    out = args.out or HERE / "results" / "quantize" / (
+        "quantize.json" if args.part == "quality" else "quantize-speed.json"
+    )
     if args.replot:
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
         return

@@ -24,7 +24,7 @@ What varies (see RUNS):
 
 One-shot points (calibrate, plan, no distillation) come first, for every fraction in --fractions;
 every distilled point also records its own student before distillation (``one_shot``).
-Writes bench/results/recipe.json (commit, every setting, device, per point metrics and seconds) and
+Writes bench/results/recipe/recipe.json (commit, every setting, device, per point metrics and seconds) and
 prints a table.
 
     python bench/recipe.py [--steps 40] [--ratio 0.65]
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--runs", default=None, help="indices of RUNS to do (default: all)")
-    parser.add_argument("--out", default=str(HERE / "results" / "recipe.json"))
+    parser.add_argument("--out", default=str(HERE / "results" / "recipe" / "recipe.json"))
     parser.add_argument(
         "--samples", type=Path, default=None, help="a dir holding (or to hold) the teacher-sample caches of a run"
     )

@@ -4,7 +4,7 @@ SmolLM2-135M compressed to --ratio with calibrated auto (the main job's default 
 on --calibration-tokens of WikiText-2 valid; then the same plan applied twice: as planned, and
 refitted block by block to the teacher's outputs from the compressed model's own inputs. Each is
 evaluated on WikiText-2 test (perplexity, KL to the teacher, top-1 agreement). Writes
-bench/results/sequential.json and prints a table.
+bench/results/sequential/sequential.json and prints a table.
 
     python bench/sequential.py [--methods svd] [--ratio 0.65] [--eval-tokens 32768]
 """
@@ -35,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     calibrated_options(parser, eval_tokens=32768)
     parser.add_argument("--methods", default=",".join(recipe.AUTO_METHODS), help="auto's menu")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "sequential.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "sequential" / "sequential.json")
     args = parser.parse_args()
     commit = git_commit()  # the code this run imports now
     loaded = tqc.load_model(args.model)

@@ -8,7 +8,7 @@ does), scoring tokens/s (the same forward with logits at every position, as perp
 does), greedy generation tokens/s (batch 1, 128 new tokens; with --compile also with a static KV
 cache and torch.compile, and prefill with both models compiled), and where prefill time goes
 (profiler, by kind of op); (3) peak memory and on-disk size.
-Writes bench/results/speed.json (or speed-gpu.json with --device cuda) and prints a table.
+Writes bench/results/speed/speed.json (or speed-gpu.json with --device cuda) and prints a table.
 `--architecture gpt2` times a model of that Hugging Face architecture at its default sizes (GPT-2
 small) with random weights instead of a pretrained one: speed depends on the shapes only, and no
 hub is needed.
@@ -157,7 +157,9 @@ def main() -> None:
     args = parser.parse_args()
     commit = git_commit()  # the code this run imports now
     suffix = (f"-{args.architecture}" if args.architecture else "") + ("" if args.method == "tq" else f"-{args.method}")
-    out = args.out or HERE / "results" / (f"speed-gpu{suffix}.json" if args.device == "cuda" else f"speed{suffix}.json")
+    out = args.out or HERE / "results" / "speed" / (
+        f"speed-gpu{suffix}.json" if args.device == "cuda" else f"speed{suffix}.json"
+    )
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
 
     if args.architecture:

@@ -3,7 +3,7 @@
 Gemma's and Llama's tokenizers start every text with ``<bos>``, and their models were trained that
 way; ``tqcompressor.evaluation.evaluate`` and the distillation blocks lead with it (``data.start_token``).
 This measures what leaving it out does: the same windows of WikiText-2 test, scored with and
-without it. Writes bench/results/start-token.json and prints a table.
+without it. Writes bench/results/start_token/start-token.json and prints a table.
 
     python bench/start_token.py --model gemma3-270m [--eval-tokens 16384] [--context 512]
 """
@@ -27,7 +27,7 @@ from tqcompressor.evaluation.report import table
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     eval_options(parser, eval_tokens=16384, model="gemma3-270m")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "start-token.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "start_token" / "start-token.json")
     args = parser.parse_args()
     commit = git_commit()  # the code this run imports now
     loaded = tqc.load_model(args.model)

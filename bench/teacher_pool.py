@@ -5,7 +5,7 @@ cycled) into the distillation data. This scores a finished run's student against
 that very pool and on the run's held-out teacher samples (seed 12345, which no training sample
 uses), both as the first ``--context`` tokens of each sequence so the two are scored alike. A
 student far closer to the teacher on the pool than on held-out samples has memorised the pool.
-Writes --out (default bench/results/teacher-pool.json) and prints a table.
+Writes --out (default bench/results/teacher_pool/teacher-pool.json) and prints a table.
 
     python bench/teacher_pool.py --run out/demo [--context 256] [--out FILE]
 """
@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="the --out dir of a finished tqc run")
     parser.add_argument("--context", type=int, default=256, help="tokens scored from the start of each sequence")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "teacher-pool.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "teacher_pool" / "teacher-pool.json")
     args = parser.parse_args()
     results_file = args.run / "results.json"
     pools = sorted(args.run.glob("teacher_samples-seed*.safetensors"))

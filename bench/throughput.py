@@ -26,7 +26,7 @@ parameters + 12 x layers x hidden x seq_len. MFU = achieved FLOP/s over the ceil
 --compress METHODS adds a second part: seconds to compress the whole model with each method (with
 the calibration the method takes), on the device given by --device.
 
-Writes bench/results/throughput.json (commit, settings, device, each row as it finishes) and prints a table.
+Writes bench/results/throughput/throughput.json (commit, settings, device, each row as it finishes) and prints a table.
 
     python bench/throughput.py                               # CPU
     python bench/throughput.py --device cuda --compress svd,svd_aware,tq,tq_aware,kronecker,layer_drop,auto
@@ -125,7 +125,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the timing")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="of each held-out domain, for the quality check")
     parser.add_argument("--compress", default="", help="comma-separated methods whose whole-model compression is timed")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "throughput.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "throughput" / "throughput.json")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         bad_input("--device cuda: no CUDA device is visible here; use --device cpu")

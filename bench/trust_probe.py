@@ -11,7 +11,7 @@ five ways, which the result file counts:
 - traceback: a refusal that is not one ``error:`` line with exit status 2 (or a crash);
 - silent wrong result: exit 0 where the input had to be refused.
 
-    python bench/trust_probe.py              # ~4 minutes on 2 cores; writes bench/results/trust-probe.json
+    python bench/trust_probe.py              # ~4 minutes on 2 cores; writes bench/results/trust_probe/trust-probe.json
 """
 
 from __future__ import annotations
@@ -427,7 +427,7 @@ def spec(work: Path, name: str, change: dict) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a case counts as a hang")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "trust-probe.json")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "trust_probe" / "trust-probe.json")
     args = parser.parse_args()
     commit = git_commit()
     started = time.perf_counter()

@@ -43,9 +43,11 @@ def test_every_result_file_is_read_by_a_page_or_a_script():
     cited = " ".join(page.read_text(encoding="utf-8") for page in PAGES)
     cited += " ".join(path.read_text(encoding="utf-8") for path in (REPO / "bench").glob("*.py"))
     names = set(re.findall(r"[\w.*-]+\.(?:json|png)", cited))
-    orphans = [
-        path.name
-        for path in sorted((REPO / "bench" / "results").iterdir())
-        if not any(fnmatch.fnmatchcase(path.name, name) for name in names)
-    ]
-    assert orphans == []
+    files = sorted(path for path in (REPO / "bench" / "results").rglob("*") if path.is_file())
+    orphans = [path.name for path in files if not any(fnmatch.fnmatchcase(path.name, name) for name in names)]
+    assert files and orphans == []
+
+
+def test_result_files_sit_in_the_folder_of_the_script_that_writes_them():
+    folders = [path for path in (REPO / "bench" / "results").iterdir()]
+    assert all(path.is_dir() and (REPO / "bench" / f"{path.name}.py").is_file() for path in folders)

@@ -62,7 +62,7 @@ def permuted_kronecker(
     ``A (x) B``); and the identity. With ``skip_worse_starts`` a later built-in start is searched
     from only if its fit before any search is already better than the best search so far: on
     SmolLM2's matrices the similarity start won all 84 searches and no start that began behind
-    ended ahead (``bench/results/permutation-starts.json``), and the result is still never worse
+    ended ahead (``bench/results/permutation_starts/permutation-starts.json``), and the result is still never worse
     than the identity's fit, plain ``kronecker``. ``start_names``: which built-in starts, in
     order (:func:`search_start`); ``starts``: more ``(row_perm, col_perm)`` start points (e.g.
     the permutations found earlier), always searched from.

@@ -68,8 +68,8 @@ class CompressionConfig:
     # compressed model feeds it (errors of earlier layers compensated; tqcompressor.surgery.sequential)
     sequential: bool = False
     # with calibration, auto: weight each output of a layer by the loss's gradient energy there (Fisher row
-    # weights, as FWSVD) in both the budget and the fits (bench/results/output-weighting.json); a Kronecker
-    # layer fitted so keeps one scale per output (row_scale)
+    # weights, as FWSVD) in both the budget and the fits (bench/results/output_weighting/output-weighting.json);
+    # a Kronecker layer fitted so keeps one scale per output (row_scale)
     output_weights: bool = False
 
     def __post_init__(self) -> None:

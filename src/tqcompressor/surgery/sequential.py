@@ -31,7 +31,7 @@ from tqcompressor.planning.inventory import block_index
 
 # Relative ridge on C_ss in the correction W (C_ts - C_ss) C_ss^-1. The fits' own 1e-4 lets noise
 # in the low-energy input directions through: with it the refit made SmolLM2's one-shot perplexity
-# worse, 127.0 -> 132.5 (bench/results/sequential.json, commit 2b9b242).
+# worse, 127.0 -> 132.5 (bench/results/sequential/sequential.json, commit 2b9b242).
 CORRECTION_RIDGE = 1e-2
 
 

@@ -151,9 +151,9 @@ def training_precision(requested: str, cuda: bool | None = None, cpu_bf16: bool 
     """The autocast precision of training: ``requested`` unless it is ``"auto"``, which means bf16 on
     a GPU and on a CPU with native bf16 arithmetic (AVX512-BF16 or AMX), and fp32 elsewhere, where
     bf16 is emulated and slower. On 2 cores with AVX512-BF16 SmolLM2 distilled at 1.66x the tokens
-    per second of fp32, to the same student (bench/results/recipe-precision.json). Master weights, the optimizer and the
-    loss stay fp32 either way; only the matmuls inside the teacher's and the student's forward (and
-    the student's backward) run in bf16."""
+    per second of fp32, to the same student (bench/results/recipe/recipe-precision.json). Master
+    weights, the optimizer and the loss stay fp32 either way; only the matmuls inside the teacher's and
+    the student's forward (and the student's backward) run in bf16."""
     if requested != "auto":
         return requested
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -164,7 +164,7 @@ def training_precision(requested: str, cuda: bool | None = None, cpu_bf16: bool 
 def teacher_weights_dtype(requested: str, device: torch.device) -> torch.dtype:
     """The teacher's weights in training: ``requested``, where ``"auto"`` means bf16 on a GPU (half the
     memory and none of autocast's per-step weight casts; its logits moved by KL 0.004 nats/token from the
-    fp32 teacher's under autocast, bench/results/throughput.json) and fp32 on a CPU, where the casts cost
+    fp32 teacher's under autocast, bench/results/throughput/throughput.json) and fp32 on a CPU, where the casts cost
     little and the teacher stays exactly the one the student is scored against."""
     if requested == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -372,7 +372,7 @@ def _without_autocast(model):
 def new_optimizer(student: torch.nn.Module, config: DistillConfig) -> torch.optim.Optimizer:
     """AdamW over the student's parameters; the fused kernel (one pass over all parameters instead of
     a dozen elementwise passes) where this PyTorch has it for the parameters' device: on 2 CPU cores
-    the update took a tenth of a step unfused (bench/results/throughput.json)."""
+    the update took a tenth of a step unfused (bench/results/throughput/throughput.json)."""
     params = list(student.parameters())
     fused = config.fused_optimizer and all(
         p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params

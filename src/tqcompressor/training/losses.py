@@ -4,7 +4,7 @@ The KL and cross-entropy terms on next-token logits are computed by :class:`Logi
 walks the logits a few rows at a time and writes the gradient in the same pass: a batch's logits over
 a 49k vocabulary are hundreds of MB, and the textbook form (``log_softmax`` of student and teacher,
 ``kl_div``, ``cross_entropy``, then autograd through each) reads and writes them about fifteen times,
-which cost twice the matrix products of the whole model on 2 CPU cores (bench/results/throughput.json
+which cost twice the matrix products of the whole model on 2 CPU cores (bench/results/throughput/throughput.json
 has the profile). Chunked, each row block stays in cache; the fp32 copies of the whole batch's logits
 are never made.
 """

@@ -1,12 +1,12 @@
 """The defaults of `tqc run`: the recipe the measurements on 2 CPU cores support.
 
-Chosen by `bench/recipe.py` (bench/results/recipe.json; "Choosing the main job's recipe" in the
+Chosen by `bench/recipe.py` (bench/results/recipe/recipe.json; "Choosing the main job's recipe" in the
 README of commit f85860f): at the same 40 optimizer steps, one stage ended below two (the second stage's layers get
 half the steps, and its recalibration costs time), a peak learning rate of 3e-4 below 1e-3, and
 half the calibration and distillation blocks sampled from the teacher kept the student far closer
 to the teacher on text the distillation never saw (KL 1.17 vs 2.03 nats/token) at 1.07 vs 1.04 on
 WikiText-2 test. STEPS is what fits `make demo` into 25 minutes on 2 cores. Training runs in bf16
-autocast on a CPU with native bf16 (bench/results/recipe-precision.json: 1.66x the tokens per
+autocast on a CPU with native bf16 (bench/results/recipe/recipe-precision.json: 1.66x the tokens per
 second of fp32, the same perplexity and KL to 0.003 at 40 steps), so it rose from 100 (fp32) to
 240 and 280 steps with a pool of 64 teacher samples (bench/results/demo-240-steps.json and
 demo-280-steps-pool-64.json of commit e091dba).
@@ -27,19 +27,20 @@ STAGES = 1
 STEPS = 260  # optimizer steps per stage (4 blocks of 256 tokens each)
 LR = 3e-4  # peak learning rate
 TEACHER_FRACTION = 0.5  # of the distillation and calibration blocks, sampled from the teacher
-# the loss, chosen by fidelity KL on held-out text (bench/results/recipe-fidelity.json, 60 steps each, one run): the KL
-# term alone at the temperature fidelity is scored at (1) ended at fidelity KL 1.591, against 1.669 with DistilBERT's
-# T = 2 and CE weight 2 (the earlier recipe) and 1.710 with T = 2 and no CE; every held-out domain improved
+# the loss, chosen by fidelity KL on held-out text (bench/results/recipe/recipe-fidelity.json, 60 steps each,
+# one run): the KL term alone at the temperature fidelity is scored at (1) ended at fidelity KL 1.591, against
+# 1.669 with DistilBERT's T = 2 and CE weight 2 (the earlier recipe) and 1.710 with T = 2 and no CE; every
+# held-out domain improved
 TEMPERATURE = 1.0  # of the KL term
 ALPHA_CE = 0.0  # weight of cross-entropy on the data's next tokens (alpha_kl stays 5)
 ALPHA_BLOCKS = 0.0  # weight of block matching (losses.block_matching_loss)
 TEACHER_POOL = 128  # teacher blocks sampled once and cycled (sampling costs about a quarter of a KD step per block)
 # refit block by block before distilling: off. It lowers one-shot perplexity (127.0 -> 111.0 on WikiText-2
-# test, bench/results/sequential-ridge.json; in make demo 208.8 -> 132.8) but the distilled student ended
+# test, bench/results/sequential/sequential-ridge.json; in make demo 208.8 -> 132.8) but the distilled student ended
 # worse: 64.2 (KL 1.28) after 80 steps, against 47.28 (KL 0.94) after 100 without it
 # (both fp32: bench/results/demo-sequential.json of commit 4c93b32, and docs/demo-results.json of 0dec7e0)
 SEQUENTIAL = False
 # weigh each layer's outputs by the loss's gradient energy in auto's budget and fits (Fisher rows): at the same
 # 40 steps it started from 99.4 instead of 208.8 and ended at 49.88 instead of 57.41 on WikiText-2 test, KL 1.044
-# instead of 1.177 on held-out teacher samples (bench/results/recipe-output-weights.json)
+# instead of 1.177 on held-out teacher samples (bench/results/recipe/recipe-output-weights.json)
 OUTPUT_WEIGHTS = True
