@@ -92,6 +92,8 @@ def which_method() -> str:
     best = min(methods, key=lambda m: methods[m]["kl_to_teacher"])
     others = sorted((m for m in methods if m != best), key=lambda m: methods[m]["kl_to_teacher"])
     gemma = load("compare/compare-gemma3.json")["methods"]
+    speed = load("speed/speed.json")
+    footprint = demo["footprint"]["speed"]
     gemma_best = min(gemma, key=lambda m: gemma[m]["kl_to_teacher"])
     points = {p["label"]: p for p in demo["points"]}
     one_shot, student = points["compressed (no KD)"], points[f"after KD stage {max(demo['stages'])}"]
@@ -113,6 +115,12 @@ def which_method() -> str:
             "`svd`: activation-aware SVD or the dense layer, per layer, by measured error. Distillation matters: "
             f"the demo's student went from fidelity KL {one_shot['fidelity_kl']:.2f} one-shot to "
             f"{student['fidelity_kl']:.2f}.",
+            f"- **Speed depends on the structure.** The demo's `auto` student (SVD layers) takes "
+            f"{footprint['prefill_time_ratio']:.2f}x the teacher's prefill time and "
+            f"{footprint['generation_time_ratio']:.2f}x its generation time in the demo's own timing; a "
+            f"`{speed['method']}` model of the same size runs at {speed['prefill']['speedup']:.2f}x (prefill) and "
+            f"{speed['generation']['speedup']:.2f}x (generation) the teacher's tokens per second (`speed.json`), "
+            "slower: at this model size a Kronecker layer's small matmuls cost more than they save.",
             "- **To reproduce the paper (permuted Kronecker, TQCompressor)**: `tqc run --method tq "
             "--calibration-tokens 0 --stages 2 --teacher-fraction 0`; see [docs/method.md](docs/method.md).",
         ]
