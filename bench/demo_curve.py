@@ -69,6 +69,7 @@ def main() -> None:
         steps=args.steps,
         lr=recipe.LR,
         temperature=recipe.TEMPERATURE,
+        alpha_ce=recipe.ALPHA_CE,
         alpha_blocks=recipe.ALPHA_BLOCKS,
         checkpoint_every=stops[0],
         mixed_precision=training_precision("auto"),  # recorded as what it meant on this machine
