@@ -87,7 +87,11 @@ def main() -> None:
     calibration = torch.stack([b for b, _ in zip(blocks(0), range(args.calibration_tokens // kd.seq_len))])
     student = copy.deepcopy(teacher)
     compression = CompressionConfig(
-        method=recipe.METHOD, ratio=args.ratio, steps=recipe.STAGES, auto_methods=list(recipe.AUTO_METHODS)
+        method=recipe.METHOD,
+        ratio=args.ratio,
+        steps=recipe.STAGES,
+        auto_methods=list(recipe.AUTO_METHODS),
+        output_weights=recipe.OUTPUT_WEIGHTS,
     )
     apply_plan(student, plan_compression(student, compression, calibration))
 
@@ -108,7 +112,7 @@ def main() -> None:
     result = {
         **cpu_run(commit, args),
         "recipe": {"method": recipe.METHOD, "auto_methods": list(recipe.AUTO_METHODS), "stages": recipe.STAGES}
-        | {"teacher_fraction": recipe.TEACHER_FRACTION},
+        | {"teacher_fraction": recipe.TEACHER_FRACTION, "output_weights": recipe.OUTPUT_WEIGHTS},
         "distill": asdict(kd),
         "schedule": "one run with the schedule of --steps; earlier points are part-way through it",
         "teacher": {domain_label(n, m): {"perplexity": m["perplexity"]} for n, m in teacher_scores["domains"].items()},

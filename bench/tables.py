@@ -184,6 +184,47 @@ def one_shot_section() -> str:
     )
 
 
+def demo_curve_section() -> str:
+    run = load("demo_curve/demo-curve.json")
+    demo = json.loads(DEMO.read_text(encoding="utf-8"))
+    fit, last = run["extrapolation"], run["curve"][-1]
+    student = [p for p in demo["points"] if p["stage"] > 0][-1]
+    rows = [
+        ["one-shot" if p["tokens"] == 0 else "distilled", p["tokens"], p.get("fidelity_kl"), p.get("fidelity_top1")]
+        for p in run["curve"]
+    ]
+    pace = last["tokens"] / run["seconds"]  # the whole run's, evaluations included
+    reach = (
+        f"it would reach the goal of {fit['goal_kl']} at about {fit['tokens_to_goal']:,.0f} KD tokens: at this "
+        f"run's pace ({pace:.0f} tokens/s, evaluations included) about {fit['tokens_to_goal'] / pace / 86400:,.0f} "
+        "days on 2 cores"
+        if fit["tokens_to_goal"]
+        else "it does not fall, so it reaches no goal"
+    )
+    # runs of commits up to d5d51fe recorded no output_weights: their plan was fitted without them
+    plain = (
+        ""
+        if run["recipe"].get("output_weights")
+        else " This run's plan was fitted without output weights (the script did not pass the recipe's "
+        f"`OUTPUT_WEIGHTS` then): its one-shot point is worse than the demo's, and its end, "
+        f"{last['fidelity_kl']:.3f} after {last['tokens']:,} tokens, is where the demo was after "
+        f"{demo['kd_tokens_per_stage']:,} ({student['fidelity_kl']:.3f})."
+    )
+    return "\n".join(
+        [
+            "## How far the demo is from its fidelity goal",
+            "",
+            f"`demo-curve.json` (commit {short(run['commit'])}, {run['device']}): `tqc run`'s recipe distilled for "
+            f"{run['distill']['steps']} steps in one schedule (twice the demo's default), stopped and evaluated at "
+            "several points; a point before the last is part-way through the schedule, at a high learning rate. "
+            f"A power law through the distilled points, fidelity KL = {fit['a']:.3g} · tokens^-{fit['b']:.3f}, "
+            f"says {reach} (an extrapolation, not a measurement).{plain}",
+            "",
+            table(["point", "KD tokens", "fidelity KL", "fidelity top-1"], rows),
+        ]
+    )
+
+
 def compare_section() -> str:
     parts = ["## Methods compared at the same size (in-domain)", ""]
     for name, model in (("compare.json", "SmolLM2-135M"), ("compare-gemma3.json", "Gemma-3-270M")):
@@ -397,6 +438,7 @@ DOC_BLOCKS = {
 SECTIONS = (
     demo_section,
     one_shot_section,
+    demo_curve_section,
     recipe_section,
     compare_section,
     quantize_section,
