@@ -25,7 +25,7 @@ from common import HERE, bad_input
 from provenance import cpu_run, git_commit
 
 from tqcompressor.modelio.models import load_model
-from tqcompressor.pipeline import RunConfig, RunRecord, calibration_blocks, evaluate_point, load_data
+from tqcompressor.pipeline import RunConfig, calibration_blocks, evaluate_point, load_data
 from tqcompressor.planning.config import CompressionConfig
 from tqcompressor.planning.planners import plan_compression
 from tqcompressor.surgery.apply import apply_plan
@@ -94,8 +94,7 @@ def one_shot(reference: dict, args: argparse.Namespace, scratch: Path) -> dict:
     plan = plan_compression(student, run.compression, calibration)
     apply_plan(student, plan)
     teacher_point = reference["points"][0]  # its perplexities are reused, as in the run
-    record = RunRecord(scratch, loaded.source, run, run.distill, time.perf_counter(), False, [teacher_point])
-    return evaluate_point(LABEL, 0, student, teacher, eval_sets, run.context, loaded, record)
+    return evaluate_point(LABEL, 0, student, loaded, eval_sets, run.context, teacher_point)
 
 
 def split_experts_copy(teacher):
@@ -106,9 +105,9 @@ def split_experts_copy(teacher):
 
 def compare(committed: dict, now: dict) -> dict:
     """Every number of the point (its domains' too), side by side."""
-    figures = {}
+    figures, measured = {}, _numbers(now)
     for name, value in _numbers(committed).items():
-        other = _numbers(now).get(name)
+        other = measured.get(name)
         if other is None:
             continue
         figures[name] = {"committed": value, "now": other, "difference": other - value}

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from common import HERE
 
@@ -38,6 +39,29 @@ def short(commit: str | None) -> str:
     return (commit or "unknown")[:7]
 
 
+class Demo(NamedTuple):
+    """``make demo``'s results.json, with its points by label and its quantized rows by (model, format)."""
+
+    run: dict
+    points: dict[str, dict]
+    quantized: dict[tuple[str, str], dict]
+
+    @property
+    def student(self) -> dict:
+        return self.points[f"after KD stage {max(self.run['stages'])}"]
+
+    def quantized_in_order(self) -> list[dict]:
+        """The teacher's rows, then the student's, each fp32 first and int4 with large groups last."""
+        formats = ["fp32", "int8", "int4-g32", "int4-g128"]
+        return sorted(self.run["quantized"], key=lambda q: (q["model"] != "teacher", formats.index(q["format"])))
+
+
+def load_demo() -> Demo:
+    run = json.loads(DEMO.read_text(encoding="utf-8"))
+    quantized = {(q["model"], q["format"]): q for q in run["quantized"]}
+    return Demo(run, {p["label"]: p for p in run["points"]}, quantized)
+
+
 # ---------------------------------------------------------------------------------------------
 # The headline: make demo's fidelity, with what quantizing the teacher gives beside it
 
@@ -45,19 +69,15 @@ def short(commit: str | None) -> str:
 def headline() -> str:
     """The README's table: the teacher and the distilled student, each in fp32, int8 and int4, scored on
     the same windows of the held-out domains; the run's own points in the sentence below it."""
-    demo = json.loads(DEMO.read_text(encoding="utf-8"))
-    points = {p["label"]: p for p in demo["points"]}
-    teacher, student = points["teacher"], points[f"after KD stage {max(demo['stages'])}"]
-    one_shot = points["compressed (no KD)"]
+    loaded = load_demo()
+    demo, teacher, student = loaded.run, loaded.points["teacher"], loaded.student
+    one_shot = loaded.points["compressed (no KD)"]
     names = {"teacher": "teacher (SmolLM2-135M)", "student": "distilled student (65%)"}
-    formats = ["fp32", "int8", "int4-g32", "int4-g128"]
-    ordered = sorted(demo["quantized"], key=lambda q: (q["model"] != "teacher", formats.index(q["format"])))
     rows = [
         [names[q["model"]], q["format"], q["params"], q["memory_bytes"] / MIB, q["fidelity_kl"], q["fidelity_top1"]]
-        for q in ordered
+        for q in loaded.quantized_in_order()
     ]
-    quantized = {(q["model"], q["format"]): q for q in demo["quantized"]}
-    t8, s32 = quantized[("teacher", "int8")], quantized[("student", "fp32")]
+    t8, s32 = loaded.quantized[("teacher", "int8")], loaded.quantized[("student", "fp32")]
     closer = t8["fidelity_kl"] < s32["fidelity_kl"] and t8["memory_bytes"] < s32["memory_bytes"]
     verdict = (
         "int8 of the teacher keeps far more of it, in fewer bytes than the student takes in fp32."
@@ -85,18 +105,17 @@ def headline() -> str:
 
 def which_method() -> str:
     """The README's answer to "which method should I use?", from the measurements."""
-    demo = json.loads(DEMO.read_text(encoding="utf-8"))
-    quantized = {(q["model"], q["format"]): q for q in demo["quantized"]}
+    loaded = load_demo()
+    quantized = loaded.quantized
     compare = load("compare/compare.json")
     methods = compare["methods"]
     best = min(methods, key=lambda m: methods[m]["kl_to_teacher"])
     others = sorted((m for m in methods if m != best), key=lambda m: methods[m]["kl_to_teacher"])
     gemma = load("compare/compare-gemma3.json")["methods"]
     speed = load("speed/speed.json")
-    footprint = demo["footprint"]["speed"]
+    footprint = loaded.run["footprint"]["speed"]
     gemma_best = min(gemma, key=lambda m: gemma[m]["kl_to_teacher"])
-    points = {p["label"]: p for p in demo["points"]}
-    one_shot, student = points["compressed (no KD)"], points[f"after KD stage {max(demo['stages'])}"]
+    one_shot, student = loaded.points["compressed (no KD)"], loaded.student
     t8, t4 = quantized[("teacher", "int8")], quantized[("teacher", "int4-g32")]
     s8 = quantized[("student", "int8")]
     return "\n".join(
@@ -132,7 +151,7 @@ def which_method() -> str:
 
 
 def demo_section() -> str:
-    demo = json.loads(DEMO.read_text(encoding="utf-8"))
+    demo = load_demo().run
     rows = [
         [
             p["label"],
@@ -146,10 +165,9 @@ def demo_section() -> str:
     ]
     held_out = [d for d, v in demo["points"][0]["domains"].items() if v.get("held_out")]
     headers = ["point", "params", "fidelity KL", "top-1", *[f"KL: {d}" for d in held_out], "ppl, in-domain"]
-    formats = ["fp32", "int8", "int4-g32", "int4-g128"]
-    ordered = sorted(demo["quantized"], key=lambda q: (q["model"] != "teacher", formats.index(q["format"])))
     q_rows = [
-        [f"{q['model']} {q['format']}", q["memory_bytes"] / MIB, q["fidelity_kl"], q["fidelity_top1"]] for q in ordered
+        [f"{q['model']} {q['format']}", q["memory_bytes"] / MIB, q["fidelity_kl"], q["fidelity_top1"]]
+        for q in load_demo().quantized_in_order()
     ]
     return "\n".join(
         [
@@ -186,9 +204,9 @@ def one_shot_section() -> str:
 
 def demo_curve_section() -> str:
     run = load("demo_curve/demo-curve.json")
-    demo = json.loads(DEMO.read_text(encoding="utf-8"))
+    loaded = load_demo()
+    demo, student = loaded.run, loaded.student
     fit, last = run["extrapolation"], run["curve"][-1]
-    student = [p for p in demo["points"] if p["stage"] > 0][-1]
     rows = [
         ["one-shot" if p["tokens"] == 0 else "distilled", p["tokens"], p.get("fidelity_kl"), p.get("fidelity_top1")]
         for p in run["curve"]

@@ -243,6 +243,10 @@ class RunRecord:
     def has(self, label: str) -> bool:
         return any(point["label"] == label for point in self.points)
 
+    def teacher_point(self) -> dict | None:
+        """The teacher's row, once measured: later rows reuse its perplexities."""
+        return self.points[0] if self.points and self.points[0]["label"] == "teacher" else None
+
     def add(self, point: dict) -> None:
         self.points.append(point)
         if self.writes:
@@ -266,7 +270,7 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     def point(label: str, stage: int, model) -> None:
         if not record.has(label):
             phase(f"evaluating: {label}")
-            record.add(evaluate_point(label, stage, model, teacher, eval_sets, run.context, loaded, record))
+            record.add(evaluate_point(label, stage, model, loaded, eval_sets, run.context, record.teacher_point()))
 
     point("teacher", 0, teacher)
     calibration = calibration_blocks(run, blocks, phase)
@@ -311,10 +315,12 @@ def load_data(loaded: LoadedModel, run: RunConfig, out_dir: Path, phase) -> tupl
     return blocks, evaluation_sets(run.eval_data, loaded, run.eval_tokens, run.context, out_dir)
 
 
-def evaluate_point(label: str, stage: int, model, teacher, eval_sets, context: int, loaded, record) -> dict:
-    """One row of ``results.json``: the in-domain text's figures, fidelity, and every domain's."""
-    reference = record.points[0] if record.points and record.points[0]["label"] == "teacher" else None
-    measured = evaluate_domains(model, teacher, eval_sets, context, loaded.tokenizer, reference)
+def evaluate_point(
+    label: str, stage: int, model, loaded: LoadedModel, eval_sets: dict, context: int, reference: dict | None
+) -> dict:
+    """One row of ``results.json``: the in-domain text's figures, fidelity against ``loaded.model``, and
+    every domain's. ``reference``: the teacher's own row, whose perplexities are reused (``None``: measured)."""
+    measured = evaluate_domains(model, loaded.model, eval_sets, context, loaded.tokenizer, reference)
     domains = measured["domains"]
     primary = next(iter(domains.values()))  # the evaluation text: perplexity, params, protocol
     return {

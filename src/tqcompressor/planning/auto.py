@@ -303,10 +303,11 @@ def plan_auto(
     missing = [name for name in names if stats is not None and name not in stats]
     if missing:
         raise TQCError(f"the calibration statistics have none for {missing[0]}; pass calibration token ids")
-    fixed = _outside_targets(inventory, names, target_params(inventory, config))
+    target = target_params(inventory, config)
+    fixed = _outside_targets(inventory, names, target)
     menus = measure_menus(inventory, names, config, stats, progress)
     try:
-        choices = allocate(menus.candidates, menus.scales, target_params(inventory, config) - fixed)
+        choices = allocate(menus.candidates, menus.scales, target - fixed)
     except ValueError as exc:
         raise TQCError(f"{exc}; raise the ratio") from None
     metric = "relative output error on the calibration text" if stats else "relative weight error"
