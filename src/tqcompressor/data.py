@@ -149,33 +149,61 @@ def tokenize_text(source: str, tokenizer, max_tokens: int | None = None, split: 
     return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
 
 
+# where a teacher sample starts: the tokenizer's start token, or a token drawn uniformly from the vocabulary
+# (as LLM-QAT's data-free distillation does, arXiv:2305.17888): from the start token SmolLM2-Instruct writes
+# stories and chat replies; from a random token also code, lists, names and other languages
+TEACHER_STARTS = ("bos", "random")
+
+
+def check_teacher_start(start: str) -> None:
+    if start not in TEACHER_STARTS:
+        raise TQCError(f"the teacher samples' start must be one of {', '.join(TEACHER_STARTS)}, got {start!r}")
+
+
 @torch.no_grad()
 def sample_from_teacher(
-    teacher, tokenizer, count: int, seq_len: int, seed: int, batch_size: int = 32
+    teacher, tokenizer, count: int, seq_len: int, seed: int, batch_size: int = 32, start: str = "bos"
 ) -> Iterator[torch.Tensor]:
-    """Blocks of ``seq_len`` tokens sampled from the teacher (temperature 1, top-k 50), seeded."""
+    """Blocks of ``seq_len`` tokens sampled from the teacher (temperature 1, top-k 50), seeded, each
+    begun from ``start`` (:data:`TEACHER_STARTS`): after the start token (which the block leaves
+    out), or from a random first token (which the block keeps, as its first token)."""
+    check_teacher_start(start)
     device = next(teacher.parameters()).device
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     made = 0
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         while made < count:
             n = min(batch_size, count - made)
-            prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+            prompt = _first_tokens(teacher, tokenizer, n, start).to(device)
+            new = seq_len if start == "bos" else seq_len - 1
             out = teacher.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),
                 do_sample=True,
                 top_k=50,
-                max_new_tokens=seq_len,
-                min_new_tokens=seq_len,
+                max_new_tokens=new,
+                min_new_tokens=new,
                 pad_token_id=tokenizer.eos_token_id,
             )
-            yield from out[:, 1 : seq_len + 1].cpu()
+            first = 1 if start == "bos" else 0
+            yield from out[:, first : first + seq_len].cpu()
             made += n
     finally:
         torch.random.set_rng_state(generator_state)
+
+
+def _first_tokens(teacher, tokenizer, n: int, start: str) -> torch.Tensor:
+    """``(n, 1)`` first tokens: the start token (the end token where there is none), or tokens drawn
+    uniformly (from the seeded global generator) from the vocabulary less its special tokens."""
+    if start == "bos":
+        first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return torch.full((n, 1), first, dtype=torch.long)
+    vocab = min(len(tokenizer), teacher.config.vocab_size)
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[[i for i in tokenizer.all_special_ids if i < vocab]] = False
+    ids = allowed.nonzero().squeeze(1)
+    return ids[torch.randint(len(ids), (n, 1))]
 
 
 def text_block_source(source: str, tokenizer, seq_len: int, split: str = "train", fraction: float | None = None):
@@ -194,7 +222,9 @@ def text_block_source(source: str, tokenizer, seq_len: int, split: str = "train"
     return stream
 
 
-def teacher_samples(teacher, tokenizer, count: int, seq_len: int, seed: int, cache: Path | None = None) -> torch.Tensor:
+def teacher_samples(
+    teacher, tokenizer, count: int, seq_len: int, seed: int, cache: Path | None = None, start: str = "bos"
+) -> torch.Tensor:
     """``(count, seq_len)`` token ids sampled from the teacher, cached (safetensors) when ``cache``
     is given, so that a resumed run sees the very same samples without sampling again."""
     from safetensors.torch import load_file, save_file
@@ -204,7 +234,7 @@ def teacher_samples(teacher, tokenizer, count: int, seq_len: int, seed: int, cac
     pool = torch.stack(
         list(
             tqdm(
-                sample_from_teacher(teacher, tokenizer, count, seq_len, seed),
+                sample_from_teacher(teacher, tokenizer, count, seq_len, seed, start=start),
                 total=count,
                 desc="sampling from teacher",
                 unit="seq",
@@ -219,10 +249,12 @@ def teacher_samples(teacher, tokenizer, count: int, seq_len: int, seed: int, cac
     return pool
 
 
-def teacher_block_source(teacher, tokenizer, seq_len: int, count: int, seed: int, cache: Path | None = None):
+def teacher_block_source(
+    teacher, tokenizer, seq_len: int, count: int, seed: int, cache: Path | None = None, teacher_start: str = "bos"
+):
     """``start -> endless blocks`` cycling over ``count`` sequences sampled once from the teacher
-    (see :func:`teacher_samples`)."""
-    pool = list(teacher_samples(teacher, tokenizer, count, seq_len, seed, cache))
+    (see :func:`teacher_samples`; ``teacher_start`` is where each sample begins)."""
+    pool = list(teacher_samples(teacher, tokenizer, count, seq_len, seed, cache, teacher_start))
 
     def stream(start: int) -> Iterator[torch.Tensor]:
         return itertools.islice(itertools.cycle(pool), start, None)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from tqcompressor.data import (
     check_teacher_fraction,
+    check_teacher_start,
     mixed_block_source,
     teacher_block_source,
     text_block_source,
@@ -60,7 +61,7 @@ from tqcompressor.surgery.apply import apply_plan
 from tqcompressor.surgery.experts import split_experts
 from tqcompressor.training.budget import BudgetPlan, plan_steps, seconds_per_step
 from tqcompressor.training.distill import DistillConfig, multistep_distill, training_precision
-from tqcompressor.training.recipe import TEACHER_POOL
+from tqcompressor.training.recipe import TEACHER_POOL, TEACHER_START
 from tqcompressor.versions import library_versions
 
 PROMPTS = [
@@ -81,21 +82,27 @@ def block_source_for(
     teacher_fraction: float = 0.0,
     total_blocks: int | None = None,
     teacher_pool: int = TEACHER_POOL,
+    teacher_start: str = TEACHER_START,
 ):
     """The distillation (and calibration) blocks: text, teacher samples, or an even mix of both
     (``teacher_fraction`` of the blocks sampled from the teacher, with the run's seed). The teacher's
-    blocks are sampled once, at most ``teacher_pool`` of them, and cycled."""
+    blocks are sampled once, at most ``teacher_pool`` of them, each begun at ``teacher_start``
+    (:data:`~tqcompressor.data.TEACHER_STARTS`), and cycled."""
     if config.seed == EVAL_SEED and (data == "teacher" or teacher_fraction > 0):
         raise TQCError(f"seed {EVAL_SEED} is reserved for the held-out evaluation samples; pick another --seed")
     if teacher_pool < 1:
         raise TQCError(f"the teacher pool must hold at least 1 block, got {teacher_pool}")
     check_teacher_fraction(teacher_fraction)  # before any sampling
+    check_teacher_start(teacher_start)
     total = total_blocks or config.steps * config.batch_size * config.grad_accum
 
     def teacher_source(count: int):
         count = max(1, min(count, teacher_pool))
-        cache = out_dir / f"teacher_samples-seed{config.seed}-{count}x{config.seq_len}.safetensors"
-        return teacher_block_source(loaded.model, loaded.tokenizer, config.seq_len, count, config.seed, cache)
+        begun = "" if teacher_start == "bos" else f"{teacher_start}-start-"  # the start token's name predates the choice
+        cache = out_dir / f"teacher_samples-{begun}seed{config.seed}-{count}x{config.seq_len}.safetensors"
+        return teacher_block_source(
+            loaded.model, loaded.tokenizer, config.seq_len, count, config.seed, cache, teacher_start
+        )
 
     if data == "teacher":
         return teacher_source(total)
@@ -105,11 +112,14 @@ def block_source_for(
     return mixed_block_source(text, teacher_source(int(total * teacher_fraction) + 1), teacher_fraction)
 
 
-def data_name(data: str, teacher_fraction: float, teacher_pool: int = TEACHER_POOL) -> str:
+def data_name(
+    data: str, teacher_fraction: float, teacher_pool: int = TEACHER_POOL, teacher_start: str = TEACHER_START
+) -> str:
     """What identifies the distillation data of a run (for resume): the source and the teacher's share."""
+    pool = f"pool {teacher_pool}" + ("" if teacher_start == "bos" else f", {teacher_start} start")
     if data == "teacher":
-        return f"teacher (pool {teacher_pool})"
-    return data if teacher_fraction <= 0 else f"{data} + {teacher_fraction:g} teacher samples (pool {teacher_pool})"
+        return f"teacher ({pool})"
+    return data if teacher_fraction <= 0 else f"{data} + {teacher_fraction:g} teacher samples ({pool})"
 
 
 def evaluation_sets(
@@ -201,6 +211,7 @@ class RunConfig:
     calibration_tokens: int = 8192
     teacher_fraction: float = 0.0  # of the distillation blocks sampled from the teacher
     teacher_pool: int = TEACHER_POOL
+    teacher_start: str = TEACHER_START  # where each teacher sample begins (data.TEACHER_STARTS)
     compare_tokens: int = 2048  # 0: no int8/int4 comparison
     time_budget: float | None = None  # minutes; fixes the steps per stage
 
@@ -214,6 +225,7 @@ class RunConfig:
         check_count("calibration-tokens", self.calibration_tokens, 0, MAX_CALIBRATION_TOKENS)
         check_count("teacher-pool", self.teacher_pool, 1, MAX_TEACHER_POOL)
         check_teacher_fraction(self.teacher_fraction)
+        check_teacher_start(self.teacher_start)
         if self.compare_tokens:
             check_count("compare-tokens", self.compare_tokens, self.context)
         budget = self.time_budget
@@ -290,7 +302,7 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
         resume=run.resume,
         tokenizer=loaded.tokenizer,
         teacher_name=loaded.source,
-        data_name=data_name(run.data, run.teacher_fraction, run.teacher_pool),
+        data_name=data_name(run.data, run.teacher_fraction, run.teacher_pool, run.teacher_start),
         calibration=calibration,
         on_stage_end=lambda stage, model: point(f"after KD stage {stage}", stage, model),
     )
@@ -309,7 +321,15 @@ def load_data(loaded: LoadedModel, run: RunConfig, out_dir: Path, phase) -> tupl
     # with a time budget the steps are not known yet: the teacher's pool is sampled at its cap
     total = distill.steps * distill.batch_size * distill.grad_accum * run.stages if run.time_budget is None else 1 << 40
     blocks = block_source_for(
-        run.data, loaded, distill, out_dir, run.fraction, run.teacher_fraction, total, run.teacher_pool
+        run.data,
+        loaded,
+        distill,
+        out_dir,
+        run.fraction,
+        run.teacher_fraction,
+        total,
+        run.teacher_pool,
+        run.teacher_start,
     )
     phase("evaluation text and held-out teacher samples")
     return blocks, evaluation_sets(run.eval_data, loaded, run.eval_tokens, run.context, out_dir)
@@ -448,6 +468,7 @@ def write_results(record: RunRecord, extras: dict | None = None) -> dict:
         "data": run.data,
         "teacher_fraction": run.teacher_fraction,
         "teacher_pool_blocks": run.teacher_pool,
+        "teacher_start": run.teacher_start,
         "calibration_tokens": run.calibration_tokens,
         "eval_data": run.eval_data or TEACHER_DOMAIN,
         "second_domain": f"{TEACHER_DOMAIN}: sequences sampled from the teacher (temperature 1, top-k 50, from the "
