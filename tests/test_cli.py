@@ -204,6 +204,7 @@ BAD_NUMBERS = {
         "--log-every": ["0"],
         "--teacher-pool": ["0", "-3"],
         "--teacher-fraction": ["1.5", "-0.1", "nan"],
+        "--teacher-start": ["eos", "Random"],
     },
     "eval": {"--context": ["0", "-1"], "--stride": ["0"], "--max-tokens": ["0", "-1"], "--batch-size": ["0"]},
     "run": {
@@ -213,6 +214,7 @@ BAD_NUMBERS = {
         "--ratio": ["0", "1.5", "nan"],
         "--stages": ["0"],
         "--lr": ["inf"],
+        "--teacher-start": ["first"],
     },
     "compress": {
         "--ratio": ["0", "-0.5", "inf", "nan"],

@@ -3,7 +3,14 @@ import torch
 from conftest import SHARED_DATA, TOY_TEXT
 
 from tqcompressor import TQCError
-from tqcompressor.data import iter_texts, iter_token_blocks, teacher_block_source, text_block_source, tokenize_text
+from tqcompressor.data import (
+    iter_texts,
+    iter_token_blocks,
+    sample_from_teacher,
+    teacher_block_source,
+    text_block_source,
+    tokenize_text,
+)
 
 
 def test_local_files_globs_and_blocks(tmp_path, tokenizer):
@@ -46,6 +53,21 @@ def test_teacher_samples_are_cached_and_reused(tmp_path, llama_model, tokenizer)
     assert torch.equal(first[3], first[0])  # cycles over the pool
     again = teacher_block_source(None, tokenizer, 12, count=3, seed=0, cache=cache)(1)
     assert torch.equal(next(again), first[1])
+
+
+def test_teacher_samples_from_a_random_token_are_seeded_and_begin_with_no_special_token(llama_model, tokenizer):
+    def sample(start, seed):
+        return torch.stack(list(sample_from_teacher(llama_model, tokenizer, 6, 10, seed, batch_size=4, start=start)))
+
+    random_start = sample("random", seed=3)
+    assert random_start.shape == (6, 10)
+    assert torch.equal(random_start, sample("random", seed=3))  # seeded: a resumed run sees the same blocks
+    assert not set(random_start[:, 0].tolist()) & set(tokenizer.all_special_ids)
+    assert len(set(random_start[:, 0].tolist())) > 1  # first tokens drawn, not one start token
+    from_start_token = sample("bos", seed=3)
+    assert from_start_token.shape == (6, 10) and not torch.equal(from_start_token, random_start)
+    with pytest.raises(TQCError, match="must be one of bos, random"):
+        next(sample_from_teacher(llama_model, tokenizer, 1, 10, 0, start="eos"))
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "valid.txt").is_file(), reason="shared WikiText-2 not present")

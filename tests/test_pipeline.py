@@ -34,6 +34,8 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
         "0.5",
         "--teacher-pool",
         "3",
+        "--teacher-start",
+        "random",
         "--calibration-tokens",
         "128",
         "--eval-data",
@@ -55,9 +57,10 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] and results["teacher_fraction"] == 0.5 and results["teacher_pool_blocks"] == 3
+    assert results["teacher_start"] == "random"
     from safetensors.torch import load_file
 
-    pool = load_file(str(out / "teacher_samples-seed0-3x32.safetensors"))["blocks"]
+    pool = load_file(str(out / "teacher_samples-random-start-seed0-3x32.safetensors"))["blocks"]
     assert pool.shape == (3, 32)  # 2 stages x 2 steps x 2 blocks, half of them the teacher's: capped at 3
     assert [p["label"] for p in results["points"]] == [
         "teacher",

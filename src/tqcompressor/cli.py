@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tqcompressor.data import calibration_ids, check_teacher_fraction, iter_texts, tokenize_text
+from tqcompressor.data import calibration_ids, check_teacher_fraction, check_teacher_start, iter_texts, tokenize_text
 from tqcompressor.errors import TQCError, check_count, first_line
 from tqcompressor.evaluation.evaluate import evaluate, lambada
 from tqcompressor.evaluation.fidelity import TABLE_HEADER, heldout_domains, measure, table_rows
@@ -152,6 +152,13 @@ def _split(text: Optional[str]) -> Optional[list[str]]:
 
 
 # options `tqc compress` and `tqc run` share
+TeacherStart = Annotated[
+    str,
+    typer.Option(
+        help="where each teacher sample begins: bos (the start token) or random (a random token, as LLM-QAT: "
+        "more kinds of text)"
+    ),
+]
 Prefer = Annotated[
     Optional[str],
     typer.Option(help="budget solver: accuracy | speed (B one row wide: faster layers) [default: accuracy]"),
@@ -427,6 +434,7 @@ def distill(
     teacher_pool: int = typer.Option(
         recipe.TEACHER_POOL, help="teacher blocks sampled once (then cycled) for --data teacher or --teacher-fraction"
     ),
+    teacher_start: TeacherStart = recipe.TEACHER_START,
     out: Path = typer.Option(..., help="run dir: checkpoints, metrics.jsonl, the final model"),
     steps: int = typer.Option(100, help="optimizer steps"),
     checkpoint_every: int = typer.Option(50, help="optimizer steps between checkpoints"),
@@ -437,12 +445,14 @@ def distill(
     check_writable(out, inputs=[teacher, student, data])  # before anything is written there
     check_count("teacher-pool", teacher_pool, 1, MAX_TEACHER_POOL)
     _check_teacher_fraction(teacher_fraction)
+    check_teacher_start(teacher_start)
+    mix = (teacher_fraction, teacher_pool, teacher_start)
     with writer_lock(out):
-        _distill(teacher, student, data, fraction, teacher_fraction, teacher_pool, out, resume, kd)
+        _distill(teacher, student, data, fraction, mix, out, resume, kd)
 
 
-def _distill(teacher, student, data, fraction, teacher_fraction, teacher_pool, out: Path, resume: bool, kd) -> None:
-
+def _distill(teacher, student, data, fraction, mix: tuple, out: Path, resume: bool, kd) -> None:
+    """``mix``: the teacher samples' fraction, pool and start."""
     if is_main_process():
         claim_directory(out, inputs=[teacher, student, data])  # marked before teacher samples are cached there
     student_model = load(student)
@@ -452,7 +462,10 @@ def _distill(teacher, student, data, fraction, teacher_fraction, teacher_pool, o
     if kd.alpha_blocks > 0:  # before sampling any distillation data from the teacher
         check_same_depth(student_model, loaded.model)
     _check_training(loaded.model, kd, kd.seq_len)
-    blocks = block_source_for(data, loaded, kd, out, fraction, teacher_fraction, teacher_pool=teacher_pool)
+    teacher_fraction, teacher_pool, teacher_start = mix
+    blocks = block_source_for(
+        data, loaded, kd, out, fraction, teacher_fraction, teacher_pool=teacher_pool, teacher_start=teacher_start
+    )
     result = multistep_distill(
         loaded.model,
         student_model,
@@ -462,7 +475,7 @@ def _distill(teacher, student, data, fraction, teacher_fraction, teacher_pool, o
         resume=resume,
         tokenizer=loaded.tokenizer,
         teacher_name=teacher,
-        data_name=data_name(data, teacher_fraction, teacher_pool),
+        data_name=data_name(data, teacher_fraction, teacher_pool, teacher_start),
     )
     if is_main_process():  # under torchrun / accelerate launch, rank 0 writes
         save(result.to("cpu"), out / "model", loaded.tokenizer, base_model=teacher)
@@ -656,6 +669,7 @@ def run(
     fraction: Optional[float] = typer.Option(None, help="fraction of a hub dataset's train split"),
     teacher_fraction: RunTeacherFraction = recipe.TEACHER_FRACTION,
     teacher_pool: RunTeacherPool = recipe.TEACHER_POOL,
+    teacher_start: TeacherStart = recipe.TEACHER_START,
     eval_data: Optional[str] = typer.Option(None, help="evaluation text; default: held-out teacher samples"),
     eval_tokens: int = typer.Option(8192, help="tokens to evaluate on"),
     context: int = typer.Option(512, help="evaluation window"),
@@ -689,8 +703,9 @@ def run(
         calibration_tokens,
         teacher_fraction,
         teacher_pool,
-        compare_tokens,
-        time_budget,
+        compare_tokens=compare_tokens,
+        time_budget=time_budget,
+        teacher_start=teacher_start,
     )
     check_writable(out, inputs=[model, spec, data, eval_data])  # before loading anything; run_pipeline claims it
     with writer_lock(out):

@@ -98,7 +98,8 @@ def block_source_for(
 
     def teacher_source(count: int):
         count = max(1, min(count, teacher_pool))
-        begun = "" if teacher_start == "bos" else f"{teacher_start}-start-"  # the start token's name predates the choice
+        # the start token's file name predates the choice, so that older runs resume
+        begun = "" if teacher_start == "bos" else f"{teacher_start}-start-"
         cache = out_dir / f"teacher_samples-{begun}seed{config.seed}-{count}x{config.seq_len}.safetensors"
         return teacher_block_source(
             loaded.model, loaded.tokenizer, config.seq_len, count, config.seed, cache, teacher_start
