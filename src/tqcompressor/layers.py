@@ -27,6 +27,7 @@ class SavedModule(nn.Module):
     the weights are in place; the default has none."""
 
     is_container: ClassVar[bool] = False  # True: its children are saved as modules of their own (split experts)
+    stores_integers: ClassVar[bool] = False  # True: stores integer weights, which no optimizer can train as they are
 
     def __init_subclass__(cls, abstract: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

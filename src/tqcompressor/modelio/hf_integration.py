@@ -17,7 +17,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import SavedModule
+from tqcompressor.layers import SavedModule, saved_module_classes
 from tqcompressor.modelio.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, check_directory, install_structure
 
 QUANT_METHOD = "tqcompressor"
@@ -81,3 +81,12 @@ class TQCompressorQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """Whether transformers' ``Trainer`` may fine-tune the whole model (it refuses a "purely quantized"
+        one otherwise): yes where every factor is a float parameter; a model stored in int8/int4 trains
+        LoRA adapters on its layers instead (:mod:`tqcompressor.training.adapters`)."""
+        classes = saved_module_classes()
+        stored = self.quantization_config.modules.values()
+        return not any(getattr(classes.get(desc.get("type")), "stores_integers", False) for desc in stored)

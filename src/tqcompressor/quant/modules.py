@@ -182,6 +182,8 @@ def _settings_from(config: dict) -> QuantizeSettings:
 class QuantizedLinear(FactoredModule):
     """``y = W x + bias`` with ``W`` quantized; stands for an ``nn.Linear`` or ``Conv1D`` (``kind``)."""
 
+    stores_integers = True
+
     def __init__(
         self, in_features: int, out_features: int, bias: bool, kind: str, settings: QuantizeSettings, dtype=None
     ) -> None:
@@ -235,6 +237,8 @@ class QuantizedLinear(FactoredModule):
 
 class QuantizedLowRankLinear(FactoredModule):
     """``y = U (V x) + bias`` with ``U`` and ``V`` quantized (a quantized ``svd`` layer)."""
+
+    stores_integers = True
 
     def __init__(
         self,
@@ -302,6 +306,8 @@ class QuantizedLowRankLinear(FactoredModule):
 class QuantizedEmbedding(FactoredModule):
     """A token embedding whose table is quantized; lookups dequantize only the rows they read."""
 
+    stores_integers = True
+
     def __init__(
         self, num_embeddings: int, embedding_dim: int, settings: QuantizeSettings, output_scale: float = 1.0
     ) -> None:
@@ -357,6 +363,8 @@ class QuantizedLowRankEmbedding(FactoredModule):
     """A low-rank token table ``E ~= U V`` (an ``svd`` embedding) with both factors quantized. A
     lookup dequantizes only the rows of ``U`` it reads; a tied head computes ``(h V^T) U^T``
     through the kernels, without building the table."""
+
+    stores_integers = True
 
     def __init__(
         self, num_embeddings: int, embedding_dim: int, rank: int, settings: QuantizeSettings, output_scale: float = 1.0
@@ -424,6 +432,8 @@ class QuantizedFactored(FactoredModule):
     The inner module keeps its structure, index buffers and biases; in place of each quantized
     factor it holds a one-element placeholder, and every call puts the dequantized factors in
     for the duration of that call."""
+
+    stores_integers = True
 
     def __init__(self, inner: nn.Module, settings: QuantizeSettings) -> None:
         """Empty storage for ``inner``'s factors (their values are dropped): see :meth:`from_module`."""
