@@ -369,3 +369,29 @@ def test_bench_fidelity_suite_scores_the_teacher_perfect_and_a_student_by_held_o
     assert set(point["held_out"]) == set(protocol["domains"])
     kls = [m["kl_to_teacher"] for m in point["held_out"].values()]
     assert point["fidelity_kl"] == pytest.approx(sum(kls) / len(kls))  # the mean over the held-out domains
+
+
+def test_deploy_exports_both_models_the_same_way_and_compares_them_in_onnxruntime(
+    tmp_path, gpt2_dir, tokenizer, monkeypatch, capsys
+):
+    pytest.importorskip("onnxruntime")
+    deploy = bench_module("deploy")
+    monkeypatch.setattr(sys, "argv", ["deploy.py", "--student", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit) as exit_info:  # not a compressed dir: one line
+        deploy.main()
+    assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+    loaded = tqc.load_model(str(gpt2_dir))
+    student, _ = tqc.compress(loaded.model, tqc.CompressionConfig(method="svd", ratio=0.6), progress=False)
+    tqc.save(student, tmp_path / "student", tokenizer, base_model=str(gpt2_dir))
+    out = tmp_path / "deploy.json"
+    argv = ["deploy.py", "--student", str(tmp_path / "student"), "--prefill-tokens", "16", "--new-tokens", "4"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--equal-tokens", "4", "--repeats", "1", "--out", str(out)])
+    deploy.main()
+    result = json.loads(out.read_text())
+    assert result["teacher"] == str(gpt2_dir) and result["tokens_equal"] == {"teacher": True, "student": True}
+    assert set(result["tokens_per_s"]["student"]) == {"prefill_batch1", "prefill_batch8", "generation"}
+    assert result["prefill_speedup"] == min(result["prefill_speedup_by_batch"].values()) > 0
+    assert result["generation_speedup"] > 0 and result["peak_rss_bytes"]["student"] > 0
+    assert result["bytes"]["student_onnx"] < result["bytes"]["teacher_onnx"]  # factored layers stay factored
+    assert "student / teacher" in capsys.readouterr().out

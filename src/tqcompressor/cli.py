@@ -378,19 +378,27 @@ def export(
     directory: Path = typer.Argument(..., help="a dir written by `tqc compress`"),
     out: Path = typer.Option(..., help="output directory (--dense) or .onnx file (--onnx)"),
     dense: bool = typer.Option(False, "--dense", help="merge the factors into a plain HF model dir"),
-    onnx: bool = typer.Option(False, "--onnx", help="ONNX graph input_ids -> logits, factored layers kept"),
+    onnx: bool = typer.Option(False, "--onnx", help="ONNX graph, factored layers kept"),
+    cache: bool = typer.Option(
+        True,
+        help="--onnx with a KV cache (past_key_values in, present out: the graph that generates); "
+        "--no-cache: input_ids -> logits only",
+    ),
 ) -> None:
     """Export a compressed model: a plain dense HF dir (--dense) or ONNX (--onnx)."""
     if dense == onnx:
         raise TQCError("choose one of --dense or --onnx")
+    if dense and not cache:
+        raise TQCError("--no-cache is an option of --onnx; a dense dir generates with transformers' own cache")
     if dense:
         check_writable(out, inputs=[directory])
         with writer_lock(out):
             export_dense(directory, out)
         typer.echo(f"wrote {out} (dense; opens with AutoModelForCausalLM.from_pretrained)")
     else:
-        export_onnx(directory, out)
-        typer.echo(f"wrote {out} (ONNX, input_ids -> logits; run it with onnxruntime)")
+        export_onnx(directory, out, cache=cache)
+        graph = "with a KV cache; generate with tqcompressor.modelio.onnx_generate" if cache else "input_ids -> logits"
+        typer.echo(f"wrote {out} (ONNX, {graph}; run it with onnxruntime)")
 
 
 @app.command()

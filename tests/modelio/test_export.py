@@ -10,6 +10,7 @@ import tqcompressor as tqc
 from tqcompressor import CompressionConfig, LayerSpec, TQCError
 from tqcompressor.cli import app
 from tqcompressor.modelio.export import push_to_hub
+from tqcompressor.modelio.onnx_generate import OnnxDecoder
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
@@ -25,13 +26,53 @@ def test_onnx_export_runs_in_onnxruntime_with_equal_outputs(tmp_path, gpt2_model
     else:
         model, _ = tqc.compress(gpt2_model, CompressionConfig(method="tq", ratio=0.8), progress=False)
     tqc.save(model, tmp_path / "m")
-    result = CliRunner().invoke(app, ["export", str(tmp_path / "m"), "--onnx", "--out", str(tmp_path / "m.onnx")])
+    args = ["export", str(tmp_path / "m"), "--onnx", "--no-cache", "--out", str(tmp_path / "m.onnx")]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))
     ids = torch.randint(0, 256, (3, 9))  # another batch and length than the export example
     onnx_logits = session.run(None, {"input_ids": ids.numpy()})[0]
     torch_logits = model(ids).logits.detach().numpy()
     assert np.abs(onnx_logits - torch_logits).max() / np.abs(torch_logits).max() < 1e-5
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_onnx_with_a_kv_cache_generates_transformers_greedy_tokens(tmp_path, gpt2_model, llama_model, which):
+    pytest.importorskip("onnxruntime")
+    base = llama_model if which == "llama" else gpt2_model
+    model, _ = tqc.compress(base, CompressionConfig(method="svd", ratio=0.8), progress=False)
+    tqc.save(model, tmp_path / "m")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "m"), "--onnx", "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0 and "KV cache" in result.output, result.output
+    decoder = OnnxDecoder(tmp_path / "m.onnx")
+    assert len(decoder.past_names) == 2 * model.config.num_hidden_layers
+
+    prompts = torch.randint(2, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    expected = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=12, do_sample=False)
+    assert np.array_equal(decoder.greedy(prompts.numpy(), 12), expected.numpy())
+
+    # every cached step's logits are the whole sequence's, computed at once without a cache
+    full = model(expected).logits.detach().numpy()
+    logits, past = decoder.step(expected[:, :7].numpy(), decoder.empty_cache(2))
+    for position in range(7, 12):
+        logits, past = decoder.step(expected[:, position : position + 1].numpy(), past)
+        assert np.abs(logits[:, -1] - full[:, position]).max() < 1e-4 * np.abs(full).max()
+
+
+def test_onnx_options_that_cannot_work_are_one_line(tmp_path, gpt2_model, capsys):
+    from tqcompressor.cli import main
+
+    model, _ = tqc.compress(gpt2_model, CompressionConfig(method="svd", ratio=0.8), progress=False)
+    tqc.save(model, tmp_path / "m")
+    with pytest.raises(SystemExit) as exited:
+        main(["export", str(tmp_path / "m"), "--dense", "--no-cache", "--out", str(tmp_path / "dense")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "--no-cache is an option of --onnx" in err
+    assert not (tmp_path / "dense").exists()
+    args = ["export", str(tmp_path / "m"), "--onnx", "--no-cache", "--out", str(tmp_path / "m.onnx")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    with pytest.raises(TQCError, match="no KV cache inputs"):
+        OnnxDecoder(tmp_path / "m.onnx")
 
 
 def test_push_calls_the_hub_with_the_dir(tmp_path, gpt2_model, monkeypatch):
