@@ -414,6 +414,37 @@ def speed_section() -> str:
     )
 
 
+def deploy_section() -> str:
+    run = load("deploy/deploy.json")
+    rates, sizes, peaks = run["tokens_per_s"], run["bytes"], run["peak_rss_bytes"]
+    cases = list(rates["teacher"])
+    rows = [
+        [name, *(rates[name][c] for c in cases), sizes[f"{name}_onnx"] / 2**20, peaks[name] / 2**20]
+        + ["yes" if run["tokens_equal"][name] else "no"]
+        for name in ("teacher", "student")
+    ]
+    ratios = [*run["prefill_speedup_by_batch"].values(), run["generation_speedup"]]
+    rows.append(["student / teacher", *(f"{r:.2f}x" for r in ratios), "", "", ""])
+    settings = run["settings"]
+    return "\n".join(
+        [
+            "## Serving in ONNX Runtime",
+            "",
+            f"`deploy.json` (commit {short(run['commit'])}, {run['device']}, {run['engine']}): `{settings['student']}` "
+            f"and its teacher `{run['teacher']}`, each exported with a KV cache (`tqc export --onnx`) and timed in "
+            f"turn: prefill of {settings['prefill_tokens']} tokens per row into an empty cache, generation of "
+            f"{settings['new_tokens']} tokens at batch 1 from the cache. Tokens equal: greedy generation from the "
+            "graph equals transformers' on the benchmark prompts. The student's ONNX file is "
+            f"{run['onnx_over_safetensors']:.2f}x its model.safetensors.",
+            "",
+            table(
+                ["model", *(f"{c.replace('_', ' ')} tok/s" for c in cases), "ONNX MiB", "peak RSS MiB", "tokens equal"],
+                rows,
+            ),
+        ]
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Blocks inside the reference pages of docs/
 
@@ -496,6 +527,7 @@ SECTIONS = (
     throughput_section,
     kd_profile_section,
     speed_section,
+    # deploy_section,  (added with its first result)
 )
 
 

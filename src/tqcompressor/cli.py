@@ -29,7 +29,7 @@ from tqcompressor.modelio.checkpoint import (
     save,
     write_model,
 )
-from tqcompressor.modelio.export import export_dense, export_onnx, push_to_hub
+from tqcompressor.modelio.export import export_dense, export_genai, export_onnx, push_to_hub
 from tqcompressor.modelio.models import DEFAULT_MODEL, load_model
 from tqcompressor.outputs import (
     check_writable,
@@ -384,12 +384,24 @@ def export(
         help="--onnx with a KV cache (past_key_values in, present out: the graph that generates); "
         "--no-cache: input_ids -> logits only",
     ),
+    genai: bool = typer.Option(
+        False,
+        help="--onnx into the folder --out, with genai_config.json and the tokenizer: ONNX Runtime GenAI opens it",
+    ),
 ) -> None:
     """Export a compressed model: a plain dense HF dir (--dense) or ONNX (--onnx)."""
     if dense == onnx:
         raise TQCError("choose one of --dense or --onnx")
-    if dense and not cache:
-        raise TQCError("--no-cache is an option of --onnx; a dense dir generates with transformers' own cache")
+    if dense and not (cache and not genai):
+        raise TQCError("--no-cache and --genai are options of --onnx; a dense dir opens in transformers as it is")
+    if genai and not cache:
+        raise TQCError("ONNX Runtime GenAI generates from the graph with a KV cache: drop --no-cache")
+    if genai:
+        check_writable(out, inputs=[directory])
+        with writer_lock(out):
+            export_genai(directory, out)
+        typer.echo(f"wrote {out} (ONNX with a KV cache, genai_config.json, tokenizer: og.Model({str(out)!r}))")
+        return
     if dense:
         check_writable(out, inputs=[directory])
         with writer_lock(out):

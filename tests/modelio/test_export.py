@@ -59,16 +59,50 @@ def test_onnx_with_a_kv_cache_generates_transformers_greedy_tokens(tmp_path, gpt
         assert np.abs(logits[:, -1] - full[:, position]).max() < 1e-4 * np.abs(full).max()
 
 
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_onnx_runtime_genai_opens_the_export_and_generates_transformers_greedy_tokens(
+    tmp_path, gpt2_model, llama_model, tokenizer, which
+):
+    og = pytest.importorskip("onnxruntime_genai")
+    base = llama_model if which == "llama" else gpt2_model
+    model, _ = tqc.compress(base, CompressionConfig(method="svd", ratio=0.8), progress=False)
+    tqc.save(model, tmp_path / "m", tokenizer)
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("a user's file")
+    args = ["export", str(tmp_path / "m"), "--onnx", "--genai", "--out"]
+    refused = CliRunner().invoke(app, [*args, str(tmp_path / "theirs")])
+    assert refused.exit_code != 0 and (tmp_path / "theirs" / "notes.txt").read_text() == "a user's file"
+
+    result = CliRunner().invoke(app, [*args, str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    assert {"model.onnx", "genai_config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "g").iterdir()}
+    prompt = torch.randint(2, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False)
+    genai_model = og.Model(str(tmp_path / "g"))
+    params = og.GeneratorParams(genai_model)
+    params.set_search_options(max_length=17, do_sample=False)
+    generator = og.Generator(genai_model, params)
+    generator.append_tokens(prompt.numpy().astype(np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert list(generator.get_sequence(0)) == expected[0].tolist()
+
+
 def test_onnx_options_that_cannot_work_are_one_line(tmp_path, gpt2_model, capsys):
     from tqcompressor.cli import main
 
     model, _ = tqc.compress(gpt2_model, CompressionConfig(method="svd", ratio=0.8), progress=False)
     tqc.save(model, tmp_path / "m")
-    with pytest.raises(SystemExit) as exited:
-        main(["export", str(tmp_path / "m"), "--dense", "--no-cache", "--out", str(tmp_path / "dense")])
-    err = capsys.readouterr().err
-    assert exited.value.code == 2 and err.count("\n") == 1 and "--no-cache is an option of --onnx" in err
-    assert not (tmp_path / "dense").exists()
+    for flags, message in [
+        (["--dense", "--no-cache"], "are options of --onnx"),
+        (["--dense", "--genai"], "are options of --onnx"),
+        (["--onnx", "--genai", "--no-cache"], "drop --no-cache"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            main(["export", str(tmp_path / "m"), *flags, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.count("\n") == 1 and message in err
+        assert not (tmp_path / "out").exists()
     args = ["export", str(tmp_path / "m"), "--onnx", "--no-cache", "--out", str(tmp_path / "m.onnx")]
     assert CliRunner().invoke(app, args).exit_code == 0
     with pytest.raises(TQCError, match="no KV cache inputs"):

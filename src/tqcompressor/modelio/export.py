@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import AutoTokenizer, DynamicCache
 
 from tqcompressor.errors import TQCError, first_line
 from tqcompressor.modelio.checkpoint import export_dense, load, read_structure
-from tqcompressor.outputs import check_not_an_input
+from tqcompressor.outputs import check_not_an_input, claim_directory, write_json_atomic
 
 
 class _LogitsOnly(nn.Module):
@@ -87,6 +88,70 @@ def export_onnx(directory: str | Path, out: str | Path, opset: int = 18, cache: 
     return export_onnx_model(load(directory), out, opset, cache)
 
 
+def export_genai(directory: str | Path, out_dir: str | Path, opset: int = 18) -> Path:
+    """A folder ONNX Runtime GenAI opens (``og.Model(out_dir)``): the graph with a KV cache
+    (``model.onnx``), its ``genai_config.json`` and the model's tokenizer. ``out_dir`` must be new,
+    empty or written by tqcompressor (:func:`~tqcompressor.outputs.claim_directory`)."""
+    _require_onnx()
+    out_dir = claim_directory(out_dir, inputs=[directory])
+    model = load(directory)
+    export_onnx_model(model, out_dir / "model.onnx", opset, cache=True)
+    write_json_atomic(out_dir / GENAI_CONFIG, genai_config(model.config, getattr(model, "generation_config", None)))
+    tokenizer = AutoTokenizer.from_pretrained(directory) if any(Path(directory).glob("tokenizer*")) else None
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+GENAI_CONFIG = "genai_config.json"
+# the model type GenAI is told: the graph computes everything (embeddings, rotary positions, the head), so
+# GenAI's plain decoder, llama's, runs any family; its own gpt2 type expects other input names
+GENAI_DECODER_TYPE = "llama"
+
+
+def genai_config(config, generation=None) -> dict:
+    """ONNX Runtime GenAI's description of the graph :class:`_WithCache` exports: shapes, input and
+    output names, special tokens, greedy search over the model's context."""
+    shape = CacheShape.of(config)
+    text = config.get_text_config()
+    special = {k: getattr(generation, k, None) or getattr(text, k, None) for k in ("bos_token_id", "eos_token_id")}
+    eos = special["eos_token_id"]
+    context = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", 2048)
+    return {
+        "model": {
+            "type": GENAI_DECODER_TYPE,
+            "bos_token_id": special["bos_token_id"],
+            "eos_token_id": eos,
+            "pad_token_id": getattr(text, "pad_token_id", None) or (eos[0] if isinstance(eos, list) else eos),
+            "context_length": context,
+            "vocab_size": text.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": shape.head_dim,
+                "hidden_size": text.hidden_size,
+                "num_attention_heads": text.num_attention_heads,
+                "num_hidden_layers": shape.layers,
+                "num_key_value_heads": shape.kv_heads,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        # the graph appends to its past and returns the whole present: no buffer shared between steps
+        "search": {"do_sample": False, "max_length": context, "num_beams": 1, "past_present_share_buffer": False},
+    }
+
+
 def export_onnx_model(model: nn.Module, out: str | Path, opset: int = 18, cache: bool = True) -> Path:
     """:func:`export_onnx` of a model in memory (a compressed one, or a teacher exported the same way);
     ``out`` is written whole or not at all."""
@@ -96,19 +161,24 @@ def export_onnx_model(model: nn.Module, out: str | Path, opset: int = 18, cache:
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     graph, example, names, shapes = _export_signature(model, cache)
-    torch.onnx.export(
-        graph,
-        example,
-        str(partial),
-        input_names=names[0],
-        output_names=names[1],
-        dynamic_shapes=shapes,
-        dynamo=True,
-        opset_version=opset,
-    )
-    written = onnx.load(str(partial))
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tqc-onnx-") as scratch:  # the exporter's files
+        traced = Path(scratch) / "model.onnx"
+        torch.onnx.export(
+            graph,
+            example,
+            str(traced),
+            input_names=names[0],
+            output_names=names[1],
+            dynamic_shapes=shapes,
+            dynamo=True,
+            opset_version=opset,
+        )
+        written = onnx.load(str(traced))
     onnx.helper.set_model_props(written, {ONNX_OWNER_KEY: "tqcompressor", "kv_cache": str(cache).lower()})
-    onnx.save(written, str(partial))
+    # one file where protobuf allows it (2 GiB); past that the weights go to OUT.data beside it
+    weights = sum(t.numel() * 4 for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    external = weights > ONNX_INLINE_BYTES
+    onnx.save(written, str(partial), save_as_external_data=external, location=f"{out.name}.data")
     os.replace(partial, out)  # whole, or not at all
     return out
 
@@ -144,6 +214,7 @@ def _export_signature(model: nn.Module, cache: bool) -> tuple:
     return _WithCache(model), example, (shape.input_names(), shape.output_names()), axes
 
 
+ONNX_INLINE_BYTES = 1_800_000_000  # under protobuf's 2 GiB limit on one file, with room for the graph
 ONNX_OWNER_KEY = "written_by"  # in the graph's metadata: the only ONNX files an export replaces
 
 
