@@ -69,13 +69,24 @@ def main() -> None:
     )
     loaded = tqc.load_model(teacher_name)
     models = {"teacher": loaded.model, "student": student}
-    work = Path(tempfile.mkdtemp(prefix="deploy-"))
+    with tempfile.TemporaryDirectory(prefix="deploy-") as work:
+        result = {
+            **cpu_run(commit, args),
+            "teacher": teacher_name,
+            **measure(models, Path(work), loaded.tokenizer, args),
+        }
+    result["seconds"] = time.perf_counter() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+
+
+def measure(models: dict, work: Path, tokenizer, args: argparse.Namespace) -> dict:
+    """Both models exported into ``work`` and measured there: the result file's figures."""
     files = {name: export_onnx_model(model, work / f"{name}.onnx") for name, model in models.items()}
     decoders = {name: OnnxDecoder(path, args.threads or None) for name, path in files.items()}
-    prompts = [loaded.tokenizer(p, return_tensors="pt")["input_ids"] for p in PROMPTS]
+    prompts = [tokenizer(p, return_tensors="pt")["input_ids"] for p in PROMPTS]
     result = {
-        **cpu_run(commit, args),
-        "teacher": teacher_name,
         "engine": "onnxruntime (CPUExecutionProvider)",
         "tokens_equal": {
             name: tokens_equal(models[name], decoders[name], prompts, args.equal_tokens) for name in models
@@ -85,7 +96,7 @@ def main() -> None:
             **{f"{name}_onnx": path.stat().st_size for name, path in files.items()},
         },
         "peak_rss_bytes": {name: peak_memory(path, args) for name, path in files.items()},
-        "tokens_per_s": speeds(decoders, args, student.config.vocab_size),
+        "tokens_per_s": speeds(decoders, args, models["student"].config.vocab_size),
     }
     result["onnx_over_safetensors"] = result["bytes"]["student_onnx"] / result["bytes"]["student_safetensors"]
     rates = result["tokens_per_s"]
@@ -94,10 +105,7 @@ def main() -> None:
     }
     result["prefill_speedup"] = min(result["prefill_speedup_by_batch"].values())
     result["generation_speedup"] = rates["student"]["generation"] / rates["teacher"]["generation"]
-    result["seconds"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
+    return result
 
 
 def batches(args: argparse.Namespace) -> list[int]:
@@ -169,13 +177,14 @@ def peak_memory(path: Path, args: argparse.Namespace) -> int:
 
 
 PEAK_RSS_CHILD = """
-import resource, sys
+import sys
 import numpy as np
 from tqcompressor.modelio.onnx_generate import OnnxDecoder
 path, batch, length, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 decoder = OnnxDecoder(path, threads or None)
 decoder.step(np.ones((batch, length), dtype=np.int64), decoder.empty_cache(batch))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec, from the parent that holds both models
+print(int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) * 1024)
 """
 
 

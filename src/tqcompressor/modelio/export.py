@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from dataclasses import dataclass
@@ -58,11 +59,16 @@ class _WithCache(nn.Module):
     """One step of cached generation: ``(input_ids, attention_mask, position_ids, past key/values) ->
     (logits, present key/values)``, the inputs and outputs of Hugging Face's ONNX exports of decoder
     LLMs. The first step passes a past of length 0 and the whole prompt; each later step the new token
-    and the previous step's presents."""
+    and the previous step's presents. Logits come for the last position only (batch, 1, vocab), where the
+    model's forward can be asked so: generating needs no more, and the head over a 50k vocabulary at
+    every prompt position costs teacher and student alike (scoring a whole text is the --no-cache graph)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.last_logits = (
+            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        )
 
     def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
         cache = DynamicCache(config=self.model.config)
@@ -74,6 +80,7 @@ class _WithCache(nn.Module):
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
+            **self.last_logits,
         )
         presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         return (out.logits, *presents)

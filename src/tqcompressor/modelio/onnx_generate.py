@@ -37,7 +37,8 @@ class OnnxDecoder:
         self.kv_heads, self.head_dim = int(kv_heads), int(head_dim)
 
     def step(self, input_ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits of ``input_ids`` (batch, new) after ``past``, and the cache with them appended."""
+        """Logits after ``input_ids`` (batch, new) follow ``past`` (at the last new position; at every one for
+        a model whose forward cannot skip the rest), and the cache with them appended."""
         batch, new = input_ids.shape
         done = past[0].shape[2]
         feed = {
