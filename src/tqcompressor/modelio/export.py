@@ -17,6 +17,12 @@ from tqcompressor.modelio.checkpoint import export_dense, load, read_structure
 from tqcompressor.outputs import check_not_an_input, claim_directory, write_json_atomic
 
 
+# opset 23 has fused Attention, RMSNormalization and RotaryEmbedding, which the exporter emits and ONNX Runtime
+# runs in one kernel each: on 2 CPU cores the demo's teacher prefilled 8 x 512 tokens at 828 tokens/s against
+# 631 at opset 18, its student at 1,077 against 732
+ONNX_OPSET = 23
+
+
 class _LogitsOnly(nn.Module):
     """``input_ids -> logits`` without a KV cache: the graph for scoring a whole text at once."""
 
@@ -25,7 +31,9 @@ class _LogitsOnly(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+        # positions per row: opset 23's RotaryEmbedding wants its cos/sin with the batch's own shape
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,7 @@ class _WithCache(nn.Module):
         return (out.logits, *presents)
 
 
-def export_onnx(directory: str | Path, out: str | Path, opset: int = 18, cache: bool = True) -> Path:
+def export_onnx(directory: str | Path, out: str | Path, opset: int = ONNX_OPSET, cache: bool = True) -> Path:
     """Export a compressed model (factored layers kept, not densified) to ONNX, with dynamic batch
     and sequence axes: with a KV cache (``cache``, the serving graph, see :class:`_WithCache`) or
     ``input_ids -> logits``. Uses torch's dynamo exporter (needs ``onnx`` and ``onnxscript``)."""
@@ -95,7 +103,7 @@ def export_onnx(directory: str | Path, out: str | Path, opset: int = 18, cache: 
     return export_onnx_model(load(directory), out, opset, cache)
 
 
-def export_genai(directory: str | Path, out_dir: str | Path, opset: int = 18) -> Path:
+def export_genai(directory: str | Path, out_dir: str | Path, opset: int = ONNX_OPSET) -> Path:
     """A folder ONNX Runtime GenAI opens (``og.Model(out_dir)``): the graph with a KV cache
     (``model.onnx``), its ``genai_config.json`` and the model's tokenizer. ``out_dir`` must be new,
     empty or written by tqcompressor (:func:`~tqcompressor.outputs.claim_directory`)."""
@@ -159,7 +167,7 @@ def genai_config(config, generation=None) -> dict:
     }
 
 
-def export_onnx_model(model: nn.Module, out: str | Path, opset: int = 18, cache: bool = True) -> Path:
+def export_onnx_model(model: nn.Module, out: str | Path, opset: int = ONNX_OPSET, cache: bool = True) -> Path:
     """:func:`export_onnx` of a model in memory (a compressed one, or a teacher exported the same way);
     ``out`` is written whole or not at all."""
     onnx = _require_onnx()
