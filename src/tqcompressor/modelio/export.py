@@ -16,10 +16,10 @@ from tqcompressor.errors import TQCError, first_line
 from tqcompressor.modelio.checkpoint import export_dense, load, read_structure
 from tqcompressor.outputs import check_not_an_input, claim_directory, write_json_atomic
 
-
 # opset 23 has fused Attention, RMSNormalization and RotaryEmbedding, which the exporter emits and ONNX Runtime
-# runs in one kernel each: on 2 CPU cores the demo's teacher prefilled 8 x 512 tokens at 828 tokens/s against
-# 631 at opset 18, its student at 1,077 against 732
+# runs in one kernel each; at opset 18 the demo's student prefilled 8 x 512 tokens only 1.16x as fast as its
+# teacher, the decomposed attention costing both alike (bench/results/deploy/deploy-opset18.json; deploy.json
+# is at opset 23)
 ONNX_OPSET = 23
 
 
