@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 import tqcompressor as tqc
-from tqcompressor import CompressionConfig, LayerSpec, TQCError
+from tqcompressor import CompressionConfig, LayerSpec, QuantizeSettings, TQCError
 from tqcompressor.cli import app
 from tqcompressor.modelio.export import push_to_hub
 from tqcompressor.modelio.onnx_generate import OnnxDecoder
@@ -107,6 +107,14 @@ def test_onnx_options_that_cannot_work_are_one_line(tmp_path, gpt2_model, capsys
     assert CliRunner().invoke(app, args).exit_code == 0
     with pytest.raises(TQCError, match="no KV cache inputs"):
         OnnxDecoder(tmp_path / "m.onnx")
+
+    tqc.quantize_(model, QuantizeSettings(8, 32))
+    tqc.save(model, tmp_path / "int8")
+    with pytest.raises(SystemExit) as exited:
+        main(["export", str(tmp_path / "int8"), "--onnx", "--out", str(tmp_path / "int8.onnx")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "export the float compressed dir" in err
+    assert not (tmp_path / "int8.onnx").exists()
 
 
 def test_push_calls_the_hub_with_the_dir(tmp_path, gpt2_model, monkeypatch):

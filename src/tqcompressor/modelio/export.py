@@ -171,6 +171,12 @@ def export_onnx_model(model: nn.Module, out: str | Path, opset: int = ONNX_OPSET
     """:func:`export_onnx` of a model in memory (a compressed one, or a teacher exported the same way);
     ``out`` is written whole or not at all."""
     onnx = _require_onnx()
+    stored = [type(m).__name__ for m in model.modules() if getattr(m, "stores_integers", False)]
+    if stored:  # their CPU int8/int4 kernels have no ONNX form
+        raise TQCError(
+            f"ONNX export of layers stored in int8/int4 ({stored[0]}, ...) is not supported: export the float "
+            "compressed dir (before `tqc quantize`)"
+        )
     model = model.float().eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
