@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from common import HERE, bad_input
 from provenance import cpu_run, git_commit
 
 import tqcompressor as tqc
+from tqcompressor.evaluation.footprint import interleaved
 from tqcompressor.evaluation.report import table
 from tqcompressor.modelio.checkpoint import WEIGHTS_FILE
 from tqcompressor.modelio.export import export_onnx_model
@@ -132,36 +132,29 @@ def speeds(decoders: dict[str, OnnxDecoder], args: argparse.Namespace, vocab: in
     for case, (batch, length) in cases.items():
         ids = rng.integers(0, vocab, (batch, length))
         calls = {n: lambda d=d, ids=ids, batch=batch: d.step(ids, d.empty_cache(batch)) for n, d in decoders.items()}
-        seconds = interleaved(calls, args)
+        seconds = interleaved(calls, repeats=args.repeats)
         for name in decoders:
             out[name][case] = batch * length / seconds[name]
     prompt = rng.integers(0, vocab, (1, 16))
-    seconds = interleaved({n: lambda d=d: generation(d, prompt, args.new_tokens) for n, d in decoders.items()}, args)
+    seconds = interleaved(
+        {n: generation(d, prompt, args.new_tokens) for n, d in decoders.items()}, repeats=args.repeats
+    )
     for name in decoders:
         out[name]["generation"] = args.new_tokens / seconds[name]
     return out
 
 
-def generation(decoder: OnnxDecoder, prompt: np.ndarray, new_tokens: int) -> float:
-    """Seconds of ``new_tokens`` cached steps after the prompt's prefill (which is not counted)."""
-    logits, past = decoder.step(prompt, decoder.empty_cache(1))
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        logits, past = decoder.step(logits[:, -1].argmax(-1)[:, None], past)
-    return time.perf_counter() - start
+def generation(decoder: OnnxDecoder, prompt: np.ndarray, new_tokens: int):
+    """A call that makes ``new_tokens`` cached steps after the prompt, whose prefill is done here, once,
+    so that the timing counts generation alone."""
+    prompt_logits, prompt_cache = decoder.step(prompt, decoder.empty_cache(1))
 
+    def steps() -> None:
+        logits, past = prompt_logits, prompt_cache
+        for _ in range(new_tokens):
+            logits, past = decoder.step(logits[:, -1].argmax(-1)[:, None], past)
 
-def interleaved(fns: dict, args: argparse.Namespace) -> dict[str, float]:
-    """Median seconds per call; a callable returning a float reports its own seconds."""
-    for fn in fns.values():
-        fn()  # warm-up
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            reported = fn()
-            samples[name].append(reported if isinstance(reported, float) else time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return steps
 
 
 def peak_memory(path: Path, args: argparse.Namespace) -> int:
@@ -189,21 +182,17 @@ print(int(next(line for line in open("/proc/self/status") if line.startswith("Vm
 
 
 def format_table(result: dict) -> str:
+    """Tokens per second, sizes and peak memory of both models, and the student's speed-ups."""
     rates, sizes, peaks = result["tokens_per_s"], result["bytes"], result["peak_rss_bytes"]
     cases = list(rates["teacher"])
     rows = [
-        [
-            name,
-            *(rates[name][c] for c in cases),
-            sizes[f"{name}_onnx"] / 2**20,
-            peaks[name] / 2**20,
-            result["tokens_equal"][name],
-        ]
+        [name, *(rates[name][c] for c in cases), sizes[f"{name}_onnx"] / 2**20, peaks[name] / 2**20]
+        + ["yes" if result["tokens_equal"][name] else "no"]
         for name in ("teacher", "student")
     ]
-    speedups = [result["prefill_speedup_by_batch"][b] for b in result["prefill_speedup_by_batch"]]
-    rows.append(["student / teacher", *speedups, result["generation_speedup"], "", "", ""])
-    headers = ["model", *(f"{c} tok/s" for c in cases), "ONNX MiB", "peak RSS MiB", "tokens equal"]
+    ratios = [*result["prefill_speedup_by_batch"].values(), result["generation_speedup"]]
+    rows.append(["student / teacher", *(f"{r:.2f}x" for r in ratios), "", "", ""])
+    headers = ["model", *(f"{c.replace('_', ' ')} tok/s" for c in cases), "ONNX MiB", "peak RSS MiB", "tokens equal"]
     return table(headers, rows)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from common import HERE
+from deploy import format_table as deploy_table
 
 from tqcompressor.evaluation.report import table
 
@@ -416,15 +417,6 @@ def speed_section() -> str:
 
 def deploy_section() -> str:
     run = load("deploy/deploy.json")
-    rates, sizes, peaks = run["tokens_per_s"], run["bytes"], run["peak_rss_bytes"]
-    cases = list(rates["teacher"])
-    rows = [
-        [name, *(rates[name][c] for c in cases), sizes[f"{name}_onnx"] / 2**20, peaks[name] / 2**20]
-        + ["yes" if run["tokens_equal"][name] else "no"]
-        for name in ("teacher", "student")
-    ]
-    ratios = [*run["prefill_speedup_by_batch"].values(), run["generation_speedup"]]
-    rows.append(["student / teacher", *(f"{r:.2f}x" for r in ratios), "", "", ""])
     settings, before = run["settings"], load("deploy/deploy-opset18.json")
     return "\n".join(
         [
@@ -439,10 +431,7 @@ def deploy_section() -> str:
             f"attention of opset 23 (`deploy-opset18.json`, commit {short(before['commit'])}), its batch-8 prefill was "
             f"{before['prefill_speedup_by_batch']['8']:.2f}x the teacher's.",
             "",
-            table(
-                ["model", *(f"{c.replace('_', ' ')} tok/s" for c in cases), "ONNX MiB", "peak RSS MiB", "tokens equal"],
-                rows,
-            ),
+            deploy_table(run),
         ]
     )
 
