@@ -392,7 +392,7 @@ def export(
     """Export a compressed model: a plain dense HF dir (--dense) or ONNX (--onnx)."""
     if dense == onnx:
         raise TQCError("choose one of --dense or --onnx")
-    if dense and not (cache and not genai):
+    if dense and (genai or not cache):
         raise TQCError("--no-cache and --genai are options of --onnx; a dense dir opens in transformers as it is")
     if genai and not cache:
         raise TQCError("ONNX Runtime GenAI generates from the graph with a KV cache: drop --no-cache")

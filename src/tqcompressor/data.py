@@ -169,6 +169,8 @@ def sample_from_teacher(
     out), or from a random first token (which the block keeps, as its first token)."""
     check_teacher_start(start)
     device = next(teacher.parameters()).device
+    skip = 1 if start == "bos" else 0  # the start token is left out of the block; a random first token is kept
+    new = seq_len + skip - 1
     made = 0
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -176,7 +178,6 @@ def sample_from_teacher(
         while made < count:
             n = min(batch_size, count - made)
             prompt = _first_tokens(teacher, tokenizer, n, start).to(device)
-            new = seq_len if start == "bos" else seq_len - 1
             out = teacher.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),
@@ -186,8 +187,7 @@ def sample_from_teacher(
                 min_new_tokens=new,
                 pad_token_id=tokenizer.eos_token_id,
             )
-            first = 1 if start == "bos" else 0
-            yield from out[:, first : first + seq_len].cpu()
+            yield from out[:, skip : skip + seq_len].cpu()
             made += n
     finally:
         torch.random.set_rng_state(generator_state)

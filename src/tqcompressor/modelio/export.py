@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, DynamicCache
 
 from tqcompressor.errors import TQCError, first_line
 from tqcompressor.modelio.checkpoint import export_dense, load, read_structure
+from tqcompressor.modelio.tokenizer import TOKENIZER_FILES
 from tqcompressor.outputs import check_not_an_input, claim_directory, write_json_atomic
 
 # opset 23 has fused Attention, RMSNormalization and RotaryEmbedding, which the exporter emits and ONNX Runtime
@@ -112,9 +113,8 @@ def export_genai(directory: str | Path, out_dir: str | Path, opset: int = ONNX_O
     model = load(directory)
     export_onnx_model(model, out_dir / "model.onnx", opset, cache=True)
     write_json_atomic(out_dir / GENAI_CONFIG, genai_config(model.config, getattr(model, "generation_config", None)))
-    tokenizer = AutoTokenizer.from_pretrained(directory) if any(Path(directory).glob("tokenizer*")) else None
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    if any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        AutoTokenizer.from_pretrained(directory).save_pretrained(out_dir)
     return out_dir
 
 

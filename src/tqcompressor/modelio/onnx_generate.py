@@ -58,10 +58,9 @@ class OnnxDecoder:
         each the most likely next one: the prompt in one step, then one token per step from the cache."""
         tokens = np.asarray(prompt_ids, dtype=np.int64)
         logits, past = self.step(tokens, self.empty_cache(tokens.shape[0]))
-        for _ in range(new_tokens):
+        for made in range(1, new_tokens + 1):
             chosen = logits[:, -1].argmax(-1)[:, None]
             tokens = np.concatenate([tokens, chosen], axis=1)
-            if tokens.shape[1] == prompt_ids.shape[1] + new_tokens:
-                break
-            logits, past = self.step(chosen, past)
+            if made < new_tokens:  # the last token needs no step after it
+                logits, past = self.step(chosen, past)
         return tokens
