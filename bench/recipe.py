@@ -11,8 +11,11 @@ What varies (see RUNS):
 * ``stages``: compress everything, then distil (1), or the upper half of the layers first (2),
   at the same total number of optimizer steps;
 * ``lr``: the peak learning rate;
-* the loss (``temperature``, ``alpha_ce``, ``alpha_blocks``: every block's output matched to the teacher's), where a
-  run names it; the rest keep :class:`~tqcompressor.training.distill.DistillConfig`'s defaults;
+* the loss (``temperature``, ``alpha_ce``, ``alpha_blocks``: every block's output matched to the teacher's,
+  ``reverse_kl``: the share of the KL term taken as KL(student || teacher)), where a run names it; the rest keep
+  :class:`~tqcompressor.training.distill.DistillConfig`'s defaults;
+* ``on_policy``: the share of steps trained on the student's own samples, scored by the teacher, where a run
+  names it;
 * ``teacher_pool``: how many teacher blocks are sampled once and cycled, where a run names it (by
   default tqc run's, ``tqcompressor.training.recipe.TEACHER_POOL``);
 * ``teacher_start``: where each teacher sample begins (the start token, or a random token), where a run
@@ -99,8 +102,15 @@ RUNS = [  # distillation points; the same total number of optimizer steps each
     # alone (then no scored domain, WikiText-2 test included, is one the student trained on)
     {**FIDELITY_RECIPE, "teacher_start": "random"},
     {**FIDELITY_RECIPE, "teacher_fraction": 1.0, "teacher_start": "random"},
+    # what generalized KD and MiniLLM report helps a student per token: the KL term half and wholly in reverse,
+    # KL(student || teacher), and a quarter of the steps on the student's own samples scored by the teacher
+    # (against run 14, in one sweep)
+    {**FIDELITY_RECIPE, "reverse_kl": 0.5},
+    {**FIDELITY_RECIPE, "reverse_kl": 1.0},
+    {**FIDELITY_RECIPE, "on_policy": 0.25},
 ]
-RUN_SETTINGS = ("temperature", "alpha_ce", "alpha_blocks", "mixed_precision")  # DistillConfig fields a run may set
+# DistillConfig fields a run may set
+RUN_SETTINGS = ("temperature", "alpha_ce", "alpha_blocks", "mixed_precision", "reverse_kl", "on_policy")
 
 
 def main() -> None:
@@ -202,7 +212,9 @@ def main() -> None:
         one_shot_scores = one_shots[plan_key]
         kd = DistillConfig(**{**vars(kd), "lr": run["lr"], **{k: run[k] for k in RUN_SETTINGS if k in run}})
         out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
-        student = multistep_distill(teacher, student, blocks, kd, out, plan, calibration=calibration)
+        student = multistep_distill(
+            teacher, student, blocks, kd, out, plan, calibration=calibration, tokenizer=loaded.tokenizer
+        )
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         result["points"].append(
             {

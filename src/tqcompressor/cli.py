@@ -93,6 +93,16 @@ DISTILL_OPTIONS = {
     ),
     "temperature": (float, recipe.TEMPERATURE, "softmax temperature of the KL term"),
     "alpha_ce": (float, recipe.ALPHA_CE, "weight of cross-entropy on the data's next tokens (0: the teacher alone)"),
+    "reverse_kl": (
+        float,
+        recipe.REVERSE_KL,
+        "share of the KL term taken in reverse, KL(student || teacher): 0 forward, 1 reverse, between a mix",
+    ),
+    "on_policy": (
+        float,
+        recipe.ON_POLICY,
+        "share of steps trained on the student's own samples, scored by the teacher (0: off; each costs a sampling)",
+    ),
     "alpha_blocks": (
         float,
         recipe.ALPHA_BLOCKS,

@@ -289,7 +289,8 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     calibration = calibration_blocks(run, blocks, phase)
     student, plan, evaluation_seconds = _plan_and_one_shot(teacher, run, calibration, record, point, phase)
     if run.time_budget is not None:
-        budget = _budget_plan(record, teacher, student, blocks, evaluation_seconds, len(plan.steps()))
+        stages = len(plan.steps())
+        budget = _budget_plan(record, teacher, student, loaded.tokenizer, blocks, evaluation_seconds, stages)
         phase(f"time budget: {budget.steps_per_stage} steps per stage ({budget.seconds_per_step:.1f} s each)")
         record.distill, record.budget = dataclasses.replace(run.distill, steps=budget.steps_per_stage), budget.to_dict()
     phase(f"distillation: {len(plan.steps())} stage(s) of {record.distill.steps} steps")
@@ -408,7 +409,7 @@ def _finish(record: RunRecord, loaded: LoadedModel, student, eval_sets: dict, ph
     return write_results(record, extras)
 
 
-def _budget_plan(record: RunRecord, teacher, student, blocks, evaluation_seconds: float | None, stages: int):
+def _budget_plan(record: RunRecord, teacher, student, tokenizer, blocks, evaluation_seconds: float | None, stages: int):
     """The run's budget plan: measured now, or, on resume, the one the run fixed before (budget.json)."""
     run = record.run
     path = record.out_dir / "budget.json"
@@ -418,7 +419,7 @@ def _budget_plan(record: RunRecord, teacher, student, blocks, evaluation_seconds
         raise TQCError(f"{path} is missing: this run cannot be resumed with --time-budget; start it again")
     stream = blocks(0)
     batch = torch.stack([next(stream) for _ in range(run.distill.batch_size)])
-    step = seconds_per_step(teacher, student, batch, run.distill)
+    step = seconds_per_step(teacher, student, batch, run.distill, tokenizer=tokenizer)
     spent = time.perf_counter() - record.started + 3 * step  # the timing itself
     comparison = comparison_evaluations(run.compare_tokens, run.eval_tokens) if run.compare_tokens else 0
     plan = plan_steps(run.time_budget, spent, step, evaluation_seconds, stages, comparison)

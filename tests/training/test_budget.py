@@ -37,6 +37,27 @@ def test_timing_a_step_changes_no_weight(tokenizer):
     assert all(p.grad is None and not p.requires_grad for p in student.parameters())
 
 
+def test_timing_an_on_policy_step_times_the_students_sampling_on_a_copy(tokenizer, monkeypatch):
+    from tqcompressor.training import budget
+
+    teacher = tiny_gpt2(vocab_size=len(tokenizer))
+    student = copy.deepcopy(teacher).eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    sampled_from = []
+
+    def recording(model, tok, config, seed):
+        sampled_from.append(model)
+        return torch.zeros(config.batch_size, config.seq_len, dtype=torch.long)
+
+    monkeypatch.setattr(budget, "student_samples", recording)
+    config = DistillConfig(batch_size=2, seq_len=16, on_policy=0.5)
+    assert seconds_per_step(teacher, student, torch.randint(0, 100, (2, 16)), config, tokenizer=tokenizer) > 0
+    assert len(sampled_from) == 1 and sampled_from[0] is not student  # a copy samples, once
+    assert not student.training and all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    seconds_per_step(teacher, student, torch.randint(0, 100, (2, 16)), DistillConfig(batch_size=2, seq_len=16))
+    assert len(sampled_from) == 1  # off-policy steps sample nothing
+
+
 def test_a_budgeted_run_fixes_its_steps_once_and_resumes_with_them(tmp_path, gpt2_dir):
     (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
     args = ["run", "--model", str(gpt2_dir), "--method", "svd", "--ratio", "0.8", "--data", str(tmp_path / "train.txt")]

@@ -10,7 +10,14 @@ from conftest import TOY_TEXT, tiny_gpt2
 import tqcompressor as tqc
 from tqcompressor import CompressionConfig, TQCError
 from tqcompressor.data import text_block_source
-from tqcompressor.training.distill import DistillConfig, multistep_distill, teacher_weights_dtype, training_precision
+from tqcompressor.training import distill
+from tqcompressor.training.distill import (
+    DistillConfig,
+    is_on_policy_step,
+    multistep_distill,
+    teacher_weights_dtype,
+    training_precision,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,6 +113,47 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tokenizer):
             assert torch.equal(full_state[key], resumed_state[key]), key
         steps = [json.loads(entry)["global_step"] for entry in (run / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, 13))  # no step lost or repeated
+
+
+def test_on_policy_steps_are_the_share_asked_for_spread_evenly():
+    assert [is_on_policy_step(k, 0.25) for k in range(8)] == [False, False, False, True] * 2
+    assert not any(is_on_policy_step(k, 0.0) for k in range(50))
+    assert all(is_on_policy_step(k, 1.0) for k in range(50))
+    assert sum(is_on_policy_step(k, 0.3) for k in range(100)) == 30
+
+
+def test_on_policy_steps_train_on_the_students_samples_and_resume_to_the_same_result(tmp_path, tokenizer, monkeypatch):
+    teacher, blocks, plan, config = setup(tmp_path, tokenizer)
+    config = DistillConfig(**{**vars(config), "on_policy": 0.5, "reverse_kl": 0.5, "seq_len": 16})
+    sampled = []
+    real_samples = distill.student_samples
+
+    def recording(student, tok, cfg, seed):
+        batch = real_samples(student, tok, cfg, seed)
+        assert student.training  # back in training mode, as the step expects
+        sampled.append(batch)
+        return batch
+
+    monkeypatch.setattr(distill, "student_samples", recording)
+    full = multistep_distill(
+        teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "full", plan, tokenizer=tokenizer, progress=False
+    )
+    assert len(sampled) == 6  # every other step of 2 stages x 6
+    assert all(b.shape == (2, 16) and b.dtype == torch.long for b in sampled)
+    state = torch.load(tmp_path / "full" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["data_position"] == 6 * 2  # the data stream gave only the other steps' blocks
+    run = tmp_path / "cut"
+    multistep_distill(
+        teacher, copy.deepcopy(teacher), blocks, config, run, plan, tokenizer=tokenizer, stop_after=5, progress=False
+    )
+    resumed = multistep_distill(
+        teacher, copy.deepcopy(teacher), blocks, config, run, plan, tokenizer=tokenizer, resume=True, progress=False
+    )
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    with pytest.raises(TQCError, match="give the run its tokenizer"):
+        multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "no-tok", plan, progress=False)
+    assert not (tmp_path / "no-tok").exists()  # refused before any work
 
 
 def test_resume_refuses_another_runs_checkpoint_or_an_empty_dir(tmp_path, tokenizer):
@@ -294,6 +342,8 @@ def test_resumed_calibrated_svd_run_fits_later_stages_activation_aware(tmp_path,
         ("--checkpoint-every", "0", "checkpoint-every must be positive, got 0"),
         ("--temperature", "0", "temperature must be positive, got 0.0"),
         ("--alpha-blocks", "-1", "alpha-blocks must be 0 or more, got -1.0"),
+        ("--reverse-kl", "1.5", "reverse-kl is a share: give a number from 0 to 1, got 1.5"),
+        ("--on-policy", "-0.5", "on-policy is a share: give a number from 0 to 1, got -0.5"),
         ("--mixed-precision", "fp8", "mixed-precision must be auto, bf16, fp16 or no, got 'fp8'"),
     ],
 )

@@ -55,16 +55,46 @@ def test_chunked_logit_loss_equals_the_textbook_form_value_and_gradient(dtype, c
     alpha_kl=st.floats(0.0, 5.0),
     alpha_ce=st.floats(0.0, 5.0),
     chunk_rows=st.integers(1, 10),
+    reverse_kl=st.sampled_from([0.0, 0.3, 1.0]),
 )
 def test_chunked_logit_loss_matches_for_any_shape_and_weights(
-    batch, seq, vocab, temperature, alpha_kl, alpha_ce, chunk_rows
+    batch, seq, vocab, temperature, alpha_kl, alpha_ce, chunk_rows, reverse_kl
 ):
     student, teacher, ids = _logits(batch, seq, vocab, torch.float64)
     weights = (temperature, alpha_kl, alpha_ce)
-    expected = _loss_and_grad(reference_logit_distillation, student, teacher, ids, *weights)
-    got = _loss_and_grad(logit_distillation, student, teacher, ids, *weights, chunk_rows=chunk_rows)
+    expected = _loss_and_grad(reference_logit_distillation, student, teacher, ids, *weights, reverse_kl=reverse_kl)
+    got = _loss_and_grad(
+        logit_distillation, student, teacher, ids, *weights, chunk_rows=chunk_rows, reverse_kl=reverse_kl
+    )
     for want, have in zip(expected, got, strict=True):
         torch.testing.assert_close(have.double(), want.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reverse_and_mixed_kl_are_the_textbook_divergences_and_their_gradients(dtype):
+    student, teacher, ids = _logits(2, 6, 30, dtype)
+    temperature = 2.0
+    p = torch.softmax(student[:, :-1].double() / temperature, -1)
+    q = torch.softmax(teacher[:, :-1].double() / temperature, -1)
+    forward = (q * (q.log() - p.log())).sum(-1).mean() * temperature**2
+    reverse = (p * (p.log() - q.log())).sum(-1).mean() * temperature**2
+    for share, want in ((0.0, forward), (1.0, reverse), (0.25, 0.75 * forward + 0.25 * reverse)):
+        _, kl, _ = logit_distillation(student, teacher, ids, temperature, 1.0, 0.0, chunk_rows=4, reverse_kl=share)
+        assert kl.item() == pytest.approx(want.item(), rel=1e-4)
+        # the gradient written in the forward pass is autograd's of the textbook form
+        expected = _loss_and_grad(reference_logit_distillation, student, teacher, ids, 2.0, 5.0, 1.0, reverse_kl=share)
+        got = _loss_and_grad(logit_distillation, student, teacher, ids, 2.0, 5.0, 1.0, chunk_rows=4, reverse_kl=share)
+        tolerance = 1e-6 if dtype == torch.float32 else 2e-3 * expected[3].abs().max().item()
+        torch.testing.assert_close(got[3].float(), expected[3].float(), atol=tolerance, rtol=1e-2)
+    # reverse KL seeks a mode: a student sure of the teacher's top token scores lower in reverse than forward
+    sure = torch.zeros(1, 2, 3)
+    sure[0, 0] = torch.tensor([20.0, 0.0, 0.0])
+    unsure = torch.zeros(1, 2, 3)
+    unsure[0, 0] = torch.tensor([1.0, 0.9, 0.0])
+    two = torch.zeros(1, 2, dtype=torch.long)
+    _, kl_forward, _ = logit_distillation(sure, unsure, two, 1.0, 1.0, 0.0, reverse_kl=0.0)
+    _, kl_reverse, _ = logit_distillation(sure, unsure, two, 1.0, 1.0, 0.0, reverse_kl=1.0)
+    assert kl_reverse < kl_forward
 
 
 def test_kl_of_a_student_equal_to_its_teacher_is_zero_and_no_gradient_is_kept_without_grad():

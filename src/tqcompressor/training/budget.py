@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tqcompressor.errors import TQCError
-from tqcompressor.training.distill import DistillConfig, new_optimizer, training_precision
+from tqcompressor.training.distill import DistillConfig, new_optimizer, student_samples, training_precision
 from tqcompressor.training.losses import distillation_loss
 
 SAFETY = 1.1  # logging, checkpoints and the data stream are not in the timed step
@@ -43,11 +43,14 @@ class BudgetPlan:
         return asdict(self)
 
 
-def seconds_per_step(teacher, student, batch: torch.Tensor, config: DistillConfig, repeats: int = 2) -> float:
+def seconds_per_step(
+    teacher, student, batch: torch.Tensor, config: DistillConfig, repeats: int = 2, tokenizer=None
+) -> float:
     """Wall seconds of one optimizer step under ``config`` on ``batch``, after one warm-up: the
     teacher's forward and the student's forward and backward ``grad_accum`` times, clipping and the
-    AdamW update (a fifth of a step on 2 CPU cores, so it is timed too). It trains a copy: the
-    student itself is left as it was."""
+    AdamW update (a fifth of a step on 2 CPU cores, so it is timed too), plus, with on-policy steps,
+    their share of the student's sampling (timed once). It trains a copy: the student itself is left
+    as it was."""
     precision = training_precision(config.mixed_precision)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     device = next(student.parameters()).device
@@ -68,8 +71,14 @@ def seconds_per_step(teacher, student, batch: torch.Tensor, config: DistillConfi
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         timings.append(time.perf_counter() - started)
+    sampling = 0.0
+    if config.on_policy > 0:
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            student_samples(probe, tokenizer, config, seed=config.seed)
+        sampling = (time.perf_counter() - started) * config.grad_accum * config.on_policy
     del probe, optimizer
-    return min(timings[1:])
+    return min(timings[1:]) + sampling
 
 
 def plan_steps(

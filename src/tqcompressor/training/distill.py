@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tqcompressor.data import sample_from_teacher
 from tqcompressor.errors import TQCError
 from tqcompressor.modelio.checkpoint import load as load_compressed
 from tqcompressor.modelio.checkpoint import save as save_compressed
@@ -57,6 +58,12 @@ class DistillConfig:
     # (the 5 : 2 : 1 weighting of DistilBERT/DistilGPT-2; the hidden-state terms are off by default)
     alpha_kl: float = 5.0
     alpha_ce: float = 2.0
+    # the share of the KL term taken in reverse, KL(student || teacher): 0 forward (the default), 1 reverse (as in
+    # MiniLLM and generalized KD), between them a mix (losses.LogitDistillation)
+    reverse_kl: float = 0.0
+    # the share of optimizer steps whose blocks the student samples itself, scored by the teacher (on-policy, as in
+    # generalized KD): the student learns the teacher's answer where its own generations go, not only on given text
+    on_policy: float = 0.0
     alpha_hidden: float = 0.0
     alpha_blocks: float = 0.0
     checkpoint_every: int = 50
@@ -108,6 +115,11 @@ class DistillConfig:
         for name, value in non_negative.items():
             if not value >= 0:
                 raise TQCError(f"{name.replace('_', '-')} must be 0 or more, got {value}")
+        for name in ("reverse_kl", "on_policy"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise TQCError(
+                    f"{name.replace('_', '-')} is a share: give a number from 0 to 1, got {getattr(self, name)}"
+                )
         if self.batch_size * self.seq_len > MAX_BATCH_TOKENS:
             raise TQCError(
                 f"a micro-batch of {self.batch_size} x {self.seq_len} tokens is past what any device holds "
@@ -279,6 +291,8 @@ def multistep_distill(
     """
     if config.alpha_blocks > 0:
         check_same_depth(student, teacher)
+    if config.on_policy > 0 and tokenizer is None:
+        raise TQCError("on-policy distillation samples from the student: give the run its tokenizer")
     accelerator = _accelerator(config, teacher)
     out_dir = Path(out_dir)
     check_writable(out_dir)  # every process refuses a user's directory; only the main one writes
@@ -420,9 +434,15 @@ def train_stage(
     while position.stage_step < config.steps:
         if stop_after is not None and position.global_step >= stop_after:
             return False
-        for _ in range(config.grad_accum):
-            batch = torch.stack([next(stream) for _ in range(config.batch_size)]).to(accelerator.device)
-            position.data_position += config.batch_size * accelerator.num_processes
+        on_policy = is_on_policy_step(position.global_step, config.on_policy)
+        for micro in range(config.grad_accum):
+            if on_policy:  # the data stream is not read: a resumed run reads on where it stopped
+                seed = _on_policy_seed(config, position.global_step, micro, accelerator.process_index)
+                batch = student_samples(accelerator.unwrap_model(model), outputs.tokenizer, config, seed)
+            else:
+                batch = torch.stack([next(stream) for _ in range(config.batch_size)])
+                position.data_position += config.batch_size * accelerator.num_processes
+            batch = batch.to(accelerator.device)
             parts = _micro_step(trainer, teacher, batch, stage, config, accelerator, outputs)
             tokens += batch.numel() * accelerator.num_processes
         position.stage_step += 1
@@ -438,6 +458,34 @@ def train_stage(
             accelerator.wait_for_everyone()
     bar.close()
     return True
+
+
+def is_on_policy_step(global_step: int, share: float) -> bool:
+    """Whether optimizer step ``global_step`` (from 0) trains on the student's own samples: ``share`` of the
+    steps, spread evenly (step k is one when ``floor((k + 1)·share)`` passes a whole number)."""
+    return math.floor((global_step + 1) * share) > math.floor(global_step * share)
+
+
+def _on_policy_seed(config: DistillConfig, global_step: int, micro: int, process: int) -> int:
+    # a seed of its own per step, micro-batch and process: a resumed run samples what the run it continues would
+    # have (a tuple of ints hashes the same in every process)
+    return hash((config.seed, global_step, micro, process)) % 2**63
+
+
+def student_samples(student, tokenizer, config: DistillConfig, seed: int) -> torch.Tensor:
+    """``config.batch_size`` blocks of ``config.seq_len`` tokens the student samples itself (temperature 1,
+    top-k 50, after the start token, as the teacher's samples), seeded; the student's mode is kept."""
+    if tokenizer is None:
+        raise TQCError("on-policy distillation samples from the student: give the run its tokenizer")
+    mode = student.training
+    student.eval()
+    try:
+        blocks = sample_from_teacher(
+            student, tokenizer, config.batch_size, config.seq_len, seed, batch_size=config.batch_size
+        )
+        return torch.stack(list(blocks))
+    finally:
+        student.train(mode)
 
 
 def _micro_step(

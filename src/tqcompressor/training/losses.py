@@ -26,6 +26,7 @@ class LossWeights(Protocol):
     temperature: float
     alpha_kl: float
     alpha_ce: float
+    reverse_kl: float
     alpha_hidden: float
     alpha_blocks: float
     chunked_loss: bool
@@ -37,17 +38,22 @@ CHUNK_ROWS = {"cpu": 16, "cuda": 2048}
 
 
 class LogitDistillation(torch.autograd.Function):
-    """``alpha_kl * T² * KL(softmax(t/T) ‖ softmax(s/T)) + alpha_ce * CE(s, next token)``, averaged over
-    the predicted positions, for logits ``s`` (student) and ``t`` (teacher) of shape (batch, seq, vocab):
-    position i predicts token i + 1, so the last position of each row is not scored.
+    """``alpha_kl * T² * D + alpha_ce * CE(s, next token)``, averaged over the predicted positions, for
+    logits ``s`` (student) and ``t`` (teacher) of shape (batch, seq, vocab), with ``p = softmax(s/T)``,
+    ``q = softmax(t/T)`` and ``D = (1 − r)·KL(q ‖ p) + r·KL(p ‖ q)``: the forward KL, the reverse KL
+    (``r = 1``, mode-seeking, as in MiniLLM and generalized KD) or a mix. Position i predicts token i + 1,
+    so the last position of each row is not scored.
 
     Returns the weighted loss (differentiable in ``s``) and its two terms (detached, for logging). The
-    gradient, ``alpha_kl·T·(softmax(s/T) − softmax(t/T)) + alpha_ce·(softmax(s) − onehot)`` over the
-    number of positions, is computed in the forward pass, chunk by chunk, and kept in ``s``'s dtype.
+    gradient, ``alpha_kl·T·[(1 − r)·(p − q) + r·p⊙(log p − log q − KL(p ‖ q))] + alpha_ce·(softmax(s) −
+    onehot)`` over the number of positions, is computed in the forward pass, chunk by chunk, and kept in
+    ``s``'s dtype.
     """
 
     @staticmethod
-    def forward(ctx, s, t, input_ids, temperature: float, alpha_kl: float, alpha_ce: float, chunk_rows: int):
+    def forward(
+        ctx, s, t, input_ids, temperature: float, alpha_kl: float, alpha_ce: float, chunk_rows: int, reverse: float
+    ):
         batch, seq, _ = s.shape
         positions = batch * (seq - 1)
         needs_grad = ctx.needs_input_grad[0]
@@ -68,10 +74,21 @@ class LogitDistillation(torch.autograd.Function):
                 student_log_soft = torch.log_softmax(student.div_(temperature), -1)
                 teacher_log_soft = torch.log_softmax(teacher.div_(temperature), -1)
                 teacher_soft = teacher_log_soft.exp()
-                kl_total += (teacher_soft * (teacher_log_soft - student_log_soft)).sum(dtype=torch.float64)
+                if reverse > 0:
+                    student_soft = student_log_soft.exp()
+                    log_ratio = student_log_soft.sub_(teacher_log_soft)  # log p − log q (in place: p is kept)
+                    reverse_rows = (student_soft * log_ratio).sum(-1, keepdim=True)
+                    forward_kl = -(teacher_soft * log_ratio).sum(dtype=torch.float64)
+                    kl_total += (1 - reverse) * forward_kl + reverse * reverse_rows.sum(dtype=torch.float64)
+                else:
+                    kl_total += (teacher_soft * (teacher_log_soft - student_log_soft)).sum(dtype=torch.float64)
                 ce_total -= student_log_probs.gather(1, targets).sum(dtype=torch.float64)
-                if needs_grad:
+                if needs_grad and reverse > 0:
+                    chunk_grad = log_ratio.sub_(reverse_rows).mul_(student_soft).mul_(reverse)
+                    chunk_grad.add_(student_soft.sub_(teacher_soft), alpha=1 - reverse).mul_(kl_scale)
+                elif needs_grad:
                     chunk_grad = student_log_soft.exp_().sub_(teacher_soft).mul_(kl_scale)
+                if needs_grad:
                     chunk_grad.add_(student_log_probs.exp_(), alpha=ce_scale)
                     chunk_grad.scatter_add_(1, targets, torch.full(targets.shape, -ce_scale, device=s.device))
                     grad[row, start:stop] = chunk_grad
@@ -84,7 +101,7 @@ class LogitDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None
 
 
 def logit_distillation(
@@ -95,9 +112,11 @@ def logit_distillation(
     alpha_kl: float,
     alpha_ce: float,
     chunk_rows: int | None = None,
+    reverse_kl: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The KL and cross-entropy terms on next-token logits (:class:`LogitDistillation`): the weighted
-    loss and the two terms. ``chunk_rows`` by default from :data:`CHUNK_ROWS` for the logits' device."""
+    loss and the two terms. ``reverse_kl`` is the share of the KL term taken in reverse, KL(student ‖
+    teacher); ``chunk_rows`` by default from :data:`CHUNK_ROWS` for the logits' device."""
     if student_logits.shape != teacher_logits.shape:
         raise TQCError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ: "
@@ -106,7 +125,9 @@ def logit_distillation(
     if student_logits.shape[1] < 2:
         raise TQCError("a block of one token has no next token to predict: use --seq-len 2 or more")
     rows = chunk_rows or CHUNK_ROWS.get(student_logits.device.type, CHUNK_ROWS["cuda"])
-    return LogitDistillation.apply(student_logits, teacher_logits, input_ids, temperature, alpha_kl, alpha_ce, rows)
+    return LogitDistillation.apply(
+        student_logits, teacher_logits, input_ids, temperature, alpha_kl, alpha_ce, rows, reverse_kl
+    )
 
 
 def reference_logit_distillation(
@@ -116,6 +137,7 @@ def reference_logit_distillation(
     temperature: float,
     alpha_kl: float,
     alpha_ce: float,
+    reverse_kl: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The same loss in its textbook form (whole-batch fp32 ``log_softmax``, ``kl_div``,
     ``cross_entropy``): what :class:`LogitDistillation` is tested against, and the baseline row of
@@ -123,15 +145,11 @@ def reference_logit_distillation(
     s_logits = student_logits[:, :-1].float()
     t_logits = teacher_logits[:, :-1].float()
     vocab = s_logits.shape[-1]
-    kl = (
-        F.kl_div(
-            F.log_softmax(s_logits / temperature, -1).reshape(-1, vocab),
-            F.log_softmax(t_logits / temperature, -1).reshape(-1, vocab),
-            log_target=True,
-            reduction="batchmean",
-        )
-        * temperature**2
-    )
+    student_log = F.log_softmax(s_logits / temperature, -1).reshape(-1, vocab)
+    teacher_log = F.log_softmax(t_logits / temperature, -1).reshape(-1, vocab)
+    forward = F.kl_div(student_log, teacher_log, log_target=True, reduction="batchmean")
+    reverse = F.kl_div(teacher_log, student_log, log_target=True, reduction="batchmean")
+    kl = ((1 - reverse_kl) * forward + reverse_kl * reverse) * temperature**2
     ce = F.cross_entropy(s_logits.reshape(-1, vocab), input_ids[:, 1:].reshape(-1))
     return alpha_kl * kl + alpha_ce * ce, kl, ce
 
@@ -141,7 +159,13 @@ def distillation_loss(student_out, teacher_out, input_ids: Tensor, config: LossW
     states where a hidden term has a weight): the total (``loss``) and its parts."""
     logit_loss = logit_distillation if config.chunked_loss else reference_logit_distillation
     total, kl, ce = logit_loss(
-        student_out.logits, teacher_out.logits, input_ids, config.temperature, config.alpha_kl, config.alpha_ce
+        student_out.logits,
+        teacher_out.logits,
+        input_ids,
+        config.temperature,
+        config.alpha_kl,
+        config.alpha_ce,
+        reverse_kl=config.reverse_kl,
     )
     parts = {"kl": kl, "ce": ce}
     if config.alpha_hidden > 0:

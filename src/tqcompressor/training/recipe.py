@@ -33,6 +33,8 @@ TEACHER_FRACTION = 0.5  # of the distillation and calibration blocks, sampled fr
 # held-out domain improved
 TEMPERATURE = 1.0  # of the KL term
 ALPHA_CE = 0.0  # weight of cross-entropy on the data's next tokens (alpha_kl stays 5)
+REVERSE_KL = 0.0  # share of the KL term taken in reverse, KL(student || teacher)
+ON_POLICY = 0.0  # share of steps on the student's own samples, scored by the teacher
 ALPHA_BLOCKS = 0.0  # weight of block matching (losses.block_matching_loss)
 TEACHER_POOL = 128  # teacher blocks sampled once and cycled (sampling costs about a quarter of a KD step per block)
 # where each teacher sample begins (data.TEACHER_STARTS): the start token. Begun from a random token, as
