@@ -341,6 +341,43 @@ def kd_profile_section() -> str:
     )
 
 
+def kd_scaling_section() -> str:
+    run = load("kd_scaling/kd_scaling.json")
+    methods = run["methods"]
+    tokens = [p["tokens"] for p in next(iter(methods.values()))["curve"]]
+    rows = [
+        [method, record["params"]]
+        + [p["fidelity_kl"] for p in record["curve"]]
+        + [record["curve"][-1]["fidelity_top1"], record["curve"][-1]["perplexity"]]
+        for method, record in methods.items()
+    ]
+    heads = ["one-shot fidelity KL" if t == 0 else f"fidelity KL @ {t:,}" for t in tokens]
+    distill = run["distill"]
+    best = min(methods, key=lambda m: methods[m]["curve"][-1]["fidelity_kl"])
+    leads = all(min(methods, key=lambda m: methods[m]["curve"][i]["fidelity_kl"]) == best for i in range(len(tokens)))
+    recipe = load("recipe/recipe-divergence.json")["points"][0]
+    return "\n".join(
+        [
+            "## Fidelity against distillation tokens, per method",
+            "",
+            f"`kd_scaling.json` and `kd_scaling.png` (commit {short(run['commit'])}, {run['device']}, "
+            f"{run['cpu']['cores']} cores, {run['seconds'] / 60:.0f} min): each method compressed to "
+            f"{run['ratio']:.0%} of SmolLM2-135M's parameters as `compare.py` builds it, then distilled on WikiText-2 "
+            f"valid alone with compare.py's loss (KL at T={distill['temperature']:g}, CE weight "
+            f"{distill['alpha_ce']:g}) in one schedule of {tokens[-1]:,} tokens, stopped and scored at each point; a "
+            "point before the last is part-way through the schedule. Fidelity is on held-out text; the last column "
+            f"is the in-domain perplexity on WikiText-2 test (teacher {run['teacher']['perplexity']:.2f}). Every "
+            f"method still gains at the end, `{best}` {'stays closest throughout' if leads else 'ends closest'}, and "
+            "all of them stay far from "
+            f"`tqc run`'s recipe (calibrated and distilled on half teacher samples, the KL term alone at T=1), which "
+            f"reached fidelity KL {recipe['fidelity_kl']:.3f} after {recipe['kd_tokens']:,} tokens "
+            f"(`recipe-divergence.json`, run 14).",
+            "",
+            table(["method", "params", *heads, "fidelity top-1 at the end", "ppl at the end (in-domain)"], rows),
+        ]
+    )
+
+
 def recipe_section() -> str:
     run = load("recipe/recipe-fidelity.json")
     ids = run["settings"]["runs"].split(",")
@@ -569,6 +606,7 @@ SECTIONS = (
     demo_section,
     one_shot_section,
     demo_curve_section,
+    kd_scaling_section,
     recipe_section,
     teacher_start_section,
     divergence_section,
