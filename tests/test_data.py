@@ -6,7 +6,7 @@ from tqcompressor import TQCError
 from tqcompressor.data import (
     iter_texts,
     iter_token_blocks,
-    sample_from_teacher,
+    sample_blocks,
     teacher_block_source,
     text_block_source,
     tokenize_text,
@@ -57,7 +57,7 @@ def test_teacher_samples_are_cached_and_reused(tmp_path, llama_model, tokenizer)
 
 def test_teacher_samples_from_a_random_token_are_seeded_and_begin_with_no_special_token(llama_model, tokenizer):
     def sample(start, seed):
-        return torch.stack(list(sample_from_teacher(llama_model, tokenizer, 6, 10, seed, batch_size=4, start=start)))
+        return torch.stack(list(sample_blocks(llama_model, tokenizer, 6, 10, seed, batch_size=4, start=start)))
 
     random_start = sample("random", seed=3)
     assert random_start.shape == (6, 10)
@@ -67,7 +67,7 @@ def test_teacher_samples_from_a_random_token_are_seeded_and_begin_with_no_specia
     from_start_token = sample("bos", seed=3)
     assert from_start_token.shape == (6, 10) and not torch.equal(from_start_token, random_start)
     with pytest.raises(TQCError, match="must be one of bos, random"):
-        next(sample_from_teacher(llama_model, tokenizer, 1, 10, 0, start="eos"))
+        next(sample_blocks(llama_model, tokenizer, 1, 10, 0, start="eos"))
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "valid.txt").is_file(), reason="shared WikiText-2 not present")

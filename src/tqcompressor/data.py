@@ -161,14 +161,15 @@ def check_teacher_start(start: str) -> None:
 
 
 @torch.no_grad()
-def sample_from_teacher(
-    teacher, tokenizer, count: int, seq_len: int, seed: int, batch_size: int = 32, start: str = "bos"
+def sample_blocks(
+    model, tokenizer, count: int, seq_len: int, seed: int, batch_size: int = 32, start: str = "bos"
 ) -> Iterator[torch.Tensor]:
-    """Blocks of ``seq_len`` tokens sampled from the teacher (temperature 1, top-k 50), seeded, each
+    """Blocks of ``seq_len`` tokens sampled from ``model`` (temperature 1, top-k 50), seeded, each
     begun from ``start`` (:data:`TEACHER_STARTS`): after the start token (which the block leaves
-    out), or from a random first token (which the block keeps, as its first token)."""
+    out), or from a random first token (which the block keeps, as its first token). The model is the
+    teacher for the distillation data, the student for on-policy steps."""
     check_teacher_start(start)
-    device = next(teacher.parameters()).device
+    device = next(model.parameters()).device
     skip = 1 if start == "bos" else 0  # the start token is left out of the block; a random first token is kept
     new = seq_len + skip - 1
     made = 0
@@ -177,8 +178,8 @@ def sample_from_teacher(
     try:
         while made < count:
             n = min(batch_size, count - made)
-            prompt = _first_tokens(teacher, tokenizer, n, start).to(device)
-            out = teacher.generate(
+            prompt = _first_tokens(model, tokenizer, n, start).to(device)
+            out = model.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),
                 do_sample=True,
@@ -234,7 +235,7 @@ def teacher_samples(
     pool = torch.stack(
         list(
             tqdm(
-                sample_from_teacher(teacher, tokenizer, count, seq_len, seed, start=start),
+                sample_blocks(teacher, tokenizer, count, seq_len, seed, start=start),
                 total=count,
                 desc="sampling from teacher",
                 unit="seq",
@@ -270,7 +271,7 @@ def calibration_ids(source: str, model, tokenizer, tokens: int = 8192, seq_len: 
     seq_len = min(seq_len, limit or seq_len)
     count = max(1, tokens // seq_len)
     if source == "teacher":
-        return torch.stack(list(sample_from_teacher(model, tokenizer, count, seq_len, seed=4242)))
+        return torch.stack(list(sample_blocks(model, tokenizer, count, seq_len, seed=4242)))
     blocks = list(itertools.islice(text_block_source(source, tokenizer, seq_len)(0), count))
     return torch.stack(blocks)
 

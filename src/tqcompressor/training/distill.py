@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tqcompressor.data import sample_from_teacher
+from tqcompressor.data import sample_blocks
 from tqcompressor.errors import TQCError
 from tqcompressor.modelio.checkpoint import load as load_compressed
 from tqcompressor.modelio.checkpoint import save as save_compressed
@@ -480,7 +480,7 @@ def student_samples(student, tokenizer, config: DistillConfig, seed: int) -> tor
     mode = student.training
     student.eval()
     try:
-        blocks = sample_from_teacher(
+        blocks = sample_blocks(
             student, tokenizer, config.batch_size, config.seq_len, seed, batch_size=config.batch_size
         )
         return torch.stack(list(blocks))
