@@ -249,13 +249,18 @@ def measure(model, teacher, eval_sets: dict) -> dict:
     return out
 
 
+def scored_domains(result: dict) -> list[str]:
+    """The domains each point of a recipe file scores (the keys of :func:`measure` beside the means)."""
+    return [k for k in result["teacher"] if k not in ("params", "fidelity_kl", "fidelity_top1")]
+
+
 def save(result: dict, path: str) -> None:
     Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def format_table(result: dict) -> str:
     """Fidelity KL and top-1 first (where a file has them), then ppl and KL per domain."""
-    domains = [k for k in result["teacher"] if k not in ("params", "fidelity_kl", "fidelity_top1")]
+    domains = scored_domains(result)
     rows = []
     for p in [{"kind": "teacher", **result["teacher"]}] + result["points"]:
         setting = "" if p["kind"] == "teacher" else f"f={p['teacher_fraction']}"

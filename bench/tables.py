@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from common import HERE
 from deploy import format_table as deploy_table
+from recipe import scored_domains
 
 from tqcompressor.evaluation.report import table
 
@@ -404,7 +405,7 @@ def recipe_section() -> str:
 def teacher_start_section() -> str:
     run = load("recipe/recipe-teacher-start.json")
     ids = run["settings"]["runs"].split(",")
-    domains = [k for k in run["teacher"] if k not in ("params", "fidelity_kl", "fidelity_top1")]
+    domains = scored_domains(run)
     rows = []
     for run_id, p in zip(ids, run["points"]):
         start = "a random token" if p.get("teacher_start") == "random" else "the start token"
@@ -436,7 +437,7 @@ def teacher_start_section() -> str:
 def divergence_section() -> str:
     run = load("recipe/recipe-divergence.json")
     ids = run["settings"]["runs"].split(",")
-    domains = [k for k in run["teacher"] if k not in ("params", "fidelity_kl", "fidelity_top1")]
+    domains = scored_domains(run)
     rows = []
     for run_id, p in zip(ids, run["points"]):
         reverse, on_policy = p.get("reverse_kl", 0.0), p.get("on_policy", 0.0)

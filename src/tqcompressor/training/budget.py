@@ -54,6 +54,10 @@ def seconds_per_step(
     precision = training_precision(config.mixed_precision)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     device = next(student.parameters()).device
+
+    def autocast():  # what training's autocast does: off in fp32
+        return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
     hidden = config.alpha_hidden > 0 or config.alpha_blocks > 0
     probe = copy.deepcopy(student).train().requires_grad_(True)
     optimizer = new_optimizer(probe, config)
@@ -61,7 +65,7 @@ def seconds_per_step(
     for _ in range(repeats + 1):
         started = time.perf_counter()
         for _ in range(config.grad_accum):
-            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            with autocast():
                 with torch.no_grad():
                     teacher_out = teacher(batch, output_hidden_states=hidden)
                 loss = distillation_loss(probe(batch, output_hidden_states=hidden), teacher_out, batch, config)
@@ -74,7 +78,7 @@ def seconds_per_step(
     sampling = 0.0
     if config.on_policy > 0:
         started = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast():
             student_samples(probe, tokenizer, config, seed=config.seed)
         sampling = (time.perf_counter() - started) * config.grad_accum * config.on_policy
     del probe, optimizer

@@ -291,8 +291,8 @@ def multistep_distill(
     """
     if config.alpha_blocks > 0:
         check_same_depth(student, teacher)
-    if config.on_policy > 0 and tokenizer is None:
-        raise TQCError("on-policy distillation samples from the student: give the run its tokenizer")
+    if config.on_policy > 0:
+        _require_tokenizer(tokenizer)  # before any work
     accelerator = _accelerator(config, teacher)
     out_dir = Path(out_dir)
     check_writable(out_dir)  # every process refuses a user's directory; only the main one writes
@@ -475,8 +475,7 @@ def _on_policy_seed(config: DistillConfig, global_step: int, micro: int, process
 def student_samples(student, tokenizer, config: DistillConfig, seed: int) -> torch.Tensor:
     """``config.batch_size`` blocks of ``config.seq_len`` tokens the student samples itself (temperature 1,
     top-k 50, after the start token, as the teacher's samples), seeded; the student's mode is kept."""
-    if tokenizer is None:
-        raise TQCError("on-policy distillation samples from the student: give the run its tokenizer")
+    _require_tokenizer(tokenizer)
     mode = student.training
     student.eval()
     try:
@@ -486,6 +485,11 @@ def student_samples(student, tokenizer, config: DistillConfig, seed: int) -> tor
         return torch.stack(list(blocks))
     finally:
         student.train(mode)
+
+
+def _require_tokenizer(tokenizer) -> None:
+    if tokenizer is None:  # sampling begins from its start token and pads with its end token
+        raise TQCError("on-policy distillation samples from the student: give the run its tokenizer")
 
 
 def _micro_step(

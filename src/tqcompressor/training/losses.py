@@ -74,20 +74,20 @@ class LogitDistillation(torch.autograd.Function):
                 student_log_soft = torch.log_softmax(student.div_(temperature), -1)
                 teacher_log_soft = torch.log_softmax(teacher.div_(temperature), -1)
                 teacher_soft = teacher_log_soft.exp()
+                ce_total -= student_log_probs.gather(1, targets).sum(dtype=torch.float64)
                 if reverse > 0:
                     student_soft = student_log_soft.exp()
                     log_ratio = student_log_soft.sub_(teacher_log_soft)  # log p − log q (in place: p is kept)
                     reverse_rows = (student_soft * log_ratio).sum(-1, keepdim=True)
                     forward_kl = -(teacher_soft * log_ratio).sum(dtype=torch.float64)
                     kl_total += (1 - reverse) * forward_kl + reverse * reverse_rows.sum(dtype=torch.float64)
+                    if needs_grad:
+                        chunk_grad = log_ratio.sub_(reverse_rows).mul_(student_soft).mul_(reverse)
+                        chunk_grad.add_(student_soft.sub_(teacher_soft), alpha=1 - reverse).mul_(kl_scale)
                 else:
                     kl_total += (teacher_soft * (teacher_log_soft - student_log_soft)).sum(dtype=torch.float64)
-                ce_total -= student_log_probs.gather(1, targets).sum(dtype=torch.float64)
-                if needs_grad and reverse > 0:
-                    chunk_grad = log_ratio.sub_(reverse_rows).mul_(student_soft).mul_(reverse)
-                    chunk_grad.add_(student_soft.sub_(teacher_soft), alpha=1 - reverse).mul_(kl_scale)
-                elif needs_grad:
-                    chunk_grad = student_log_soft.exp_().sub_(teacher_soft).mul_(kl_scale)
+                    if needs_grad:
+                        chunk_grad = student_log_soft.exp_().sub_(teacher_soft).mul_(kl_scale)
                 if needs_grad:
                     chunk_grad.add_(student_log_probs.exp_(), alpha=ce_scale)
                     chunk_grad.scatter_add_(1, targets, torch.full(targets.shape, -ce_scale, device=s.device))
