@@ -3,7 +3,12 @@
 ``data/written-3f0db6f`` was written at commit 3f0db6f, before the package was regrouped and the
 factored layers got their base class: a tiny Llama with tq, kronecker, svd, tq_lowrank and an svd
 token table (tied head) fitted to calibration text, saved as is and in int8, with the logits it gave
-then on fixed token ids."""
+then on fixed token ids.
+
+Those logits were computed on another machine: float32 matrix products round differently from one CPU's
+kernels to another's (Intel AMX, AMD AVX-512), so they are compared within a float32 tolerance (a
+few ulps of values near 1, 2.1e-7 measured between the two), and the greedy token must agree where the
+stored logits leave a clear margin. A format change would move them by far more."""
 
 from __future__ import annotations
 
@@ -29,6 +34,10 @@ def test_a_dir_written_before_gives_the_same_logits(form, opener):
     model = tqc.load(path) if opener == "tqc.load" else AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
         logits = model(stored["ids"]).logits
-    assert torch.equal(logits, stored[f"logits_{form}"])
+    expected = stored[f"logits_{form}"]
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-4
+    assert torch.equal(logits.argmax(-1)[clear], expected.argmax(-1)[clear])
     factored = [m for m in model.modules() if isinstance(m, FactoredModule)]
     assert len(factored) >= 5 and isinstance(model.get_output_embeddings(), TiedFactoredHead)
