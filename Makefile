@@ -53,11 +53,12 @@ demo: install
 	  $(BIN)/tqc run --model smollm2-135m --ratio 0.65 --data teacher --time-budget $(BUDGET) --out out/demo; \
 	fi
 
+# one worker per core (tests/conftest.py keeps each to one thread); every test runs
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --durations=15
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 # The CPU studies behind the headline tables: make demo's run (docs/demo-results.json, copied from
 # out/demo/results.json by hand when a new run is committed), its one-shot point measured again with the

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: each keeps to one thread, and so do the processes its tests start
+    # (OpenMP threads of two processes spinning on the same cores slow both many times over)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 TOY_TEXT = (
@@ -88,3 +98,24 @@ def gpt2_dir(tmp_path, tokenizer):
     tiny_gpt2(vocab_size=len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def run_cli(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The ``tqc`` entry point (:func:`tqcompressor.cli.main`) run in this process, seen as a shell sees it:
+    exit status, stdout, stderr. A process of its own costs seconds of imports per call; the tests that
+    need one (kill -9, a second writer, the console script itself) start one."""
+    from tqcompressor.cli import main
+
+    out, err, previous = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as exited:
+                code = exited.code if isinstance(exited.code, int) else int(exited.code is not None)
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(["tqc", *map(str, args)], code, out.getvalue(), err.getvalue())

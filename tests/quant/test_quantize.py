@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import run_cli, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -135,14 +133,7 @@ def test_a_tied_factored_embedding_stays_tied_when_quantized(tmp_path, spec):
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q")), logits(student))
 
 
-def run_tqc(*args):
-    """The real console entry point, so that exit codes and stderr are what users see."""
-    return subprocess.run(
-        [sys.executable, "-c", "from tqcompressor.cli import main; main()", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+run_tqc = run_cli  # the real entry point, in this process: exit codes and stderr are what users see
 
 
 def test_cli_compress_quantize_info_and_errors(tmp_path, gpt2_dir):

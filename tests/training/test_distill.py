@@ -220,19 +220,10 @@ def test_toy_scale_recipe_runs_end_to_end(tmp_path, tokenizer, gpt2_dir):
 
 
 def test_cli_distill_bad_inputs(tmp_path, gpt2_dir, tokenizer):
-    import subprocess
-    import sys
+    from tests.conftest import run_cli as run  # the real entry point, in this process
 
     other = tiny_gpt2(vocab_size=300)
     tqc.save(other, tmp_path / "student")
-
-    def run(*args):
-        return subprocess.run(
-            [sys.executable, "-c", "from tqcompressor.cli import main; main()", *args],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
 
     r = run("distill", "--teacher", str(gpt2_dir), "--student", str(tmp_path / "student"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "does not match the teacher" in r.stderr
