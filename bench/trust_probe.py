@@ -1,15 +1,18 @@
-"""Replays the adversarial probe of issue #40 against the real ``tqc`` command and counts what goes wrong.
+"""Replays the adversarial probes of issues #40 and #49 against the real ``tqc`` command and counts what goes wrong.
 
 Each case runs ``tqc`` in a fresh process on tiny models made here (GPT-2, a tied Llama, a Mixtral
-MoE), with one thing broken: a user's folder as ``--out``, an output that is its input, an edited
-model dir, a non-finite or out-of-range number, a bad spec file, and so on. A case fails in one of
-five ways, which the result file counts:
+MoE), with one thing broken: a user's folder as ``--out``, a copy of an output holding a user's file,
+an output that is its input, an edited or sharded model dir, a full disk (a small tmpfs, where this
+machine lets root mount one), a second writer, a non-finite or out-of-range number, a bad spec file,
+and so on. A case fails in one of these ways, which the result file counts:
 
 - data loss: a file the tool did not write changed or vanished, or an output lost a file it had;
 - code from a dir: anything named in a model dir was imported and run;
 - hang: no answer within --timeout seconds;
 - traceback: a refusal that is not one ``error:`` line with exit status 2 (or a crash);
-- silent wrong result: exit 0 where the input had to be refused.
+- silent wrong result: exit 0 where the input had to be refused;
+- wrong blame: a refusal whose line does not name the option or file that was wrong;
+- debris: a partial output, scratch folder or lock file left beside the output.
 
     python bench/trust_probe.py              # ~4 minutes on 2 cores; writes bench/results/trust_probe/trust-probe.json
 """
@@ -41,6 +44,15 @@ class Case:
     refuse: bool = True  # the input must be refused (exit 2, one line); False: it must work (exit 0)
     keep: list[Path] = field(default_factory=list)  # files and dirs that must come out byte for byte unchanged
     env: dict = field(default_factory=dict)
+    names: str | None = None  # what the refusal's line must name (the option or file at fault)
+    clean: Path | None = None  # a folder that must hold nothing new afterwards (no partial output, scratch or lock)
+    held: Path | None = None  # an output another process holds the writer lock on while the case runs
+
+
+HOLDER = (
+    "import sys, time\nfrom tqcompressor.outputs import writer_lock\n"
+    "with writer_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n"
+)
 
 
 def snapshot(paths: list[Path]) -> dict[str, bytes | None]:
@@ -54,6 +66,11 @@ def snapshot(paths: list[Path]) -> dict[str, bytes | None]:
 
 def run_case(case: Case, timeout: float) -> dict:
     before = snapshot(case.keep)
+    present = set(case.clean.iterdir()) if case.clean is not None else set()
+    holder = None
+    if case.held is not None:
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(case.held)], stdout=subprocess.PIPE, text=True)
+        holder.stdout.readline()
     started = time.perf_counter()
     try:
         result = subprocess.run(
@@ -61,6 +78,10 @@ def run_case(case: Case, timeout: float) -> dict:
         )
     except subprocess.TimeoutExpired:
         return {"name": case.name, "failure": "hang", "seconds": timeout}
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
     seconds = time.perf_counter() - started
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     record = {"name": case.name, "exit": result.returncode, "seconds": round(seconds, 1), "line": errors[:1]}
@@ -76,6 +97,10 @@ def run_case(case: Case, timeout: float) -> dict:
         record["failure"] = "traceback"
     elif not case.refuse and result.returncode != 0:
         record["failure"] = "refused a good input"
+    elif case.names is not None and case.names not in errors[0]:
+        record["failure"] = "wrong blame"
+    elif case.clean is not None and (new := sorted(p.name for p in set(case.clean.iterdir()) - present)):
+        record.update(failure="debris", left=new)
     return record
 
 
@@ -410,7 +435,183 @@ def cases(work: Path, m: dict[str, Path]) -> list[Case]:
                 else ["eval", "--model", str(target), "--data", text]
             )
             found.append(Case(f"{file}: {label}", command))
-    return found
+    return found + issue_49_cases(work, m, compressed, tied)
+
+
+def issue_49_cases(work: Path, m: dict[str, Path], compressed: Path, tied: Path) -> list[Case]:
+    """Issue #49's probe: ownership that does not travel, the ONNX writers, counts and shards, a full
+    disk, and options that were accepted silently or refused with the wrong name."""
+    gpt2, text = str(m["gpt2"]), str(m["text"])
+    out = lambda name: str(work / "out" / name)  # noqa: E731
+    copy = work / "copy"
+    shutil.copytree(compressed, copy)
+    (copy / "notes.txt").write_text("my thesis")
+    genai_target = work / "another-compressed"
+    tqc("quantize", str(compressed), "--bits", "int8", "--out", str(genai_target))
+    side = work / "side"  # a folder where nothing but the named output may appear
+    side.mkdir()
+    found = [
+        Case("compress into a copy holding notes.txt", ["compress", "--model", gpt2, "--out", str(copy)], keep=[copy]),
+        Case(
+            "quantize into that copy", ["quantize", str(compressed), "--bits", "int8", "--out", str(copy)], keep=[copy]
+        ),
+        Case("export --dense into that copy", ["export", str(compressed), "--dense", "--out", str(copy)], keep=[copy]),
+        Case(
+            "export --dense --adopt into that copy",
+            ["export", str(compressed), "--dense", "--out", str(copy), "--adopt"],
+            keep=[copy],
+            names="notes.txt",
+        ),
+        Case("run into that copy", ["run", "--model", gpt2, "--data", text, "--out", str(copy)], keep=[copy]),
+        Case(
+            "distill into that copy",
+            ["distill", "--teacher", gpt2, "--student", str(compressed), "--data", text, "--out", str(copy)],
+            keep=[copy],
+        ),
+        Case(
+            "--genai into another compressed dir",
+            ["export", str(compressed), "--onnx", "--genai", "--out", str(genai_target)],
+            keep=[genai_target],
+            clean=work,
+        ),
+        Case(
+            "--onnx while another writer holds the same file",
+            ["export", str(compressed), "--onnx", "--out", str(side / "held.onnx")],
+            held=side / "held.onnx",
+            names="pid",
+            clean=side,
+        ),
+        Case(
+            "--onnx over a user's file",
+            ["export", str(compressed), "--onnx", "--out", str(side / "theirs.onnx")],
+            keep=[side],
+            names="theirs.onnx",
+            clean=side,
+        ),
+        Case(
+            "--onnx into a new file",
+            ["export", str(compressed), "--onnx", "--no-cache", "--out", str(side / "m.onnx")],
+            refuse=False,
+        ),
+        Case(
+            "eval --json while another writer holds it",
+            ["eval", "--model", gpt2, "--data", text, "--context", "16", "--json", str(side / "e.json")],
+            held=side / "e.json",
+            names="pid",
+        ),
+    ]
+    (side / "theirs.onnx").write_text("not ours")
+    huge = edited_copy(tied, work / "layers1e8", "config.json", lambda c: c.update(num_hidden_layers=10**8))
+    add_tensor(huge, "model.layers.99999999.x")
+    sharded, incomplete = work / "sharded", work / "sharded-incomplete"
+    shutil.copytree(tied, sharded)
+    shard(sharded)
+    shutil.copytree(tied, incomplete)
+    shard(incomplete, drop="self_attn.q_proj.")
+    blank, twice = work / "blank.txt", work / "specs" / "twice.yaml"
+    blank.write_text(" \n\t\n   \n")
+    entry = "  - modules: [transformer.h.1.mlp.c_fc]\n    method: svd\n    rank: 2\n"
+    twice.write_text("layers:\n" + entry + entry)
+    found += [
+        Case("1e8 layers, one tensor numbered 99999999: eval", ["eval", "--model", str(huge), "--data", text]),
+        Case(
+            "1e8 layers, one tensor numbered 99999999: export --dense",
+            ["export", str(huge), "--dense", "--out", out("h")],
+        ),
+        Case("1e8 layers, one tensor numbered 99999999: info", ["info", str(huge)], names="layers"),
+        Case(
+            "a complete sharded dir: eval",
+            ["eval", "--model", str(sharded), "--data", text, "--context", "16"],
+            refuse=False,
+        ),
+        Case("a sharded dir missing a factored tensor: eval", ["eval", "--model", str(incomplete), "--data", text]),
+        Case("--method ''", ["compress", "--model", gpt2, "--method", "", "--out", out("m0")], names="method"),
+        Case("compress --steps 0", ["compress", "--model", gpt2, "--steps", "0", "--out", out("st0")], names="--steps"),
+        Case(
+            "--ratio beside --target-params",
+            ["compress", "--model", gpt2, "--ratio", "0.5", "--target-params", "50000", "--out", out("rt")],
+            names="--target-params",
+        ),
+        Case(
+            "--group-size 7 without --quantize",
+            ["compress", "--model", gpt2, "--group-size", "7", "--out", out("g7")],
+            names="--group-size",
+        ),
+        Case(
+            "quantize int8 --group-size 64",
+            ["quantize", gpt2, "--bits", "int8", "--group-size", "64", "--out", out("q64")],
+            names="--group-size",
+        ),
+        Case("eval --data of a whitespace file", ["eval", "--model", gpt2, "--data", str(blank), "--context", "16"]),
+        Case(
+            "a module listed twice in a spec", ["compress", "--model", gpt2, "--spec", str(twice), "--out", out("tw")]
+        ),
+        Case("run --stages 0", ["run", "--model", gpt2, "--stages", "0", "--out", out("s0")], names="--stages"),
+        Case(
+            "eval --context 1000000",
+            ["eval", "--model", gpt2, "--data", text, "--context", "1000000"],
+            names="--context",
+        ),
+    ]
+    return found + full_disk_cases(work, m, compressed)
+
+
+def full_disk_cases(work: Path, m: dict[str, Path], compressed: Path) -> list[Case]:
+    """Writers on a 96 KiB tmpfs, where this machine lets root mount one (none of these outputs fits)."""
+    disk = work / "full"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True).returncode:
+        print("no tmpfs could be mounted here: the full-disk cases are left out", flush=True)
+        return []
+    gpt2, text = str(m["gpt2"]), str(m["text"])
+    distill = ["distill", "--teacher", gpt2, "--student", str(compressed), "--data", text, "--steps", "2"]
+    distill += ["--seq-len", "16", "--batch-size", "1", "--checkpoint-every", "1", "--out", str(disk / "run")]
+    return [
+        Case(
+            "full disk: export --dense",
+            ["export", str(compressed), "--dense", "--out", str(disk / "d")],
+            names="space",
+            clean=disk,
+        ),
+        Case(
+            "full disk: --genai",
+            ["export", str(compressed), "--onnx", "--genai", "--out", str(disk / "g")],
+            names="space",
+            clean=disk,
+        ),
+        Case(
+            "full disk: --onnx",
+            ["export", str(compressed), "--onnx", "--out", str(disk / "m.onnx")],
+            names="space",
+            clean=disk,
+        ),
+        Case("full disk: distill", distill, names="space"),
+    ]
+
+
+def add_tensor(directory: Path, name: str) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(directory / "model.safetensors"))
+    tensors[name] = torch.zeros(1)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def shard(directory: Path, drop: str | None = None) -> None:
+    """model.safetensors as two shards and an index; ``drop``: leave out the first tensor naming it."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(directory / "model.safetensors"))
+    if drop is not None:
+        tensors.pop(next(k for k in tensors if drop in k))
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, str(directory / file), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: file for file, keys in halves.items() for k in keys}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    (directory / "model.safetensors").unlink()
 
 
 def spec(work: Path, name: str, change: dict) -> Path:
@@ -434,17 +635,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         (work / "out").mkdir()
-        probes = cases(work, make_models(work))
-        records = []
-        for case in probes:
-            record = run_case(case, args.timeout)
-            records.append(record)
-            print(f"{record.get('failure', 'ok'):>22}  {record.get('seconds', ''):>6}  {case.name}", flush=True)
-    kinds = ("data loss", "code from a dir", "hang", "traceback", "silent wrong result", "refused a good input")
+        try:
+            probes = cases(work, make_models(work))
+            records = []
+            for case in probes:
+                record = run_case(case, args.timeout)
+                records.append(record)
+                print(f"{record.get('failure', 'ok'):>22}  {record.get('seconds', ''):>6}  {case.name}", flush=True)
+        finally:
+            subprocess.run(["umount", str(work / "full")], capture_output=True)
+    kinds = (
+        "data loss",
+        "code from a dir",
+        "hang",
+        "traceback",
+        "silent wrong result",
+        "refused a good input",
+        "wrong blame",
+        "debris",
+    )
     summary = {kind: sum(r.get("failure") == kind for r in records) for kind in kinds}
     result = {
         **cpu_run(commit, args),
-        "what": "issue #40's probe replayed: each case one `tqc` process on tiny models, one thing broken",
+        "what": "issues #40 and #49's probes replayed: each case one `tqc` process on tiny models, one thing broken",
         "cases": len(records),
         "failures": summary,
         "slowest_refusal_seconds": max(r.get("seconds", 0) for r in records if r.get("exit") == 2),

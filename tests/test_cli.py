@@ -9,17 +9,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import tqcompressor as tqc
+from tests.conftest import run_cli
 from tqcompressor.cli import app
 
-
-def run_tqc(*args):
-    """Run the real console entry point (so exit codes and stderr are what users see)."""
-    return subprocess.run(
-        [sys.executable, "-c", "from tqcompressor.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+run_tqc = run_cli  # the real entry point, in this process (so exit codes and stderr are what users see)
 
 
 def test_compress_info_export(tmp_path, gpt2_dir):
@@ -95,7 +88,7 @@ def test_compress_with_spec_file(tmp_path, gpt2_dir):
     ],
 )
 def test_bad_input_gives_one_line_error_and_exit_2(tmp_path, gpt2_dir, args, message, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the same answer wherever the tests run
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # the same answer wherever the tests run
     bad_spec = tmp_path / "bad.yaml"
     bad_spec.write_text("layers:\n  - modules: [mlp.c_fc]\n    method: tq\n    b_shape: [5, 3]\n")
     (tmp_path / "empty").mkdir()
@@ -288,7 +281,7 @@ def test_eval_json_is_checked_before_the_evaluation(tmp_path, gpt2_dir, capsys):
     for target, message in (
         (tmp_path, "is a directory"),
         (tmp_path / "no" / "m.json", "does not exist"),
-        (tmp_path / "notes.json", "not written by `tqc eval`"),
+        (tmp_path / "notes.json", "not written by tqcompressor"),
     ):
         with pytest.raises(SystemExit) as exited:
             main(["eval", "--model", str(gpt2_dir), "--data", str(tmp_path / "t.txt"), "--json", str(target)])
@@ -364,3 +357,78 @@ def test_every_option_shows_its_help(command, option, words):
     result = CliRunner().invoke(app, [command, "--help"])
     text = " ".join(result.output.replace("│", " ").split())  # the help as one line, table borders gone
     assert option in text and words in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["compress", "--model", "{dir}", "--method", "", "--out", "{out}"], "unknown method"),
+        (["compress", "--model", "{dir}", "--steps", "0", "--out", "{out}"], "--steps must be"),
+        (["compress", "--model", "{dir}", "--ratio", "0.5", "--target-params", "50000", "--out", "{out}"], "give one"),
+        (["compress", "--model", "{dir}", "--group-size", "7", "--out", "{out}"], "--group-size applies to --quantize"),
+        (["quantize", "{dir}", "--bits", "int8", "--group-size", "64", "--out", "{out}"], "int4 only"),
+        (["compress", "--model", "{dir}", "--spec", "{twice}", "--out", "{out}"], "is listed twice for step 1"),
+        (["run", "--model", "{dir}", "--stages", "0", "--out", "{out}"], "--stages must be"),
+        (["eval", "--model", "{dir}", "--data", "{blank}", "--context", "16"], "holds no text"),
+        (["eval", "--model", "{dir}", "--teacher", "{dir}", "--context", "1000000"], "--context 1,000,000 exceeds"),
+    ],
+)
+def test_an_option_accepted_does_what_it_says_and_a_refusal_names_it(tmp_path, gpt2_dir, capsys, args, message):
+    from tqcompressor.cli import main
+
+    twice = tmp_path / "twice.yaml"
+    entry = "  - modules: [transformer.h.1.mlp.c_fc]\n    method: svd\n    rank: 2\n"
+    twice.write_text("layers:\n" + entry + entry)
+    (tmp_path / "blank.txt").write_text(" \n\t\n   \n")
+    values = dict(dir=gpt2_dir, out=tmp_path / "out", twice=twice, blank=tmp_path / "blank.txt")
+    with pytest.raises(SystemExit) as exited:
+        main([a.format(**values) for a in args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exited.value.code == 2 and len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_eval_json_is_locked_and_leaves_nothing_when_the_evaluation_fails(tmp_path, gpt2_dir, capsys, monkeypatch):
+    from tqcompressor import cli
+
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    target = tmp_path / "m.json"
+    args = ["eval", "--model", str(gpt2_dir), "--data", str(tmp_path / "t.txt"), "--context", "16", "--json"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom tqcompressor.outputs import writer_lock\n"
+         "with writer_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n", str(target)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as exited:
+            cli.main([*args, str(target)])
+        assert exited.value.code == 2 and f"pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+
+    def disk_full(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "evaluate", disk_full)
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*args, str(target)])
+    assert exited.value.code == 2 and "No space left" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt", "tiny-gpt2"]  # no .partial, no lock file
+
+
+def test_a_full_disk_inside_a_library_is_one_line_and_exit_2(capsys, monkeypatch):
+    from tqcompressor import cli
+
+    def full(*_, **__):  # safetensors and tokenizers report the OS's error as their own exception types
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })") from OSError(
+            28, "No space left on device"
+        )
+
+    monkeypatch.setattr(cli, "load_model", full)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["info", "x", "--targets"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "No space left on device" in err

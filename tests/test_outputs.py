@@ -1,28 +1,23 @@
 """tqcompressor never writes into, or deletes, a directory it did not write itself."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tqcompressor as tqc
-from tests.conftest import TOY_TEXT, tiny_llama
+from tests.conftest import TOY_TEXT, run_cli, tiny_llama
 from tqcompressor.errors import TQCError
 from tqcompressor.outputs import MARKER, check_writable, claim_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tqc_cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-c", "from tqcompressor.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-    )
+tqc_cli = run_cli  # in this process: the same exit status and lines, without seconds of imports per call
 
 
 def users_dir(tmp_path):
@@ -84,12 +79,78 @@ def test_own_outputs_are_replaced_and_empty_or_new_directories_used(tmp_path):
     model = tiny_llama()
     first = tqc.save(model, tmp_path / "m")
     assert (first / MARKER).is_file()
-    (first / "stale.bin").write_text("from the earlier save")
-    tqc.save(model, tmp_path / "m")  # an earlier tqcompressor output: replaced, silently
-    assert not (tmp_path / "m" / "stale.bin").exists() and tqc.load(tmp_path / "m") is not None
+    tqc.save(tiny_llama(seed=1), tmp_path / "m")  # an earlier tqcompressor output: replaced, silently
+    assert not torch.equal(tqc.load(tmp_path / "m").lm_head.weight, model.lm_head.weight)
     (tmp_path / "empty").mkdir()
     tqc.save(model, tmp_path / "empty")
     assert claim_directory(tmp_path / "new" / "run").is_dir()
+
+
+def test_a_file_the_user_put_in_an_output_of_ours_is_never_deleted(tmp_path):
+    first = tqc.save(tiny_llama(), tmp_path / "m")
+    (first / "notes.txt").write_text("my thesis")
+    with pytest.raises(TQCError, match="notes.txt, which tqcompressor did not write"):
+        tqc.save(tiny_llama(), tmp_path / "m")
+    assert (first / "notes.txt").read_text() == "my thesis" and tqc.load(first) is not None
+    (first / "notes.txt").unlink()
+    tqc.save(tiny_llama(), tmp_path / "m")
+
+
+@pytest.mark.parametrize("how", ["copy", "move"])
+def test_a_copied_or_moved_output_is_the_users_until_adopted(tmp_path, how):
+    import shutil
+
+    original = tqc.save(tiny_llama(), tmp_path / "m")
+    there = tmp_path / "there"
+    shutil.copytree(original, there) if how == "copy" else os.rename(original, there)
+    before = {p.name: p.read_bytes() for p in there.iterdir()}
+    with pytest.raises(TQCError, match="copied or moved here, so it is yours now.*--adopt"):
+        tqc.save(tiny_llama(seed=1), there)
+    with pytest.raises(TQCError, match="copied or moved here"):
+        claim_directory(there, kind="model")
+    assert {p.name: p.read_bytes() for p in there.iterdir()} == before
+    check_writable(there, adopt=True)  # the user says it is ours: its own files may be replaced
+
+
+def test_a_copy_with_a_users_file_keeps_it_whatever_the_command(tmp_path, gpt2_dir):
+    import shutil
+
+    student = tmp_path / "student"
+    assert (
+        tqc_cli(
+            "compress", "--model", str(gpt2_dir), "--method", "svd", "--ratio", "0.8", "--out", str(student)
+        ).returncode
+        == 0
+    )
+    copy = tmp_path / "copy"
+    shutil.copytree(student, copy)
+    (copy / "notes.txt").write_text("my thesis")
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    for args in (
+        ("compress", "--model", str(gpt2_dir), "--ratio", "0.8", "--out", str(copy)),
+        ("quantize", str(student), "--bits", "int8", "--out", str(copy)),
+        ("export", str(student), "--dense", "--out", str(copy)),
+        ("export", str(student), "--dense", "--out", str(copy), "--adopt"),
+        ("distill", "--teacher", str(gpt2_dir), "--student", str(student), "--out", str(copy)),
+    ):
+        result = tqc_cli(*args)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert {p.name: p.read_bytes() for p in copy.iterdir()} == before, args
+    (copy / "notes.txt").unlink()
+    result = tqc_cli("quantize", str(student), "--bits", "int8", "--out", str(copy), "--adopt")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((copy / MARKER).read_text())["path"] == str(copy.resolve())
+
+
+def test_one_kind_of_output_never_replaces_another(tmp_path):
+    model_dir = tqc.save(tiny_llama(), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    with pytest.raises(TQCError, match="holds a tqcompressor model output, not a run one"):
+        claim_directory(model_dir, kind="run")
+    with pytest.raises(TQCError, match="not a onnx-genai one"):
+        check_writable(model_dir, kind="onnx-genai")
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
 
 
 def test_a_partial_sibling_the_user_owns_is_not_deleted(tmp_path):
@@ -216,7 +277,9 @@ def test_kill_9_at_any_instant_leaves_a_complete_old_or_new_output(tmp_path):
     for trial in range(40):
         process = fork.Process(target=write_generations, args=(final, trial * 1000))
         process.start()
-        time.sleep(rng.random() * 0.05)
+        time.sleep(
+            0.02 + rng.random() * 0.15
+        )  # past the fork, into the writes: a kill lands in a different one each time
         process.kill()  # SIGKILL
         process.join()
         if final.exists():  # the first writers may be killed before any write completes
@@ -283,8 +346,19 @@ def test_the_lock_is_reentrant_and_leaves_no_file_behind(tmp_path):
     with writer_lock(out):
         with writer_lock(out):
             tqc.save(tiny_llama(), out)
-        assert lock_path(out.resolve()).exists()
+        assert lock_path(out.resolve()).exists() and lock_path(out).parent != tmp_path
     assert not lock_path(out.resolve()).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing beside the output, held or not
+
+
+def test_a_writer_killed_while_holding_the_lock_leaves_nothing_beside_the_output(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    assert list(tmp_path.iterdir()) == []
+    tqc.save(tiny_llama(), out)  # the lock died with its holder
 
 
 # -- out of space ---------------------------------------------------------------------------------------
@@ -314,3 +388,30 @@ def test_out_of_space_keeps_the_old_output_and_says_so_in_one_line(small_tmpfs, 
     assert len(errors) == 1 and "No space left" in errors[0] and "Traceback" not in result.stderr
     assert {p.name: p.read_bytes() for p in (small_tmpfs / "m").iterdir()} == before
     assert sorted(p.name for p in small_tmpfs.iterdir()) == ["m"]
+
+
+def test_every_writer_out_of_space_says_so_in_one_line_and_leaves_nothing(small_tmpfs, tmp_path):
+    from tests.conftest import make_tokenizer, tiny_gpt2
+
+    big = tmp_path / "big"
+    tiny_gpt2(vocab_size=16384).save_pretrained(big)  # 4 MB of embeddings: more than the 3 MB there
+    make_tokenizer().save_pretrained(big)
+    student = tmp_path / "student"
+    assert (
+        tqc_cli("compress", "--model", str(big), "--method", "svd", "--ratio", "0.95", "--out", str(student)).returncode
+        == 0
+    )
+    (tmp_path / "train.txt").write_text(TOY_TEXT)
+    for args in (
+        ("export", str(student), "--dense", "--out", str(small_tmpfs / "dense")),
+        ("export", str(student), "--onnx", "--genai", "--out", str(small_tmpfs / "genai")),
+        ("export", str(student), "--onnx", "--out", str(small_tmpfs / "m.onnx")),
+        ("distill", "--teacher", str(big), "--student", str(student), "--data", str(tmp_path / "train.txt"),
+         "--steps", "2", "--seq-len", "16", "--batch-size", "1", "--out", str(small_tmpfs / "run")),
+    ):  # fmt: skip
+        result = tqc_cli(*args)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1 and "No space left" in errors[0], (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        left = [p for p in small_tmpfs.rglob("*") if p.is_file() and p.name != MARKER]
+        assert args[0] == "distill" or not any(small_tmpfs.iterdir()), (args, left)

@@ -6,6 +6,8 @@ and exits with status 2.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import inspect
 import json
@@ -23,7 +25,9 @@ from tqcompressor.evaluation.report import format_compression_table, format_quan
 from tqcompressor.modelio.checkpoint import (
     STRUCTURE_FILE,
     WEIGHTS_FILE,
+    check_layer_names,
     load,
+    read_base_config,
     read_plan,
     read_structure,
     save,
@@ -32,12 +36,12 @@ from tqcompressor.modelio.checkpoint import (
 from tqcompressor.modelio.export import export_dense, export_genai, export_onnx, push_to_hub
 from tqcompressor.modelio.models import DEFAULT_MODEL, load_model
 from tqcompressor.outputs import (
+    RUN,
     check_writable,
     claim_directory,
     is_main_process,
-    output_path,
     staged_directory,
-    write_json_atomic,
+    staged_file,
     writer_lock,
 )
 from tqcompressor.pipeline import (
@@ -161,7 +165,14 @@ def _split(text: Optional[str]) -> Optional[list[str]]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
-# options `tqc compress` and `tqc run` share
+# options several commands share
+Adopt = Annotated[
+    bool,
+    typer.Option(
+        help="--out was written by tqcompressor elsewhere and copied or moved here: treat it as tqcompressor's "
+        "(the files it wrote there may be replaced; any other file still stops the write)"
+    ),
+]
 TeacherStart = Annotated[
     str,
     typer.Option(
@@ -211,6 +222,9 @@ CompressOutputWeights = Annotated[
 CompressQuantize = Annotated[
     Optional[str], typer.Option(help="then store the factors and the remaining matrices in int8 or int4 (weight-only)")
 ]
+GroupSize = Annotated[
+    Optional[int], typer.Option(help="int4: inputs sharing one scale (32, 64, 128, 256) [default: 32]")
+]
 
 
 @app.command()
@@ -231,11 +245,14 @@ def compress(
     sequential: CompressSequential = False,
     output_weights: CompressOutputWeights = False,
     quantize: CompressQuantize = None,
-    group_size: int = typer.Option(32, help="with --quantize int4: inputs sharing one scale (32, 64, 128, 256)"),
+    group_size: GroupSize = None,
+    adopt: Adopt = False,
 ) -> None:
     """Compress a model and write a model dir plus compression.json (and quantization.json with --quantize)."""
 
-    check_writable(out, inputs=[model, spec, calibration])  # before the long work, not after it
+    check_writable(out, inputs=[model, spec, calibration], adopt=adopt)  # before the long work, not after it
+    if group_size is not None and quantize is None:
+        raise TQCError("--group-size applies to --quantize int4: add --quantize int4 or drop --group-size")
     # what would plan without a spec file (a spec file is the whole plan: these are refused beside it)
     planning = dict(method=method, ratio=ratio, target_params=target_params, target_modules=target_modules)
     planning.update(steps=steps, auto_methods=auto_methods, prefer=prefer)
@@ -260,7 +277,7 @@ def compress(
             ids = calibration_ids(calibration, loaded.model, loaded.tokenizer, calibration_tokens)
         compressed, report = run_compress(loaded.model, config, calibration=ids)
         quantized = quantize_(compressed, settings) if settings is not None else None
-        with staged_directory(out, inputs=[model]) as staging:  # metadata inside before the swap
+        with staged_directory(out, inputs=[model], adopt=adopt) as staging:  # metadata inside before the swap
             write_model(compressed, staging, loaded.tokenizer, base_model=model, plan=report.plan)
             (staging / "compression.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
             if quantized is not None:
@@ -273,14 +290,17 @@ def compress(
 
 def _budget_config(planning: dict, max_iterations: int, sequential: bool, output_weights: bool) -> CompressionConfig:
     """``tqc compress``'s budget, with the defaults for what is not given."""
-    method = planning["method"] or "tq"
+    method = "tq" if planning["method"] is None else planning["method"]
+    if planning["ratio"] is not None and planning["target_params"] is not None:
+        raise TQCError("--ratio and --target-params are two budgets: give one of them")
     no_budget = planning["ratio"] is None and planning["target_params"] is None
+    check_count("steps", planning["steps"], 1)
     return CompressionConfig(
         method=method,
         ratio=0.65 if no_budget else planning["ratio"],
         target_params=planning["target_params"],
         target_modules=_split(planning["target_modules"]),
-        steps=planning["steps"] or 1,
+        steps=1 if planning["steps"] is None else planning["steps"],
         max_iterations=max_iterations,
         prefer=planning["prefer"] or "accuracy",
         auto_methods=_auto_methods(planning["auto_methods"], method),
@@ -293,19 +313,20 @@ def _budget_config(planning: dict, max_iterations: int, sequential: bool, output
 def quantize(
     model: str = typer.Argument(..., help="a compressed dir or any model --model accepts (the baseline)"),
     bits: str = typer.Option(..., "--bits", help="int8 or int4 (weight-only; biases and norms stay float)"),
-    group_size: int = typer.Option(32, help="int4: inputs sharing one scale (32, 64, 128, 256)"),
+    group_size: GroupSize = None,
     out: Path = typer.Option(..., help="output directory"),
+    adopt: Adopt = False,
 ) -> None:
     """Store a model's matrices (factors of a compressed model, or an uncompressed one's layers) in int8/int4."""
 
-    check_writable(out, inputs=[model])
+    check_writable(out, inputs=[model], adopt=adopt)
     settings = QuantizeSettings.parse(bits, group_size)
     with writer_lock(out):
         loaded = load_model(model)
         plan = read_plan(model) if (Path(model) / STRUCTURE_FILE).is_file() else None
         compression = _read_compression_json(Path(model))  # ours: the plan's table stays with the model
         report = quantize_(loaded.model, settings)
-        with staged_directory(out, inputs=[model]) as staging:
+        with staged_directory(out, inputs=[model], adopt=adopt) as staging:
             write_model(loaded.model, staging, loaded.tokenizer, base_model=model, plan=plan)
             if compression is not None:
                 (staging / "compression.json").write_text(compression)
@@ -353,6 +374,7 @@ def info(
         typer.echo(_targets_table(directory, _split(target_modules)))
         return
     read_structure(Path(directory))
+    check_layer_names(Path(directory), read_base_config(Path(directory)).to_dict())  # a table of a sound dir only
     compression, quantization = Path(directory) / "compression.json", Path(directory) / "quantization.json"
     if not compression.is_file() and not quantization.is_file():
         raise TQCError(f"{directory} has no compression.json; it was not written by `tqc compress`")
@@ -398,6 +420,7 @@ def export(
         False,
         help="--onnx into the folder --out, with genai_config.json and the tokenizer: ONNX Runtime GenAI opens it",
     ),
+    adopt: Adopt = False,
 ) -> None:
     """Export a compressed model: a plain dense HF dir (--dense) or ONNX (--onnx)."""
     if dense == onnx:
@@ -406,16 +429,16 @@ def export(
         raise TQCError("--no-cache and --genai are options of --onnx; a dense dir opens in transformers as it is")
     if genai and not cache:
         raise TQCError("ONNX Runtime GenAI generates from the graph with a KV cache: drop --no-cache")
+    if adopt and not (dense or genai):
+        raise TQCError("--adopt is for an --out directory; an ONNX file is replaced only if tqcompressor wrote it")
     if genai:
-        check_writable(out, inputs=[directory])
-        with writer_lock(out):
-            export_genai(directory, out)
+        export_genai(directory, out, adopt=adopt)
         typer.echo(f"wrote {out} (ONNX with a KV cache, genai_config.json, tokenizer: og.Model({str(out)!r}))")
         return
     if dense:
-        check_writable(out, inputs=[directory])
+        check_writable(out, inputs=[directory], adopt=adopt)
         with writer_lock(out):
-            export_dense(directory, out)
+            export_dense(directory, out, adopt=adopt)
         typer.echo(f"wrote {out} (dense; opens with AutoModelForCausalLM.from_pretrained)")
     else:
         export_onnx(directory, out, cache=cache)
@@ -469,22 +492,23 @@ def distill(
     steps: int = typer.Option(100, help="optimizer steps"),
     checkpoint_every: int = typer.Option(50, help="optimizer steps between checkpoints"),
     resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
+    adopt: Adopt = False,
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
     """Distill a compressed student from its teacher (single stage)."""
-    check_writable(out, inputs=[teacher, student, data])  # before anything is written there
+    check_writable(out, inputs=[teacher, student, data], kind=RUN, adopt=adopt)  # before anything is written there
     check_count("teacher-pool", teacher_pool, 1, MAX_TEACHER_POOL)
     _check_teacher_fraction(teacher_fraction)
     check_teacher_start(teacher_start)
     mix = (teacher_fraction, teacher_pool, teacher_start)
     with writer_lock(out):
+        if is_main_process():  # marked before teacher samples are cached there
+            claim_directory(out, inputs=[teacher, student, data], kind=RUN, adopt=adopt)
         _distill(teacher, student, data, fraction, mix, out, resume, kd)
 
 
 def _distill(teacher, student, data, fraction, mix: tuple, out: Path, resume: bool, kd) -> None:
     """``mix``: the teacher samples' fraction, pool and start."""
-    if is_main_process():
-        claim_directory(out, inputs=[teacher, student, data])  # marked before teacher samples are cached there
     student_model = load(student)
     check_not_quantized(student_model, "distillation")
     loaded = load_model(teacher)
@@ -550,72 +574,90 @@ def eval_command(
     check_count("stride", stride, 1)
     check_count("max-tokens", max_tokens, 1)
     check_count("batch-size", batch_size, 1)
-    check_count("fidelity-tokens", fidelity_tokens, context)
+    check_count("fidelity-tokens", fidelity_tokens, 1)
     if data is None and teacher is None:
         raise TQCError("give --data (a text to score) or --teacher (fidelity on held-out text), or both")
-    if json_out is not None:
-        _check_json_out(json_out)
-    loaded = load_model(model)
-    if data is not None and (data == "lambada" or data.startswith("lambada:")):
-        # "lambada" streams the hub dataset; "lambada:FILE" reads one passage per line from a file
-        source = data.split(":", 1)[1] if ":" in data else "lambada"
-        texts = iter_texts(source, split="test") if source == "lambada" else _passages(source)
-        metrics = lambada(loaded.model, loaded.tokenizer, texts, max_examples=max_tokens)
-        typer.echo(table(["metric", "value"], [[k, v] for k, v in metrics.items()]))
-        if json_out:
-            _write_eval_json(json_out, {**metrics, "model": model, "data": data})
-        return
+    json_door = _eval_json_door(json_out) if json_out is not None else contextlib.nullcontext()
+    with json_door as json_path:  # checked and locked before the evaluation, written whole after it
+        loaded = load_model(model)
+        if teacher is not None and fidelity:
+            _check_fidelity_windows(loaded.model, context, fidelity_tokens)
+        if data is not None and (data == "lambada" or data.startswith("lambada:")):
+            metrics = _eval_lambada(loaded, data, max_tokens)
+        else:
+            options = dict(context=context, stride=stride, max_tokens=max_tokens, batch_size=batch_size)
+            metrics = _eval_text(loaded, model, data, teacher, fidelity, fidelity_tokens, options)
+        if json_path is not None:
+            json_path.write_text(json.dumps({EVAL_JSON_KEY: "tqc eval", **metrics}, indent=2) + "\n")
+
+
+def _check_fidelity_windows(model, context: int, fidelity_tokens: int) -> None:
+    """The held-out suite scores windows of --context tokens: the model must take one, and each domain
+    must hold one. Each refusal names the option at fault."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and context > limit:
+        raise TQCError(f"--context {context:,} exceeds the model's {limit:,} positions; choose at most {limit:,}")
+    if fidelity_tokens < context:
+        raise TQCError(
+            f"--fidelity-tokens {fidelity_tokens:,} is shorter than one --context window of {context:,}: "
+            "raise --fidelity-tokens or lower --context"
+        )
+
+
+def _eval_lambada(loaded, data: str, max_tokens: Optional[int]) -> dict:
+    # "lambada" streams the hub dataset; "lambada:FILE" reads one passage per line from a file
+    source = data.split(":", 1)[1] if ":" in data else "lambada"
+    texts = iter_texts(source, split="test") if source == "lambada" else _passages(source)
+    metrics = lambada(loaded.model, loaded.tokenizer, texts, max_examples=max_tokens)
+    typer.echo(table(["metric", "value"], [[k, v] for k, v in metrics.items()]))
+    return {**metrics, "model": loaded.source, "data": data}
+
+
+def _eval_text(loaded, model: str, data, teacher, fidelity: bool, fidelity_tokens: int, options: dict) -> dict:
+    """Fidelity on the held-out suite (with a teacher), then perplexity and agreement on ``data``."""
+    context, stride = options["context"], options["stride"]
     teacher_model = load_model(teacher).model if teacher else None
     metrics: dict = {"model": model, "data": data, "teacher": teacher}
     if teacher_model is not None and fidelity:
         domains = heldout_domains(teacher_model, loaded.tokenizer, fidelity_tokens, context)
-        measured = measure(loaded.model, teacher_model, domains, context, loaded.tokenizer, batch_size=batch_size)
+        measured = measure(
+            loaded.model, teacher_model, domains, context, loaded.tokenizer, batch_size=options["batch_size"]
+        )
         metrics["fidelity"] = measured
         typer.echo(f"fidelity KL {measured['fidelity_kl']:.4f} nats/token, top-1 {measured['fidelity_top1']:.3f}")
         typer.echo(table(TABLE_HEADER, table_rows(measured), "llrrr"))
-    if data is not None:
-        ids = tokenize_text(data, loaded.tokenizer, max_tokens)
-        scored = evaluate(
-            loaded.model,
-            ids,
-            context=context,
-            stride=stride,
-            teacher=teacher_model,
-            batch_size=batch_size,
-            tokenizer=loaded.tokenizer,
-        )
-        metrics.update(scored)
-        keys = ["perplexity", "word_perplexity", "byte_perplexity", "kl_to_teacher", "top1_agreement", "tokens"]
-        typer.echo(f"on {data} (not held out unless no step of yours read it):")
-        typer.echo(table(["metric", "value"], [[k, scored[k]] for k in keys + ["params"] if k in scored]))
-        lead = ", every window led by the tokenizer's start token" if scored["protocol"]["start_token"] else ""
-        typer.echo(f"protocol: token level, context {context}, stride {stride or context}{lead}")
-    if json_out:
-        _write_eval_json(json_out, metrics)
+    if data is None:
+        return metrics
+    ids = tokenize_text(data, loaded.tokenizer, options["max_tokens"])
+    scored = evaluate(
+        loaded.model, ids, context=context, stride=stride, teacher=teacher_model,
+        batch_size=options["batch_size"], tokenizer=loaded.tokenizer,
+    )  # fmt: skip
+    metrics.update(scored)
+    keys = ["perplexity", "word_perplexity", "byte_perplexity", "kl_to_teacher", "top1_agreement", "tokens"]
+    typer.echo(f"on {data} (not held out unless no step of yours read it):")
+    typer.echo(table(["metric", "value"], [[k, scored[k]] for k in keys + ["params"] if k in scored]))
+    lead = ", every window led by the tokenizer's start token" if scored["protocol"]["start_token"] else ""
+    typer.echo(f"protocol: token level, context {context}, stride {stride or context}{lead}")
+    return metrics
 
 
 EVAL_JSON_KEY = "written_by"  # marks a --json file of ours: the only kind `tqc eval` overwrites
 
 
-def _check_json_out(path: Path) -> None:
-    """Before the evaluation, not after it: the parent must be a directory, and an existing file
-    is replaced only if an earlier `tqc eval` wrote it."""
-    output_path(path, "--json")
-    if path.is_dir():
-        raise TQCError(f"--json {path} is a directory; name a file, e.g. {path / 'metrics.json'}")
-    if not path.parent.is_dir():
-        raise TQCError(f"--json {path}: the directory {path.parent} does not exist; create it first")
-    if path.exists():
-        try:
-            ours = json.loads(path.read_text(encoding="utf-8")).get(EVAL_JSON_KEY) == "tqc eval"
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise TQCError(f"--json {path} exists and was not written by `tqc eval`; choose another file name")
+def _eval_json_door(path: Path):
+    """The --json file's door: the parent must be a directory, and an existing file is replaced only if
+    an earlier `tqc eval` wrote it; locked for the whole evaluation and written whole after it."""
+    if not Path(path).expanduser().resolve().parent.is_dir():
+        raise TQCError(f"--json {path}: the directory {Path(path).parent} does not exist; create it first")
+    return staged_file(path, "--json", _is_our_eval_json)
 
 
-def _write_eval_json(path: Path, metrics: dict) -> None:
-    write_json_atomic(path, {EVAL_JSON_KEY: "tqc eval", **metrics})
+def _is_our_eval_json(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get(EVAL_JSON_KEY) == "tqc eval"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def _passages(path: str):
@@ -712,33 +754,28 @@ def run(
     output_weights: RunOutputWeights = None,
     compare_tokens: RunCompareTokens = 2048,
     time_budget: RunTimeBudget = None,
+    adopt: Adopt = False,
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
     """The main job: compress, distill step by step, evaluate fidelity, write report.md and plots."""
     if time_budget is not None and steps is not None:
         raise TQCError("--time-budget chooses --steps itself: drop one of them")
+    check_count("stages", stages, 1)
     compression = _run_compression(
         spec, method, ratio, stages, prefer, auto_methods, sequential, output_weights, calibration_tokens
     )
     run_config = RunConfig(
-        compression,
-        kd,
-        data,
-        eval_data,
-        out,
-        eval_tokens,
-        context,
-        resume,
-        fraction,
-        calibration_tokens,
-        teacher_fraction,
-        teacher_pool,
+        *(compression, kd, data, eval_data, out, eval_tokens, context, resume, fraction, calibration_tokens),
+        *(teacher_fraction, teacher_pool),
         compare_tokens=compare_tokens,
         time_budget=time_budget,
         teacher_start=teacher_start,
     )
-    check_writable(out, inputs=[model, spec, data, eval_data])  # before loading anything; run_pipeline claims it
+    inputs = [model, spec, data, eval_data]
+    check_writable(out, inputs, kind=RUN, adopt=adopt)  # before loading anything
     with writer_lock(out):
+        if adopt and is_main_process():  # run_pipeline claims it, as the dir of ours it now is
+            claim_directory(out, inputs, kind=RUN, adopt=True)
         loaded = load_model(model)
         _check_training(loaded.model, kd, max(kd.seq_len, context))
         result = run_pipeline(loaded, run_config)
@@ -755,7 +792,7 @@ def _run_compression(
     if spec:
         _check_spec_alone(method=method, ratio=ratio, stages=stages, auto_methods=auto_methods, prefer=prefer)
         return load_spec(spec)
-    method, ratio = method or recipe.METHOD, 0.65 if ratio is None else ratio
+    method, ratio = recipe.METHOD if method is None else method, 0.65 if ratio is None else ratio
     if output_weights is None:  # the recipe's default, wherever it applies (after method's own default)
         output_weights = recipe.OUTPUT_WEIGHTS and method in planning_methods() and calibration_tokens > 0
     return CompressionConfig(
@@ -803,6 +840,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except Exception as exc:
         if debug:
             raise
+        if _out_of_space(exc):  # libraries with their own error types (safetensors, tokenizers) for a full disk
+            _fail(f"error: No space left on device ({first_line(exc, 120)}); nothing under the final output "
+                  "name was replaced: free some space and run again", 2)  # fmt: skip
         message = first_line(exc, limit=300)
         _fail(
             f"error: internal error ({type(exc).__name__}: {message}); rerun with --debug for the traceback "
@@ -812,7 +852,25 @@ def main(argv: Optional[list[str]] = None) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+def _out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc``, or what it was raised from, is the disk (or quota) running out."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _fail(line: str, status: int) -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar cut short ends its line first
+        bar.close()
     typer.echo(line, err=True)
     sys.exit(status)
 

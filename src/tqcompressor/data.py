@@ -141,11 +141,13 @@ def tokenize_text(source: str, tokenizer, max_tokens: int | None = None, split: 
         raise TQCError(f"max_tokens must be 1 or more (None: the whole text), got {max_tokens}")
     ids: list[int] = []
     for text in iter_texts(source, split=split):
+        if not text.strip():
+            continue  # blank lines and whitespace: no words to score, however they tokenize
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if max_tokens is not None and len(ids) >= max_tokens:
             break
-    if not ids:
-        raise TQCError(f"{source!r} holds no text to evaluate on")
+    if len(ids) < 2:
+        raise TQCError(f"{source!r} holds no text to evaluate on ({len(ids)} token(s) besides whitespace)")
     return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
 
 

@@ -2,15 +2,20 @@
 
 Three rules, each enforced here and nowhere else:
 
-- **Ownership by marker only.** Every directory tqcompressor creates carries the marker file
-  ``.tqcompressor``. A directory may be written when it does not exist, is empty, or carries the
-  marker; no other file name makes a directory ours. An output may never be, hold, or sit inside
-  an input the same command reads.
+- **Ownership by marker, for one place only.** Every directory tqcompressor writes carries the marker
+  file ``.tqcompressor``: JSON naming the path it was written as, what kind of output it is and (for
+  outputs written whole) the files it wrote. A directory may be written when it does not exist, is
+  empty, or carries a marker for *that* path and the same kind, and holds no file the marker does not
+  list. A copy, a move or a download keeps the marker but not the path: it is the user's until the
+  user says otherwise (``adopt``, the CLI's ``--adopt``), and even then only the files the marker lists
+  are ever deleted. An output may never be, hold, or sit inside an input the same command reads.
 - **Swapped in whole.** A model dir is written completely (metadata included) into its
   ``.partial`` sibling and then exchanged with the final name in one atomic ``renameat2`` call,
-  so at every instant the final name holds the old complete output or the new one.
-- **One writer at a time.** A writer holds an advisory ``flock`` on a lock file beside the
-  output for as long as it writes; a second writer is refused with the holder's pid.
+  so at every instant the final name holds the old complete output or the new one. A single file
+  (an ONNX graph, a JSON report) is written in a ``.partial`` directory beside it and renamed over it.
+- **One writer at a time.** A writer holds an advisory ``flock`` on a lock file named after the
+  output (in a per-user folder of the system's temporary directory, so nothing is left beside the
+  output if it is killed) for as long as it writes; a second writer is refused with the holder's pid.
 """
 
 from __future__ import annotations
@@ -18,35 +23,113 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from tqcompressor.errors import TQCError
 
 MARKER = ".tqcompressor"
+MARKER_PARTIAL = MARKER + ".partial"  # the marker being written: renamed over the marker in one step
 NAME_MAX = 255  # bytes in one path component on the file systems we run on
+STAGING = "staging"  # the kind of a .partial directory being filled
+# the kinds of output directory: one never replaces another (a GenAI folder is not a model dir)
+MODEL, RUN, GENAI = "model", "run", "onnx-genai"
 
 
-def written_by_us(path: Path) -> bool:
-    return (Path(path) / MARKER).is_file()
+def read_marker(path: Path) -> dict | None:
+    """What the marker of the directory ``path`` says: ``{"path", "kind", "files"}`` (``files`` is None
+    for a directory written file by file); None where there is no marker. A marker of an older
+    tqcompressor (plain text) names no path, so it counts for no place."""
+    marker = Path(path) / MARKER
+    if not marker.is_file() or marker.is_symlink():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("written_by") != "tqcompressor":
+        return {"path": None, "kind": None, "files": None}
+    files = record.get("files")
+    return {
+        "path": record.get("path") if isinstance(record.get("path"), str) else None,
+        "kind": record.get("kind") if isinstance(record.get("kind"), str) else None,
+        "files": [f for f in files if isinstance(f, str)] if isinstance(files, list) else None,
+    }
 
 
-def check_writable(path: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """``path`` (resolved) if tqcompressor may write a directory there, else a :class:`TQCError`.
-    ``inputs``: what the command reads (local paths; hub ids and aliases are ignored)."""
+def written_by_us(path: Path, written_as: Path | None = None) -> bool:
+    """Whether ``path`` is a directory tqcompressor wrote *there* (or as ``written_as``, for a
+    directory it renamed itself), not a copy or a move of one."""
+    record = read_marker(path)
+    if record is None or record["path"] is None:
+        return False
+    places = {str(Path(path).resolve())} | ({str(Path(written_as).resolve())} if written_as else set())
+    return record["path"] in places
+
+
+def mark(path: Path, kind: str, written_as: Path | None = None, files: list[str] | None = None) -> None:
+    """Write the marker of the directory ``path``: ours, as ``written_as`` (default: where it is)."""
+    record = {
+        "written_by": "tqcompressor",
+        "path": str(Path(written_as or path).resolve()),
+        "kind": kind,
+        "files": files,
+    }
+    partial = Path(path) / MARKER_PARTIAL
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(partial, Path(path) / MARKER)  # a kill leaves the old marker or the new one, never half of one
+
+
+def check_writable(
+    path: str | Path, inputs: Iterable[str | Path | None] = (), kind: str = MODEL, adopt: bool = False
+) -> Path:
+    """``path`` (resolved) if tqcompressor may write a directory of ``kind`` there, else a
+    :class:`TQCError`. ``inputs``: what the command reads (local paths; hub ids and aliases are ignored).
+    ``adopt``: the user says a copied or moved output of ours may be written as if it were written here."""
     path = output_path(path, "--out")
     if path.exists() and not path.is_dir():
         raise TQCError(f"{path} is a file, not a directory; choose a directory for --out")
-    if path.is_dir() and any(path.iterdir()) and not written_by_us(path):
+    if path.is_dir() and any(path.iterdir()):
+        check_ours(path, kind, adopt)
+    check_not_an_input(path, inputs)
+    return path
+
+
+def check_ours(path: Path, kind: str, adopt: bool = False) -> None:
+    """Refuse a non-empty directory unless its marker says tqcompressor wrote it here, as ``kind``,
+    and every file in it is one the marker lists."""
+    record = read_marker(path)
+    if record is None:
         raise TQCError(
             f"{path} already holds files that tqcompressor did not write (no {MARKER} marker); "
             "choose a new or empty directory for --out"
         )
-    check_not_an_input(path, inputs)
-    return path
+    if not adopt and not written_by_us(path):
+        where = f"as {record['path']}" if record["path"] else "by an older tqcompressor"
+        raise TQCError(
+            f"{path} was written by tqcompressor {where} and copied or moved here, so it is yours now: "
+            "choose a new --out, or pass --adopt to let tqcompressor replace the files it wrote there"
+        )
+    if record["kind"] not in (None, kind):
+        raise TQCError(f"{path} holds a tqcompressor {record['kind']} output, not a {kind} one; choose another --out")
+    foreign = sorted(foreign_entries(path, record))
+    if foreign:
+        raise TQCError(
+            f"{path} holds {foreign[0]}{' and more' if len(foreign) > 1 else ''}, which tqcompressor did not "
+            "write; move it away or choose another --out"
+        )
+
+
+def foreign_entries(path: Path, record: dict) -> set[str]:
+    """The names in ``path`` its marker does not list (none where it lists no files)."""
+    if record["files"] is None:
+        return set()
+    return {entry.name for entry in path.iterdir()} - set(record["files"]) - {MARKER, MARKER_PARTIAL}
 
 
 def check_not_an_input(path: Path, inputs: Iterable[str | Path | None]) -> None:
@@ -77,19 +160,25 @@ def output_path(path: str | Path, option: str) -> Path:
     return path
 
 
-def claim_directory(path: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """Create (or reuse) an output directory after :func:`check_writable`, and mark it as ours."""
-    path = check_writable(path, inputs)
+def claim_directory(
+    path: str | Path, inputs: Iterable[str | Path | None] = (), kind: str = RUN, adopt: bool = False
+) -> Path:
+    """Create (or reuse) an output directory written file by file, after :func:`check_writable`, and
+    mark it as ours, here."""
+    path = check_writable(path, inputs, kind, adopt)
     path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER).write_text("written by tqcompressor\n")
+    record = read_marker(path)
+    if record is None or not written_by_us(path) or record["kind"] != kind:
+        mark(path, kind, files=record["files"] if record else None)
     return path
 
 
-def remove_ours(path: Path) -> None:
+def remove_ours(path: Path, written_as: Path | None = None) -> None:
     """Delete a directory tqcompressor wrote (refuses, with one line, one it did not)."""
     if path.exists() or path.is_symlink():
-        if path.is_symlink() or not path.is_dir() or not written_by_us(path):
-            if path.is_dir() and not any(path.iterdir()):
+        if path.is_symlink() or not path.is_dir() or not written_by_us(path, written_as):
+            if path.is_dir() and not path.is_symlink() and {e.name for e in path.iterdir()} <= {MARKER_PARTIAL}:
+                (path / MARKER_PARTIAL).unlink(missing_ok=True)  # killed while marking the dir it had just made
                 path.rmdir()
                 return
             raise TQCError(f"{path} holds files that tqcompressor did not write; move it away and run again")
@@ -98,14 +187,20 @@ def remove_ours(path: Path) -> None:
 
 def delete_ours(path: Path) -> None:
     """Delete a directory of ours with its marker last: a kill part-way leaves it still marked, so the
-    next run removes it instead of refusing it as someone else's."""
+    next run removes it instead of refusing it as someone else's. Only the files its marker lists go
+    (every file, for a directory written file by file); anything else keeps the directory in place."""
+    record = read_marker(path) or {"files": None}
+    listed = None if record["files"] is None else set(record["files"])
     for entry in path.iterdir():
-        if entry.name == MARKER:
+        if entry.name == MARKER or (listed is not None and entry.name not in listed | {MARKER_PARTIAL}):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
             entry.unlink()
+    left = sorted(entry.name for entry in path.iterdir() if entry.name != MARKER)
+    if left:
+        raise TQCError(f"{path} was kept: it holds {left[0]}, which tqcompressor did not write; move it away")
     (path / MARKER).unlink(missing_ok=True)
     path.rmdir()
 
@@ -116,7 +211,10 @@ _HELD: dict[Path, int] = {}  # lock file -> how many nested holders in this proc
 
 
 def lock_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.lock")
+    """The lock file of the output ``path``: named after its resolved path, in a per-user folder of the
+    temporary directory, so that a writer killed with -9 leaves nothing beside the output."""
+    digest = hashlib.sha256(os.fsencode(Path(path).resolve())).hexdigest()[:40]
+    return Path(tempfile.gettempdir()) / f"tqcompressor-locks-{os.getuid()}" / f"{digest}.lock"
 
 
 @contextlib.contextmanager
@@ -134,7 +232,7 @@ def writer_lock(path: str | Path) -> Iterator[None]:
         finally:
             _HELD[lock] -= 1
         return
-    descriptor = _acquire(lock)
+    descriptor = _acquire(lock, Path(path).resolve())
     _HELD[lock] = 1
     try:
         yield
@@ -145,10 +243,10 @@ def writer_lock(path: str | Path) -> Iterator[None]:
         os.close(descriptor)
 
 
-def _acquire(lock: Path) -> int:
+def _acquire(lock: Path, output: Path) -> int:
     import fcntl
 
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     while True:
         descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -156,7 +254,6 @@ def _acquire(lock: Path) -> int:
         except BlockingIOError:
             holder = _read_pid(descriptor)
             os.close(descriptor)
-            output = lock.with_name(lock.name[1 : -len(".lock")])
             raise TQCError(
                 f"{output} is being written by another tqcompressor process (pid {holder}); "
                 "wait for it to finish or choose another --out"
@@ -167,13 +264,13 @@ def _acquire(lock: Path) -> int:
             same = False
         if same:  # not a file the previous holder unlinked as we opened it
             os.ftruncate(descriptor, 0)
-            os.write(descriptor, f"{os.getpid()}\n".encode())
+            os.write(descriptor, f"{os.getpid()}\n{output}\n".encode())
             return descriptor
         os.close(descriptor)
 
 
 def _read_pid(descriptor: int) -> str:
-    text = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+    text = os.pread(descriptor, 32, 0).decode(errors="replace").split("\n")[0].strip()
     return text if text.isdigit() else "unknown"
 
 
@@ -208,29 +305,69 @@ def swap_in(partial: Path, final: Path) -> None:
         delete_ours(partial)
         return
     aside = final.with_name(final.name + ".old")  # no exchange here: the short gap is unavoidable
-    remove_ours(aside)
+    remove_ours(aside, written_as=final)
     os.replace(final, aside)
     os.replace(partial, final)
     delete_ours(aside)
 
 
 @contextlib.contextmanager
-def staged_directory(final: str | Path, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+def staged_directory(
+    final: str | Path, inputs: Iterable[str | Path | None] = (), kind: str = MODEL, adopt: bool = False
+) -> Iterator[Path]:
     """Write a whole output directory: yields an empty marked ``.partial`` sibling to fill; when the
-    block ends without error it replaces ``final`` atomically, and on error it is removed."""
-    final = check_writable(final, inputs)
+    block ends without error it is marked as ``final`` with the files it holds and replaces ``final``
+    atomically; on error it is removed."""
+    final = check_writable(final, inputs, kind, adopt)
     with writer_lock(final):
-        check_writable(final, inputs)  # again, now that no other writer can change it
-        partial = final.with_name(final.name + ".partial")
-        remove_ours(partial)
-        claim_directory(partial)
-        try:
+        check_writable(final, inputs, kind, adopt)  # again, now that no other writer can change it
+        with _staging(final) as partial:
             yield partial
-        except BaseException:
-            with contextlib.suppress(OSError, TQCError):
-                remove_ours(partial)
-            raise
-        swap_in(partial, final)
+            mark(partial, kind, written_as=final, files=sorted(e.name for e in partial.iterdir() if e.name != MARKER))
+            swap_in(partial, final)
+
+
+@contextlib.contextmanager
+def _staging(final: Path) -> Iterator[Path]:
+    """The marked, empty ``.partial`` directory beside ``final`` (a killed writer's one is removed
+    first); removed again if the block fails."""
+    partial = final.with_name(final.name + ".partial")
+    remove_ours(partial, written_as=final)
+    partial.mkdir(parents=True)
+    mark(partial, STAGING)
+    try:
+        yield partial
+    except BaseException:
+        with contextlib.suppress(OSError, TQCError):
+            remove_ours(partial, written_as=final)
+        raise
+
+
+@contextlib.contextmanager
+def staged_file(
+    final: str | Path, option: str, ours: Callable[[Path], bool], inputs: Iterable[str | Path | None] = ()
+) -> Iterator[Path]:
+    """Write one file through the same door as a directory: locked, never over a file ``ours`` does
+    not recognise, written whole. Yields the path to write, inside a marked ``.partial`` directory
+    beside ``final``; any other file the block leaves there (each under a new name, such as an ONNX
+    graph's external weights) is moved beside ``final`` first, then the file replaces ``final`` in one
+    rename. The staging directory is removed after, whatever happened."""
+    final = output_path(final, option)
+    if final.is_dir():
+        raise TQCError(f"{option} {final} is a directory; name the file to write, e.g. {final / 'out'}")
+    check_not_an_input(final, inputs)
+    with writer_lock(final):
+        if final.exists() and not ours(final):
+            raise TQCError(f"{option} {final} exists and was not written by tqcompressor; choose another file name")
+        with _staging(final) as partial:
+            yield partial / final.name
+            for companion in sorted(partial.iterdir()):
+                if companion.name not in (final.name, MARKER):
+                    if (final.parent / companion.name).exists():
+                        raise TQCError(f"{final.parent / companion.name} exists; choose another file name")
+                    os.replace(companion, final.parent / companion.name)
+            os.replace(partial / final.name, final)
+        remove_ours(final.with_name(final.name + ".partial"))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

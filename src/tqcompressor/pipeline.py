@@ -43,6 +43,7 @@ from tqcompressor.evaluation.report import format_report
 from tqcompressor.modelio.checkpoint import save
 from tqcompressor.modelio.models import LoadedModel
 from tqcompressor.outputs import (
+    RUN,
     check_writable,
     claim_directory,
     is_main_process,
@@ -271,7 +272,7 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     time budget → multi-step distillation (a point per stage) → the saved model and the report.
     Each point lands in ``results.json`` as it is measured; ``run.resume`` skips those already there."""
     main = is_main_process()  # under torchrun / accelerate launch every rank trains; rank 0 writes
-    out_dir = claim_directory(run.out_dir) if main else check_writable(run.out_dir)
+    out_dir = claim_directory(run.out_dir, kind=RUN) if main else check_writable(run.out_dir, kind=RUN)
     started = time.perf_counter()
     phase = _phases(started)
     blocks, eval_sets = load_data(loaded, run, out_dir, phase)

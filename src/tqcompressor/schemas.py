@@ -389,10 +389,17 @@ LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 def check_layer_count(config: dict, tensor_names: list[str], where: str) -> None:
-    """A config may not promise more layers than the weights file numbers: checked on names alone,
-    before a skeleton of the model is built (a million edited layers would take an hour on meta)."""
-    numbers = [int(part) for name in tensor_names for part in name.split(".") if part.isdigit()]
-    available = max(numbers, default=-1) + 1
+    """A config may not promise more layers than the weights file holds: checked on names alone,
+    before a skeleton of the model is built (a million edited layers would take an hour on meta). What
+    counts is how many distinct layers one list holds (``model.layers.0`` ... ``model.layers.29``: 30),
+    never the largest number named: one tensor named ``model.layers.99999999.x`` is one layer."""
+    lists: dict[tuple[str, int], set[str]] = {}  # (the names before a number, its position) -> numbers seen
+    for name in tensor_names:
+        parts = name.split(".")
+        for position, part in enumerate(parts):
+            if part.isdigit():
+                lists.setdefault((".".join(parts[:position]), position), set()).add(part)
+    available = max((len(numbers) for numbers in lists.values()), default=0)
     for key in LAYER_COUNTS:
         value = config.get(key)
         if value is None:

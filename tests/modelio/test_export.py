@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 import tqcompressor as tqc
 from tqcompressor import CompressionConfig, LayerSpec, QuantizeSettings, TQCError
 from tqcompressor.cli import app
-from tqcompressor.modelio.export import push_to_hub
+from tqcompressor.modelio.export import export_genai, export_onnx, push_to_hub
 from tqcompressor.modelio.onnx_generate import OnnxDecoder
+from tqcompressor.outputs import MARKER
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
@@ -127,8 +128,9 @@ def test_push_calls_the_hub_with_the_dir(tmp_path, gpt2_model, monkeypatch):
         def create_repo(self, repo_id, private, exist_ok):
             calls["create"] = (repo_id, private, exist_ok)
 
-        def upload_folder(self, folder_path, repo_id, commit_message):
+        def upload_folder(self, folder_path, repo_id, commit_message, ignore_patterns):
             calls["upload"] = (folder_path, repo_id)
+            calls["ignored"] = ignore_patterns
             return "https://huggingface.co/me/tiny/commit/abc"
 
     import huggingface_hub
@@ -138,6 +140,7 @@ def test_push_calls_the_hub_with_the_dir(tmp_path, gpt2_model, monkeypatch):
     tqc.save(model, tmp_path / "m")
     assert push_to_hub(tmp_path / "m", "me/tiny").endswith("abc")
     assert calls["create"] == ("me/tiny", False, True) and calls["upload"] == (str(tmp_path / "m"), "me/tiny")
+    assert MARKER in calls["ignored"]  # the marker says who wrote this path: it does not travel with a download
     with pytest.raises(TQCError, match="user/name"):
         push_to_hub(tmp_path / "m", "tiny")
     with pytest.raises(TQCError, match="half written"):
@@ -160,3 +163,115 @@ def test_export_needs_exactly_one_format(tmp_path):
         text=True,
     )
     assert r.returncode == 2 and "--dense or --onnx" in r.stderr
+
+
+# -- the ONNX writers go through the output door -----------------------------------------------------
+
+
+@pytest.fixture
+def svd_dir(tmp_path, gpt2_model, tokenizer):
+    model, _ = tqc.compress(gpt2_model, CompressionConfig(method="svd", ratio=0.8), progress=False)
+    return tqc.save(model, tmp_path / "m", tokenizer)
+
+
+def test_onnx_weights_past_the_inline_limit_get_a_file_of_their_own_and_the_old_one_goes(
+    tmp_path, svd_dir, monkeypatch
+):
+    ort = pytest.importorskip("onnxruntime")
+    from tqcompressor.modelio import export
+
+    monkeypatch.setattr(export, "ONNX_INLINE_BYTES", 0)  # as a model past 2 GiB is written
+    out = tmp_path / "onnx" / "m.onnx"
+    out.parent.mkdir()
+    names = []
+    for _ in range(2):
+        export.export_onnx(svd_dir, out, cache=False)
+        names.append(sorted(p.name for p in out.parent.iterdir()))
+    for listing in names:  # the graph and its one weights file, named for that export; nothing else
+        assert len(listing) == 2 and listing[0] == "m.onnx" and listing[1].startswith("m.onnx.")
+    assert names[0][1] != names[1][1]  # the first export's weights went with its graph
+    session = ort.InferenceSession(str(out))
+    assert session.run(None, {"input_ids": np.zeros((1, 4), dtype=np.int64)})[0].shape == (1, 4, 512)
+
+
+def test_onnx_export_refuses_a_users_file_a_second_writer_and_a_name_that_is_not_onnx(tmp_path, svd_dir, capsys):
+    from tqcompressor.cli import main
+
+    theirs = tmp_path / "theirs.onnx"
+    theirs.write_bytes(b"not ours")
+    held = tmp_path / "held.onnx"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom tqcompressor.outputs import writer_lock\n"
+         "with writer_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n", str(held)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for out, message in (
+            (theirs, "was not written by tqcompressor"),
+            (held, f"pid {holder.pid}"),
+            (tmp_path / "m.txt", "does not end in .onnx"),
+        ):
+            with pytest.raises(SystemExit) as exited:
+                main(["export", str(svd_dir), "--onnx", "--out", str(out)])
+            err = capsys.readouterr().err
+            assert exited.value.code == 2 and err.count("\n") == 1 and message in err, err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert theirs.read_bytes() == b"not ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "theirs.onnx"]
+
+
+def test_a_genai_folder_never_lands_in_another_output_of_ours(tmp_path, svd_dir, capsys):
+    pytest.importorskip("onnxruntime_genai")
+    from tqcompressor.cli import main
+
+    other = tqc.save(tqc.load(svd_dir), tmp_path / "other")
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    with pytest.raises(SystemExit) as exited:
+        main(["export", str(svd_dir), "--onnx", "--genai", "--out", str(other)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "holds a tqcompressor model output, not a onnx-genai one" in err
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    assert not (tmp_path / "other.partial").exists()
+
+
+KILLED_EXPORT = """
+import sys
+from tqcompressor.modelio.export import export_onnx, export_genai
+print("started", flush=True)
+for _ in range(100):
+    if sys.argv[3] == "genai":
+        export_genai(sys.argv[1], sys.argv[2])
+    else:
+        export_onnx(sys.argv[1], sys.argv[2], cache=False)
+"""
+
+
+@pytest.mark.parametrize("form", ["onnx", "genai"])
+def test_an_onnx_export_killed_at_any_instant_leaves_the_old_output_or_the_new(tmp_path, svd_dir, form):
+    import random
+    import signal
+    import time
+
+    ort = pytest.importorskip("onnxruntime")
+    if form == "genai":
+        pytest.importorskip("onnxruntime_genai")
+    out = tmp_path / ("g" if form == "genai" else "m.onnx")
+    graph = out / "model.onnx" if form == "genai" else out
+    rng = random.Random(3)
+    for _ in range(2):
+        process = subprocess.Popen(
+            [sys.executable, "-c", KILLED_EXPORT, str(svd_dir), str(out), form], stdout=subprocess.PIPE, text=True
+        )
+        assert process.stdout.readline().strip() == "started"
+        time.sleep(1 + rng.random() * 3)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if graph.exists():
+            ort.InferenceSession(str(graph))  # complete: it opens
+    leftovers = {p.name for p in tmp_path.iterdir()} - {"m", out.name, out.name + ".partial"}
+    assert not leftovers  # no scratch folder, no lock file beside the output
+    (export_genai if form == "genai" else export_onnx)(svd_dir, out)  # the next export clears the partial
+    assert {p.name for p in tmp_path.iterdir()} == {"m", out.name}

@@ -46,6 +46,7 @@ from tqcompressor.surgery.experts import fused_experts_class
 FORMAT_VERSION = 1
 STRUCTURE_FILE = "tqcompressor.json"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded dir's map from tensor names to its files
 # files written before svd could factor embeddings name the tied head by its old class name
 TIED_HEAD_TYPES = ("TiedFactoredHead", "TiedKroneckerHead")
 
@@ -244,9 +245,9 @@ def load(directory: str | Path) -> nn.Module:
     """Rebuild a compressed model from ``directory`` without re-running any decomposition."""
     directory = Path(directory)
     structure = read_structure(directory)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file() or not (directory / "config.json").is_file():
-        raise TQCError(f"{directory} is missing {WEIGHTS_FILE} or config.json; re-run `tqc compress`")
+    if not (directory / "config.json").is_file():
+        raise TQCError(f"{directory} is missing config.json; re-run `tqc compress`")
+    files = weight_files(directory)
     dtype = getattr(torch, structure.get("dtype", "float32"))
     config = read_base_config(directory)
     if hasattr(config, "quantization_config"):
@@ -254,21 +255,50 @@ def load(directory: str | Path) -> nn.Module:
     check_directory(directory, config, structure["modules"], dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     install_structure(model, structure["modules"], dtype)
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise TQCError(
-            f"{weights} could not be read ({first_line(exc) or type(exc).__name__}); the dir is corrupt or "
-            "half written, re-run `tqc compress`"
-        ) from None
-    missing = [k for k in missing if not is_tied_head_weight(model, k)]
+    missing, unexpected = None, set()
+    for weights in files:  # a tensor is missing when no shard holds it
+        try:
+            absent, extra = load_model(model, str(weights), strict=False)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise TQCError(
+                f"{weights} could not be read ({first_line(exc) or type(exc).__name__}); the dir is corrupt or "
+                "half written, re-run `tqc compress`"
+            ) from None
+        missing = set(absent) if missing is None else missing & set(absent)
+        unexpected |= set(extra)
+    missing = sorted(k for k in missing if not is_tied_head_weight(model, k))
     if missing or unexpected:
         raise TQCError(
-            f"{weights} does not match its structure file (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); re-run `tqc compress`"
+            f"{directory}: the weights do not match the structure file (missing {missing[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]}); re-run `tqc compress`"
         )
     model.eval()
     return model
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model dir: ``model.safetensors``, or the shards its index names
+    (plain file names in the dir itself, each present)."""
+    if (directory / WEIGHTS_FILE).is_file():
+        return [directory / WEIGHTS_FILE]
+    index = directory / WEIGHTS_INDEX
+    if not index.is_file():
+        raise TQCError(
+            f"{directory} is missing {WEIGHTS_FILE} (or {WEIGHTS_INDEX} and its shards); re-run `tqc compress`"
+        )
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise TQCError(f"{index} is corrupt (no weight_map of tensor names to files); the dir is corrupt") from None
+    if not names or not all(isinstance(n, str) and n == Path(n).name and n.endswith(".safetensors") for n in names):
+        raise TQCError(f"{index} must name .safetensors files in {directory} itself; the dir is corrupt")
+    absent = [n for n in names if not (directory / n).is_file()]
+    if absent:
+        raise TQCError(
+            f"{directory}: the shard {absent[0]} that {WEIGHTS_INDEX} names is missing; the dir is incomplete"
+        )
+    return [directory / n for n in names]
 
 
 def read_base_config(directory: Path):
@@ -295,14 +325,7 @@ def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch
     factored module standing for a matrix of its base layer's shape, and every tensor it expects in the
     weights file with the shape stored there (a dir is input from elsewhere too; an edited shape must
     not become a huge allocation)."""
-    try:
-        with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as stored:
-            shapes = {key: tuple(stored.get_slice(key).get_shape()) for key in stored.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise TQCError(
-            f"{directory / WEIGHTS_FILE} could not be read ({first_line(exc) or type(exc).__name__}); the dir is "
-            "corrupt or half written, re-run `tqc compress`"
-        ) from None
+    shapes = stored_shapes(directory)
     # by names alone, before a skeleton is built: a million edited layers would take an hour on meta
     check_layer_count(config.to_dict(), list(shapes), str(directory / "config.json"))
     with torch.device("meta"):  # shapes only, no memory
@@ -337,14 +360,35 @@ def check_shapes(directory: Path, config, modules: dict[str, dict], dtype: torch
                 absent.append(key)
         elif shapes[key] != tuple(tensor.shape):
             raise TQCError(
-                f"{directory}: {key} has shape {list(shapes[key])} in {WEIGHTS_FILE} but "
+                f"{directory}: {key} has shape {list(shapes[key])} in its weights but "
                 f"{list(tensor.shape)} in its structure file; the dir is corrupt"
             )
     if absent:  # checked on the skeleton: an edited config (2,000 layers) is refused before it is allocated
         raise TQCError(
             f"{directory}: {len(absent)} tensor(s) that config.json and {STRUCTURE_FILE} imply are not in "
-            f"{WEIGHTS_FILE} (first: {absent[0]}); the dir is corrupt or its config was edited"
+            f"its weights (first: {absent[0]}); the dir is corrupt or its config was edited"
         )
+
+
+def stored_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in a dir's weights (one file or its shards), read from the
+    headers without loading a tensor."""
+    shapes = {}
+    for file in weight_files(directory):
+        try:
+            with safe_open(str(file), framework="pt") as stored:
+                shapes.update({key: tuple(stored.get_slice(key).get_shape()) for key in stored.keys()})
+        except (SafetensorError, OSError) as exc:
+            raise TQCError(
+                f"{file} could not be read ({first_line(exc) or type(exc).__name__}); the dir is "
+                "corrupt or half written, re-run `tqc compress`"
+            ) from None
+    return shapes
+
+
+def check_layer_names(directory: Path, config: dict) -> None:
+    """No more layers in ``config`` than the weights of ``directory`` hold, by their names alone."""
+    check_layer_count(config, list(stored_shapes(directory)), str(directory / "config.json"))
 
 
 def read_plan(directory: str | Path) -> Plan:
@@ -384,10 +428,10 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
-def export_dense(directory: str | Path, out: str | Path) -> Path:
+def export_dense(directory: str | Path, out: str | Path, adopt: bool = False) -> Path:
     """Merge the factors of a compressed dir into a plain HF model dir (``from_pretrained`` opens it)."""
     model = densify(load(directory))
-    with staged_directory(out, inputs=[directory]) as staging:
+    with staged_directory(out, inputs=[directory], adopt=adopt) as staging:
         model.save_pretrained(staging)
         try:
             load_tokenizer(directory).save_pretrained(staging)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-import os
+import json
+import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from transformers import AutoTokenizer, DynamicCache
 from tqcompressor.errors import TQCError, first_line
 from tqcompressor.modelio.checkpoint import export_dense, load, read_structure
 from tqcompressor.modelio.tokenizer import TOKENIZER_FILES
-from tqcompressor.outputs import check_not_an_input, claim_directory, write_json_atomic
+from tqcompressor.outputs import GENAI, MARKER, staged_directory, staged_file, writer_lock
 
 # opset 23 has fused Attention, RMSNormalization and RotaryEmbedding, which the exporter emits and ONNX Runtime
 # runs in one kernel each; at opset 18 the demo's student prefilled 8 x 512 tokens only 1.16x as fast as its
@@ -100,22 +101,22 @@ def export_onnx(directory: str | Path, out: str | Path, opset: int = ONNX_OPSET,
     and sequence axes: with a KV cache (``cache``, the serving graph, see :class:`_WithCache`) or
     ``input_ids -> logits``. Uses torch's dynamo exporter (needs ``onnx`` and ``onnxscript``)."""
     _require_onnx()
-    out = check_onnx_output(out, directory)
-    return export_onnx_model(load(directory), out, opset, cache)
+    return export_onnx_model(load(directory), out, opset, cache, inputs=[directory])
 
 
-def export_genai(directory: str | Path, out_dir: str | Path, opset: int = ONNX_OPSET) -> Path:
+def export_genai(directory: str | Path, out_dir: str | Path, opset: int = ONNX_OPSET, adopt: bool = False) -> Path:
     """A folder ONNX Runtime GenAI opens (``og.Model(out_dir)``): the graph with a KV cache
-    (``model.onnx``), its ``genai_config.json`` and the model's tokenizer. ``out_dir`` must be new,
-    empty or written by tqcompressor (:func:`~tqcompressor.outputs.claim_directory`)."""
+    (``model.onnx``), its ``genai_config.json`` and the model's tokenizer, written whole (staged, then
+    swapped in). ``out_dir`` must be new, empty or an earlier GenAI folder of tqcompressor's."""
     _require_onnx()
-    out_dir = claim_directory(out_dir, inputs=[directory])
-    model = load(directory)
-    export_onnx_model(model, out_dir / "model.onnx", opset, cache=True)
-    write_json_atomic(out_dir / GENAI_CONFIG, genai_config(model.config, getattr(model, "generation_config", None)))
-    if any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
-        AutoTokenizer.from_pretrained(directory).save_pretrained(out_dir)
-    return out_dir
+    with staged_directory(out_dir, inputs=[directory], kind=GENAI, adopt=adopt) as staging:
+        model = load(directory)
+        write_onnx(model, staging / "model.onnx", opset, cache=True)
+        config = genai_config(model.config, getattr(model, "generation_config", None))
+        (staging / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+            AutoTokenizer.from_pretrained(directory).save_pretrained(staging)
+    return Path(out_dir).resolve()
 
 
 GENAI_CONFIG = "genai_config.json"
@@ -167,9 +168,30 @@ def genai_config(config, generation=None) -> dict:
     }
 
 
-def export_onnx_model(model: nn.Module, out: str | Path, opset: int = ONNX_OPSET, cache: bool = True) -> Path:
-    """:func:`export_onnx` of a model in memory (a compressed one, or a teacher exported the same way);
-    ``out`` is written whole or not at all."""
+def export_onnx_model(
+    model: nn.Module, out: str | Path, opset: int = ONNX_OPSET, cache: bool = True, inputs=()
+) -> Path:
+    """:func:`export_onnx` of a model in memory (a compressed one, or a teacher exported the same way)
+    through the output door: locked, never over an ONNX file tqcompressor did not write, written whole.
+    Past 2 GiB the weights go to a file named for this export (``OUT.<token>.data``), moved beside the
+    graph before the graph replaces the old one, whose own weights file is deleted after: at every
+    instant ``out`` names a complete graph with its weights."""
+    _require_onnx()
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise TQCError(f"--out {out} does not end in .onnx; name the ONNX file to write, e.g. {out}.onnx")
+    previous = _our_weights_file(out) if out.is_file() else None
+    with staged_file(out, "--out", _is_our_onnx, inputs) as staging:
+        write_onnx(model, staging, opset, cache)
+    written = _our_weights_file(out)
+    if previous is not None and previous != written:
+        previous.unlink(missing_ok=True)
+    return out.resolve()
+
+
+def write_onnx(model: nn.Module, out: Path, opset: int = ONNX_OPSET, cache: bool = True) -> None:
+    """Trace ``model`` and write its graph to ``out``, inside a staging dir of the output door (the
+    exporter's scratch files go there too)."""
     onnx = _require_onnx()
     stored = [type(m).__name__ for m in model.modules() if getattr(m, "stores_integers", False)]
     if stored:  # their CPU int8/int4 kernels have no ONNX form
@@ -178,9 +200,6 @@ def export_onnx_model(model: nn.Module, out: str | Path, opset: int = ONNX_OPSET
             "compressed dir (before `tqc quantize`)"
         )
     model = model.float().eval()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
     graph, example, names, shapes = _export_signature(model, cache)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tqc-onnx-") as scratch:  # the exporter's files
         traced = Path(scratch) / "model.onnx"
@@ -199,9 +218,8 @@ def export_onnx_model(model: nn.Module, out: str | Path, opset: int = ONNX_OPSET
     # one file where protobuf allows it (2 GiB); past that the weights go to OUT.data beside it
     weights = sum(t.numel() * 4 for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
     external = weights > ONNX_INLINE_BYTES
-    onnx.save(written, str(partial), save_as_external_data=external, location=f"{out.name}.data")
-    os.replace(partial, out)  # whole, or not at all
-    return out
+    location = f"{out.name}.{secrets.token_hex(4)}.data"  # a new name each export: the old graph keeps its own
+    onnx.save(written, str(out), save_as_external_data=external, location=location)
 
 
 def _require_onnx():
@@ -239,22 +257,32 @@ ONNX_INLINE_BYTES = 1_800_000_000  # under protobuf's 2 GiB limit on one file, w
 ONNX_OWNER_KEY = "written_by"  # in the graph's metadata: the only ONNX files an export replaces
 
 
-def check_onnx_output(out: str | Path, directory: str | Path) -> Path:
-    """The ONNX file to write: not inside the model dir it reads, and not a file someone else wrote."""
+def _onnx_header(path: Path):
+    """The graph in ``path`` without its weights, or None for a file that is not ONNX."""
     import onnx
 
-    out = Path(out)
-    if out.is_dir():
-        raise TQCError(f"--out {out} is a directory; name the .onnx file to write, e.g. {out / 'model.onnx'}")
-    check_not_an_input(out.resolve(), [directory])
-    if out.exists():
-        try:
-            props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
-        except Exception:  # not an ONNX file at all: certainly not ours
-            props = {}
-        if props.get(ONNX_OWNER_KEY) != "tqcompressor":
-            raise TQCError(f"--out {out} exists and was not written by tqcompressor; choose another file name")
-    return out
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX file at all
+        return None
+
+
+def _is_our_onnx(path: Path) -> bool:
+    header = _onnx_header(path)
+    props = {p.key: p.value for p in header.metadata_props} if header is not None else {}
+    return props.get(ONNX_OWNER_KEY) == "tqcompressor"
+
+
+def _our_weights_file(graph: Path) -> Path | None:
+    """The external weights file an ONNX graph of ours names beside itself (None: weights inline)."""
+    header = _onnx_header(graph) if _is_our_onnx(graph) else None
+    if header is None:
+        return None
+    for tensor in header.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and Path(entry.value).name == entry.value:
+                return graph.parent / entry.value
+    return None
 
 
 def push_to_hub(directory: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -266,10 +294,18 @@ def push_to_hub(directory: str | Path, repo_id: str, private: bool = False, toke
         raise TQCError(f"--repo must look like 'user/name', got {repo_id!r}")
     api = HfApi(token=token)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(
-            folder_path=str(directory), repo_id=repo_id, commit_message="Upload tqcompressor model"
-        )
+        # held while uploading: no tqcompressor writer swaps the dir out from under the upload. The marker
+        # stays here: it says who wrote this path, and a download is the user's
+        with writer_lock(directory):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            commit = api.upload_folder(
+                folder_path=str(directory),
+                repo_id=repo_id,
+                commit_message="Upload tqcompressor model",
+                ignore_patterns=[MARKER, "*.partial", "*.partial/*"],
+            )
+    except TQCError:
+        raise
     except Exception as exc:  # offline, no token, no rights: the hub client's many error types, one line
         raise TQCError(
             f"could not upload to the Hub ({type(exc).__name__}: {first_line(exc)}); check the network and "

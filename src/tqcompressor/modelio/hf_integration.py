@@ -18,7 +18,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import SavedModule, saved_module_classes
-from tqcompressor.modelio.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, check_directory, install_structure
+from tqcompressor.modelio.checkpoint import (
+    FORMAT_VERSION,
+    STRUCTURE_FILE,
+    check_directory,
+    check_layer_names,
+    install_structure,
+)
 
 QUANT_METHOD = "tqcompressor"
 
@@ -54,6 +60,14 @@ class TQCompressorQuantizer(HfQuantizer):
 
     requires_calibration = True  # only loads models compressed by tqcompressor; never compresses on load
 
+    def update_attn_implementation(self, config):
+        """The one hook that sees the config before transformers builds the model from it: an edited layer
+        count (a hundred million layers) is refused here, by the weights' names alone, before it hangs."""
+        source = Path(str(getattr(config, "_name_or_path", "") or ""))
+        if source.is_dir() and (source / STRUCTURE_FILE).is_file():
+            check_layer_names(source, config.to_dict())
+        return super().update_attn_implementation(config)
+
     def _process_model_before_weight_loading(self, model, **kwargs):
 
         if self.quantization_config.format_version > FORMAT_VERSION:
@@ -61,9 +75,10 @@ class TQCompressorQuantizer(HfQuantizer):
                 f"this model uses tqcompressor format {self.quantization_config.format_version}; "
                 f"the installed tqcompressor reads up to {FORMAT_VERSION}: upgrade tqcompressor"
             )
-        files = kwargs.get("checkpoint_files") or []
-        if len(files) == 1 and str(files[0]).endswith(WEIGHTS_FILE):  # a dir tqc.save wrote: the same door as tqc.load
-            check_directory(Path(files[0]).parent, model.config, self.quantization_config.modules, kwargs.get("dtype"))
+        files = [Path(f) for f in kwargs.get("checkpoint_files") or []]
+        if files and all(f.suffix == ".safetensors" and f.parent == files[0].parent for f in files):
+            # a local dir, in one file or sharded: the same door as tqc.load (every tensor present, every shape)
+            check_directory(files[0].parent, model.config, self.quantization_config.modules, kwargs.get("dtype"))
         install_structure(model, self.quantization_config.modules, dtype=kwargs.get("dtype"))
         return model
 

@@ -91,9 +91,15 @@ def refuse_auto_options(config: CompressionConfig) -> None:
 
 
 def _spec_layers(inventory: Inventory, config: CompressionConfig) -> list[LayerPlan]:
-    plan = []
-    for (_, spec), names in zip(config.layers, inventory.spec_matches):
+    plan, seen = [], {}
+    for index, ((pattern, spec), names) in enumerate(zip(config.layers, inventory.spec_matches)):
         for name in names:
+            earlier = seen.setdefault((name, spec.step), index)
+            if earlier != index:  # one module, one structure per step: a second entry would compress it twice
+                raise TQCError(
+                    f"spec: {name} is listed twice for step {spec.step} (as {config.layers[earlier][0]!r} and "
+                    f"{pattern!r}); list each module once per step"
+                )
             try:
                 spec.structure.check(spec.settings, inventory.shape(name))
             except TQCError as exc:

@@ -50,12 +50,14 @@ class QuantizeSettings:
         return f"int{self.bits}" if self.bits == 8 else f"int4-g{self.group_size}"
 
     @classmethod
-    def parse(cls, text: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizeSettings:
-        """From what users type: ``int8`` or ``int4``."""
+    def parse(cls, text: str, group_size: int | None = None) -> QuantizeSettings:
+        """From what users type: ``int8`` or ``int4``, and int4's group size (``None``: the default)."""
         bits = {"int8": 8, "int4": 4}.get(str(text).lower())
         if bits is None:
             raise TQCError(f"quantization takes int8 or int4 (--bits, --quantize), got {text!r}")
-        return cls(bits, group_size)
+        if bits == 8 and group_size is not None:
+            raise TQCError("--group-size applies to int4 only (int8 keeps one scale per row): drop --group-size")
+        return cls(bits, DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
 
 def padded_shape(shape: tuple[int, int], settings: QuantizeSettings) -> tuple[int, int]:

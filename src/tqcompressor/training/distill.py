@@ -32,7 +32,7 @@ from tqcompressor.data import sample_blocks
 from tqcompressor.errors import TQCError
 from tqcompressor.modelio.checkpoint import load as load_compressed
 from tqcompressor.modelio.checkpoint import save as save_compressed
-from tqcompressor.outputs import check_writable, claim_directory
+from tqcompressor.outputs import RUN, check_writable, claim_directory
 from tqcompressor.planning.plan import Plan
 from tqcompressor.surgery.apply import apply_plan
 from tqcompressor.training.losses import depth_mismatch, distillation_loss
@@ -295,12 +295,12 @@ def multistep_distill(
         _require_tokenizer(tokenizer)  # before any work
     accelerator = _accelerator(config, teacher)
     out_dir = Path(out_dir)
-    check_writable(out_dir)  # every process refuses a user's directory; only the main one writes
+    check_writable(out_dir, kind=RUN)  # every process refuses a user's directory; only the main one writes
     fingerprint = run_fingerprint(teacher_name, data_name, plan, config)
     outputs = RunOutputs(out_dir / "checkpoint", out_dir / "metrics.jsonl", fingerprint, tokenizer, plan)
     student, position, saved = _resumed(outputs) if resume else (student, Position(), None)
     if accelerator.is_main_process:
-        claim_directory(out_dir)
+        claim_directory(out_dir, kind=RUN)
         _keep_metrics_until(outputs.metrics, position.global_step)  # steps after the checkpoint run again: once
     accelerator.wait_for_everyone()
     target = _training_teacher(teacher, config, accelerator)
