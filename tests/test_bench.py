@@ -395,3 +395,24 @@ def test_deploy_exports_both_models_the_same_way_and_compares_them_in_onnxruntim
     assert result["generation_speedup"] > 0 and result["peak_rss_bytes"]["student"] > 0
     assert result["bytes"]["student_onnx"] < result["bytes"]["teacher_onnx"]  # factored layers stay factored
     assert "student / teacher" in capsys.readouterr().out
+
+
+def test_frontier_writes_uniform_and_planned_points_each_within_its_budget(tmp_path, gpt2_dir, monkeypatch):
+    from tests.conftest import TOY_TEXT
+
+    frontier = bench_module("frontier")
+    (tmp_path / "calibration.txt").write_text(TOY_TEXT * 4)
+    out = tmp_path / "frontier.json"
+    argv = ["frontier.py", "--model", str(gpt2_dir), "--calibration", str(tmp_path / "calibration.txt")]
+    argv += ["--calibration-tokens", "256", "--fidelity-tokens", "64", "--context", "32", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    frontier.main()
+    result = json.loads(out.read_text())
+    fields = {"label", "kind", "quantizer", "bytes", "fidelity_kl", "fidelity_top1", "kd_tokens"}
+    assert all(fields <= set(p) for p in result["points"]) and out.with_suffix(".png").is_file()
+    uniform = {p["label"]: p for p in result["points"] if p["kind"] == "uniform"}
+    assert set(uniform) == {"teacher int8", "teacher int4-g32", "teacher int4-g64", "teacher int4-g128"}
+    planned = [p for p in result["points"] if p["kind"] == "planned"]
+    assert planned and all(p["bytes"] <= p["budget_bytes"] for p in planned)
+    assert {p["budget_bytes"] for p in planned} >= {p["bytes"] for p in uniform.values()}  # each format's own size
+    assert frontier.planned_budgets([10, 20, 40], 1) == [10, 15, 20, 30, 40]

@@ -9,6 +9,7 @@ from tqcompressor.modelio.checkpoint import densify, export_dense, load, read_pl
 from tqcompressor.modelio.models import load_model
 from tqcompressor.planning.calibration import calibrate
 from tqcompressor.planning.config import CompressionConfig, CompressionReport, LayerSpec, load_spec
+from tqcompressor.planning.formats import plan_model_formats
 from tqcompressor.planning.inventory import count_parameters
 from tqcompressor.planning.plan import LayerPlan, Plan
 from tqcompressor.planning.planners import plan_compression
@@ -52,6 +53,7 @@ __all__ = [
     "load_model",
     "load_spec",
     "plan_compression",
+    "plan_model_formats",
     "quantize_",
     "read_plan",
     "register",

@@ -54,6 +54,7 @@ from tqcompressor.pipeline import (
     run_pipeline,
 )
 from tqcompressor.planning.config import CompressionConfig, load_spec
+from tqcompressor.planning.formats import parse_bytes, plan_model_formats
 from tqcompressor.planning.inventory import count_parameters, find_target_modules, target_summary, tied_embedding
 from tqcompressor.planning.registry import planning_methods
 from tqcompressor.quant.api import check_not_quantized, quantize_
@@ -222,6 +223,17 @@ CompressOutputWeights = Annotated[
 CompressQuantize = Annotated[
     Optional[str], typer.Option(help="then store the factors and the remaining matrices in int8 or int4 (weight-only)")
 ]
+MaxBytes = Annotated[
+    Optional[str],
+    typer.Option(
+        help="instead of --bits: the size the weights may take (90MiB, 90MB, 1.5GiB, bytes); each matrix gets the "
+        "format (int8, int4 in groups of 32/64/128) that loses least per byte"
+    ),
+]
+QuantizeCalibration = Annotated[
+    Optional[str],
+    typer.Option(help="with --max-bytes: text (file/dir/glob, dataset name) or 'teacher' to measure output errors on"),
+]
 GroupSize = Annotated[
     Optional[int], typer.Option(help="int4: inputs sharing one scale (32, 64, 128, 256) [default: 32]")
 ]
@@ -312,27 +324,52 @@ def _budget_config(planning: dict, max_iterations: int, sequential: bool, output
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="a compressed dir or any model --model accepts (the baseline)"),
-    bits: str = typer.Option(..., "--bits", help="int8 or int4 (weight-only; biases and norms stay float)"),
+    bits: Optional[str] = typer.Option(None, "--bits", help="int8 or int4 (weight-only; biases and norms stay float)"),
     group_size: GroupSize = None,
+    max_bytes: MaxBytes = None,
+    calibration: QuantizeCalibration = None,
+    calibration_tokens: int = typer.Option(8192, help="with --calibration: tokens (in blocks of 256)"),
     out: Path = typer.Option(..., help="output directory"),
     adopt: Adopt = False,
 ) -> None:
-    """Store a model's matrices (factors of a compressed model, or an uncompressed one's layers) in int8/int4."""
+    """Store a model's matrices (factors of a compressed model, or an uncompressed one's layers) in int8/int4:
+    one format (--bits), or per matrix the formats that keep it closest to the model within --max-bytes."""
 
-    check_writable(out, inputs=[model], adopt=adopt)
-    settings = QuantizeSettings.parse(bits, group_size)
+    check_writable(out, inputs=[model, calibration], adopt=adopt)
+    budget = _check_quantize_options(bits, group_size, max_bytes, calibration, calibration_tokens)
+    settings = QuantizeSettings.parse(bits, group_size) if bits is not None else QuantizeSettings(8)
     with writer_lock(out):
         loaded = load_model(model)
         plan = read_plan(model) if (Path(model) / STRUCTURE_FILE).is_file() else None
         compression = _read_compression_json(Path(model))  # ours: the plan's table stays with the model
-        report = quantize_(loaded.model, settings)
+        formats = None
+        if budget is not None:
+            ids = (
+                calibration_ids(calibration, loaded.model, loaded.tokenizer, calibration_tokens)
+                if calibration
+                else None
+            )
+            formats = plan_model_formats(loaded.model, budget, ids)
+        report = quantize_(loaded.model, settings, per_layer=formats.settings() if formats else None)
         with staged_directory(out, inputs=[model], adopt=adopt) as staging:
             write_model(loaded.model, staging, loaded.tokenizer, base_model=model, plan=plan)
             if compression is not None:
                 (staging / "compression.json").write_text(compression)
-            _write_quantization(report, staging, model)
+            _write_quantization(report, staging, model, formats)
     typer.echo(format_quantization_table(json.loads((Path(out) / "quantization.json").read_text())))
     typer.echo(f"wrote {out}")
+
+
+def _check_quantize_options(bits, group_size, max_bytes, calibration, calibration_tokens) -> Optional[int]:
+    """One format or a byte budget, and the options each takes; the budget in bytes (None: one format)."""
+    if (bits is None) == (max_bytes is None):
+        raise TQCError("give --bits (one format for every matrix) or --max-bytes (a format per matrix within a size)")
+    if max_bytes is None and calibration is not None:
+        raise TQCError("--calibration measures the errors --max-bytes plans with: add --max-bytes or drop it")
+    if max_bytes is not None and group_size is not None:
+        raise TQCError("--max-bytes chooses each matrix's int4 group size itself: drop --group-size")
+    check_count("calibration-tokens", calibration_tokens, 1, MAX_CALIBRATION_TOKENS)
+    return parse_bytes(max_bytes) if max_bytes is not None else None
 
 
 def _read_compression_json(model_dir: Path) -> Optional[str]:
@@ -344,17 +381,20 @@ def _read_compression_json(model_dir: Path) -> Optional[str]:
     return path.read_text()
 
 
-def _write_quantization(report, out: Path, source: str) -> None:
+def _write_quantization(report, out: Path, source: str, formats=None) -> None:
+    bits = min(int(layer.format.split("-")[0][3:]) for layer in report.layers) if formats else report.settings.bits
     result = {
         "source": source,
-        "format": report.settings.name,
-        "bits": report.settings.bits,
-        "group_size": report.settings.group_size if report.settings.bits == 4 else None,
+        "format": "mixed" if formats else report.settings.name,
+        "bits": bits,
+        "group_size": report.settings.group_size if report.settings.bits == 4 and not formats else None,
         "weights_file_bytes": (Path(out) / WEIGHTS_FILE).stat().st_size,
         "quantized_float_bytes": report.float_bytes,
         "quantized_stored_bytes": report.stored_bytes,
         "layers": [layer.to_dict() for layer in report.layers],
     }
+    if formats is not None:
+        result["plan"] = formats.to_dict()
     (Path(out) / "quantization.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -37,7 +37,7 @@ def format_quantization_table(result: dict) -> str:
         [
             layer["name"],
             layer["kind"],
-            result["format"],
+            layer.get("format") or result["format"],
             layer["weights"],
             layer["float_bytes"] / 2**20,
             layer["stored_bytes"] / 2**20,

@@ -41,6 +41,7 @@ class QuantizedLayer:
     float_bytes: int  # bytes of those entries before
     stored_bytes: int  # integers + scales + offsets after
     error: float  # ||W - W'|| / ||W|| of the matrix the layer stands for
+    format: str = ""  # int8, int4-g32, ...: per layer, where a plan mixes them
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -66,12 +67,19 @@ class QuantizeReport:
         )
 
 
-def quantize_(model: nn.Module, settings: QuantizeSettings | str, measure_error: bool = True) -> QuantizeReport:
+def quantize_(
+    model: nn.Module,
+    settings: QuantizeSettings | str,
+    measure_error: bool = True,
+    per_layer: dict[str, QuantizeSettings] | None = None,
+) -> QuantizeReport:
     """Quantize ``model``'s weight matrices in place (``settings``: a :class:`QuantizeSettings` or
-    ``"int8"`` / ``"int4"``). Factored modules keep their structure; their factors are quantized
+    ``"int8"`` / ``"int4"``; ``per_layer``: another format for the modules it names, as a byte-budget
+    plan mixes them). Factored modules keep their structure; their factors are quantized
     (:data:`~tqcompressor.quant.modules.QUANTIZED_FORMS`)."""
     if isinstance(settings, str):
         settings = QuantizeSettings.parse(settings)
+    per_layer = per_layer or {}
     already = list(quantized_layers(model))
     if already:
         raise TQCError(f"the model is quantized already ({already[0]}); quantize the unquantized model instead")
@@ -89,7 +97,7 @@ def quantize_(model: nn.Module, settings: QuantizeSettings | str, measure_error:
         if isinstance(module, TiedFactoredHead):
             continue  # follows its embedding below
         before = _before(module, measure_error)  # the wrapper takes over the module's factors
-        quantized = quantized_form(module, settings)
+        quantized = quantized_form(module, per_layer.get(name, settings))
         report.layers.append(_layer(name, type(module).__name__, before, quantized))
         set_module(model, name, quantized)
         if module is embedding and isinstance(head, TiedFactoredHead):
@@ -100,12 +108,13 @@ def quantize_(model: nn.Module, settings: QuantizeSettings | str, measure_error:
         if isinstance(module, (nn.Linear, Conv1D)) and not (tied_dense and module is head):
             before = _before(module, measure_error)
             weight, kind = dense_weight_of(module)
-            quantized = QuantizedLinear.from_dense(weight, bias_of(module), kind, settings)
+            quantized = QuantizedLinear.from_dense(weight, bias_of(module), kind, per_layer.get(name, settings))
         elif type(module) is nn.Embedding or module is embedding and isinstance(module, nn.Embedding):
             # a subclass with its own forward (OPT's learned positions) stays float; the input
             # embedding's subclasses only scale their lookups (Gemma), which QuantizedEmbedding keeps
             before = _before(module, measure_error)
-            quantized = QuantizedEmbedding.from_dense(module.weight.detach(), settings, embedding_scale(module))
+            layer_settings = per_layer.get(name, settings)
+            quantized = QuantizedEmbedding.from_dense(module.weight.detach(), layer_settings, embedding_scale(module))
         else:
             continue
         report.layers.append(_layer(name, _kind(module), before, quantized))
@@ -133,7 +142,8 @@ def _layer(name: str, kind: str, before: tuple[int, Tensor | None], after: nn.Mo
     stored = [m for m in after.modules() if isinstance(m, QuantizedWeight)]
     weights = sum(m.padded_shape[0] * m.padded_shape[1] for m in stored)
     error = relative_error(dense, after.to_dense()) if dense is not None else float("nan")
-    return QuantizedLayer(name, kind, weights, float_bytes, sum(m.stored_bytes for m in stored), error)
+    formats = ", ".join(sorted({m.settings.name for m in stored}))
+    return QuantizedLayer(name, kind, weights, float_bytes, sum(m.stored_bytes for m in stored), error, formats)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, str]:

@@ -1,0 +1,138 @@
+"""Bytes against fidelity: the teacher in each uniform storage format beside the formats a byte budget
+plans per matrix (``tqc quantize --max-bytes``), one-shot, on the held-out fidelity suite.
+
+Every point's bytes are the tensors its saved dir holds (integers, scales, offsets, padding, the float
+norms), computed exactly as the planner prices them (a test holds the two equal). The planned points'
+errors are measured on ``--calibration`` (WikiText-2 valid by default: no held-out domain reads it).
+The quantizer is ours, round-to-nearest (``rtn``) for every point.
+
+    python bench/frontier.py    # ~12 minutes on 2 cores; writes bench/results/frontier/frontier.json and .png
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+from common import DATA, HERE
+from provenance import cpu_run, git_commit
+
+from tqcompressor.data import calibration_ids
+from tqcompressor.evaluation.fidelity import heldout_domains, measure, teacher_perplexities
+from tqcompressor.modelio.models import load_model
+from tqcompressor.planning.calibration import layer_statistics
+from tqcompressor.planning.formats import FORMATS, float_bytes, plan_formats, planned_matrices
+from tqcompressor.quant.api import quantize_
+from tqcompressor.quant.formats import QuantizeSettings
+
+MIB = 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calibration", default=str(DATA / "valid.txt"))
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--fidelity-tokens", type=int, default=1024, help="tokens of each held-out domain")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument(
+        "--between", type=int, default=1, help="planned budgets between each pair of neighbouring uniform formats"
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "frontier" / "frontier.json")
+    args = parser.parse_args()
+    commit, started = git_commit(), time.perf_counter()
+    loaded = load_model(args.model)
+    teacher, tokenizer = loaded.model, loaded.tokenizer
+    domains = heldout_domains(teacher, tokenizer, args.fidelity_tokens, args.context)
+    reference = teacher_perplexities(measure(teacher, teacher, domains, args.context, tokenizer))
+
+    def point(label: str, kind: str, per_layer: dict, total_bytes: int, counts: dict) -> dict:
+        model = copy.deepcopy(teacher)
+        quantize_(model, QuantizeSettings(8), measure_error=False, per_layer=per_layer)
+        measured = measure(model, teacher, domains, args.context, tokenizer, teacher_perplexity=reference)
+        found = {
+            "label": label,
+            "kind": kind,
+            "quantizer": "rtn",
+            "bytes": total_bytes,
+            "fidelity_kl": measured["fidelity_kl"],
+            "fidelity_top1": measured["fidelity_top1"],
+            "kd_tokens": 0,
+            "format_counts": counts,
+            "domains": {name: d["kl_to_teacher"] for name, d in measured["domains"].items()},
+        }
+        print(f"{label:>32}  {total_bytes / MIB:7.1f} MiB  fidelity KL {found['fidelity_kl']:.4f}", flush=True)
+        return found
+
+    names = list(planned_matrices(teacher))
+    points, uniform_bytes = [], []
+    for fmt in FORMATS:
+        plan = plan_formats(teacher, float_bytes(teacher), formats=(fmt,))
+        uniform_bytes.append(plan.total_bytes)
+        points.append(point(f"teacher {fmt}", "uniform", plan.settings(), plan.total_bytes, {fmt: len(names)}))
+    ids = calibration_ids(args.calibration, teacher, tokenizer, args.calibration_tokens)
+    stats = layer_statistics(teacher, names, ids)
+    budgets = planned_budgets(sorted(uniform_bytes), args.between)
+    for budget in budgets:
+        plan = plan_formats(teacher, budget, stats)
+        label = f"planned <= {budget / MIB:.1f} MiB"
+        points.append(point(label, "planned", plan.settings(), plan.total_bytes, plan.to_dict()["format_counts"]))
+        points[-1]["budget_bytes"] = budget
+        points[-1]["formats"] = plan.formats
+    result = {
+        **cpu_run(commit, args),
+        "what": "bytes of the saved weights against fidelity KL on the held-out suite: the teacher in each uniform "
+        "format (round-to-nearest) and the per-matrix formats a byte budget plans, one-shot",
+        "teacher_float_bytes": float_bytes(teacher),
+        "points": points,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(points, args.out.with_suffix(".png"))
+    print(format_table(result))
+
+
+def planned_budgets(uniform: list[int], between: int) -> list[int]:
+    """Each uniform point's bytes, and ``between`` evenly spaced budgets between each neighbouring pair."""
+    budgets = []
+    for low, high in zip(uniform, uniform[1:]):
+        budgets += [low + (high - low) * i // (between + 1) for i in range(between + 1)]
+    return sorted(set(budgets + [uniform[-1]]))
+
+
+def format_table(result: dict) -> str:
+    rows = ["| point | kind | MiB | fidelity KL | top-1 |", "| --- | --- | ---: | ---: | ---: |"]
+    for p in sorted(result["points"], key=lambda p: p["bytes"]):
+        size, kl, top1 = p["bytes"] / MIB, p["fidelity_kl"], p["fidelity_top1"]
+        rows.append(f"| {p['label']} | {p['kind']} | {size:.1f} | {kl:.4f} | {top1:.3f} |")
+    return "\n".join(rows)
+
+
+def plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    for kind, style in (("uniform", "o"), ("planned", "s-")):
+        chosen = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["bytes"])
+        axes.plot([p["bytes"] / MIB for p in chosen], [p["fidelity_kl"] for p in chosen], style, label=kind)
+        if kind == "uniform":
+            for p in chosen:
+                axes.annotate(p["label"].removeprefix("teacher "), (p["bytes"] / MIB, p["fidelity_kl"]), fontsize=8)
+    axes.set_xlabel("saved weights (MiB)")
+    axes.set_ylabel("fidelity KL (held-out, nats/token)")
+    axes.set_yscale("log")
+    axes.legend()
+    axes.set_title("SmolLM2-135M: bytes against fidelity, one-shot")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""A storage format per matrix under a byte budget (tqcompressor.planning.formats, tqc quantize --max-bytes)."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import tqcompressor as tqc
+from tests.conftest import TOY_TEXT, run_cli, tiny_llama
+from tqcompressor.errors import TQCError
+from tqcompressor.planning.calibration import layer_statistics
+from tqcompressor.planning.formats import (
+    FORMATS,
+    float_bytes,
+    format_menu,
+    parse_bytes,
+    plan_formats,
+    planned_matrices,
+)
+from tqcompressor.quant.api import quantize_
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [("90MiB", 90 * 2**20), ("90MB", 90 * 10**6), ("1.5GiB", int(1.5 * 2**30)), ("4096", 4096), (" 2 kib ", 2048)],
+)
+def test_sizes_parse_as_people_write_them(text, size):
+    assert parse_bytes(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "MiB", "90 parsecs", "-5MiB", "0", "1e9", "nan"])
+def test_a_size_that_does_not_parse_is_one_line_naming_the_option(text):
+    with pytest.raises(TQCError, match="--max-bytes"):
+        parse_bytes(text)
+
+
+def saved_tensor_bytes(directory) -> int:
+    """The bytes of every tensor in a saved dir's weights file (its header aside)."""
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as stored:
+        tensors = [stored.get_tensor(key) for key in stored.keys()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_each_format_is_priced_in_the_bytes_the_saved_dir_holds(tmp_path):
+    model = tiny_llama(vocab_size=256)
+    smallest = plan_formats(model, 10**9)  # room for everything: every matrix in int8
+    assert set(smallest.formats.values()) == {"int8"}
+    for fmt in ("int8", "int4-g32", "int4-g128"):
+        planned = tiny_llama(vocab_size=256)
+        plan = plan_formats(planned, 10**9, formats=(fmt,))
+        quantize_(planned, tqc.QuantizeSettings(8), per_layer=plan.settings())
+        tqc.save(planned, tmp_path / fmt)
+        assert saved_tensor_bytes(tmp_path / fmt) == plan.total_bytes, fmt  # exact: scales, offsets, padding
+
+
+def test_a_larger_budget_never_plans_a_worse_model_and_the_plan_is_kept(tmp_path):
+    model = tiny_llama(vocab_size=256)
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    stats = layer_statistics(model, list(planned_matrices(model)), ids, progress=False)
+    cheapest = plan_formats(model, 10**9, stats, formats=(FORMATS[0],)).total_bytes
+    richest = plan_formats(model, 10**9, stats).total_bytes
+    losses = []
+    for budget in torch.linspace(cheapest, richest, 5).long().tolist():
+        plan = plan_formats(model, budget, stats)
+        assert plan.total_bytes <= budget
+        menus = {name: {c.method: c for c in menu} for name, menu in plan.menus.items()}
+        losses.append(sum(plan.weights[n] * menus[n][f].error ** 2 for n, f in plan.formats.items()))
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(losses, losses[1:]))
+    assert losses[-1] < losses[0]  # the bytes bought something
+    with pytest.raises(TQCError, match="below the smallest model these formats make"):
+        plan_formats(model, cheapest - 1, stats)
+
+
+def test_errors_are_of_the_stored_matrix_in_the_output_metric():
+    torch.manual_seed(0)
+    weight = torch.randn(32, 64)
+    menu = {c.method: c for c in format_menu(weight)}
+    assert menu["int8"].error < menu["int4-g32"].error < menu["int4-g128"].error
+    assert menu["int8"].params > menu["int4-g32"].params > menu["int4-g128"].params
+
+
+def test_tqc_quantize_max_bytes_writes_a_mixed_dir_that_opens_anywhere(tmp_path, gpt2_dir):
+    (tmp_path / "calibration.txt").write_text(TOY_TEXT * 4)
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    low = plan_formats(model, 10**9, formats=(FORMATS[0],)).total_bytes
+    high = plan_formats(model, 10**9).total_bytes
+    budget = (low + high) // 2
+    args = ["quantize", gpt2_dir, "--max-bytes", str(budget), "--out", tmp_path / "mixed"]
+    result = run_cli(*args, "--calibration", tmp_path / "calibration.txt", "--calibration-tokens", "512")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "mixed" / "quantization.json").read_text())
+    assert written["format"] == "mixed" and len(written["plan"]["format_counts"]) > 1
+    assert written["plan"]["total_bytes"] <= budget
+    assert saved_tensor_bytes(tmp_path / "mixed") == written["plan"]["total_bytes"]
+    opened = AutoModelForCausalLM.from_pretrained(tmp_path / "mixed")
+    ids = torch.randint(0, 200, (1, 12))
+    assert torch.isfinite(opened(ids).logits).all()
+    assert float_bytes(model) > budget
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max-bytes", "90 parsecs"], "--max-bytes takes a size"),
+        (["--max-bytes", "10"], "below the smallest model"),
+        (["--max-bytes", "10GiB"], "fits as it is"),
+        (["--max-bytes", "1MiB", "--bits", "int8"], "give --bits"),
+        ([], "give --bits"),
+        (["--max-bytes", "1MiB", "--group-size", "64"], "drop --group-size"),
+        (["--bits", "int8", "--calibration", "teacher"], "add --max-bytes"),
+    ],
+)
+def test_bad_budgets_are_one_line_and_nothing_is_written(tmp_path, gpt2_dir, extra, message):
+    result = run_cli("quantize", gpt2_dir, "--out", tmp_path / "q", *extra)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr
+    assert not (tmp_path / "q").exists()
