@@ -371,6 +371,8 @@ def test_every_option_shows_its_help(command, option, words):
         (["run", "--model", "{dir}", "--stages", "0", "--out", "{out}"], "--stages must be"),
         (["eval", "--model", "{dir}", "--data", "{blank}", "--context", "16"], "holds no text"),
         (["eval", "--model", "{dir}", "--teacher", "{dir}", "--context", "1000000"], "--context 1,000,000 exceeds"),
+        (["eval", "--model", "{dir}", "--data", "{blank}", "--context", "1000000"], "holds no text"),
+        (["eval", "--model", "{dir}", "--data", "{text}", "--context", "1000000"], "--context 1,000,000 exceeds"),
     ],
 )
 def test_an_option_accepted_does_what_it_says_and_a_refusal_names_it(tmp_path, gpt2_dir, capsys, args, message):
@@ -380,7 +382,10 @@ def test_an_option_accepted_does_what_it_says_and_a_refusal_names_it(tmp_path, g
     entry = "  - modules: [transformer.h.1.mlp.c_fc]\n    method: svd\n    rank: 2\n"
     twice.write_text("layers:\n" + entry + entry)
     (tmp_path / "blank.txt").write_text(" \n\t\n   \n")
-    values = dict(dir=gpt2_dir, out=tmp_path / "out", twice=twice, blank=tmp_path / "blank.txt")
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog . " * 20)
+    values = dict(
+        dir=gpt2_dir, out=tmp_path / "out", twice=twice, blank=tmp_path / "blank.txt", text=tmp_path / "text.txt"
+    )
     with pytest.raises(SystemExit) as exited:
         main([a.format(**values) for a in args])
     err = capsys.readouterr().err

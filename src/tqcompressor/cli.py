@@ -631,12 +631,16 @@ def eval_command(
             json_path.write_text(json.dumps({EVAL_JSON_KEY: "tqc eval", **metrics}, indent=2) + "\n")
 
 
-def _check_fidelity_windows(model, context: int, fidelity_tokens: int) -> None:
-    """The held-out suite scores windows of --context tokens: the model must take one, and each domain
-    must hold one. Each refusal names the option at fault."""
+def _check_context(model, context: int) -> None:
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit and context > limit:
         raise TQCError(f"--context {context:,} exceeds the model's {limit:,} positions; choose at most {limit:,}")
+
+
+def _check_fidelity_windows(model, context: int, fidelity_tokens: int) -> None:
+    """The held-out suite scores windows of --context tokens: the model must take one, and each domain
+    must hold one. Each refusal names the option at fault."""
+    _check_context(model, context)
     if fidelity_tokens < context:
         raise TQCError(
             f"--fidelity-tokens {fidelity_tokens:,} is shorter than one --context window of {context:,}: "
@@ -669,6 +673,7 @@ def _eval_text(loaded, model: str, data, teacher, fidelity: bool, fidelity_token
     if data is None:
         return metrics
     ids = tokenize_text(data, loaded.tokenizer, options["max_tokens"])
+    _check_context(loaded.model, context)
     scored = evaluate(
         loaded.model, ids, context=context, stride=stride, teacher=teacher_model,
         batch_size=options["batch_size"], tokenizer=loaded.tokenizer,
