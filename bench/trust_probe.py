@@ -49,12 +49,6 @@ class Case:
     held: Path | None = None  # an output another process holds the writer lock on while the case runs
 
 
-HOLDER = (
-    "import sys, time\nfrom tqcompressor.outputs import writer_lock\n"
-    "with writer_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n"
-)
-
-
 def snapshot(paths: list[Path]) -> dict[str, bytes | None]:
     state = {}
     for path in paths:
@@ -69,6 +63,8 @@ def run_case(case: Case, timeout: float) -> dict:
     present = set(case.clean.iterdir()) if case.clean is not None else set()
     holder = None
     if case.held is not None:
+        from tests.conftest import HOLDER  # the test suite's lock holder
+
         holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(case.held)], stdout=subprocess.PIPE, text=True)
         holder.stdout.readline()
     started = time.perf_counter()
@@ -441,6 +437,8 @@ def cases(work: Path, m: dict[str, Path]) -> list[Case]:
 def issue_49_cases(work: Path, m: dict[str, Path], compressed: Path, tied: Path) -> list[Case]:
     """Issue #49's probe: ownership that does not travel, the ONNX writers, counts and shards, a full
     disk, and options that were accepted silently or refused with the wrong name."""
+    from tests.conftest import shard_weights  # the test suite's own (make_models put the repo on the path)
+
     gpt2, text = str(m["gpt2"]), str(m["text"])
     out = lambda name: str(work / "out" / name)  # noqa: E731
     copy = work / "copy"
@@ -505,9 +503,9 @@ def issue_49_cases(work: Path, m: dict[str, Path], compressed: Path, tied: Path)
     add_tensor(huge, "model.layers.99999999.x")
     sharded, incomplete = work / "sharded", work / "sharded-incomplete"
     shutil.copytree(tied, sharded)
-    shard(sharded)
+    shard_weights(sharded)
     shutil.copytree(tied, incomplete)
-    shard(incomplete, drop="self_attn.q_proj.")
+    shard_weights(incomplete, drop="self_attn.q_proj.")
     blank, twice = work / "blank.txt", work / "specs" / "twice.yaml"
     blank.write_text(" \n\t\n   \n")
     entry = "  - modules: [transformer.h.1.mlp.c_fc]\n    method: svd\n    rank: 2\n"
@@ -596,22 +594,6 @@ def add_tensor(directory: Path, name: str) -> None:
     tensors = load_file(str(directory / "model.safetensors"))
     tensors[name] = torch.zeros(1)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
-def shard(directory: Path, drop: str | None = None) -> None:
-    """model.safetensors as two shards and an index; ``drop``: leave out the first tensor naming it."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(directory / "model.safetensors"))
-    if drop is not None:
-        tensors.pop(next(k for k in tensors if drop in k))
-    names = sorted(tensors)
-    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for file, keys in halves.items():
-        save_file({k: tensors[k] for k in keys}, str(directory / file), metadata={"format": "pt"})
-    index = {"metadata": {}, "weight_map": {k: file for file, keys in halves.items() for k in keys}}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    (directory / "model.safetensors").unlink()
 
 
 def spec(work: Path, name: str, change: dict) -> Path:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -119,3 +122,38 @@ def run_cli(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
     finally:
         os.chdir(previous)
     return subprocess.CompletedProcess(["tqc", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+HOLDER = (
+    "import sys, time\nfrom tqcompressor.outputs import writer_lock\n"
+    "with writer_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n"
+)
+
+
+@contextlib.contextmanager
+def writer_held(path: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding the writer lock on the output ``path`` for as long as the block runs."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def shard_weights(directory: Path, drop: str | None = None) -> None:
+    """Rewrite a dir's model.safetensors as two shards and an index, as save_pretrained(max_shard_size=)
+    does; ``drop``: leave out the first tensor whose name contains it."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(directory / "model.safetensors"))
+    if drop is not None:
+        tensors.pop(next(k for k in tensors if drop in k))
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, str(directory / file), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: file for file, keys in halves.items() for k in keys}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    (directory / "model.safetensors").unlink()

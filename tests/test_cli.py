@@ -1,7 +1,5 @@
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 from hypothesis import given, settings
@@ -9,7 +7,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import tqcompressor as tqc
-from tests.conftest import run_cli
+from tests.conftest import run_cli, writer_held
 from tqcompressor.cli import app
 
 run_tqc = run_cli  # the real entry point, in this process (so exit codes and stderr are what users see)
@@ -400,19 +398,10 @@ def test_eval_json_is_locked_and_leaves_nothing_when_the_evaluation_fails(tmp_pa
     (tmp_path / "t.txt").write_text("hello world " * 50)
     target = tmp_path / "m.json"
     args = ["eval", "--model", str(gpt2_dir), "--data", str(tmp_path / "t.txt"), "--context", "16", "--json"]
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom tqcompressor.outputs import writer_lock\n"
-         "with writer_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n", str(target)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with writer_held(target) as holder:
         with pytest.raises(SystemExit) as exited:
             cli.main([*args, str(target)])
         assert exited.value.code == 2 and f"pid {holder.pid}" in capsys.readouterr().err
-    finally:
-        holder.kill()
-        holder.wait()
 
     def disk_full(*_, **__):
         raise OSError(28, "No space left on device")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tqcompressor as tqc
-from tests.conftest import TOY_TEXT, run_cli, tiny_llama
+from tests.conftest import TOY_TEXT, run_cli, tiny_llama, writer_held
 from tqcompressor.errors import TQCError
 from tqcompressor.outputs import MARKER, check_writable, claim_directory
 
@@ -311,20 +311,10 @@ def test_kill_9_of_a_real_model_save_leaves_a_loadable_model(tmp_path):
 
 # -- one writer at a time ------------------------------------------------------------------------------
 
-HOLDER = """
-import sys, time
-from tqcompressor.outputs import writer_lock
-with writer_lock(sys.argv[1]):
-    print("held", flush=True)
-    time.sleep(60)
-"""
-
 
 def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, gpt2_dir):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with writer_held(out) as holder:
         with pytest.raises(TQCError, match=f"pid {holder.pid}"):
             tqc.save(tiny_llama(), out)
         result = tqc_cli("compress", "--model", str(gpt2_dir), "--ratio", "0.8", "--out", str(out))
@@ -332,9 +322,6 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, gpt2_dir):
         assert len(result.stderr.strip().splitlines()) == 1
         result = tqc_cli("distill", "--teacher", str(gpt2_dir), "--student", str(gpt2_dir), "--out", str(out))
         assert result.returncode == 2 and f"pid {holder.pid}" in result.stderr
-    finally:
-        holder.kill()
-        holder.wait()
     tqc.save(tiny_llama(), out)  # the holder is gone: its lock went with it
     assert tqc.load(out) is not None
 
@@ -353,10 +340,8 @@ def test_the_lock_is_reentrant_and_leaves_no_file_behind(tmp_path):
 
 def test_a_writer_killed_while_holding_the_lock_leaves_nothing_beside_the_output(tmp_path):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    holder.kill()
-    holder.wait()
+    with writer_held(out):
+        pass  # killed on leaving the block, its lock held
     assert list(tmp_path.iterdir()) == []
     tqc.save(tiny_llama(), out)  # the lock died with its holder
 

@@ -5,8 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tqcompressor as tqc
+from tests.conftest import shard_weights
 from tqcompressor import CompressionConfig, LayerSpec, TQCError, compress
-from tqcompressor.modelio.checkpoint import STRUCTURE_FILE, WEIGHTS_FILE, WEIGHTS_INDEX
+from tqcompressor.modelio.checkpoint import STRUCTURE_FILE, WEIGHTS_FILE
 
 
 def compressed_llama(llama_model, tie=True):
@@ -168,33 +169,16 @@ def test_a_config_promising_a_hundred_million_layers_is_refused_before_any_is_bu
         AutoModelForCausalLM.from_pretrained(path)  # refused in the plugin, before transformers builds the model
 
 
-def shard(path, drop: str | None = None) -> None:
-    """Rewrite a dir's model.safetensors as two shards and an index, as save_pretrained(max_shard_size=)
-    does; ``drop``: leave out the first tensor whose name contains it."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(path / WEIGHTS_FILE))
-    if drop is not None:
-        tensors.pop(next(k for k in tensors if drop in k))
-    names = sorted(tensors)
-    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for file, keys in halves.items():
-        save_file({k: tensors[k] for k in keys}, str(path / file), metadata={"format": "pt"})
-    index = {"metadata": {}, "weight_map": {k: file for file, keys in halves.items() for k in keys}}
-    (path / WEIGHTS_INDEX).write_text(json.dumps(index))
-    (path / WEIGHTS_FILE).unlink()
-
-
 def test_a_sharded_dir_opens_like_one_file_and_a_missing_tensor_is_an_error(tmp_path, llama_model):
     model, _ = compressed_llama(llama_model)
     ids = torch.randint(0, 256, (2, 9))
     expected = model(ids).logits
     complete = tqc.save(model, tmp_path / "complete")
-    shard(complete)
+    shard_weights(complete)
     assert torch.equal(tqc.load(complete)(ids).logits, expected)
     assert torch.equal(AutoModelForCausalLM.from_pretrained(complete)(ids).logits, expected)
     incomplete = tqc.save(model, tmp_path / "incomplete")
-    shard(incomplete, drop="self_attn.q_proj.")
+    shard_weights(incomplete, drop="self_attn.q_proj.")
     with pytest.raises(TQCError, match="not in its weights"):
         tqc.load(incomplete)
     with pytest.raises(TQCError, match="not in its weights"):

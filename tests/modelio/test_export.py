@@ -7,6 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 import tqcompressor as tqc
+from tests.conftest import writer_held
 from tqcompressor import CompressionConfig, LayerSpec, QuantizeSettings, TQCError
 from tqcompressor.cli import app
 from tqcompressor.modelio.export import export_genai, export_onnx, push_to_hub
@@ -200,13 +201,7 @@ def test_onnx_export_refuses_a_users_file_a_second_writer_and_a_name_that_is_not
     theirs = tmp_path / "theirs.onnx"
     theirs.write_bytes(b"not ours")
     held = tmp_path / "held.onnx"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom tqcompressor.outputs import writer_lock\n"
-         "with writer_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n", str(held)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with writer_held(held) as holder:
         for out, message in (
             (theirs, "was not written by tqcompressor"),
             (held, f"pid {holder.pid}"),
@@ -216,9 +211,6 @@ def test_onnx_export_refuses_a_users_file_a_second_writer_and_a_name_that_is_not
                 main(["export", str(svd_dir), "--onnx", "--out", str(out)])
             err = capsys.readouterr().err
             assert exited.value.code == 2 and err.count("\n") == 1 and message in err, err
-    finally:
-        holder.kill()
-        holder.wait()
     assert theirs.read_bytes() == b"not ours"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "theirs.onnx"]
 
