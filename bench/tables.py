@@ -126,7 +126,7 @@ def which_method() -> str:
             f"has fidelity KL {t8['fidelity_kl']:.3f} at {t8['memory_bytes'] / MIB:.0f} MiB and int4 (groups of 32) "
             f"{t4['fidelity_kl']:.3f} at {t4['memory_bytes'] / MIB:.0f} MiB; the distilled 65% student in int8 is "
             f"{s8['fidelity_kl']:.2f} at {s8['memory_bytes'] / MIB:.0f} MiB. "
-            "`tqc quantize --bits int8|int4`.",
+            "`tqc quantize --bits int8|int4`. " + frontier_sentence(),
             f"- **To cut parameters, compress with calibration, then distill.** Of the methods compared at "
             f"{compare['ratio']:.0%} of SmolLM2-135M's parameters with {compare['kd_tokens']:,} tokens of "
             f"distillation (`compare.json`, commit {short(compare['commit'])}, in-domain WikiText-2), `{best}` ends "
@@ -291,6 +291,47 @@ def quantize_section() -> str:
             table(["model", "MiB on disk", "perplexity", "KL", "top-1"], rows),
         ]
     )
+
+
+def frontier_section() -> str:
+    run = load("frontier/frontier.json")
+    points = sorted(run["points"], key=lambda p: p["bytes"])
+    rows = [
+        [p["label"], p["kind"], p["bytes"] / MIB, p["fidelity_kl"], p["fidelity_top1"], _counts(p["format_counts"])]
+        for p in points
+    ]
+    return "\n".join(
+        [
+            "## Bytes against fidelity: one format, or a format per matrix (held-out)",
+            "",
+            f"`frontier.json` (commit {short(run['commit'])}, {run['device']}, {run['seconds'] / 60:.0f} min): "
+            f"SmolLM2-135M ({run['teacher_float_bytes'] / MIB:.1f} MiB in fp32) stored in each uniform format, beside "
+            "`tqc quantize --max-bytes`, which gives each matrix the format that loses least per byte (errors "
+            "measured on WikiText-2 valid). Saved weight bytes, fidelity KL and top-1 on the held-out suite "
+            f"({run['settings']['fidelity_tokens']} tokens per domain), one-shot, our round-to-nearest quantizer "
+            "throughout. ![frontier](../bench/results/frontier/frontier.png)",
+            "",
+            table(["point", "kind", "MiB saved", "fidelity KL", "top-1", "formats"], rows),
+        ]
+    )
+
+
+def frontier_sentence() -> str:
+    """The README's line on a format per matrix: the closest planned model, against the uniform formats."""
+    run = load("frontier/frontier.json")
+    planned = [p for p in run["points"] if p["kind"] == "planned"]
+    best = min(planned, key=lambda p: (p["fidelity_kl"], p["bytes"]))
+    uniform = {p["label"].removeprefix("teacher "): p for p in run["points"] if p["kind"] == "uniform"}
+    return (
+        f"Or give a size: `tqc quantize --max-bytes` chose a format per matrix and reached fidelity KL "
+        f"{best['fidelity_kl']:.4f} at {best['bytes'] / MIB:.1f} MiB of saved weights, where uniform int8 is "
+        f"{uniform['int8']['fidelity_kl']:.4f} at {uniform['int8']['bytes'] / MIB:.1f} MiB (`frontier.json`, "
+        f"commit {short(run['commit'])}, one-shot)."
+    )
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def throughput_section() -> str:
@@ -613,6 +654,7 @@ SECTIONS = (
     divergence_section,
     compare_section,
     quantize_section,
+    frontier_section,
     throughput_section,
     kd_profile_section,
     speed_section,
