@@ -1,5 +1,6 @@
 """Bytes against fidelity: the teacher in each uniform storage format beside the formats a byte budget
-plans per matrix (``tqc quantize --max-bytes``), one-shot, on the held-out fidelity suite.
+plans per matrix (``tqc quantize --max-bytes``), one-shot, on the held-out fidelity suite; then the search
+``tqc quantize --max-kl`` makes for the smallest plan within ``--max-kl``.
 
 Every point's bytes are the tensors its saved dir holds (integers, scales, offsets, padding, the float
 norms), computed exactly as the planner prices them (a test holds the two equal). The planned points'
@@ -22,9 +23,10 @@ from provenance import cpu_run, git_commit
 
 from tqcompressor.data import calibration_ids
 from tqcompressor.evaluation.fidelity import heldout_domains, measure, teacher_perplexities
+from tqcompressor.evaluation.targets import smallest_within_kl
 from tqcompressor.modelio.models import load_model
 from tqcompressor.planning.calibration import layer_statistics
-from tqcompressor.planning.formats import FORMATS, float_bytes, plan_formats, planned_matrices
+from tqcompressor.planning.formats import FORMATS, float_bytes, measure_formats, plan_formats, planned_matrices
 from tqcompressor.quant.api import quantize_
 from tqcompressor.quant.formats import QuantizeSettings
 
@@ -40,6 +42,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument(
         "--between", type=int, default=1, help="planned budgets between each pair of neighbouring uniform formats"
+    )
+    parser.add_argument(
+        "--max-kl", type=float, default=0.01, help="then `--max-kl`'s search for the smallest plan within this"
     )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "frontier" / "frontier.json")
     args = parser.parse_args()
@@ -74,20 +79,23 @@ def main() -> None:
         uniform_bytes.append(plan.total_bytes)
         points.append(point(f"teacher {fmt}", "uniform", plan.settings(), plan.total_bytes, {fmt: len(names)}))
     ids = calibration_ids(args.calibration, teacher, tokenizer, args.calibration_tokens)
-    stats = layer_statistics(teacher, names, ids)
+    menus = measure_formats(teacher, layer_statistics(teacher, names, ids))  # measured once, planned at each budget
     budgets = planned_budgets(sorted(uniform_bytes), args.between)
     for budget in budgets:
-        plan = plan_formats(teacher, budget, stats)
+        plan = menus.plan(budget)
         label = f"planned <= {budget / MIB:.1f} MiB"
         points.append(point(label, "planned", plan.settings(), plan.total_bytes, plan.to_dict()["format_counts"]))
         points[-1]["budget_bytes"] = budget
         points[-1]["formats"] = plan.formats
+    search = smallest_within_kl(teacher, menus, args.max_kl, domains, args.context, tokenizer)
+    print(search.summary(), flush=True)
     result = {
         **cpu_run(commit, args),
         "what": "bytes of the saved weights against fidelity KL on the held-out suite: the teacher in each uniform "
         "format (round-to-nearest) and the per-matrix formats a byte budget plans, one-shot",
         "teacher_float_bytes": float_bytes(teacher),
         "points": points,
+        "max_kl_search": {**search.to_dict(), "format_counts": search.plan.to_dict()["format_counts"]},
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -416,3 +416,5 @@ def test_frontier_writes_uniform_and_planned_points_each_within_its_budget(tmp_p
     assert planned and all(p["bytes"] <= p["budget_bytes"] for p in planned)
     assert {p["budget_bytes"] for p in planned} >= {p["bytes"] for p in uniform.values()}  # each format's own size
     assert frontier.planned_budgets([10, 20, 40], 1) == [10, 15, 20, 30, 40]
+    search = result["max_kl_search"]
+    assert search["max_kl"] == 0.01 and search["tried"] and search["bytes"] in {t["bytes"] for t in search["tried"]}

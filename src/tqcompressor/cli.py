@@ -22,6 +22,7 @@ from tqcompressor.errors import TQCError, check_count, first_line
 from tqcompressor.evaluation.evaluate import evaluate, lambada
 from tqcompressor.evaluation.fidelity import TABLE_HEADER, heldout_domains, measure, table_rows
 from tqcompressor.evaluation.report import format_compression_table, format_quantization_table, format_report, table
+from tqcompressor.evaluation.targets import check_max_kl, smallest_within_kl
 from tqcompressor.modelio.checkpoint import (
     STRUCTURE_FILE,
     WEIGHTS_FILE,
@@ -54,7 +55,7 @@ from tqcompressor.pipeline import (
     run_pipeline,
 )
 from tqcompressor.planning.config import CompressionConfig, load_spec
-from tqcompressor.planning.formats import parse_bytes, plan_model_formats
+from tqcompressor.planning.formats import measure_model_formats, parse_bytes, plan_model_formats
 from tqcompressor.planning.inventory import count_parameters, find_target_modules, target_summary, tied_embedding
 from tqcompressor.planning.registry import planning_methods
 from tqcompressor.quant.api import check_not_quantized, quantize_
@@ -230,9 +231,18 @@ MaxBytes = Annotated[
         "format (int8, int4 in groups of 32/64/128) that loses least per byte"
     ),
 ]
+MaxKL = Annotated[
+    Optional[float],
+    typer.Option(
+        help="instead of --bits: the fidelity KL to the model (held-out, nats/token) the result may have; the "
+        "smallest --max-bytes plan within it is found by measuring each candidate"
+    ),
+]
 QuantizeCalibration = Annotated[
     Optional[str],
-    typer.Option(help="with --max-bytes: text (file/dir/glob, dataset name) or 'teacher' to measure output errors on"),
+    typer.Option(
+        help="with --max-bytes or --max-kl: text (file/dir/glob, dataset name) or 'teacher' to measure output errors on"
+    ),
 ]
 GroupSize = Annotated[
     Optional[int], typer.Option(help="int4: inputs sharing one scale (32, 64, 128, 256) [default: 32]")
@@ -327,49 +337,71 @@ def quantize(
     bits: Optional[str] = typer.Option(None, "--bits", help="int8 or int4 (weight-only; biases and norms stay float)"),
     group_size: GroupSize = None,
     max_bytes: MaxBytes = None,
+    max_kl: MaxKL = None,
     calibration: QuantizeCalibration = None,
     calibration_tokens: int = typer.Option(8192, help="with --calibration: tokens (in blocks of 256)"),
+    fidelity_tokens: int = typer.Option(1024, help="with --max-kl: tokens of each held-out domain it is checked on"),
     out: Path = typer.Option(..., help="output directory"),
     adopt: Adopt = False,
 ) -> None:
     """Store a model's matrices (factors of a compressed model, or an uncompressed one's layers) in int8/int4:
-    one format (--bits), or per matrix the formats that keep it closest to the model within --max-bytes."""
+    one format (--bits), or per matrix the formats that keep it closest to the model within --max-bytes, or the
+    smallest such model within --max-kl of it."""
 
     check_writable(out, inputs=[model, calibration], adopt=adopt)
-    budget = _check_quantize_options(bits, group_size, max_bytes, calibration, calibration_tokens)
+    target = _check_quantize_options(bits, group_size, max_bytes, max_kl, calibration)
+    check_count("calibration-tokens", calibration_tokens, 1, MAX_CALIBRATION_TOKENS)
+    check_count("fidelity-tokens", fidelity_tokens, 2)
     settings = QuantizeSettings.parse(bits, group_size) if bits is not None else QuantizeSettings(8)
     with writer_lock(out):
         loaded = load_model(model)
         plan = read_plan(model) if (Path(model) / STRUCTURE_FILE).is_file() else None
         compression = _read_compression_json(Path(model))  # ours: the plan's table stays with the model
-        formats = None
-        if budget is not None:
-            ids = (
-                calibration_ids(calibration, loaded.model, loaded.tokenizer, calibration_tokens)
-                if calibration
-                else None
-            )
-            formats = plan_model_formats(loaded.model, budget, ids)
+        ids = calibration_ids(calibration, loaded.model, loaded.tokenizer, calibration_tokens) if calibration else None
+        formats, search = _planned_formats(loaded, target, ids, fidelity_tokens)
         report = quantize_(loaded.model, settings, per_layer=formats.settings() if formats else None)
         with staged_directory(out, inputs=[model], adopt=adopt) as staging:
             write_model(loaded.model, staging, loaded.tokenizer, base_model=model, plan=plan)
             if compression is not None:
                 (staging / "compression.json").write_text(compression)
-            _write_quantization(report, staging, model, formats)
+            _write_quantization(report, staging, model, formats, search)
     typer.echo(format_quantization_table(json.loads((Path(out) / "quantization.json").read_text())))
+    if search is not None:
+        typer.echo(search.summary())
     typer.echo(f"wrote {out}")
 
 
-def _check_quantize_options(bits, group_size, max_bytes, calibration, calibration_tokens) -> Optional[int]:
-    """One format or a byte budget, and the options each takes; the budget in bytes (None: one format)."""
-    if (bits is None) == (max_bytes is None):
-        raise TQCError("give --bits (one format for every matrix) or --max-bytes (a format per matrix within a size)")
-    if max_bytes is None and calibration is not None:
-        raise TQCError("--calibration measures the errors --max-bytes plans with: add --max-bytes or drop it")
-    if max_bytes is not None and group_size is not None:
-        raise TQCError("--max-bytes chooses each matrix's int4 group size itself: drop --group-size")
-    check_count("calibration-tokens", calibration_tokens, 1, MAX_CALIBRATION_TOKENS)
-    return parse_bytes(max_bytes) if max_bytes is not None else None
+def _check_quantize_options(bits, group_size, max_bytes, max_kl, calibration) -> Optional[tuple[str, float]]:
+    """One format, a byte budget or a fidelity target, and the options each takes: ``("bytes", budget)``,
+    ``("kl", target)`` or None (one format)."""
+    if sum(option is not None for option in (bits, max_bytes, max_kl)) != 1:
+        raise TQCError(
+            "give one of --bits (one format for every matrix), --max-bytes (a format per matrix within a size) "
+            "or --max-kl (the smallest such model within a fidelity KL)"
+        )
+    if bits is not None and calibration is not None:
+        raise TQCError("--calibration measures the errors --max-bytes and --max-kl plan with: drop it with --bits")
+    if bits is None and group_size is not None:
+        raise TQCError("--max-bytes and --max-kl choose each matrix's int4 group size: drop --group-size")
+    if max_kl is not None:
+        check_max_kl(max_kl)
+        return ("kl", max_kl)
+    return ("bytes", parse_bytes(max_bytes)) if max_bytes is not None else None
+
+
+def _planned_formats(loaded, target, ids, fidelity_tokens: int):
+    """The plan of a byte or fidelity target (and the search behind a fidelity one); (None, None) for --bits."""
+    if target is None:
+        return None, None
+    kind, value = target
+    if kind == "bytes":
+        return plan_model_formats(loaded.model, int(value), ids), None
+    limit = getattr(loaded.model.config, "max_position_embeddings", None) or 512
+    context = min(512, limit, fidelity_tokens)
+    domains = heldout_domains(loaded.model, loaded.tokenizer, fidelity_tokens, context)
+    menus = measure_model_formats(loaded.model, ids)
+    search = smallest_within_kl(loaded.model, menus, value, domains, context, loaded.tokenizer)
+    return search.plan, search
 
 
 def _read_compression_json(model_dir: Path) -> Optional[str]:
@@ -381,7 +413,7 @@ def _read_compression_json(model_dir: Path) -> Optional[str]:
     return path.read_text()
 
 
-def _write_quantization(report, out: Path, source: str, formats=None) -> None:
+def _write_quantization(report, out: Path, source: str, formats=None, search=None) -> None:
     bits = min(int(layer.format.split("-")[0][3:]) for layer in report.layers) if formats else report.settings.bits
     result = {
         "source": source,
@@ -395,6 +427,8 @@ def _write_quantization(report, out: Path, source: str, formats=None) -> None:
     }
     if formats is not None:
         result["plan"] = formats.to_dict()
+    if search is not None:
+        result["target"] = search.to_dict()
     (Path(out) / "quantization.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

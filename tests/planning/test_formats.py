@@ -106,10 +106,11 @@ def test_tqc_quantize_max_bytes_writes_a_mixed_dir_that_opens_anywhere(tmp_path,
         (["--max-bytes", "90 parsecs"], "--max-bytes takes a size"),
         (["--max-bytes", "10"], "below the smallest model"),
         (["--max-bytes", "10GiB"], "fits as it is"),
-        (["--max-bytes", "1MiB", "--bits", "int8"], "give --bits"),
-        ([], "give --bits"),
+        (["--max-bytes", "1MiB", "--bits", "int8"], "give one of --bits"),
+        (["--max-bytes", "1MiB", "--max-kl", "0.1"], "give one of --bits"),
+        ([], "give one of --bits"),
         (["--max-bytes", "1MiB", "--group-size", "64"], "drop --group-size"),
-        (["--bits", "int8", "--calibration", "teacher"], "add --max-bytes"),
+        (["--bits", "int8", "--calibration", "teacher"], "drop it with --bits"),
     ],
 )
 def test_bad_budgets_are_one_line_and_nothing_is_written(tmp_path, gpt2_dir, extra, message):
@@ -117,3 +118,54 @@ def test_bad_budgets_are_one_line_and_nothing_is_written(tmp_path, gpt2_dir, ext
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_menus_measured_once_plan_every_budget_as_a_fresh_measurement_would():
+    from tqcompressor.planning.formats import measure_formats
+
+    model = tiny_llama(vocab_size=256)
+    menus = measure_formats(model)
+    for budget in (menus.smallest, (menus.smallest + menus.closest) // 2, menus.closest):
+        assert menus.plan(budget).formats == plan_formats(model, budget).formats
+    assert menus.plan(menus.closest * 2).total_bytes == menus.closest  # past the closest plan nothing is bought
+
+
+@pytest.mark.parametrize("target, met", [(10.0, True), (1e-12, False)])
+def test_max_kl_keeps_the_smallest_plan_within_the_target_or_the_closest_with_its_gap(tmp_path, gpt2_dir, target, met):
+    result = run_cli("quantize", gpt2_dir, "--max-kl", target, "--fidelity-tokens", "64", "--out", tmp_path / "q")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    search = written["target"]
+    assert search["met"] is met and search["bytes"] == written["plan"]["total_bytes"]
+    tried = {t["bytes"]: t["fidelity_kl"] for t in search["tried"]}
+    if met:  # a loose target: the smallest plan is kept, measured first
+        assert search["bytes"] == min(tried) and search["fidelity_kl"] <= target
+        assert "<= --max-kl" in result.stdout
+    else:  # no plan reaches it: the closest one measured is kept, and the line states the gap
+        assert search["bytes"] == max(tried) and "target not met" in result.stdout and "over --max-kl" in result.stdout
+    assert saved_tensor_bytes(tmp_path / "q") == search["bytes"]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_kl_target_that_is_not_a_positive_number_is_one_line(tmp_path, gpt2_dir, value):
+    result = run_cli("quantize", gpt2_dir, "--max-kl", value, "--out", tmp_path / "q")
+    assert result.returncode == 2 and "--max-kl" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "q").exists()
+
+
+def test_the_search_bisects_between_a_missed_and_a_met_budget():
+    from tqcompressor.evaluation.fidelity import Domain
+    from tqcompressor.evaluation.targets import smallest_within_kl
+    from tqcompressor.planning.formats import measure_formats
+
+    model = tiny_llama(vocab_size=256)
+    menus = measure_formats(model)
+    ids = torch.randint(0, 256, (96,), generator=torch.Generator().manual_seed(0))
+    domains = {"text": Domain(ids, held_out=True)}  # counted, as a held-out domain is
+    loose = smallest_within_kl(model, menus, 1e9, domains, context=32, progress=False)
+    assert loose.met and loose.plan.total_bytes == menus.smallest and len(loose.tried) == 1
+    kls = [t["fidelity_kl"] for t in smallest_within_kl(model, menus, 1e-12, domains, 32, progress=False).tried]
+    middle = (max(kls) + min(kls)) / 2 if max(kls) > min(kls) else max(kls)
+    found = smallest_within_kl(model, menus, middle, domains, context=32, progress=False)
+    assert found.met and found.fidelity["fidelity_kl"] <= middle
+    assert all(t["fidelity_kl"] > middle for t in found.tried if t["bytes"] < found.plan.total_bytes)

@@ -166,43 +166,79 @@ class FormatPlan:
         }
 
 
+@dataclass(frozen=True)
+class FormatMenus:
+    """Every planned matrix's menu and weight, and the bytes kept as they are: measured once, planned
+    at any number of budgets (:meth:`plan`)."""
+
+    menus: dict[str, list[FormatCandidate]]
+    weights: dict[str, float]
+    fixed: int
+
+    @property
+    def smallest(self) -> int:
+        """The bytes of the smallest model the menus make (every matrix in its cheapest format)."""
+        return self.fixed + sum(min(c.params for c in menu) for menu in self.menus.values())
+
+    @property
+    def closest(self) -> int:
+        """The bytes past which no budget buys anything: every matrix in its least-error format."""
+        return self.fixed + sum(min(menu, key=lambda c: (c.error, c.params)).params for menu in self.menus.values())
+
+    def plan(self, budget: int) -> FormatPlan:
+        """Each matrix's format within ``budget`` bytes, least weighted output error; one line where none fits."""
+        if budget < self.smallest:
+            cheapest = min(self.menus[next(iter(self.menus))], key=lambda c: c.params).method
+            raise TQCError(
+                f"--max-bytes {budget:,} is below the smallest model these formats make ({self.smallest:,} bytes, "
+                f"{self.smallest / 2**20:.1f} MiB, every matrix in {cheapest}); give at least that"
+            )
+        choice = allocate(self.menus, self.weights, budget - self.fixed)
+        planned = sum(candidate.params for candidate in choice.values())
+        formats = {name: choice[name].method for name in self.menus}
+        return FormatPlan(formats, budget, self.fixed, planned, self.menus, self.weights)
+
+
+def measure_formats(model: nn.Module, stats: dict | None = None, formats=FORMATS) -> FormatMenus:
+    """Every planned matrix's menu (:func:`format_menu`) and weight in the loss, and the fixed bytes."""
+    matrices = planned_matrices(model)
+    menus = {name: format_menu(w, stats.get(name) if stats else None, formats) for name, w in matrices.items()}
+    weights = {name: layer_weight(w, stats.get(name) if stats else None) for name, w in matrices.items()}
+    return FormatMenus(menus, weights, fixed_bytes(model, matrices))
+
+
 def plan_formats(model: nn.Module, budget: int, stats: dict | None = None, formats=FORMATS) -> FormatPlan:
     """The format of every planned matrix (:func:`planned_matrices`) that keeps the model's weights within
     ``budget`` bytes and loses the least weighted output error; one line where no plan fits."""
-    matrices = planned_matrices(model)
-    fixed = fixed_bytes(model, matrices)
-    menus = {name: format_menu(w, stats.get(name) if stats else None, formats) for name, w in matrices.items()}
-    weights = {name: layer_weight(w, stats.get(name) if stats else None) for name, w in matrices.items()}
-    cheapest = fixed + sum(min(c.params for c in menu) for menu in menus.values())
-    if budget < cheapest:
-        raise TQCError(
-            f"--max-bytes {budget:,} is below the smallest model these formats make ({cheapest:,} bytes, "
-            f"{cheapest / 2**20:.1f} MiB, every matrix in {formats[0]}); give at least that"
-        )
-    choice = allocate(menus, weights, budget - fixed)
-    chosen = {name: choice[name].method for name in matrices}
-    planned = sum(choice[name].params for name in matrices)
-    return FormatPlan(chosen, budget, fixed, planned, menus, weights)
+    return measure_formats(model, stats, formats).plan(budget)
 
 
 def plan_model_formats(
     model: nn.Module, budget: int, calibration: Tensor | None = None, progress: bool = True
 ) -> FormatPlan:
-    """:func:`plan_formats` for a model as loaded: refused for one holding factored layers (their factors'
-    formats are not on this menu yet) or one whose weights already fit; errors measured on the token ids
-    ``calibration`` (blocks x seq_len) where given."""
-    factored = [name for name, _ in factored_modules(model)]
-    if factored:
-        raise TQCError(f"--max-bytes plans the formats of plain layers; {factored[0]} is factored: use --bits")
+    """:func:`plan_formats` for a model as loaded: refused for one whose weights already fit ``budget``;
+    see :func:`measure_model_formats`."""
     whole = float_bytes(model)
     if budget >= whole:
         raise TQCError(
             f"--max-bytes {budget:,} is not below the model's own {whole:,} bytes ({whole / 2**20:.1f} MiB): "
             "it fits as it is"
         )
+    return measure_model_formats(model, calibration, progress).plan(budget)
+
+
+def measure_model_formats(model: nn.Module, calibration: Tensor | None = None, progress: bool = True) -> FormatMenus:
+    """:func:`measure_formats` for a model as loaded, errors measured on the token ids ``calibration``
+    (blocks x seq_len) where given; refused for a model holding factored layers (their factors'
+    formats are not on this menu yet)."""
+    factored = [name for name, _ in factored_modules(model)]
+    if factored:
+        raise TQCError(
+            f"a byte or fidelity target plans the formats of plain layers; {factored[0]} is factored: use --bits"
+        )
     names = list(planned_matrices(model))
     stats = layer_statistics(model, names, calibration, progress) if calibration is not None else None
-    return plan_formats(model, budget, stats)
+    return measure_formats(model, stats)
 
 
 def fixed_bytes(model: nn.Module, matrices: dict[str, Tensor]) -> int:
@@ -224,4 +260,14 @@ def float_bytes(model: nn.Module) -> int:
     return fixed_bytes(model, {})
 
 
-__all__ = ["FORMATS", "FormatPlan", "format_menu", "parse_bytes", "plan_formats", "plan_model_formats"]
+__all__ = [
+    "FORMATS",
+    "FormatMenus",
+    "FormatPlan",
+    "format_menu",
+    "measure_formats",
+    "measure_model_formats",
+    "parse_bytes",
+    "plan_formats",
+    "plan_model_formats",
+]
