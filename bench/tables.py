@@ -312,7 +312,22 @@ def frontier_section() -> str:
             "throughout. ![frontier](../bench/results/frontier/frontier.png)",
             "",
             table(["point", "kind", "MiB saved", "fidelity KL", "top-1", "formats"], rows),
+            "",
+            max_kl_sentence(run["max_kl_search"]),
         ]
+    )
+
+
+def max_kl_sentence(search: dict) -> str:
+    """What `--max-kl`'s search found in the same run."""
+    found = (
+        f"the smallest plan within it, {search['bytes'] / MIB:.1f} MiB at fidelity KL {search['fidelity_kl']:.4f}"
+        if search["met"]
+        else f"no plan within it: the closest, {search['bytes'] / MIB:.1f} MiB, is at {search['fidelity_kl']:.4f}"
+    )
+    return (
+        f"In the same run, `tqc quantize --max-kl {search['max_kl']:g}`'s search measured {len(search['tried'])} "
+        f"plans end to end and found {found} ({_counts(search['format_counts'])})."
     )
 
 
