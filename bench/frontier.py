@@ -13,7 +13,6 @@ The quantizer is ours, round-to-nearest (``rtn``) for every point.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -23,12 +22,10 @@ from provenance import cpu_run, git_commit
 
 from tqcompressor.data import calibration_ids
 from tqcompressor.evaluation.fidelity import heldout_domains, measure, teacher_perplexities
-from tqcompressor.evaluation.targets import smallest_within_kl
+from tqcompressor.evaluation.targets import measure_plan, smallest_within_kl
 from tqcompressor.modelio.models import load_model
 from tqcompressor.planning.calibration import layer_statistics
 from tqcompressor.planning.formats import FORMATS, float_bytes, measure_formats, plan_formats, planned_matrices
-from tqcompressor.quant.api import quantize_
-from tqcompressor.quant.formats import QuantizeSettings
 
 MIB = 2**20
 
@@ -54,22 +51,20 @@ def main() -> None:
     domains = heldout_domains(teacher, tokenizer, args.fidelity_tokens, args.context)
     reference = teacher_perplexities(measure(teacher, teacher, domains, args.context, tokenizer))
 
-    def point(label: str, kind: str, per_layer: dict, total_bytes: int, counts: dict) -> dict:
-        model = copy.deepcopy(teacher)
-        quantize_(model, QuantizeSettings(8), measure_error=False, per_layer=per_layer)
-        measured = measure(model, teacher, domains, args.context, tokenizer, teacher_perplexity=reference)
+    def point(label: str, kind: str, plan) -> dict:
+        measured = measure_plan(teacher, plan, domains, args.context, tokenizer, reference)
         found = {
             "label": label,
             "kind": kind,
             "quantizer": "rtn",
-            "bytes": total_bytes,
+            "bytes": plan.total_bytes,
             "fidelity_kl": measured["fidelity_kl"],
             "fidelity_top1": measured["fidelity_top1"],
             "kd_tokens": 0,
-            "format_counts": counts,
+            "format_counts": plan.to_dict()["format_counts"],
             "domains": {name: d["kl_to_teacher"] for name, d in measured["domains"].items()},
         }
-        print(f"{label:>32}  {total_bytes / MIB:7.1f} MiB  fidelity KL {found['fidelity_kl']:.4f}", flush=True)
+        print(f"{label:>32}  {plan.total_bytes / MIB:7.1f} MiB  fidelity KL {found['fidelity_kl']:.4f}", flush=True)
         return found
 
     names = list(planned_matrices(teacher))
@@ -77,14 +72,13 @@ def main() -> None:
     for fmt in FORMATS:
         plan = plan_formats(teacher, float_bytes(teacher), formats=(fmt,))
         uniform_bytes.append(plan.total_bytes)
-        points.append(point(f"teacher {fmt}", "uniform", plan.settings(), plan.total_bytes, {fmt: len(names)}))
+        points.append(point(f"teacher {fmt}", "uniform", plan))
     ids = calibration_ids(args.calibration, teacher, tokenizer, args.calibration_tokens)
     menus = measure_formats(teacher, layer_statistics(teacher, names, ids))  # measured once, planned at each budget
     budgets = planned_budgets(sorted(uniform_bytes), args.between)
     for budget in budgets:
         plan = menus.plan(budget)
-        label = f"planned <= {budget / MIB:.1f} MiB"
-        points.append(point(label, "planned", plan.settings(), plan.total_bytes, plan.to_dict()["format_counts"]))
+        points.append(point(f"planned <= {budget / MIB:.1f} MiB", "planned", plan))
         points[-1]["budget_bytes"] = budget
         points[-1]["formats"] = plan.formats
     search = smallest_within_kl(teacher, menus, args.max_kl, domains, args.context, tokenizer)

@@ -396,8 +396,7 @@ def _planned_formats(loaded, target, ids, fidelity_tokens: int):
     kind, value = target
     if kind == "bytes":
         return plan_model_formats(loaded.model, int(value), ids), None
-    limit = getattr(loaded.model.config, "max_position_embeddings", None) or 512
-    context = min(512, limit, fidelity_tokens)
+    context = min(512, _positions(loaded.model) or 512, fidelity_tokens)
     domains = heldout_domains(loaded.model, loaded.tokenizer, fidelity_tokens, context)
     menus = measure_model_formats(loaded.model, ids)
     search = smallest_within_kl(loaded.model, menus, value, domains, context, loaded.tokenizer)
@@ -414,7 +413,7 @@ def _read_compression_json(model_dir: Path) -> Optional[str]:
 
 
 def _write_quantization(report, out: Path, source: str, formats=None, search=None) -> None:
-    bits = min(int(layer.format.split("-")[0][3:]) for layer in report.layers) if formats else report.settings.bits
+    bits = min(setting.bits for setting in formats.settings().values()) if formats else report.settings.bits
     result = {
         "source": source,
         "format": "mixed" if formats else report.settings.name,
@@ -540,7 +539,7 @@ def _check_training(model, kd, seq_len: int) -> None:
 
 
 def _check_seq_len(model, seq_len: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = _positions(model)
     if limit and seq_len > limit:
         raise TQCError(f"--seq-len {seq_len} exceeds the model's context of {limit} tokens")
 
@@ -665,8 +664,13 @@ def eval_command(
             json_path.write_text(json.dumps({EVAL_JSON_KEY: "tqc eval", **metrics}, indent=2) + "\n")
 
 
+def _positions(model) -> Optional[int]:
+    """The most positions ``model`` takes (None where its config does not say)."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
 def _check_context(model, context: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = _positions(model)
     if limit and context > limit:
         raise TQCError(f"--context {context:,} exceeds the model's {limit:,} positions; choose at most {limit:,}")
 

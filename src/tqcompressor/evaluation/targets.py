@@ -62,6 +62,21 @@ class TargetSearch:
         )
 
 
+def measure_plan(
+    teacher: nn.Module,
+    plan: FormatPlan,
+    domains: dict[str, Domain],
+    context: int,
+    tokenizer=None,
+    teacher_perplexity: dict[str, float] | None = None,
+) -> dict:
+    """Fidelity (:func:`~tqcompressor.evaluation.fidelity.measure`) of a copy of ``teacher`` stored as
+    ``plan`` says; the teacher itself is left as it is."""
+    model = copy.deepcopy(teacher)
+    quantize_(model, QuantizeSettings(8), measure_error=False, per_layer=plan.settings())
+    return measure(model, teacher, domains, context, tokenizer, teacher_perplexity=teacher_perplexity)
+
+
 def smallest_within_kl(
     teacher: nn.Module,
     menus: FormatMenus,
@@ -82,9 +97,7 @@ def smallest_within_kl(
     def score(budget: int) -> tuple[FormatPlan, dict]:
         plan = menus.plan(budget)
         if plan.total_bytes not in measured:
-            model = copy.deepcopy(teacher)
-            quantize_(model, QuantizeSettings(8), measure_error=False, per_layer=plan.settings())
-            found = measure(model, teacher, domains, context, tokenizer, teacher_perplexity=reference)
+            found = measure_plan(teacher, plan, domains, context, tokenizer, reference)
             measured[plan.total_bytes] = (plan, found)
             tried.append({"bytes": plan.total_bytes, "fidelity_kl": found["fidelity_kl"]})
             bar.update()
@@ -115,4 +128,4 @@ def smallest_within_kl(
         bar.close()
 
 
-__all__ = ["TargetSearch", "check_max_kl", "smallest_within_kl"]
+__all__ = ["TargetSearch", "check_max_kl", "measure_plan", "smallest_within_kl"]
