@@ -81,6 +81,7 @@ def main() -> None:
         points.append(point(f"planned <= {budget / MIB:.1f} MiB", "planned", plan))
         points[-1]["budget_bytes"] = budget
         points[-1]["formats"] = plan.formats
+        points[-1]["bands"] = plan.to_dict()["bands"]
     search = smallest_within_kl(teacher, menus, args.max_kl, domains, args.context, tokenizer)
     print(search.summary(), flush=True)
     result = {

@@ -133,6 +133,26 @@ class QuantizedEmbeddingConfig(Strict):
     group_size: GroupSize
 
 
+class TokenBandConfig(Strict):
+    rows: Size
+    bits: Bits
+    group_size: GroupSize
+
+
+class QuantizedTokenBandsConfig(Strict):
+    num_embeddings: Size
+    embedding_dim: Size
+    output_scale: FiniteFloat
+    bands: Annotated[tuple[TokenBandConfig, ...], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _bands_cover_table(self):
+        rows = sum(band.rows for band in self.bands)
+        if rows != self.num_embeddings:
+            raise ValueError(f"bands of {rows} rows in all do not make the table's {self.num_embeddings} rows")
+        return self
+
+
 class QuantizedLowRankEmbeddingConfig(QuantizedEmbeddingConfig):
     rank: Size
 
@@ -175,6 +195,7 @@ MODULE_CONFIGS: dict[str, type[Strict]] = {
     "QuantizedLinear": QuantizedLinearConfig,
     "QuantizedLowRankLinear": QuantizedLowRankLinearConfig,
     "QuantizedEmbedding": QuantizedEmbeddingConfig,
+    "QuantizedTokenBands": QuantizedTokenBandsConfig,
     "QuantizedLowRankEmbedding": QuantizedLowRankEmbeddingConfig,
     "QuantizedFactored": QuantizedFactoredConfig,
     "LinearExperts": LinearExpertsConfig,

@@ -169,3 +169,76 @@ def test_the_search_bisects_between_a_missed_and_a_met_budget():
     found = smallest_within_kl(model, menus, middle, domains, context=32, progress=False)
     assert found.met and found.fidelity["fidelity_kl"] <= middle
     assert all(t["fidelity_kl"] > middle for t in found.tried if t["bytes"] < found.plan.total_bytes)
+
+
+def banded_menus(vocab_size: int = 256):
+    """A tied table whose calibration text uses only tokens below 64, planned in bands of 16, 32, 64 and the rest."""
+    from tqcompressor.planning.formats import measure_formats
+
+    model = tiny_llama(vocab_size=vocab_size)
+    ids = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
+    stats = layer_statistics(model, list(planned_matrices(model)), ids, progress=False)
+    return model, ids, measure_formats(model, stats, band_rows=(16, 32, 64))
+
+
+def test_a_tied_table_is_planned_by_bands_of_rows_most_used_first():
+    _, _, menus = banded_menus()
+    bands = menus.bands["model.embed_tokens"]
+    assert bands.sizes == (16, 32, 64, 144)
+    assert bands.order[:48].lt(64).all()  # the tokens the text uses come before the rest
+    assert sorted(bands.order.tolist()) == list(range(256))
+    rank = {fmt: i for i, fmt in enumerate(FORMATS)}
+    budget = (menus.smallest + menus.closest) // 2
+    plan = menus.plan(budget)
+    chosen = [rank[plan.formats[item]] for item in bands.items("model.embed_tokens")]
+    assert chosen[0] > chosen[-1]  # the used rows got a finer format than the tail
+
+
+def test_a_banded_table_is_priced_exactly_and_reopens_as_planned(tmp_path):
+    from tqcompressor.quant.formats import TokenBands
+
+    model, ids, menus = banded_menus()
+    for budget in torch.linspace(menus.smallest, menus.closest, 6).long().tolist():
+        plan = menus.plan(budget)
+        assert plan.total_bytes <= budget
+        planned = tiny_llama(vocab_size=256)
+        quantize_(planned, tqc.QuantizeSettings(8), per_layer=plan.settings())
+        tqc.save(planned, tmp_path / str(budget))
+        assert saved_tensor_bytes(tmp_path / str(budget)) == plan.total_bytes  # the order counted where stored
+        table = plan.settings()["model.embed_tokens"]
+        written = plan.to_dict()["bands"]
+        if isinstance(table, TokenBands):
+            assert sum(band["rows"] for band in written["model.embed_tokens"]) == 256
+            opened = AutoModelForCausalLM.from_pretrained(tmp_path / str(budget))
+            with torch.no_grad():
+                assert torch.equal(opened(ids[:2]).logits, planned(ids[:2]).logits)
+        else:
+            assert written == {}
+    budgets = range(menus.smallest, menus.closest, 2048)
+    assert any(isinstance(menus.plan(b).settings()["model.embed_tokens"], TokenBands) for b in budgets)
+
+
+def test_without_calibration_a_table_is_planned_whole():
+    from tqcompressor.planning.formats import measure_formats
+
+    menus = measure_formats(tiny_llama(vocab_size=256), band_rows=(16, 32, 64))
+    assert menus.bands == {} and "model.embed_tokens" in menus.menus
+
+
+def test_tqc_quantize_max_bytes_bands_a_large_table_and_info_shows_it(tmp_path, tokenizer):
+    source = tmp_path / "llama"
+    tiny_llama(vocab_size=1024).save_pretrained(source)  # 1,024 rows: two bands of 512
+    tokenizer.save_pretrained(source)
+    (tmp_path / "calibration.txt").write_text(TOY_TEXT * 4)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    low = plan_formats(model, 10**9, formats=(FORMATS[0],)).total_bytes
+    budget = (low + plan_formats(model, 10**9).total_bytes) // 2
+    args = ["quantize", source, "--max-bytes", str(budget), "--out", tmp_path / "q"]
+    result = run_cli(*args, "--calibration", tmp_path / "calibration.txt", "--calibration-tokens", "512")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    bands = written["plan"]["bands"]["model.embed_tokens"]
+    assert [band["rows"] for band in bands] == [512, 512] and bands[0]["format"] != bands[1]["format"]
+    assert saved_tensor_bytes(tmp_path / "q") == written["plan"]["total_bytes"] <= budget
+    info = run_cli("info", tmp_path / "q")
+    assert info.returncode == 0 and f"{bands[0]['format']} x512 + {bands[1]['format']} x512" in info.stdout

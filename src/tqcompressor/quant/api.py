@@ -23,11 +23,12 @@ from tqcompressor.layers import (
     is_container,
     set_module,
 )
-from tqcompressor.quant.formats import QuantizeSettings, relative_error
+from tqcompressor.quant.formats import QuantizeSettings, TokenBands, relative_error
 from tqcompressor.quant.modules import (
     MODULE_TYPES,
     QuantizedEmbedding,
     QuantizedLinear,
+    QuantizedTokenBands,
     QuantizedWeight,
     quantized_form,
 )
@@ -71,11 +72,12 @@ def quantize_(
     model: nn.Module,
     settings: QuantizeSettings | str,
     measure_error: bool = True,
-    per_layer: dict[str, QuantizeSettings] | None = None,
+    per_layer: dict[str, QuantizeSettings | TokenBands] | None = None,
 ) -> QuantizeReport:
     """Quantize ``model``'s weight matrices in place (``settings``: a :class:`QuantizeSettings` or
     ``"int8"`` / ``"int4"``; ``per_layer``: another format for the modules it names, as a byte-budget
-    plan mixes them). Factored modules keep their structure; their factors are quantized
+    plan mixes them; a token table's may be :class:`TokenBands`, a format per band of its rows).
+    Factored modules keep their structure; their factors are quantized
     (:data:`~tqcompressor.quant.modules.QUANTIZED_FORMS`)."""
     if isinstance(settings, str):
         settings = QuantizeSettings.parse(settings)
@@ -108,13 +110,15 @@ def quantize_(
         if isinstance(module, (nn.Linear, Conv1D)) and not (tied_dense and module is head):
             before = _before(module, measure_error)
             weight, kind = dense_weight_of(module)
-            quantized = QuantizedLinear.from_dense(weight, bias_of(module), kind, per_layer.get(name, settings))
+            layer_settings = per_layer.get(name, settings)
+            if isinstance(layer_settings, TokenBands):
+                raise TQCError(f"{name} is not a token table: bands of rows are for embeddings only")
+            quantized = QuantizedLinear.from_dense(weight, bias_of(module), kind, layer_settings)
         elif type(module) is nn.Embedding or module is embedding and isinstance(module, nn.Embedding):
             # a subclass with its own forward (OPT's learned positions) stays float; the input
             # embedding's subclasses only scale their lookups (Gemma), which QuantizedEmbedding keeps
             before = _before(module, measure_error)
-            layer_settings = per_layer.get(name, settings)
-            quantized = QuantizedEmbedding.from_dense(module.weight.detach(), layer_settings, embedding_scale(module))
+            quantized = _quantized_table(module, per_layer.get(name, settings))
         else:
             continue
         report.layers.append(_layer(name, _kind(module), before, quantized))
@@ -123,6 +127,14 @@ def quantize_(
             model.set_output_embeddings(TiedFactoredHead(quantized, bias_of(head)))
             model.config.tie_word_embeddings = False  # stop transformers from re-tying to a dense table
     return report
+
+
+def _quantized_table(module: nn.Embedding, settings: QuantizeSettings | TokenBands) -> nn.Module:
+    if isinstance(settings, TokenBands):
+        return QuantizedTokenBands.from_dense(
+            module.weight.detach(), settings.order, list(settings.bands), embedding_scale(module)
+        )
+    return QuantizedEmbedding.from_dense(module.weight.detach(), settings, embedding_scale(module))
 
 
 def _kind(module: nn.Module) -> str:
@@ -142,13 +154,19 @@ def _layer(name: str, kind: str, before: tuple[int, Tensor | None], after: nn.Mo
     stored = [m for m in after.modules() if isinstance(m, QuantizedWeight)]
     weights = sum(m.padded_shape[0] * m.padded_shape[1] for m in stored)
     error = relative_error(dense, after.to_dense()) if dense is not None else float("nan")
-    formats = ", ".join(sorted({m.settings.name for m in stored}))
-    return QuantizedLayer(name, kind, weights, float_bytes, sum(m.stored_bytes for m in stored), error, formats)
+    formats = getattr(after, "format_name", None) or ", ".join(sorted({m.settings.name for m in stored}))
+    stored_bytes = sum(m.stored_bytes for m in stored) + getattr(after, "index_bytes", 0)
+    return QuantizedLayer(name, kind, weights, float_bytes, stored_bytes, error, formats)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, str]:
     """``{module name: format}`` of every quantized module (``tqc info`` shows it)."""
-    return {name: module.settings.name for name, module in model.named_modules() if isinstance(module, MODULE_TYPES)}
+    return {name: format_name(module) for name, module in model.named_modules() if isinstance(module, MODULE_TYPES)}
+
+
+def format_name(module: nn.Module) -> str:
+    """A quantized module's format: ``int4-g32``, or each band's where a token table has bands."""
+    return getattr(module, "format_name", None) or module.settings.name
 
 
 def check_not_quantized(model: nn.Module, what: str) -> None:

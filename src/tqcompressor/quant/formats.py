@@ -60,6 +60,25 @@ class QuantizeSettings:
         return cls(bits, DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
 
+@dataclass(frozen=True)
+class TokenBands:
+    """A token table stored in bands of rows, each in its own format
+    (:class:`~tqcompressor.quant.modules.QuantizedTokenBands`): ``order`` lists the token ids band by
+    band, ``bands`` each band's rows and format, in that order."""
+
+    order: Tensor
+    bands: tuple[tuple[int, QuantizeSettings], ...]
+
+    @property
+    def name(self) -> str:
+        return " + ".join(f"{settings.name} x{rows}" for rows, settings in self.bands)
+
+    @property
+    def bits(self) -> int:
+        """The fewest bits any band stores a value in."""
+        return min(settings.bits for _, settings in self.bands)
+
+
 def padded_shape(shape: tuple[int, int], settings: QuantizeSettings) -> tuple[int, int]:
     """The stored (rows, inputs) of a ``shape`` matrix: int8 pads inputs to 16; int4 pads rows to 16
     and inputs to 32 (see :func:`group_size_for`)."""

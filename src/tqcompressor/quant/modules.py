@@ -359,6 +359,107 @@ class QuantizedEmbedding(FactoredModule):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.settings.name}"
 
 
+class QuantizedTokenBands(FactoredModule):
+    """A token table stored in bands of rows, each band in a format of its own: the rows the loss
+    depends on most (tokens the text uses, tokens the model predicts) finer than the long tail.
+
+    ``order`` lists the token ids band by band (int32, saved); a lookup finds each token's row
+    through its inverse, and tied-head logits come out in band order and are gathered back to token
+    order. Which rows go in which band, and in which format, is a byte-budget plan's choice
+    (:mod:`tqcompressor.planning.formats`)."""
+
+    stores_integers = True
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bands: list[tuple[int, QuantizeSettings]],
+        output_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if sum(rows for rows, _ in bands) != num_embeddings or any(rows < 1 for rows, _ in bands):
+            raise ValueError(f"bands of {[rows for rows, _ in bands]} rows do not make {num_embeddings} rows")
+        self.num_embeddings, self.embedding_dim, self.kind = num_embeddings, embedding_dim, "embedding"
+        self.output_scale = output_scale
+        self.register_buffer("order", torch.arange(num_embeddings, dtype=torch.int32))
+        self.register_buffer("position", None, persistent=False)  # token id -> row in band order
+        self.parts = nn.ModuleList(QuantizedWeight(rows, embedding_dim, settings) for rows, settings in bands)
+        for part in self.parts:
+            part.lookups = True
+
+    @classmethod
+    def from_dense(
+        cls, table: Tensor, order: Tensor, bands: list[tuple[int, QuantizeSettings]], output_scale: float = 1.0
+    ) -> QuantizedTokenBands:
+        """``table``'s rows stored in ``order`` (a permutation of its token ids), band by band."""
+        module = cls(table.shape[0], table.shape[1], bands, output_scale)
+        module.order.copy_(order.to(torch.int32))
+        start = 0
+        for part in module.parts:
+            part.quantize_from(table[order[start : start + part.out_features].long()])
+            start += part.out_features
+        return module.to(table.device)
+
+    def config(self) -> dict:
+        return {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "output_scale": self.output_scale,
+            "bands": [{"rows": part.out_features, **_settings_config(part.settings)} for part in self.parts],
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype) -> QuantizedTokenBands:
+        bands = [(int(band["rows"]), _settings_from(band)) for band in config["bands"]]
+        return cls(config["num_embeddings"], config["embedding_dim"], bands, config["output_scale"])
+
+    @property
+    def format_name(self) -> str:
+        """Each band's rows and format, finest first: ``int8 x1024 + int4-g32 x48128``."""
+        return " + ".join(f"{part.settings.name} x{part.out_features}" for part in self.parts)
+
+    @property
+    def index_bytes(self) -> int:
+        return self.order.numel() * self.order.element_size()
+
+    @property
+    def weight(self) -> Tensor:
+        return self.to_dense()
+
+    def _positions(self) -> Tensor:
+        if self.position is None or self.position.device != self.order.device:
+            position = torch.empty(self.num_embeddings, dtype=torch.long, device=self.order.device)
+            position[self.order.long()] = torch.arange(self.num_embeddings, device=self.order.device)
+            self.position = position
+        return self.position
+
+    def to_dense(self) -> Tensor:
+        return torch.cat([part.dequantize() for part in self.parts])[self._positions()]
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        positions = self._positions()[input_ids]
+        rows = torch.empty(*input_ids.shape, self.embedding_dim, device=input_ids.device)
+        start = 0
+        for part in self.parts:
+            inside = (positions >= start) & (positions < start + part.out_features)
+            rows[inside] = part.rows(positions[inside] - start)
+            start += part.out_features
+        return rows * self.output_scale if self.output_scale != 1.0 else rows
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """Logits for an LM head tied to this table, in token order."""
+        logits = torch.cat([part.linear(hidden) for part in self.parts], dim=-1)
+        return logits.index_select(-1, self._positions())
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.position = None  # a new order: derive the inverse again
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.format_name}"
+
+
 class QuantizedLowRankEmbedding(FactoredModule):
     """A low-rank token table ``E ~= U V`` (an ``svd`` embedding) with both factors quantized. A
     lookup dequantizes only the rows of ``U`` it reads; a tied head computes ``(h V^T) U^T``
@@ -548,6 +649,7 @@ MODULE_TYPES = (
     QuantizedLinear,
     QuantizedLowRankLinear,
     QuantizedEmbedding,
+    QuantizedTokenBands,
     QuantizedLowRankEmbedding,
     QuantizedFactored,
 )
