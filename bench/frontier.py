@@ -5,9 +5,11 @@ plans per matrix (``tqc quantize --max-bytes``), one-shot, on the held-out fidel
 Every point's bytes are the tensors its saved dir holds (integers, scales, offsets, padding, the float
 norms), computed exactly as the planner prices them (a test holds the two equal). The planned points'
 errors are measured on ``--calibration`` (WikiText-2 valid by default: no held-out domain reads it).
-The quantizer is ours, round-to-nearest (``rtn``) for every point.
+The uniform points are the teacher by our round-to-nearest (``rtn``) and by HQQ (``hqq``, the
+library quantizer users would otherwise pick: calibration-free, same bytes); the planned points choose per
+matrix among both (``quantizer: "planned"``), and plan a tied token table in bands of rows.
 
-    python bench/frontier.py    # ~12 minutes on 2 cores; writes bench/results/frontier/frontier.json and .png
+    python bench/frontier.py    # ~20 minutes on 2 cores; writes bench/results/frontier/frontier.json and .png
 """
 
 from __future__ import annotations
@@ -51,12 +53,12 @@ def main() -> None:
     domains = heldout_domains(teacher, tokenizer, args.fidelity_tokens, args.context)
     reference = teacher_perplexities(measure(teacher, teacher, domains, args.context, tokenizer))
 
-    def point(label: str, kind: str, plan) -> dict:
+    def point(label: str, kind: str, plan, quantizer: str) -> dict:
         measured = measure_plan(teacher, plan, domains, args.context, tokenizer, reference)
         found = {
             "label": label,
             "kind": kind,
-            "quantizer": "rtn",
+            "quantizer": quantizer,
             "bytes": plan.total_bytes,
             "fidelity_kl": measured["fidelity_kl"],
             "fidelity_top1": measured["fidelity_top1"],
@@ -72,13 +74,16 @@ def main() -> None:
     for fmt in FORMATS:
         plan = plan_formats(teacher, float_bytes(teacher), formats=(fmt,))
         uniform_bytes.append(plan.total_bytes)
-        points.append(point(f"teacher {fmt}", "uniform", plan))
+        points.append(point(f"teacher {fmt}", "uniform", plan, "rtn"))
+        if fmt.startswith("int4"):  # HQQ fits int4 groups; int8 is one scale per row either way
+            plan = plan_formats(teacher, float_bytes(teacher), formats=(f"{fmt}-hqq",))
+            points.append(point(f"teacher {fmt} (hqq)", "uniform", plan, "hqq"))
     ids = calibration_ids(args.calibration, teacher, tokenizer, args.calibration_tokens)
     menus = measure_formats(teacher, layer_statistics(teacher, names, ids))  # measured once, planned at each budget
     budgets = planned_budgets(sorted(uniform_bytes), args.between)
     for budget in budgets:
         plan = menus.plan(budget)
-        points.append(point(f"planned <= {budget / MIB:.1f} MiB", "planned", plan))
+        points.append(point(f"planned <= {budget / MIB:.1f} MiB", "planned", plan, "planned"))
         points[-1]["budget_bytes"] = budget
         points[-1]["formats"] = plan.formats
         points[-1]["bands"] = plan.to_dict()["bands"]
@@ -87,7 +92,8 @@ def main() -> None:
     result = {
         **cpu_run(commit, args),
         "what": "bytes of the saved weights against fidelity KL on the held-out suite: the teacher in each uniform "
-        "format (round-to-nearest) and the per-matrix formats a byte budget plans, one-shot",
+        "format (round-to-nearest, and HQQ for int4) and the per-matrix formats a byte budget plans from both "
+        "quantizers, a tied token table in bands of rows, one-shot",
         "teacher_float_bytes": float_bytes(teacher),
         "points": points,
         "max_kl_search": {**search.to_dict(), "format_counts": search.plan.to_dict()["format_counts"]},
@@ -122,9 +128,12 @@ def plot(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.5, 4))
-    for kind, style in (("uniform", "o"), ("planned", "s-")):
-        chosen = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["bytes"])
-        axes.plot([p["bytes"] / MIB for p in chosen], [p["fidelity_kl"] for p in chosen], style, label=kind)
+    for kind, quantizer, style in (("uniform", "rtn", "o"), ("uniform", "hqq", "^"), ("planned", "planned", "s-")):
+        chosen = sorted(
+            (p for p in points if (p["kind"], p["quantizer"]) == (kind, quantizer)), key=lambda p: p["bytes"]
+        )
+        label = kind if kind == "planned" else f"uniform, {quantizer}"
+        axes.plot([p["bytes"] / MIB for p in chosen], [p["fidelity_kl"] for p in chosen], style, label=label)
         if kind == "uniform":
             for p in chosen:
                 axes.annotate(p["label"].removeprefix("teacher "), (p["bytes"] / MIB, p["fidelity_kl"]), fontsize=8)

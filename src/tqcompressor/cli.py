@@ -336,6 +336,11 @@ def quantize(
     model: str = typer.Argument(..., help="a compressed dir or any model --model accepts (the baseline)"),
     bits: Optional[str] = typer.Option(None, "--bits", help="int8 or int4 (weight-only; biases and norms stay float)"),
     group_size: GroupSize = None,
+    quantizer: Optional[str] = typer.Option(
+        None,
+        help="with --bits int4: rtn (round to nearest, the default) or hqq (HQQ's fitted scales and offsets); "
+        "--max-bytes and --max-kl measure both and keep the closer per matrix",
+    ),
     max_bytes: MaxBytes = None,
     max_kl: MaxKL = None,
     calibration: QuantizeCalibration = None,
@@ -350,9 +355,13 @@ def quantize(
 
     check_writable(out, inputs=[model, calibration], adopt=adopt)
     target = _check_quantize_options(bits, group_size, max_bytes, max_kl, calibration)
+    if target is not None and quantizer is not None:
+        raise TQCError(
+            "--max-bytes and --max-kl measure every quantizer and keep the closer per matrix: drop --quantizer"
+        )
     check_count("calibration-tokens", calibration_tokens, 1, MAX_CALIBRATION_TOKENS)
     check_count("fidelity-tokens", fidelity_tokens, 2)
-    settings = QuantizeSettings.parse(bits, group_size) if bits is not None else QuantizeSettings(8)
+    settings = QuantizeSettings.parse(bits, group_size, quantizer or "rtn") if bits is not None else QuantizeSettings(8)
     with writer_lock(out):
         loaded = load_model(model)
         plan = read_plan(model) if (Path(model) / STRUCTURE_FILE).is_file() else None

@@ -111,6 +111,9 @@ def test_tqc_quantize_max_bytes_writes_a_mixed_dir_that_opens_anywhere(tmp_path,
         ([], "give one of --bits"),
         (["--max-bytes", "1MiB", "--group-size", "64"], "drop --group-size"),
         (["--bits", "int8", "--calibration", "teacher"], "drop it with --bits"),
+        (["--max-bytes", "1MiB", "--quantizer", "hqq"], "drop --quantizer"),
+        (["--bits", "int8", "--quantizer", "hqq"], "rounds to nearest"),
+        (["--bits", "int4", "--quantizer", "awq"], "--quantizer takes one of rtn, hqq"),
     ],
 )
 def test_bad_budgets_are_one_line_and_nothing_is_written(tmp_path, gpt2_dir, extra, message):
@@ -187,10 +190,9 @@ def test_a_tied_table_is_planned_by_bands_of_rows_most_used_first():
     assert bands.sizes == (16, 32, 64, 144)
     assert bands.order[:48].lt(64).all()  # the tokens the text uses come before the rest
     assert sorted(bands.order.tolist()) == list(range(256))
-    rank = {fmt: i for i, fmt in enumerate(FORMATS)}
     budget = (menus.smallest + menus.closest) // 2
     plan = menus.plan(budget)
-    chosen = [rank[plan.formats[item]] for item in bands.items("model.embed_tokens")]
+    chosen = [FORMATS.index(plan.formats[item].removesuffix("-hqq")) for item in bands.items("model.embed_tokens")]
     assert chosen[0] > chosen[-1]  # the used rows got a finer format than the tail
 
 
@@ -241,4 +243,19 @@ def test_tqc_quantize_max_bytes_bands_a_large_table_and_info_shows_it(tmp_path, 
     assert [band["rows"] for band in bands] == [512, 512] and bands[0]["format"] != bands[1]["format"]
     assert saved_tensor_bytes(tmp_path / "q") == written["plan"]["total_bytes"] <= budget
     info = run_cli("info", tmp_path / "q")
-    assert info.returncode == 0 and f"{bands[0]['format']} x512 + {bands[1]['format']} x512" in info.stdout
+    stored = [band["format"].removesuffix("-hqq") for band in bands]  # the quantizer is not part of the format
+    assert info.returncode == 0 and f"{stored[0]} x512 + {stored[1]} x512" in info.stdout
+
+
+def test_tqc_quantize_int4_by_hqq_stores_the_same_bytes_closer(tmp_path, gpt2_dir):
+    errors = {}
+    for quantizer in ("rtn", "hqq"):
+        result = run_cli(
+            "quantize", gpt2_dir, "--bits", "int4", "--quantizer", quantizer, "--out", tmp_path / quantizer
+        )
+        assert result.returncode == 0, result.stderr
+        written = json.loads((tmp_path / quantizer / "quantization.json").read_text())
+        errors[quantizer] = sum(layer["error"] for layer in written["layers"])
+        assert written["format"] == "int4-g32"
+    assert saved_tensor_bytes(tmp_path / "hqq") == saved_tensor_bytes(tmp_path / "rtn")
+    assert errors["hqq"] < errors["rtn"]

@@ -15,7 +15,9 @@ from tqcompressor.quant.formats import (
     pack_int4,
     padded_shape,
     quantize_int4,
+    quantize_int4_hqq,
     quantize_int8,
+    relative_error,
     unpack_int4,
 )
 from tqcompressor.quant.modules import QuantizedWeight
@@ -117,3 +119,31 @@ def test_int4_runs_from_the_kernel_layout_alone_and_still_saves_the_portable_one
     assert torch.equal(state["qdata"], portable)
     weight.load_state_dict(state)
     assert not weight.kernel_layout and torch.equal(weight.qdata, portable)
+
+
+def test_hqq_values_read_back_as_hqq_itself_dequantizes_them():
+    from hqq.core.quantize import Quantizer
+
+    weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
+    packed, scale, zero = quantize_int4_hqq(weight, 64)
+    assert unpack_int4(packed).max() <= 15
+    q, meta = Quantizer.quantize(weight, nbits=4, group_size=64, axis=1, bitpack=False, device="cpu")
+    theirs = Quantizer.dequantize(q, {**meta, "compute_dtype": torch.float32}).reshape(32, 128)
+    torch.testing.assert_close(dequantize_int4(packed, scale, zero, 64), theirs.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_hqq_fits_closer_than_rounding_to_nearest_in_the_same_bytes():
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    rtn = QuantizedWeight.from_weight(weight, QuantizeSettings(4, 64))
+    hqq = QuantizedWeight.from_weight(weight, QuantizeSettings(4, 64, "hqq"))
+    assert hqq.stored_bytes == rtn.stored_bytes
+    assert relative_error(weight, hqq.dequantize()) < relative_error(weight, rtn.dequantize())
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [((8, 32, "hqq"), "int8 .* rounds to nearest"), ((4, 32, "gptq"), "--quantizer takes one of rtn, hqq")],
+)
+def test_a_quantizer_that_does_not_apply_is_one_clear_error(settings, message):
+    with pytest.raises(TQCError, match=message):
+        QuantizeSettings(*settings)

@@ -2,16 +2,18 @@
 fidelity per byte.
 
 Every matrix :func:`~tqcompressor.quant.api.quantize_` would quantize gets a menu of formats
-(:data:`FORMATS`), each priced in the bytes it takes in the saved dir (integers, scales, offsets,
-padding: :attr:`QuantizedWeight.stored_bytes`) and measured by the output error of the *stored*
-matrix, ``E||(W - Q(W)) x||^2 / E||W x||^2`` on calibration inputs (the weight error without them).
-Layers are weighted by the loss's sensitivity to them (``grad_sq * E||W x||^2``, as ``auto`` weighs
-them); a tied token table counts in both of its roles, as the LM head and as the lookup. One solve,
-the convex-hull greedy of :func:`tqcompressor.planning.auto.allocate` with bytes as the cost, spreads
-the budget. A tied token table with calibration statistics is planned in bands of rows, the rows the loss
-depends on most first (:func:`row_importance`): a few thousand of its tens of thousands of tokens carry most
-of what the loss sees of it, so they buy a finer format for a small share of its bytes. Measured on SmolLM2-135M, one layer type alone at int4-g128 moves fidelity KL by 0.07 to
-0.14 and the moves nearly add up, which is what makes a per-layer solve worth doing.
+(:data:`MENU`: each int4 format by round-to-nearest and by HQQ), each priced in the bytes it takes in
+the saved dir (integers, scales, offsets, padding: :attr:`QuantizedWeight.stored_bytes`) and measured by
+the output error of the *stored* matrix, ``E||(W - Q(W)) x||^2 / E||W x||^2`` on calibration inputs (the
+weight error without them). Layers are weighted by the loss's sensitivity to them (``grad_sq * E||W x||^2``,
+as ``auto`` weighs them); a tied token table counts in both of its roles, as the LM head and as the lookup.
+One solve, the convex-hull greedy of :func:`tqcompressor.planning.auto.allocate` with bytes as the cost,
+spreads the budget. Measured on SmolLM2-135M, one layer type alone at int4-g128 moves fidelity KL by 0.07
+to 0.14 and the moves nearly add up, which is what makes a per-layer solve worth doing.
+
+A tied token table with calibration statistics is planned in bands of rows, the rows the loss depends on
+most first (:func:`row_importance`): a few thousand of its tens of thousands of tokens carry most of what
+the loss sees of it, so they buy a finer format for a small share of its bytes.
 """
 
 from __future__ import annotations
@@ -30,21 +32,24 @@ from tqcompressor.planning.calibration import EmbeddingStatistics, LookupStatist
 from tqcompressor.quant.formats import QuantizeSettings, TokenBands
 from tqcompressor.quant.modules import QuantizedWeight
 
-# cheapest first; int4's group sizes above 128 save a few bytes for much more error
+# The stored formats, cheapest first; int4's group sizes above 128 save a few bytes for much more error
 FORMATS = ("int4-g128", "int4-g64", "int4-g32", "int8")
+# What a plan chooses from: each int4 format by both quantizers (same bytes; the lower error wins per matrix).
+# On SmolLM2-135M, HQQ's uniform int4-g64 is closer to the teacher than round-to-nearest's, its int4-g32 not
+MENU = FORMATS + ("int4-g128-hqq", "int4-g64-hqq", "int4-g32-hqq")
 # A tied token table is planned in bands of rows, most important first (the last band takes the rest):
 # a few thousand tokens carry most of what the loss sees of the table, in both of its roles
 BAND_ROWS = (512, 1024, 2048, 4096, 8192, 16384)
 
 
 def settings_named(name: str) -> QuantizeSettings:
-    """``int8`` or ``int4-gN`` as :attr:`QuantizeSettings.name` writes them."""
+    """``int8`` or ``int4-gN`` as :attr:`QuantizeSettings.name` writes them; ``int4-gN-hqq`` by HQQ."""
     if name == "int8":
         return QuantizeSettings(8)
-    match = re.fullmatch(r"int4-g(\d+)", name)
+    match = re.fullmatch(r"int4-g(\d+)(-hqq)?", name)
     if match is None:
-        raise TQCError(f"unknown storage format {name!r}; use one of {', '.join(FORMATS)}")
-    return QuantizeSettings(4, int(match.group(1)))
+        raise TQCError(f"unknown storage format {name!r}; use one of {', '.join(MENU)}")
+    return QuantizeSettings(4, int(match.group(1)), "hqq" if match.group(2) else "rtn")
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ def planned_matrices(model: nn.Module) -> dict[str, Tensor]:
     return found
 
 
-def format_menu(weight: Tensor, stats=None, formats: tuple[str, ...] = FORMATS) -> list[FormatCandidate]:
+def format_menu(weight: Tensor, stats=None, formats: tuple[str, ...] = MENU) -> list[FormatCandidate]:
     """Every format of ``formats`` for one matrix: its stored bytes and the relative error of the stored
     matrix, in the output metric of ``stats`` (a tied table's: both roles combined) or of the weight."""
     menu = []
@@ -193,7 +198,7 @@ def _row_coefficients(stats: EmbeddingStatistics) -> tuple[Tensor, Tensor]:
 
 
 def band_menus(
-    weight: Tensor, stats: EmbeddingStatistics, bands: RowBands, formats: tuple[str, ...] = FORMATS
+    weight: Tensor, stats: EmbeddingStatistics, bands: RowBands, formats: tuple[str, ...] = MENU
 ) -> list[tuple[list[FormatCandidate], float]]:
     """Each band's menu and weight: a format's error in a band is ``sqrt(sum of its rows' loss costs /
     sum of their importance)`` (:func:`row_importance`), so the weighted errors add up over bands to the
@@ -255,7 +260,8 @@ class FormatPlan:
         settings = self.settings()
         counts: dict[str, int] = {}  # per matrix: a banded table counts once, under its bands' formats
         for stored in settings.values():
-            counts[stored.name] = counts.get(stored.name, 0) + 1
+            label = getattr(stored, "label", stored.name)
+            counts[label] = counts.get(label, 0) + 1
         return {
             "budget_bytes": self.budget,
             "total_bytes": self.total_bytes,
@@ -264,7 +270,7 @@ class FormatPlan:
             "index_bytes": self.index_bytes,
             "format_counts": counts,
             "bands": {
-                table: [{"rows": rows, "format": fmt.name} for rows, fmt in settings[table].bands]
+                table: [{"rows": rows, "format": fmt.label} for rows, fmt in settings[table].bands]
                 for table in self.bands
                 if isinstance(settings[table], TokenBands)
             },
@@ -322,7 +328,7 @@ class FormatMenus:
 
 
 def measure_formats(
-    model: nn.Module, stats: dict | None = None, formats=FORMATS, band_rows: tuple[int, ...] = BAND_ROWS
+    model: nn.Module, stats: dict | None = None, formats=MENU, band_rows: tuple[int, ...] = BAND_ROWS
 ) -> FormatMenus:
     """Every planned matrix's menu (:func:`format_menu`) and weight in the loss, and the fixed bytes; a
     tied token table with calibration statistics gets a menu per band of rows (:func:`band_menus`)."""
@@ -342,7 +348,7 @@ def measure_formats(
     return FormatMenus(menus, weights, fixed_bytes(model, matrices), bands)
 
 
-def plan_formats(model: nn.Module, budget: int, stats: dict | None = None, formats=FORMATS) -> FormatPlan:
+def plan_formats(model: nn.Module, budget: int, stats: dict | None = None, formats=MENU) -> FormatPlan:
     """The format of every planned matrix (:func:`planned_matrices`) that keeps the model's weights within
     ``budget`` bytes and loses the least weighted output error; one line where no plan fits."""
     return measure_formats(model, stats, formats).plan(budget)

@@ -23,6 +23,10 @@ from torch import Tensor
 from tqcompressor.errors import TQCError
 
 BITS = (8, 4)
+# How int4 values, scales and offsets are chosen (the stored layout is the same): ``rtn`` rounds to the
+# nearest step between each group's minimum and maximum; ``hqq`` fits scale and offset by HQQ's
+# half-quadratic solver (Badri & Shaji, 2023; the ``hqq`` package), no calibration data needed
+QUANTIZERS = ("rtn", "hqq")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 INT4_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs rows in multiples of 16
 INT8_INPUT_MULTIPLE = 16  # _weight_int8pack_mm needs inputs in multiples of 16 (it crashes otherwise)
@@ -32,10 +36,12 @@ DEFAULT_GROUP_SIZE = 32
 @dataclass(frozen=True)
 class QuantizeSettings:
     """``bits``: 8 or 4; ``group_size``: inputs sharing one int4 scale (int8 uses one per row); a
-    matrix whose width it does not divide uses the largest half of it that does."""
+    matrix whose width it does not divide uses the largest half of it that does; ``quantizer``: how
+    int4 values are chosen (:data:`QUANTIZERS`; int8 is always round-to-nearest)."""
 
     bits: int = 8
     group_size: int = DEFAULT_GROUP_SIZE
+    quantizer: str = "rtn"
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -44,20 +50,30 @@ class QuantizeSettings:
             raise TQCError(
                 f"int4 group size {self.group_size} is not supported; choose one of {list(INT4_GROUP_SIZES)}"
             )
+        if self.quantizer not in QUANTIZERS:
+            raise TQCError(f"--quantizer takes one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
+        if self.bits == 8 and self.quantizer != "rtn":
+            raise TQCError(f"--quantizer {self.quantizer} fits int4 groups; int8 (one scale per row) rounds to nearest")
 
     @property
     def name(self) -> str:
+        """The stored format: ``int8``, ``int4-g32``, ... (the quantizer does not change what is stored)."""
         return f"int{self.bits}" if self.bits == 8 else f"int4-g{self.group_size}"
 
+    @property
+    def label(self) -> str:
+        """The format and, where it is not round-to-nearest, the quantizer: ``int4-g64-hqq``."""
+        return self.name if self.quantizer == "rtn" else f"{self.name}-{self.quantizer}"
+
     @classmethod
-    def parse(cls, text: str, group_size: int | None = None) -> QuantizeSettings:
-        """From what users type: ``int8`` or ``int4``, and int4's group size (``None``: the default)."""
+    def parse(cls, text: str, group_size: int | None = None, quantizer: str = "rtn") -> QuantizeSettings:
+        """From what users type: ``int8`` or ``int4``, and int4's group size (``None``: the default) and quantizer."""
         bits = {"int8": 8, "int4": 4}.get(str(text).lower())
         if bits is None:
             raise TQCError(f"quantization takes int8 or int4 (--bits, --quantize), got {text!r}")
         if bits == 8 and group_size is not None:
             raise TQCError("--group-size applies to int4 only (int8 keeps one scale per row): drop --group-size")
-        return cls(bits, DEFAULT_GROUP_SIZE if group_size is None else group_size)
+        return cls(bits, DEFAULT_GROUP_SIZE if group_size is None else group_size, quantizer)
 
 
 @dataclass(frozen=True)
@@ -71,7 +87,7 @@ class TokenBands:
 
     @property
     def name(self) -> str:
-        return " + ".join(f"{settings.name} x{rows}" for rows, settings in self.bands)
+        return " + ".join(f"{settings.label} x{rows}" for rows, settings in self.bands)
 
     @property
     def bits(self) -> int:
@@ -134,6 +150,24 @@ def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tens
     q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
     zero = low + 8 * scale
     return pack_int4(q.reshape(rows, inputs)), scale, zero
+
+
+def quantize_int4_hqq(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`quantize_int4`'s layout with each group's scale and offset fitted by HQQ (a proximal solver
+    of ``||W - dequant(quant(W))||_p``, p < 1, which tolerates a few large errors to cut the rest). HQQ
+    writes ``w ~= (q - z) * s``; ours is ``(q - 8) * s + (8 - z) * s``."""
+    from hqq.core.quantize import Quantizer  # imported here: it takes seconds, and only this quantizer needs it
+
+    w = weight.detach().float()
+    rows, inputs = w.shape
+    if inputs % group_size or inputs % 2:
+        raise ValueError(f"inputs ({inputs}) must be a multiple of the group size ({group_size})")
+    q, meta = Quantizer.quantize(
+        w, nbits=4, group_size=group_size, axis=1, bitpack=False, device=str(w.device), compute_dtype=torch.float32
+    )
+    scale = meta["scale"].reshape(rows, -1).float()
+    zero = (8 - meta["zero"].reshape(rows, -1).float()) * scale
+    return pack_int4(q.reshape(rows, inputs).round().clamp(0, 15)), scale, zero
 
 
 def pack_int4(q: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ from tqcompressor.quant.formats import (
     pad_to,
     padded_shape,
     quantize_int4,
+    quantize_int4_hqq,
     quantize_int8,
     unpack_int4,
 )
@@ -83,7 +84,8 @@ class QuantizedWeight(QuantizedMatrix):
             q, scale = quantize_int8(padded)
             self.qdata.copy_(q), self.scale.copy_(scale)
         else:
-            q, scale, zero = quantize_int4(padded, self.group_size)
+            quantize = quantize_int4_hqq if self.settings.quantizer == "hqq" else quantize_int4
+            q, scale, zero = quantize(padded, self.group_size)
             self.qdata.copy_(q), self.scale.copy_(scale), self.zero.copy_(zero)
         self.kernel_layout, self.cpu_int4, self.cpu_scale_zero = False, None, None
         return self.to(weight.device)
