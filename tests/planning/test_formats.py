@@ -259,3 +259,18 @@ def test_tqc_quantize_int4_by_hqq_stores_the_same_bytes_closer(tmp_path, gpt2_di
         assert written["format"] == "int4-g32"
     assert saved_tensor_bytes(tmp_path / "hqq") == saved_tensor_bytes(tmp_path / "rtn")
     assert errors["hqq"] < errors["rtn"]
+
+
+def test_bands_are_kept_only_where_they_lose_less_than_the_table_whole():
+    _, _, menus = banded_menus()
+    whole = menus.whole_tables()
+    assert whole.bands == {} and whole.smallest == menus.smallest and whole.closest == menus.closest
+    for budget in torch.linspace(menus.smallest, menus.closest, 7).long().tolist():
+        plan = menus.plan(budget)
+        assert plan.total_bytes <= budget
+        assert plan.loss <= whole.plan(budget).loss + 1e-12
+    smallest = menus.plan(menus.smallest)  # no room for a row order: the table whole, the least-error cheapest
+    assert smallest.index_bytes == 0 and smallest.total_bytes == menus.smallest
+    for name, fmt in smallest.formats.items():
+        cheapest = [c for c in smallest.menus[name] if c.params == min(c.params for c in smallest.menus[name])]
+        assert fmt == min(cheapest, key=lambda c: c.error).method

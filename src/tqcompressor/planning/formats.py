@@ -202,20 +202,24 @@ def band_menus(
 ) -> list[tuple[list[FormatCandidate], float]]:
     """Each band's menu and weight: a format's error in a band is ``sqrt(sum of its rows' loss costs /
     sum of their importance)`` (:func:`row_importance`), so the weighted errors add up over bands to the
-    table's loss cost; bytes are what the band's rows take stored alone."""
+    table's loss cost; bytes are what the band's rows take stored alone. Each stored format keeps the one
+    quantizer that loses least over the whole table, so bands differ only where their formats do."""
     head, lookup = _row_coefficients(stats)
     w, cov = weight.float(), stats.head.input_cov.float()
     importance = row_importance(weight, stats)[bands.order]
-    costs = {}
+    best: dict[str, tuple[str, Tensor]] = {}  # per stored format: the quantizer's name and its rows' costs
     for name in formats:
         d = w - QuantizedWeight.from_weight(w, settings_named(name)).dequantize()
-        cost = head * ((d @ cov) * d).sum(1).double() + lookup * d.double().square().sum(1)
-        costs[name] = cost[bands.order]
+        cost = (head * ((d @ cov) * d).sum(1).double() + lookup * d.double().square().sum(1))[bands.order]
+        stored = settings_named(name).name
+        if stored not in best or float(cost.sum()) < float(best[stored][1].sum()):
+            best[stored] = (name, cost)
+    costs = dict(best.values())
     found, start = [], 0
     for rows in bands.sizes:
         total = float(importance[start : start + rows].sum())
         menu = []
-        for name in formats:
+        for name in costs:
             spent = float(costs[name][start : start + rows].sum())
             stored = QuantizedWeight(rows, weight.shape[1], settings_named(name)).stored_bytes
             menu.append(FormatCandidate(name, stored, (spent / total) ** 0.5 if total > 0 else 0.0))
@@ -239,6 +243,12 @@ class FormatPlan:
     @property
     def total_bytes(self) -> int:
         return self.fixed_bytes + self.planned_bytes + self.index_bytes
+
+    @property
+    def loss(self) -> float:
+        """What the planner minimised: the weighted squared errors of the chosen formats, summed."""
+        errors = {name: {c.method: c.error for c in menu} for name, menu in self.menus.items()}
+        return sum(self.weights[name] * errors[name][fmt] ** 2 for name, fmt in self.formats.items())
 
     @property
     def index_bytes(self) -> int:
@@ -313,18 +323,37 @@ class FormatMenus:
                 f"--max-bytes {budget:,} is below the smallest model these formats make ({self.smallest:,} bytes, "
                 f"{self.smallest / 2**20:.1f} MiB, every matrix in {cheapest}); give at least that"
             )
-        plan = self._plan_within(budget, budget - self.fixed)
-        if plan.total_bytes > budget:  # bands in different formats: their table's row order takes room too
-            room = budget - self.fixed - plan.index_bytes
-            cheapest = {name: min(menu, key=lambda c: c.params) for name, menu in self.menus.items()}
-            plan = self._plan_within(budget, room, None if room >= self.smallest - self.fixed else cheapest)
-        return plan
+        whole = self.whole_tables()
+        plans = [whole._plan_within(budget, budget - self.fixed)]
+        # bands in different formats cost their table's row order too: planned with that kept aside, and
+        # kept where they lose less than the tables planned whole
+        room = budget - self.fixed - sum(bands.index_bytes for bands in self.bands.values())
+        if self.bands and room >= self.smallest - self.fixed:
+            plans.append(self._plan_within(budget, room))
+        return min(plans, key=lambda plan: plan.loss)
 
-    def _plan_within(self, budget: int, room: int, choice: dict | None = None) -> FormatPlan:
-        choice = choice or allocate(self.menus, self.weights, room)
+    def _plan_within(self, budget: int, room: int) -> FormatPlan:
+        choice = allocate(self.menus, self.weights, room)
         planned = sum(candidate.params for candidate in choice.values())
         formats = {name: choice[name].method for name in self.menus}
         return FormatPlan(formats, budget, self.fixed, planned, self.menus, self.weights, self.bands)
+
+    def whole_tables(self) -> FormatMenus:
+        """These menus with each banded table as one matrix: a format's bytes and loss cost summed over its bands."""
+        menus, weights = dict(self.menus), dict(self.weights)
+        for table, bands in self.bands.items():
+            items = bands.items(table)
+            total = sum(weights[item] for item in items)
+            merged = []
+            for candidate in menus[items[0]]:
+                parts = [next(c for c in menus[item] if c.method == candidate.method) for item in items]
+                cost = sum(weights[item] * part.error**2 for item, part in zip(items, parts))
+                error = (cost / total) ** 0.5 if total > 0 else 0.0
+                merged.append(FormatCandidate(candidate.method, sum(part.params for part in parts), error))
+            for item in items:
+                del menus[item], weights[item]
+            menus[table], weights[table] = merged, total
+        return FormatMenus(menus, weights, self.fixed)
 
 
 def measure_formats(
