@@ -117,8 +117,21 @@ def test_int4_runs_from_the_kernel_layout_alone_and_still_saves_the_portable_one
     assert weight.stored_bytes == stored and torch.equal(weight.dequantize(), dense)
     state = weight.state_dict()
     assert torch.equal(state["qdata"], portable)
+    assert state["scale"].is_contiguous() and state["zero"].is_contiguous()  # what safetensors takes
     weight.load_state_dict(state)
     assert not weight.kernel_layout and torch.equal(weight.qdata, portable)
+
+
+def test_int4_scales_are_held_once_beside_the_kernels_copy():
+    from tqcompressor.evaluation.footprint import memory_bytes
+
+    weight = QuantizedWeight.from_weight(torch.randn(48, 64), QuantizeSettings(4, 32))
+    scale, zero, stored = weight.scale.clone(), weight.zero.clone(), weight.stored_bytes
+    with torch.no_grad():
+        weight.linear(torch.randn(2, 64))
+    assert torch.equal(weight.scale, scale) and torch.equal(weight.zero, zero)
+    assert weight.scale.untyped_storage().data_ptr() == weight.cpu_scale_zero.untyped_storage().data_ptr()
+    assert memory_bytes(weight) == stored  # in memory as on disk: integers, scales, offsets once
 
 
 def test_hqq_values_read_back_as_hqq_itself_dequantizes_them():

@@ -39,9 +39,14 @@ def interleaved(fns: dict[str, Callable[[], object]], device: str = "cpu", repea
 
 
 def memory_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters and buffers held in memory (a tied weight once)."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Bytes of the memory the parameters and buffers hold: each storage once, however many tensors view
+    it (a tied weight, an int4 matrix's scales beside the kernel's copy, an expanded placeholder)."""
+    storages = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type != "meta":
+            storage = t.untyped_storage()
+            storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 def directory_bytes(path: Path) -> int:

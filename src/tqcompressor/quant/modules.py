@@ -155,13 +155,19 @@ class QuantizedWeight(QuantizedMatrix):
             self.cpu_int4 = packed
         else:  # in place: in memory as on disk
             self.qdata, self.kernel_layout = packed, True
-        # the kernel wants (groups, rows, 2): scale and offset of each group side by side
-        self.cpu_scale_zero = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()
+        # the kernel wants (groups, rows, 2): scale and offset of each group side by side. Scale and offset
+        # become views of it, so they are held once in memory, as on disk
+        scale_zero = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()
+        self.cpu_scale_zero = scale_zero
+        self.scale, self.zero = scale_zero[..., 0].transpose(0, 1), scale_zero[..., 1].transpose(0, 1)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.kernel_layout:
             destination[prefix + "qdata"] = self.portable_qdata()  # files hold the portable layout
+        if self.cpu_scale_zero is not None:  # views of the kernel's copy: files hold them contiguous
+            destination[prefix + "scale"] = self.scale.contiguous()
+            destination[prefix + "zero"] = self.zero.contiguous()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)  # the portable layout, into the same shape
