@@ -190,11 +190,14 @@ def block_matching_loss(student_states, teacher_states) -> Tensor:
     token, because a few tokens (the first, above all) carry hidden states far larger than the rest."""
     if len(student_states) != len(teacher_states):  # hidden states: the embeddings' output, then each block's
         raise depth_mismatch(len(student_states) - 1, len(teacher_states) - 1)
-    terms = [
-        ((s.float() - t.float()).pow(2).sum(-1) / t.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
-        for s, t in zip(student_states[1:], teacher_states[1:], strict=True)
-    ]
+    terms = [normalised_state_error(s, t) for s, t in zip(student_states[1:], teacher_states[1:], strict=True)]
     return torch.stack(terms).mean()
+
+
+def normalised_state_error(states: Tensor, target: Tensor) -> Tensor:
+    """Mean over tokens of ``||h - h*||^2 / ||h*||^2`` (hidden states, last dimension the width)."""
+    target = target.float()
+    return ((states.float() - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
 
 
 def depth_mismatch(student_blocks: int, teacher_blocks: int) -> TQCError:
