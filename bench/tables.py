@@ -297,8 +297,7 @@ def frontier_section() -> str:
     run = load("frontier/frontier.json")
     points = sorted(run["points"], key=lambda p: p["bytes"])
     rows = [
-        [p["label"], p["kind"], p["bytes"] / MIB, p["fidelity_kl"], p["fidelity_top1"], _counts(p["format_counts"])]
-        for p in points
+        [p["label"], p["kind"], p["bytes"] / MIB, p["fidelity_kl"], p["fidelity_top1"], _formats(p)] for p in points
     ]
     return "\n".join(
         [
@@ -307,11 +306,15 @@ def frontier_section() -> str:
             f"`frontier.json` (commit {short(run['commit'])}, {run['device']}, {run['seconds'] / 60:.0f} min): "
             f"SmolLM2-135M ({run['teacher_float_bytes'] / MIB:.1f} MiB in fp32) stored in each uniform format, beside "
             "`tqc quantize --max-bytes`, which gives each matrix the format that loses least per byte (errors "
-            "measured on WikiText-2 valid). Saved weight bytes, fidelity KL and top-1 on the held-out suite "
-            f"({run['settings']['fidelity_tokens']} tokens per domain), one-shot, our round-to-nearest quantizer "
-            "throughout. ![frontier](../bench/results/frontier/frontier.png)",
+            "measured on WikiText-2 valid). The uniform points are our round-to-nearest and HQQ (int4 only; same "
+            "bytes); a plan chooses per matrix between the two, and plans the tied token table in bands of rows, "
+            "the rows the loss depends on most first (`-hqq`: HQQ's; `xN`: a band of N rows). Saved weight bytes, "
+            f"fidelity KL and top-1 on the held-out suite ({run['settings']['fidelity_tokens']} tokens per domain), "
+            "one-shot. ![frontier](../bench/results/frontier/frontier.png)",
             "",
-            table(["point", "kind", "MiB saved", "fidelity KL", "top-1", "formats"], rows),
+            table(["point", "kind", "MiB saved", "fidelity KL", "top-1", "quantizer or formats"], rows),
+            "",
+            at_uniform_sentence(run),
             "",
             max_kl_sentence(run["max_kl_search"]),
         ]
@@ -337,12 +340,53 @@ def frontier_sentence() -> str:
     planned = [p for p in run["points"] if p["kind"] == "planned"]
     best = min(planned, key=lambda p: (p["fidelity_kl"], p["bytes"]))
     uniform = {p["label"].removeprefix("teacher "): p for p in run["points"] if p["kind"] == "uniform"}
+    g32, g32_hqq = uniform["int4-g32"], uniform["int4-g32 (hqq)"]
+    same = next((p for p in planned if p.get("budget_bytes") == g32["bytes"]), None)
+    at_g32 = (
+        f" In the bytes of uniform int4-g32 ({g32['bytes'] / MIB:.1f} MiB) it is at {same['fidelity_kl']:.4f}, "
+        f"where int4-g32 itself is at {g32['fidelity_kl']:.4f} (round-to-nearest) and {g32_hqq['fidelity_kl']:.4f} "
+        f"(HQQ){_table_bands(same)}."
+        if same
+        else ""
+    )
     return (
         f"Or give a size: `tqc quantize --max-bytes` chose a format per matrix and reached fidelity KL "
         f"{best['fidelity_kl']:.4f} at {best['bytes'] / MIB:.1f} MiB of saved weights, where uniform int8 is "
         f"{uniform['int8']['fidelity_kl']:.4f} at {uniform['int8']['bytes'] / MIB:.1f} MiB (`frontier.json`, "
-        f"commit {short(run['commit'])}, one-shot)."
+        f"commit {short(run['commit'])}, one-shot).{at_g32}"
     )
+
+
+def at_uniform_sentence(run: dict) -> str:
+    """The planned model at each uniform int4 format's own bytes, against that format by each quantizer."""
+    planned = {p["budget_bytes"]: p for p in run["points"] if p["kind"] == "planned"}
+    parts = []
+    for fmt in ("int4-g128", "int4-g32"):
+        rtn, hqq = (_point(run, f"teacher {fmt}{suffix}") for suffix in ("", " (hqq)"))
+        mixed = planned.get(rtn["bytes"])
+        if mixed is not None:
+            parts.append(
+                f"at the bytes of {fmt} ({rtn['bytes'] / MIB:.1f} MiB) the plan is at fidelity KL "
+                f"{mixed['fidelity_kl']:.4f}, uniform {fmt} at {rtn['fidelity_kl']:.4f} (round-to-nearest) and "
+                f"{hqq['fidelity_kl']:.4f} (HQQ)"
+            )
+    return "One budget against one format: " + "; ".join(parts) + "."
+
+
+def _point(run: dict, label: str) -> dict:
+    return next(p for p in run["points"] if p["label"] == label)
+
+
+def _formats(point: dict) -> str:
+    return _counts(point["format_counts"]) if point["kind"] == "planned" else point.get("quantizer", "rtn")
+
+
+def _table_bands(point: dict) -> str:
+    """How a planned point stored its token table, band by band (most important rows first)."""
+    bands = next(iter(point.get("bands", {}).values()), None)
+    if not bands:
+        return ""
+    return "; its token table in bands of rows, " + ", then ".join(f"{b['rows']:,} in {b['format']}" for b in bands)
 
 
 def _counts(counts: dict) -> str:
