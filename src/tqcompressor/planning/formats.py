@@ -181,8 +181,9 @@ def band_sizes(rows: int, band_rows: tuple[int, ...] = BAND_ROWS) -> tuple[int, 
 def row_importance(weight: Tensor, stats) -> Tensor | None:
     """Per row of a tied token table, what one unit of squared relative error of that row costs in the
     loss: as the head ``grad_sq_rows[v] * W_v C W_v^T`` (the logit of token ``v`` matters as much as the
-    loss's gradient on it), as the lookup ``grad_sq * scale^2 * count[v] * ||W_v||^2 / tokens``; their sum
-    over rows is :func:`~tqcompressor.planning.auto.role_scales`'. ``None`` without those statistics."""
+    loss's gradient on it), as the lookup ``grad_sq * scale^2 * count[v] * ||W_v||^2 / tokens``: the rows of
+    :func:`~tqcompressor.planning.auto.role_scales`, whose head term weighs every logit alike. ``None``
+    without those statistics."""
     if not isinstance(stats, EmbeddingStatistics) or stats.head.grad_sq_rows is None:
         return None
     head, lookup = _row_coefficients(stats)
