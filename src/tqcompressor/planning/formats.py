@@ -199,15 +199,16 @@ def _row_coefficients(stats: EmbeddingStatistics) -> tuple[Tensor, Tensor]:
 
 
 def band_menus(
-    weight: Tensor, stats: EmbeddingStatistics, bands: RowBands, formats: tuple[str, ...] = MENU
+    weight: Tensor, stats: EmbeddingStatistics, bands: RowBands, importance: Tensor, formats: tuple[str, ...] = MENU
 ) -> list[tuple[list[FormatCandidate], float]]:
     """Each band's menu and weight: a format's error in a band is ``sqrt(sum of its rows' loss costs /
     sum of their importance)`` (:func:`row_importance`), so the weighted errors add up over bands to the
-    table's loss cost; bytes are what the band's rows take stored alone. Each stored format keeps the one
-    quantizer that loses least over the whole table, so bands differ only where their formats do."""
+    table's loss cost (``importance``: :func:`row_importance`, by token id); bytes are what the band's rows
+    take stored alone. Each stored format keeps the one quantizer that loses least over the whole table, so
+    bands differ only where their formats do."""
     head, lookup = _row_coefficients(stats)
     w, cov = weight.float(), stats.head.input_cov.float()
-    importance = row_importance(weight, stats)[bands.order]
+    importance = importance[bands.order]
     best: dict[str, tuple[str, Tensor]] = {}  # per stored format: the quantizer's name and its rows' costs
     for name in formats:
         d = w - QuantizedWeight.from_weight(w, settings_named(name)).dequantize()
@@ -254,17 +255,19 @@ class FormatPlan:
     @property
     def index_bytes(self) -> int:
         """The row orders of the tables whose bands ended in different formats."""
-        return sum(bands.index_bytes for table, bands in self.bands.items() if self._banded(table))
+        banded = [table for table in self.bands if isinstance(self._table_settings(table), TokenBands)]
+        return sum(self.bands[table].index_bytes for table in banded)
 
-    def _banded(self, table: str) -> bool:
-        return isinstance(self.settings()[table], TokenBands)
+    def _table_settings(self, table: str) -> QuantizeSettings | TokenBands:
+        bands = self.bands[table]
+        return bands.settings([self.formats[item] for item in bands.items(table)])
 
     def settings(self) -> dict[str, QuantizeSettings | TokenBands]:
         """Per module name, what :func:`~tqcompressor.quant.api.quantize_`'s ``per_layer`` takes."""
         banded = {item for table, bands in self.bands.items() for item in bands.items(table)}
         found = {name: settings_named(fmt) for name, fmt in self.formats.items() if name not in banded}
-        for table, bands in self.bands.items():
-            found[table] = bands.settings([self.formats[item] for item in bands.items(table)])
+        for table in self.bands:
+            found[table] = self._table_settings(table)
         return found
 
     def to_dict(self) -> dict:
@@ -373,7 +376,8 @@ def measure_formats(
             weights[name] = layer_weight(weight, layer_stats)
             continue
         bands[name] = RowBands(torch.argsort(importance, descending=True, stable=True), sizes)
-        for item, (menu, total) in zip(bands[name].items(name), band_menus(weight, layer_stats, bands[name], formats)):
+        measured = band_menus(weight, layer_stats, bands[name], importance, formats)
+        for item, (menu, total) in zip(bands[name].items(name), measured):
             menus[item], weights[item] = menu, total
     return FormatMenus(menus, weights, fixed_bytes(model, matrices), bands)
 

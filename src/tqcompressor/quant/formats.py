@@ -142,8 +142,7 @@ def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tens
     group's minimum and maximum are represented exactly up to rounding)."""
     w = weight.detach().float()
     rows, inputs = w.shape
-    if inputs % group_size or inputs % 2:
-        raise ValueError(f"inputs ({inputs}) must be a multiple of the group size ({group_size})")
+    _check_groups(inputs, group_size)
     groups = w.reshape(rows, inputs // group_size, group_size)
     low, high = groups.amin(-1), groups.amax(-1)
     scale = ((high - low) / 15).clamp_min(1e-12)
@@ -160,14 +159,18 @@ def quantize_int4_hqq(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, 
 
     w = weight.detach().float()
     rows, inputs = w.shape
-    if inputs % group_size or inputs % 2:
-        raise ValueError(f"inputs ({inputs}) must be a multiple of the group size ({group_size})")
+    _check_groups(inputs, group_size)
     q, meta = Quantizer.quantize(
         w, nbits=4, group_size=group_size, axis=1, bitpack=False, device=str(w.device), compute_dtype=torch.float32
     )
     scale = meta["scale"].reshape(rows, -1).float()
     zero = (8 - meta["zero"].reshape(rows, -1).float()) * scale
     return pack_int4(q.reshape(rows, inputs).round().clamp(0, 15)), scale, zero
+
+
+def _check_groups(inputs: int, group_size: int) -> None:
+    if inputs % group_size or inputs % 2:
+        raise ValueError(f"inputs ({inputs}) must be a multiple of the group size ({group_size})")
 
 
 def pack_int4(q: Tensor) -> Tensor:
