@@ -5,11 +5,12 @@ plans per matrix (``tqc quantize --max-bytes``), one-shot, on the held-out fidel
 Every point's bytes are the tensors its saved dir holds (integers, scales, offsets, padding, the float
 norms), computed exactly as the planner prices them (a test holds the two equal). The planned points'
 errors are measured on ``--calibration`` (WikiText-2 valid by default: no held-out domain reads it).
-The uniform points are the teacher by our round-to-nearest (``rtn``) and by HQQ (``hqq``, the
-library quantizer users would otherwise pick: calibration-free, same bytes); the planned points choose per
-matrix among both (``quantizer: "planned"``), and plan a tied token table in bands of rows.
+The uniform points are the teacher by our round-to-nearest (``rtn``; ``-dq``: scales and offsets in 8-bit
+codes) and by HQQ (``hqq``, the library quantizer users would otherwise pick: calibration-free, same bytes);
+the planned points choose per matrix among all of them (``quantizer: "planned"``), at each uniform point's
+bytes, and plan a tied token table in bands of rows.
 
-    python bench/frontier.py    # ~20 minutes on 2 cores; writes bench/results/frontier/frontier.json and .png
+    python bench/frontier.py    # ~35 minutes on 2 cores; writes bench/results/frontier/frontier.json and .png
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--fidelity-tokens", type=int, default=1024, help="tokens of each held-out domain")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument(
-        "--between", type=int, default=1, help="planned budgets between each pair of neighbouring uniform formats"
+        "--between", type=int, default=0, help="planned budgets between each pair of neighbouring uniform formats"
     )
     parser.add_argument(
         "--max-kl", type=float, default=0.01, help="then `--max-kl`'s search for the smallest plan within this"
@@ -75,7 +76,7 @@ def main() -> None:
         plan = plan_formats(teacher, float_bytes(teacher), formats=(fmt,))
         uniform_bytes.append(plan.total_bytes)
         points.append(point(f"teacher {fmt}", "uniform", plan, "rtn"))
-        if fmt.startswith("int4"):  # HQQ fits int4 groups; int8 is one scale per row either way
+        if fmt.startswith("int4") and not fmt.endswith("-dq"):  # HQQ as users run it: bfloat16 scales, int4 only
             plan = plan_formats(teacher, float_bytes(teacher), formats=(f"{fmt}-hqq",))
             points.append(point(f"teacher {fmt} (hqq)", "uniform", plan, "hqq"))
     ids = calibration_ids(args.calibration, teacher, tokenizer, args.calibration_tokens)
@@ -92,8 +93,8 @@ def main() -> None:
     result = {
         **cpu_run(commit, args),
         "what": "bytes of the saved weights against fidelity KL on the held-out suite: the teacher in each uniform "
-        "format (round-to-nearest, and HQQ for int4) and the per-matrix formats a byte budget plans from both "
-        "quantizers, a tied token table in bands of rows, one-shot",
+        "format (round-to-nearest, with bfloat16 or 8-bit-coded scales, and HQQ for int4) and the per-matrix "
+        "formats a byte budget plans from all of them, a tied token table in bands of rows, one-shot",
         "teacher_float_bytes": float_bytes(teacher),
         "points": points,
         "max_kl_search": {**search.to_dict(), "format_counts": search.plan.to_dict()["format_counts"]},

@@ -411,7 +411,8 @@ def test_frontier_writes_uniform_and_planned_points_each_within_its_budget(tmp_p
     fields = {"label", "kind", "quantizer", "bytes", "fidelity_kl", "fidelity_top1", "kd_tokens"}
     assert all(fields <= set(p) for p in result["points"]) and out.with_suffix(".png").is_file()
     uniform = {p["label"]: p for p in result["points"] if p["kind"] == "uniform" and p["quantizer"] == "rtn"}
-    assert set(uniform) == {"teacher int8", "teacher int4-g32", "teacher int4-g64", "teacher int4-g128"}
+    int4 = {f"teacher int4-g{g}{dq}" for g in (32, 64, 128) for dq in ("", "-dq")}
+    assert set(uniform) == {"teacher int8"} | int4
     by_hqq = {p["label"]: p for p in result["points"] if p["quantizer"] == "hqq"}
     assert set(by_hqq) == {f"teacher int4-g{g} (hqq)" for g in (32, 64, 128)}
     assert all(p["bytes"] == uniform[label.removesuffix(" (hqq)")]["bytes"] for label, p in by_hqq.items())

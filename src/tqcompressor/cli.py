@@ -341,6 +341,11 @@ def quantize(
         help="with --bits int4: rtn (round to nearest, the default) or hqq (HQQ's fitted scales and offsets); "
         "--max-bytes and --max-kl measure both and keep the closer per matrix",
     ),
+    double_quant: bool = typer.Option(
+        False,
+        "--double-quant",
+        help="with --bits int4: scales and offsets stored as 8-bit codes (groups of 32 in about the bytes of 64)",
+    ),
     max_bytes: MaxBytes = None,
     max_kl: MaxKL = None,
     calibration: QuantizeCalibration = None,
@@ -355,13 +360,18 @@ def quantize(
 
     check_writable(out, inputs=[model, calibration], adopt=adopt)
     target = _check_quantize_options(bits, group_size, max_bytes, max_kl, calibration)
-    if target is not None and quantizer is not None:
+    if target is not None and (quantizer is not None or double_quant):
         raise TQCError(
-            "--max-bytes and --max-kl measure every quantizer and keep the closer per matrix: drop --quantizer"
+            "--max-bytes and --max-kl measure every quantizer and format and keep the closest per matrix: "
+            "drop --quantizer and --double-quant"
         )
     check_count("calibration-tokens", calibration_tokens, 1, MAX_CALIBRATION_TOKENS)
     check_count("fidelity-tokens", fidelity_tokens, 2)
-    settings = QuantizeSettings.parse(bits, group_size, quantizer or "rtn") if bits is not None else QuantizeSettings(8)
+    settings = (
+        QuantizeSettings.parse(bits, group_size, quantizer or "rtn", double_quant)
+        if bits is not None
+        else QuantizeSettings(8)
+    )
     with writer_lock(out):
         loaded = load_model(model)
         plan = read_plan(model) if (Path(model) / STRUCTURE_FILE).is_file() else None

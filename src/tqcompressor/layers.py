@@ -89,6 +89,9 @@ class QuantizedMatrix(nn.Module):
     out_features: int
     in_features: int
 
+    def refresh_derived(self) -> None:
+        """Rebuild what is computed from the saved tensors (called after loading); the default has none."""
+
 
 _SAVED_MODULES: dict[str, type[SavedModule]] = {}
 

@@ -119,6 +119,7 @@ class QuantizedLinearConfig(Strict):
     kind: LinearKind
     bits: Bits
     group_size: GroupSize
+    double_quant: StrictBool = False  # int4's scales and offsets stored as 8-bit codes
 
 
 class QuantizedLowRankLinearConfig(QuantizedLinearConfig):
@@ -131,12 +132,14 @@ class QuantizedEmbeddingConfig(Strict):
     output_scale: FiniteFloat
     bits: Bits
     group_size: GroupSize
+    double_quant: StrictBool = False  # int4's scales and offsets stored as 8-bit codes
 
 
 class TokenBandConfig(Strict):
     rows: Size
     bits: Bits
     group_size: GroupSize
+    double_quant: StrictBool = False  # int4's scales and offsets stored as 8-bit codes
 
 
 class QuantizedTokenBandsConfig(Strict):
@@ -161,6 +164,7 @@ class QuantizedFactoredConfig(Strict):
     inner: dict  # a module description of its own, checked by module_config (recursively)
     bits: Bits
     group_size: GroupSize
+    double_quant: StrictBool = False  # int4's scales and offsets stored as 8-bit codes
 
 
 class LinearExpertsConfig(Strict):

@@ -12,9 +12,9 @@ from tests.conftest import TOY_TEXT, run_cli, tiny_llama
 from tqcompressor.errors import TQCError
 from tqcompressor.planning.calibration import layer_statistics
 from tqcompressor.planning.formats import (
-    FORMATS,
     float_bytes,
     format_menu,
+    measure_formats,
     parse_bytes,
     plan_formats,
     planned_matrices,
@@ -47,7 +47,7 @@ def test_each_format_is_priced_in_the_bytes_the_saved_dir_holds(tmp_path):
     model = tiny_llama(vocab_size=256)
     smallest = plan_formats(model, 10**9)  # room for everything: every matrix in int8
     assert set(smallest.formats.values()) == {"int8"}
-    for fmt in ("int8", "int4-g32", "int4-g128"):
+    for fmt in ("int8", "int4-g32", "int4-g128", "int4-g32-dq", "int4-g64-dq-hqq"):
         planned = tiny_llama(vocab_size=256)
         plan = plan_formats(planned, 10**9, formats=(fmt,))
         quantize_(planned, tqc.QuantizeSettings(8), per_layer=plan.settings())
@@ -59,8 +59,8 @@ def test_a_larger_budget_never_plans_a_worse_model_and_the_plan_is_kept(tmp_path
     model = tiny_llama(vocab_size=256)
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
     stats = layer_statistics(model, list(planned_matrices(model)), ids, progress=False)
-    cheapest = plan_formats(model, 10**9, stats, formats=(FORMATS[0],)).total_bytes
-    richest = plan_formats(model, 10**9, stats).total_bytes
+    menus = measure_formats(model, stats)
+    cheapest, richest = menus.smallest, plan_formats(model, 10**9, stats).total_bytes
     losses = []
     for budget in torch.linspace(cheapest, richest, 5).long().tolist():
         plan = plan_formats(model, budget, stats)
@@ -84,8 +84,7 @@ def test_errors_are_of_the_stored_matrix_in_the_output_metric():
 def test_tqc_quantize_max_bytes_writes_a_mixed_dir_that_opens_anywhere(tmp_path, gpt2_dir):
     (tmp_path / "calibration.txt").write_text(TOY_TEXT * 4)
     model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
-    low = plan_formats(model, 10**9, formats=(FORMATS[0],)).total_bytes
-    high = plan_formats(model, 10**9).total_bytes
+    low, high = measure_formats(model).smallest, plan_formats(model, 10**9).total_bytes
     budget = (low + high) // 2
     args = ["quantize", gpt2_dir, "--max-bytes", str(budget), "--out", tmp_path / "mixed"]
     result = run_cli(*args, "--calibration", tmp_path / "calibration.txt", "--calibration-tokens", "512")
@@ -112,6 +111,8 @@ def test_tqc_quantize_max_bytes_writes_a_mixed_dir_that_opens_anywhere(tmp_path,
         (["--max-bytes", "1MiB", "--group-size", "64"], "drop --group-size"),
         (["--bits", "int8", "--calibration", "teacher"], "drop it with --bits"),
         (["--max-bytes", "1MiB", "--quantizer", "hqq"], "drop --quantizer"),
+        (["--max-bytes", "1MiB", "--double-quant"], "drop --quantizer and --double-quant"),
+        (["--bits", "int8", "--double-quant"], "int8 keeps one float scale per row"),
         (["--bits", "int8", "--quantizer", "hqq"], "rounds to nearest"),
         (["--bits", "int4", "--quantizer", "awq"], "--quantizer takes one of rtn, hqq"),
     ],
@@ -124,7 +125,6 @@ def test_bad_budgets_are_one_line_and_nothing_is_written(tmp_path, gpt2_dir, ext
 
 
 def test_menus_measured_once_plan_every_budget_as_a_fresh_measurement_would():
-    from tqcompressor.planning.formats import measure_formats
 
     model = tiny_llama(vocab_size=256)
     menus = measure_formats(model)
@@ -159,7 +159,6 @@ def test_a_kl_target_that_is_not_a_positive_number_is_one_line(tmp_path, gpt2_di
 def test_the_search_bisects_between_a_missed_and_a_met_budget():
     from tqcompressor.evaluation.fidelity import Domain
     from tqcompressor.evaluation.targets import smallest_within_kl
-    from tqcompressor.planning.formats import measure_formats
 
     model = tiny_llama(vocab_size=256)
     menus = measure_formats(model)
@@ -176,7 +175,6 @@ def test_the_search_bisects_between_a_missed_and_a_met_budget():
 
 def banded_menus(vocab_size: int = 256):
     """A tied table whose calibration text uses only tokens below 64, planned in bands of 16, 32, 64 and the rest."""
-    from tqcompressor.planning.formats import measure_formats
 
     model = tiny_llama(vocab_size=vocab_size)
     ids = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -192,8 +190,10 @@ def test_a_tied_table_is_planned_by_bands_of_rows_most_used_first():
     assert sorted(bands.order.tolist()) == list(range(256))
     budget = (menus.smallest + menus.closest) // 2
     plan = menus.plan(budget)
-    chosen = [FORMATS.index(plan.formats[item].removesuffix("-hqq")) for item in bands.items("model.embed_tokens")]
-    assert chosen[0] > chosen[-1]  # the used rows got a finer format than the tail
+    items = bands.items("model.embed_tokens")
+    chosen = [next(c for c in menus.menus[item] if c.method == plan.formats[item]) for item in items]
+    per_row = [candidate.params / rows for candidate, rows in zip(chosen, bands.sizes)]
+    assert per_row[0] > per_row[-1]  # the used rows got a finer format (more bytes a row) than the tail
 
 
 def test_a_banded_table_is_priced_exactly_and_reopens_as_planned(tmp_path):
@@ -221,7 +221,6 @@ def test_a_banded_table_is_priced_exactly_and_reopens_as_planned(tmp_path):
 
 
 def test_without_calibration_a_table_is_planned_whole():
-    from tqcompressor.planning.formats import measure_formats
 
     menus = measure_formats(tiny_llama(vocab_size=256), band_rows=(16, 32, 64))
     assert menus.bands == {} and "model.embed_tokens" in menus.menus
@@ -233,8 +232,7 @@ def test_tqc_quantize_max_bytes_bands_a_large_table_and_info_shows_it(tmp_path, 
     tokenizer.save_pretrained(source)
     (tmp_path / "calibration.txt").write_text(TOY_TEXT * 4)
     model = AutoModelForCausalLM.from_pretrained(source)
-    low = plan_formats(model, 10**9, formats=(FORMATS[0],)).total_bytes
-    budget = (low + plan_formats(model, 10**9).total_bytes) // 2
+    budget = (measure_formats(model).smallest + plan_formats(model, 10**9).total_bytes) // 2
     args = ["quantize", source, "--max-bytes", str(budget), "--out", tmp_path / "q"]
     result = run_cli(*args, "--calibration", tmp_path / "calibration.txt", "--calibration-tokens", "512")
     assert result.returncode == 0, result.stderr
@@ -259,6 +257,19 @@ def test_tqc_quantize_int4_by_hqq_stores_the_same_bytes_closer(tmp_path, gpt2_di
         assert written["format"] == "int4-g32"
     assert saved_tensor_bytes(tmp_path / "hqq") == saved_tensor_bytes(tmp_path / "rtn")
     assert errors["hqq"] < errors["rtn"]
+
+
+def test_tqc_quantize_double_quant_stores_codes_that_reopen_anywhere(tmp_path, gpt2_dir):
+    result = run_cli("quantize", gpt2_dir, "--bits", "int4", "--double-quant", "--out", tmp_path / "dq")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "dq" / "quantization.json").read_text())
+    assert written["format"] == "int4-g32-dq"
+    uniform = plan_formats(AutoModelForCausalLM.from_pretrained(gpt2_dir), 10**9, formats=("int4-g32-dq",))
+    assert saved_tensor_bytes(tmp_path / "dq") == uniform.total_bytes
+    with safe_open(str(tmp_path / "dq" / "model.safetensors"), "pt") as stored:
+        assert any(key.endswith("scale_codes") for key in stored.keys())
+    opened = AutoModelForCausalLM.from_pretrained(tmp_path / "dq")
+    assert torch.isfinite(opened(torch.randint(0, 200, (1, 8))).logits).all()
 
 
 def test_bands_are_kept_only_where_they_lose_less_than_the_table_whole():

@@ -17,7 +17,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import SavedModule, saved_module_classes
+from tqcompressor.layers import QuantizedMatrix, SavedModule, saved_module_classes
 from tqcompressor.modelio.checkpoint import (
     FORMAT_VERSION,
     STRUCTURE_FILE,
@@ -86,7 +86,7 @@ class TQCompressorQuantizer(HfQuantizer):
         # derived buffers are not in the checkpoint: a quantized module's placeholders were made on the meta
         # device, a Kronecker layer's fused gathers come from its loaded permutations (parents come first)
         for module in model.modules():
-            if isinstance(module, SavedModule):
+            if isinstance(module, (SavedModule, QuantizedMatrix)):
                 module.refresh_derived()
         return model
 

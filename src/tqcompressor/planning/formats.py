@@ -32,24 +32,25 @@ from tqcompressor.planning.calibration import EmbeddingStatistics, LookupStatist
 from tqcompressor.quant.formats import QuantizeSettings, TokenBands
 from tqcompressor.quant.modules import QuantizedWeight
 
-# The stored formats, cheapest first; int4's group sizes above 128 save a few bytes for much more error
-FORMATS = ("int4-g128", "int4-g64", "int4-g32", "int8")
+# The stored formats, cheapest first (``-dq``: scales and offsets in 8-bit codes, a quarter-bit a value less
+# at groups of 32); int4's group sizes above 128 save a few bytes for much more error
+FORMATS = ("int4-g128-dq", "int4-g128", "int4-g64-dq", "int4-g64", "int4-g32-dq", "int4-g32", "int8")
 # What a plan chooses from: each int4 format by both quantizers (same bytes; the lower error wins per matrix).
 # On SmolLM2-135M, HQQ's uniform int4-g64 is closer to the teacher than round-to-nearest's, its int4-g32 not
-MENU = FORMATS + ("int4-g128-hqq", "int4-g64-hqq", "int4-g32-hqq")
+MENU = FORMATS + tuple(f"{name}-hqq" for name in FORMATS if name.startswith("int4"))
 # A tied token table is planned in bands of rows, most important first (the last band takes the rest):
 # a few thousand tokens carry most of what the loss sees of the table, in both of its roles
 BAND_ROWS = (512, 1024, 2048, 4096, 8192, 16384)
 
 
 def settings_named(name: str) -> QuantizeSettings:
-    """``int8`` or ``int4-gN`` as :attr:`QuantizeSettings.name` writes them; ``int4-gN-hqq`` by HQQ."""
+    """``int8``, ``int4-gN`` or ``int4-gN-dq`` as :attr:`QuantizeSettings.name` writes them; ``...-hqq`` by HQQ."""
     if name == "int8":
         return QuantizeSettings(8)
-    match = re.fullmatch(r"int4-g(\d+)(-hqq)?", name)
+    match = re.fullmatch(r"int4-g(\d+)(-dq)?(-hqq)?", name)
     if match is None:
         raise TQCError(f"unknown storage format {name!r}; use one of {', '.join(MENU)}")
-    return QuantizeSettings(4, int(match.group(1)), "hqq" if match.group(2) else "rtn")
+    return QuantizeSettings(4, int(match.group(1)), "hqq" if match.group(3) else "rtn", bool(match.group(2)))
 
 
 @dataclass(frozen=True)

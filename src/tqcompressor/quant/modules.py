@@ -27,8 +27,10 @@ from torch.nn import functional as F
 from tqcompressor.layers import FactoredModule, QuantizedMatrix, build_module, describe_module
 from tqcompressor.quant.formats import (
     QuantizeSettings,
+    decode_per_row,
     dequantize_int4,
     dequantize_int8,
+    double_quantize,
     group_size_for,
     int4_from_cpu_layout,
     pad_to,
@@ -41,6 +43,8 @@ from tqcompressor.quant.formats import (
 from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankLinear
 
 COMPUTE_DTYPE = torch.bfloat16  # what the CPU kernels take; used on every device for the same numbers
+# What files hold of a double-quantized matrix's scales and offsets (besides ``qdata``)
+DOUBLE_QUANT_BUFFERS = ("scale_codes", "scale_step", "zero_codes", "zero_step")
 FLAT_ROW = 256  # QuantizedFactored stores a factor as rows of this many values (int8: one scale per row)
 
 
@@ -60,8 +64,14 @@ class QuantizedWeight(QuantizedMatrix):
         else:
             groups = inputs // self.group_size
             self.register_buffer("qdata", torch.zeros(rows, inputs // 2, dtype=torch.uint8))
-            self.register_buffer("scale", torch.ones(rows, groups, dtype=COMPUTE_DTYPE))
-            self.register_buffer("zero", torch.zeros(rows, groups, dtype=COMPUTE_DTYPE))
+            # double-quantized: files hold the scales' and offsets' codes; the decoded ones are derived
+            self.register_buffer("scale", torch.ones(rows, groups, dtype=COMPUTE_DTYPE), not settings.double_quant)
+            self.register_buffer("zero", torch.zeros(rows, groups, dtype=COMPUTE_DTYPE), not settings.double_quant)
+            if settings.double_quant:
+                self.register_buffer("scale_codes", torch.ones(rows, groups, dtype=torch.uint8))
+                self.register_buffer("scale_step", torch.ones(rows, dtype=COMPUTE_DTYPE))
+                self.register_buffer("zero_codes", torch.zeros(rows, groups, dtype=torch.int8))
+                self.register_buffer("zero_step", torch.ones(rows, dtype=COMPUTE_DTYPE))
         # int4 on CPU: the kernel's layout of the values, derived on the machine that runs it (it
         # depends on the CPU). It replaces the portable layout in ``qdata`` (files still get the
         # portable one), except for an embedding's table, whose lookups read the portable layout:
@@ -86,9 +96,17 @@ class QuantizedWeight(QuantizedMatrix):
         else:
             quantize = quantize_int4_hqq if self.settings.quantizer == "hqq" else quantize_int4
             q, scale, zero = quantize(padded, self.group_size)
+            if self.settings.double_quant:
+                q, *codes = double_quantize(padded, scale, zero, self.group_size)
+                for name, value in zip(DOUBLE_QUANT_BUFFERS, codes):
+                    getattr(self, name).copy_(value)
+                scale, zero = self._decoded_scales()
             self.qdata.copy_(q), self.scale.copy_(scale), self.zero.copy_(zero)
         self.kernel_layout, self.cpu_int4, self.cpu_scale_zero = False, None, None
         return self.to(weight.device)
+
+    def _decoded_scales(self) -> tuple[Tensor, Tensor]:
+        return decode_per_row(self.scale_codes, self.scale_step), decode_per_row(self.zero_codes, self.zero_step)
 
     @property
     def padded_shape(self) -> tuple[int, int]:
@@ -96,8 +114,10 @@ class QuantizedWeight(QuantizedMatrix):
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes saved to disk for this matrix (integers, scales, offsets)."""
-        return sum(t.numel() * t.element_size() for t in (self.qdata, self.scale, self.zero) if t is not None)
+        """Bytes saved to disk for this matrix (integers, scales, offsets, or their codes and steps)."""
+        names = ("qdata", *DOUBLE_QUANT_BUFFERS) if self.settings.double_quant else ("qdata", "scale", "zero")
+        tensors = [getattr(self, name) for name in names]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def portable_qdata(self) -> Tensor:
         """``qdata`` in the portable layout files store."""
@@ -165,14 +185,21 @@ class QuantizedWeight(QuantizedMatrix):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.kernel_layout:
             destination[prefix + "qdata"] = self.portable_qdata()  # files hold the portable layout
-        if self.cpu_scale_zero is not None:  # views of the kernel's copy: files hold them contiguous
+        if self.cpu_scale_zero is not None and not self.settings.double_quant:  # views: files hold them contiguous
             destination[prefix + "scale"] = self.scale.contiguous()
             destination[prefix + "zero"] = self.zero.contiguous()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)  # the portable layout, into the same shape
-        self.kernel_layout = False
-        self.cpu_int4 = self.cpu_scale_zero = None  # new integers: derive the kernel layout again
+        self.refresh_derived()
+
+    def refresh_derived(self) -> None:
+        """After loading: the kernel's layout is derived again from the new integers, and double-quantized
+        scales and offsets decoded from their codes."""
+        self.kernel_layout, self.cpu_int4, self.cpu_scale_zero = False, None, None
+        if self.settings.double_quant:
+            scale, zero = self._decoded_scales()
+            self.scale, self.zero = scale.to(COMPUTE_DTYPE), zero.to(COMPUTE_DTYPE)
 
     def extra_repr(self) -> str:
         groups = f", groups of {self.group_size}" if self.group_size else ""
@@ -180,11 +207,13 @@ class QuantizedWeight(QuantizedMatrix):
 
 
 def _settings_config(settings: QuantizeSettings) -> dict:
-    return {"bits": settings.bits, "group_size": settings.group_size}
+    return {"bits": settings.bits, "group_size": settings.group_size, "double_quant": settings.double_quant}
 
 
 def _settings_from(config: dict) -> QuantizeSettings:
-    return QuantizeSettings(int(config["bits"]), int(config["group_size"]))
+    # dirs saved before double quantization existed lack the key
+    double_quant = bool(config.get("double_quant", False))
+    return QuantizeSettings(int(config["bits"]), int(config["group_size"]), double_quant=double_quant)
 
 
 class QuantizedLinear(FactoredModule):
