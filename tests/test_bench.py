@@ -422,3 +422,23 @@ def test_frontier_writes_uniform_and_planned_points_each_within_its_budget(tmp_p
     assert frontier.planned_budgets([10, 20, 40], 1) == [10, 15, 20, 30, 40]
     search = result["max_kl_search"]
     assert search["max_kl"] == 0.01 and search["tried"] and search["bytes"] in {t["bytes"] for t in search["tried"]}
+
+
+def test_recovery_gives_each_recovery_the_same_seconds_from_one_student(tmp_path, gpt2_dir, monkeypatch):
+    from tests.conftest import TOY_TEXT
+
+    recovery = bench_module("recovery")
+    (tmp_path / "train.txt").write_text(TOY_TEXT * 4)
+    out = tmp_path / "recovery.json"
+    argv = ["recovery.py", "--model", str(gpt2_dir), "--train", str(tmp_path / "train.txt"), "--ratio", "0.8"]
+    argv += ["--calibration-tokens", "256", "--fidelity-tokens", "64", "--context", "32", "--seq-len", "32"]
+    argv += ["--batch-size", "2", "--recovery-seconds", "4", "--blockwise-steps", "2", "--blockwise-tokens", "128"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out), "--work", str(tmp_path / "work")])
+    recovery.main()
+    result = json.loads(out.read_text())
+    fields = {"label", "method", "stages", "seconds", "kd_tokens", "fidelity_kl", "fidelity_top1"}
+    assert all(fields <= set(run) for run in result["runs"]) and out.with_suffix(".png").is_file()
+    runs = {run["stages"]: run for run in result["runs"]}
+    assert list(runs) == ["none", "global", "blockwise", "blockwise+global"]
+    assert runs["global"]["kd_tokens"] > 0 and runs["blockwise"]["kd_tokens"] == 0
+    assert len(result["blocks"]) == 2 and result["commit"]

@@ -114,6 +114,13 @@ DISTILL_OPTIONS = {
         recipe.ALPHA_BLOCKS,
         "weight of matching every block's output to the teacher's (0: off; the student needs the teacher's depth)",
     ),
+    "blockwise_steps": (
+        int,
+        recipe.BLOCKWISE_STEPS,
+        "before distilling, Adam steps fitting each decoder block to the teacher's, first to last (0: off; "
+        "on the calibration text, else the first blocks of --data; the student needs the teacher's depth)",
+    ),
+    "blockwise_lr": (float, recipe.BLOCKWISE_LR, "learning rate of --blockwise-steps"),
 }
 
 
@@ -605,7 +612,7 @@ def _distill(teacher, student, data, fraction, mix: tuple, out: Path, resume: bo
     check_not_quantized(student_model, "distillation")
     loaded = load_model(teacher)
     check_student_matches_teacher(student_model, loaded.model)
-    if kd.alpha_blocks > 0:  # before sampling any distillation data from the teacher
+    if kd.alpha_blocks > 0 or kd.blockwise_steps > 0:  # before sampling any distillation data from the teacher
         check_same_depth(student_model, loaded.model)
     _check_training(loaded.model, kd, kd.seq_len)
     teacher_fraction, teacher_pool, teacher_start = mix

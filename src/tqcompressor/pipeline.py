@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,8 +60,9 @@ from tqcompressor.schemas import BudgetFile, RunResults, read_json_file
 from tqcompressor.structures import get_structure
 from tqcompressor.surgery.apply import apply_plan
 from tqcompressor.surgery.experts import split_experts
+from tqcompressor.training.blockwise import BlockwiseConfig, estimated_seconds
 from tqcompressor.training.budget import BudgetPlan, plan_steps, seconds_per_step
-from tqcompressor.training.distill import DistillConfig, multistep_distill, training_precision
+from tqcompressor.training.distill import DistillConfig, blockwise_ids, multistep_distill, training_precision
 from tqcompressor.training.recipe import TEACHER_POOL, TEACHER_START
 from tqcompressor.versions import library_versions
 
@@ -253,6 +254,7 @@ class RunRecord:
     writes: bool
     points: list[dict]
     budget: dict | None = None
+    phases: list[tuple[str, float]] = field(default_factory=list)  # each phase's name and start (run seconds)
 
     def has(self, label: str) -> bool:
         return any(point["label"] == label for point in self.points)
@@ -279,6 +281,7 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     results_path = out_dir / "results.json"
     previous = read_json_file(results_path, RunResults) if run.resume and results_path.is_file() else {}
     record = RunRecord(out_dir, loaded.source, run, run.distill, started, main, previous.get("points", []))
+    record.phases = phase.log  # the same list: phases from here on land in results.json too
     teacher = loaded.model
 
     def point(label: str, stage: int, model) -> None:
@@ -291,10 +294,15 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     student, plan, evaluation_seconds = _plan_and_one_shot(teacher, run, calibration, record, point, phase)
     if run.time_budget is not None:
         stages = len(plan.steps())
-        budget = _budget_plan(record, teacher, student, loaded.tokenizer, blocks, evaluation_seconds, stages)
+        refit_ids = blockwise_ids(calibration, blocks) if run.distill.blockwise_steps else None
+        budget = _budget_plan(record, teacher, student, loaded.tokenizer, blocks, evaluation_seconds, stages, refit_ids)
         phase(f"time budget: {budget.steps_per_stage} steps per stage ({budget.seconds_per_step:.1f} s each)")
         record.distill, record.budget = dataclasses.replace(run.distill, steps=budget.steps_per_stage), budget.to_dict()
-    phase(f"distillation: {len(plan.steps())} stage(s) of {record.distill.steps} steps")
+    refit = f", each after refitting blocks ({record.distill.blockwise_steps} steps a block)"
+    phase(
+        f"distillation: {len(plan.steps())} stage(s) of {record.distill.steps} steps"
+        + (refit if record.distill.blockwise_steps else "")
+    )
     student = multistep_distill(
         teacher,
         student,
@@ -410,8 +418,11 @@ def _finish(record: RunRecord, loaded: LoadedModel, student, eval_sets: dict, ph
     return write_results(record, extras)
 
 
-def _budget_plan(record: RunRecord, teacher, student, tokenizer, blocks, evaluation_seconds: float | None, stages: int):
-    """The run's budget plan: measured now, or, on resume, the one the run fixed before (budget.json)."""
+def _budget_plan(
+    record: RunRecord, teacher, student, tokenizer, blocks, evaluation_seconds: float | None, stages: int, refit_ids
+):
+    """The run's budget plan: measured now, or, on resume, the one the run fixed before (budget.json).
+    ``refit_ids``: what block-wise reconstruction fits on, where the run refits blocks (its time is estimated)."""
     run = record.run
     path = record.out_dir / "budget.json"
     if run.resume and path.is_file():
@@ -423,7 +434,11 @@ def _budget_plan(record: RunRecord, teacher, student, tokenizer, blocks, evaluat
     step = seconds_per_step(teacher, student, batch, run.distill, tokenizer=tokenizer)
     spent = time.perf_counter() - record.started + 3 * step  # the timing itself
     comparison = comparison_evaluations(run.compare_tokens, run.eval_tokens) if run.compare_tokens else 0
-    plan = plan_steps(run.time_budget, spent, step, evaluation_seconds, stages, comparison)
+    refit = 0.0
+    if refit_ids is not None:
+        blockwise = BlockwiseConfig(run.distill.blockwise_steps, run.distill.blockwise_lr, run.distill.batch_size)
+        refit = estimated_seconds(student, refit_ids, blockwise)
+    plan = plan_steps(run.time_budget, spent, step, evaluation_seconds, stages, comparison, refit)
     if is_main_process():
         write_json_atomic(path, plan.to_dict())
     return plan
@@ -454,8 +469,11 @@ def _phases(started: float):
     """Print each phase of the run with the time elapsed so far (the bars show each phase's own ETA)."""
 
     def phase(text: str) -> None:
-        tqdm.write(f"[{time.perf_counter() - started:6.0f} s] {text}")
+        elapsed = time.perf_counter() - started
+        phase.log.append((text, elapsed))
+        tqdm.write(f"[{elapsed:6.0f} s] {text}")
 
+    phase.log = []
     return phase
 
 
@@ -485,6 +503,7 @@ def write_results(record: RunRecord, extras: dict | None = None) -> dict:
         "points": rows,
         "versions": library_versions(),
         **(extras or {}),
+        "phase_seconds": _phase_seconds(record.phases, time.perf_counter() - record.started),
         "seconds": time.perf_counter() - record.started,
         "complete": extras is not None,
     }
@@ -494,6 +513,12 @@ def write_results(record: RunRecord, extras: dict | None = None) -> dict:
     if rows and rows[0].get("fidelity_kl") is not None:
         plot_fidelity(rows, (extras or {}).get("quantized", []), record.out_dir / "fidelity.png", record.source)
     return result
+
+
+def _phase_seconds(phases: list[tuple[str, float]], now: float) -> list[dict]:
+    """Each phase of this process and the seconds it took (to the next one's start, the last one's to ``now``)."""
+    ends = [start for _, start in phases[1:]] + [now]
+    return [{"phase": name, "seconds": round(end - start, 1)} for (name, start), end in zip(phases, ends)]
 
 
 def check_student_matches_teacher(student, teacher) -> None:

@@ -339,6 +339,7 @@ class BudgetFile(Strict):
     reserved_after_distillation: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     stages: Size
     steps_per_stage: Size
+    blockwise_seconds_per_stage: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
 
 
 FILES: dict[str, type[BaseModel]] = {

@@ -10,7 +10,7 @@ from tests.conftest import tiny_llama
 from tqcompressor.errors import TQCError
 from tqcompressor.planning.config import CompressionConfig
 from tqcompressor.surgery.baselines import keep_layers
-from tqcompressor.training.blockwise import BlockwiseConfig, block_inputs, reconstruct_blocks
+from tqcompressor.training.blockwise import BlockwiseConfig, block_inputs, estimated_seconds, reconstruct_blocks
 
 
 def teacher_and_student():
@@ -59,7 +59,36 @@ def test_block_inputs_are_what_the_first_block_sees():
 def test_a_student_of_another_depth_is_one_clear_error():
     teacher, _, ids = teacher_and_student()
     shallow = keep_layers(copy.deepcopy(teacher), [0])
-    with pytest.raises(TQCError, match="student has 1 and the teacher 2"):
+    with pytest.raises(TQCError, match="student has 1 blocks and the teacher 2"):
         reconstruct_blocks(shallow, teacher, ids, BlockwiseConfig(steps=1), progress=False)
     with pytest.raises(TQCError, match="steps >= 0"):
         BlockwiseConfig(steps=-1)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_refit_resumed_after_a_block_ends_as_an_uninterrupted_one():
+    teacher, student, ids = teacher_and_student()
+    config = BlockwiseConfig(steps=5, lr=3e-3)
+    uninterrupted = copy.deepcopy(student)
+    reconstruct_blocks(uninterrupted, teacher, ids, config, progress=False)
+
+    def stop(index: int) -> None:
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        reconstruct_blocks(student, teacher, ids, config, progress=False, on_block_end=stop)  # killed after block 0
+    report = reconstruct_blocks(student, teacher, ids, config, progress=False, start=1)
+    assert [r["block"] for r in report] == [1]
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, student.state_dict()[key]), key
+
+
+def test_its_time_is_estimated_from_one_timed_block_step():
+    _, student, ids = teacher_and_student()
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    assert estimated_seconds(student, ids, BlockwiseConfig(steps=5)) > 0
+    assert estimated_seconds(student, ids, BlockwiseConfig(steps=0)) == 0
+    assert all(torch.equal(v, state[k]) for k, v in student.state_dict().items())  # it timed a copy

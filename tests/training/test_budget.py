@@ -26,6 +26,16 @@ def test_the_steps_fill_what_is_left_after_the_evaluations_still_to_come():
     assert "\n" not in str(caught.value)
 
 
+def test_block_wise_refits_take_their_time_from_each_stage_before_the_steps():
+    plain = plan_steps(10, spent=120, step_seconds=2.0, evaluation_seconds=30, stages=2, comparison_evaluations=0)
+    refit = plan_steps(10, 120, 2.0, 30, stages=2, comparison_evaluations=0, blockwise_seconds=50)
+    assert refit.blockwise_seconds_per_stage == 50
+    assert refit.steps_per_stage == int((600 - 120 - 30 * 3 - 5 - 50 * SAFETY * 2) / (2.0 * SAFETY * 2))
+    assert refit.steps_per_stage < plain.steps_per_stage
+    with pytest.raises(TQCError, match="min to refit blocks"):
+        plan_steps(10, 120, 2.0, 30, stages=2, comparison_evaluations=0, blockwise_seconds=300)
+
+
 def test_timing_a_step_changes_no_weight(tokenizer):
     teacher = tiny_gpt2(vocab_size=len(tokenizer))
     student = copy.deepcopy(teacher).requires_grad_(False)
@@ -70,9 +80,25 @@ def test_a_budgeted_run_fixes_its_steps_once_and_resumes_with_them(tmp_path, gpt
     assert results["budget"] == budget and budget["budget"] == 30 and budget["steps_per_stage"] >= 1
     assert results["distill"]["steps"] == budget["steps_per_stage"]
     assert "Time budget: 0.5 min" in (tmp_path / "run" / "report.md").read_text()
+    assert results["phase_seconds"][0]["phase"].startswith("distillation data")  # each phase and its seconds
+    assert all(phase["seconds"] >= 0 for phase in results["phase_seconds"])
     again = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run"), "--resume"])
     assert again.exit_code == 0, again.output
     assert json.loads((tmp_path / "run" / "budget.json").read_text()) == budget  # kept, not measured again
+
+
+def test_a_budgeted_run_that_refits_blocks_counts_them_and_says_so(tmp_path, gpt2_dir):
+    (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
+    args = ["run", "--model", str(gpt2_dir), "--method", "svd", "--ratio", "0.8", "--data", str(tmp_path / "train.txt")]
+    args += ["--teacher-fraction", "0", "--calibration-tokens", "256", "--eval-tokens", "128", "--context", "64"]
+    args += ["--batch-size", "2", "--seq-len", "32", "--compare-tokens", "0", "--time-budget", "0.5"]
+    result = CliRunner().invoke(app, [*args, "--blockwise-steps", "2", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    budget = json.loads((tmp_path / "run" / "budget.json").read_text())
+    assert budget["blockwise_seconds_per_stage"] > 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["distill"]["blockwise_steps"] == 2
+    assert any("refitting blocks" in phase["phase"] for phase in results["phase_seconds"])
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -113,6 +114,51 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tokenizer):
             assert torch.equal(full_state[key], resumed_state[key]), key
         steps = [json.loads(entry)["global_step"] for entry in (run / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, 13))  # no step lost or repeated
+
+
+def test_blocks_are_refit_before_each_stage_and_a_run_killed_while_refitting_resumes_to_the_same_result(
+    tmp_path, tokenizer, monkeypatch
+):
+    teacher, blocks, plan, config = setup(tmp_path, tokenizer)
+    config = dataclasses.replace(config, blockwise_steps=3, blockwise_lr=1e-3, alpha_hidden=0.0)
+    seen = []
+    real = distill.reconstruct_blocks
+
+    def counting(*args, **kwargs):
+        seen.append(kwargs.get("start", args[5] if len(args) > 5 else 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "reconstruct_blocks", counting)
+    full = multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "full", plan, progress=False)
+    assert seen == [0, 0]  # before each of the two stages, from the first block
+    plain = dataclasses.replace(config, blockwise_steps=0)
+    without = multistep_distill(teacher, copy.deepcopy(teacher), blocks, plain, tmp_path / "no", plan, progress=False)
+    assert any(not torch.equal(v, without.state_dict()[k]) for k, v in full.state_dict().items())
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_the_first_block(*args, **kwargs):
+        done = args[6] if len(args) > 6 else kwargs["on_block_end"]
+
+        def then_killed(index: int) -> None:
+            done(index)
+            raise Killed
+
+        return real(*args[:6], then_killed, **{k: v for k, v in kwargs.items() if k != "on_block_end"})
+
+    monkeypatch.setattr(distill, "BLOCK_CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every block
+    monkeypatch.setattr(distill, "reconstruct_blocks", killed_after_the_first_block)
+    with pytest.raises(Killed):
+        multistep_distill(teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "cut", plan, progress=False)
+    seen.clear()
+    monkeypatch.setattr(distill, "reconstruct_blocks", counting)
+    resumed = multistep_distill(
+        teacher, copy.deepcopy(teacher), blocks, config, tmp_path / "cut", plan, resume=True, progress=False
+    )
+    assert seen == [1, 0]  # the second block of stage 1, not the first again; then all of stage 2's
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
 
 
 def test_on_policy_steps_are_the_share_asked_for_spread_evenly():
@@ -281,8 +327,8 @@ def test_cli_distill_bad_inputs(tmp_path, gpt2_dir, tokenizer):
     r = run("distill", *args, "--seq-len", "32", "--alpha-blocks", "1")
     errors = [line for line in r.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert r.returncode == 2 and errors == [  # one line (beside transformers' weight-loading bar)
-        "error: alpha-blocks matches block outputs, but the student has 1 blocks and the teacher 2 "
-        "(layer dropping changes the depth): set alpha-blocks to 0"
+        "error: alpha-blocks and blockwise-steps pair each block with the teacher's, but the student has 1 "
+        "blocks and the teacher 2 (layer dropping changes the depth): set both to 0"
     ]
     assert not list((tmp_path / "o3").glob("teacher_samples*"))
 

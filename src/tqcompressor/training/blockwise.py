@@ -10,6 +10,9 @@ runs one block, never the 49k-wide head, and each position gives a hidden-size t
 
 from __future__ import annotations
 
+import copy
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tqcompressor.errors import TQCError
 from tqcompressor.surgery.baselines import decoder_layers
-from tqcompressor.training.losses import normalised_state_error
+from tqcompressor.training.losses import depth_mismatch, normalised_state_error
 
 
 @dataclass(frozen=True)
@@ -66,39 +69,73 @@ def block_inputs(model: nn.Module, ids: Tensor, batch_size: int) -> list[Batch]:
     return caught
 
 
+def estimated_seconds(student: nn.Module, ids: Tensor, config: BlockwiseConfig, repeats: int = 2) -> float:
+    """Wall seconds :func:`reconstruct_blocks` will take on ``ids``, from one Adam step on a copy of the
+    student's first block, timed after a warm-up: per block, its steps, and its passes over every batch
+    (the teacher block's, the student's before and after its steps: about one step per three batches)."""
+    if config.steps == 0:
+        return 0.0
+    blocks = decoder_layers(student)
+    (hidden, kwargs), *_ = block_inputs(student, ids[: config.batch_size], config.batch_size)
+    probe = copy.deepcopy(blocks[0]).eval()
+    params = [p.requires_grad_(True) for p in probe.parameters() if p.dtype.is_floating_point]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    timings = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        normalised_state_error(run_block(probe, hidden, kwargs), hidden).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timings.append(time.perf_counter() - started)
+    batches = -(-len(ids) // config.batch_size)
+    return len(blocks) * (config.steps + batches) * min(timings[1:])
+
+
 def run_block(block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
 def reconstruct_blocks(
-    student: nn.Module, teacher: nn.Module, ids: Tensor, config: BlockwiseConfig, progress: bool = True
+    student: nn.Module,
+    teacher: nn.Module,
+    ids: Tensor,
+    config: BlockwiseConfig,
+    progress: bool = True,
+    start: int = 0,
+    on_block_end: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Refit ``student``'s decoder blocks in place, first to last (see the module's docstring); the teacher
-    is left as it is. Returns, per block, its error on ``ids`` before and after its steps."""
+    is left as it is. Returns, per block refit, its error on ``ids`` before and after its steps.
+
+    ``start``: the blocks before it are refit already (a resumed run): they only pass their outputs on.
+    ``on_block_end(index)`` runs after each block is refit (a checkpoint)."""
     student_blocks, teacher_blocks = decoder_layers(student), decoder_layers(teacher)
     if len(student_blocks) != len(teacher_blocks):
-        raise TQCError(
-            f"block-wise reconstruction pairs blocks, but the student has {len(student_blocks)} and the teacher "
-            f"{len(teacher_blocks)} (layer dropping changes the depth): skip it for this student"
-        )
+        raise depth_mismatch(len(student_blocks), len(teacher_blocks))
     was_training = student.training
     student.eval()  # no dropout: the targets are deterministic
     inputs, targets_in = block_inputs(student, ids, config.batch_size), block_inputs(teacher, ids, config.batch_size)
     report = []
-    bar = tqdm(total=len(student_blocks) * config.steps, desc="refitting blocks", unit="step", disable=not progress)
+    total = (len(student_blocks) - start) * config.steps
+    bar = tqdm(total=total, desc="refitting blocks", unit="step", disable=not progress)
     try:
         for index, (block, reference) in enumerate(zip(student_blocks, teacher_blocks)):
             with torch.no_grad():
                 targets = [run_block(reference, hidden, kwargs) for hidden, kwargs in targets_in]
-            before = _mean_error(block, inputs, targets)
-            _fit_block(block, inputs, targets, config, bar)
+            before = _mean_error(block, inputs, targets) if index >= start else None
+            if index >= start:
+                _fit_block(block, inputs, targets, config, bar)
             with torch.no_grad():
                 inputs = [(run_block(block, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
+            targets_in = [(t, kwargs) for t, (_, kwargs) in zip(targets, targets_in)]
+            if index < start:
+                continue
             after = sum(float(normalised_state_error(o, t)) for (o, _), t in zip(inputs, targets)) / len(targets)
             report.append({"block": index, "error_before": before, "error_after": after})
-            bar.set_postfix(block=index, error=f"{after:.4f}")
-            targets_in = [(t, kwargs) for t, (_, kwargs) in zip(targets, targets_in)]
+            bar.set_postfix(block=f"{index + 1}/{len(student_blocks)}", error=f"{after:.4f}")
+            if on_block_end is not None:
+                on_block_end(index)
     finally:
         bar.close()
         student.train(was_training)

@@ -38,6 +38,7 @@ class BudgetPlan:
     reserved_after_distillation: float
     stages: int
     steps_per_stage: int
+    blockwise_seconds_per_stage: float = 0.0  # block-wise reconstruction before each stage's steps (estimated)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,17 +93,20 @@ def plan_steps(
     evaluation_seconds: float,
     stages: int,
     comparison_evaluations: float,
+    blockwise_seconds: float = 0.0,
 ) -> BudgetPlan:
-    """The steps per stage that fit: what is left after ``spent`` and after the evaluations still to
-    come (one per stage, the quantized comparison's share, one in reserve), over the step's time."""
+    """The steps per stage that fit: what is left after ``spent``, after the evaluations still to
+    come (one per stage, the quantized comparison's share, one in reserve) and after each stage's
+    block-wise reconstruction (``blockwise_seconds`` a stage), over the step's time."""
     budget = budget_minutes * 60
     after = evaluation_seconds * (stages + comparison_evaluations + RESERVE_EVALUATIONS) + RESERVE_SECONDS
-    available = budget - spent - after
+    available = budget - spent - after - blockwise_seconds * SAFETY * stages
     steps = math.floor(available / (step_seconds * SAFETY * stages)) if available > 0 else 0
     if steps < 1:
         raise TQCError(
             f"--time-budget {budget_minutes:g} min leaves no time to distill: {spent / 60:.1f} min went to "
-            f"sampling, planning and evaluating, {after / 60:.1f} min are needed after distillation, and one "
-            f"step takes {step_seconds:.1f} s; give a larger budget, or fewer --eval-tokens / --compare-tokens"
+            f"sampling, planning and evaluating, {after / 60:.1f} min are needed after distillation, "
+            f"{blockwise_seconds * stages / 60:.1f} min to refit blocks, and one step takes {step_seconds:.1f} s; "
+            "give a larger budget, or fewer --eval-tokens / --compare-tokens / --blockwise-steps"
         )
-    return BudgetPlan(budget, spent, step_seconds, evaluation_seconds, after, stages, steps)
+    return BudgetPlan(budget, spent, step_seconds, evaluation_seconds, after, stages, steps, blockwise_seconds)

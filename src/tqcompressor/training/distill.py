@@ -35,9 +35,13 @@ from tqcompressor.modelio.checkpoint import save as save_compressed
 from tqcompressor.outputs import RUN, check_writable, claim_directory
 from tqcompressor.planning.plan import Plan
 from tqcompressor.surgery.apply import apply_plan
+from tqcompressor.surgery.baselines import decoder_layers
+from tqcompressor.training.blockwise import BlockwiseConfig, reconstruct_blocks
 from tqcompressor.training.losses import depth_mismatch, distillation_loss
 
 STATE_FILE = "trainer_state.pt"
+BLOCKWISE_BLOCKS = 32  # blocks of the distillation data block-wise reconstruction fits on without calibration text
+BLOCK_CHECKPOINT_SECONDS = 60.0  # block-wise reconstruction saves at most this often (a save takes seconds)
 MAX_BATCH_TOKENS = 1 << 24  # tokens in one micro-batch; the memory check refines it once the model is known
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,6 +70,10 @@ class DistillConfig:
     on_policy: float = 0.0
     alpha_hidden: float = 0.0
     alpha_blocks: float = 0.0
+    # before each stage's distillation, Adam steps per decoder block fitting it to the teacher's block, first to
+    # last, on the calibration text (training/blockwise.py; 0: off), at this learning rate
+    blockwise_steps: int = 0
+    blockwise_lr: float = 1e-4
     checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0
@@ -87,34 +95,21 @@ class DistillConfig:
                 raise TQCError(f"{name.replace('_', '-')} is out of range, got {value}")
         if not 0 <= self.seed < 2**63:
             raise TQCError(f"seed must be in [0, 2^63), got {self.seed}")
-        if self.lr >= 1:
-            raise TQCError(f"lr {self.lr} would diverge at once (AdamW steps are about lr per weight); use e.g. 1e-4")
-        positive = {
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "seq_len": self.seq_len,
-            "checkpoint_every": self.checkpoint_every,
-            "log_every": self.log_every,
-            "temperature": self.temperature,
-        }
-        for name, value in positive.items():
+        for name in ("lr", "blockwise_lr"):
+            value, option = getattr(self, name), name.replace("_", "-")
+            if value >= 1:
+                raise TQCError(
+                    f"{option} {value} would diverge at once (Adam steps are about lr per weight); use e.g. 1e-4"
+                )
             if not value > 0:
-                raise TQCError(f"{name.replace('_', '-')} must be positive, got {value}")
-        if not self.lr > 0:
-            raise TQCError(f"lr must be a positive learning rate, got {self.lr}")
-        non_negative = {
-            "warmup_steps": self.warmup_steps,
-            "weight_decay": self.weight_decay,
-            "clip": self.clip,
-            "alpha_kl": self.alpha_kl,
-            "alpha_ce": self.alpha_ce,
-            "alpha_hidden": self.alpha_hidden,
-            "alpha_blocks": self.alpha_blocks,
-        }
-        for name, value in non_negative.items():
-            if not value >= 0:
-                raise TQCError(f"{name.replace('_', '-')} must be 0 or more, got {value}")
+                raise TQCError(f"{option} must be a positive learning rate, got {value}")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every", "log_every", "temperature"):
+            if not getattr(self, name) > 0:
+                raise TQCError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        non_negative = ("warmup_steps", "weight_decay", "clip", "alpha_kl", "alpha_ce", "alpha_hidden", "alpha_blocks")
+        for name in (*non_negative, "blockwise_steps"):
+            if not getattr(self, name) >= 0:
+                raise TQCError(f"{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         for name in ("reverse_kl", "on_policy"):
             if not 0 <= getattr(self, name) <= 1:
                 raise TQCError(
@@ -219,6 +214,7 @@ class Position:
     global_step: int = 0
     data_position: int = 0
     stage_compressed: bool = False  # this stage's layers are factored already
+    blocks_refit: int = 0  # this stage's decoder blocks refit to the teacher's so far (blockwise_steps)
 
 
 @dataclass
@@ -260,9 +256,18 @@ def run_fingerprint(teacher_name: str, data_name: str, plan: Plan | None, distil
         "data": data_name,
         "stages": plan.steps() if plan else [1],
         "compression": compression,
-        "distill": asdict(distill) | {"checkpoint_every": None, "log_every": None},
+        "distill": _fingerprinted(distill),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fingerprinted(distill: DistillConfig) -> dict:
+    """The settings that make a run what it is: not how often it logs or saves; block-wise reconstruction's
+    only where it is on (a run from before it existed resumes as it was)."""
+    settings = asdict(distill) | {"checkpoint_every": None, "log_every": None}
+    if distill.blockwise_steps == 0:
+        del settings["blockwise_steps"], settings["blockwise_lr"]
+    return settings
 
 
 def multistep_distill(
@@ -289,10 +294,7 @@ def multistep_distill(
     to the inputs they see in the distilled student, so a resumed run compresses exactly as an
     uninterrupted one. Returns the student (unwrapped, on the training device).
     """
-    if config.alpha_blocks > 0:
-        check_same_depth(student, teacher)
-    if config.on_policy > 0:
-        _require_tokenizer(tokenizer)  # before any work
+    _check_run(config, student, teacher, tokenizer)  # before any work
     accelerator = _accelerator(config, teacher)
     out_dir = Path(out_dir)
     check_writable(out_dir, kind=RUN)  # every process refuses a user's directory; only the main one writes
@@ -312,6 +314,7 @@ def multistep_distill(
         if plan is not None and not (position.stage_index == stage_index and position.stage_compressed):
             _compress_stage(student, teacher, plan, stage, stage_index, calibration, progress)
         position.stage_index, position.stage_compressed = stage_index, True
+        _refit_blocks(student, target, calibration, blocks, config, accelerator, outputs, position, progress)
         trainer = _new_trainer(student, config, accelerator, position, saved if position.stage_step > 0 else None)
         saved = None
         finished = train_stage(trainer, target, stream, stage, config, accelerator, outputs, stop_after, progress)
@@ -324,7 +327,50 @@ def multistep_distill(
         if on_stage_end is not None:
             on_stage_end(stage, student)
         position.stage_index, position.stage_step, position.stage_compressed = stage_index + 1, 0, False
+        position.blocks_refit = 0
     return student
+
+
+def _check_run(config: DistillConfig, student, teacher, tokenizer) -> None:
+    if config.alpha_blocks > 0 or config.blockwise_steps > 0:
+        check_same_depth(student, teacher)
+    if config.on_policy > 0:
+        _require_tokenizer(tokenizer)
+
+
+def _refit_blocks(
+    student, teacher, calibration, blocks: BlockSource, config: DistillConfig, accelerator, outputs, position, progress
+) -> None:
+    """Block-wise reconstruction of the stage's student before its distillation (training/blockwise.py),
+    where asked, from the first block not yet refit; a checkpoint at most every BLOCK_CHECKPOINT_SECONDS and
+    after the last block, so that a resumed run neither loses nor repeats a refit block."""
+    if config.blockwise_steps == 0 or position.stage_step > 0 or position.blocks_refit >= len(decoder_layers(student)):
+        return
+    ids = blockwise_ids(calibration, blocks)
+    student.to(accelerator.device)
+    last_saved = time.perf_counter()
+
+    def block_done(index: int) -> None:
+        nonlocal last_saved
+        position.blocks_refit = index + 1
+        last = position.blocks_refit == len(decoder_layers(student))
+        if last or time.perf_counter() - last_saved >= BLOCK_CHECKPOINT_SECONDS:
+            if accelerator.is_main_process:
+                _save_checkpoint(outputs, position, student)
+            accelerator.wait_for_everyone()
+            last_saved = time.perf_counter()
+
+    settings = BlockwiseConfig(config.blockwise_steps, config.blockwise_lr, config.batch_size)
+    reconstruct_blocks(student, teacher, ids, settings, progress, position.blocks_refit, block_done)
+
+
+def blockwise_ids(calibration: torch.Tensor | None, blocks: BlockSource) -> torch.Tensor:
+    """What block-wise reconstruction fits on: the calibration text, else the first BLOCKWISE_BLOCKS blocks of
+    the distillation data."""
+    if calibration is not None:
+        return calibration
+    stream = blocks(0)
+    return torch.stack([next(stream) for _ in range(BLOCKWISE_BLOCKS)])
 
 
 def _resumed(outputs: RunOutputs) -> tuple:
@@ -454,7 +500,7 @@ def train_stage(
             _log_metrics(parts, trainer, stage, rate, accelerator, outputs)
         if position.stage_step % config.checkpoint_every == 0 or position.stage_step == config.steps:
             if accelerator.is_main_process:
-                _save_checkpoint(outputs, trainer, accelerator.unwrap_model(model))
+                _save_checkpoint(outputs, trainer.position, accelerator.unwrap_model(model), trainer)
             accelerator.wait_for_everyone()
     bar.close()
     return True
@@ -572,9 +618,10 @@ def _sharded(stream: Iterator[torch.Tensor], accelerator) -> Iterator[torch.Tens
     return itertools.islice(stream, accelerator.process_index, None, accelerator.num_processes)
 
 
-def _save_checkpoint(outputs: RunOutputs, trainer: TrainerState, student) -> None:
+def _save_checkpoint(outputs: RunOutputs, position: Position, student, trainer: TrainerState | None = None) -> None:
     """Write ``checkpoint.partial``, then rename: the last good checkpoint becomes
-    ``checkpoint.previous`` (kept, in case the new one is damaged later) and the new one ``checkpoint``."""
+    ``checkpoint.previous`` (kept, in case the new one is damaged later) and the new one ``checkpoint``.
+    Without a ``trainer`` (between distillation stages' steps: block-wise reconstruction) no optimizer state."""
     if not all(torch.isfinite(p).all() for p in student.parameters()):
         raise TQCError(
             "the student's weights are no longer finite; training stopped without overwriting the last good "
@@ -590,10 +637,13 @@ def _save_checkpoint(outputs: RunOutputs, trainer: TrainerState, student) -> Non
         rng["cuda_rng"] = torch.cuda.get_rng_state_all()
     torch.save(
         {
-            **asdict(trainer.position),
+            **asdict(position),
             "fingerprint": outputs.fingerprint,
-            "optimizer": trainer.optimizer.state_dict(),
-            "scheduler": trainer.scheduler.state_dict(),
+            **(
+                {"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict()}
+                if trainer is not None
+                else {}
+            ),
             **rng,
         },
         partial / STATE_FILE,

@@ -202,6 +202,6 @@ def normalised_state_error(states: Tensor, target: Tensor) -> Tensor:
 
 def depth_mismatch(student_blocks: int, teacher_blocks: int) -> TQCError:
     return TQCError(
-        f"alpha-blocks matches block outputs, but the student has {student_blocks} blocks and the teacher "
-        f"{teacher_blocks} (layer dropping changes the depth): set alpha-blocks to 0"
+        f"alpha-blocks and blockwise-steps pair each block with the teacher's, but the student has {student_blocks} "
+        f"blocks and the teacher {teacher_blocks} (layer dropping changes the depth): set both to 0"
     )

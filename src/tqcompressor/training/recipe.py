@@ -50,6 +50,10 @@ TEACHER_START = "bos"
 # worse: 64.2 (KL 1.28) after 80 steps, against 47.28 (KL 0.94) after 100 without it
 # (both fp32: bench/results/demo-sequential.json of commit 4c93b32, and docs/demo-results.json of 0dec7e0)
 SEQUENTIAL = False
+# block-wise reconstruction before distilling (training/blockwise.py: each block fitted to the teacher's by a few
+# Adam steps, first to last): off until bench/recovery.py has weighed it against global KD at equal seconds
+BLOCKWISE_STEPS = 0  # Adam steps per decoder block (0: off)
+BLOCKWISE_LR = 1e-4
 # weigh each layer's outputs by the loss's gradient energy in auto's budget and fits (Fisher rows): at the same
 # 40 steps it started from 99.4 instead of 208.8 and ended at 49.88 instead of 57.41 on WikiText-2 test, KL 1.044
 # instead of 1.177 on held-out teacher samples (bench/results/recipe/recipe-output-weights.json)
