@@ -340,20 +340,21 @@ def frontier_sentence() -> str:
     planned = [p for p in run["points"] if p["kind"] == "planned"]
     best = min(planned, key=lambda p: (p["fidelity_kl"], p["bytes"]))
     uniform = {p["label"].removeprefix("teacher "): p for p in run["points"] if p["kind"] == "uniform"}
-    g32, g32_hqq = uniform["int4-g32"], uniform["int4-g32 (hqq)"]
-    same = next((p for p in planned if p.get("budget_bytes") == g32["bytes"]), None)
-    at_g32 = (
-        f" In the bytes of uniform int4-g32 ({g32['bytes'] / MIB:.1f} MiB) it is at {same['fidelity_kl']:.4f}, "
-        f"where int4-g32 itself is at {g32['fidelity_kl']:.4f} (round-to-nearest) and {g32_hqq['fidelity_kl']:.4f} "
-        f"(HQQ){_table_bands(same)}."
-        if same
-        else ""
-    )
+    at_uniform = ""
+    for fmt in ("int4-g128", "int4-g32"):
+        rtn, hqq = uniform[fmt], uniform[f"{fmt} (hqq)"]
+        same = next((p for p in planned if p.get("budget_bytes") == rtn["bytes"]), None)
+        if same:
+            at_uniform += (
+                f" In the bytes of uniform {fmt} ({rtn['bytes'] / MIB:.1f} MiB) it is at {same['fidelity_kl']:.4f}, "
+                f"where {fmt} itself is at {rtn['fidelity_kl']:.4f} (round-to-nearest) and {hqq['fidelity_kl']:.4f} "
+                f"(HQQ){_table_bands(same)}."
+            )
     return (
         f"Or give a size: `tqc quantize --max-bytes` chose a format per matrix and reached fidelity KL "
         f"{best['fidelity_kl']:.4f} at {best['bytes'] / MIB:.1f} MiB of saved weights, where uniform int8 is "
         f"{uniform['int8']['fidelity_kl']:.4f} at {uniform['int8']['bytes'] / MIB:.1f} MiB (`frontier.json`, "
-        f"commit {short(run['commit'])}, one-shot).{at_g32}"
+        f"commit {short(run['commit'])}, one-shot).{at_uniform}"
     )
 
 
@@ -370,6 +371,11 @@ def at_uniform_sentence(run: dict) -> str:
                 f"{mixed['fidelity_kl']:.4f}, uniform {fmt} at {rtn['fidelity_kl']:.4f} (round-to-nearest) and "
                 f"{hqq['fidelity_kl']:.4f} (HQQ)"
             )
+    coded, plain = _point(run, "teacher int4-g32-dq"), _point(run, "teacher int4-g32")
+    parts.append(
+        f"uniform int4-g32-dq (scales and offsets in 8-bit codes) is at {coded['fidelity_kl']:.4f} in "
+        f"{coded['bytes'] / MIB:.1f} MiB, int4-g32 at {plain['fidelity_kl']:.4f} in {plain['bytes'] / MIB:.1f} MiB"
+    )
     return "One budget against one format: " + "; ".join(parts) + "."
 
 
@@ -475,6 +481,36 @@ def kd_scaling_section() -> str:
             f"(`recipe-divergence.json`, run 14).",
             "",
             table(["method", "params", *heads, "fidelity top-1 at the end", "ppl at the end (in-domain)"], rows),
+        ]
+    )
+
+
+def recovery_section() -> str:
+    run = load("recovery/recovery.json")
+    runs = {r["stages"]: r for r in run["runs"]}
+    rows = [
+        [r["label"], r["stages"], r["seconds"] / 60, r["kd_tokens"], r["fidelity_kl"], r["fidelity_top1"]]
+        for r in run["runs"]
+    ]
+    both, alone = runs["blockwise+global"], runs["global"]
+    verdict = "closer to" if both["fidelity_kl"] < alone["fidelity_kl"] else "further from"
+    settings = run["settings"]
+    return "\n".join(
+        [
+            "## Recovery per CPU second",
+            "",
+            f"`recovery.json` and `recovery.png` (commit {short(run['commit'])}, {run['device']}, "
+            f"{run['cpu']['cores']} cores, {run['seconds'] / 60:.0f} min): one `{settings['method']}` student at "
+            f"{float(settings['ratio']):.0%} of SmolLM2-135M's parameters, compressed once, then each recovery given "
+            f"the same {float(settings['recovery_seconds']) / 60:.0f} minutes: global logit distillation alone "
+            f"({run['seconds_per_kd_step']:.1f} s a step), or block-wise reconstruction "
+            f"({run['blockwise']['steps']} Adam steps a block at lr {run['blockwise']['lr']:g}, on "
+            f"{run['blockwise_tokens']:,} tokens of WikiText-2 valid) followed by global distillation for the "
+            f"seconds left. Minutes are compression plus recovery, evaluations aside; fidelity on the held-out "
+            f"suite. At equal seconds block-wise then global ends {verdict} the teacher than global alone "
+            f"(fidelity KL {both['fidelity_kl']:.3f} against {alone['fidelity_kl']:.3f}).",
+            "",
+            table(["run", "stages", "minutes", "KD tokens", "fidelity KL", "top-1"], rows),
         ]
     )
 
