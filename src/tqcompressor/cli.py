@@ -58,7 +58,7 @@ from tqcompressor.planning.config import CompressionConfig, load_spec
 from tqcompressor.planning.formats import measure_model_formats, parse_bytes, plan_model_formats
 from tqcompressor.planning.inventory import count_parameters, find_target_modules, target_summary, tied_embedding
 from tqcompressor.planning.registry import planning_methods
-from tqcompressor.quant.api import check_not_quantized, quantize_
+from tqcompressor.quant.api import check_not_quantized, kept_bytes, quantize_
 from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.schemas import CompressionFile, QuantizationFile, read_json_file
 from tqcompressor.structures import compression_methods
@@ -310,7 +310,7 @@ def compress(
             write_model(compressed, staging, loaded.tokenizer, base_model=model, plan=report.plan)
             (staging / "compression.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
             if quantized is not None:
-                _write_quantization(quantized, staging, model)
+                _write_quantization(quantized, staging, model, kept_bytes(compressed))
     typer.echo(format_compression_table(report.to_dict()))
     if quantized is not None:
         typer.echo(format_quantization_table(json.loads((Path(out) / "quantization.json").read_text())))
@@ -390,7 +390,7 @@ def quantize(
             write_model(loaded.model, staging, loaded.tokenizer, base_model=model, plan=plan)
             if compression is not None:
                 (staging / "compression.json").write_text(compression)
-            _write_quantization(report, staging, model, formats, search)
+            _write_quantization(report, staging, model, kept_bytes(loaded.model), formats, search)
     typer.echo(format_quantization_table(json.loads((Path(out) / "quantization.json").read_text())))
     if search is not None:
         typer.echo(search.summary())
@@ -438,7 +438,7 @@ def _read_compression_json(model_dir: Path) -> Optional[str]:
     return path.read_text()
 
 
-def _write_quantization(report, out: Path, source: str, formats=None, search=None) -> None:
+def _write_quantization(report, out: Path, source: str, kept: int, formats=None, search=None) -> None:
     bits = min(setting.bits for setting in formats.settings().values()) if formats else report.settings.bits
     result = {
         "source": source,
@@ -446,8 +446,10 @@ def _write_quantization(report, out: Path, source: str, formats=None, search=Non
         "bits": bits,
         "group_size": report.settings.group_size if report.settings.bits == 4 and not formats else None,
         "weights_file_bytes": (Path(out) / WEIGHTS_FILE).stat().st_size,
+        "weights_tensor_bytes": _tensor_bytes(Path(out) / WEIGHTS_FILE),
         "quantized_float_bytes": report.float_bytes,
         "quantized_stored_bytes": report.stored_bytes,
+        "kept_bytes": kept,  # norms, biases, index buffers: saved as they are
         "layers": [layer.to_dict() for layer in report.layers],
     }
     if formats is not None:
@@ -455,6 +457,13 @@ def _write_quantization(report, out: Path, source: str, formats=None, search=Non
     if search is not None:
         result["target"] = search.to_dict()
     (Path(out) / "quantization.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _tensor_bytes(path: Path) -> int:
+    """The bytes of a safetensors file's tensors: all of it but its header (an 8-byte length, then the header)."""
+    with path.open("rb") as file:
+        header = int.from_bytes(file.read(8), "little")
+    return path.stat().st_size - 8 - header
 
 
 @app.command()

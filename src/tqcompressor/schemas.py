@@ -286,6 +286,9 @@ class QuantizationFile(BaseModel):
     weights_file_bytes: Annotated[int, Field(strict=True, ge=0)]
     quantized_float_bytes: Annotated[int, Field(strict=True, ge=0)]
     quantized_stored_bytes: Annotated[int, Field(strict=True, ge=0)]
+    # the weights file's tensors, and what of them is not a quantized layer's (files from before lack both)
+    weights_tensor_bytes: Annotated[int, Field(strict=True, ge=0)] | None = None
+    kept_bytes: Annotated[int, Field(strict=True, ge=0)] | None = None
     layers: list[QuantizedLayer]
 
 

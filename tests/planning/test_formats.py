@@ -240,6 +240,7 @@ def test_tqc_quantize_max_bytes_bands_a_large_table_and_info_shows_it(tmp_path, 
     bands = written["plan"]["bands"]["model.embed_tokens"]
     assert [band["rows"] for band in bands] == [512, 512] and bands[0]["format"] != bands[1]["format"]
     assert saved_tensor_bytes(tmp_path / "q") == written["plan"]["total_bytes"] <= budget
+    assert written["quantized_stored_bytes"] + written["kept_bytes"] == saved_tensor_bytes(tmp_path / "q")
     info = run_cli("info", tmp_path / "q")
     stored = [band["format"].removesuffix("-hqq") for band in bands]  # the quantizer is not part of the format
     assert info.returncode == 0 and f"{stored[0]} x512 + {stored[1]} x512" in info.stdout
@@ -266,6 +267,11 @@ def test_tqc_quantize_double_quant_stores_codes_that_reopen_anywhere(tmp_path, g
     assert written["format"] == "int4-g32-dq"
     uniform = plan_formats(AutoModelForCausalLM.from_pretrained(gpt2_dir), 10**9, formats=("int4-g32-dq",))
     assert saved_tensor_bytes(tmp_path / "dq") == uniform.total_bytes
+    # the quantized layers and what is kept as it is add up to the file's tensors, counted two ways
+    total = written["quantized_stored_bytes"] + written["kept_bytes"]
+    assert total == written["weights_tensor_bytes"] == saved_tensor_bytes(tmp_path / "dq")
+    info = run_cli("info", tmp_path / "dq")
+    assert info.returncode == 0 and f"= {total:,}; the weights file's tensors: {total:,}" in info.stdout
     with safe_open(str(tmp_path / "dq" / "model.safetensors"), "pt") as stored:
         assert any(key.endswith("scale_codes") for key in stored.keys())
     opened = AutoModelForCausalLM.from_pretrained(tmp_path / "dq")

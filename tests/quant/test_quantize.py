@@ -146,6 +146,9 @@ def test_cli_compress_quantize_info_and_errors(tmp_path, gpt2_dir):
     written = json.loads((tmp_path / "c4" / "quantization.json").read_text())
     assert written["format"] == "int4-g32" and written["source"] == str(gpt2_dir)
     assert written["weights_file_bytes"] == (tmp_path / "c4" / "model.safetensors").stat().st_size
+    with safe_open(str(tmp_path / "c4" / "model.safetensors"), "pt") as stored:  # the factors' layers, and the rest
+        tensors = sum(stored.get_tensor(k).numel() * stored.get_tensor(k).element_size() for k in stored.keys())
+    assert written["quantized_stored_bytes"] + written["kept_bytes"] == written["weights_tensor_bytes"] == tensors
     info = runner.invoke(app, ["info", str(tmp_path / "c4")])
     assert "int4-g32" in info.output and "svd" in info.output
     baseline = runner.invoke(app, ["quantize", str(gpt2_dir), "--bits", "int8", "--out", str(tmp_path / "t8")])

@@ -46,10 +46,17 @@ def format_quantization_table(result: dict) -> str:
         for layer in result["layers"]
     ]
     text = table(["layer", "kind", "format", "weights", "float MiB", "stored MiB", "rel. error"], rows, "lllrrrr")
-    return (
-        text + f"\n{len(rows)} layers in {result['format']}: {result['quantized_float_bytes'] / 2**20:.1f} MiB -> "
+    text += (
+        f"\n{len(rows)} layers in {result['format']}: {result['quantized_float_bytes'] / 2**20:.1f} MiB -> "
         f"{result['quantized_stored_bytes'] / 2**20:.1f} MiB; weights file {result['weights_file_bytes']:,} bytes"
     )
+    if "kept_bytes" in result:  # written since the sum was checked (older files lack it)
+        text += (
+            f"\n{result['quantized_stored_bytes']:,} bytes of quantized layers + {result['kept_bytes']:,} kept as they "
+            f"are (norms, biases, index buffers) = {result['quantized_stored_bytes'] + result['kept_bytes']:,}; "
+            f"the weights file's tensors: {result['weights_tensor_bytes']:,}"
+        )
+    return text
 
 
 def format_compression_table(report: dict) -> str:

@@ -29,6 +29,7 @@ from tqcompressor.errors import TQCError
 from tqcompressor.layers import dense_weight_of, factored_modules
 from tqcompressor.planning.auto import allocate, layer_scale, role_scales
 from tqcompressor.planning.calibration import EmbeddingStatistics, LookupStatistics, layer_statistics
+from tqcompressor.quant.api import tensor_bytes
 from tqcompressor.quant.formats import QuantizeSettings, TokenBands
 from tqcompressor.quant.modules import QuantizedWeight
 
@@ -420,15 +421,7 @@ def measure_model_formats(model: nn.Module, calibration: Tensor | None = None, p
 def fixed_bytes(model: nn.Module, matrices: dict[str, Tensor]) -> int:
     """Bytes of every tensor the saved dir keeps as it is: all of the state but the planned matrices
     (each tensor once, however many names share it)."""
-    planned = {t.data_ptr() for t in matrices.values()}
-    seen, total = set(), 0
-    for tensor in model.state_dict().values():
-        pointer = tensor.data_ptr()
-        if pointer in planned or pointer in seen:
-            continue
-        seen.add(pointer)
-        total += tensor.numel() * tensor.element_size()
-    return total
+    return tensor_bytes(model, {t.data_ptr() for t in matrices.values()})
 
 
 def float_bytes(model: nn.Module) -> int:

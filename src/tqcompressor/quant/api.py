@@ -180,4 +180,31 @@ def check_not_quantized(model: nn.Module, what: str) -> None:
         )
 
 
-__all__ = ["QuantizeReport", "QuantizeSettings", "QuantizedLayer", "check_not_quantized", "quantize_"]
+def tensor_bytes(model: nn.Module, excluded: set[int] = frozenset()) -> int:
+    """Bytes of every tensor of ``model``'s state but those whose storage ``excluded`` names (by
+    ``data_ptr``), each tensor once however many names share it."""
+    seen, total = set(excluded), 0
+    for tensor in model.state_dict().values():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def kept_bytes(model: nn.Module) -> int:
+    """Bytes a quantized model saves as they are, beside its quantized matrices: norms, biases, index buffers
+    (a token table's band order is the matrices': its layer counts it)."""
+    stored = [t for m in model.modules() if isinstance(m, QuantizedWeight) for t in m.state_dict().values()]
+    stored += [m.order for m in model.modules() if isinstance(m, QuantizedTokenBands)]
+    return tensor_bytes(model, {t.data_ptr() for t in stored})
+
+
+__all__ = [
+    "QuantizeReport",
+    "QuantizeSettings",
+    "QuantizedLayer",
+    "check_not_quantized",
+    "kept_bytes",
+    "quantize_",
+    "tensor_bytes",
+]
