@@ -519,7 +519,8 @@ def recovery_section() -> str:
             f"{run['blockwise_tokens']:,} tokens ({both['stage_seconds']['blockwise'] / 60:.1f} min), a KD step "
             f"timed at {run['seconds_per_kd_step']:.1f} s. Block-wise then global ends {verdict} the teacher than "
             f"global alone: fidelity KL {both['fidelity_kl']:.3f} in {both['seconds'] / 60:.1f} min against "
-            f"{alone['fidelity_kl']:.3f} in {alone['seconds'] / 60:.1f} min.",
+            f"{alone['fidelity_kl']:.3f} in {alone['seconds'] / 60:.1f} min. "
+            f"![recovery](../bench/results/recovery/{Path(name).stem}.png)",
             "",
             table(["run", "stages", "minutes", "KD tokens", "fidelity KL", "top-1"], rows),
         ]
