@@ -340,16 +340,12 @@ def frontier_sentence() -> str:
     planned = [p for p in run["points"] if p["kind"] == "planned"]
     best = min(planned, key=lambda p: (p["fidelity_kl"], p["bytes"]))
     uniform = {p["label"].removeprefix("teacher "): p for p in run["points"] if p["kind"] == "uniform"}
-    at_uniform = ""
-    for fmt in ("int4-g128", "int4-g32"):
-        rtn, hqq = uniform[fmt], uniform[f"{fmt} (hqq)"]
-        same = next((p for p in planned if p.get("budget_bytes") == rtn["bytes"]), None)
-        if same:
-            at_uniform += (
-                f" In the bytes of uniform {fmt} ({rtn['bytes'] / MIB:.1f} MiB) it is at {same['fidelity_kl']:.4f}, "
-                f"where {fmt} itself is at {rtn['fidelity_kl']:.4f} (round-to-nearest) and {hqq['fidelity_kl']:.4f} "
-                f"(HQQ){_table_bands(same)}."
-            )
+    at_uniform = "".join(
+        f" In the bytes of uniform {fmt} ({rtn['bytes'] / MIB:.1f} MiB) it is at {same['fidelity_kl']:.4f}, "
+        f"where {fmt} itself is at {rtn['fidelity_kl']:.4f} (round-to-nearest) and {hqq['fidelity_kl']:.4f} "
+        f"(HQQ){_table_bands(same)}."
+        for fmt, rtn, hqq, same in _planned_at_uniform(run)
+    )
     return (
         f"Or give a size: `tqc quantize --max-bytes` chose a format per matrix and reached fidelity KL "
         f"{best['fidelity_kl']:.4f} at {best['bytes'] / MIB:.1f} MiB of saved weights, where uniform int8 is "
@@ -360,23 +356,30 @@ def frontier_sentence() -> str:
 
 def at_uniform_sentence(run: dict) -> str:
     """The planned model at each uniform int4 format's own bytes, against that format by each quantizer."""
-    planned = {p["budget_bytes"]: p for p in run["points"] if p["kind"] == "planned"}
-    parts = []
-    for fmt in ("int4-g128", "int4-g32"):
-        rtn, hqq = (_point(run, f"teacher {fmt}{suffix}") for suffix in ("", " (hqq)"))
-        mixed = planned.get(rtn["bytes"])
-        if mixed is not None:
-            parts.append(
-                f"at the bytes of {fmt} ({rtn['bytes'] / MIB:.1f} MiB) the plan is at fidelity KL "
-                f"{mixed['fidelity_kl']:.4f}, uniform {fmt} at {rtn['fidelity_kl']:.4f} (round-to-nearest) and "
-                f"{hqq['fidelity_kl']:.4f} (HQQ)"
-            )
+    parts = [
+        f"at the bytes of {fmt} ({rtn['bytes'] / MIB:.1f} MiB) the plan is at fidelity KL "
+        f"{mixed['fidelity_kl']:.4f}, uniform {fmt} at {rtn['fidelity_kl']:.4f} (round-to-nearest) and "
+        f"{hqq['fidelity_kl']:.4f} (HQQ)"
+        for fmt, rtn, hqq, mixed in _planned_at_uniform(run)
+    ]
     coded, plain = _point(run, "teacher int4-g32-dq"), _point(run, "teacher int4-g32")
     parts.append(
         f"uniform int4-g32-dq (scales and offsets in 8-bit codes) is at {coded['fidelity_kl']:.4f} in "
         f"{coded['bytes'] / MIB:.1f} MiB, int4-g32 at {plain['fidelity_kl']:.4f} in {plain['bytes'] / MIB:.1f} MiB"
     )
     return "One budget against one format: " + "; ".join(parts) + "."
+
+
+def _planned_at_uniform(run: dict) -> list[tuple[str, dict, dict, dict]]:
+    """``(format, its rtn point, its HQQ point, the plan at its bytes)`` for int4-g128 and int4-g32, where the
+    run planned a budget at that format's bytes."""
+    planned = {p["budget_bytes"]: p for p in run["points"] if p["kind"] == "planned"}
+    found = []
+    for fmt in ("int4-g128", "int4-g32"):
+        rtn, hqq = _point(run, f"teacher {fmt}"), _point(run, f"teacher {fmt} (hqq)")
+        if rtn["bytes"] in planned:
+            found.append((fmt, rtn, hqq, planned[rtn["bytes"]]))
+    return found
 
 
 def _point(run: dict, label: str) -> dict:

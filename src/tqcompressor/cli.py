@@ -621,7 +621,7 @@ def _distill(teacher, student, data, fraction, mix: tuple, out: Path, resume: bo
     check_not_quantized(student_model, "distillation")
     loaded = load_model(teacher)
     check_student_matches_teacher(student_model, loaded.model)
-    if kd.alpha_blocks > 0 or kd.blockwise_steps > 0:  # before sampling any distillation data from the teacher
+    if kd.pairs_blocks:  # before sampling any distillation data from the teacher
         check_same_depth(student_model, loaded.model)
     _check_training(loaded.model, kd, kd.seq_len)
     teacher_fraction, teacher_pool, teacher_start = mix

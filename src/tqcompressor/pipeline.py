@@ -60,7 +60,7 @@ from tqcompressor.schemas import BudgetFile, RunResults, read_json_file
 from tqcompressor.structures import get_structure
 from tqcompressor.surgery.apply import apply_plan
 from tqcompressor.surgery.experts import split_experts
-from tqcompressor.training.blockwise import BlockwiseConfig, estimated_seconds
+from tqcompressor.training.blockwise import estimated_seconds
 from tqcompressor.training.budget import BudgetPlan, plan_steps, seconds_per_step
 from tqcompressor.training.distill import DistillConfig, blockwise_ids, multistep_distill, training_precision
 from tqcompressor.training.recipe import TEACHER_POOL, TEACHER_START
@@ -276,12 +276,12 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     main = is_main_process()  # under torchrun / accelerate launch every rank trains; rank 0 writes
     out_dir = claim_directory(run.out_dir, kind=RUN) if main else check_writable(run.out_dir, kind=RUN)
     started = time.perf_counter()
-    phase = _phases(started)
+    phase, phase_log = _phases(started)
     blocks, eval_sets = load_data(loaded, run, out_dir, phase)
     results_path = out_dir / "results.json"
     previous = read_json_file(results_path, RunResults) if run.resume and results_path.is_file() else {}
-    record = RunRecord(out_dir, loaded.source, run, run.distill, started, main, previous.get("points", []))
-    record.phases = phase.log  # the same list: phases from here on land in results.json too
+    points = previous.get("points", [])
+    record = RunRecord(out_dir, loaded.source, run, run.distill, started, main, points, phases=phase_log)
     teacher = loaded.model
 
     def point(label: str, stage: int, model) -> None:
@@ -434,10 +434,7 @@ def _budget_plan(
     step = seconds_per_step(teacher, student, batch, run.distill, tokenizer=tokenizer)
     spent = time.perf_counter() - record.started + 3 * step  # the timing itself
     comparison = comparison_evaluations(run.compare_tokens, run.eval_tokens) if run.compare_tokens else 0
-    refit = 0.0
-    if refit_ids is not None:
-        blockwise = BlockwiseConfig(run.distill.blockwise_steps, run.distill.blockwise_lr, run.distill.batch_size)
-        refit = estimated_seconds(student, refit_ids, blockwise)
+    refit = estimated_seconds(student, refit_ids, run.distill.blockwise) if refit_ids is not None else 0.0
     plan = plan_steps(run.time_budget, spent, step, evaluation_seconds, stages, comparison, refit)
     if is_main_process():
         write_json_atomic(path, plan.to_dict())
@@ -466,15 +463,16 @@ def footprint(teacher, student, model_dir: Path, ids: torch.Tensor, context: int
 
 
 def _phases(started: float):
-    """Print each phase of the run with the time elapsed so far (the bars show each phase's own ETA)."""
+    """``(phase, log)``: ``phase(text)`` prints a phase of the run with the time elapsed so far (the bars show
+    each phase's own ETA) and appends its name and start to ``log``."""
+    log: list[tuple[str, float]] = []
 
     def phase(text: str) -> None:
         elapsed = time.perf_counter() - started
-        phase.log.append((text, elapsed))
+        log.append((text, elapsed))
         tqdm.write(f"[{elapsed:6.0f} s] {text}")
 
-    phase.log = []
-    return phase
+    return phase, log
 
 
 def write_results(record: RunRecord, extras: dict | None = None) -> dict:

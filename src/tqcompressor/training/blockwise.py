@@ -121,21 +121,22 @@ def reconstruct_blocks(
     bar = tqdm(total=total, desc="refitting blocks", unit="step", disable=not progress)
     try:
         for index, (block, reference) in enumerate(zip(student_blocks, teacher_blocks)):
+            refit = index >= start
             with torch.no_grad():
-                targets = [run_block(reference, hidden, kwargs) for hidden, kwargs in targets_in]
-            before = _mean_error(block, inputs, targets) if index >= start else None
-            if index >= start:
+                targets = _outputs(reference, targets_in)
+                before = _mean_error(_outputs(block, inputs), targets) if refit else None
+            if refit:
                 _fit_block(block, inputs, targets, config, bar)
             with torch.no_grad():
-                inputs = [(run_block(block, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
+                outputs = _outputs(block, inputs)
+            inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
             targets_in = [(t, kwargs) for t, (_, kwargs) in zip(targets, targets_in)]
-            if index < start:
-                continue
-            after = sum(float(normalised_state_error(o, t)) for (o, _), t in zip(inputs, targets)) / len(targets)
-            report.append({"block": index, "error_before": before, "error_after": after})
-            bar.set_postfix(block=f"{index + 1}/{len(student_blocks)}", error=f"{after:.4f}")
-            if on_block_end is not None:
-                on_block_end(index)
+            if refit:
+                after = _mean_error(outputs, targets)
+                report.append({"block": index, "error_before": before, "error_after": after})
+                bar.set_postfix(block=f"{index + 1}/{len(student_blocks)}", error=f"{after:.4f}")
+                if on_block_end is not None:
+                    on_block_end(index)
     finally:
         bar.close()
         student.train(was_training)
@@ -164,10 +165,9 @@ def _fit_block(block: nn.Module, inputs: list[Batch], targets: list[Tensor], con
             p.grad = None
 
 
-@torch.no_grad()
-def _mean_error(block: nn.Module, inputs: list[Batch], targets: list[Tensor]) -> float:
-    errors = [
-        float(normalised_state_error(run_block(block, hidden, kwargs), t))
-        for (hidden, kwargs), t in zip(inputs, targets)
-    ]
-    return sum(errors) / len(errors)
+def _outputs(block: nn.Module, batches: list[Batch]) -> list[Tensor]:
+    return [run_block(block, hidden, kwargs) for hidden, kwargs in batches]
+
+
+def _mean_error(outputs: list[Tensor], targets: list[Tensor]) -> float:
+    return sum(float(normalised_state_error(o, t)) for o, t in zip(outputs, targets)) / len(targets)

@@ -85,6 +85,16 @@ class DistillConfig:
     chunked_loss: bool = True
     fused_optimizer: bool = True  # AdamW's fused kernel where available (new_optimizer); False: the for-each one
 
+    @property
+    def blockwise(self) -> BlockwiseConfig:
+        """The settings of block-wise reconstruction before each stage (on batches of the run's batch size)."""
+        return BlockwiseConfig(self.blockwise_steps, self.blockwise_lr, self.batch_size)
+
+    @property
+    def pairs_blocks(self) -> bool:
+        """Block matching or block-wise reconstruction: each student block is paired with the teacher's."""
+        return self.alpha_blocks > 0 or self.blockwise_steps > 0
+
     def __post_init__(self) -> None:
         """One clear line for a setting that cannot work (instead of a torch traceback later, or
         a run that silently trains nothing)."""
@@ -332,7 +342,7 @@ def multistep_distill(
 
 
 def _check_run(config: DistillConfig, student, teacher, tokenizer) -> None:
-    if config.alpha_blocks > 0 or config.blockwise_steps > 0:
+    if config.pairs_blocks:
         check_same_depth(student, teacher)
     if config.on_policy > 0:
         _require_tokenizer(tokenizer)
@@ -360,8 +370,7 @@ def _refit_blocks(
             accelerator.wait_for_everyone()
             last_saved = time.perf_counter()
 
-    settings = BlockwiseConfig(config.blockwise_steps, config.blockwise_lr, config.batch_size)
-    reconstruct_blocks(student, teacher, ids, settings, progress, position.blocks_refit, block_done)
+    reconstruct_blocks(student, teacher, ids, config.blockwise, progress, position.blocks_refit, block_done)
 
 
 def blockwise_ids(calibration: torch.Tensor | None, blocks: BlockSource) -> torch.Tensor:
