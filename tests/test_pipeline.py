@@ -42,6 +42,8 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
         str(tmp_path / "eval.txt"),
         "--eval-tokens",
         "256",
+        "--interim-eval-tokens",
+        "128",
         "--context",
         "64",
         "--steps",
@@ -81,9 +83,19 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
         # fidelity KL: the mean over the held-out domains only, never the in-domain text
         kls = [point["domains"][name]["kl_to_teacher"] for name in held_out]
         assert point["fidelity_kl"] == pytest.approx(sum(kls) / len(kls))
-    teacher_point = results["points"][0]
+    teacher_point, final = results["points"][0], results["points"][-1]
     assert teacher_point["fidelity_kl"] == 0 and teacher_point["fidelity_top1"] == 1
-    assert results["points"][-1]["fidelity_kl"] > 0
+    assert final["fidelity_kl"] > 0
+    # points during the run on the first windows of each domain, the same ones each time; the final model
+    # and the teacher (measured in the final model's passes) on every window
+    tokens = [{name: d["tokens"] for name, d in point["domains"].items()} for point in results["points"]]
+    assert tokens[1] == tokens[2] and tokens[0] == tokens[3]
+    assert all(tokens[1][name] < tokens[0][name] for name in tokens[0])
+    for name, domain in final["domains"].items():
+        assert domain["teacher_perplexity"] == teacher_point["domains"][name]["perplexity"]
+    # where the time went: each phase, the recovery ones named
+    phases = [p["phase"] for p in results["phase_seconds"]]
+    assert {"distilling (stage 1)", "distilling (stage 2)", "saving the model"} <= set(phases)
     # quantization beside the student: the teacher and the student in fp32, int8, int4 (groups of 32, 128)
     quantized = results["quantized"]
     assert [(q["model"], q["format"]) for q in quantized] == [("teacher", "fp32"), ("student", "fp32")] + [
@@ -114,6 +126,8 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
         "## How this was measured",
         "## Fidelity to the teacher, on text no step of the run read",
         "## What quantization alone gives",
+        "## Where the time went",
+        "the first windows of each domain only",
         "KL (code (CPython stdlib))",
         "ppl, in-domain (eval.txt)",
         "50% of the blocks sampled from the teacher",

@@ -836,6 +836,15 @@ RunCompareTokens = Annotated[
         "and 128) on this many tokens of each held-out domain, at most --eval-tokens (0: skip the comparison)"
     ),
 ]
+RunInterimTokens = Annotated[
+    int,
+    typer.Option(
+        "--interim-eval-tokens",
+        help="score the points during the run (the one-shot model, stages before the last) on the first this "
+        "many tokens of each domain, the same windows each time; the final model and the teacher on all "
+        "--eval-tokens (0: every point on all of them)",
+    ),
+]
 RunTimeBudget = Annotated[
     Optional[float],
     typer.Option(
@@ -871,6 +880,7 @@ def run(
     sequential: RunSequential = recipe.SEQUENTIAL,
     output_weights: RunOutputWeights = None,
     compare_tokens: RunCompareTokens = 2048,
+    interim_eval_tokens: RunInterimTokens = 2048,
     time_budget: RunTimeBudget = None,
     adopt: Adopt = False,
     kd: object = None,  # the shared distillation options (with_distill_options)
@@ -888,6 +898,7 @@ def run(
         compare_tokens=compare_tokens,
         time_budget=time_budget,
         teacher_start=teacher_start,
+        interim_tokens=interim_eval_tokens,
     )
     inputs = [model, spec, data, eval_data]
     check_writable(out, inputs, kind=RUN, adopt=adopt)  # before loading anything

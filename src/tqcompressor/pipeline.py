@@ -35,6 +35,7 @@ from tqcompressor.evaluation.fidelity import (
     heldout_domains,
     in_domain,
     measure,
+    measure_both,
     teacher_perplexities,
 )
 from tqcompressor.evaluation.figures import plan_cells, plot_fidelity, plot_plan, plot_points
@@ -61,7 +62,7 @@ from tqcompressor.structures import get_structure
 from tqcompressor.surgery.apply import apply_plan
 from tqcompressor.surgery.experts import split_experts
 from tqcompressor.training.blockwise import estimated_seconds
-from tqcompressor.training.budget import BudgetPlan, plan_steps, seconds_per_step
+from tqcompressor.training.budget import BudgetPlan, plan_steps, seconds_after_distillation, seconds_per_step
 from tqcompressor.training.distill import DistillConfig, blockwise_ids, multistep_distill, training_precision
 from tqcompressor.training.recipe import TEACHER_POOL, TEACHER_START
 from tqcompressor.versions import library_versions
@@ -151,13 +152,21 @@ def evaluate_domains(
 QUANTIZED_FORMATS = (QuantizeSettings(8), QuantizeSettings(4, 32), QuantizeSettings(4, 128))
 
 
+def first_tokens(eval_sets: dict[str, Domain], tokens: int, context: int, held_out_only: bool = False) -> dict:
+    """The first ``tokens`` of each domain, in whole windows of ``context`` (the same windows a
+    longer evaluation of the domain begins with)."""
+    tokens = max(context, tokens // context * context)
+    return {
+        name: Domain(d.ids[:tokens], d.held_out) for name, d in eval_sets.items() if d.held_out or not held_out_only
+    }
+
+
 def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int, tokenizer, tokens: int = 2048) -> list:
     """What a user would pick instead: the teacher and the student in fp32, int8 and int4, each with
     its bytes and its fidelity, every row on the same first ``tokens`` of each held-out domain (a
     subset of the points' windows, so that eight models cost about two evaluations)."""
-    tokens = max(context, tokens // context * context)  # whole windows of the teacher's samples
-    subset = {name: Domain(d.ids[:tokens], True) for name, d in eval_sets.items() if d.held_out}
-    reference = measure(teacher, teacher, subset, context, tokenizer)
+    subset = first_tokens(eval_sets, tokens, context, held_out_only=True)
+    student_measured, reference = measure_both(student, teacher, subset, context, tokenizer)
 
     def row(name: str, label: str, model, measured: dict | None = None) -> dict:
         measured = measured or evaluate_domains(model, teacher, subset, context, tokenizer, reference)
@@ -171,7 +180,7 @@ def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int,
             "domains": {d: _domain_record(m) for d, m in measured["domains"].items()},
         }
 
-    rows = [row("teacher", "fp32", teacher, reference), row("student", "fp32", student)]  # the teacher's: measured
+    rows = [row("teacher", "fp32", teacher, reference), row("student", "fp32", student, student_measured)]
     for name, model in (("teacher", teacher), ("student", student)):
         for settings in QUANTIZED_FORMATS:
             quantized = copy.deepcopy(model)
@@ -183,8 +192,8 @@ def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int,
 
 def comparison_evaluations(compare_tokens: int, eval_tokens: int) -> float:
     """The quantized comparison's cost in evaluations of one point (for the time budget): seven
-    models scored against the teacher and the teacher's own pass, on a share of the tokens."""
-    return (2 * len(QUANTIZED_FORMATS) + 1.5) * min(1.0, compare_tokens / eval_tokens)
+    models scored against the teacher (its own figures come with the first), on a share of the tokens."""
+    return (2 * len(QUANTIZED_FORMATS) + 1) * min(1.0, compare_tokens / eval_tokens)
 
 
 def _domain_record(metrics: dict) -> dict:
@@ -217,6 +226,9 @@ class RunConfig:
     teacher_start: str = TEACHER_START  # where each teacher sample begins (data.TEACHER_STARTS)
     compare_tokens: int = 2048  # 0: no int8/int4 comparison
     time_budget: float | None = None  # minutes; fixes the steps per stage
+    # the points during the run (one-shot, stages before the last) on the first this many tokens of each
+    # domain; the last stage and the teacher on all eval_tokens (0: every point on all of them)
+    interim_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if self.compression.output_weights and self.calibration_tokens <= 0:
@@ -231,6 +243,8 @@ class RunConfig:
         check_teacher_start(self.teacher_start)
         if self.compare_tokens:
             check_count("compare-tokens", self.compare_tokens, self.context)
+        if self.interim_tokens:
+            check_count("interim-eval-tokens", self.interim_tokens, self.context)
         budget = self.time_budget
         if budget is not None and (not math.isfinite(budget) or not 0 < budget <= MAX_TIME_BUDGET):
             raise TQCError(f"--time-budget must be a number of minutes in (0, {MAX_TIME_BUDGET}], got {budget}")
@@ -259,11 +273,10 @@ class RunRecord:
     def has(self, label: str) -> bool:
         return any(point["label"] == label for point in self.points)
 
-    def teacher_point(self) -> dict | None:
-        """The teacher's row, once measured: later rows reuse its perplexities."""
-        return self.points[0] if self.points and self.points[0]["label"] == "teacher" else None
-
-    def add(self, point: dict) -> None:
+    def add(self, point: dict, teacher: dict | None = None) -> None:
+        """``point`` last, ``teacher`` (its own row, measured in the same passes) first; then one write."""
+        if teacher is not None:
+            self.points.insert(0, teacher)
         self.points.append(point)
         if self.writes:
             write_results(self)
@@ -284,18 +297,31 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     record = RunRecord(out_dir, loaded.source, run, run.distill, started, main, points, phases=phase_log)
     teacher = loaded.model
 
+    interim = first_tokens(eval_sets, run.interim_tokens, run.context) if run.interim_tokens else eval_sets
+
     def point(label: str, stage: int, model) -> None:
+        """A point during the run, on the interim windows."""
         if not record.has(label):
             phase(f"evaluating: {label}")
-            record.add(evaluate_point(label, stage, model, loaded, eval_sets, run.context, record.teacher_point()))
+            record.add(evaluate_point(label, stage, model, loaded, interim, run.context))
 
-    point("teacher", 0, teacher)
+    def final_point(stage: int, model) -> None:
+        """The last stage's point on every window, and the teacher's own row from the same passes."""
+        label = f"after KD stage {stage}"
+        if not record.has(label):
+            phase(f"evaluating: {label}, and the teacher (every window)")
+            measured, own = measure_both(model, teacher, eval_sets, run.context, loaded.tokenizer)
+            own_row = None if record.has("teacher") else point_row("teacher", 0, own)  # (runs begun before 0.x)
+            record.add(point_row(label, stage, measured), teacher=own_row)
+
     calibration = calibration_blocks(run, blocks, phase)
     student, plan, evaluation_seconds = _plan_and_one_shot(teacher, run, calibration, record, point, phase)
+    last_stage = plan.steps()[-1]
     if run.time_budget is not None:
         stages = len(plan.steps())
         refit_ids = blockwise_ids(calibration, blocks) if run.distill.blockwise_steps else None
-        budget = _budget_plan(record, teacher, student, loaded.tokenizer, blocks, evaluation_seconds, stages, refit_ids)
+        evaluations = _evaluation_costs(evaluation_seconds, interim, eval_sets)
+        budget = _budget_plan(record, teacher, student, loaded.tokenizer, blocks, evaluations, stages, refit_ids)
         phase(f"time budget: {budget.steps_per_stage} steps per stage ({budget.seconds_per_step:.1f} s each)")
         record.distill, record.budget = dataclasses.replace(run.distill, steps=budget.steps_per_stage), budget.to_dict()
     refit = f", each after refitting blocks ({record.distill.blockwise_steps} steps a block)"
@@ -315,11 +341,15 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
         teacher_name=loaded.source,
         data_name=data_name(run.data, run.teacher_fraction, run.teacher_pool, run.teacher_start),
         calibration=calibration,
-        on_stage_end=lambda stage, model: point(f"after KD stage {stage}", stage, model),
+        on_stage_end=lambda stage, model: (
+            final_point(stage, model) if stage == last_stage else point(f"after KD stage {stage}", stage, model)
+        ),
+        on_phase=phase,
     )
     student.to("cpu")
     if not main:
         return {}
+    phase("saving the model")
     save(student, out_dir / "model", loaded.tokenizer, base_model=loaded.source, plan=plan)
     return _finish(record, loaded, student, eval_sets, phase)
 
@@ -347,11 +377,17 @@ def load_data(loaded: LoadedModel, run: RunConfig, out_dir: Path, phase) -> tupl
 
 
 def evaluate_point(
-    label: str, stage: int, model, loaded: LoadedModel, eval_sets: dict, context: int, reference: dict | None
+    label: str, stage: int, model, loaded: LoadedModel, eval_sets: dict, context: int, reference: dict | None = None
 ) -> dict:
     """One row of ``results.json``: the in-domain text's figures, fidelity against ``loaded.model``, and
-    every domain's. ``reference``: the teacher's own row, whose perplexities are reused (``None``: measured)."""
+    every domain's. ``reference``: the teacher's own row, whose perplexities are reused (``None``: the
+    teacher's from the same passes)."""
     measured = evaluate_domains(model, loaded.model, eval_sets, context, loaded.tokenizer, reference)
+    return point_row(label, stage, measured)
+
+
+def point_row(label: str, stage: int, measured: dict) -> dict:
+    """One row of ``results.json`` from a :func:`~tqcompressor.evaluation.fidelity.measure` result."""
     domains = measured["domains"]
     primary = next(iter(domains.values()))  # the evaluation text: perplexity, params, protocol
     return {
@@ -400,11 +436,11 @@ def _plan_and_one_shot(teacher, run: RunConfig, calibration, record: RunRecord, 
 def _finish(record: RunRecord, loaded: LoadedModel, student, eval_sets: dict, phase) -> dict:
     """The comparison with quantization, the plan picture, continuations, memory and speed; the final write."""
     run, teacher = record.run, loaded.model
-    phase("plan picture, continuations, memory and speed")
     student.to(next(teacher.parameters()).device)  # side by side on one device
     phase("int8 and int4 of the teacher and of the student, for comparison")
     compare = run.compare_tokens
     quantized = quantized_rows(teacher, student, eval_sets, run.context, loaded.tokenizer, compare) if compare else []
+    phase("plan picture, continuations, memory and speed")
     extras = {
         "quantized": quantized,
         "plan_cells": plan_cells(teacher, student),
@@ -418,24 +454,35 @@ def _finish(record: RunRecord, loaded: LoadedModel, student, eval_sets: dict, ph
     return write_results(record, extras)
 
 
+def _evaluation_costs(one_shot_seconds: float | None, interim: dict, eval_sets: dict) -> tuple[float, float] | None:
+    """``(on every window, on the interim windows)``: the seconds of one evaluation, scaled by tokens from
+    the one-shot point's (``None`` where it was measured before, in the run being resumed)."""
+    if one_shot_seconds is None:
+        return None
+    tokens = sum(len(d.ids) for d in eval_sets.values()) / sum(len(d.ids) for d in interim.values())
+    return one_shot_seconds * tokens, one_shot_seconds
+
+
 def _budget_plan(
-    record: RunRecord, teacher, student, tokenizer, blocks, evaluation_seconds: float | None, stages: int, refit_ids
+    record: RunRecord, teacher, student, tokenizer, blocks, evaluations: tuple | None, stages: int, refit_ids
 ):
     """The run's budget plan: measured now, or, on resume, the one the run fixed before (budget.json).
-    ``refit_ids``: what block-wise reconstruction fits on, where the run refits blocks (its time is estimated)."""
+    ``evaluations``: :func:`_evaluation_costs`. ``refit_ids``: what block-wise reconstruction fits on, where
+    the run refits blocks (its time is estimated)."""
     run = record.run
     path = record.out_dir / "budget.json"
     if run.resume and path.is_file():
         return BudgetPlan(**read_json_file(path, BudgetFile))
-    if evaluation_seconds is None:
+    if evaluations is None:
         raise TQCError(f"{path} is missing: this run cannot be resumed with --time-budget; start it again")
     stream = blocks(0)
     batch = torch.stack([next(stream) for _ in range(run.distill.batch_size)])
     step = seconds_per_step(teacher, student, batch, run.distill, tokenizer=tokenizer)
     spent = time.perf_counter() - record.started + 3 * step  # the timing itself
     comparison = comparison_evaluations(run.compare_tokens, run.eval_tokens) if run.compare_tokens else 0
+    after = seconds_after_distillation(*evaluations, stages, comparison)
     refit = estimated_seconds(student, refit_ids, run.distill.blockwise) if refit_ids is not None else 0.0
-    plan = plan_steps(run.time_budget, spent, step, evaluation_seconds, stages, comparison, refit)
+    plan = plan_steps(run.time_budget, spent, step, evaluations[0], after, stages, refit)
     if is_main_process():
         write_json_atomic(path, plan.to_dict())
     return plan

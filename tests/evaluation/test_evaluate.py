@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -156,3 +157,31 @@ def test_word_and_byte_perplexity_divide_by_the_scored_text_only(llama_model, to
     assert result["word_perplexity"] == pytest.approx(math.exp(nll / sum(len(t.split()) for t in scored)))
     everything = tokenizer.decode(ids[1:].tolist())
     assert sum(len(t.encode()) for t in scored) < len(everything.encode())
+
+
+def test_the_teachers_own_figures_come_from_the_same_passes(llama_model, tokenizer):
+    from tqcompressor.evaluation.fidelity import Domain, measure, measure_both
+
+    torch.manual_seed(0)
+    teacher, student = llama_model, copy.deepcopy(llama_model)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 200, (300,))
+    both = evaluate(student, ids, context=64, teacher=teacher, tokenizer=tokenizer, progress=False)
+    alone = evaluate(teacher, ids, context=64, tokenizer=tokenizer, progress=False)
+    assert set(both["teacher"]) == set(alone)
+    for key in ("perplexity", "nll_per_token", "word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert both["teacher"][key] == pytest.approx(alone[key], rel=1e-5)
+    assert both["teacher"]["tokens"] == alone["tokens"] and both["teacher"]["params"] == alone["params"]
+    assert both["perplexity"] != pytest.approx(alone["perplexity"], rel=1e-3)  # the student's own, not the teacher's
+    domains = {"a": Domain(ids[:200], True), "b": Domain(ids[100:], False)}
+    measured, own = measure_both(student, teacher, domains, 64, tokenizer)
+    itself = measure(teacher, teacher, domains, 64, tokenizer)
+    assert own["fidelity_kl"] == 0 and own["fidelity_top1"] == 1
+    for name in domains:
+        assert own["domains"][name]["perplexity"] == pytest.approx(itself["domains"][name]["perplexity"], rel=1e-5)
+        assert own["domains"][name]["held_out"] == domains[name].held_out
+        ratio = measured["domains"][name]["perplexity"] / own["domains"][name]["perplexity"]
+        assert measured["domains"][name]["perplexity_ratio"] == pytest.approx(ratio)
+    assert measured == measure(student, teacher, domains, 64, tokenizer)

@@ -10,30 +10,37 @@ from typer.testing import CliRunner
 
 from tqcompressor import TQCError
 from tqcompressor.cli import app
-from tqcompressor.training.budget import SAFETY, plan_steps, seconds_per_step
+from tqcompressor.training.budget import SAFETY, plan_steps, seconds_after_distillation, seconds_per_step
 from tqcompressor.training.distill import DistillConfig
 
 
+def test_what_is_still_needed_after_distillation_is_the_last_point_the_comparison_and_the_interim_points():
+    # one stage: the last point on every window, the comparison's share, a quarter of an evaluation in reserve
+    assert seconds_after_distillation(30, 10, stages=1, comparison_evaluations=6) == 30 * (1 + 6 + 0.25) + 5
+    # each stage before the last adds one point on the interim windows
+    assert seconds_after_distillation(30, 10, stages=3, comparison_evaluations=0) == 30 * 1.25 + 10 * 2 + 5
+
+
 def test_the_steps_fill_what_is_left_after_the_evaluations_still_to_come():
-    plan = plan_steps(10, spent=120, step_seconds=2.0, evaluation_seconds=30, stages=1, comparison_evaluations=6)
-    after = 30 * (1 + 6 + 1) + 5  # one evaluation per stage, per quantized model, and one in reserve
-    assert plan.reserved_after_distillation == after
+    after = seconds_after_distillation(30, 10, stages=1, comparison_evaluations=6)
+    plan = plan_steps(10, spent=120, step_seconds=2.0, evaluation_seconds=30, after=after, stages=1)
+    assert plan.reserved_after_distillation == after and plan.evaluation_seconds == 30
     assert plan.steps_per_stage == int((600 - 120 - after) / (2.0 * SAFETY))
-    two = plan_steps(10, spent=120, step_seconds=2.0, evaluation_seconds=30, stages=2, comparison_evaluations=0)
-    assert two.steps_per_stage == int((600 - 120 - 30 * 3 - 5) / (2.0 * SAFETY * 2))
+    two = plan_steps(10, spent=120, step_seconds=2.0, evaluation_seconds=30, after=100, stages=2)
+    assert two.steps_per_stage == int((600 - 120 - 100) / (2.0 * SAFETY * 2))
     with pytest.raises(TQCError, match="leaves no time to distill") as caught:
-        plan_steps(1, spent=50, step_seconds=2.0, evaluation_seconds=30, stages=1, comparison_evaluations=6)
+        plan_steps(1, spent=50, step_seconds=2.0, evaluation_seconds=30, after=after, stages=1)
     assert "\n" not in str(caught.value)
 
 
 def test_block_wise_refits_take_their_time_from_each_stage_before_the_steps():
-    plain = plan_steps(10, spent=120, step_seconds=2.0, evaluation_seconds=30, stages=2, comparison_evaluations=0)
-    refit = plan_steps(10, 120, 2.0, 30, stages=2, comparison_evaluations=0, blockwise_seconds=50)
+    plain = plan_steps(10, spent=120, step_seconds=2.0, evaluation_seconds=30, after=100, stages=2)
+    refit = plan_steps(10, 120, 2.0, 30, after=100, stages=2, blockwise_seconds=50)
     assert refit.blockwise_seconds_per_stage == 50
-    assert refit.steps_per_stage == int((600 - 120 - 30 * 3 - 5 - 50 * SAFETY * 2) / (2.0 * SAFETY * 2))
+    assert refit.steps_per_stage == int((600 - 120 - 100 - 50 * SAFETY * 2) / (2.0 * SAFETY * 2))
     assert refit.steps_per_stage < plain.steps_per_stage
     with pytest.raises(TQCError, match="min to refit blocks"):
-        plan_steps(10, 120, 2.0, 30, stages=2, comparison_evaluations=0, blockwise_seconds=300)
+        plan_steps(10, 120, 2.0, 30, after=100, stages=2, blockwise_seconds=300)
 
 
 def test_timing_a_step_changes_no_weight(tokenizer):
@@ -98,7 +105,7 @@ def test_a_budgeted_run_that_refits_blocks_counts_them_and_says_so(tmp_path, gpt
     assert budget["blockwise_seconds_per_stage"] > 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["distill"]["blockwise_steps"] == 2
-    assert any("refitting blocks" in phase["phase"] for phase in results["phase_seconds"])
+    assert "refitting blocks (stage 1)" in [phase["phase"] for phase in results["phase_seconds"]]
 
 
 @pytest.mark.parametrize(
@@ -108,6 +115,7 @@ def test_a_budgeted_run_that_refits_blocks_counts_them_and_says_so(tmp_path, gpt
         (["--time-budget", "nan"], "--time-budget must be"),
         (["--time-budget", "inf"], "--time-budget must be"),
         (["--time-budget", "5", "--steps", "10"], "drop one of them"),
+        (["--interim-eval-tokens", "10"], "--interim-eval-tokens must be 512 or more"),
     ],
 )
 def test_budget_options_are_checked_before_any_work(tmp_path, capsys, extra, message):

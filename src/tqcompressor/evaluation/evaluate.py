@@ -57,7 +57,9 @@ def evaluate(
     lead_with_start: bool = True,
 ) -> dict:
     """Perplexity of ``model`` on the token sequence ``ids``; with ``teacher``, also KL(teacher || model)
-    and top-1 agreement on the same scored positions. ``lead_with_start``: put the tokenizer's
+    and top-1 agreement on the same scored positions, and under ``"teacher"`` the teacher's own figures
+    from the same forward passes (what ``evaluate(teacher, ids)`` returns, without a second pass over
+    the teacher). ``lead_with_start``: put the tokenizer's
     :func:`~tqcompressor.data.start_token` (e.g. Gemma's ``<bos>``), where it has one, before every
     window; it is never scored."""
     for name, value in (("context", context), ("stride", stride), ("batch_size", batch_size)):
@@ -74,7 +76,7 @@ def evaluate(
     plan = windows(len(ids), context, stride)
     if not plan:
         raise TQCError("not enough tokens to evaluate (need at least 2)")
-    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    nll, teacher_nll, kl, agree, count = 0.0, 0.0, 0.0, 0, 0
     batches = [plan[i : i + batch_size] for i in range(0, len(plan), batch_size)]
     for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
         for group in _same_length_groups(batch):
@@ -83,34 +85,44 @@ def evaluate(
             teacher_logits = teacher(inputs).logits.float() if teacher is not None else None
             for row, (b, e, scored) in enumerate(group):
                 sums = _scored_sums(inputs[row], logits[row], teacher_logits, row, e - b + len(lead), scored)
-                nll, kl, agree, count = nll + sums[0], kl + sums[1], agree + sums[2], count + scored
+                nll, teacher_nll, kl, agree = nll + sums[0], teacher_nll + sums[1], kl + sums[2], agree + sums[3]
+                count += scored
+    protocol = {"level": "token", "context": context, "stride": stride, "start_token": bool(lead)}
+    result = _summary(model, nll, count, protocol, ids, plan, tokenizer)
+    if teacher is not None:
+        result["kl_to_teacher"] = kl / count
+        result["top1_agreement"] = agree / count
+        result["teacher"] = _summary(teacher, teacher_nll, count, protocol, ids, plan, tokenizer)
+    return result
+
+
+def _summary(model, nll: float, count: int, protocol: dict, ids, plan, tokenizer) -> dict:
+    """One model's figures from its summed negative log-likelihood over ``count`` scored tokens."""
     result = {
         "perplexity": math.exp(nll / count),
         "nll_per_token": nll / count,
         "tokens": count,
-        "protocol": {"level": "token", "context": context, "stride": stride, "start_token": bool(lead)},
+        "protocol": protocol,
         "params": count_parameters(model),
     }
-    if teacher is not None:
-        result["kl_to_teacher"] = kl / count
-        result["top1_agreement"] = agree / count
     if tokenizer is not None:
         result.update(_text_level(nll, ids, plan, tokenizer))
     return result
 
 
-def _scored_sums(inputs, logits, teacher_logits, row: int, length: int, scored: int) -> tuple[float, float, int]:
-    """Negative log-likelihood, KL(teacher || model) and top-1 agreements over one window's last
-    ``scored`` positions (``teacher_logits``: the batch's, or ``None``)."""
+def _scored_sums(inputs, logits, teacher_logits, row: int, length: int, scored: int) -> tuple[float, float, float, int]:
+    """Negative log-likelihoods of the model and of the teacher, KL(teacher || model) and top-1
+    agreements over one window's last ``scored`` positions (``teacher_logits``: the batch's, or ``None``)."""
     pred = logits[length - scored - 1 : length - 1]
     target = inputs[length - scored :]
     log_probs = F.log_softmax(pred, dim=-1)
     nll = -float(log_probs.gather(-1, target[:, None]).sum())
     if teacher_logits is None:
-        return nll, 0.0, 0
+        return nll, 0.0, 0.0, 0
     t_log_probs = F.log_softmax(teacher_logits[row, length - scored - 1 : length - 1], dim=-1)
+    teacher_nll = -float(t_log_probs.gather(-1, target[:, None]).sum())
     kl = float((t_log_probs.exp() * (t_log_probs - log_probs)).sum())
-    return nll, kl, int((t_log_probs.argmax(-1) == pred.argmax(-1)).sum())
+    return nll, teacher_nll, kl, int((t_log_probs.argmax(-1) == pred.argmax(-1)).sum())
 
 
 def _text_level(nll: float, ids, plan, tokenizer) -> dict:

@@ -69,8 +69,23 @@ def measure(
 ) -> dict:
     """Per domain: the model's perplexity and, against ``teacher``, KL, top-1 agreement and the
     perplexity ratio; plus ``fidelity_kl`` and ``fidelity_top1`` (means over held-out domains).
-    ``teacher_perplexity`` (per domain) saves the teacher's own pass where it is known already."""
-    results, same = {}, model is teacher
+    ``teacher_perplexity`` (per domain): the ratio's denominators where they are known (by default the
+    teacher's perplexity from the same forward passes)."""
+    return measure_both(model, teacher, domains, context, tokenizer, teacher_perplexity, batch_size)[0]
+
+
+def measure_both(
+    model,
+    teacher,
+    domains: dict[str, Domain],
+    context: int,
+    tokenizer=None,
+    teacher_perplexity: dict[str, float] | None = None,
+    batch_size: int = 4,
+) -> tuple[dict, dict]:
+    """:func:`measure` of ``model`` and of the teacher itself, from one pass of each over every window:
+    the teacher's half is what ``measure(teacher, teacher, ...)`` returns (KL 0, top-1 1)."""
+    results, own, same = {}, {}, model is teacher
     for name, domain in domains.items():
         metrics = evaluate(
             model,
@@ -81,22 +96,27 @@ def measure(
             batch_size=batch_size,
             progress=False,
         )
-        if same:
-            metrics.update(kl_to_teacher=0.0, top1_agreement=1.0)
-            reference = metrics["perplexity"]
-        elif teacher_perplexity and name in teacher_perplexity:
-            reference = teacher_perplexity[name]
-        else:
-            reference = evaluate(
-                teacher, domain.ids, context=context, tokenizer=tokenizer, batch_size=batch_size, progress=False
-            )["perplexity"]
-        results[name] = {
-            **metrics,  # evaluate's own: perplexity, KL, top-1, tokens, params, protocol
+        teacher_metrics = metrics if same else metrics.pop("teacher")
+        own[name] = {
+            **teacher_metrics,
+            "kl_to_teacher": 0.0,
+            "top1_agreement": 1.0,
             "held_out": domain.held_out,
-            "teacher_perplexity": reference,
-            "perplexity_ratio": metrics["perplexity"] / reference,
+            "teacher_perplexity": teacher_metrics["perplexity"],
+            "perplexity_ratio": 1.0,
         }
-    return {**summarize(results), "domains": results}
+        reference = (teacher_perplexity or {}).get(name, teacher_metrics["perplexity"])
+        results[name] = (
+            own[name]
+            if same
+            else {
+                **metrics,  # evaluate's own: perplexity, KL, top-1, tokens, params, protocol
+                "held_out": domain.held_out,
+                "teacher_perplexity": reference,
+                "perplexity_ratio": metrics["perplexity"] / reference,
+            }
+        )
+    return {**summarize(results), "domains": results}, {**summarize(own), "domains": own}
 
 
 def summarize(domains: dict[str, dict]) -> dict:

@@ -163,14 +163,19 @@ def format_report(result: dict) -> str:
         lines += _continuations_section(result["continuations"])
     if "footprint" in result:
         lines += _footprint_section(result["footprint"])
-    domains = list(points[0]["domains"]) if points and "domains" in points[0] else []
-    tokens = ", ".join(f"{points[0]['domains'][n]['tokens']:,} of {n}" for n in domains) if domains else ""
-    protocol = points[0]["protocol"] if points else {}
+    if result.get("phase_seconds"):
+        lines += _time_section(result["phase_seconds"], result.get("budget"))
+    widest = max(points, key=_scored_tokens) if points else {}
+    domains = list(widest.get("domains", {}))
+    tokens = ", ".join(f"{widest['domains'][n]['tokens']:,} of {n}" for n in domains)
+    protocol = widest.get("protocol", {})
     lines += [
         "## How this was measured",
         "",
         f"- Perplexity, KL(teacher || student) and top-1 agreement: token level, sliding window (context "
-        f"{protocol.get('context')}, stride {protocol.get('stride')}), scored tokens: {tokens}.",
+        f"{protocol.get('context')}, stride {protocol.get('stride')}), scored tokens: {tokens}"
+        + _interim_words(points, widest)
+        + ".",
         (
             f"- Held-out domains: {result.get('second_domain', '')}; and {HELDOUT_WORDS}. "
             "Fidelity KL is the mean KL over them; the evaluation text (--eval-data) is in-domain and not counted."
@@ -189,18 +194,51 @@ def format_report(result: dict) -> str:
         f"- Training: {_precision_words(result.get('training_precision', 'no'))}; evaluation in fp32.",
         f"- Parameters: {result['counting']}.",
         f"- Wall time: {result['seconds']:.0f} s.",
+        "",
     ]
-    if result.get("budget"):
-        b = result["budget"]
-        lines.append(
-            f"- Time budget: {b['budget'] / 60:g} min. {b['spent_before_distillation'] / 60:.1f} min went to "
-            "sampling, calibration, planning and the first evaluations; one distillation step took "
-            f"{b['seconds_per_step']:.1f} s, so {b['steps_per_stage']} steps per stage fit beside the "
-            f"{b['reserved_after_distillation'] / 60:.1f} min kept for the evaluations, the quantized comparison "
-            "and saving."
-        )
-    lines.append("")
     return "\n".join(lines)
+
+
+def _scored_tokens(point: dict) -> int:
+    return sum(d.get("tokens", 0) for d in point.get("domains", {}).values())
+
+
+def _interim_words(points: list[dict], widest: dict) -> str:
+    """Which points were scored on fewer windows than the widest (the run's points during distillation)."""
+    fewer = [p for p in points if _scored_tokens(p) < _scored_tokens(widest)]
+    if not fewer:
+        return ""
+    labels = ", ".join(p["label"] for p in fewer)
+    first = ", ".join(f"{d['tokens']:,}" for d in fewer[0]["domains"].values())
+    return f"; {labels}: the first windows of each domain only ({first} tokens), to save time during the run"
+
+
+RECOVERY_PHASES = ("refitting blocks", "distilling")
+
+
+def _time_section(phases: list[dict], budget: dict | None) -> list[str]:
+    """Where the run's wall time went, phase by phase, and the share spent recovering the teacher."""
+    total = sum(p["seconds"] for p in phases)
+    recovery = sum(p["seconds"] for p in phases if p["phase"].startswith(RECOVERY_PHASES))
+    rows = [[p["phase"], p["seconds"], f"{p['seconds'] / total:.0%}"] for p in phases if p["seconds"] >= 0.5]
+    lines = [
+        "## Where the time went",
+        "",
+        f"{recovery / 60:.1f} of {total / 60:.1f} min went to recovering the teacher (block refits and distillation).",
+        "",
+        table(["phase", "seconds", "share"], rows, "lrr"),
+        "",
+    ]
+    if budget:
+        lines += [
+            f"Time budget: {budget['budget'] / 60:g} min. {budget['spent_before_distillation'] / 60:.1f} min went "
+            "before distillation; one distillation step took "
+            f"{budget['seconds_per_step']:.1f} s, so {budget['steps_per_stage']} steps per stage fit beside the "
+            f"{budget['reserved_after_distillation'] / 60:.1f} min kept for the evaluations, the quantized comparison "
+            "and saving.",
+            "",
+        ]
+    return lines
 
 
 HELDOUT_WORDS = (
@@ -215,10 +253,10 @@ def _fidelity_section(points: list[dict], quantized: list[dict]) -> list[str]:
     names = list(points[0]["domains"])
     held_out = [n for n in names if points[0]["domains"][n].get("held_out")]
     own = [n for n in names if not points[0]["domains"][n].get("held_out")]
-    headers = ["model", "params", "fidelity KL", "fidelity top-1"] + [f"KL ({_short(n)})" for n in held_out]
-    headers += [f"ppl, in-domain ({_short(n)})" for n in own]
+    headers = ["model", "params", "scored tokens", "fidelity KL", "fidelity top-1"]
+    headers += [f"KL ({_short(n)})" for n in held_out] + [f"ppl, in-domain ({_short(n)})" for n in own]
     rows = [
-        [p["label"], p["params"], p["fidelity_kl"], p["fidelity_top1"]]
+        [p["label"], p["params"], _scored_tokens(p), p["fidelity_kl"], p["fidelity_top1"]]
         + [p["domains"][n]["kl_to_teacher"] for n in held_out]
         + [p["domains"][n]["perplexity"] for n in own]
         for p in points

@@ -76,7 +76,9 @@ def calibrate(
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise TQCError(f"calibration tokens must be a (blocks, seq_len >= 2) tensor, got shape {tuple(ids.shape)}")
     sums = _Sums(names)
-    handles = []
+    # first of the hooks: the token table's output asks for a gradient, so that the gradient reaches every
+    # layer's output while no parameter needs one (a weight's gradient would cost as much again)
+    handles = [model.get_input_embeddings().register_forward_hook(_ask_for_gradient)]
     for name in names:
         module = model.get_submodule(name)
         handles.append(module.register_forward_pre_hook(sums.input_hook(name)))
@@ -98,9 +100,14 @@ class _Sums:
         self.grad: dict[str, float] = {name: 0.0 for name in names}
         self.grad_rows: dict[str, Tensor] = {}
         self.seen: dict[str, int] = {name: 0 for name in names}  # an MoE expert sees only the tokens routed to it
+        self.last_input, self.last_moment, self.last_rows = None, None, 0  # the last input reduced, and its moment
 
     def input_hook(self, name: str):
         def hook(module, args):
+            if args[0] is self.last_input:  # q/k/v and gate/up read one tensor: its moment once
+                self.cov[name] = self.cov.get(name, 0) + self.last_moment
+                self.seen[name] += self.last_rows
+                return
             if is_embedding(module):  # token ids in: count them
                 ids = args[0].detach().reshape(-1)
                 counts = torch.bincount(ids.cpu(), minlength=module.num_embeddings).double()
@@ -108,7 +115,8 @@ class _Sums:
                 self.seen[name] += ids.numel()
                 return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            self.cov[name] = self.cov.get(name, 0) + x.T @ x
+            self.last_input, self.last_moment, self.last_rows = args[0], x.T @ x, x.shape[0]
+            self.cov[name] = self.cov.get(name, 0) + self.last_moment
             self.seen[name] += x.shape[0]
 
         return hook
@@ -142,13 +150,17 @@ class _Sums:
         return stats
 
 
+def _ask_for_gradient(module, args, output: Tensor) -> None:
+    output.requires_grad_(True)
+
+
 def _forward_backward(model: nn.Module, ids: Tensor, batch_size: int, progress: bool) -> None:
     """The language-model loss and its gradient over ``ids``, for the hooks; the model's training
-    mode and frozen parameters are as before afterwards, and it holds no gradients."""
+    mode and trainable parameters are as before afterwards, and it holds no gradients."""
     was_training = model.training
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    for p in frozen:  # gradients must flow back through every layer; restored below
-        p.requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # the gradient flows through the activations alone (see calibrate); restored below
+        p.requires_grad_(False)
     model.eval()
     device = next(model.parameters()).device
     try:
@@ -160,8 +172,8 @@ def _forward_backward(model: nn.Module, ids: Tensor, batch_size: int, progress: 
             model.zero_grad(set_to_none=True)
     finally:
         model.train(was_training)
-        for p in frozen:
-            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def _zero_moment(module: nn.Module) -> Tensor:

@@ -1,9 +1,9 @@
 """A main job that ends inside a time budget (``tqc run --time-budget MINUTES``).
 
-Everything before distillation (sampling, calibration, planning, the first evaluations) runs as
+Everything before distillation (sampling, calibration, planning, the one-shot evaluation) runs as
 it is and is timed. Then one distillation step of the run's own settings is timed on the model
 about to be trained, the time still needed after distillation is estimated from the evaluation
-just measured (one per stage, the quantized comparison's share, one in reserve), and the number of steps per
+just measured (:func:`seconds_after_distillation`), and the number of steps per
 stage is fixed so that the whole job ends inside the budget. The schedule (warm-up, cosine) is
 then the ordinary one for that many steps. The plan is written to ``budget.json`` so that a
 resumed run keeps it instead of measuring again on another machine state.
@@ -23,8 +23,9 @@ from tqcompressor.training.distill import DistillConfig, new_optimizer, student_
 from tqcompressor.training.losses import distillation_loss
 
 SAFETY = 1.1  # logging, checkpoints and the data stream are not in the timed step
-# saving the model, the plan picture, continuations and the speed ratios: about one evaluation's time
-RESERVE_EVALUATIONS, RESERVE_SECONDS = 1, 5.0
+# saving the model, the plan picture, continuations and the speed ratios: in make demo on 2 CPU cores the
+# comparison and these took 267 s together, against the comparison's own estimate of 285 s (1.9 evaluations)
+RESERVE_EVALUATIONS, RESERVE_SECONDS = 0.25, 5.0
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class BudgetPlan:
     budget: float
     spent_before_distillation: float
     seconds_per_step: float
-    evaluation_seconds: float  # one evaluation of every domain, as measured on the one-shot model
+    evaluation_seconds: float  # one evaluation on every window, estimated from the one-shot model's
     reserved_after_distillation: float
     stages: int
     steps_per_stage: int
@@ -86,20 +87,30 @@ def seconds_per_step(
     return min(timings[1:]) + sampling
 
 
+def seconds_after_distillation(
+    evaluation_seconds: float, interim_seconds: float, stages: int, comparison_evaluations: float
+) -> float:
+    """What the run still needs once its last step is taken: a point on the interim windows after each
+    stage but the last (``interim_seconds`` each), the last on every window (``evaluation_seconds``), the
+    quantized comparison (``comparison_evaluations`` full evaluations' worth) and saving and the rest
+    (a reserve)."""
+    full = evaluation_seconds * (1 + comparison_evaluations + RESERVE_EVALUATIONS)
+    return full + interim_seconds * (stages - 1) + RESERVE_SECONDS
+
+
 def plan_steps(
     budget_minutes: float,
     spent: float,
     step_seconds: float,
     evaluation_seconds: float,
+    after: float,
     stages: int,
-    comparison_evaluations: float,
     blockwise_seconds: float = 0.0,
 ) -> BudgetPlan:
-    """The steps per stage that fit: what is left after ``spent``, after the evaluations still to
-    come (one per stage, the quantized comparison's share, one in reserve) and after each stage's
-    block-wise reconstruction (``blockwise_seconds`` a stage), over the step's time."""
+    """The steps per stage that fit: what is left after ``spent``, after the ``after`` seconds still needed
+    once distillation ends (:func:`seconds_after_distillation`) and after each stage's block-wise
+    reconstruction (``blockwise_seconds`` a stage), over the step's time."""
     budget = budget_minutes * 60
-    after = evaluation_seconds * (stages + comparison_evaluations + RESERVE_EVALUATIONS) + RESERVE_SECONDS
     available = budget - spent - after - blockwise_seconds * SAFETY * stages
     steps = math.floor(available / (step_seconds * SAFETY * stages)) if available > 0 else 0
     if steps < 1:

@@ -295,6 +295,7 @@ def multistep_distill(
     on_stage_end: Callable[[int, object], None] | None = None,
     progress: bool = True,
     calibration: torch.Tensor | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ):
     """Distill ``student`` from ``teacher``; with a ``plan`` the student is compressed stage by
     stage (the plan's ``step`` numbers) and distilled ``config.steps`` steps after each stage.
@@ -302,8 +303,10 @@ def multistep_distill(
     ``stop_after`` ends the run after that many optimizer steps in total (to simulate an
     interruption in tests). ``calibration`` (token ids) fits the layers of every stage after the first
     to the inputs they see in the distilled student, so a resumed run compresses exactly as an
-    uninterrupted one. Returns the student (unwrapped, on the training device).
+    uninterrupted one. ``on_phase(text)`` is told when each stage's block refit and distillation begin
+    (the main job's phase log). Returns the student (unwrapped, on the training device).
     """
+    on_phase = on_phase or (lambda text: None)
     _check_run(config, student, teacher, tokenizer)  # before any work
     accelerator = _accelerator(config, teacher)
     out_dir = Path(out_dir)
@@ -324,9 +327,12 @@ def multistep_distill(
         if plan is not None and not (position.stage_index == stage_index and position.stage_compressed):
             _compress_stage(student, teacher, plan, stage, stage_index, calibration, progress)
         position.stage_index, position.stage_compressed = stage_index, True
-        _refit_blocks(student, target, calibration, blocks, config, accelerator, outputs, position, progress)
+        _refit_blocks(
+            student, target, calibration, blocks, config, accelerator, outputs, position, progress, stage, on_phase
+        )
         trainer = _new_trainer(student, config, accelerator, position, saved if position.stage_step > 0 else None)
         saved = None
+        on_phase(f"distilling (stage {stage})")
         finished = train_stage(trainer, target, stream, stage, config, accelerator, outputs, stop_after, progress)
         student = _without_autocast(accelerator.unwrap_model(trainer.model))
         if not finished:
@@ -349,13 +355,24 @@ def _check_run(config: DistillConfig, student, teacher, tokenizer) -> None:
 
 
 def _refit_blocks(
-    student, teacher, calibration, blocks: BlockSource, config: DistillConfig, accelerator, outputs, position, progress
+    student,
+    teacher,
+    calibration,
+    blocks: BlockSource,
+    config: DistillConfig,
+    accelerator,
+    outputs,
+    position,
+    progress,
+    stage: int,
+    on_phase: Callable[[str], None],
 ) -> None:
     """Block-wise reconstruction of the stage's student before its distillation (training/blockwise.py),
     where asked, from the first block not yet refit; a checkpoint at most every BLOCK_CHECKPOINT_SECONDS and
     after the last block, so that a resumed run neither loses nor repeats a refit block."""
     if config.blockwise_steps == 0 or position.stage_step > 0 or position.blocks_refit >= len(decoder_layers(student)):
         return
+    on_phase(f"refitting blocks (stage {stage})")
     ids = blockwise_ids(calibration, blocks)
     student.to(accelerator.device)
     last_saved = time.perf_counter()
