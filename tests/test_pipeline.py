@@ -112,6 +112,8 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
     assert all(c["kept"] < 1 for c in cells if c["method"] == "svd")
     assert [c["prompt"] for c in results["continuations"]] == PROMPTS
     assert all(isinstance(c["teacher"], str) and isinstance(c["student"], str) for c in results["continuations"])
+    stored = load_file(str(out / "model" / "model.safetensors"))
+    assert results["bytes"] == sum(t.numel() * t.element_size() for t in stored.values())  # weights, headers aside
     cost = results["footprint"]
     assert cost["student"]["params"] == results["points"][-1]["params"] < cost["teacher"]["params"]
     assert cost["student"]["memory_bytes"] < cost["teacher"]["memory_bytes"]
@@ -127,6 +129,7 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
         "## Fidelity to the teacher, on text no step of the run read",
         "## What quantization alone gives",
         "## Where the time went",
+        "Each form of the student against the teacher quantized into no more bytes",
         "the first windows of each domain only",
         "KL (code (CPython stdlib))",
         "ppl, in-domain (eval.txt)",

@@ -41,7 +41,7 @@ from tqcompressor.evaluation.fidelity import (
 from tqcompressor.evaluation.figures import plan_cells, plot_fidelity, plot_plan, plot_points
 from tqcompressor.evaluation.footprint import directory_bytes, memory_bytes, speed_ratios
 from tqcompressor.evaluation.report import format_report
-from tqcompressor.modelio.checkpoint import save
+from tqcompressor.modelio.checkpoint import save, stored_tensor_bytes
 from tqcompressor.modelio.models import LoadedModel
 from tqcompressor.outputs import (
     RUN,
@@ -154,8 +154,8 @@ QUANTIZED_FORMATS = (QuantizeSettings(8), QuantizeSettings(4, 32), QuantizeSetti
 
 def first_tokens(eval_sets: dict[str, Domain], tokens: int, context: int, held_out_only: bool = False) -> dict:
     """The first ``tokens`` of each domain, in whole windows of ``context`` (the same windows a
-    longer evaluation of the domain begins with)."""
-    tokens = max(context, tokens // context * context)
+    longer evaluation of the domain begins with); ``0``: all of each."""
+    tokens = max(context, tokens // context * context) if tokens else None
     return {
         name: Domain(d.ids[:tokens], d.held_out) for name, d in eval_sets.items() if d.held_out or not held_out_only
     }
@@ -282,6 +282,39 @@ class RunRecord:
             write_results(self)
 
 
+class Points:
+    """Evaluates and records the run's points: those during the run on the interim windows (the first
+    ``run.interim_tokens`` of each domain), the last stage's on every window with the teacher's own row
+    from the same passes. A point already in the record (a resumed run) is not measured again."""
+
+    def __init__(self, record: RunRecord, loaded: LoadedModel, eval_sets: dict, phase) -> None:
+        run = record.run
+        self.record, self.loaded, self.eval_sets, self.phase = record, loaded, eval_sets, phase
+        self.interim_sets = first_tokens(eval_sets, run.interim_tokens, run.context)
+
+    def after_stage(self, stage: int, model, last_stage: int) -> None:
+        if stage == last_stage:
+            self.final(stage, model)
+        else:
+            self.interim(f"after KD stage {stage}", stage, model)
+
+    def interim(self, label: str, stage: int, model) -> None:
+        if not self.record.has(label):
+            self.phase(f"evaluating: {label}")
+            context = self.record.run.context
+            self.record.add(evaluate_point(label, stage, model, self.loaded, self.interim_sets, context))
+
+    def final(self, stage: int, model) -> None:
+        label, record = f"after KD stage {stage}", self.record
+        if not record.has(label):
+            self.phase(f"evaluating: {label}, and the teacher (every window)")
+            tokenizer, context = self.loaded.tokenizer, record.run.context
+            measured, own = measure_both(model, self.loaded.model, self.eval_sets, context, tokenizer)
+            # a run begun by an earlier version measured the teacher first, on its own
+            own_row = None if record.has("teacher") else point_row("teacher", 0, own)
+            record.add(point_row(label, stage, measured), teacher=own_row)
+
+
 def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     """The main job, in phases: data → teacher's point → calibration → plan and one-shot point →
     time budget → multi-step distillation (a point per stage) → the saved model and the report.
@@ -296,31 +329,14 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     points = previous.get("points", [])
     record = RunRecord(out_dir, loaded.source, run, run.distill, started, main, points, phases=phase_log)
     teacher = loaded.model
-
-    interim = first_tokens(eval_sets, run.interim_tokens, run.context) if run.interim_tokens else eval_sets
-
-    def point(label: str, stage: int, model) -> None:
-        """A point during the run, on the interim windows."""
-        if not record.has(label):
-            phase(f"evaluating: {label}")
-            record.add(evaluate_point(label, stage, model, loaded, interim, run.context))
-
-    def final_point(stage: int, model) -> None:
-        """The last stage's point on every window, and the teacher's own row from the same passes."""
-        label = f"after KD stage {stage}"
-        if not record.has(label):
-            phase(f"evaluating: {label}, and the teacher (every window)")
-            measured, own = measure_both(model, teacher, eval_sets, run.context, loaded.tokenizer)
-            own_row = None if record.has("teacher") else point_row("teacher", 0, own)  # (runs begun before 0.x)
-            record.add(point_row(label, stage, measured), teacher=own_row)
-
+    points = Points(record, loaded, eval_sets, phase)
     calibration = calibration_blocks(run, blocks, phase)
-    student, plan, evaluation_seconds = _plan_and_one_shot(teacher, run, calibration, record, point, phase)
+    student, plan, evaluation_seconds = _plan_and_one_shot(teacher, run, calibration, record, points.interim, phase)
     last_stage = plan.steps()[-1]
     if run.time_budget is not None:
         stages = len(plan.steps())
         refit_ids = blockwise_ids(calibration, blocks) if run.distill.blockwise_steps else None
-        evaluations = _evaluation_costs(evaluation_seconds, interim, eval_sets)
+        evaluations = _evaluation_costs(evaluation_seconds, points.interim_sets, eval_sets)
         budget = _budget_plan(record, teacher, student, loaded.tokenizer, blocks, evaluations, stages, refit_ids)
         phase(f"time budget: {budget.steps_per_stage} steps per stage ({budget.seconds_per_step:.1f} s each)")
         record.distill, record.budget = dataclasses.replace(run.distill, steps=budget.steps_per_stage), budget.to_dict()
@@ -341,9 +357,7 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
         teacher_name=loaded.source,
         data_name=data_name(run.data, run.teacher_fraction, run.teacher_pool, run.teacher_start),
         calibration=calibration,
-        on_stage_end=lambda stage, model: (
-            final_point(stage, model) if stage == last_stage else point(f"after KD stage {stage}", stage, model)
-        ),
+        on_stage_end=lambda stage, model: points.after_stage(stage, model, last_stage),
         on_phase=phase,
     )
     student.to("cpu")
@@ -442,6 +456,7 @@ def _finish(record: RunRecord, loaded: LoadedModel, student, eval_sets: dict, ph
     quantized = quantized_rows(teacher, student, eval_sets, run.context, loaded.tokenizer, compare) if compare else []
     phase("plan picture, continuations, memory and speed")
     extras = {
+        "bytes": stored_tensor_bytes(record.out_dir / "model"),  # the saved model's weights, headers aside
         "quantized": quantized,
         "plan_cells": plan_cells(teacher, student),
         "continuations": greedy_continuations({"teacher": teacher, "student": student}, loaded.tokenizer, PROMPTS),
@@ -537,6 +552,7 @@ def write_results(record: RunRecord, extras: dict | None = None) -> dict:
         "teacher_start": run.teacher_start,
         "calibration_tokens": run.calibration_tokens,
         "eval_data": run.eval_data or TEACHER_DOMAIN,
+        "interim_eval_tokens": run.interim_tokens,  # per domain, for the points during the run (0: all)
         "second_domain": f"{TEACHER_DOMAIN}: sequences sampled from the teacher (temperature 1, top-k 50, from the "
         f"start token) with seed {EVAL_SEED}, which no distillation or calibration sample uses",
         "kd_tokens_per_stage": distill.steps * distill.batch_size * distill.grad_accum * distill.seq_len,

@@ -295,8 +295,31 @@ def _fidelity_section(points: list[dict], quantized: list[dict]) -> list[str]:
             "",
             table(["model", "params", "MiB", "fidelity KL", "fidelity top-1"], q_rows),
             "",
+            _against_the_teacher_quantized(quantized),
+            "",
         ]
     return lines
+
+
+def _against_the_teacher_quantized(quantized: list[dict]) -> str:
+    """Each form of the student beside the closest teacher quantized into no more bytes (in memory):
+    what a user would pick instead of it."""
+    mib = 2**20
+    teachers = [q for q in quantized if q["model"] == "teacher"]
+    rows = []
+    for student in (q for q in quantized if q["model"] == "student"):
+        fits = [t for t in teachers if t["memory_bytes"] <= student["memory_bytes"]]
+        best = min(fits, key=lambda t: t["fidelity_kl"]) if fits else None
+        rows.append(
+            [f"student {student['format']}", student["memory_bytes"] / mib, student["fidelity_kl"]]
+            + (
+                [f"teacher {best['format']}", best["memory_bytes"] / mib, best["fidelity_kl"]]
+                if best
+                else ["none", None, None]
+            )
+        )
+    headers = ["model", "MiB", "fidelity KL", "closest teacher in no more bytes", "MiB", "fidelity KL"]
+    return "Each form of the student against the teacher quantized into no more bytes:\n\n" + table(headers, rows)
 
 
 def _legacy_table(points: list[dict]) -> str:

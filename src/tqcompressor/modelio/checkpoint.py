@@ -386,6 +386,17 @@ def stored_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def stored_tensor_bytes(directory: Path) -> int:
+    """The bytes of every tensor in a dir's weights (one file or its shards): each file but its header
+    (an 8-byte length, then the header), read without loading a tensor."""
+    total = 0
+    for file in weight_files(directory):
+        with file.open("rb") as stored:
+            header = int.from_bytes(stored.read(8), "little")
+        total += file.stat().st_size - 8 - header
+    return total
+
+
 def check_layer_names(directory: Path, config: dict) -> None:
     """No more layers in ``config`` than the weights of ``directory`` hold, by their names alone."""
     check_layer_count(config, list(stored_shapes(directory)), str(directory / "config.json"))

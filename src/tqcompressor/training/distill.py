@@ -21,7 +21,7 @@ import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -309,15 +309,9 @@ def multistep_distill(
     on_phase = on_phase or (lambda text: None)
     _check_run(config, student, teacher, tokenizer)  # before any work
     accelerator = _accelerator(config, teacher)
-    out_dir = Path(out_dir)
-    check_writable(out_dir, kind=RUN)  # every process refuses a user's directory; only the main one writes
     fingerprint = run_fingerprint(teacher_name, data_name, plan, config)
-    outputs = RunOutputs(out_dir / "checkpoint", out_dir / "metrics.jsonl", fingerprint, tokenizer, plan)
-    student, position, saved = _resumed(outputs) if resume else (student, Position(), None)
-    if accelerator.is_main_process:
-        claim_directory(out_dir, kind=RUN)
-        _keep_metrics_until(outputs.metrics, position.global_step)  # steps after the checkpoint run again: once
-    accelerator.wait_for_everyone()
+    outputs = RunOutputs(Path(out_dir) / "checkpoint", Path(out_dir) / "metrics.jsonl", fingerprint, tokenizer, plan)
+    student, position, saved = _opened(Path(out_dir), outputs, student, resume, accelerator)
     target = _training_teacher(teacher, config, accelerator)
     _seed(config, saved)
     stages = plan.steps() if plan is not None else [1]
@@ -347,6 +341,18 @@ def multistep_distill(
     return student
 
 
+def _opened(out_dir: Path, outputs: RunOutputs, student, resume: bool, accelerator) -> tuple:
+    """``(student, position, saved)`` where the run begins: fresh, or from its checkpoint; the run dir claimed
+    (by the main process; every process refuses a user's directory) and its metrics cut back to the checkpoint."""
+    check_writable(out_dir, kind=RUN)
+    student, position, saved = _resumed(outputs) if resume else (student, Position(), None)
+    if accelerator.is_main_process:
+        claim_directory(out_dir, kind=RUN)
+        _keep_metrics_until(outputs.metrics, position.global_step)  # steps after the checkpoint run again: once
+    accelerator.wait_for_everyone()
+    return student, position, saved
+
+
 def _check_run(config: DistillConfig, student, teacher, tokenizer) -> None:
     if config.pairs_blocks:
         check_same_depth(student, teacher)
@@ -369,7 +375,9 @@ def _refit_blocks(
 ) -> None:
     """Block-wise reconstruction of the stage's student before its distillation (training/blockwise.py),
     where asked, from the first block not yet refit; a checkpoint at most every BLOCK_CHECKPOINT_SECONDS and
-    after the last block, so that a resumed run neither loses nor repeats a refit block."""
+    after the last block, so that a resumed run neither loses nor repeats a refit block. Under several processes
+    each refits every block on the run's global batches (the refit is not sharded), so that all stay alike and
+    alike to one process; the main one decides when to checkpoint, and the others wait with it."""
     if config.blockwise_steps == 0 or position.stage_step > 0 or position.blocks_refit >= len(decoder_layers(student)):
         return
     on_phase(f"refitting blocks (stage {stage})")
@@ -380,14 +388,20 @@ def _refit_blocks(
     def block_done(index: int) -> None:
         nonlocal last_saved
         position.blocks_refit = index + 1
-        last = position.blocks_refit == len(decoder_layers(student))
-        if last or time.perf_counter() - last_saved >= BLOCK_CHECKPOINT_SECONDS:
+        due = position.blocks_refit == len(decoder_layers(student))
+        due = due or time.perf_counter() - last_saved >= BLOCK_CHECKPOINT_SECONDS
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list  # slow to import: only where it is needed
+
+            due = broadcast_object_list([due])[0]  # one decision: every process waits at the same block
+        if due:
             if accelerator.is_main_process:
                 _save_checkpoint(outputs, position, student)
             accelerator.wait_for_everyone()
             last_saved = time.perf_counter()
 
-    reconstruct_blocks(student, teacher, ids, config.blockwise, progress, position.blocks_refit, block_done)
+    settings = replace(config.blockwise, batch_size=config.batch_size * accelerator.num_processes)
+    reconstruct_blocks(student, teacher, ids, settings, progress, position.blocks_refit, block_done)
 
 
 def blockwise_ids(calibration: torch.Tensor | None, blocks: BlockSource) -> torch.Tensor:

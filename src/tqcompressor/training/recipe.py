@@ -51,13 +51,13 @@ TEACHER_START = "bos"
 # (both fp32: bench/results/demo-sequential.json of commit 4c93b32, and docs/demo-results.json of 0dec7e0)
 SEQUENTIAL = False
 # block-wise reconstruction before distilling (training/blockwise.py: each block fitted to the teacher's by a few
-# Adam steps, first to last), measured by bench/recovery.py from one svd_aware student at 65% (one-shot fidelity KL
-# 5.228), every recovery given the same minutes: 40 steps a block at lr 5e-4 (3.4 min), then global KD, ended at
-# 3.293 against 3.582 for global KD alone (recovery-steps40-lr5e-4.json); 25 steps at lr 1e-4 (2.3 min) barely moved
-# each block and ended at 3.482 against 3.401 (recovery.json). Off by default until measured where the default
-# applies: make demo's 25 minutes from auto's student (one-shot 2.4, not 5.2), where a third of the time is not
-# recovery; try it with --blockwise-steps 40 --blockwise-lr 5e-4
-BLOCKWISE_STEPS = 0  # Adam steps per decoder block (0: off)
+# Adam steps, first to last): 40 steps a block at lr 5e-4. In make demo's 25 minutes (commit 51aeef5, 2 CPU cores,
+# auto's student at one-shot fidelity KL 2.431) it ended at 1.643 against 1.691 without it: 2.7 min of refits and
+# 50 KD steps against 98 KD steps (docs/demo-results.json, docs/demo-results-no-blockwise.json). From
+# bench/recovery.py's svd_aware student (one-shot 5.228), each given the same minutes, it ended at 3.293 against
+# 3.582 for global KD alone (recovery-steps40-lr5e-4.json); 25 steps at lr 1e-4 barely moved each block and ended
+# at 3.482 against 3.401 (recovery.json)
+BLOCKWISE_STEPS = 40  # Adam steps per decoder block (0: off)
 BLOCKWISE_LR = 5e-4
 # weigh each layer's outputs by the loss's gradient energy in auto's budget and fits (Fisher rows): at the same
 # 40 steps it started from 99.4 instead of 208.8 and ended at 49.88 instead of 57.41 on WikiText-2 test, KL 1.044
