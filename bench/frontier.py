@@ -8,9 +8,13 @@ errors are measured on ``--calibration`` (WikiText-2 valid by default: no held-o
 The uniform points are the teacher by our round-to-nearest (``rtn``; ``-dq``: scales and offsets in 8-bit
 codes) and by HQQ (``hqq``, the library quantizer users would otherwise pick: calibration-free, same bytes);
 the planned points choose per matrix among all of them (``quantizer: "planned"``), at each uniform point's
-bytes, and plan a tied token table in bands of rows.
+bytes, and plan a tied token table in bands of rows. With ``--structures svd`` the planner may also store a
+matrix as activation-aware SVD factors, each factor in a format (:mod:`tqcompressor.planning.mixed`): those
+points (``quantizer: "planned+svd"``) stand beside the formats-only plan at each budget.
 
     python bench/frontier.py    # ~35 minutes on 2 cores; writes bench/results/frontier/frontier.json and .png
+    python bench/frontier.py --structures svd --budgets 50MiB,55MiB,60MiB,65MiB,71.5MiB \
+        --uniform int4-g128-dq --max-kl 0 --out bench/results/frontier/frontier-structures.json
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ from tqcompressor.evaluation.fidelity import heldout_domains, measure, teacher_p
 from tqcompressor.evaluation.targets import measure_plan, smallest_within_kl
 from tqcompressor.modelio.models import load_model
 from tqcompressor.planning.calibration import layer_statistics
-from tqcompressor.planning.formats import FORMATS, float_bytes, measure_formats, plan_formats, planned_matrices
+from tqcompressor.planning.formats import (
+    FORMATS,
+    float_bytes,
+    measure_formats,
+    parse_bytes,
+    plan_formats,
+    planned_matrices,
+)
+from tqcompressor.planning.mixed import with_structures
 
 MIB = 2**20
 
@@ -44,8 +56,11 @@ def main() -> None:
         "--between", type=int, default=0, help="planned budgets between each pair of neighbouring uniform formats"
     )
     parser.add_argument(
-        "--max-kl", type=float, default=0.01, help="then `--max-kl`'s search for the smallest plan within this"
+        "--max-kl", type=float, default=0.01, help="then `--max-kl`'s search for the smallest plan within it (0: none)"
     )
+    parser.add_argument("--uniform", default=",".join(FORMATS), help="the teacher's uniform formats to measure")
+    parser.add_argument("--budgets", default="", help="sizes to plan at (default: each uniform point's bytes)")
+    parser.add_argument("--structures", default="", help="structures the planner may store matrices as (svd)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "frontier" / "frontier.json")
     args = parser.parse_args()
     commit, started = git_commit(), time.perf_counter()
@@ -72,7 +87,7 @@ def main() -> None:
 
     names = list(planned_matrices(teacher))
     points, uniform_bytes = [], []
-    for fmt in FORMATS:
+    for fmt in args.uniform.split(","):
         plan = plan_formats(teacher, float_bytes(teacher), formats=(fmt,))
         uniform_bytes.append(plan.total_bytes)
         points.append(point(f"teacher {fmt}", "uniform", plan, "rtn"))
@@ -80,16 +95,22 @@ def main() -> None:
             plan = plan_formats(teacher, float_bytes(teacher), formats=(f"{fmt}-hqq",))
             points.append(point(f"teacher {fmt} (hqq)", "uniform", plan, "hqq"))
     ids = calibration_ids(args.calibration, teacher, tokenizer, args.calibration_tokens)
-    menus = measure_formats(teacher, layer_statistics(teacher, names, ids))  # measured once, planned at each budget
-    budgets = planned_budgets(sorted(uniform_bytes), args.between)
+    stats = layer_statistics(teacher, names, ids)
+    menus = measure_formats(teacher, stats)  # measured once, planned at each budget
+    mixed = with_structures(menus, teacher, stats, tuple(filter(None, args.structures.split(","))))
+    given = [parse_bytes(size, "--budgets") for size in filter(None, args.budgets.split(","))]
+    budgets = given or planned_budgets(sorted(uniform_bytes), args.between)
+    planners = [("planned", menus)] + ([(f"planned+{args.structures}", mixed)] if mixed is not menus else [])
     for budget in budgets:
-        plan = menus.plan(budget)
-        points.append(point(f"planned <= {budget / MIB:.1f} MiB", "planned", plan, "planned"))
-        points[-1]["budget_bytes"] = budget
-        points[-1]["formats"] = plan.formats
-        points[-1]["bands"] = plan.to_dict()["bands"]
-    search = smallest_within_kl(teacher, menus, args.max_kl, domains, args.context, tokenizer)
-    print(search.summary(), flush=True)
+        for quantizer, planner in planners:
+            if budget < planner.smallest:
+                continue  # below every model this menu makes (formats alone stop above the structures)
+            plan = planner.plan(budget)
+            points.append(point(f"{quantizer} <= {budget / MIB:.1f} MiB", "planned", plan, quantizer))
+            points[-1].update(budget_bytes=budget, formats=plan.formats, bands=plan.to_dict()["bands"])
+    search = smallest_within_kl(teacher, mixed, args.max_kl, domains, args.context, tokenizer) if args.max_kl else None
+    if search is not None:
+        print(search.summary(), flush=True)
     result = {
         **cpu_run(commit, args),
         "what": "bytes of the saved weights against fidelity KL on the held-out suite: the teacher in each uniform "
@@ -97,13 +118,17 @@ def main() -> None:
         "formats a byte budget plans from all of them, a tied token table in bands of rows, one-shot",
         "teacher_float_bytes": float_bytes(teacher),
         "points": points,
-        "max_kl_search": {**search.to_dict(), "format_counts": search.plan.to_dict()["format_counts"]},
+        "max_kl_search": search_record(search),
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(points, args.out.with_suffix(".png"))
     print(format_table(result))
+
+
+def search_record(search) -> dict | None:
+    return {**search.to_dict(), "format_counts": search.plan.to_dict()["format_counts"]} if search else None
 
 
 def planned_budgets(uniform: list[int], between: int) -> list[int]:
@@ -129,11 +154,13 @@ def plot(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.5, 4))
-    for kind, quantizer, style in (("uniform", "rtn", "o"), ("uniform", "hqq", "^"), ("planned", "planned", "s-")):
+    styles = [("uniform", "rtn", "o"), ("uniform", "hqq", "^"), ("planned", "planned", "s-")]
+    styles += [("planned", q, "D-") for q in sorted({p["quantizer"] for p in points}) if q.startswith("planned+")]
+    for kind, quantizer, style in styles:
         chosen = sorted(
             (p for p in points if (p["kind"], p["quantizer"]) == (kind, quantizer)), key=lambda p: p["bytes"]
         )
-        label = kind if kind == "planned" else f"uniform, {quantizer}"
+        label = quantizer if kind == "planned" else f"uniform, {quantizer}"
         axes.plot([p["bytes"] / MIB for p in chosen], [p["fidelity_kl"] for p in chosen], style, label=label)
         if kind == "uniform":
             for p in chosen:

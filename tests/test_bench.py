@@ -424,6 +424,27 @@ def test_frontier_writes_uniform_and_planned_points_each_within_its_budget(tmp_p
     assert search["max_kl"] == 0.01 and search["tried"] and search["bytes"] in {t["bytes"] for t in search["tried"]}
 
 
+def test_frontier_with_structures_plans_below_every_format_beside_the_formats_alone(tmp_path, gpt2_dir, monkeypatch):
+    from tests.conftest import TOY_TEXT
+
+    frontier = bench_module("frontier")
+    (tmp_path / "calibration.txt").write_text(TOY_TEXT * 4)
+    out = tmp_path / "frontier-structures.json"
+    argv = ["frontier.py", "--model", str(gpt2_dir), "--calibration", str(tmp_path / "calibration.txt")]
+    argv += ["--calibration-tokens", "256", "--fidelity-tokens", "64", "--context", "32", "--out", str(out)]
+    argv += ["--uniform", "int4-g128-dq", "--structures", "svd", "--max-kl", "0", "--budgets", "60KiB,100KiB"]
+    monkeypatch.setattr(sys, "argv", argv)
+    frontier.main()
+    result = json.loads(out.read_text())
+    assert [p["label"] for p in result["points"] if p["kind"] == "uniform"] == ["teacher int4-g128-dq"]
+    planned = {(p["quantizer"], p["budget_bytes"]): p for p in result["points"] if p["kind"] == "planned"}
+    # 60 KiB is below every format of this model (74 KiB at the least): only the plan with structures reaches it
+    assert set(planned) == {("planned+svd", 60 * 1024), ("planned", 100 * 1024), ("planned+svd", 100 * 1024)}
+    assert all(p["bytes"] <= budget for (_, budget), p in planned.items())
+    assert any(fmt.startswith("svd ") for fmt in planned[("planned+svd", 60 * 1024)]["formats"].values())
+    assert result["max_kl_search"] is None and out.with_suffix(".png").is_file()
+
+
 def test_recovery_gives_each_recovery_the_same_seconds_from_one_student(tmp_path, gpt2_dir, monkeypatch):
     from tests.conftest import TOY_TEXT
 

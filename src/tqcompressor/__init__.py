@@ -11,6 +11,7 @@ from tqcompressor.planning.calibration import calibrate
 from tqcompressor.planning.config import CompressionConfig, CompressionReport, LayerSpec, load_spec
 from tqcompressor.planning.formats import plan_model_formats
 from tqcompressor.planning.inventory import count_parameters
+from tqcompressor.planning.mixed import measure_model_mixed
 from tqcompressor.planning.plan import LayerPlan, Plan
 from tqcompressor.planning.planners import plan_compression
 from tqcompressor.quant.api import quantize_
@@ -18,7 +19,7 @@ from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.structures import Structure, compression_methods, decompose, get_structure, register
 from tqcompressor.structures.kronecker import KroneckerEmbedding, KroneckerFactors, KroneckerLinear
 from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankFactors, LowRankLinear
-from tqcompressor.surgery.apply import apply_plan, compress
+from tqcompressor.surgery.apply import apply_plan, compress, store_planned
 from tqcompressor.surgery.experts import split_experts
 from tqcompressor.versions import __version__
 
@@ -52,6 +53,7 @@ __all__ = [
     "load",
     "load_model",
     "load_spec",
+    "measure_model_mixed",
     "plan_compression",
     "plan_model_formats",
     "quantize_",
@@ -59,4 +61,5 @@ __all__ = [
     "register",
     "save",
     "split_experts",
+    "store_planned",
 ]

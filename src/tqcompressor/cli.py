@@ -32,6 +32,7 @@ from tqcompressor.modelio.checkpoint import (
     read_plan,
     read_structure,
     save,
+    stored_tensor_bytes,
     write_model,
 )
 from tqcompressor.modelio.export import export_dense, export_genai, export_onnx, push_to_hub
@@ -55,14 +56,16 @@ from tqcompressor.pipeline import (
     run_pipeline,
 )
 from tqcompressor.planning.config import CompressionConfig, load_spec
-from tqcompressor.planning.formats import measure_model_formats, parse_bytes, plan_model_formats
+from tqcompressor.planning.formats import check_below_model, parse_bytes
 from tqcompressor.planning.inventory import count_parameters, find_target_modules, target_summary, tied_embedding
+from tqcompressor.planning.mixed import measure_model_mixed
 from tqcompressor.planning.registry import planning_methods
 from tqcompressor.quant.api import check_not_quantized, kept_bytes, quantize_
 from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.schemas import CompressionFile, QuantizationFile, read_json_file
-from tqcompressor.structures import compression_methods
+from tqcompressor.structures import compression_methods, get_structure
 from tqcompressor.surgery.apply import compress as run_compress
+from tqcompressor.surgery.apply import store_planned
 from tqcompressor.surgery.experts import split_experts
 from tqcompressor.training import recipe
 from tqcompressor.training.distill import DistillConfig, check_memory, check_same_depth, multistep_distill
@@ -251,6 +254,14 @@ QuantizeCalibration = Annotated[
         help="with --max-bytes or --max-kl: text (file/dir/glob, dataset name) or 'teacher' to measure output errors on"
     ),
 ]
+PlannedStructures = Annotated[
+    Optional[str],
+    typer.Option(
+        "--structures",
+        help="with --max-bytes or --max-kl: structures a matrix may instead be stored as, its factors in a "
+        "format too, comma-separated (svd: activation-aware SVD with --calibration); one budget spreads over both",
+    ),
+]
 GroupSize = Annotated[
     Optional[int], typer.Option(help="int4: inputs sharing one scale (32, 64, 128, 256) [default: 32]")
 ]
@@ -355,6 +366,7 @@ def quantize(
     ),
     max_bytes: MaxBytes = None,
     max_kl: MaxKL = None,
+    structures: PlannedStructures = None,
     calibration: QuantizeCalibration = None,
     calibration_tokens: int = typer.Option(8192, help="with --calibration: tokens (in blocks of 256)"),
     fidelity_tokens: int = typer.Option(1024, help="with --max-kl: tokens of each held-out domain it is checked on"),
@@ -363,15 +375,11 @@ def quantize(
 ) -> None:
     """Store a model's matrices (factors of a compressed model, or an uncompressed one's layers) in int8/int4:
     one format (--bits), or per matrix the formats that keep it closest to the model within --max-bytes, or the
-    smallest such model within --max-kl of it."""
+    smallest such model within --max-kl of it; with --structures a matrix may be stored as factors instead."""
 
     check_writable(out, inputs=[model, calibration], adopt=adopt)
-    target = _check_quantize_options(bits, group_size, max_bytes, max_kl, calibration)
-    if target is not None and (quantizer is not None or double_quant):
-        raise TQCError(
-            "--max-bytes and --max-kl measure every quantizer and format and keep the closest per matrix: "
-            "drop --quantizer and --double-quant"
-        )
+    target = _check_quantize_options(bits, group_size, max_bytes, max_kl, calibration, quantizer, double_quant)
+    planned_structures = _planned_structures(structures, target)
     check_count("calibration-tokens", calibration_tokens, 1, MAX_CALIBRATION_TOKENS)
     check_count("fidelity-tokens", fidelity_tokens, 2)
     settings = (
@@ -384,8 +392,11 @@ def quantize(
         plan = read_plan(model) if (Path(model) / STRUCTURE_FILE).is_file() else None
         compression = _read_compression_json(Path(model))  # ours: the plan's table stays with the model
         ids = calibration_ids(calibration, loaded.model, loaded.tokenizer, calibration_tokens) if calibration else None
-        formats, search = _planned_formats(loaded, target, ids, fidelity_tokens)
-        report = quantize_(loaded.model, settings, per_layer=formats.settings() if formats else None)
+        formats, search = _planned_formats(loaded, target, ids, fidelity_tokens, planned_structures)
+        if formats is not None:
+            report, plan = store_planned(loaded.model, formats)
+        else:
+            report = quantize_(loaded.model, settings)
         with staged_directory(out, inputs=[model], adopt=adopt) as staging:
             write_model(loaded.model, staging, loaded.tokenizer, base_model=model, plan=plan)
             if compression is not None:
@@ -397,7 +408,9 @@ def quantize(
     typer.echo(f"wrote {out}")
 
 
-def _check_quantize_options(bits, group_size, max_bytes, max_kl, calibration) -> Optional[tuple[str, float]]:
+def _check_quantize_options(
+    bits, group_size, max_bytes, max_kl, calibration, quantizer=None, double_quant=False
+) -> Optional[tuple[str, float]]:
     """One format, a byte budget or a fidelity target, and the options each takes: ``("bytes", budget)``,
     ``("kl", target)`` or None (one format)."""
     if sum(option is not None for option in (bits, max_bytes, max_kl)) != 1:
@@ -411,20 +424,40 @@ def _check_quantize_options(bits, group_size, max_bytes, max_kl, calibration) ->
         raise TQCError("--max-bytes and --max-kl choose each matrix's int4 group size: drop --group-size")
     if max_kl is not None:
         check_max_kl(max_kl)
-        return ("kl", max_kl)
-    return ("bytes", parse_bytes(max_bytes)) if max_bytes is not None else None
+    target = ("kl", max_kl) if max_kl is not None else None
+    if max_bytes is not None:
+        target = ("bytes", parse_bytes(max_bytes))
+    if target is not None and (quantizer is not None or double_quant):
+        raise TQCError(
+            "--max-bytes and --max-kl measure every quantizer and format and keep the closest per matrix: "
+            "drop --quantizer and --double-quant"
+        )
+    return target
 
 
-def _planned_formats(loaded, target, ids, fidelity_tokens: int):
+def _planned_structures(structures: Optional[str], target) -> tuple[str, ...]:
+    """``--structures``' names, checked: registered structures that compress, beside a byte or fidelity target."""
+    if structures is None:
+        return ()
+    if target is None:
+        raise TQCError("--structures joins the formats a --max-bytes or --max-kl plan chooses from: give one of them")
+    names = tuple(name.strip() for name in structures.split(",") if name.strip())
+    for name in names:
+        get_structure(name)  # one line for a name that is not a structure that compresses
+    return names
+
+
+def _planned_formats(loaded, target, ids, fidelity_tokens: int, structures: tuple[str, ...] = ()):
     """The plan of a byte or fidelity target (and the search behind a fidelity one); (None, None) for --bits."""
     if target is None:
         return None, None
     kind, value = target
     if kind == "bytes":
-        return plan_model_formats(loaded.model, int(value), ids), None
+        check_below_model(loaded.model, int(value))
+        return measure_model_mixed(loaded.model, ids, structures).plan(int(value)), None
     context = min(512, _positions(loaded.model) or 512, fidelity_tokens)
     domains = heldout_domains(loaded.model, loaded.tokenizer, fidelity_tokens, context)
-    menus = measure_model_formats(loaded.model, ids)
+    menus = measure_model_mixed(loaded.model, ids, structures)
     search = smallest_within_kl(loaded.model, menus, value, domains, context, loaded.tokenizer)
     return search.plan, search
 
@@ -446,7 +479,7 @@ def _write_quantization(report, out: Path, source: str, kept: int, formats=None,
         "bits": bits,
         "group_size": report.settings.group_size if report.settings.bits == 4 and not formats else None,
         "weights_file_bytes": (Path(out) / WEIGHTS_FILE).stat().st_size,
-        "weights_tensor_bytes": _tensor_bytes(Path(out) / WEIGHTS_FILE),
+        "weights_tensor_bytes": stored_tensor_bytes(Path(out)),
         "quantized_float_bytes": report.float_bytes,
         "quantized_stored_bytes": report.stored_bytes,
         "kept_bytes": kept,  # norms, biases, index buffers: saved as they are
@@ -457,13 +490,6 @@ def _write_quantization(report, out: Path, source: str, kept: int, formats=None,
     if search is not None:
         result["target"] = search.to_dict()
     (Path(out) / "quantization.json").write_text(json.dumps(result, indent=2) + "\n")
-
-
-def _tensor_bytes(path: Path) -> int:
-    """The bytes of a safetensors file's tensors: all of it but its header (an 8-byte length, then the header)."""
-    with path.open("rb") as file:
-        header = int.from_bytes(file.read(8), "little")
-    return path.stat().st_size - 8 - header
 
 
 @app.command()

@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 from tqcompressor.errors import TQCError
 from tqcompressor.evaluation.fidelity import Domain, measure, teacher_perplexities
 from tqcompressor.planning.formats import FormatMenus, FormatPlan
-from tqcompressor.quant.api import quantize_
-from tqcompressor.quant.formats import QuantizeSettings
+from tqcompressor.surgery.apply import store_planned
 
 SEARCH_STEPS = 6  # bisection steps between the smallest and the closest plan: 1/64 of that interval
 
@@ -71,9 +70,9 @@ def measure_plan(
     teacher_perplexity: dict[str, float] | None = None,
 ) -> dict:
     """Fidelity (:func:`~tqcompressor.evaluation.fidelity.measure`) of a copy of ``teacher`` stored as
-    ``plan`` says; the teacher itself is left as it is."""
+    ``plan`` says (:func:`~tqcompressor.surgery.apply.store_planned`); the teacher itself is left as it is."""
     model = copy.deepcopy(teacher)
-    quantize_(model, QuantizeSettings(8), measure_error=False, per_layer=plan.settings())
+    store_planned(model, plan, measure_error=False)
     return measure(model, teacher, domains, context, tokenizer, teacher_perplexity=teacher_perplexity)
 
 

@@ -32,6 +32,7 @@ from tqcompressor.planning.calibration import EmbeddingStatistics, LookupStatist
 from tqcompressor.quant.api import tensor_bytes
 from tqcompressor.quant.formats import QuantizeSettings, TokenBands
 from tqcompressor.quant.modules import QuantizedWeight
+from tqcompressor.structures import Candidate
 
 # The stored formats, cheapest first (``-dq``: scales and offsets in 8-bit codes, a quarter-bit a value less
 # at groups of 32); int4's group sizes above 128 save a few bytes for much more error
@@ -57,14 +58,25 @@ def settings_named(name: str) -> QuantizeSettings:
 @dataclass(frozen=True)
 class FormatCandidate:
     """One format for one matrix, in the terms :func:`~tqcompressor.planning.auto.allocate` spends:
-    ``params`` is the cost (here stored bytes), ``error`` the relative error, ``method`` the format."""
+    ``params`` is the cost (here stored bytes), ``error`` the relative error, ``method`` the format. With
+    ``structure`` (a structure's candidate, :mod:`tqcompressor.planning.mixed`) the matrix is stored as that
+    structure's factors, each in the format: ``method`` is then ``"<structure's candidate>/<format>"``."""
 
     method: str
     params: int
     error: float
+    structure: Candidate | None = None
+
+    @property
+    def stored_format(self) -> str:
+        """The format the matrix (or each of its factors) is stored in."""
+        return self.method.rpartition("/")[2]
 
     def to_dict(self) -> dict:
-        return {"format": self.method, "bytes": self.params, "error": self.error}
+        found = {"format": self.method, "bytes": self.params, "error": self.error}
+        if self.structure is not None:
+            found["structure"] = {"method": self.structure.method, **self.structure.settings}
+        return found
 
 
 def parse_bytes(text: str, option: str = "--max-bytes") -> int:
@@ -243,6 +255,7 @@ class FormatPlan:
     menus: dict[str, list[FormatCandidate]]
     weights: dict[str, float]
     bands: dict[str, RowBands] = field(default_factory=dict)  # tables planned band by band
+    stats: dict | None = None  # the calibration statistics the menus were measured with (a structure's fit)
 
     @property
     def total_bytes(self) -> int:
@@ -264,10 +277,19 @@ class FormatPlan:
         bands = self.bands[table]
         return bands.settings([self.formats[item] for item in bands.items(table)])
 
+    def chosen(self, name: str) -> FormatCandidate:
+        return next(c for c in self.menus[name] if c.method == self.formats[name])
+
+    def structures(self) -> dict[str, Candidate]:
+        """The matrices stored as a structure's factors, and the structure's candidate for each."""
+        chosen = {name: self.chosen(name) for name in self.formats}
+        return {name: c.structure for name, c in chosen.items() if c.structure is not None}
+
     def settings(self) -> dict[str, QuantizeSettings | TokenBands]:
-        """Per module name, what :func:`~tqcompressor.quant.api.quantize_`'s ``per_layer`` takes."""
+        """Per module name, what :func:`~tqcompressor.quant.api.quantize_`'s ``per_layer`` takes (a matrix
+        stored as factors: its factors' format)."""
         banded = {item for table, bands in self.bands.items() for item in bands.items(table)}
-        found = {name: settings_named(fmt) for name, fmt in self.formats.items() if name not in banded}
+        found = {name: settings_named(self.chosen(name).stored_format) for name in self.formats if name not in banded}
         for table in self.bands:
             found[table] = self._table_settings(table)
         return found
@@ -310,6 +332,7 @@ class FormatMenus:
     weights: dict[str, float]
     fixed: int
     bands: dict[str, RowBands] = field(default_factory=dict)  # tables whose menus are per band of rows
+    stats: dict | None = None  # where a structure's factors are on the menu: what they were fitted with
 
     @property
     def smallest(self) -> int:
@@ -342,7 +365,7 @@ class FormatMenus:
         choice = allocate(self.menus, self.weights, room)
         planned = sum(candidate.params for candidate in choice.values())
         formats = {name: choice[name].method for name in self.menus}
-        return FormatPlan(formats, budget, self.fixed, planned, self.menus, self.weights, self.bands)
+        return FormatPlan(formats, budget, self.fixed, planned, self.menus, self.weights, self.bands, self.stats)
 
     def whole_tables(self) -> FormatMenus:
         """These menus with each banded table as one matrix: a format's bytes and loss cost summed over its bands."""
@@ -359,7 +382,7 @@ class FormatMenus:
             for item in items:
                 del menus[item], weights[item]
             menus[table], weights[table] = merged, total
-        return FormatMenus(menus, weights, self.fixed)
+        return FormatMenus(menus, weights, self.fixed, stats=self.stats)
 
 
 def measure_formats(
@@ -395,13 +418,18 @@ def plan_model_formats(
 ) -> FormatPlan:
     """:func:`plan_formats` for a model as loaded: refused for one whose weights already fit ``budget``;
     see :func:`measure_model_formats`."""
+    check_below_model(model, budget)
+    return measure_model_formats(model, calibration, progress).plan(budget)
+
+
+def check_below_model(model: nn.Module, budget: int) -> None:
+    """One line for a byte budget the model's weights already fit in."""
     whole = float_bytes(model)
     if budget >= whole:
         raise TQCError(
             f"--max-bytes {budget:,} is not below the model's own {whole:,} bytes ({whole / 2**20:.1f} MiB): "
             "it fits as it is"
         )
-    return measure_model_formats(model, calibration, progress).plan(budget)
 
 
 def measure_model_formats(model: nn.Module, calibration: Tensor | None = None, progress: bool = True) -> FormatMenus:
@@ -431,6 +459,7 @@ def float_bytes(model: nn.Module) -> int:
 
 __all__ = [
     "FORMATS",
+    "check_below_model",
     "FormatMenus",
     "FormatPlan",
     "format_menu",

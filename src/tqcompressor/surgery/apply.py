@@ -14,16 +14,19 @@ from tqcompressor.layers import TiedFactoredHead, bias_of, dense_weight_of, embe
 from tqcompressor.linalg.decompose import relative_error
 from tqcompressor.planning.calibration import layer_statistics
 from tqcompressor.planning.config import CompressionConfig, CompressionReport, LayerReport
+from tqcompressor.planning.formats import FormatPlan
 from tqcompressor.planning.inventory import count_parameters, find_target_modules, is_embedding
+from tqcompressor.planning.mixed import structure_plan
 from tqcompressor.planning.plan import LayerPlan, Plan
 from tqcompressor.planning.planners import plan_compression
-from tqcompressor.quant.api import check_not_quantized
+from tqcompressor.quant.api import QuantizeReport, check_not_quantized, quantize_
+from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.structures import all_structures, settings_dict
 from tqcompressor.surgery.experts import split_experts
 from tqcompressor.surgery.folding import fold_mlp_permutations
 from tqcompressor.surgery.sequential import refit_sequentially
 
-__all__ = ["apply_plan", "compress", "count_parameters", "find_target_modules", "plan_compression"]
+__all__ = ["apply_plan", "compress", "count_parameters", "find_target_modules", "plan_compression", "store_planned"]
 
 
 def compress(
@@ -186,3 +189,15 @@ def _retie_head(model: nn.Module, old: nn.Module, new: nn.Module, tie: bool) -> 
                 replacement.bias.copy_(bias)
     model.set_output_embeddings(replacement)
     model.config.tie_word_embeddings = False  # stop transformers from re-tying to a dense table
+
+
+def store_planned(model: nn.Module, plan: FormatPlan, measure_error: bool = True) -> tuple[QuantizeReport, Plan | None]:
+    """``model`` stored as a byte plan says (:mod:`tqcompressor.planning.mixed`), in place: the matrices it
+    stores as a structure's factors replaced by that structure's modules, then every matrix (or factor)
+    quantized in its format. Returns quantize_'s report and the structure plan (what saving the model
+    records; ``None`` where every matrix stays whole)."""
+    structures = structure_plan(model, plan)
+    if structures is not None:
+        apply_plan(model, structures)
+    report = quantize_(model, QuantizeSettings(8), measure_error=measure_error, per_layer=plan.settings())
+    return report, structures
