@@ -115,6 +115,9 @@ def test_tqc_quantize_max_bytes_writes_a_mixed_dir_that_opens_anywhere(tmp_path,
         (["--bits", "int8", "--double-quant"], "int8 keeps one float scale per row"),
         (["--bits", "int8", "--quantizer", "hqq"], "rounds to nearest"),
         (["--bits", "int4", "--quantizer", "awq"], "--quantizer takes one of rtn, hqq"),
+        (["--bits", "int8", "--structures", "svd"], "--structures joins the formats"),
+        (["--max-bytes", "1MiB", "--structures", "nope"], "unknown method 'nope'"),
+        (["--max-bytes", "1MiB", "--structures", "dense"], "unknown method 'dense'"),
     ],
 )
 def test_bad_budgets_are_one_line_and_nothing_is_written(tmp_path, gpt2_dir, extra, message):

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 from safetensors import safe_open
 
@@ -94,18 +93,3 @@ def test_tqc_quantize_structures_writes_a_dir_of_factors_and_formats(tmp_path, g
     reopened = tqc.load(tmp_path / "q")
     stored = [m for m in reopened.modules() if isinstance(m, QuantizedWeight)]
     assert stored and torch.isfinite(reopened(torch.randint(0, 200, (1, 8))).logits).all()
-
-
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--bits", "int8", "--structures", "svd"], "--structures joins the formats"),
-        (["--max-bytes", "1MiB", "--structures", "nope"], "nope"),
-        (["--max-bytes", "1MiB", "--structures", "dense"], "unknown method 'dense'"),
-    ],
-)
-def test_bad_structures_are_one_line_and_nothing_is_written(tmp_path, gpt2_dir, extra, message):
-    result = run_cli("quantize", gpt2_dir, "--out", tmp_path / "q", *extra)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr
-    assert not (tmp_path / "q").exists()
