@@ -28,7 +28,7 @@ from common import DATA, HERE
 from provenance import cpu_run, git_commit
 
 from tqcompressor.data import calibration_ids
-from tqcompressor.evaluation.fidelity import heldout_domains, measure, teacher_perplexities
+from tqcompressor.evaluation.fidelity import heldout_domains
 from tqcompressor.evaluation.targets import measure_plan, smallest_within_kl
 from tqcompressor.modelio.models import load_model
 from tqcompressor.planning.calibration import layer_statistics
@@ -67,10 +67,9 @@ def main() -> None:
     loaded = load_model(args.model)
     teacher, tokenizer = loaded.model, loaded.tokenizer
     domains = heldout_domains(teacher, tokenizer, args.fidelity_tokens, args.context)
-    reference = teacher_perplexities(measure(teacher, teacher, domains, args.context, tokenizer))
 
     def point(label: str, kind: str, plan, quantizer: str) -> dict:
-        measured = measure_plan(teacher, plan, domains, args.context, tokenizer, reference)
+        measured = measure_plan(teacher, plan, domains, args.context, tokenizer)
         found = {
             "label": label,
             "kind": kind,

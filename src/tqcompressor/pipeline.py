@@ -326,8 +326,8 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     blocks, eval_sets = load_data(loaded, run, out_dir, phase)
     results_path = out_dir / "results.json"
     previous = read_json_file(results_path, RunResults) if run.resume and results_path.is_file() else {}
-    points = previous.get("points", [])
-    record = RunRecord(out_dir, loaded.source, run, run.distill, started, main, points, phases=phase_log)
+    measured = previous.get("points", [])
+    record = RunRecord(out_dir, loaded.source, run, run.distill, started, main, measured, phases=phase_log)
     teacher = loaded.model
     points = Points(record, loaded, eval_sets, phase)
     calibration = calibration_blocks(run, blocks, phase)

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tqcompressor.errors import TQCError
-from tqcompressor.evaluation.fidelity import Domain, measure, teacher_perplexities
+from tqcompressor.evaluation.fidelity import Domain, measure
 from tqcompressor.planning.formats import FormatMenus, FormatPlan
 from tqcompressor.surgery.apply import store_planned
 
@@ -67,13 +67,13 @@ def measure_plan(
     domains: dict[str, Domain],
     context: int,
     tokenizer=None,
-    teacher_perplexity: dict[str, float] | None = None,
 ) -> dict:
     """Fidelity (:func:`~tqcompressor.evaluation.fidelity.measure`) of a copy of ``teacher`` stored as
-    ``plan`` says (:func:`~tqcompressor.surgery.apply.store_planned`); the teacher itself is left as it is."""
+    ``plan`` says (:func:`~tqcompressor.surgery.apply.store_planned`); the teacher itself is left as it is (its
+    perplexities, for the ratios, come from the same passes)."""
     model = copy.deepcopy(teacher)
     store_planned(model, plan, measure_error=False)
-    return measure(model, teacher, domains, context, tokenizer, teacher_perplexity=teacher_perplexity)
+    return measure(model, teacher, domains, context, tokenizer)
 
 
 def smallest_within_kl(
@@ -88,7 +88,6 @@ def smallest_within_kl(
 ) -> TargetSearch:
     """The smallest plan of ``menus`` whose stored model is within ``max_kl`` of ``teacher`` on ``domains``."""
     check_max_kl(max_kl)
-    reference = teacher_perplexities(measure(teacher, teacher, domains, context, tokenizer))
     measured: dict[int, tuple[FormatPlan, dict]] = {}
     tried: list[dict] = []
     bar = tqdm(total=steps + 2, desc="searching byte budgets", unit="plan", disable=not progress)
@@ -96,7 +95,7 @@ def smallest_within_kl(
     def score(budget: int) -> tuple[FormatPlan, dict]:
         plan = menus.plan(budget)
         if plan.total_bytes not in measured:
-            found = measure_plan(teacher, plan, domains, context, tokenizer, reference)
+            found = measure_plan(teacher, plan, domains, context, tokenizer)
             measured[plan.total_bytes] = (plan, found)
             tried.append({"bytes": plan.total_bytes, "fidelity_kl": found["fidelity_kl"]})
             bar.update()
