@@ -818,6 +818,23 @@ def _passages(path: str):
 RunRatio = Annotated[
     Optional[float], typer.Option(help="fraction of the whole model's parameters to keep [default: 0.65]")
 ]
+RunMaxBytes = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-bytes",
+        help="instead of --ratio: the size the saved weights may take (60MiB, 60MB, bytes); each matrix gets a "
+        "format, or --structures' factors in a format, by measured error per byte; the factors are distilled, "
+        "the rest stays in its format",
+    ),
+]
+RunStructures = Annotated[
+    Optional[str],
+    typer.Option(
+        "--structures",
+        help="with --max-bytes: structures a matrix may be stored as, comma-separated, or 'none' (formats only) "
+        f"[default: {','.join(recipe.BYTE_STRUCTURES)}]",
+    ),
+]
 RunStages = Annotated[
     Optional[int], typer.Option(help=f"compression/distillation steps (upper layers first) [default: {recipe.STAGES}]")
 ]
@@ -908,6 +925,8 @@ def run(
     compare_tokens: RunCompareTokens = 2048,
     interim_eval_tokens: RunInterimTokens = 2048,
     time_budget: RunTimeBudget = None,
+    max_bytes: RunMaxBytes = None,
+    structures: RunStructures = None,
     adopt: Adopt = False,
     kd: object = None,  # the shared distillation options (with_distill_options)
 ) -> None:
@@ -915,6 +934,7 @@ def run(
     if time_budget is not None and steps is not None:
         raise TQCError("--time-budget chooses --steps itself: drop one of them")
     check_count("stages", stages, 1)
+    byte_budget = _run_byte_budget(max_bytes, structures, spec, method, ratio, stages, auto_methods)
     compression = _run_compression(
         spec, method, ratio, stages, prefer, auto_methods, sequential, output_weights, calibration_tokens
     )
@@ -925,6 +945,7 @@ def run(
         time_budget=time_budget,
         teacher_start=teacher_start,
         interim_tokens=interim_eval_tokens,
+        **byte_budget,
     )
     inputs = [model, spec, data, eval_data]
     check_writable(out, inputs, kind=RUN, adopt=adopt)  # before loading anything
@@ -938,6 +959,25 @@ def run(
         return  # not rank 0 of a multi-process run: rank 0 reports
     typer.echo(format_report(result))
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'perplexity.png'}, {out / 'model'}")
+
+
+def _run_byte_budget(max_bytes, structures, spec, method, ratio, stages, auto_methods) -> dict:
+    """RunConfig's ``max_bytes`` and ``structures`` from ``tqc run --max-bytes``, checked: a byte budget plans
+    every matrix, so the options of a parameter plan are refused, not ignored."""
+    if max_bytes is None:
+        if structures is not None:
+            raise TQCError("--structures joins the formats a --max-bytes plan chooses from: give --max-bytes too")
+        return {}
+    options = {"spec": spec, "method": method, "ratio": ratio, "stages": stages, "auto_methods": auto_methods}
+    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
+    if given:
+        raise TQCError(f"--max-bytes plans every matrix in bytes; {', '.join(given)} plan in parameters: drop one")
+    if structures is None:
+        return {"max_bytes": parse_bytes(max_bytes), "structures": recipe.BYTE_STRUCTURES}
+    names = tuple(name.strip() for name in structures.split(",") if name.strip() and name.strip() != "none")
+    for name in names:
+        get_structure(name)  # one line for a name that is not a structure that compresses
+    return {"max_bytes": parse_bytes(max_bytes), "structures": names}
 
 
 def _run_compression(

@@ -52,14 +52,17 @@ from tqcompressor.outputs import (
     write_text_atomic,
 )
 from tqcompressor.planning.config import CompressionConfig
+from tqcompressor.planning.formats import FormatPlan, check_below_model
 from tqcompressor.planning.inventory import count_parameters
+from tqcompressor.planning.mixed import measure_model_mixed
+from tqcompressor.planning.plan import Plan
 from tqcompressor.planning.planners import plan_compression
 from tqcompressor.planning.registry import planning_methods
-from tqcompressor.quant.api import quantize_
+from tqcompressor.quant.api import quantize_, quantized_layers
 from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.schemas import BudgetFile, RunResults, read_json_file
 from tqcompressor.structures import get_structure
-from tqcompressor.surgery.apply import apply_plan
+from tqcompressor.surgery.apply import apply_plan, prepare_planned, store_factors
 from tqcompressor.surgery.experts import split_experts
 from tqcompressor.training.blockwise import estimated_seconds
 from tqcompressor.training.budget import BudgetPlan, plan_steps, seconds_after_distillation, seconds_per_step
@@ -180,8 +183,10 @@ def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int,
             "domains": {d: _domain_record(m) for d, m in measured["domains"].items()},
         }
 
-    rows = [row("teacher", "fp32", teacher, reference), row("student", "fp32", student, student_measured)]
-    for name, model in (("teacher", teacher), ("student", student)):
+    stored = bool(quantized_layers(student))  # a byte budget's student: stored as planned already
+    rows = [row("teacher", "fp32", teacher, reference)]
+    rows.append(row("student", "as planned" if stored else "fp32", student, student_measured))
+    for name, model in (("teacher", teacher), ("student", student))[: 1 if stored else 2]:
         for settings in QUANTIZED_FORMATS:
             quantized = copy.deepcopy(model)
             quantize_(quantized, settings)
@@ -190,10 +195,12 @@ def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int,
     return rows
 
 
-def comparison_evaluations(compare_tokens: int, eval_tokens: int) -> float:
+def comparison_evaluations(compare_tokens: int, eval_tokens: int, student_forms: bool = True) -> float:
     """The quantized comparison's cost in evaluations of one point (for the time budget): seven
-    models scored against the teacher (its own figures come with the first), on a share of the tokens."""
-    return (2 * len(QUANTIZED_FORMATS) + 1) * min(1.0, compare_tokens / eval_tokens)
+    models scored against the teacher (its own figures come with the first), on a share of the tokens;
+    four without the student's quantized forms (a byte budget's student is stored as planned already)."""
+    models = (2 if student_forms else 1) * len(QUANTIZED_FORMATS) + 1
+    return models * min(1.0, compare_tokens / eval_tokens)
 
 
 def _domain_record(metrics: dict) -> dict:
@@ -229,6 +236,10 @@ class RunConfig:
     # the points during the run (one-shot, stages before the last) on the first this many tokens of each
     # domain; the last stage and the teacher on all eval_tokens (0: every point on all of them)
     interim_tokens: int = 2048
+    # a byte budget instead of the compression's: each matrix's format, or a structure of ``structures`` with
+    # its factors in a format (planning/mixed.py); the factors train, the rest is stored in its format first
+    max_bytes: int | None = None
+    structures: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.compression.output_weights and self.calibration_tokens <= 0:
@@ -245,12 +256,23 @@ class RunConfig:
             check_count("compare-tokens", self.compare_tokens, self.context)
         if self.interim_tokens:
             check_count("interim-eval-tokens", self.interim_tokens, self.context)
+        if self.structures and self.max_bytes is None:
+            raise TQCError("--structures joins the formats a --max-bytes plan chooses from: give --max-bytes too")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise TQCError(f"--max-bytes must be a positive size, got {self.max_bytes}")
         budget = self.time_budget
         if budget is not None and (not math.isfinite(budget) or not 0 < budget <= MAX_TIME_BUDGET):
             raise TQCError(f"--time-budget must be a number of minutes in (0, {MAX_TIME_BUDGET}], got {budget}")
 
     @property
+    def method(self) -> str:
+        """What made the student: the compression's method, or ``mixed`` for a byte budget."""
+        return "mixed" if self.max_bytes is not None else self.compression.method
+
+    @property
     def stages(self) -> int:
+        if self.max_bytes is not None:
+            return 1
         layers = self.compression.layers
         return self.compression.steps if layers is None else len({spec.step for _, spec in layers})
 
@@ -268,6 +290,7 @@ class RunRecord:
     writes: bool
     points: list[dict]
     budget: dict | None = None
+    byte_plan: dict | None = None  # a byte budget's plan: its bytes, formats and structures (no menus)
     phases: list[tuple[str, float]] = field(default_factory=list)  # each phase's name and start (run seconds)
 
     def has(self, label: str) -> bool:
@@ -293,9 +316,9 @@ class Points:
         self.interim_sets = first_tokens(eval_sets, run.interim_tokens, run.context)
 
     def after_stage(self, stage: int, model, last_stage: int) -> None:
-        if stage == last_stage:
-            self.final(stage, model)
-        else:
+        """A stage before the last: its interim point (the last stage's is :meth:`final`, measured on the model
+        as the run stores it)."""
+        if stage != last_stage:
             self.interim(f"after KD stage {stage}", stage, model)
 
     def interim(self, label: str, stage: int, model) -> None:
@@ -331,7 +354,10 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     teacher = loaded.model
     points = Points(record, loaded, eval_sets, phase)
     calibration = calibration_blocks(run, blocks, phase)
-    student, plan, evaluation_seconds = _plan_and_one_shot(teacher, run, calibration, record, points.interim, phase)
+    plan_and_one_shot = _plan_and_one_shot if run.max_bytes is None else _byte_plan_and_one_shot
+    student, plan, evaluation_seconds, formats = plan_and_one_shot(
+        teacher, run, calibration, record, points.interim, phase
+    )
     last_stage = plan.steps()[-1]
     if run.time_budget is not None:
         stages = len(plan.steps())
@@ -360,6 +386,11 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
         on_stage_end=lambda stage, model: points.after_stage(stage, model, last_stage),
         on_phase=phase,
     )
+    if formats is not None:
+        phase("storing the trained factors in their planned formats")
+        store_factors(student, formats, measure_error=False)
+    if main:
+        points.final(last_stage, student)
     student.to("cpu")
     if not main:
         return {}
@@ -418,9 +449,10 @@ def calibration_blocks(run: RunConfig, blocks, phase) -> torch.Tensor | None:
     """Token ids to calibrate the fits on, when a planned structure fits in the output metric."""
     compression = run.compression
     methods = {spec.method for _, spec in compression.layers} if compression.layers else {compression.method}
-    if run.calibration_tokens <= 0 or not any(
+    calibrated = run.max_bytes is not None or any(
         m in planning_methods() or get_structure(m).capabilities.calibrated_in_run for m in methods
-    ):
+    )
+    if run.calibration_tokens <= 0 or not calibrated:
         return None
     # fits in the output metric (auto, svd, tq, ...): plan once from the first distillation blocks
     phase(f"calibration on {run.calibration_tokens:,} tokens of the distillation data")
@@ -436,7 +468,7 @@ def _plan_and_one_shot(teacher, run: RunConfig, calibration, record: RunRecord, 
     split_experts(student)  # exact: each expert matrix becomes a module a plan can name
     plan = plan_compression(student, run.compression, calibration)
     if record.has("compressed (no KD)"):
-        return student, plan, None
+        return student, plan, None, None
     one_shot = copy.deepcopy(student)
     refit = dict(calibration=calibration, teacher=teacher) if plan.sequential else {}
     apply_plan(one_shot, plan, **refit)  # every stage at once, no distillation
@@ -444,7 +476,37 @@ def _plan_and_one_shot(teacher, run: RunConfig, calibration, record: RunRecord, 
     point("compressed (no KD)", 0, one_shot)
     evaluation_seconds = time.perf_counter() - evaluating
     # one stage: stage 1 is this very model, distillation finds its layers in place (no second fit)
-    return (one_shot if len(plan.steps()) == 1 else student), plan, evaluation_seconds
+    return (one_shot if len(plan.steps()) == 1 else student), plan, evaluation_seconds, None
+
+
+def _byte_plan_and_one_shot(teacher, run: RunConfig, calibration, record: RunRecord, point, phase) -> tuple:
+    """:func:`_plan_and_one_shot` for a byte budget (planning/mixed.py), and the plan of formats the run ends
+    storing: the student to distil holds the planned structures' factors in float (they train) beside every
+    other matrix already in its format (frozen: a stored layer has no parameters), so that distillation learns
+    around the rounding the model keeps; the one-shot point is the model stored as planned."""
+    names = " and " + ", ".join(run.structures) if run.structures else ""
+    phase(f"planning {run.max_bytes / 2**20:.1f} MiB: each matrix's format{names}")
+    student = copy.deepcopy(teacher)
+    split_experts(student)
+    check_below_model(student, run.max_bytes)
+    formats = measure_model_mixed(student, calibration, run.structures).plan(run.max_bytes)
+    record.byte_plan = _byte_plan_record(formats)
+    _, structures = prepare_planned(student, formats, measure_error=False)
+    plan = structures or Plan(method="mixed")
+    if record.has("compressed (no KD)"):
+        return student, plan, None, formats
+    one_shot = copy.deepcopy(student)
+    store_factors(one_shot, formats, measure_error=False)
+    evaluating = time.perf_counter()
+    point("compressed (no KD)", 0, one_shot)
+    return student, plan, time.perf_counter() - evaluating, formats
+
+
+def _byte_plan_record(formats: FormatPlan) -> dict:
+    """What results.json keeps of a byte plan: its bytes, the count of each format, each matrix's choice."""
+    found = formats.to_dict()
+    found["layers"] = {name: layer["format"] for name, layer in found["layers"].items()}
+    return found
 
 
 def _finish(record: RunRecord, loaded: LoadedModel, student, eval_sets: dict, phase) -> dict:
@@ -464,7 +526,7 @@ def _finish(record: RunRecord, loaded: LoadedModel, student, eval_sets: dict, ph
             teacher, student, record.out_dir / "model", next(iter(eval_sets.values())).ids, run.context
         ),
     }
-    title = f"{loaded.source}: the plan ({run.compression.method})"
+    title = f"{loaded.source}: the plan ({run.method})"
     plot_plan(extras["plan_cells"], record.out_dir / "plan.png", title)
     return write_results(record, extras)
 
@@ -494,7 +556,8 @@ def _budget_plan(
     batch = torch.stack([next(stream) for _ in range(run.distill.batch_size)])
     step = seconds_per_step(teacher, student, batch, run.distill, tokenizer=tokenizer)
     spent = time.perf_counter() - record.started + 3 * step  # the timing itself
-    comparison = comparison_evaluations(run.compare_tokens, run.eval_tokens) if run.compare_tokens else 0
+    forms = run.max_bytes is None
+    comparison = comparison_evaluations(run.compare_tokens, run.eval_tokens, forms) if run.compare_tokens else 0
     after = seconds_after_distillation(*evaluations, stages, comparison)
     refit = estimated_seconds(student, refit_ids, run.distill.blockwise) if refit_ids is not None else 0.0
     plan = plan_steps(run.time_budget, spent, step, evaluations[0], after, stages, refit)
@@ -543,8 +606,11 @@ def write_results(record: RunRecord, extras: dict | None = None) -> dict:
     compression = run.compression
     result = {
         "base_model": record.source,
-        "method": compression.method,
-        "ratio": compression.ratio,
+        "method": run.method,
+        "ratio": None if run.max_bytes is not None else compression.ratio,
+        "max_bytes": run.max_bytes,  # a byte budget instead of a ratio (planning/mixed.py)
+        "structures": list(run.structures),
+        "byte_plan": record.byte_plan,
         "stages": sorted({r["stage"] for r in rows if r["stage"] > 0}),
         "data": run.data,
         "teacher_fraction": run.teacher_fraction,
@@ -570,7 +636,7 @@ def write_results(record: RunRecord, extras: dict | None = None) -> dict:
     }
     write_json_atomic(record.out_dir / "results.json", result)
     write_text_atomic(record.out_dir / "report.md", format_report(result))
-    plot_points(rows, record.out_dir / "perplexity.png", f"{record.source}: {compression.method}")
+    plot_points(rows, record.out_dir / "perplexity.png", f"{record.source}: {run.method}")
     if rows and rows[0].get("fidelity_kl") is not None:
         plot_fidelity(rows, (extras or {}).get("quantized", []), record.out_dir / "fidelity.png", record.source)
     return result

@@ -1,5 +1,6 @@
 """Structures beside formats under one byte budget (tqcompressor.planning.mixed, tqc quantize --structures)."""
 
+import copy
 import json
 
 import torch
@@ -10,8 +11,9 @@ from tests.conftest import TOY_TEXT, run_cli, tiny_llama
 from tqcompressor.planning.calibration import layer_statistics
 from tqcompressor.planning.formats import measure_formats, planned_matrices, relative_output_error
 from tqcompressor.planning.mixed import FACTOR_FORMATS, factored_menu, with_structures
+from tqcompressor.quant.api import quantized_layers
 from tqcompressor.quant.modules import QuantizedWeight
-from tqcompressor.surgery.apply import store_planned
+from tqcompressor.surgery.apply import prepare_planned, store_factors, store_planned
 
 
 def saved_tensor_bytes(directory) -> int:
@@ -93,3 +95,25 @@ def test_tqc_quantize_structures_writes_a_dir_of_factors_and_formats(tmp_path, g
     reopened = tqc.load(tmp_path / "q")
     stored = [m for m in reopened.modules() if isinstance(m, QuantizedWeight)]
     assert stored and torch.isfinite(reopened(torch.randint(0, 200, (1, 8))).logits).all()
+
+
+def test_a_byte_plan_trains_its_factors_beside_stored_matrices_and_stores_them_as_planned():
+    model = tiny_llama(vocab_size=256)
+    stats = calibrated(model)
+    formats_only = measure_formats(model, stats)
+    plan = with_structures(formats_only, model, stats, progress=False).plan(formats_only.smallest - 1)
+    stored, trained = copy.deepcopy(model), copy.deepcopy(model)
+    store_planned(stored, plan)
+    prepare_planned(trained, plan)
+    quantized = set(quantized_layers(trained))
+    assert quantized == set(plan.settings()) - set(plan.structures())  # the factors wait in float
+    ids = torch.randint(0, 256, (2, 16))
+    trained(ids).logits.float().pow(2).mean().backward()  # through the stored layers to the factors
+    for name in plan.structures():
+        grads = [p.grad for p in trained.get_submodule(name).parameters()]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    trained.zero_grad()
+    store_factors(trained, plan)  # untrained: the same model store_planned makes
+    assert set(quantized_layers(trained)) == set(quantized_layers(stored)) == set(plan.settings())
+    with torch.no_grad():
+        assert torch.equal(trained(ids).logits, stored(ids).logits)

@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from tqcompressor.quant.modules import MODULE_TYPES, QuantizedLowRankLinear, QuantizedWeight
 from tqcompressor.structures import REGISTRY
 
 BLOCK = re.compile(r"\.(\d+)\.")  # the block index in names like model.layers.10.mlp.up_proj
@@ -15,26 +16,31 @@ BLOCK = re.compile(r"\.(\d+)\.")  # the block index in names like model.layers.1
 
 def plan_cells(teacher: nn.Module, student: nn.Module) -> list[dict]:
     """One cell per linear layer of the numbered blocks: block index, matrix name (e.g.
-    ``self_attn.q_proj``), the structure the student has there (``dense`` when untouched) and the
-    fraction of the teacher's parameters it keeps."""
-    structure_of = {cls: name for name, s in REGISTRY.items() for cls in s.module_types}
+    ``self_attn.q_proj``), the structure the student has there (``dense`` when untouched; a stored
+    layer's format beside it, ``svd int8``) and the fraction of the teacher's parameters it keeps (of a
+    stored layer: of the teacher's bytes)."""
     cells = []
     for name, module in teacher.named_modules():
         found = BLOCK.search(name)
         if not found or not isinstance(module, (nn.Linear, Conv1D)):
             continue
-        replaced = student.get_submodule(name)
-        before = sum(p.numel() for p in module.parameters())
-        after = sum(p.numel() for p in replaced.parameters())
-        cells.append(
-            {
-                "block": int(found.group(1)),
-                "matrix": name[found.end() :],
-                "method": structure_of.get(type(replaced), "dense"),
-                "kept": after / before,
-            }
-        )
+        method, kept = _cell(module, student.get_submodule(name))
+        cells.append({"block": int(found.group(1)), "matrix": name[found.end() :], "method": method, "kept": kept})
     return cells
+
+
+def _cell(original: nn.Module, replaced: nn.Module) -> tuple[str, float]:
+    """``(structure, kept)`` of one cell (a stored layer: its structure and format, kept by bytes)."""
+    structure_of = {cls: name for name, s in REGISTRY.items() for cls in s.module_types}
+    structure_of[QuantizedLowRankLinear] = "svd"
+    if not isinstance(replaced, MODULE_TYPES):
+        kept = sum(p.numel() for p in replaced.parameters()) / sum(p.numel() for p in original.parameters())
+        return structure_of.get(type(replaced), "dense"), kept
+    stored = [m for m in replaced.modules() if isinstance(m, QuantizedWeight)]
+    kept = sum(m.stored_bytes for m in stored) / sum(p.numel() * p.element_size() for p in original.parameters())
+    structure = structure_of.get(type(getattr(replaced, "inner", replaced)))
+    fmt = stored[0].settings.name
+    return (f"{structure} {fmt}" if structure else fmt), kept
 
 
 def plot_plan(cells: list[dict], path: Path, title: str) -> None:
@@ -45,7 +51,9 @@ def plot_plan(cells: list[dict], path: Path, title: str) -> None:
     matrices = list(dict.fromkeys(c["matrix"] for c in cells))
     blocks = sorted({c["block"] for c in cells})
     methods = sorted({c["method"] for c in cells}, key=lambda m: (m != "dense", m))
-    palette = dict(zip(methods, ["#bbbbbb", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]))
+    colours = ["#bbbbbb", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    colours += ["#bcbd22", "#7f7f7f", "#aec7e8", "#ff9896", "#98df8a", "#c5b0d5", "#ffbb78", "#c49c94"]
+    palette = {m: colours[i % len(colours)] for i, m in enumerate(methods)}
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(matrices), 1.0 + 0.22 * len(blocks)))
     for c in cells:
         x, y = matrices.index(c["matrix"]), blocks.index(c["block"])

@@ -148,10 +148,7 @@ def _settings_text(settings: dict) -> str:
 
 def format_report(result: dict) -> str:
     points = result["points"]
-    lines = [
-        f"# tqcompressor run: {result['base_model']}, method {result['method']}, ratio {result['ratio']}",
-        "",
-    ]
+    lines = [f"# tqcompressor run: {result['base_model']}, {_target_words(result)}", ""]
     if points and "fidelity_kl" in points[0]:
         lines += _fidelity_section(points, result.get("quantized", []))
         lines += ["![fidelity KL vs bytes](fidelity.png) ![in-domain perplexity vs parameters](perplexity.png)", ""]
@@ -190,7 +187,9 @@ def format_report(result: dict) -> str:
         )
         + f"; {result['kd_tokens_per_stage']:,} tokens per stage; calibration: the first "
         f"{result.get('calibration_tokens', 0):,} tokens of the same blocks.",
-        f"- Compression: {_compression_words(result.get('compression', {}), result.get('calibration_tokens', 0))}.",
+        f"- Compression: {_compression_words(result.get('compression', {}), result.get('calibration_tokens', 0))}."
+        if not result.get("max_bytes")
+        else f"- Compression: {_byte_plan_words(result)}.",
         f"- Training: {_precision_words(result.get('training_precision', 'no'))}; evaluation in fp32.",
         f"- Parameters: {result['counting']}.",
         f"- Wall time: {result['seconds']:.0f} s.",
@@ -345,6 +344,28 @@ def _legacy_table(points: list[dict]) -> str:
 
 def _short(name: str) -> str:
     return name if name == TEACHER_DOMAIN or " (" in name else Path(name).name
+
+
+def _target_words(result: dict) -> str:
+    """What the run was asked for: a method and a ratio of the parameters, or a size."""
+    if not result.get("max_bytes"):
+        return f"method {result['method']}, ratio {result['ratio']}"
+    found = f", saved in {result['bytes'] / 2**20:.1f} MiB" if result.get("bytes") else ""
+    return f"within {result['max_bytes'] / 2**20:.1f} MiB of weights{found}"
+
+
+def _byte_plan_words(result: dict) -> str:
+    """How a byte budget was spent, in words: the formats and structures chosen, and what trained."""
+    plan, structures = result.get("byte_plan") or {}, result.get("structures") or []
+    counts = ", ".join(
+        f"{n} in {fmt}" for fmt, n in sorted(plan.get("format_counts", {}).items(), key=lambda kv: -kv[1])
+    )
+    factored = sum(1 for choice in plan.get("layers", {}).values() if "/" in choice)
+    menu = f"a format or {', '.join(structures)} factors in a format" if structures else "a format"
+    return (
+        f"each matrix planned as {menu} by measured output error per stored byte (planning/mixed.py): {counts}; "
+        f"{factored} stored as factors, which distillation trained while the rest stayed in their formats"
+    )
 
 
 def _compression_words(compression: dict, calibration_tokens: int) -> str:

@@ -73,60 +73,73 @@ def quantize_(
     settings: QuantizeSettings | str,
     measure_error: bool = True,
     per_layer: dict[str, QuantizeSettings | TokenBands] | None = None,
+    only: set[str] | None = None,
 ) -> QuantizeReport:
     """Quantize ``model``'s weight matrices in place (``settings``: a :class:`QuantizeSettings` or
     ``"int8"`` / ``"int4"``; ``per_layer``: another format for the modules it names, as a byte-budget
     plan mixes them; a token table's may be :class:`TokenBands`, a format per band of its rows).
     Factored modules keep their structure; their factors are quantized
-    (:data:`~tqcompressor.quant.modules.QUANTIZED_FORMS`)."""
+    (:data:`~tqcompressor.quant.modules.QUANTIZED_FORMS`). ``only``: quantize the modules it names and
+    leave the rest as they are, quantized or not (a byte plan's distillation trains the factors in float
+    beside layers already stored in their formats, then stores the factors)."""
     if isinstance(settings, str):
         settings = QuantizeSettings.parse(settings)
     per_layer = per_layer or {}
-    already = list(quantized_layers(model))
+    already = [name for name in quantized_layers(model) if only is None or name in only]
     if already:
         raise TQCError(f"the model is quantized already ({already[0]}); quantize the unquantized model instead")
     report = QuantizeReport(settings)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied_dense = (
-        head is not None
-        and embedding is not None
-        and isinstance(embedding, nn.Embedding)
-        and getattr(head, "weight", None) is embedding.weight
-    )
-    factored = {name: module for name, module in factored_modules(model) if not is_container(module)}
+    quantized_now = set(quantized_layers(model))
+    factored = {
+        name: module
+        for name, module in factored_modules(model)
+        if not is_container(module) and name not in quantized_now
+    }
     for name, module in factored.items():
-        if isinstance(module, TiedFactoredHead):
-            continue  # follows its embedding below
+        if isinstance(module, TiedFactoredHead) or (only is not None and name not in only):
+            continue  # a tied head follows its embedding below
         before = _before(module, measure_error)  # the wrapper takes over the module's factors
         quantized = quantized_form(module, per_layer.get(name, settings))
         report.layers.append(_layer(name, type(module).__name__, before, quantized))
         set_module(model, name, quantized)
         if module is embedding and isinstance(head, TiedFactoredHead):
             model.set_output_embeddings(TiedFactoredHead(quantized, head.bias))
+    tied_dense = isinstance(embedding, nn.Embedding) and getattr(head, "weight", None) is embedding.weight
+    tied = (embedding, head) if tied_dense else None
+    inside = (*factored, *quantized_now)
     for name, module in list(model.named_modules()):
-        if any(name == outer or name.startswith(outer + ".") for outer in factored) or not name:
-            continue
-        if isinstance(module, (nn.Linear, Conv1D)) and not (tied_dense and module is head):
-            before = _before(module, measure_error)
-            weight, kind = dense_weight_of(module)
-            layer_settings = per_layer.get(name, settings)
-            if isinstance(layer_settings, TokenBands):
-                raise TQCError(f"{name} is not a token table: bands of rows are for embeddings only")
-            quantized = QuantizedLinear.from_dense(weight, bias_of(module), kind, layer_settings)
-        elif type(module) is nn.Embedding or module is embedding and isinstance(module, nn.Embedding):
-            # a subclass with its own forward (OPT's learned positions) stays float; the input
-            # embedding's subclasses only scale their lookups (Gemma), which QuantizedEmbedding keeps
-            before = _before(module, measure_error)
-            quantized = _quantized_table(module, per_layer.get(name, settings))
-        else:
-            continue
-        report.layers.append(_layer(name, _kind(module), before, quantized))
-        set_module(model, name, quantized)
-        if tied_dense and module is embedding:
-            model.set_output_embeddings(TiedFactoredHead(quantized, bias_of(head)))
-            model.config.tie_word_embeddings = False  # stop transformers from re-tying to a dense table
+        skipped = any(name == outer or name.startswith(outer + ".") for outer in inside)
+        if name and not skipped and (only is None or name in only):
+            _quantize_plain(model, name, module, per_layer.get(name, settings), tied, report, measure_error)
     return report
+
+
+def _quantize_plain(model: nn.Module, name: str, module: nn.Module, settings, tied, report, measure_error) -> None:
+    """One plain ``nn.Linear`` / ``Conv1D`` / token table (any other module is left alone) in ``settings``.
+    ``tied``: ``(table, head)`` where a dense head shares the table's weight: it stays tied, to the quantized
+    table (found before any module was replaced)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = tied[1] if tied else None
+    if isinstance(module, (nn.Linear, Conv1D)) and not (tied and module is head):
+        before = _before(module, measure_error)
+        weight, kind = dense_weight_of(module)
+        if isinstance(settings, TokenBands):
+            raise TQCError(f"{name} is not a token table: bands of rows are for embeddings only")
+        quantized = QuantizedLinear.from_dense(weight, bias_of(module), kind, settings)
+    elif type(module) is nn.Embedding or module is embedding and isinstance(module, nn.Embedding):
+        # a subclass with its own forward (OPT's learned positions) stays float; the input
+        # embedding's subclasses only scale their lookups (Gemma), which QuantizedEmbedding keeps
+        before = _before(module, measure_error)
+        quantized = _quantized_table(module, settings)
+    else:
+        return
+    report.layers.append(_layer(name, _kind(module), before, quantized))
+    set_module(model, name, quantized)
+    if tied and module is tied[0]:
+        model.set_output_embeddings(TiedFactoredHead(quantized, bias_of(head)))
+        model.config.tie_word_embeddings = False  # stop transformers from re-tying to a dense table
 
 
 def _quantized_table(module: nn.Embedding, settings: QuantizeSettings | TokenBands) -> nn.Module:

@@ -26,7 +26,16 @@ from tqcompressor.surgery.experts import split_experts
 from tqcompressor.surgery.folding import fold_mlp_permutations
 from tqcompressor.surgery.sequential import refit_sequentially
 
-__all__ = ["apply_plan", "compress", "count_parameters", "find_target_modules", "plan_compression", "store_planned"]
+__all__ = [
+    "apply_plan",
+    "compress",
+    "count_parameters",
+    "find_target_modules",
+    "plan_compression",
+    "prepare_planned",
+    "store_factors",
+    "store_planned",
+]
 
 
 def compress(
@@ -196,8 +205,29 @@ def store_planned(model: nn.Module, plan: FormatPlan, measure_error: bool = True
     stores as a structure's factors replaced by that structure's modules, then every matrix (or factor)
     quantized in its format. Returns quantize_'s report and the structure plan (what saving the model
     records; ``None`` where every matrix stays whole)."""
+    report, structures = prepare_planned(model, plan, measure_error)
+    report.layers += store_factors(model, plan, measure_error).layers
+    return report, structures
+
+
+def prepare_planned(
+    model: nn.Module, plan: FormatPlan, measure_error: bool = True
+) -> tuple[QuantizeReport, Plan | None]:
+    """The first half of :func:`store_planned`, the model a byte plan's distillation trains: the planned
+    structures in place with their factors in float (they train), every other matrix stored in its format
+    (frozen: a quantized layer holds no parameters), so that training learns around the rounding it keeps.
+    :func:`store_factors` is the second half."""
     structures = structure_plan(model, plan)
     if structures is not None:
-        apply_plan(model, structures)
-    report = quantize_(model, QuantizeSettings(8), measure_error=measure_error, per_layer=plan.settings())
+        apply_plan(model, structures, progress=False)
+    settings = plan.settings()
+    whole = set(settings) - set(plan.structures())
+    report = quantize_(model, QuantizeSettings(8), measure_error=measure_error, per_layer=settings, only=whole)
     return report, structures
+
+
+def store_factors(model: nn.Module, plan: FormatPlan, measure_error: bool = True) -> QuantizeReport:
+    """The factors of the structures ``plan`` chose, stored in their formats, in place (after
+    :func:`prepare_planned` and training)."""
+    factored = set(plan.structures())
+    return quantize_(model, QuantizeSettings(8), measure_error=measure_error, per_layer=plan.settings(), only=factored)

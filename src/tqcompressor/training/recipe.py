@@ -63,3 +63,7 @@ BLOCKWISE_LR = 5e-4
 # 40 steps it started from 99.4 instead of 208.8 and ended at 49.88 instead of 57.41 on WikiText-2 test, KL 1.044
 # instead of 1.177 on held-out teacher samples (bench/results/recipe/recipe-output-weights.json)
 OUTPUT_WEIGHTS = True
+
+# tqc run --max-bytes: the structures a matrix may be stored as beside the formats (bench/results/frontier/
+# frontier-structures.json: below the smallest format only factors reach a budget)
+BYTE_STRUCTURES = ("svd",)
