@@ -39,6 +39,14 @@ def test_lookups_and_tied_logits_are_those_of_the_table_it_stands_for(output_sca
     torch.testing.assert_close(module.project(hidden), expected, rtol=0.02, atol=0.05)
 
 
+def test_a_lookup_whose_tokens_all_fall_in_one_band_reads_that_band_alone():
+    """One token at a time, as generation looks them up: the other band gets no rows."""
+    _, order, module = banded_table()
+    for token in (order[0], order[99]):  # in the int8 band, then in the int4 band
+        ids = token.reshape(1, 1)
+        assert torch.equal(module(ids), module.to_dense()[ids])
+
+
 def test_bytes_count_every_band_and_the_order():
     _, _, module = banded_table()
     parts = sum(part.stored_bytes for part in module.parts)

@@ -225,7 +225,8 @@ def pack_int4(q: Tensor) -> Tensor:
 
 def unpack_int4(packed: Tensor) -> Tensor:
     """The (rows, 2 * bytes) uint8 values :func:`pack_int4` packed."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    # the width spelled out: a lookup of no rows (a band no token of a batch falls in) has no -1 to infer
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], 2 * packed.shape[-1])
 
 
 def int4_from_cpu_layout(packed: Tensor, shape: tuple[int, int]) -> Tensor:

@@ -136,7 +136,7 @@ class QuantizedWeight(QuantizedMatrix):
         else:
             flat = index.reshape(-1)
             w = dequantize_int4(self.qdata[flat], self.scale[flat], self.zero[flat], self.group_size)
-            w = w.reshape(*index.shape, -1)
+            w = w.reshape(*index.shape, w.shape[-1])
         return w[..., : self.in_features]
 
     def linear(self, x: Tensor) -> Tensor:
