@@ -38,6 +38,7 @@ def test_a_byte_budget_below_every_format_distils_factors_and_saves_the_planned_
     assert results["method"] == "mixed" and results["max_bytes"] == budget and results["structures"] == ["svd"]
     plan = results["byte_plan"]
     assert plan["total_bytes"] <= budget and any(f.startswith("svd ") for f in plan["layers"].values())
+    assert not any(f.endswith("hqq") for f in plan["layers"].values())  # the recipe's formats: round-to-nearest
     assert stored_bytes(out / "model") == results["bytes"] == plan["total_bytes"]  # the saved model is the plan
     labels = [p["label"] for p in results["points"]]
     assert labels == ["teacher", "compressed (no KD)", "after KD stage 1"]

@@ -24,6 +24,7 @@ from tqcompressor.linalg.decompose import OutputSketch
 from tqcompressor.planning.calibration import LayerStatistics, layer_statistics
 from tqcompressor.planning.config import LayerSpec
 from tqcompressor.planning.formats import (
+    MENU,
     FormatCandidate,
     FormatMenus,
     FormatPlan,
@@ -113,15 +114,17 @@ def measure_model_mixed(
     calibration: Tensor | None = None,
     structures: tuple[str, ...] = STRUCTURES,
     progress: bool = True,
+    formats: tuple[str, ...] = MENU,
 ) -> FormatMenus:
     """:func:`~tqcompressor.planning.formats.measure_model_formats` with ``structures`` on each linear
-    matrix's menu: every menu measured on the token ids ``calibration`` (blocks x seq_len) where given."""
+    matrix's menu: every menu measured on the token ids ``calibration`` (blocks x seq_len) where given;
+    ``formats``: the whole matrices' menu."""
     factored = [name for name, _ in factored_modules(model)]
     if factored:
         raise TQCError(f"a byte or fidelity target plans the layers of a plain model; {factored[0]} is factored")
     names = list(planned_matrices(model))
     stats = layer_statistics(model, names, calibration, progress) if calibration is not None else None
-    return with_structures(measure_formats(model, stats), model, stats, structures, progress)
+    return with_structures(measure_formats(model, stats, formats), model, stats, structures, progress)
 
 
 def structure_plan(model: nn.Module, plan: FormatPlan) -> Plan | None:
