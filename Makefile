@@ -65,7 +65,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 # The CPU studies behind the headline tables: make demo's run (docs/demo-results.json, copied from
-# out/demo/results.json by hand when a new run is committed), its one-shot point measured again with the
+# out/demo/results.json by hand when a new run is committed; make demo-ratio's as docs/demo-ratio-results.json), its one-shot point measured again with the
 # current code, then every generated table (docs/results.md and the README's blocks) from the JSON.
 bench: install
 	$(BIN)/python bench/one_shot.py

@@ -1,13 +1,13 @@
-"""Reproduce the one-shot point of a committed ``tqc run`` (``make demo``'s ``docs/demo-results.json``)
+"""Reproduce the one-shot point of a committed ``tqc run`` (``make demo-ratio``'s ``docs/demo-ratio-results.json``)
 with the code as it is now: the same data, calibration, plan and evaluation, through the pipeline's own
 phases, then every figure of the point compared with the committed one. A refactor that changes no
 behaviour reproduces it exactly.
 
 The teacher samples the run drew (distillation pool, held-out samples) are read from its output dir
-(``--samples``, ``out/demo`` by default), so nothing is sampled again; without them they are drawn
+(``--samples``, ``out/demo-ratio`` by default), so nothing is sampled again; without them they are drawn
 again with the same seeds.
 
-    python bench/one_shot.py [--reference docs/demo-results.json] [--samples out/demo]
+    python bench/one_shot.py [--reference docs/demo-ratio-results.json] [--samples out/demo-ratio]
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ LABEL = "compressed (no KD)"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", default=str(HERE.parent / "docs" / "demo-results.json"))
-    parser.add_argument("--samples", default=str(HERE.parent / "out" / "demo"))
+    parser.add_argument("--reference", default=str(HERE.parent / "docs" / "demo-ratio-results.json"))
+    parser.add_argument("--samples", default=str(HERE.parent / "out" / "demo-ratio"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="what the reference run used (tqc run's default)")
     parser.add_argument("--context", type=int, default=512)

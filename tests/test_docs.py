@@ -11,8 +11,8 @@ from pathlib import Path
 from tests.test_bench import bench_module
 
 REPO = Path(__file__).resolve().parents[1]
-# docs/demo-report.md is a copy of a run's own report.md, whose links point into that run's dir
-DOCS = [page for page in (REPO / "docs").glob("*.md") if page.name != "demo-report.md"]
+# docs/demo-report.md and demo-ratio-report.md are copies of runs' own report.md, whose links point into their dirs
+DOCS = [page for page in (REPO / "docs").glob("*.md") if page.name not in ("demo-report.md", "demo-ratio-report.md")]
 PAGES = [REPO / "README.md", REPO / "CONTRIBUTING.md", REPO / "bench" / "README.md", *DOCS]
 
 

@@ -19,7 +19,7 @@ from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.structures import Structure, compression_methods, decompose, get_structure, register
 from tqcompressor.structures.kronecker import KroneckerEmbedding, KroneckerFactors, KroneckerLinear
 from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankFactors, LowRankLinear
-from tqcompressor.surgery.apply import apply_plan, compress, store_planned
+from tqcompressor.surgery.apply import apply_plan, compress, prepare_planned, store_factors, store_planned
 from tqcompressor.surgery.experts import split_experts
 from tqcompressor.versions import __version__
 
@@ -56,10 +56,12 @@ __all__ = [
     "measure_model_mixed",
     "plan_compression",
     "plan_model_formats",
+    "prepare_planned",
     "quantize_",
     "read_plan",
     "register",
     "save",
     "split_experts",
+    "store_factors",
     "store_planned",
 ]

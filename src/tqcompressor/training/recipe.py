@@ -55,7 +55,7 @@ SEQUENTIAL = False
 # block-wise reconstruction before distilling (training/blockwise.py: each block fitted to the teacher's by a few
 # Adam steps, first to last): 40 steps a block at lr 5e-4. In make demo's 25 minutes (commit 51aeef5, 2 CPU cores,
 # auto's student at one-shot fidelity KL 2.431) it ended at 1.643 against 1.691 without it: 2.7 min of refits and
-# 50 KD steps against 98 KD steps (docs/demo-results.json, docs/demo-results-no-blockwise.json). From
+# 50 KD steps against 98 KD steps (docs/demo-ratio-results.json, docs/demo-results-no-blockwise.json). From
 # bench/recovery.py's svd_aware student (one-shot 5.228), each given the same minutes, it ended at 3.293 against
 # 3.582 for global KD alone (recovery-steps40-lr5e-4.json); 25 steps at lr 1e-4 barely moved each block and ended
 # at 3.482 against 3.401 (recovery.json)
