@@ -14,6 +14,10 @@ would take at this rate of improvement (recorded as an extrapolation, not a meas
 bench/results/demo_curve/demo-curve.json and .png and prints a table.
 
     python bench/demo_curve.py [--steps 520 --points 130,260,390 --teacher-pool 256]   # 2 CPU cores: ~45 min
+
+With --max-bytes SIZE the student is `tqc run --max-bytes`'s instead (make demo's since 3c640ad): the byte plan's
+whole matrices stored in their formats, its SVD factors in float, distilled; each point is measured on the model
+as the run would store it (its factors in their formats too), and the goal is issue #50's (0.5 at <= 60 MiB).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import tqcompressor as tqc
 from tqcompressor.evaluation.report import table
 from tqcompressor.pipeline import block_source_for, evaluate_domains, evaluation_sets
 from tqcompressor.planning.config import CompressionConfig
+from tqcompressor.planning.formats import parse_bytes
 from tqcompressor.planning.planners import plan_compression
 from tqcompressor.surgery.apply import apply_plan
 from tqcompressor.training import recipe
@@ -42,11 +47,13 @@ from tqcompressor.training.distill import DistillConfig, training_precision
 
 FIDELITY = "fidelity"  # the curve's summary figure: fidelity KL, the mean KL over the held-out domains
 GOAL_KL = 0.6  # issue #36: fidelity KL of make demo, nats/token
+BYTES_GOAL_KL = 0.5  # issue #50: fidelity KL at <= 60 MiB after the main job's distillation
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.65)
+    parser.add_argument("--max-bytes", default=None, help="a byte budget instead of --ratio (tqc run --max-bytes)")
     parser.add_argument("--steps", type=int, default=2 * recipe.STEPS, help="optimizer steps of the one schedule")
     parser.add_argument("--points", default="130,260,390", help="steps to stop at and evaluate before the last")
     parser.add_argument("--teacher-pool", type=int, default=2 * recipe.TEACHER_POOL)
@@ -85,20 +92,11 @@ def main() -> None:
     )
     eval_sets = evaluation_sets(str(DATA / "test.txt"), loaded, args.eval_tokens, 512, args.work)
     calibration = torch.stack([b for b, _ in zip(blocks(0), range(args.calibration_tokens // kd.seq_len))])
-    student = copy.deepcopy(teacher)
-    compression = CompressionConfig(
-        method=recipe.METHOD,
-        ratio=args.ratio,
-        steps=recipe.STAGES,
-        auto_methods=list(recipe.AUTO_METHODS),
-        output_weights=recipe.OUTPUT_WEIGHTS,
-    )
-    apply_plan(student, plan_compression(student, compression, calibration))
-
+    student, stored = build_student(teacher, calibration, args)
     teacher_scores = evaluate_domains(teacher, teacher, eval_sets, 512, loaded.tokenizer)
 
     def measure(model) -> dict:
-        measured = evaluate_domains(model.eval(), teacher, eval_sets, 512, loaded.tokenizer, teacher_scores)
+        measured = evaluate_domains(stored(model).eval(), teacher, eval_sets, 512, loaded.tokenizer, teacher_scores)
         return {
             "fidelity_kl": measured["fidelity_kl"],
             "fidelity_top1": measured["fidelity_top1"],
@@ -117,13 +115,39 @@ def main() -> None:
         "schedule": "one run with the schedule of --steps; earlier points are part-way through it",
         "teacher": {domain_label(n, m): {"perplexity": m["perplexity"]} for n, m in teacher_scores["domains"].items()},
         "curve": curve,
-        "extrapolation": extrapolate(curve, FIDELITY),
+        "extrapolation": extrapolate(curve, FIDELITY, BYTES_GOAL_KL if args.max_bytes else GOAL_KL),
         "seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
     print(format_table(result))
+
+
+def build_student(teacher, calibration, args) -> tuple:
+    """``(student to distil, stored)``: ``tqc run``'s student at --ratio, or at --max-bytes with
+    ``stored(model)`` the model as the run stores it (a copy, its factors in their formats)."""
+    student = copy.deepcopy(teacher)
+    if args.max_bytes is None:
+        compression = CompressionConfig(
+            method=recipe.METHOD,
+            ratio=args.ratio,
+            steps=recipe.STAGES,
+            auto_methods=list(recipe.AUTO_METHODS),
+            output_weights=recipe.OUTPUT_WEIGHTS,
+        )
+        apply_plan(student, plan_compression(student, compression, calibration))
+        return student, lambda model: model
+    structures, formats = recipe.BYTE_STRUCTURES, recipe.BYTE_FORMATS
+    plan = tqc.measure_model_mixed(student, calibration, structures, formats=formats).plan(parse_bytes(args.max_bytes))
+    tqc.prepare_planned(student, plan, measure_error=False)
+
+    def stored(model):
+        copied = copy.deepcopy(model)
+        tqc.store_factors(copied, plan, measure_error=False)
+        return copied
+
+    return student, stored
 
 
 def domain_label(name: str, measured: dict) -> str:
@@ -198,8 +222,9 @@ def plot(result: dict, path: Path) -> None:
     ax.yaxis.set_minor_formatter("{x:.2g}")
     ax.set_xlabel("KD tokens (log)")
     ax.set_ylabel("KL(teacher || student), nats/token (log)")
-    ratio = float(result["settings"]["ratio"])  # settings are recorded as strings
-    ax.set_title(f"tqc run's recipe at {ratio:.0%} params: fidelity against distillation", fontsize=10)
+    ratio, size = float(result["settings"]["ratio"]), result["settings"].get("max_bytes")  # recorded as strings
+    what = f"in {size}" if size not in (None, "None") else f"at {ratio:.0%} params"
+    ax.set_title(f"tqc run's recipe {what}: fidelity against distillation", fontsize=10)
     finish_log_plot(fig, ax, path)
 
 

@@ -463,3 +463,20 @@ def test_recovery_gives_each_recovery_the_same_seconds_from_one_student(tmp_path
     assert list(runs) == ["none", "global", "blockwise", "blockwise+global"]
     assert runs["global"]["kd_tokens"] > 0 and runs["blockwise"]["kd_tokens"] == 0
     assert len(result["blocks"]) == 2 and result["commit"]
+
+
+def test_demo_curve_builds_the_byte_budget_student_and_measures_it_as_stored():
+    import argparse
+
+    from tqcompressor.planning.formats import measure_formats
+    from tqcompressor.quant.api import quantized_layers
+
+    demo_curve = bench_module("demo_curve")
+    teacher = tiny_llama(vocab_size=256)
+    budget = measure_formats(teacher).smallest - 1  # below every format: factors needed
+    calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    student, stored = demo_curve.build_student(teacher, calibration, argparse.Namespace(max_bytes=str(budget)))
+    trained = set(quantized_layers(student))
+    final = stored(student)
+    assert trained < set(quantized_layers(final))  # the factors are stored only in the measured copy
+    assert set(quantized_layers(student)) == trained and quantized_layers(teacher) == {}
