@@ -364,6 +364,42 @@ def demo_curve_section() -> str:
     )
 
 
+def byte_curve_section() -> str:
+    """How far make demo's 60 MiB model is from issue #50's goal: its KD curve, measured as stored."""
+    run = load("demo_curve/demo-curve-60mib.json")
+    fit, last, settings = run["extrapolation"], run["curve"][-1], run["settings"]
+    rows = [
+        ["one-shot" if p["tokens"] == 0 else "distilled", p["tokens"], p["fidelity_kl"], p["fidelity_top1"]]
+        for p in run["curve"]
+    ]
+    pace = last["tokens"] / run["seconds"]  # the whole run's, sampling, planning and evaluations included
+    reach = (
+        f"it would reach {fit['goal_kl']} at about {fit['tokens_to_goal']:,.0f} KD tokens, about "
+        f"{fit['tokens_to_goal'] / pace / 86400:,.0f} days on 2 cores at this run's pace ({pace:.0f} tokens/s, "
+        "everything included)"
+        if fit["tokens_to_goal"]
+        else "it does not fall, so it reaches no goal"
+    )
+    return "\n".join(
+        [
+            "## How far the 60 MiB model is from its fidelity goal",
+            "",
+            f"`demo-curve-60mib.json` (commit {short(run['commit'])}, {run['device']}, {run['seconds'] / 60:.0f} min): "
+            f"`bench/demo_curve.py --max-bytes {settings['max_bytes']}` built `make demo`'s student (the byte plan's "
+            f"whole matrices in their formats, its SVD factors in float) and distilled its factors for "
+            f"{run['distill']['steps']} steps in one schedule (no block refits), stopped and measured at several "
+            "points on the model as the run would store it (factors in their formats too), on the first "
+            f"{settings['eval_tokens']} tokens of each domain. A point before the last is part-way through the "
+            "schedule. A power law through the distilled points, "
+            f"fidelity KL = {fit['a']:.3g} · tokens^-{fit['b']:.3f}, says {reach} (an extrapolation, not a "
+            "measurement): distillation alone will not take this plan to the goal; a closer plan must. "
+            "![curve](../bench/results/demo_curve/demo-curve-60mib.png)",
+            "",
+            table(["point", "KD tokens", "fidelity KL", "fidelity top-1"], rows),
+        ]
+    )
+
+
 def compare_section() -> str:
     parts = ["## Methods compared at the same size (in-domain)", ""]
     for name, model in (("compare.json", "SmolLM2-135M"), ("compare-gemma3.json", "Gemma-3-270M")):
@@ -993,6 +1029,7 @@ DOC_BLOCKS = {
 
 SECTIONS = (
     byte_demo_section,
+    byte_curve_section,
     demo_section,
     one_shot_section,
     demo_curve_section,
