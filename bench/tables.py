@@ -714,7 +714,8 @@ def kd_scaling_section() -> str:
     )
 
 
-RECOVERY_FILES = ("recovery.json", "recovery-steps40-lr5e-4.json")  # one run each: block-wise settings differ
+# one run each: block-wise settings differ (the first two), or the method (svd_aware, then tq_aware)
+RECOVERY_FILES = ("recovery.json", "recovery-steps40-lr5e-4.json", "recovery-tq-aware.json")
 
 
 # make demo-ratio's runs at DEMO_COMMIT beside docs/demo-ratio-results.json (run with `--blockwise-steps 40
@@ -772,13 +773,14 @@ def recovery_section() -> str:
     parts = [
         "## Recovery per CPU second",
         "",
-        f"`bench/recovery.py`, {first['device']}, {first['cpu']['cores']} cores: one `{settings['method']}` student "
-        f"at {float(settings['ratio']):.0%} of SmolLM2-135M's parameters, compressed once, then each recovery given "
-        f"the same {float(settings['recovery_seconds']) / 60:.0f} minutes by the step count a timed step pays for: "
-        "global logit distillation alone, or block-wise reconstruction (each decoder block fitted to the teacher's, "
-        "first to last, on WikiText-2 valid) followed by global distillation for the seconds left. Minutes are "
-        "compression plus recovery as they ran (a timed step is shorter than a step in a run, so every recovery "
-        "ran past its share), evaluations aside; fidelity on the held-out suite. One table per run.",
+        f"`bench/recovery.py`, {first['device']}, {first['cpu']['cores']} cores: one student (its method named "
+        f"per run) at {float(settings['ratio']):.0%} of SmolLM2-135M's parameters, compressed once, then each "
+        f"recovery given the same {float(settings['recovery_seconds']) / 60:.0f} minutes by the step count a timed "
+        "step pays for: global logit distillation alone, or block-wise reconstruction (each decoder block fitted "
+        "to the teacher's, first to last, on WikiText-2 valid) followed by global distillation for the seconds "
+        "left. Minutes are compression plus recovery as they ran (a timed step is shorter than a step in a run, "
+        "so every recovery ran past its share), evaluations aside; fidelity on the held-out suite. One table per "
+        "run.",
     ]
     for name, run in zip(found, runs):
         by_stages = {r["stages"]: r for r in run["runs"]}
@@ -790,7 +792,8 @@ def recovery_section() -> str:
         ]
         parts += [
             "",
-            f"`{name}` and its `.png` (commit {short(run['commit'])}, {run['seconds'] / 60:.0f} min): block-wise "
+            f"`{name}` and its `.png` (`{run['settings']['method']}`, commit {short(run['commit'])}, "
+            f"{run['seconds'] / 60:.0f} min): block-wise "
             f"{run['blockwise']['steps']} Adam steps a block at lr {run['blockwise']['lr']:g} on "
             f"{run['blockwise_tokens']:,} tokens ({both['stage_seconds']['blockwise'] / 60:.1f} min), a KD step "
             f"timed at {run['seconds_per_kd_step']:.1f} s. Block-wise then global ends {verdict} the teacher than "
@@ -800,7 +803,20 @@ def recovery_section() -> str:
             "",
             table(["run", "stages", "minutes", "KD tokens", "fidelity KL", "top-1"], rows),
         ]
-    return "\n".join(parts)
+    return "\n".join(parts + methods_after_recovery(runs))
+
+
+def methods_after_recovery(runs: list[dict]) -> list[str]:
+    """Each method's student after the same recovery (runs with the same block-wise settings and minutes)."""
+    same = [r for r in runs if (r["blockwise"]["steps"], r["blockwise"]["lr"]) == (40, 5e-4)]
+    if len({r["settings"]["method"] for r in same}) < 2:
+        return []
+    ends = "; ".join(
+        f"`{r['settings']['method']}` from {one['fidelity_kl']:.3f} one-shot to {both['fidelity_kl']:.3f}"
+        for r in same
+        for one, both in [({x["stages"]: x for x in r["runs"]}[k] for k in ("none", "blockwise+global"))]
+    )
+    return ["", f"The same recovery (40 steps a block at lr 5e-4, then global KD) for each method: {ends}."]
 
 
 def recipe_section() -> str:
