@@ -397,17 +397,23 @@ def test_deploy_exports_both_models_the_same_way_and_compares_them_in_onnxruntim
     assert "student / teacher" in capsys.readouterr().out
 
 
-def test_frontier_writes_uniform_and_planned_points_each_within_its_budget(tmp_path, gpt2_dir, monkeypatch):
+def run_frontier(tmp_path, gpt2_dir, monkeypatch, name: str, *extra: str):
+    """``(bench/frontier.py as a module, its result)`` after a toy run on GPT-2 with ``extra`` options."""
     from tests.conftest import TOY_TEXT
 
     frontier = bench_module("frontier")
     (tmp_path / "calibration.txt").write_text(TOY_TEXT * 4)
-    out = tmp_path / "frontier.json"
+    out = tmp_path / name
     argv = ["frontier.py", "--model", str(gpt2_dir), "--calibration", str(tmp_path / "calibration.txt")]
-    argv += ["--calibration-tokens", "256", "--fidelity-tokens", "64", "--context", "32", "--out", str(out)]
+    argv += ["--calibration-tokens", "256", "--fidelity-tokens", "64", "--context", "32", "--out", str(out), *extra]
     monkeypatch.setattr(sys, "argv", argv)
     frontier.main()
-    result = json.loads(out.read_text())
+    return frontier, json.loads(out.read_text())
+
+
+def test_frontier_writes_uniform_and_planned_points_each_within_its_budget(tmp_path, gpt2_dir, monkeypatch):
+    frontier, result = run_frontier(tmp_path, gpt2_dir, monkeypatch, "frontier.json")
+    out = tmp_path / "frontier.json"
     fields = {"label", "kind", "quantizer", "bytes", "fidelity_kl", "fidelity_top1", "kd_tokens"}
     assert all(fields <= set(p) for p in result["points"]) and out.with_suffix(".png").is_file()
     uniform = {p["label"]: p for p in result["points"] if p["kind"] == "uniform" and p["quantizer"] == "rtn"}
@@ -425,17 +431,9 @@ def test_frontier_writes_uniform_and_planned_points_each_within_its_budget(tmp_p
 
 
 def test_frontier_with_structures_plans_below_every_format_beside_the_formats_alone(tmp_path, gpt2_dir, monkeypatch):
-    from tests.conftest import TOY_TEXT
-
-    frontier = bench_module("frontier")
-    (tmp_path / "calibration.txt").write_text(TOY_TEXT * 4)
+    options = ["--uniform", "int4-g128-dq", "--structures", "svd", "--max-kl", "0", "--budgets", "60KiB,100KiB"]
+    _, result = run_frontier(tmp_path, gpt2_dir, monkeypatch, "frontier-structures.json", *options)
     out = tmp_path / "frontier-structures.json"
-    argv = ["frontier.py", "--model", str(gpt2_dir), "--calibration", str(tmp_path / "calibration.txt")]
-    argv += ["--calibration-tokens", "256", "--fidelity-tokens", "64", "--context", "32", "--out", str(out)]
-    argv += ["--uniform", "int4-g128-dq", "--structures", "svd", "--max-kl", "0", "--budgets", "60KiB,100KiB"]
-    monkeypatch.setattr(sys, "argv", argv)
-    frontier.main()
-    result = json.loads(out.read_text())
     assert [p["label"] for p in result["points"] if p["kind"] == "uniform"] == ["teacher int4-g128-dq"]
     planned = {(p["quantizer"], p["budget_bytes"]): p for p in result["points"] if p["kind"] == "planned"}
     # 60 KiB is below every format of this model (74 KiB at the least): only the plan with structures reaches it

@@ -19,20 +19,21 @@ def plan_cells(teacher: nn.Module, student: nn.Module) -> list[dict]:
     ``self_attn.q_proj``), the structure the student has there (``dense`` when untouched; a stored
     layer's format beside it, ``svd int8``) and the fraction of the teacher's parameters it keeps (of a
     stored layer: of the teacher's bytes)."""
+    structure_of = {cls: name for name, s in REGISTRY.items() for cls in s.module_types}
+    structure_of[QuantizedLowRankLinear] = "svd"
     cells = []
     for name, module in teacher.named_modules():
         found = BLOCK.search(name)
         if not found or not isinstance(module, (nn.Linear, Conv1D)):
             continue
-        method, kept = _cell(module, student.get_submodule(name))
+        method, kept = _cell(module, student.get_submodule(name), structure_of)
         cells.append({"block": int(found.group(1)), "matrix": name[found.end() :], "method": method, "kept": kept})
     return cells
 
 
-def _cell(original: nn.Module, replaced: nn.Module) -> tuple[str, float]:
-    """``(structure, kept)`` of one cell (a stored layer: its structure and format, kept by bytes)."""
-    structure_of = {cls: name for name, s in REGISTRY.items() for cls in s.module_types}
-    structure_of[QuantizedLowRankLinear] = "svd"
+def _cell(original: nn.Module, replaced: nn.Module, structure_of: dict) -> tuple[str, float]:
+    """``(structure, kept)`` of one cell (a stored layer: its structure and format, kept by bytes);
+    ``structure_of``: a module class's structure name."""
     if not isinstance(replaced, MODULE_TYPES):
         kept = sum(p.numel() for p in replaced.parameters()) / sum(p.numel() for p in original.parameters())
         return structure_of.get(type(replaced), "dense"), kept
