@@ -140,7 +140,7 @@ def build_student(teacher, calibration, args) -> tuple:
         return student, lambda model: model
     structures, formats = recipe.BYTE_STRUCTURES, recipe.BYTE_FORMATS
     plan = tqc.measure_model_mixed(student, calibration, structures, formats=formats).plan(parse_bytes(args.max_bytes))
-    tqc.prepare_planned(student, plan, measure_error=False)
+    tqc.prepare_planned(student, plan, measure_error=False, learn_grids=recipe.LEARN_GRIDS)
 
     def stored(model):
         copied = copy.deepcopy(model)

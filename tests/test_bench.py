@@ -431,15 +431,17 @@ def test_frontier_writes_uniform_and_planned_points_each_within_its_budget(tmp_p
 
 
 def test_frontier_with_structures_plans_below_every_format_beside_the_formats_alone(tmp_path, gpt2_dir, monkeypatch):
-    options = ["--uniform", "int4-g128-dq", "--structures", "svd", "--max-kl", "0", "--budgets", "60KiB,100KiB"]
+    options = ["--uniform", "int4-g128-dq", "--structures", "svd", "--max-kl", "0", "--budgets", "49.5KiB,100KiB"]
     _, result = run_frontier(tmp_path, gpt2_dir, monkeypatch, "frontier-structures.json", *options)
     out = tmp_path / "frontier-structures.json"
     assert [p["label"] for p in result["points"] if p["kind"] == "uniform"] == ["teacher int4-g128-dq"]
     planned = {(p["quantizer"], p["budget_bytes"]): p for p in result["points"] if p["kind"] == "planned"}
-    # 60 KiB is below every format of this model (74 KiB at the least): only the plan with structures reaches it
-    assert set(planned) == {("planned+svd", 60 * 1024), ("planned", 100 * 1024), ("planned+svd", 100 * 1024)}
+    # 49.5 KiB is below every format of this model (50.8 KiB at the least, in int2 but the int4 head): only the
+    # plan with structures reaches it
+    budgets = {("planned+svd", 49.5 * 1024), ("planned", 100 * 1024), ("planned+svd", 100 * 1024)}
+    assert set(planned) == budgets
     assert all(p["bytes"] <= budget for (_, budget), p in planned.items())
-    assert any(fmt.startswith("svd ") for fmt in planned[("planned+svd", 60 * 1024)]["formats"].values())
+    assert any(fmt.startswith("svd ") for fmt in planned[("planned+svd", 49.5 * 1024)]["formats"].values())
     assert result["max_kl_search"] is None and out.with_suffix(".png").is_file()
 
 
@@ -463,15 +465,18 @@ def test_recovery_gives_each_recovery_the_same_seconds_from_one_student(tmp_path
     assert len(result["blocks"]) == 2 and result["commit"]
 
 
-def test_demo_curve_builds_the_byte_budget_student_and_measures_it_as_stored():
+def test_demo_curve_builds_the_byte_budget_student_and_measures_it_as_stored(monkeypatch):
     import argparse
 
-    from tqcompressor.planning.formats import measure_formats
+    from tqcompressor.planning.formats import FORMATS, measure_formats
     from tqcompressor.quant.api import quantized_layers
+    from tqcompressor.training import recipe
 
     demo_curve = bench_module("demo_curve")
     teacher = tiny_llama(vocab_size=256)
-    budget = measure_formats(teacher).smallest - 1  # below every format: factors needed
+    # int4 and int8 only: this toy's matrices are too small for factors to go below int3 and int2
+    monkeypatch.setattr(recipe, "BYTE_FORMATS", FORMATS)
+    budget = measure_formats(teacher, formats=FORMATS).smallest - 1  # below every format: factors needed
     calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     student, stored = demo_curve.build_student(teacher, calibration, argparse.Namespace(max_bytes=str(budget)))
     trained = set(quantized_layers(student))

@@ -364,7 +364,7 @@ def test_every_option_shows_its_help(command, option, words):
         (["compress", "--model", "{dir}", "--steps", "0", "--out", "{out}"], "--steps must be"),
         (["compress", "--model", "{dir}", "--ratio", "0.5", "--target-params", "50000", "--out", "{out}"], "give one"),
         (["compress", "--model", "{dir}", "--group-size", "7", "--out", "{out}"], "--group-size applies to --quantize"),
-        (["quantize", "{dir}", "--bits", "int8", "--group-size", "64", "--out", "{out}"], "int4 only"),
+        (["quantize", "{dir}", "--bits", "int8", "--group-size", "64", "--out", "{out}"], "int4/3/2 only"),
         (["compress", "--model", "{dir}", "--spec", "{twice}", "--out", "{out}"], "is listed twice for step 1"),
         (["run", "--model", "{dir}", "--stages", "0", "--out", "{out}"], "--stages must be"),
         (["eval", "--model", "{dir}", "--data", "{blank}", "--context", "16"], "holds no text"),

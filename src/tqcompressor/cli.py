@@ -232,13 +232,14 @@ CompressOutputWeights = Annotated[
     ),
 ]
 CompressQuantize = Annotated[
-    Optional[str], typer.Option(help="then store the factors and the remaining matrices in int8 or int4 (weight-only)")
+    Optional[str],
+    typer.Option(help="then store the factors and the remaining matrices in int8, int4, int3 or int2 (weight-only)"),
 ]
 MaxBytes = Annotated[
     Optional[str],
     typer.Option(
         help="instead of --bits: the size the weights may take (90MiB, 90MB, 1.5GiB, bytes); each matrix gets the "
-        "format (int8, int4 in groups of 32/64/128) that loses least per byte"
+        "format (int8; int4, int3, int2 in groups of 32/64/128) that loses least per byte"
     ),
 ]
 MaxKL = Annotated[
@@ -262,8 +263,16 @@ PlannedStructures = Annotated[
         "format too, comma-separated (svd: activation-aware SVD with --calibration); one budget spreads over both",
     ),
 ]
+QuantizeBits = Annotated[
+    Optional[str],
+    typer.Option(
+        "--bits",
+        help="int8, int4, int3 or int2 (weight-only; biases and norms stay float; int3 and int2 save bytes on disk "
+        "and run as int4)",
+    ),
+]
 GroupSize = Annotated[
-    Optional[int], typer.Option(help="int4: inputs sharing one scale (32, 64, 128, 256) [default: 32]")
+    Optional[int], typer.Option(help="int4/3/2: inputs sharing one scale (32, 64, 128, 256) [default: 32]")
 ]
 
 
@@ -292,7 +301,7 @@ def compress(
 
     check_writable(out, inputs=[model, spec, calibration], adopt=adopt)  # before the long work, not after it
     if group_size is not None and quantize is None:
-        raise TQCError("--group-size applies to --quantize int4: add --quantize int4 or drop --group-size")
+        raise TQCError("--group-size applies to --quantize int4/3/2: add --quantize int4 or drop --group-size")
     # what would plan without a spec file (a spec file is the whole plan: these are refused beside it)
     planning = dict(method=method, ratio=ratio, target_params=target_params, target_modules=target_modules)
     planning.update(steps=steps, auto_methods=auto_methods, prefer=prefer)
@@ -352,17 +361,17 @@ def _budget_config(planning: dict, max_iterations: int, sequential: bool, output
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="a compressed dir or any model --model accepts (the baseline)"),
-    bits: Optional[str] = typer.Option(None, "--bits", help="int8 or int4 (weight-only; biases and norms stay float)"),
+    bits: QuantizeBits = None,
     group_size: GroupSize = None,
     quantizer: Optional[str] = typer.Option(
         None,
-        help="with --bits int4: rtn (round to nearest, the default) or hqq (HQQ's fitted scales and offsets); "
+        help="with --bits int4/3/2: rtn (round to nearest, the default) or hqq (HQQ's fitted scales and offsets); "
         "--max-bytes and --max-kl measure both and keep the closer per matrix",
     ),
     double_quant: bool = typer.Option(
         False,
         "--double-quant",
-        help="with --bits int4: scales and offsets stored as 8-bit codes (groups of 32 in about the bytes of 64)",
+        help="with --bits int4/3/2: scales and offsets stored as 8-bit codes (groups of 32 in about the bytes of 64)",
     ),
     max_bytes: MaxBytes = None,
     max_kl: MaxKL = None,
@@ -477,7 +486,7 @@ def _write_quantization(report, out: Path, source: str, kept: int, formats=None,
         "source": source,
         "format": "mixed" if formats else report.settings.name,
         "bits": bits,
-        "group_size": report.settings.group_size if report.settings.bits == 4 and not formats else None,
+        "group_size": report.settings.group_size if report.settings.bits != 8 and not formats else None,
         "weights_file_bytes": (Path(out) / WEIGHTS_FILE).stat().st_size,
         "weights_tensor_bytes": stored_tensor_bytes(Path(out)),
         "quantized_float_bytes": report.float_bytes,

@@ -67,7 +67,7 @@ from tqcompressor.surgery.experts import split_experts
 from tqcompressor.training.blockwise import estimated_seconds
 from tqcompressor.training.budget import BudgetPlan, plan_steps, seconds_after_distillation, seconds_per_step
 from tqcompressor.training.distill import DistillConfig, blockwise_ids, multistep_distill, training_precision
-from tqcompressor.training.recipe import BYTE_FORMATS, TEACHER_POOL, TEACHER_START
+from tqcompressor.training.recipe import BYTE_FORMATS, LEARN_GRIDS, TEACHER_POOL, TEACHER_START
 from tqcompressor.versions import library_versions
 
 PROMPTS = [
@@ -492,7 +492,7 @@ def _byte_plan_and_one_shot(teacher, run: RunConfig, calibration, record: RunRec
     menus = measure_model_mixed(student, calibration, run.structures, formats=BYTE_FORMATS)
     formats = menus.plan(run.max_bytes)
     record.byte_plan = _byte_plan_record(formats)
-    _, structures = prepare_planned(student, formats, measure_error=False)
+    _, structures = prepare_planned(student, formats, measure_error=False, learn_grids=LEARN_GRIDS)
     plan = structures or Plan(method="mixed")
     if record.has("compressed (no KD)"):
         return student, plan, None, formats

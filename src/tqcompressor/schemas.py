@@ -31,7 +31,7 @@ MAX_EXPERTS = 1 << 14
 Size = Annotated[int, Field(strict=True, ge=1, le=MAX_SIZE)]
 Shape = tuple[Size, Size]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-Bits = Literal[4, 8]
+Bits = Literal[2, 3, 4, 8]
 GroupSize = Annotated[int, Field(strict=True, ge=1, le=MAX_SIZE)]
 LinearKind = Literal["linear", "conv1d"]
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")

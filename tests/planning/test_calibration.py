@@ -121,3 +121,15 @@ def test_calibrated_kronecker_methods_fit_the_outputs_and_stay_plain_layers(meth
         output_error(weight, m.get_submodule(name).to_dense(), stats[name].input_cov) for m in (calibrated, plain)
     ]
     assert errors[0] < errors[1]
+
+
+def test_the_heads_fisher_rows_are_the_kl_curvature_of_each_logit():
+    """``p_v (1 - p_v)`` averaged over every position: the head's rows by how much the KL to the model moves
+    with their logits, whether or not their token came next in the text."""
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p = torch.softmax(model(ids).logits.double().reshape(-1, 512), dim=-1)
+    stats = calibrate(model, ["lm_head", "model.layers.0.mlp.down_proj"], ids, batch_size=2, progress=False)
+    assert torch.allclose(stats["lm_head"].fisher_rows, (p * (1 - p)).mean(0), rtol=1e-4)
+    assert stats["model.layers.0.mlp.down_proj"].fisher_rows is None  # not a head: no logits

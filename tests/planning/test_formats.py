@@ -182,6 +182,8 @@ def banded_menus(vocab_size: int = 256):
     model = tiny_llama(vocab_size=vocab_size)
     ids = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
     stats = layer_statistics(model, list(planned_matrices(model)), ids, progress=False)
+    # as a trained model, which hardly predicts the tokens its text never uses (a random one predicts all alike)
+    stats["model.embed_tokens"].head.fisher_rows[64:] *= 1e-6
     return model, ids, measure_formats(model, stats, band_rows=(16, 32, 64))
 
 
@@ -197,6 +199,20 @@ def test_a_tied_table_is_planned_by_bands_of_rows_most_used_first():
     chosen = [next(c for c in menus.menus[item] if c.method == plan.formats[item]) for item in items]
     per_row = [candidate.params / rows for candidate, rows in zip(chosen, bands.sizes)]
     assert per_row[0] > per_row[-1]  # the used rows got a finer format (more bytes a row) than the tail
+
+
+def test_a_tied_heads_rows_weigh_by_the_kl_curvature_not_by_the_texts_labels():
+    """A token that never comes next in the calibration text still has a logit the KL depends on: its row
+    weighs what ``p (1 - p)`` says, not the ``p^2`` the text's labels give it; the head's total is the same."""
+    from tqcompressor.planning.formats import _head_rows
+
+    model = tiny_llama(vocab_size=256)
+    ids = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
+    head = layer_statistics(model, list(planned_matrices(model)), ids, progress=False)["model.embed_tokens"].head
+    rows = _head_rows(head)
+    assert float(rows.sum()) == pytest.approx(float(head.grad_sq_rows.sum()), rel=1e-9)
+    unused, used = slice(64, None), slice(0, 64)
+    assert rows[unused].sum() / rows[used].sum() > 2 * head.grad_sq_rows[unused].sum() / head.grad_sq_rows[used].sum()
 
 
 def test_a_banded_table_is_priced_exactly_and_reopens_as_planned(tmp_path):

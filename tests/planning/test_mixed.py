@@ -3,13 +3,14 @@
 import copy
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 
 import tqcompressor as tqc
 from tests.conftest import TOY_TEXT, run_cli, tiny_llama
 from tqcompressor.planning.calibration import layer_statistics
-from tqcompressor.planning.formats import measure_formats, planned_matrices, relative_output_error
+from tqcompressor.planning.formats import FORMATS, measure_formats, planned_matrices, relative_output_error
 from tqcompressor.planning.mixed import FACTOR_FORMATS, factored_menu, with_structures
 from tqcompressor.quant.api import quantized_layers
 from tqcompressor.quant.modules import QuantizedWeight
@@ -52,7 +53,7 @@ def test_each_factored_candidate_is_priced_and_measured_as_stored():
 def test_a_budget_below_every_format_stores_matrices_as_factors_and_the_dir_holds_those_bytes(tmp_path):
     model = tiny_llama(vocab_size=256)
     stats = calibrated(model)
-    formats_only = measure_formats(model, stats)
+    formats_only = measure_formats(model, stats, formats=FORMATS)  # int4 and int8: factors go below them
     mixed = with_structures(formats_only, model, stats, progress=False)
     assert mixed.smallest < formats_only.smallest  # factors make smaller models than any format
     plan = mixed.plan(formats_only.smallest - 1)
@@ -97,14 +98,15 @@ def test_tqc_quantize_structures_writes_a_dir_of_factors_and_formats(tmp_path, g
     assert stored and torch.isfinite(reopened(torch.randint(0, 200, (1, 8))).logits).all()
 
 
-def test_a_byte_plan_trains_its_factors_beside_stored_matrices_and_stores_them_as_planned():
+@pytest.mark.parametrize("learn_grids", [False, True])
+def test_a_byte_plan_trains_its_factors_beside_stored_matrices_and_stores_them_as_planned(learn_grids):
     model = tiny_llama(vocab_size=256)
     stats = calibrated(model)
-    formats_only = measure_formats(model, stats)
+    formats_only = measure_formats(model, stats, formats=FORMATS)  # int4 and int8: factors go below them
     plan = with_structures(formats_only, model, stats, progress=False).plan(formats_only.smallest - 1)
     stored, trained = copy.deepcopy(model), copy.deepcopy(model)
     store_planned(stored, plan)
-    prepare_planned(trained, plan)
+    prepare_planned(trained, plan, learn_grids=learn_grids)
     quantized = set(quantized_layers(trained))
     assert quantized == set(plan.settings()) - set(plan.structures())  # the factors wait in float
     ids = torch.randint(0, 256, (2, 16))
@@ -112,8 +114,12 @@ def test_a_byte_plan_trains_its_factors_beside_stored_matrices_and_stores_them_a
     for name in plan.structures():
         grads = [p.grad for p in trained.get_submodule(name).parameters()]
         assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    grids = [p for name, p in trained.named_parameters() if "grid_" in name]
+    assert len(grids) == (2 * len(quantized) if learn_grids else 0)  # scales and offsets of each stored matrix
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in grids)
     trained.zero_grad()
     store_factors(trained, plan)  # untrained: the same model store_planned makes
     assert set(quantized_layers(trained)) == set(quantized_layers(stored)) == set(plan.settings())
+    assert not [name for name, _ in trained.named_parameters() if "grid_" in name]
     with torch.no_grad():
         assert torch.equal(trained(ids).logits, stored(ids).logits)

@@ -1,4 +1,4 @@
-"""Double quantization: int4 whose group scales and offsets are stored as 8-bit codes."""
+"""Double quantization (group scales and offsets stored as 8-bit codes), and the int3/int2 formats beside int4."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tqcompressor as tqc
 from tqcompressor.errors import TQCError
 from tqcompressor.planning.formats import settings_named
 from tqcompressor.quant.api import quantize_
-from tqcompressor.quant.formats import QuantizeSettings, decode_per_row, double_quantize, quantize_int4, unpack_int4
+from tqcompressor.quant.formats import QuantizeSettings, decode_per_row, double_quantize, quantize_grouped, unpack_int4
 from tqcompressor.quant.modules import QuantizedWeight
 
 DQ32 = QuantizeSettings(4, 32, double_quant=True)
@@ -45,7 +45,7 @@ def test_a_matrix_on_a_group_of_32_grid_stays_closer_in_int4_g32_dq_than_in_int4
 
 def test_each_value_takes_the_nearest_step_of_its_groups_decoded_grid():
     weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
-    _, scale, zero = quantize_int4(weight, 32)
+    _, scale, zero = quantize_grouped(weight, 32)
     packed, scale_codes, scale_step, zero_codes, zero_step = double_quantize(weight, scale, zero, 32)
     assert scale_codes.dtype == torch.uint8 and zero_codes.dtype == torch.int8 and scale_step.shape == (16,)
     decoded_scale, decoded_zero = decode_per_row(scale_codes, scale_step), decode_per_row(zero_codes, zero_step)
@@ -72,10 +72,12 @@ def test_the_cpu_kernel_computes_with_the_decoded_scales_and_files_keep_the_code
     assert torch.equal(again.dequantize(), weight.dequantize())
 
 
-def test_a_double_quantized_model_saves_and_reopens_with_plain_from_pretrained(tmp_path):
+@pytest.mark.parametrize("name", ["int4-g32-dq", "int3-g32-dq", "int2-g64", "int3-g64-hqq"])
+def test_a_double_quantized_or_low_bit_model_saves_and_reopens_with_plain_from_pretrained(tmp_path, name):
     model = tiny_llama()
-    report = quantize_(model, DQ32)
-    assert {layer.format for layer in report.layers} == {"int4-g32-dq"}
+    settings = settings_named(name)
+    report = quantize_(model, settings)
+    assert {layer.format for layer in report.layers} == {settings.name}
     with torch.no_grad():
         expected = model(IDS).logits
     tqc.save(model, tmp_path / "q")
@@ -86,6 +88,8 @@ def test_a_double_quantized_model_saves_and_reopens_with_plain_from_pretrained(t
 
 def test_formats_are_named_and_parsed_back():
     assert settings_named("int4-g32-dq") == DQ32 and DQ32.name == "int4-g32-dq"
+    assert settings_named("int3-g128-dq-hqq") == QuantizeSettings(3, 128, "hqq", True)
+    assert QuantizeSettings(2, 64).name == "int2-g64" and QuantizeSettings.parse("int3", 64).name == "int3-g64"
     assert settings_named("int4-g64-dq-hqq") == QuantizeSettings(4, 64, "hqq", True)
     assert QuantizeSettings(4, 64, "hqq", True).label == "int4-g64-dq-hqq"
 

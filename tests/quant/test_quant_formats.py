@@ -8,16 +8,18 @@ import torch
 from tqcompressor.errors import TQCError
 from tqcompressor.quant.formats import (
     QuantizeSettings,
-    dequantize_int4,
+    dequantize_grouped,
     dequantize_int8,
     group_size_for,
     int4_from_cpu_layout,
+    pack_bits,
     pack_int4,
     padded_shape,
-    quantize_int4,
-    quantize_int4_hqq,
+    quantize_grouped,
+    quantize_grouped_hqq,
     quantize_int8,
     relative_error,
+    unpack_bits,
     unpack_int4,
 )
 from tqcompressor.quant.modules import QuantizedWeight
@@ -30,6 +32,15 @@ def test_int4_packing_round_trips():
     assert torch.equal(unpack_int4(packed), q)
 
 
+@pytest.mark.parametrize("bits, packed_width", [(4, 16), (3, 12), (2, 8)])
+def test_low_bit_packing_round_trips_in_bits_per_value(bits, packed_width):
+    q = torch.randint(0, 2**bits, (5, 32), dtype=torch.uint8)
+    packed = pack_bits(q, bits)
+    assert packed.shape == (5, packed_width) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_bits(packed, bits), q)
+    assert unpack_bits(packed[:0], bits).shape == (0, 32)  # a lookup that leaves a band without rows
+
+
 def test_int8_is_within_half_a_step_of_each_weight():
     w = torch.randn(7, 40)
     q, scale = quantize_int8(w)
@@ -37,10 +48,12 @@ def test_int8_is_within_half_a_step_of_each_weight():
     assert ((dequantize_int8(q, scale) - w).abs() <= scale[:, None] / 2 + 1e-6).all()
 
 
-def test_int4_is_within_half_a_step_and_keeps_each_groups_range():
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_grouped_values_are_within_half_a_step_and_keep_each_groups_range(bits):
     w = torch.randn(6, 64)
-    packed, scale, zero = quantize_int4(w, 32)
-    back = dequantize_int4(packed, scale, zero, 32)
+    packed, scale, zero = quantize_grouped(w, 32, bits)
+    assert unpack_bits(packed, bits).max() == 2**bits - 1
+    back = dequantize_grouped(packed, scale, zero, 32, bits)
     step = scale.repeat_interleave(32, dim=1)
     assert ((back - w).abs() <= step / 2 + 1e-5).all()
     groups, back_groups = w.reshape(6, 2, 32), back.reshape(6, 2, 32)
@@ -55,13 +68,16 @@ def test_padding_follows_what_the_kernels_need():
     assert group_size_for(576, QuantizeSettings(4, 128)) == 64 and group_size_for(512, QuantizeSettings(4, 128)) == 128
 
 
-@pytest.mark.parametrize("text, group, message", [("int3", 32, "int8 or int4"), ("int4", 48, "group size 48")])
+@pytest.mark.parametrize(
+    "text, group, message",
+    [("int5", 32, "int8, int4, int3 or int2"), ("int4", 48, "group size 48"), ("int3", 48, "group size 48")],
+)
 def test_bad_settings_are_one_clear_error(text, group, message):
     with pytest.raises(TQCError, match=message):
         QuantizeSettings.parse(text, group)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("shape", [(13, 17), (48, 64), (5, 100), (40, 192)])
 def test_cpu_kernel_matches_dequantized_matmul(bits, shape):
     """The CPU kernels (bfloat16 activations) compute what the stored integers stand for, for
@@ -92,7 +108,7 @@ def test_int8_kernel_survives_misaligned_integers():
         assert torch.allclose(weight.linear(x), x @ weight.dequantize().T, rtol=0.03, atol=0.05)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_rows_are_the_dequantized_rows(bits):
     weight = QuantizedWeight.from_weight(torch.randn(40, 24), QuantizeSettings(bits, 32))
     index = torch.tensor([[3, 0], [39, 3]])
@@ -106,10 +122,13 @@ def test_the_cpu_kernel_layout_reads_back_to_the_portable_one(shape):
     assert torch.equal(int4_from_cpu_layout(kernel, shape), pack_int4(q))
 
 
-def test_int4_runs_from_the_kernel_layout_alone_and_still_saves_the_portable_one():
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_grouped_formats_run_from_the_kernel_layout_alone_and_still_save_the_portable_one(bits):
     """In memory an int4 matrix holds half a byte per value, as on disk (an embedding's table,
-    read by lookups too, keeps both layouts)."""
-    weight = QuantizedWeight.from_weight(torch.randn(48, 64), QuantizeSettings(4, 32))
+    read by lookups too, keeps both layouts); int3 and int2 run from the same int4 layout and save
+    ``bits`` bits a value."""
+    weight = QuantizedWeight.from_weight(torch.randn(48, 64), QuantizeSettings(bits, 32))
+    assert weight.stored_bytes == 48 * 64 * bits // 8 + 2 * 48 * 2 * 2  # values, bfloat16 scale and offset
     portable, dense, stored = weight.qdata.clone(), weight.dequantize(), weight.stored_bytes
     with torch.no_grad():
         weight.linear(torch.randn(2, 64))
@@ -138,11 +157,13 @@ def test_hqq_values_read_back_as_hqq_itself_dequantizes_them():
     from hqq.core.quantize import Quantizer
 
     weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
-    packed, scale, zero = quantize_int4_hqq(weight, 64)
-    assert unpack_int4(packed).max() <= 15
-    q, meta = Quantizer.quantize(weight, nbits=4, group_size=64, axis=1, bitpack=False, device="cpu")
-    theirs = Quantizer.dequantize(q, {**meta, "compute_dtype": torch.float32}).reshape(32, 128)
-    torch.testing.assert_close(dequantize_int4(packed, scale, zero, 64), theirs.float(), rtol=1e-5, atol=1e-5)
+    for bits in (4, 3, 2):
+        packed, scale, zero = quantize_grouped_hqq(weight, 64, bits)
+        assert unpack_bits(packed, bits).max() <= 2**bits - 1
+        q, meta = Quantizer.quantize(weight, nbits=bits, group_size=64, axis=1, bitpack=False, device="cpu")
+        theirs = Quantizer.dequantize(q, {**meta, "compute_dtype": torch.float32}).reshape(32, 128)
+        back = dequantize_grouped(packed, scale, zero, 64, bits)
+        torch.testing.assert_close(back, theirs.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_hqq_fits_closer_than_rounding_to_nearest_in_the_same_bytes():

@@ -155,7 +155,7 @@ def test_cli_compress_quantize_info_and_errors(tmp_path, gpt2_dir):
     assert baseline.exit_code == 0, baseline.output
     assert "| int8 " in runner.invoke(app, ["info", str(tmp_path / "t8")]).output
     for args, message in [
-        (("quantize", gpt2_dir, "--bits", "int3", "--out", tmp_path / "x"), "int8 or int4"),
+        (("quantize", gpt2_dir, "--bits", "int5", "--out", tmp_path / "x"), "int8, int4, int3 or int2"),
         (("quantize", tmp_path / "t8", "--bits", "int4", "--out", tmp_path / "x"), "quantized already"),
         (
             ("distill", "--teacher", gpt2_dir, "--student", tmp_path / "c4", "--out", tmp_path / "d"),

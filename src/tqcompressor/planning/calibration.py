@@ -10,7 +10,12 @@ One pass of forward + backward over the calibration tokens records, for every ta
   estimate says the loss grows by about ``grad_sq * E||delta y||^2 / 2``, which makes output errors
   of different layers comparable (the budget goes where the loss is sensitive);
 * ``grad_sq_rows``: the same per output element (a vector), to weight a layer's outputs by how much
-  the loss depends on each (FWSVD's Fisher row weights; ``bench/output_weighting.py``).
+  the loss depends on each (FWSVD's Fisher row weights; ``bench/output_weighting.py``);
+* ``fisher_rows``, of the LM head alone: the mean over tokens of ``p_v (1 - p_v)`` for each token ``v``
+  of the vocabulary (``p`` the model's next-token distribution): the curvature of the KL to the model
+  in logit ``v``. ``grad_sq_rows`` measures the same with the text's tokens as labels, which gives a token
+  that never comes next in the calibration text only ``p_v^2``: tens of thousands of rare tokens would
+  seem free to store in two bits, yet noise in their logits moves probability onto them.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class LayerStatistics:
     grad_sq: float  # mean over the tokens the layer saw of ||dL/dy||^2 / out_features
     tokens: int  # tokens the layer saw (an MoE expert: those routed to it)
     grad_sq_rows: Tensor | None = None  # (out,) float64: mean over those tokens of (dL/dy_i)^2
+    fisher_rows: Tensor | None = None  # (vocabulary,) float64, the LM head only: mean of p_v (1 - p_v)
 
 
 @dataclass
@@ -75,7 +81,8 @@ def calibrate(
     """Statistics of the modules ``names`` of ``model`` over token blocks ``ids`` (batch, seq_len)."""
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise TQCError(f"calibration tokens must be a (blocks, seq_len >= 2) tensor, got shape {tuple(ids.shape)}")
-    sums = _Sums(names)
+    head = model.get_output_embeddings()
+    sums = _Sums(names, next((name for name in names if head is not None and model.get_submodule(name) is head), None))
     # first of the hooks: the token table's output asks for a gradient, so that the gradient reaches every
     # layer's output while no parameter needs one (a weight's gradient would cost as much again)
     handles = [model.get_input_embeddings().register_forward_hook(_ask_for_gradient)]
@@ -95,7 +102,8 @@ class _Sums:
     """What the hooks add up over the calibration tokens, per module: its inputs' second moment (an
     embedding: how often each token was read), its output gradients' energy, the tokens it saw."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], head: str | None = None) -> None:
+        self.head, self.fisher_rows = head, 0  # the LM head's name, and its logits' p (1 - p) summed over tokens
         self.cov: dict[str, Tensor] = {}
         self.grad: dict[str, float] = {name: 0.0 for name in names}
         self.grad_rows: dict[str, Tensor] = {}
@@ -130,6 +138,10 @@ class _Sums:
             self.grad_rows[name] = self.grad_rows.get(name, 0) + rows
 
         def hook(module, args, output):
+            if name == self.head:
+                with torch.no_grad():
+                    p = torch.softmax(output.detach().float().reshape(-1, output.shape[-1]), dim=-1)
+                    self.fisher_rows = self.fisher_rows + (p * (1 - p)).sum(0, dtype=torch.float64).cpu()
             if output.requires_grad:
                 output.register_hook(on_gradient)
 
@@ -146,7 +158,8 @@ class _Sums:
             # covariance carries how often it is used; grad_sq is a mean over the tokens the layer saw
             moment = self.cov[name] / tokens if name in self.cov else _zero_moment(model.get_submodule(name))
             rows = self.grad_rows[name] / max(seen, 1) if name in self.grad_rows else None
-            stats[name] = LayerStatistics(moment.cpu(), grad_sq, seen, rows)
+            fisher = self.fisher_rows / max(seen, 1) if name == self.head and seen else None
+            stats[name] = LayerStatistics(moment.cpu(), grad_sq, seen, rows, fisher)
         return stats
 
 

@@ -37,22 +37,33 @@ from tqcompressor.structures import Candidate
 # The stored formats, cheapest first (``-dq``: scales and offsets in 8-bit codes, a quarter-bit a value less
 # at groups of 32); int4's group sizes above 128 save a few bytes for much more error
 FORMATS = ("int4-g128-dq", "int4-g128", "int4-g64-dq", "int4-g64", "int4-g32-dq", "int4-g32", "int8")
+# Below 4 bits a value, with 8-bit-coded scales only (at 3 and 2 bits a bfloat16 scale and offset per group
+# are a larger share of the bytes). Planned per matrix they reach budgets under every int4 format at a
+# fraction of the error the factors of a structure cost there (bench/results/frontier/frontier-low-bit.json)
+LOW_BIT_FORMATS = ("int2-g64-dq", "int2-g32-dq", "int3-g128-dq", "int3-g64-dq", "int3-g32-dq")
+# The matrix that computes the logits keeps at least this many bits a value: its errors act on the output
+# through exp(), and a planner's quadratic error model cannot see that. Measured on SmolLM2-135M
+# (bench/results/frontier/frontier-low-bit.json), the 32,768 token rows least used in calibration stored
+# in int2 as the head alone took fidelity KL from 0 to 1.87, as the lookup alone to 0.14
+HEAD_BITS = 4
 # What a plan chooses from: each int4 format by both quantizers (same bytes; the lower error wins per matrix).
 # On SmolLM2-135M, HQQ's uniform int4-g64 is closer to the teacher than round-to-nearest's, its int4-g32 not
-MENU = FORMATS + tuple(f"{name}-hqq" for name in FORMATS if name.startswith("int4"))
+MENU = LOW_BIT_FORMATS + FORMATS + tuple(f"{name}-hqq" for name in FORMATS if name.startswith("int4"))
 # A tied token table is planned in bands of rows, most important first (the last band takes the rest):
 # a few thousand tokens carry most of what the loss sees of the table, in both of its roles
 BAND_ROWS = (512, 1024, 2048, 4096, 8192, 16384)
 
 
 def settings_named(name: str) -> QuantizeSettings:
-    """``int8``, ``int4-gN`` or ``int4-gN-dq`` as :attr:`QuantizeSettings.name` writes them; ``...-hqq`` by HQQ."""
+    """``int8``, ``intB-gN`` or ``intB-gN-dq`` (B: 4, 3 or 2) as :attr:`QuantizeSettings.name` writes them;
+    ``...-hqq`` by HQQ."""
     if name == "int8":
         return QuantizeSettings(8)
-    match = re.fullmatch(r"int4-g(\d+)(-dq)?(-hqq)?", name)
+    match = re.fullmatch(r"int([234])-g(\d+)(-dq)?(-hqq)?", name)
     if match is None:
         raise TQCError(f"unknown storage format {name!r}; use one of {', '.join(MENU)}")
-    return QuantizeSettings(4, int(match.group(1)), "hqq" if match.group(3) else "rtn", bool(match.group(2)))
+    bits, group, double_quant, hqq = match.groups()
+    return QuantizeSettings(int(bits), int(group), "hqq" if hqq else "rtn", bool(double_quant))
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,16 @@ def planned_matrices(model: nn.Module) -> dict[str, Tensor]:
         elif type(module) is nn.Embedding or (module is embedding and isinstance(module, nn.Embedding)):
             found[name] = module.weight.detach()
     return found
+
+
+def logit_matrices(model: nn.Module) -> set[str]:
+    """The planned matrices that compute the logits: the LM head, or the token table tied to it."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return set()
+    tied = getattr(head, "weight", None) is getattr(model.get_input_embeddings(), "weight", 0)
+    logits = model.get_input_embeddings() if tied else head
+    return {name for name, module in model.named_modules() if module is logits}
 
 
 def format_menu(weight: Tensor, stats=None, formats: tuple[str, ...] = MENU) -> list[FormatCandidate]:
@@ -197,10 +218,10 @@ def band_sizes(rows: int, band_rows: tuple[int, ...] = BAND_ROWS) -> tuple[int, 
 
 def row_importance(weight: Tensor, stats) -> Tensor | None:
     """Per row of a tied token table, what one unit of squared relative error of that row costs in the
-    loss: as the head ``grad_sq_rows[v] * W_v C W_v^T`` (the logit of token ``v`` matters as much as the
-    loss's gradient on it), as the lookup ``grad_sq * scale^2 * count[v] * ||W_v||^2 / tokens``: the rows of
-    :func:`~tqcompressor.planning.auto.role_scales`, whose head term weighs every logit alike. ``None``
-    without those statistics."""
+    loss: as the head ``fisher[v] * W_v C W_v^T`` (the logit of token ``v`` matters as much as the KL's
+    curvature there: :func:`_head_rows`), as the lookup ``grad_sq * scale^2 * count[v] * ||W_v||^2 / tokens``:
+    the rows of :func:`~tqcompressor.planning.auto.role_scales`, whose head term weighs every logit alike.
+    ``None`` without those statistics."""
     if not isinstance(stats, EmbeddingStatistics) or stats.head.grad_sq_rows is None:
         return None
     head, lookup = _row_coefficients(stats)
@@ -212,7 +233,18 @@ def row_importance(weight: Tensor, stats) -> Tensor | None:
 def _row_coefficients(stats: EmbeddingStatistics) -> tuple[Tensor, Tensor]:
     lookup = stats.lookup
     per_lookup = lookup.grad_sq * stats.output_scale**2 / max(lookup.tokens, 1)
-    return stats.head.grad_sq_rows.double(), per_lookup * lookup.token_counts.double()
+    return _head_rows(stats.head), per_lookup * lookup.token_counts.double()
+
+
+def _head_rows(head) -> Tensor:
+    """Each logit's share of the head's sensitivity: the KL's curvature ``p_v (1 - p_v)`` where calibration
+    measured it (a token that never came next in the text still costs what its probability says), scaled to
+    the loss gradients' total so the head weighs against the lookup and the other layers as before."""
+    measured = head.grad_sq_rows.double()
+    if head.fisher_rows is None or float(head.fisher_rows.sum()) <= 0:
+        return measured
+    fisher = head.fisher_rows.double()
+    return fisher * (measured.sum() / fisher.sum())
 
 
 def band_menus(
@@ -350,10 +382,9 @@ class FormatMenus:
     def plan(self, budget: int) -> FormatPlan:
         """Each matrix's format within ``budget`` bytes, least weighted output error; one line where none fits."""
         if budget < self.smallest:
-            cheapest = min(self.menus[next(iter(self.menus))], key=lambda c: c.params).method
             raise TQCError(
                 f"--max-bytes {budget:,} is below the smallest model these formats make ({self.smallest:,} bytes, "
-                f"{self.smallest / 2**20:.1f} MiB, every matrix in {cheapest}); give at least that"
+                f"{self.smallest / 2**20:.1f} MiB, every matrix in its cheapest format); give at least that"
             )
         whole = self.whole_tables()
         plans = [whole._plan_within(budget, budget - self.fixed)]
@@ -395,16 +426,18 @@ def measure_formats(
     tied token table with calibration statistics gets a menu per band of rows (:func:`band_menus`)."""
     matrices = planned_matrices(model)
     menus, weights, bands = {}, {}, {}
+    heads = logit_matrices(model)
     for name, weight in matrices.items():
         layer_stats = stats.get(name) if stats else None
+        formats_here = tuple(f for f in formats if settings_named(f).bits >= HEAD_BITS) if name in heads else formats
         importance = row_importance(weight, layer_stats)
         sizes = band_sizes(weight.shape[0], band_rows)
         if importance is None or len(sizes) == 1:
-            menus[name] = format_menu(weight, layer_stats, formats)
+            menus[name] = format_menu(weight, layer_stats, formats_here)
             weights[name] = layer_weight(weight, layer_stats)
             continue
         bands[name] = RowBands(torch.argsort(importance, descending=True, stable=True), sizes)
-        measured = band_menus(weight, layer_stats, bands[name], importance, formats)
+        measured = band_menus(weight, layer_stats, bands[name], importance, formats_here)
         for item, (menu, total) in zip(bands[name].items(name), measured):
             menus[item], weights[item] = menu, total
     return FormatMenus(menus, weights, fixed_bytes(model, matrices), bands)
@@ -462,6 +495,7 @@ def float_bytes(model: nn.Module) -> int:
 
 __all__ = [
     "FORMATS",
+    "LOW_BIT_FORMATS",
     "check_below_model",
     "FormatMenus",
     "FormatPlan",

@@ -1,5 +1,5 @@
 """Quantizing a model: :func:`quantize_` swaps every weight matrix of a model, compressed or not, for
-its int8 or int4 form (:mod:`tqcompressor.quant.modules`), in place.
+its int8, int4, int3 or int2 form (:mod:`tqcompressor.quant.modules`), in place.
 
 What is quantized: every ``nn.Linear`` and GPT-2 ``Conv1D`` (the LM head too), the token embedding
 and plain position embeddings, and every factored module's factors. Biases and norms stay in float. A dense
@@ -172,6 +172,22 @@ def _layer(name: str, kind: str, before: tuple[int, Tensor | None], after: nn.Mo
     return QuantizedLayer(name, kind, weights, float_bytes, stored_bytes, error, formats)
 
 
+def learn_grids_(model: nn.Module) -> int:
+    """Every stored matrix of ``model`` learns its scales and offsets from here on, its integers kept
+    (:meth:`QuantizedWeight.learn_grid`); how many matrices that is."""
+    stored = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    for matrix in stored:
+        matrix.learn_grid()
+    return len(stored)
+
+
+def freeze_grids_(model: nn.Module) -> None:
+    """What :func:`learn_grids_` learned, stored in each matrix's format."""
+    for matrix in model.modules():
+        if isinstance(matrix, QuantizedWeight):
+            matrix.freeze_grid()
+
+
 def quantized_layers(model: nn.Module) -> dict[str, str]:
     """``{module name: format}`` of every quantized module (``tqc info`` shows it)."""
     return {name: format_name(module) for name, module in model.named_modules() if isinstance(module, MODULE_TYPES)}
@@ -217,6 +233,8 @@ __all__ = [
     "QuantizeSettings",
     "QuantizedLayer",
     "check_not_quantized",
+    "freeze_grids_",
+    "learn_grids_",
     "kept_bytes",
     "quantize_",
     "tensor_bytes",

@@ -1,4 +1,4 @@
-"""Quantized modules: drop-in layers whose matrices are stored in int8 or int4.
+"""Quantized modules: drop-in layers whose matrices are stored in int8, int4, int3 or int2.
 
 - :class:`QuantizedWeight` holds one matrix and computes ``x @ W^T`` from the integers: on CPU
   with PyTorch's weight-only kernels (bfloat16 activations, which those kernels take), elsewhere
@@ -27,17 +27,20 @@ from torch.nn import functional as F
 from tqcompressor.layers import FactoredModule, QuantizedMatrix, build_module, describe_module
 from tqcompressor.quant.formats import (
     QuantizeSettings,
+    center,
     decode_per_row,
-    dequantize_int4,
+    dequantize_grouped,
     dequantize_int8,
     double_quantize,
     group_size_for,
     int4_from_cpu_layout,
+    pack_bits,
     pad_to,
     padded_shape,
-    quantize_int4,
-    quantize_int4_hqq,
+    quantize_grouped,
+    quantize_grouped_hqq,
     quantize_int8,
+    unpack_bits,
     unpack_int4,
 )
 from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankLinear
@@ -55,7 +58,7 @@ class QuantizedWeight(QuantizedMatrix):
     def __init__(self, out_features: int, in_features: int, settings: QuantizeSettings) -> None:
         super().__init__()
         self.out_features, self.in_features, self.settings = out_features, in_features, settings
-        self.group_size = group_size_for(in_features, settings) if settings.bits == 4 else None
+        self.group_size = group_size_for(in_features, settings) if settings.bits != 8 else None
         rows, inputs = padded_shape((out_features, in_features), settings)
         if settings.bits == 8:
             self.register_buffer("qdata", torch.zeros(rows, inputs, dtype=torch.int8))
@@ -63,7 +66,7 @@ class QuantizedWeight(QuantizedMatrix):
             self.zero = None
         else:
             groups = inputs // self.group_size
-            self.register_buffer("qdata", torch.zeros(rows, inputs // 2, dtype=torch.uint8))
+            self.register_buffer("qdata", torch.zeros(rows, inputs * settings.bits // 8, dtype=torch.uint8))
             # double-quantized: files hold the scales' and offsets' codes; the decoded ones are derived
             self.register_buffer("scale", torch.ones(rows, groups, dtype=COMPUTE_DTYPE), not settings.double_quant)
             self.register_buffer("zero", torch.zeros(rows, groups, dtype=COMPUTE_DTYPE), not settings.double_quant)
@@ -72,7 +75,7 @@ class QuantizedWeight(QuantizedMatrix):
                 self.register_buffer("scale_step", torch.ones(rows, dtype=COMPUTE_DTYPE))
                 self.register_buffer("zero_codes", torch.zeros(rows, groups, dtype=torch.int8))
                 self.register_buffer("zero_step", torch.ones(rows, dtype=COMPUTE_DTYPE))
-        # int4 on CPU: the kernel's layout of the values, derived on the machine that runs it (it
+        # int4/3/2 on CPU: the int4 kernel's layout of the values, derived on the machine that runs it (it
         # depends on the CPU). It replaces the portable layout in ``qdata`` (files still get the
         # portable one), except for an embedding's table, whose lookups read the portable layout:
         # that keeps both (``lookups``)
@@ -80,6 +83,9 @@ class QuantizedWeight(QuantizedMatrix):
         self.lookups = False
         self.register_buffer("cpu_int4", None, persistent=False)
         self.register_buffer("cpu_scale_zero", None, persistent=False)
+        # while the grid learns (learn_grid): each scale's and offset's change, relative to the scale
+        self.register_parameter("grid_scale", None)
+        self.register_parameter("grid_zero", None)
 
     @classmethod
     def from_weight(cls, weight: Tensor, settings: QuantizeSettings) -> QuantizedWeight:
@@ -94,16 +100,66 @@ class QuantizedWeight(QuantizedMatrix):
             q, scale = quantize_int8(padded)
             self.qdata.copy_(q), self.scale.copy_(scale)
         else:
-            quantize = quantize_int4_hqq if self.settings.quantizer == "hqq" else quantize_int4
-            q, scale, zero = quantize(padded, self.group_size)
+            quantize = quantize_grouped_hqq if self.settings.quantizer == "hqq" else quantize_grouped
+            q, scale, zero = quantize(padded, self.group_size, self.settings.bits)
             if self.settings.double_quant:
-                q, *codes = double_quantize(padded, scale, zero, self.group_size)
+                q, *codes = double_quantize(padded, scale, zero, self.group_size, self.settings.bits)
                 for name, value in zip(DOUBLE_QUANT_BUFFERS, codes):
                     getattr(self, name).copy_(value)
                 scale, zero = self._decoded_scales()
             self.qdata.copy_(q), self.scale.copy_(scale), self.zero.copy_(zero)
         self.kernel_layout, self.cpu_int4, self.cpu_scale_zero = False, None, None
         return self.to(weight.device)
+
+    @property
+    def learning(self) -> bool:
+        """Whether the grid (scales and offsets) is learning: see :meth:`learn_grid`."""
+        return self.grid_scale is not None
+
+    def learn_grid(self) -> None:
+        """Make the scales and offsets trainable, the integers kept (EfficientQAT's end-to-end step: each
+        gradient exact, no rounding to see through). They learn as changes relative to each scale, so one
+        learning rate suits matrices of any magnitude. Until :meth:`freeze_grid` the matrix computes from its
+        dequantized values (the kernels have no backward) and files hold the changes beside the grid."""
+        if self.learning:
+            return
+        if self.kernel_layout or self.cpu_scale_zero is not None:  # back to the portable layout, buffers of their own
+            self.qdata = self.portable_qdata()
+            self.scale = self.scale.contiguous()
+            self.zero = self.zero.contiguous() if self.zero is not None else None
+        self.kernel_layout, self.cpu_int4, self.cpu_scale_zero = False, None, None
+        self.grid_scale = nn.Parameter(torch.zeros(self.scale.shape, device=self.scale.device))
+        if self.zero is not None:
+            self.grid_zero = nn.Parameter(torch.zeros(self.zero.shape, device=self.zero.device))
+
+    @torch.no_grad()
+    def freeze_grid(self) -> None:
+        """The learned scales and offsets stored in the matrix's format; double-quantized ones coded again in
+        8 bits, and the integers rounded again to the coded grid (the nearest values to the learned matrix)."""
+        if not self.learning:
+            return
+        moved = bool(self.grid_scale.any()) or (self.grid_zero is not None and bool(self.grid_zero.any()))
+        scale, zero = self._grid()
+        learned = self.dequantize_padded() if self.settings.double_quant else None
+        self.grid_scale, self.grid_zero = None, None
+        if not moved:  # nothing learned: the grid as it was, its codes untouched
+            return
+        if self.settings.double_quant:
+            q, *codes = double_quantize(learned, scale, zero, self.group_size, self.settings.bits)
+            for name, value in zip(DOUBLE_QUANT_BUFFERS, codes):
+                setattr(self, name, value.to(self.qdata.device))
+            self.qdata = q.to(self.qdata.device)
+            scale, zero = self._decoded_scales()
+        self.scale = scale.to(COMPUTE_DTYPE)
+        self.zero = zero.to(COMPUTE_DTYPE) if zero is not None else None
+
+    def _grid(self) -> tuple[Tensor, Tensor | None]:
+        """The scales and offsets in float32, with what they learned."""
+        scale, zero = self.scale.float(), self.zero.float() if self.zero is not None else None
+        if not self.learning:
+            return scale, zero
+        learned = scale * (1 + self.grid_scale)
+        return learned, (zero + scale * self.grid_zero if zero is not None else None)
 
     def _decoded_scales(self) -> tuple[Tensor, Tensor]:
         return decode_per_row(self.scale_codes, self.scale_step), decode_per_row(self.zero_codes, self.zero_step)
@@ -115,15 +171,21 @@ class QuantizedWeight(QuantizedMatrix):
     @property
     def stored_bytes(self) -> int:
         """Bytes saved to disk for this matrix (integers, scales, offsets, or their codes and steps)."""
-        names = ("qdata", *DOUBLE_QUANT_BUFFERS) if self.settings.double_quant else ("qdata", "scale", "zero")
+        names = DOUBLE_QUANT_BUFFERS if self.settings.double_quant else ("scale", "zero")
         tensors = [getattr(self, name) for name in names]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        rows, inputs = self.padded_shape  # qdata as files hold it (in memory it may be in the kernel's layout)
+        values = rows * inputs * self.settings.bits // 8
+        return values + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def portable_qdata(self) -> Tensor:
         """``qdata`` in the portable layout files store."""
         if not self.kernel_layout:
             return self.qdata
-        return int4_from_cpu_layout(self.qdata, self.padded_shape).to(self.qdata.device)
+        int4 = int4_from_cpu_layout(self.qdata, self.padded_shape)
+        if self.settings.bits != 4:
+            bits = self.settings.bits
+            int4 = pack_bits(unpack_int4(int4) - (8 - center(bits)), bits)
+        return int4.to(self.qdata.device)
 
     def dequantize(self) -> Tensor:
         """The float32 matrix these integers stand for (out_features, in_features)."""
@@ -131,11 +193,13 @@ class QuantizedWeight(QuantizedMatrix):
 
     def rows(self, index: Tensor) -> Tensor:
         """Rows ``index`` of the float32 matrix (an embedding lookup), without dequantizing the rest."""
+        scale, zero = self._grid()
         if self.settings.bits == 8:
-            w = self.qdata[index].float() * self.scale[index].unsqueeze(-1)
+            w = self.qdata[index].float() * scale[index].unsqueeze(-1)
         else:
             flat = index.reshape(-1)
-            w = dequantize_int4(self.qdata[flat], self.scale[flat], self.zero[flat], self.group_size)
+            bits = self.settings.bits
+            w = dequantize_grouped(self.qdata[flat], scale[flat], zero[flat], self.group_size, bits)
             w = w.reshape(*index.shape, w.shape[-1])
         return w[..., : self.in_features]
 
@@ -145,7 +209,8 @@ class QuantizedWeight(QuantizedMatrix):
         flat = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
         if inputs != self.in_features:
             flat = F.pad(flat, (0, inputs - self.in_features))
-        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):  # the kernels have no backward
+        kernel = not (self.learning or (torch.is_grad_enabled() and x.requires_grad))  # the kernels have no backward
+        if x.device.type == "cpu" and kernel:
             y = self._cpu_kernel(flat)
         else:
             if self.kernel_layout:  # moved off the CPU: back to the portable layout, once
@@ -155,9 +220,10 @@ class QuantizedWeight(QuantizedMatrix):
         return y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantize_padded(self) -> Tensor:
+        scale, zero = self._grid()
         if self.settings.bits == 8:
-            return dequantize_int8(self.qdata, self.scale)
-        return dequantize_int4(self.portable_qdata(), self.scale, self.zero, self.group_size)
+            return dequantize_int8(self.qdata, scale)
+        return dequantize_grouped(self.portable_qdata(), scale, zero, self.group_size, self.settings.bits)
 
     def _cpu_kernel(self, flat: Tensor) -> Tensor:
         if self.settings.bits == 8:
@@ -170,7 +236,9 @@ class QuantizedWeight(QuantizedMatrix):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, self.cpu_scale_zero)
 
     def _prepare_cpu_int4(self) -> None:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.qdata).to(torch.int32), 1)
+        bits = self.settings.bits
+        values = unpack_bits(self.qdata, bits).to(torch.int32) + (8 - center(bits))  # int3/int2 as int4 values
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
         if self.lookups:
             self.cpu_int4 = packed
         else:  # in place: in memory as on disk
@@ -189,8 +257,12 @@ class QuantizedWeight(QuantizedMatrix):
             destination[prefix + "scale"] = self.scale.contiguous()
             destination[prefix + "zero"] = self.zero.contiguous()
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)  # the portable layout, into the same shape
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if self.kernel_layout:  # files hold the portable layout (int3/int2: of another shape than the kernel's)
+            self.qdata, self.kernel_layout = self.portable_qdata(), False
+        if prefix + "grid_scale" in state_dict:  # a checkpoint taken while the grid learned: it learns on
+            self.learn_grid()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.refresh_derived()
 
     def refresh_derived(self) -> None:

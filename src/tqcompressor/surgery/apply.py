@@ -19,7 +19,7 @@ from tqcompressor.planning.inventory import count_parameters, find_target_module
 from tqcompressor.planning.mixed import structure_plan
 from tqcompressor.planning.plan import LayerPlan, Plan
 from tqcompressor.planning.planners import plan_compression
-from tqcompressor.quant.api import QuantizeReport, check_not_quantized, quantize_
+from tqcompressor.quant.api import QuantizeReport, check_not_quantized, freeze_grids_, learn_grids_, quantize_
 from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.structures import all_structures, settings_dict
 from tqcompressor.surgery.experts import split_experts
@@ -211,11 +211,12 @@ def store_planned(model: nn.Module, plan: FormatPlan, measure_error: bool = True
 
 
 def prepare_planned(
-    model: nn.Module, plan: FormatPlan, measure_error: bool = True
+    model: nn.Module, plan: FormatPlan, measure_error: bool = True, learn_grids: bool = False
 ) -> tuple[QuantizeReport, Plan | None]:
     """The first half of :func:`store_planned`, the model a byte plan's distillation trains: the planned
-    structures in place with their factors in float (they train), every other matrix stored in its format
-    (frozen: a quantized layer holds no parameters), so that training learns around the rounding it keeps.
+    structures in place with their factors in float (they train), every other matrix stored in its format,
+    so that training learns around the rounding it keeps: frozen, or with ``learn_grids`` its integers frozen
+    and its scales and offsets trainable (:func:`~tqcompressor.quant.api.learn_grids_`).
     :func:`store_factors` is the second half."""
     structures = structure_plan(model, plan)
     if structures is not None:
@@ -223,11 +224,14 @@ def prepare_planned(
     settings = plan.settings()
     whole = set(settings) - set(plan.structures())
     report = quantize_(model, QuantizeSettings(8), measure_error=measure_error, per_layer=settings, only=whole)
+    if learn_grids:
+        learn_grids_(model)
     return report, structures
 
 
 def store_factors(model: nn.Module, plan: FormatPlan, measure_error: bool = True) -> QuantizeReport:
-    """The factors of the structures ``plan`` chose, stored in their formats, in place (after
-    :func:`prepare_planned` and training)."""
+    """The factors of the structures ``plan`` chose, stored in their formats, and the grids the stored
+    matrices learned stored too, in place (after :func:`prepare_planned` and training)."""
+    freeze_grids_(model)
     factored = set(plan.structures())
     return quantize_(model, QuantizeSettings(8), measure_error=measure_error, per_layer=plan.settings(), only=factored)

@@ -21,7 +21,7 @@ temperature 1, without the CE term (TEMPERATURE, ALPHA_CE). STEPS is the default
 --time-budget; make demo fixes its steps by the budget.
 """
 
-from tqcompressor.planning.formats import FORMATS
+from tqcompressor.planning.formats import FORMATS, LOW_BIT_FORMATS
 
 METHOD = "auto"
 AUTO_METHODS = ("svd",)  # the structures auto chooses among by default (keeping a layer dense always)
@@ -69,7 +69,11 @@ OUTPUT_WEIGHTS = True
 # tqc run --max-bytes: the structures a matrix may be stored as beside the formats (bench/results/frontier/
 # frontier-structures.json: below the smallest format only factors reach a budget)
 BYTE_STRUCTURES = ("svd",)
-# and the formats of its whole matrices: round-to-nearest only. HQQ's six int4 formats took 125 of the 194 s
-# measuring SmolLM2-135M's menus on 2 CPU cores (65 s for the token table alone), minutes a 25-minute run
-# spends distilling instead; tqc quantize --max-bytes keeps them (no distillation follows there)
-BYTE_FORMATS = FORMATS
+# and the formats of its whole matrices: round-to-nearest only, int4 and int8 and below 4 bits. HQQ's six int4
+# formats took 125 of the 194 s measuring SmolLM2-135M's menus on 2 CPU cores (65 s for the token table alone),
+# minutes a 25-minute run spends distilling instead; tqc quantize --max-bytes keeps them (no distillation follows
+# there); the same holds for HQQ's int3 and int2 formats
+BYTE_FORMATS = LOW_BIT_FORMATS + FORMATS
+# and while it distils, its stored matrices learn their scales and offsets, the integers kept (EfficientQAT's
+# end-to-end step); frozen, only the factors and norms trained
+LEARN_GRIDS = True

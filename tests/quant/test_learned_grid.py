@@ -1,0 +1,66 @@
+"""Stored matrices that learn their scales and offsets, the integers kept (a byte plan's distillation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from transformers import AutoModelForCausalLM
+
+import tqcompressor as tqc
+from tqcompressor.planning.formats import settings_named
+from tqcompressor.quant.api import freeze_grids_, learn_grids_, quantize_
+from tqcompressor.quant.modules import QuantizedWeight
+
+IDS = torch.randint(2, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-g32", "int3-g64-dq", "int2-g32-dq"])
+def test_a_learning_grid_starts_where_it_was_trains_by_gradient_and_stores_what_it_learned(name):
+    torch.manual_seed(0)
+    weight = QuantizedWeight.from_weight(torch.randn(48, 64), settings_named(name))
+    x, target = torch.randn(16, 64), torch.randn(16, 48)
+    before, values = weight.dequantize(), weight.portable_qdata().clone()
+    with torch.no_grad():
+        weight.linear(x)  # in the kernel's layout now: learning takes it back
+    weight.learn_grid()
+    assert weight.learning and torch.equal(weight.dequantize(), before)
+    names = {n for n, _ in weight.named_parameters()}
+    assert names == ({"grid_scale"} if name == "int8" else {"grid_scale", "grid_zero"})
+    optimizer = torch.optim.Adam(weight.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = (weight.linear(x).float() - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    learned = weight.dequantize().detach()
+    weight.freeze_grid()
+    assert not weight.learning and not list(weight.parameters())
+    if not weight.settings.double_quant:  # the integers never moved (coded scales: rounded to the coded grid)
+        assert torch.equal(weight.portable_qdata(), values)
+    # bfloat16 scales (double-quantized: 8-bit codes) round what was learned a little
+    assert (weight.dequantize() - learned).norm() < 0.05 * (learned - before).norm() + 0.01 * learned.norm()
+    assert "grid_scale" not in weight.state_dict()
+
+
+def test_a_model_learns_its_grids_and_saves_them_for_plain_from_pretrained(tmp_path):
+    model = tiny_llama()
+    quantize_(model, settings_named("int3-g32-dq"))
+    assert learn_grids_(model) == len([m for m in model.modules() if isinstance(m, QuantizedWeight)])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    for _ in range(3):
+        loss = model(IDS, labels=IDS).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    freeze_grids_(model)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    tqc.save(model, tmp_path / "q")
+    opened = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(opened(IDS).logits, expected)
