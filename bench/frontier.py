@@ -7,14 +7,20 @@ norms), computed exactly as the planner prices them (a test holds the two equal)
 errors are measured on ``--calibration`` (WikiText-2 valid by default: no held-out domain reads it).
 The uniform points are the teacher by our round-to-nearest (``rtn``; ``-dq``: scales and offsets in 8-bit
 codes) and by HQQ (``hqq``, the library quantizer users would otherwise pick: calibration-free, same bytes);
-the planned points choose per matrix among all of them (``quantizer: "planned"``), at each uniform point's
-bytes, and plan a tied token table in bands of rows. With ``--structures svd`` the planner may also store a
-matrix as activation-aware SVD factors, each factor in a format (:mod:`tqcompressor.planning.mixed`): those
-points (``quantizer: "planned+svd"``) stand beside the formats-only plan at each budget.
+the planned points choose per matrix among all of them and int3 and int2 (``planning.formats.MENU``;
+``quantizer: "planned"``), at each uniform point's bytes, and plan a tied token table in bands of rows.
+With ``--structures svd`` the planner may also store a matrix as activation-aware SVD factors, each factor in
+a format (:mod:`tqcompressor.planning.mixed`): those points (``quantizer: "planned+svd"``) stand beside the
+formats-only plan at each budget.
 
     python bench/frontier.py    # ~35 minutes on 2 cores; writes bench/results/frontier/frontier.json and .png
     python bench/frontier.py --structures svd --budgets 50MiB,55MiB,60MiB,65MiB,71.5MiB \
         --uniform int4-g128-dq --max-kl 0 --out bench/results/frontier/frontier-structures.json
+    python bench/frontier.py --structures svd --budgets 55MiB,60MiB,65MiB,71.5MiB \
+        --uniform int4-g128-dq --max-kl 0 --out bench/results/frontier/frontier-low-bit.json   # int3/int2 on the menu
+
+frontier.json and frontier-structures.json were measured before int3 and int2 joined the menu (their commits say
+which code ran).
 """
 
 from __future__ import annotations
@@ -114,7 +120,7 @@ def main() -> None:
         **cpu_run(commit, args),
         "what": "bytes of the saved weights against fidelity KL on the held-out suite: the teacher in each uniform "
         "format (round-to-nearest, with bfloat16 or 8-bit-coded scales, and HQQ for int4) and the per-matrix "
-        "formats a byte budget plans from all of them, a tied token table in bands of rows, one-shot",
+        "formats a byte budget plans from all of them and int3/int2, a tied token table in bands of rows, one-shot",
         "teacher_float_bytes": float_bytes(teacher),
         "points": points,
         "max_kl_search": search_record(search),
