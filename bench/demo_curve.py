@@ -18,6 +18,8 @@ bench/results/demo_curve/demo-curve.json and .png and prints a table.
 With --max-bytes SIZE the student is `tqc run --max-bytes`'s instead (make demo's since 3c640ad): the byte plan's
 whole matrices stored in their formats, its SVD factors in float, distilled; each point is measured on the model
 as the run would store it (its factors in their formats too), and the goal is issue #50's (0.5 at <= 60 MiB).
+--frozen-grids keeps the stored matrices' scales and offsets as planned (the run trains them: recipe.LEARN_GRIDS),
+to measure what training them buys at equal steps.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.65)
     parser.add_argument("--max-bytes", default=None, help="a byte budget instead of --ratio (tqc run --max-bytes)")
+    parser.add_argument(
+        "--frozen-grids",
+        action="store_true",
+        help="with --max-bytes: the stored matrices' scales and offsets stay as planned (recipe.LEARN_GRIDS off)",
+    )
     parser.add_argument("--steps", type=int, default=2 * recipe.STEPS, help="optimizer steps of the one schedule")
     parser.add_argument("--points", default="130,260,390", help="steps to stop at and evaluate before the last")
     parser.add_argument("--teacher-pool", type=int, default=2 * recipe.TEACHER_POOL)
@@ -140,7 +147,8 @@ def build_student(teacher, calibration, args) -> tuple:
         return student, lambda model: model
     structures, formats = recipe.BYTE_STRUCTURES, recipe.BYTE_FORMATS
     plan = tqc.measure_model_mixed(student, calibration, structures, formats=formats).plan(parse_bytes(args.max_bytes))
-    tqc.prepare_planned(student, plan, measure_error=False, learn_grids=recipe.LEARN_GRIDS)
+    learn = recipe.LEARN_GRIDS and not getattr(args, "frozen_grids", False)
+    tqc.prepare_planned(student, plan, measure_error=False, learn_grids=learn)
 
     def stored(model):
         copied = copy.deepcopy(model)

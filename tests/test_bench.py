@@ -478,7 +478,12 @@ def test_demo_curve_builds_the_byte_budget_student_and_measures_it_as_stored(mon
     monkeypatch.setattr(recipe, "BYTE_FORMATS", FORMATS)
     budget = measure_formats(teacher, formats=FORMATS).smallest - 1  # below every format: factors needed
     calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    frozen, _ = demo_curve.build_student(
+        teacher, calibration, argparse.Namespace(max_bytes=str(budget), frozen_grids=True)
+    )
+    assert not [name for name, _ in frozen.named_parameters() if "grid_" in name]
     student, stored = demo_curve.build_student(teacher, calibration, argparse.Namespace(max_bytes=str(budget)))
+    assert [name for name, _ in student.named_parameters() if "grid_" in name]  # the recipe trains the grids
     trained = set(quantized_layers(student))
     final = stored(student)
     assert trained < set(quantized_layers(final))  # the factors are stored only in the measured copy
