@@ -46,8 +46,8 @@ lint: install
 	$(BIN)/ruff format --check src tests bench
 
 # The main job with the default recipe (src/tqcompressor/training/recipe.py): SmolLM2-135M in $(MAX_BYTES) of saved
-# weights, below every 4-bit format of the teacher (each matrix in a storage format, or stored as activation-aware
-# SVD factors in a format, planned by measured error per byte); the factors distilled on WikiText-2 valid mixed
+# weights, below every 4-bit format of the teacher (each matrix in a storage format, int8 to int2, planned by
+# measured error per byte); its norms and the stored matrices' scales distilled on WikiText-2 valid mixed
 # with teacher samples (teacher samples only if the shared data is absent) for as many steps as fit into $(BUDGET)
 # minutes on this machine; fidelity to the teacher on held-out text (and WikiText-2 test, in-domain) beside int8/int4
 # of the teacher; out/demo/report.md. `make demo-ratio`: the paper's setting, 65% of the parameters by auto.

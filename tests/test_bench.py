@@ -476,6 +476,7 @@ def test_demo_curve_builds_the_byte_budget_student_and_measures_it_as_stored(mon
     teacher = tiny_llama(vocab_size=256)
     # int4 and int8 only: this toy's matrices are too small for factors to go below int3 and int2
     monkeypatch.setattr(recipe, "BYTE_FORMATS", FORMATS)
+    monkeypatch.setattr(recipe, "BYTE_STRUCTURES", ("svd",))
     budget = measure_formats(teacher, formats=FORMATS).smallest - 1  # below every format: factors needed
     calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     frozen, _ = demo_curve.build_student(

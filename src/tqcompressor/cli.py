@@ -833,15 +833,24 @@ RunMaxBytes = Annotated[
         "--max-bytes",
         help="instead of --ratio: the size the saved weights may take (60MiB, 60MB, bytes); each matrix gets a "
         "format, or --structures' factors in a format, by measured error per byte; the factors are distilled, "
-        "the rest stays in its format",
+        "the rest stays in its format (its scales and offsets trained)",
+    ),
+]
+RunMaxKL = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-kl",
+        help="instead of --ratio or --max-bytes: the fidelity KL (held-out, nats/token) the model may have; the "
+        "smallest --max-bytes plan within it, one-shot, is found by measuring each candidate, then distilled",
     ),
 ]
 RunStructures = Annotated[
     Optional[str],
     typer.Option(
         "--structures",
-        help="with --max-bytes: structures a matrix may be stored as, comma-separated, or 'none' (formats only) "
-        f"[default: {','.join(recipe.BYTE_STRUCTURES)}]",
+        help="with --max-bytes or --max-kl: structures a matrix may be stored as, comma-separated, or 'none' "
+        "(formats only) "
+        f"[default: {','.join(recipe.BYTE_STRUCTURES) or 'none'}]",
     ),
 ]
 RunStages = Annotated[
@@ -935,6 +944,7 @@ def run(
     interim_eval_tokens: RunInterimTokens = 2048,
     time_budget: RunTimeBudget = None,
     max_bytes: RunMaxBytes = None,
+    max_kl: RunMaxKL = None,
     structures: RunStructures = None,
     adopt: Adopt = False,
     kd: object = None,  # the shared distillation options (with_distill_options)
@@ -943,7 +953,7 @@ def run(
     if time_budget is not None and steps is not None:
         raise TQCError("--time-budget chooses --steps itself: drop one of them")
     check_count("stages", stages, 1)
-    byte_budget = _run_byte_budget(max_bytes, structures, spec, method, ratio, stages, auto_methods)
+    byte_budget = _run_byte_budget(max_bytes, max_kl, structures, spec, method, ratio, stages, auto_methods)
     compression = _run_compression(
         spec, method, ratio, stages, prefer, auto_methods, sequential, output_weights, calibration_tokens
     )
@@ -967,26 +977,45 @@ def run(
     if not result:
         return  # not rank 0 of a multi-process run: rank 0 reports
     typer.echo(format_report(result))
+    if max_kl is not None:
+        typer.echo(_kl_target_line(result, max_kl))
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'perplexity.png'}, {out / 'model'}")
 
 
-def _run_byte_budget(max_bytes, structures, spec, method, ratio, stages, auto_methods) -> dict:
-    """RunConfig's ``max_bytes`` and ``structures`` from ``tqc run --max-bytes``, checked: a byte budget plans
-    every matrix, so the options of a parameter plan are refused, not ignored."""
-    if max_bytes is None:
+def _kl_target_line(result: dict, max_kl: float) -> str:
+    """Whether ``tqc run --max-kl``'s distilled model met its target, and by how much it missed."""
+    final, size = result["points"][-1]["fidelity_kl"], f"{result['bytes'] / 2**20:.1f} MiB"
+    if final <= max_kl:
+        return f"fidelity KL {final:.4f} <= --max-kl {max_kl:g} after distillation ({size})"
+    return (
+        f"target not met: fidelity KL {final:.4f} after distillation, {final - max_kl:.4f} over --max-kl "
+        f"{max_kl:g}; the closest model found is saved ({size})"
+    )
+
+
+def _run_byte_budget(max_bytes, max_kl, structures, spec, method, ratio, stages, auto_methods) -> dict:
+    """RunConfig's ``max_bytes``, ``max_kl`` and ``structures`` from ``tqc run --max-bytes`` / ``--max-kl``,
+    checked: a byte plan plans every matrix, so the options of a parameter plan are refused, not ignored."""
+    if max_bytes is None and max_kl is None:
         if structures is not None:
-            raise TQCError("--structures joins the formats a --max-bytes plan chooses from: give --max-bytes too")
+            raise TQCError(
+                "--structures joins the formats a --max-bytes or --max-kl plan chooses from: give one of them too"
+            )
         return {}
+    if max_bytes is not None and max_kl is not None:
+        raise TQCError("give one target: --max-bytes (a size) or --max-kl (a fidelity), not both")
+    target = "--max-bytes" if max_bytes is not None else "--max-kl"
     options = {"spec": spec, "method": method, "ratio": ratio, "stages": stages, "auto_methods": auto_methods}
     given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
     if given:
-        raise TQCError(f"--max-bytes plans every matrix in bytes; {', '.join(given)} plan in parameters: drop one")
+        raise TQCError(f"{target} plans every matrix in bytes; {', '.join(given)} plan in parameters: drop one")
+    found = {"max_bytes": parse_bytes(max_bytes)} if max_bytes is not None else {"max_kl": max_kl}
     if structures is None:
-        return {"max_bytes": parse_bytes(max_bytes), "structures": recipe.BYTE_STRUCTURES}
+        return {**found, "structures": recipe.BYTE_STRUCTURES}
     names = tuple(name.strip() for name in structures.split(",") if name.strip() and name.strip() != "none")
     for name in names:
         get_structure(name)  # one line for a name that is not a structure that compresses
-    return {"max_bytes": parse_bytes(max_bytes), "structures": names}
+    return {**found, "structures": names}
 
 
 def _run_compression(

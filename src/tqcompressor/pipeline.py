@@ -41,6 +41,7 @@ from tqcompressor.evaluation.fidelity import (
 from tqcompressor.evaluation.figures import plan_cells, plot_fidelity, plot_plan, plot_points
 from tqcompressor.evaluation.footprint import directory_bytes, memory_bytes, speed_ratios
 from tqcompressor.evaluation.report import format_report
+from tqcompressor.evaluation.targets import check_max_kl, smallest_within_kl
 from tqcompressor.modelio.checkpoint import save, stored_tensor_bytes
 from tqcompressor.modelio.models import LoadedModel
 from tqcompressor.outputs import (
@@ -240,6 +241,9 @@ class RunConfig:
     # its factors in a format (planning/mixed.py); the factors train, the rest is stored in its format first
     max_bytes: int | None = None
     structures: tuple[str, ...] = ()
+    # or a fidelity target: the smallest such plan whose one-shot model is within it on the held-out domains'
+    # interim windows (each candidate stored and measured), then distilled like a byte budget's
+    max_kl: float | None = None
 
     def __post_init__(self) -> None:
         if self.compression.output_weights and self.calibration_tokens <= 0:
@@ -256,22 +260,33 @@ class RunConfig:
             check_count("compare-tokens", self.compare_tokens, self.context)
         if self.interim_tokens:
             check_count("interim-eval-tokens", self.interim_tokens, self.context)
-        if self.structures and self.max_bytes is None:
-            raise TQCError("--structures joins the formats a --max-bytes plan chooses from: give --max-bytes too")
+        if self.structures and not self.plans_bytes:
+            raise TQCError(
+                "--structures joins the formats a --max-bytes or --max-kl plan chooses from: give one of them too"
+            )
         if self.max_bytes is not None and self.max_bytes < 1:
             raise TQCError(f"--max-bytes must be a positive size, got {self.max_bytes}")
+        if self.max_kl is not None:
+            check_max_kl(self.max_kl)
+            if self.max_bytes is not None:
+                raise TQCError("give one target: --max-bytes (a size) or --max-kl (a fidelity), not both")
         budget = self.time_budget
         if budget is not None and (not math.isfinite(budget) or not 0 < budget <= MAX_TIME_BUDGET):
             raise TQCError(f"--time-budget must be a number of minutes in (0, {MAX_TIME_BUDGET}], got {budget}")
 
     @property
+    def plans_bytes(self) -> bool:
+        """Whether the student is a byte plan (``--max-bytes`` or ``--max-kl``) rather than a parameter plan."""
+        return self.max_bytes is not None or self.max_kl is not None
+
+    @property
     def method(self) -> str:
-        """What made the student: the compression's method, or ``mixed`` for a byte budget."""
-        return "mixed" if self.max_bytes is not None else self.compression.method
+        """What made the student: the compression's method, or ``mixed`` for a byte plan."""
+        return "mixed" if self.plans_bytes else self.compression.method
 
     @property
     def stages(self) -> int:
-        if self.max_bytes is not None:
+        if self.plans_bytes:
             return 1
         layers = self.compression.layers
         return self.compression.steps if layers is None else len({spec.step for _, spec in layers})
@@ -291,6 +306,7 @@ class RunRecord:
     points: list[dict]
     budget: dict | None = None
     byte_plan: dict | None = None  # a byte budget's plan: its bytes, formats and structures (no menus)
+    max_kl_search: dict | None = None  # a fidelity target's search: every plan measured, and whether one met it
     phases: list[tuple[str, float]] = field(default_factory=list)  # each phase's name and start (run seconds)
 
     def has(self, label: str) -> bool:
@@ -354,10 +370,8 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     teacher = loaded.model
     points = Points(record, loaded, eval_sets, phase)
     calibration = calibration_blocks(run, blocks, phase)
-    plan_and_one_shot = _plan_and_one_shot if run.max_bytes is None else _byte_plan_and_one_shot
-    student, plan, evaluation_seconds, formats = plan_and_one_shot(
-        teacher, run, calibration, record, points.interim, phase
-    )
+    plan_and_one_shot = _byte_plan_and_one_shot if run.plans_bytes else _plan_and_one_shot
+    student, plan, evaluation_seconds, formats = plan_and_one_shot(teacher, run, calibration, record, points, phase)
     last_stage = plan.steps()[-1]
     if run.time_budget is not None:
         stages = len(plan.steps())
@@ -449,7 +463,7 @@ def calibration_blocks(run: RunConfig, blocks, phase) -> torch.Tensor | None:
     """Token ids to calibrate the fits on, when a planned structure fits in the output metric."""
     compression = run.compression
     methods = {spec.method for _, spec in compression.layers} if compression.layers else {compression.method}
-    calibrated = run.max_bytes is not None or any(
+    calibrated = run.plans_bytes or any(
         m in planning_methods() or get_structure(m).capabilities.calibrated_in_run for m in methods
     )
     if run.calibration_tokens <= 0 or not calibrated:
@@ -460,7 +474,7 @@ def calibration_blocks(run: RunConfig, blocks, phase) -> torch.Tensor | None:
     return torch.stack(list(itertools.islice(blocks(0), count)))
 
 
-def _plan_and_one_shot(teacher, run: RunConfig, calibration, record: RunRecord, point, phase) -> tuple:
+def _plan_and_one_shot(teacher, run: RunConfig, calibration, record: RunRecord, points: Points, phase) -> tuple:
     """The student to distil, the plan, and how long one evaluation took (``None`` when the one-shot
     point was measured before, in the run being resumed)."""
     phase(f"planning ({run.compression.method})")
@@ -473,24 +487,27 @@ def _plan_and_one_shot(teacher, run: RunConfig, calibration, record: RunRecord, 
     refit = dict(calibration=calibration, teacher=teacher) if plan.sequential else {}
     apply_plan(one_shot, plan, **refit)  # every stage at once, no distillation
     evaluating = time.perf_counter()
-    point("compressed (no KD)", 0, one_shot)
+    points.interim("compressed (no KD)", 0, one_shot)
     evaluation_seconds = time.perf_counter() - evaluating
     # one stage: stage 1 is this very model, distillation finds its layers in place (no second fit)
     return (one_shot if len(plan.steps()) == 1 else student), plan, evaluation_seconds, None
 
 
-def _byte_plan_and_one_shot(teacher, run: RunConfig, calibration, record: RunRecord, point, phase) -> tuple:
-    """:func:`_plan_and_one_shot` for a byte budget (planning/mixed.py), and the plan of formats the run ends
-    storing: the student to distil holds the planned structures' factors in float (they train) beside every
-    other matrix already in its format (frozen: a stored layer has no parameters), so that distillation learns
-    around the rounding the model keeps; the one-shot point is the model stored as planned."""
+def _byte_plan_and_one_shot(teacher, run: RunConfig, calibration, record: RunRecord, points: Points, phase) -> tuple:
+    """:func:`_plan_and_one_shot` for a byte budget or a fidelity target (planning/mixed.py), and the plan of
+    formats the run ends storing: the student to distil holds the planned structures' factors in float (they
+    train) beside every other matrix already in its format (its integers frozen, its scales and offsets trained
+    where ``LEARN_GRIDS``), so that distillation learns around the rounding the model keeps; the one-shot point
+    is the model stored as planned."""
     names = " and " + ", ".join(run.structures) if run.structures else ""
-    phase(f"planning {run.max_bytes / 2**20:.1f} MiB: each matrix's format{names}")
+    target = f"{run.max_bytes / 2**20:.1f} MiB" if run.max_kl is None else f"the smallest within KL {run.max_kl:g}"
+    phase(f"planning {target}: each matrix's format{names}")
     student = copy.deepcopy(teacher)
     split_experts(student)
-    check_below_model(student, run.max_bytes)
+    if run.max_bytes is not None:
+        check_below_model(student, run.max_bytes)
     menus = measure_model_mixed(student, calibration, run.structures, formats=BYTE_FORMATS)
-    formats = menus.plan(run.max_bytes)
+    formats = menus.plan(run.max_bytes) if run.max_kl is None else _search_max_kl(student, menus, run, record, points)
     record.byte_plan = _byte_plan_record(formats)
     _, structures = prepare_planned(student, formats, measure_error=False, learn_grids=LEARN_GRIDS)
     plan = structures or Plan(method="mixed")
@@ -499,8 +516,19 @@ def _byte_plan_and_one_shot(teacher, run: RunConfig, calibration, record: RunRec
     one_shot = copy.deepcopy(student)
     store_factors(one_shot, formats, measure_error=False)
     evaluating = time.perf_counter()
-    point("compressed (no KD)", 0, one_shot)
+    points.interim("compressed (no KD)", 0, one_shot)
     return student, plan, time.perf_counter() - evaluating, formats
+
+
+def _search_max_kl(model, menus, run: RunConfig, record: RunRecord, points: Points) -> FormatPlan:
+    """The smallest plan of ``menus`` whose model, stored as planned, is within ``run.max_kl`` of ``model`` on
+    the held-out domains' interim windows, each candidate measured (the closest plan where none is: the report
+    states the gap). Distillation then takes the chosen plan closer still."""
+    held_out = {name: domain for name, domain in points.interim_sets.items() if domain.held_out}
+    search = smallest_within_kl(model, menus, run.max_kl, held_out, run.context, points.loaded.tokenizer)
+    record.max_kl_search = search.to_dict()
+    points.phase(search.summary())
+    return search.plan
 
 
 def _byte_plan_record(formats: FormatPlan) -> dict:
@@ -557,7 +585,7 @@ def _budget_plan(
     batch = torch.stack([next(stream) for _ in range(run.distill.batch_size)])
     step = seconds_per_step(teacher, student, batch, run.distill, tokenizer=tokenizer)
     spent = time.perf_counter() - record.started + 3 * step  # the timing itself
-    forms = run.max_bytes is None
+    forms = not run.plans_bytes
     comparison = comparison_evaluations(run.compare_tokens, run.eval_tokens, forms) if run.compare_tokens else 0
     after = seconds_after_distillation(*evaluations, stages, comparison)
     refit = estimated_seconds(student, refit_ids, run.distill.blockwise) if refit_ids is not None else 0.0
@@ -608,8 +636,10 @@ def write_results(record: RunRecord, extras: dict | None = None) -> dict:
     result = {
         "base_model": record.source,
         "method": run.method,
-        "ratio": None if run.max_bytes is not None else compression.ratio,
+        "ratio": None if run.plans_bytes else compression.ratio,
         "max_bytes": run.max_bytes,  # a byte budget instead of a ratio (planning/mixed.py)
+        "max_kl": run.max_kl,  # or a fidelity target, and the search that found its byte plan
+        "max_kl_search": record.max_kl_search,
         "structures": list(run.structures),
         "byte_plan": record.byte_plan,
         "stages": sorted({r["stage"] for r in rows if r["stage"] > 0}),

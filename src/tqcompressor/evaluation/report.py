@@ -188,7 +188,7 @@ def format_report(result: dict) -> str:
         + f"; {result['kd_tokens_per_stage']:,} tokens per stage; calibration: the first "
         f"{result.get('calibration_tokens', 0):,} tokens of the same blocks.",
         f"- Compression: {_compression_words(result.get('compression', {}), result.get('calibration_tokens', 0))}."
-        if not result.get("max_bytes")
+        if not result.get("byte_plan")
         else f"- Compression: {_byte_plan_words(result)}.",
         f"- Training: {_precision_words(result.get('training_precision', 'no'))}; evaluation in fp32.",
         f"- Parameters: {result['counting']}.",
@@ -347,10 +347,12 @@ def _short(name: str) -> str:
 
 
 def _target_words(result: dict) -> str:
-    """What the run was asked for: a method and a ratio of the parameters, or a size."""
+    """What the run was asked for: a method and a ratio of the parameters, a size, or a fidelity."""
+    found = f", saved in {result['bytes'] / 2**20:.1f} MiB" if result.get("bytes") else ""
+    if result.get("max_kl") is not None:
+        return f"the smallest model within fidelity KL {result['max_kl']:g} one-shot{found}"
     if not result.get("max_bytes"):
         return f"method {result['method']}, ratio {result['ratio']}"
-    found = f", saved in {result['bytes'] / 2**20:.1f} MiB" if result.get("bytes") else ""
     return f"within {result['max_bytes'] / 2**20:.1f} MiB of weights{found}"
 
 
@@ -365,6 +367,24 @@ def _byte_plan_words(result: dict) -> str:
     return (
         f"each matrix planned as {menu} by measured output error per stored byte (planning/mixed.py): {counts}; "
         f"{factored} stored as factors, which distillation trained while the rest stayed in their formats"
+        + _search_words(result.get("max_kl_search"))
+    )
+
+
+def _search_words(search: dict | None) -> str:
+    """How a fidelity target's byte budget was found, and whether a plan met it."""
+    if not search:
+        return ""
+    tried = len(search["tried"])
+    if search["met"]:
+        return (
+            f"; the byte budget is the smallest of {tried} plans measured whose one-shot fidelity KL met "
+            f"{search['max_kl']:g} ({search['fidelity_kl']:.4f} at {search['bytes'] / 2**20:.1f} MiB)"
+        )
+    return (
+        f"; no plan met fidelity KL {search['max_kl']:g} one-shot ({tried} measured): the closest, "
+        f"{search['fidelity_kl']:.4f} at {search['bytes'] / 2**20:.1f} MiB, "
+        f"{search['fidelity_kl'] - search['max_kl']:.4f} over the target, was distilled"
     )
 
 

@@ -66,9 +66,12 @@ BLOCKWISE_LR = 5e-4
 # instead of 1.177 on held-out teacher samples (bench/results/recipe/recipe-output-weights.json)
 OUTPUT_WEIGHTS = True
 
-# tqc run --max-bytes: the structures a matrix may be stored as beside the formats (bench/results/frontier/
-# frontier-structures.json: below the smallest format only factors reach a budget)
-BYTE_STRUCTURES = ("svd",)
+# tqc run --max-bytes: the structures a matrix may be stored as beside the formats: none. With int3 and int2 on
+# the menu the formats reach 55 MiB of SmolLM2-135M, and wherever they reach a budget SVD factors planned beside
+# them ended further from the teacher (bench/results/frontier/frontier-low-bit.json, one-shot: 60 MiB 0.690
+# formats alone, 1.119 with SVD; 65 MiB 0.331 against 0.561): the output-error proxy prices a rank's truncation
+# below what the held-out KL finds. `--structures svd` reaches budgets below the formats' smallest model
+BYTE_STRUCTURES: tuple[str, ...] = ()
 # and the formats of its whole matrices: round-to-nearest only, int4 and int8 and below 4 bits. HQQ's six int4
 # formats took 125 of the 194 s measuring SmolLM2-135M's menus on 2 CPU cores (65 s for the token table alone),
 # minutes a 25-minute run spends distilling instead; tqc quantize --max-bytes keeps them (no distillation follows
