@@ -960,11 +960,8 @@ def run(
     run_config = RunConfig(
         *(compression, kd, data, eval_data, out, eval_tokens, context, resume, fraction, calibration_tokens),
         *(teacher_fraction, teacher_pool),
-        compare_tokens=compare_tokens,
-        time_budget=time_budget,
-        teacher_start=teacher_start,
-        interim_tokens=interim_eval_tokens,
-        **byte_budget,
+        **dict(compare_tokens=compare_tokens, time_budget=time_budget, teacher_start=teacher_start),
+        **dict(interim_tokens=interim_eval_tokens, **byte_budget),
     )
     inputs = [model, spec, data, eval_data]
     check_writable(out, inputs, kind=RUN, adopt=adopt)  # before loading anything
@@ -976,19 +973,19 @@ def run(
         result = run_pipeline(loaded, run_config)
     if not result:
         return  # not rank 0 of a multi-process run: rank 0 reports
-    typer.echo(format_report(result))
-    if max_kl is not None:
-        typer.echo(_kl_target_line(result, max_kl))
+    typer.echo(format_report(result) + _kl_target_line(result, max_kl))
     typer.echo(f"wrote {out / 'report.md'}, {out / 'results.json'}, {out / 'perplexity.png'}, {out / 'model'}")
 
 
-def _kl_target_line(result: dict, max_kl: float) -> str:
-    """Whether ``tqc run --max-kl``'s distilled model met its target, and by how much it missed."""
+def _kl_target_line(result: dict, max_kl: float | None) -> str:
+    """Whether ``tqc run --max-kl``'s distilled model met its target, and by how much it missed (a new line)."""
+    if max_kl is None:
+        return ""
     final, size = result["points"][-1]["fidelity_kl"], f"{result['bytes'] / 2**20:.1f} MiB"
     if final <= max_kl:
-        return f"fidelity KL {final:.4f} <= --max-kl {max_kl:g} after distillation ({size})"
+        return f"\nfidelity KL {final:.4f} <= --max-kl {max_kl:g} after distillation ({size})"
     return (
-        f"target not met: fidelity KL {final:.4f} after distillation, {final - max_kl:.4f} over --max-kl "
+        f"\ntarget not met: fidelity KL {final:.4f} after distillation, {final - max_kl:.4f} over --max-kl "
         f"{max_kl:g}; the closest model found is saved ({size})"
     )
 
