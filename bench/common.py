@@ -26,6 +26,15 @@ def eval_options(parser: argparse.ArgumentParser, eval_tokens: int, model: str =
     parser.add_argument("--context", type=int, default=512)
 
 
+def one_shot_fidelity_options(parser: argparse.ArgumentParser) -> None:
+    """A model planned on calibration text and scored one-shot on the held-out fidelity suite."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calibration", default=str(DATA / "valid.txt"))
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--fidelity-tokens", type=int, default=1024, help="tokens of each held-out domain")
+    parser.add_argument("--context", type=int, default=512)
+
+
 def calibrated_options(parser: argparse.ArgumentParser, eval_tokens: int) -> None:
     """:func:`eval_options`, plus ``--ratio`` and ``--calibration-tokens`` of ``--calibration``
     (one-shot measurements: calibrate, compress, evaluate)."""

@@ -30,7 +30,7 @@ import json
 import time
 from pathlib import Path
 
-from common import DATA, HERE
+from common import HERE, one_shot_fidelity_options
 from provenance import cpu_run, git_commit
 
 from tqcompressor.data import calibration_ids
@@ -53,11 +53,7 @@ MIB = 2**20
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calibration", default=str(DATA / "valid.txt"))
-    parser.add_argument("--calibration-tokens", type=int, default=8192)
-    parser.add_argument("--fidelity-tokens", type=int, default=1024, help="tokens of each held-out domain")
-    parser.add_argument("--context", type=int, default=512)
+    one_shot_fidelity_options(parser)
     parser.add_argument(
         "--between", type=int, default=0, help="planned budgets between each pair of neighbouring uniform formats"
     )

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import DATA, HERE
+from common import HERE, one_shot_fidelity_options
 from provenance import cpu_run, git_commit
 
 from tqcompressor.data import calibration_ids
@@ -31,11 +31,7 @@ from tqcompressor.quant.modules import QuantizedWeight
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calibration", default=str(DATA / "valid.txt"))
-    parser.add_argument("--calibration-tokens", type=int, default=8192)
-    parser.add_argument("--fidelity-tokens", type=int, default=1024, help="tokens of each held-out domain")
-    parser.add_argument("--context", type=int, default=512)
+    one_shot_fidelity_options(parser)
     parser.add_argument("--rows", type=int, default=32768, help="the least important rows stored in the format")
     parser.add_argument("--formats", default="int4-g128-dq,int3-g64-dq,int2-g64-dq")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "frontier" / "head-bits.json")

@@ -489,3 +489,25 @@ def test_demo_curve_builds_the_byte_budget_student_and_measures_it_as_stored(mon
     final = stored(student)
     assert trained < set(quantized_layers(final))  # the factors are stored only in the measured copy
     assert set(quantized_layers(student)) == trained and quantized_layers(teacher) == {}
+
+
+def test_head_bits_stores_the_least_weighed_rows_in_one_role_at_a_time(tmp_path, gpt2_dir, monkeypatch):
+    from tests.conftest import TOY_TEXT
+
+    head_bits = bench_module("head_bits")
+    (tmp_path / "calibration.txt").write_text(TOY_TEXT * 4)
+    out = tmp_path / "head-bits.json"
+    argv = ["head_bits.py", "--model", str(gpt2_dir), "--calibration", str(tmp_path / "calibration.txt")]
+    argv += ["--calibration-tokens", "256", "--fidelity-tokens", "64", "--context", "32", "--rows", "64"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--formats", "int4-g32,int2-g32", "--out", str(out)])
+    head_bits.main()
+    result = json.loads(out.read_text())
+    assert [(p["format"], p["role"]) for p in result["points"]] == [
+        ("int4-g32", "head"),
+        ("int4-g32", "lookup"),
+        ("int2-g32", "head"),
+        ("int2-g32", "lookup"),
+    ]
+    kl = {(p["format"], p["role"]): p["fidelity_kl"] for p in result["points"]}
+    assert all(value >= 0 for value in kl.values()) and kl[("int2-g32", "head")] > kl[("int4-g32", "head")]
+    assert 0 <= result["rows_seen_in_calibration"] <= 64
