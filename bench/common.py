@@ -35,6 +35,16 @@ def one_shot_fidelity_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=512)
 
 
+def teacher_and_domains(args: argparse.Namespace) -> tuple:
+    """``(teacher, tokenizer, held-out domains)`` for :func:`one_shot_fidelity_options`' settings."""
+    from tqcompressor.evaluation.fidelity import heldout_domains
+    from tqcompressor.modelio.models import load_model
+
+    loaded = load_model(args.model)
+    domains = heldout_domains(loaded.model, loaded.tokenizer, args.fidelity_tokens, args.context)
+    return loaded.model, loaded.tokenizer, domains
+
+
 def calibrated_options(parser: argparse.ArgumentParser, eval_tokens: int) -> None:
     """:func:`eval_options`, plus ``--ratio`` and ``--calibration-tokens`` of ``--calibration``
     (one-shot measurements: calibrate, compress, evaluate)."""

@@ -30,13 +30,11 @@ import json
 import time
 from pathlib import Path
 
-from common import HERE, one_shot_fidelity_options
+from common import HERE, one_shot_fidelity_options, teacher_and_domains
 from provenance import cpu_run, git_commit
 
 from tqcompressor.data import calibration_ids
-from tqcompressor.evaluation.fidelity import heldout_domains
 from tqcompressor.evaluation.targets import measure_plan, smallest_within_kl
-from tqcompressor.modelio.models import load_model
 from tqcompressor.planning.calibration import layer_statistics
 from tqcompressor.planning.formats import (
     FORMATS,
@@ -66,9 +64,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "frontier" / "frontier.json")
     args = parser.parse_args()
     commit, started = git_commit(), time.perf_counter()
-    loaded = load_model(args.model)
-    teacher, tokenizer = loaded.model, loaded.tokenizer
-    domains = heldout_domains(teacher, tokenizer, args.fidelity_tokens, args.context)
+    teacher, tokenizer, domains = teacher_and_domains(args)
 
     def point(label: str, kind: str, plan, quantizer: str) -> dict:
         measured = measure_plan(teacher, plan, domains, args.context, tokenizer)

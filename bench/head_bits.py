@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import HERE, one_shot_fidelity_options
+from common import HERE, bad_input, one_shot_fidelity_options, teacher_and_domains
 from provenance import cpu_run, git_commit
 
 from tqcompressor.data import calibration_ids
-from tqcompressor.evaluation.fidelity import heldout_domains, measure
-from tqcompressor.modelio.models import load_model
+from tqcompressor.evaluation.fidelity import measure
 from tqcompressor.planning.calibration import layer_statistics
 from tqcompressor.planning.formats import row_importance, settings_named
+from tqcompressor.planning.inventory import tied_embedding
 from tqcompressor.quant.modules import QuantizedWeight
 
 
@@ -37,16 +37,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "frontier" / "head-bits.json")
     args = parser.parse_args()
     commit, started = git_commit(), time.perf_counter()
-    loaded = load_model(args.model)
-    teacher, tokenizer = loaded.model, loaded.tokenizer
-    domains = heldout_domains(teacher, tokenizer, args.fidelity_tokens, args.context)
-    table = teacher.get_input_embeddings()
-    if teacher.get_output_embeddings().weight is not table.weight:
-        raise SystemExit(f"error: {args.model} has no tied token table; this benchmark splits a tied one's roles")
+    teacher, tokenizer, domains = teacher_and_domains(args)
+    name = tied_embedding(teacher)
+    if name is None:
+        bad_input(f"error: {args.model} has no tied token table; this benchmark splits a tied one's roles")
     ids = calibration_ids(args.calibration, teacher, tokenizer, args.calibration_tokens)
-    name = next(n for n, m in teacher.named_modules() if m is table)
     stats = layer_statistics(teacher, [name], ids)[name]
-    weight = table.weight.detach()
+    weight = teacher.get_submodule(name).weight.detach()
     tail = torch.argsort(row_importance(weight, stats), descending=True)[-args.rows :]
     points = []
     for fmt in args.formats.split(","):

@@ -999,14 +999,13 @@ def _run_byte_budget(max_bytes, max_kl, structures, spec, method, ratio, stages,
                 "--structures joins the formats a --max-bytes or --max-kl plan chooses from: give one of them too"
             )
         return {}
-    if max_bytes is not None and max_kl is not None:
-        raise TQCError("give one target: --max-bytes (a size) or --max-kl (a fidelity), not both")
     target = "--max-bytes" if max_bytes is not None else "--max-kl"
     options = {"spec": spec, "method": method, "ratio": ratio, "stages": stages, "auto_methods": auto_methods}
     given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
     if given:
         raise TQCError(f"{target} plans every matrix in bytes; {', '.join(given)} plan in parameters: drop one")
-    found = {"max_bytes": parse_bytes(max_bytes)} if max_bytes is not None else {"max_kl": max_kl}
+    # both given: RunConfig refuses them in one line
+    found = {"max_bytes": parse_bytes(max_bytes) if max_bytes is not None else None, "max_kl": max_kl}
     if structures is None:
         return {**found, "structures": recipe.BYTE_STRUCTURES}
     names = tuple(name.strip() for name in structures.split(",") if name.strip() and name.strip() != "none")

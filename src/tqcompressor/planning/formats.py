@@ -26,9 +26,10 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from tqcompressor.errors import TQCError
-from tqcompressor.layers import dense_weight_of, factored_modules
+from tqcompressor.layers import dense_weight_of, factored_modules, module_name
 from tqcompressor.planning.auto import allocate, layer_scale, role_scales
 from tqcompressor.planning.calibration import EmbeddingStatistics, LookupStatistics, layer_statistics
+from tqcompressor.planning.inventory import tied_embedding
 from tqcompressor.quant.api import tensor_bytes
 from tqcompressor.quant.formats import QuantizeSettings, TokenBands
 from tqcompressor.quant.modules import QuantizedWeight
@@ -43,8 +44,8 @@ FORMATS = ("int4-g128-dq", "int4-g128", "int4-g64-dq", "int4-g64", "int4-g32-dq"
 LOW_BIT_FORMATS = ("int2-g64-dq", "int2-g32-dq", "int3-g128-dq", "int3-g64-dq", "int3-g32-dq")
 # The matrix that computes the logits keeps at least this many bits a value: its errors act on the output
 # through exp(), and a planner's quadratic error model cannot see that. Measured on SmolLM2-135M
-# (bench/results/frontier/frontier-low-bit.json), the 32,768 token rows least used in calibration stored
-# in int2 as the head alone took fidelity KL from 0 to 1.87, as the lookup alone to 0.14
+# (bench/results/frontier/head-bits.json), the 32,768 token rows calibration weighs least stored in
+# int2-g64-dq as the head alone took fidelity KL from 0 to 1.66, as the lookup alone to 0.14
 HEAD_BITS = 4
 # What a plan chooses from: each int4 format by both quantizers (same bytes; the lower error wins per matrix).
 # On SmolLM2-135M, HQQ's uniform int4-g64 is closer to the teacher than round-to-nearest's, its int4-g32 not
@@ -119,13 +120,12 @@ def planned_matrices(model: nn.Module) -> dict[str, Tensor]:
 
 
 def logit_matrices(model: nn.Module) -> set[str]:
-    """The planned matrices that compute the logits: the LM head, or the token table tied to it."""
+    """The planned matrices that compute the logits: the token table tied to the LM head, or the head."""
+    tied = tied_embedding(model)
+    if tied is not None:
+        return {tied}
     head = model.get_output_embeddings()
-    if head is None:
-        return set()
-    tied = getattr(head, "weight", None) is getattr(model.get_input_embeddings(), "weight", 0)
-    logits = model.get_input_embeddings() if tied else head
-    return {name for name, module in model.named_modules() if module is logits}
+    return {module_name(model, head)} if head is not None else set()
 
 
 def format_menu(weight: Tensor, stats=None, formats: tuple[str, ...] = MENU) -> list[FormatCandidate]:
@@ -426,10 +426,10 @@ def measure_formats(
     tied token table with calibration statistics gets a menu per band of rows (:func:`band_menus`)."""
     matrices = planned_matrices(model)
     menus, weights, bands = {}, {}, {}
-    heads = logit_matrices(model)
+    heads, head_formats = logit_matrices(model), tuple(f for f in formats if settings_named(f).bits >= HEAD_BITS)
     for name, weight in matrices.items():
         layer_stats = stats.get(name) if stats else None
-        formats_here = tuple(f for f in formats if settings_named(f).bits >= HEAD_BITS) if name in heads else formats
+        formats_here = head_formats if name in heads else formats
         importance = row_importance(weight, layer_stats)
         sizes = band_sizes(weight.shape[0], band_rows)
         if importance is None or len(sizes) == 1:

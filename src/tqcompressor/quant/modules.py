@@ -123,11 +123,7 @@ class QuantizedWeight(QuantizedMatrix):
         dequantized values (the kernels have no backward) and files hold the changes beside the grid."""
         if self.learning:
             return
-        if self.kernel_layout or self.cpu_scale_zero is not None:  # back to the portable layout, buffers of their own
-            self.qdata = self.portable_qdata()
-            self.scale = self.scale.contiguous()
-            self.zero = self.zero.contiguous() if self.zero is not None else None
-        self.kernel_layout, self.cpu_int4, self.cpu_scale_zero = False, None, None
+        self._back_to_portable()
         self.grid_scale = nn.Parameter(torch.zeros(self.scale.shape, device=self.scale.device))
         if self.zero is not None:
             self.grid_zero = nn.Parameter(torch.zeros(self.zero.shape, device=self.zero.device))
@@ -152,6 +148,16 @@ class QuantizedWeight(QuantizedMatrix):
             scale, zero = self._decoded_scales()
         self.scale = scale.to(COMPUTE_DTYPE)
         self.zero = zero.to(COMPUTE_DTYPE) if zero is not None else None
+
+    def _back_to_portable(self) -> None:
+        """The integers in the portable layout again, scales and offsets in tensors of their own, the kernel's
+        copies dropped (derived again when the kernel next runs)."""
+        if self.kernel_layout:
+            self.qdata = self.portable_qdata()
+        if self.cpu_scale_zero is not None:  # scale and zero are views of it
+            self.scale = self.scale.contiguous()
+            self.zero = self.zero.contiguous() if self.zero is not None else None
+        self.kernel_layout, self.cpu_int4, self.cpu_scale_zero = False, None, None
 
     def _grid(self) -> tuple[Tensor, Tensor | None]:
         """The scales and offsets in float32, with what they learned."""
@@ -214,7 +220,7 @@ class QuantizedWeight(QuantizedMatrix):
             y = self._cpu_kernel(flat)
         else:
             if self.kernel_layout:  # moved off the CPU: back to the portable layout, once
-                self.qdata, self.kernel_layout, self.cpu_scale_zero = self.portable_qdata(), False, None
+                self._back_to_portable()
             w = self.dequantize_padded().to(COMPUTE_DTYPE)
             y = flat @ w.T
         return y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -258,8 +264,7 @@ class QuantizedWeight(QuantizedMatrix):
             destination[prefix + "zero"] = self.zero.contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        if self.kernel_layout:  # files hold the portable layout (int3/int2: of another shape than the kernel's)
-            self.qdata, self.kernel_layout = self.portable_qdata(), False
+        self._back_to_portable()  # files hold the portable layout (int3/int2: of another shape than the kernel's)
         if prefix + "grid_scale" in state_dict:  # a checkpoint taken while the grid learned: it learns on
             self.learn_grid()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
