@@ -18,6 +18,11 @@ formats-only plan at each budget.
         --uniform int4-g128-dq --max-kl 0 --out bench/results/frontier/frontier-structures.json
     python bench/frontier.py --structures svd --budgets 55MiB,60MiB,65MiB,71.5MiB \
         --uniform int4-g128-dq --max-kl 0 --out bench/results/frontier/frontier-low-bit.json   # int3/int2 on the menu
+    python bench/frontier.py --correction-ranks 8,32 --budgets 55MiB,60MiB,65MiB,71.5MiB \
+        --uniform int4-g128-dq --max-kl 0 --out bench/results/frontier/frontier-corrections.json
+
+With ``--correction-ranks`` a third planner (``planned+corrections``) may also store a linear matrix in a low-bit
+format plus a low-rank correction of its rounding error (:mod:`tqcompressor.planning.corrections`).
 
 frontier.json and frontier-structures.json were measured before int3 and int2 joined the menu (their commits say
 which code ran).
@@ -36,6 +41,7 @@ from provenance import cpu_run, git_commit
 from tqcompressor.data import calibration_ids
 from tqcompressor.evaluation.targets import measure_plan, smallest_within_kl
 from tqcompressor.planning.calibration import layer_statistics
+from tqcompressor.planning.corrections import with_corrections
 from tqcompressor.planning.formats import (
     FORMATS,
     float_bytes,
@@ -61,6 +67,9 @@ def main() -> None:
     parser.add_argument("--uniform", default=",".join(FORMATS), help="the teacher's uniform formats to measure")
     parser.add_argument("--budgets", default="", help="sizes to plan at (default: each uniform point's bytes)")
     parser.add_argument("--structures", default="", help="structures the planner may store matrices as (svd)")
+    parser.add_argument(
+        "--correction-ranks", default="", help="plan also with low-bit formats plus corrections of these ranks (8,32)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "frontier" / "frontier.json")
     args = parser.parse_args()
     commit, started = git_commit(), time.perf_counter()
@@ -98,6 +107,12 @@ def main() -> None:
     given = [parse_bytes(size, "--budgets") for size in filter(None, args.budgets.split(","))]
     budgets = given or planned_budgets(sorted(uniform_bytes), args.between)
     planners = [("planned", menus)] + ([(f"planned+{args.structures}", mixed)] if mixed is not menus else [])
+    ranks, correction_seconds = tuple(int(rank) for rank in filter(None, args.correction_ranks.split(","))), None
+    if ranks:  # each linear matrix's low-bit formats plus a correction of their rounding error, beside the formats
+        measuring = time.perf_counter()
+        planners.append(("planned+corrections", with_corrections(menus, teacher, stats, ranks=ranks)))
+        correction_seconds = round(time.perf_counter() - measuring, 1)
+        print(f"corrections measured in {correction_seconds:.0f} s", flush=True)
     for budget in budgets:
         for quantizer, planner in planners:
             if budget < planner.smallest:
@@ -116,6 +131,7 @@ def main() -> None:
         "teacher_float_bytes": float_bytes(teacher),
         "points": points,
         "max_kl_search": search_record(search),
+        "correction_seconds": correction_seconds,  # measuring the corrected candidates, where planned with them
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

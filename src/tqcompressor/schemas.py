@@ -167,6 +167,11 @@ class QuantizedFactoredConfig(Strict):
     double_quant: StrictBool = False  # int4's scales and offsets stored as 8-bit codes
 
 
+class CorrectedLinearConfig(Strict):
+    base: dict  # a QuantizedLinear's description, checked by module_config
+    correction: dict  # a LowRankLinear's (float, while it trains) or a QuantizedLowRankLinear's
+
+
 class LinearExpertsConfig(Strict):
     num_experts: Annotated[int, Field(strict=True, ge=1, le=MAX_EXPERTS)]
     hidden_dim: Size
@@ -202,6 +207,7 @@ MODULE_CONFIGS: dict[str, type[Strict]] = {
     "QuantizedTokenBands": QuantizedTokenBandsConfig,
     "QuantizedLowRankEmbedding": QuantizedLowRankEmbeddingConfig,
     "QuantizedFactored": QuantizedFactoredConfig,
+    "CorrectedLinear": CorrectedLinearConfig,
     "LinearExperts": LinearExpertsConfig,
     "TiedFactoredHead": TiedHeadConfig,
     "TiedKroneckerHead": TiedHeadConfig,  # the older name
@@ -223,7 +229,20 @@ def module_config(description: Any, where: str) -> dict:
         raise TQCError(f"{where} ({kind}): {_first_error(exc)}") from None
     if kind == "QuantizedFactored":
         module_config(checked.inner, f"{where}.inner")
+    if kind == "CorrectedLinear":
+        _corrected_parts(checked, where)
     return description
+
+
+def _corrected_parts(checked: CorrectedLinearConfig, where: str) -> None:
+    """A corrected matrix's two parts: a stored matrix, and a low-rank correction of its shape."""
+    base = module_config(checked.base, f"{where}.base")
+    correction = module_config(checked.correction, f"{where}.correction")
+    if base["type"] != "QuantizedLinear" or correction["type"] not in ("LowRankLinear", "QuantizedLowRankLinear"):
+        raise TQCError(f"{where} (CorrectedLinear): needs a QuantizedLinear base and a low-rank correction")
+    shapes = [(part["in_features"], part["out_features"]) for part in (base, correction)]
+    if shapes[0] != shapes[1]:
+        raise TQCError(f"{where} (CorrectedLinear): its correction is {shapes[1]}, its base {shapes[0]} (in, out)")
 
 
 # -- whole files --------------------------------------------------------------------------------------

@@ -72,22 +72,27 @@ class FormatCandidate:
     """One format for one matrix, in the terms :func:`~tqcompressor.planning.auto.allocate` spends:
     ``params`` is the cost (here stored bytes), ``error`` the relative error, ``method`` the format. With
     ``structure`` (a structure's candidate, :mod:`tqcompressor.planning.mixed`) the matrix is stored as that
-    structure's factors, each in the format: ``method`` is then ``"<structure's candidate>/<format>"``."""
+    structure's factors, each in the format: ``method`` is then ``"<structure's candidate>/<format>"``. With
+    ``correction_rank`` (:mod:`tqcompressor.planning.corrections`) the matrix is stored in the format plus a
+    low-rank correction of its rounding error: ``method`` is then ``"<format>+r<rank>"``."""
 
     method: str
     params: int
     error: float
     structure: Candidate | None = None
+    correction_rank: int = 0
 
     @property
     def stored_format(self) -> str:
         """The format the matrix (or each of its factors) is stored in."""
-        return self.method.rpartition("/")[2]
+        return self.method.rpartition("/")[2].partition("+")[0]
 
     def to_dict(self) -> dict:
         found = {"format": self.method, "bytes": self.params, "error": self.error}
         if self.structure is not None:
             found["structure"] = {"method": self.structure.method, **self.structure.settings}
+        if self.correction_rank:
+            found["correction_rank"] = self.correction_rank
         return found
 
 
@@ -319,6 +324,11 @@ class FormatPlan:
         """The matrices stored as a structure's factors, and the structure's candidate for each."""
         chosen = {name: self.chosen(name) for name in self.formats}
         return {name: c.structure for name, c in chosen.items() if c.structure is not None}
+
+    def corrections(self) -> dict[str, int]:
+        """The matrices stored with a low-rank correction of their rounding error, and its rank."""
+        chosen = {name: self.chosen(name) for name in self.formats}
+        return {name: c.correction_rank for name, c in chosen.items() if c.correction_rank}
 
     def settings(self) -> dict[str, QuantizeSettings | TokenBands]:
         """Per module name, what :func:`~tqcompressor.quant.api.quantize_`'s ``per_layer`` takes (a matrix

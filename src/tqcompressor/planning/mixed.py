@@ -23,6 +23,7 @@ from tqcompressor.layers import factored_modules
 from tqcompressor.linalg.decompose import OutputSketch
 from tqcompressor.planning.calibration import LayerStatistics, layer_statistics
 from tqcompressor.planning.config import LayerSpec
+from tqcompressor.planning.corrections import with_corrections
 from tqcompressor.planning.formats import (
     MENU,
     FormatCandidate,
@@ -115,16 +116,20 @@ def measure_model_mixed(
     structures: tuple[str, ...] = STRUCTURES,
     progress: bool = True,
     formats: tuple[str, ...] = MENU,
+    correction_ranks: tuple[int, ...] = (),
 ) -> FormatMenus:
     """:func:`~tqcompressor.planning.formats.measure_model_formats` with ``structures`` on each linear
     matrix's menu: every menu measured on the token ids ``calibration`` (blocks x seq_len) where given;
-    ``formats``: the whole matrices' menu."""
+    ``formats``: the whole matrices' menu; ``correction_ranks``: each linear matrix's menu also holds the
+    low-bit formats plus a correction of their rounding error of these ranks
+    (:mod:`tqcompressor.planning.corrections`)."""
     factored = [name for name, _ in factored_modules(model)]
     if factored:
         raise TQCError(f"a byte or fidelity target plans the layers of a plain model; {factored[0]} is factored")
     names = list(planned_matrices(model))
     stats = layer_statistics(model, names, calibration, progress) if calibration is not None else None
-    return with_structures(measure_formats(model, stats, formats), model, stats, structures, progress)
+    menus = with_structures(measure_formats(model, stats, formats), model, stats, structures, progress)
+    return with_corrections(menus, model, stats, ranks=correction_ranks, progress=progress)
 
 
 def structure_plan(model: nn.Module, plan: FormatPlan) -> Plan | None:

@@ -189,8 +189,9 @@ def freeze_grids_(model: nn.Module) -> None:
 
 
 def quantized_layers(model: nn.Module) -> dict[str, str]:
-    """``{module name: format}`` of every quantized module (``tqc info`` shows it)."""
-    return {name: format_name(module) for name, module in model.named_modules() if isinstance(module, MODULE_TYPES)}
+    """``{module name: format}`` of every quantized module, outermost only (a corrected matrix is one layer, its
+    stored parts inside it are not; ``tqc info`` shows it)."""
+    return {name: format_name(module) for name, module in factored_modules(model) if isinstance(module, MODULE_TYPES)}
 
 
 def format_name(module: nn.Module) -> str:

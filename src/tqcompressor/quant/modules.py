@@ -7,6 +7,7 @@
   the layers a plan kept dense); :class:`QuantizedLowRankLinear` an ``svd`` layer (both factors
   through the kernels); :class:`QuantizedEmbedding` an embedding, with :meth:`project` for a tied
   LM head (:class:`~tqcompressor.layers.TiedFactoredHead`, which stores nothing of its own).
+- :class:`CorrectedLinear` is a :class:`QuantizedLinear` plus a low-rank correction of its rounding error.
 - :class:`QuantizedFactored` wraps any other factored module (Kronecker, Kronecker + low rank):
   its float factors are stored quantized and dequantized for each call, so it saves bytes but,
   unlike the two above, not time.
@@ -43,11 +44,14 @@ from tqcompressor.quant.formats import (
     unpack_bits,
     unpack_int4,
 )
-from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankLinear
+from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankFactors, LowRankLinear
 
 COMPUTE_DTYPE = torch.bfloat16  # what the CPU kernels take; used on every device for the same numbers
 # What files hold of a double-quantized matrix's scales and offsets (besides ``qdata``)
 DOUBLE_QUANT_BUFFERS = ("scale_codes", "scale_step", "zero_codes", "zero_step")
+# a CorrectedLinear's correction once stored: int8, one scale per row (its few rows of U and V are a small
+# share of the bytes, and their values far from uniform)
+CORRECTION_SETTINGS = QuantizeSettings(8)
 FLAT_ROW = 256  # QuantizedFactored stores a factor as rows of this many values (int8: one scale per row)
 
 
@@ -417,6 +421,69 @@ class QuantizedLowRankLinear(FactoredModule):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, {self.settings.name}"
 
 
+class CorrectedLinear(FactoredModule):
+    """``y = Q(W) x + U (V x) + bias``: a matrix stored in a format (``base``, a :class:`QuantizedLinear`) plus a
+    low-rank correction of its rounding error (as LQER, EoRA and NNCF's LoRA correction add one). The
+    correction is a float :class:`LowRankLinear` while it trains beside the stored matrix (a byte plan's
+    distillation), and a :class:`QuantizedLowRankLinear` in :data:`CORRECTION_SETTINGS` once stored
+    (:meth:`store_correction`)."""
+
+    stores_integers = True
+
+    def __init__(self, base: QuantizedLinear, correction: nn.Module) -> None:
+        super().__init__()
+        self.base, self.correction = base, correction
+        self.in_features, self.out_features, self.kind = base.in_features, base.out_features, base.kind
+
+    @classmethod
+    def from_factors(cls, base: QuantizedLinear, factors: LowRankFactors) -> CorrectedLinear:
+        """``base`` with the float correction ``factors`` (``U V`` of its rounding error)."""
+        correction = LowRankLinear.from_factors(factors, None, base.kind)
+        return cls(base, correction.to(base.quantized.qdata.device))
+
+    def store_correction(self) -> None:
+        """The correction's factors stored in :data:`CORRECTION_SETTINGS` (where still float)."""
+        if isinstance(self.correction, LowRankLinear):
+            self.correction = QuantizedLowRankLinear.from_lowrank(self.correction, CORRECTION_SETTINGS)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    def config(self) -> dict:
+        return {"base": describe_module(self.base), "correction": describe_module(self.correction)}
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: torch.dtype) -> CorrectedLinear:
+        return cls(build_module(config["base"], dtype), build_module(config["correction"], dtype))
+
+    @property
+    def settings(self) -> QuantizeSettings:
+        return self.base.settings
+
+    @property
+    def rank(self) -> int:
+        return self.correction.rank
+
+    @property
+    def format_name(self) -> str:
+        """The base's format and the correction's rank: ``int3-g64-dq+r8``."""
+        return f"{self.settings.name}+r{self.rank}"
+
+    def to_dense(self) -> Tensor:
+        return self.base.to_dense() + self.correction.to_dense().float()
+
+    @property
+    def macs_per_token(self) -> int:
+        return self.base.macs_per_token + self.correction.macs_per_token
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.correction(x)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.format_name}"
+
+
 class QuantizedEmbedding(FactoredModule):
     """A token embedding whose table is quantized; lookups dequantize only the rows they read."""
 
@@ -762,6 +829,7 @@ def _set_placeholder(inner: nn.Module, name: str, param: Tensor) -> None:
 MODULE_TYPES = (
     QuantizedLinear,
     QuantizedLowRankLinear,
+    CorrectedLinear,
     QuantizedEmbedding,
     QuantizedTokenBands,
     QuantizedLowRankEmbedding,

@@ -14,6 +14,7 @@ from tqcompressor.layers import TiedFactoredHead, bias_of, dense_weight_of, embe
 from tqcompressor.linalg.decompose import relative_error
 from tqcompressor.planning.calibration import layer_statistics
 from tqcompressor.planning.config import CompressionConfig, CompressionReport, LayerReport
+from tqcompressor.planning.corrections import correction_factors
 from tqcompressor.planning.formats import FormatPlan
 from tqcompressor.planning.inventory import count_parameters, find_target_modules, is_embedding
 from tqcompressor.planning.mixed import structure_plan
@@ -21,6 +22,7 @@ from tqcompressor.planning.plan import LayerPlan, Plan
 from tqcompressor.planning.planners import plan_compression
 from tqcompressor.quant.api import QuantizeReport, check_not_quantized, freeze_grids_, learn_grids_, quantize_
 from tqcompressor.quant.formats import QuantizeSettings
+from tqcompressor.quant.modules import CorrectedLinear
 from tqcompressor.structures import all_structures, settings_dict
 from tqcompressor.surgery.experts import split_experts
 from tqcompressor.surgery.folding import fold_mlp_permutations
@@ -223,15 +225,29 @@ def prepare_planned(
         apply_plan(model, structures, progress=False)
     settings = plan.settings()
     whole = set(settings) - set(plan.structures())
+    corrected = {name: dense_weight_of(model.get_submodule(name))[0].clone() for name in plan.corrections()}
     report = quantize_(model, QuantizeSettings(8), measure_error=measure_error, per_layer=settings, only=whole)
+    for name, weight in corrected.items():
+        _correct(model, name, weight, plan.corrections()[name], (plan.stats or {}).get(name))
     if learn_grids:
         learn_grids_(model)
     return report, structures
 
 
+def _correct(model: nn.Module, name: str, weight: Tensor, rank: int, stats) -> None:
+    """The stored matrix ``name`` given a float rank-``rank`` correction of its rounding of ``weight``, fitted as
+    the plan measured it (:func:`~tqcompressor.planning.corrections.correction_factors`)."""
+    base = model.get_submodule(name)
+    factors = correction_factors(weight.to(base.to_dense().device), base.to_dense(), rank, stats)
+    set_module(model, name, CorrectedLinear.from_factors(base, factors))
+
+
 def store_factors(model: nn.Module, plan: FormatPlan, measure_error: bool = True) -> QuantizeReport:
-    """The factors of the structures ``plan`` chose, stored in their formats, and the grids the stored
-    matrices learned stored too, in place (after :func:`prepare_planned` and training)."""
+    """The factors of the structures ``plan`` chose and the corrections it added stored in their formats, and
+    the grids the stored matrices learned stored too, in place (after :func:`prepare_planned` and training)."""
     freeze_grids_(model)
+    for module in model.modules():
+        if isinstance(module, CorrectedLinear):
+            module.store_correction()
     factored = set(plan.structures())
     return quantize_(model, QuantizeSettings(8), measure_error=measure_error, per_layer=plan.settings(), only=factored)

@@ -1,0 +1,105 @@
+"""A stored matrix plus a low-rank correction of its rounding error on a byte plan's menu
+(tqcompressor.planning.corrections, quant.modules.CorrectedLinear)."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import tqcompressor as tqc
+from tests.conftest import tiny_llama
+from tests.planning.test_mixed import calibrated, saved_tensor_bytes
+from tqcompressor.errors import TQCError
+from tqcompressor.planning.corrections import corrected_menu, with_corrections
+from tqcompressor.planning.formats import measure_formats, planned_matrices, relative_output_error, settings_named
+from tqcompressor.quant.api import quantized_layers
+from tqcompressor.quant.modules import CorrectedLinear, QuantizedWeight
+from tqcompressor.schemas import module_config
+from tqcompressor.surgery.apply import prepare_planned, store_factors, store_planned
+
+NAME = "model.layers.0.mlp.down_proj"
+
+
+def test_each_corrected_format_is_priced_and_measured_as_stored():
+    model = tiny_llama(vocab_size=256)
+    stats = calibrated(model)
+    weight = planned_matrices(model)[NAME]
+    menu = corrected_menu(weight, stats[NAME], bases=("int2-g64-dq", "int3-g64-dq"), ranks=(4, 16))
+    assert [c.method for c in menu] == ["int2-g64-dq+r4", "int2-g64-dq+r16", "int3-g64-dq+r4", "int3-g64-dq+r16"]
+    for candidate in menu:
+        base = QuantizedWeight.from_weight(weight, settings_named(candidate.stored_format))
+        alone = relative_output_error(weight, weight - base.dequantize(), stats[NAME])
+        # priced as stored: the base's bytes, then U and V in int8 (a byte a value, inputs padded to 16, and a
+        # bfloat16 scale per row)
+        (rows, inputs), rank = weight.shape, candidate.correction_rank
+        correction = rows * (-(-rank // 16) * 16 + 2) + rank * (-(-inputs // 16) * 16 + 2)
+        assert candidate.params == base.stored_bytes + correction
+        assert candidate.error < alone  # the correction takes part of the rounding error away
+    by = {c.method: c.error for c in menu}
+    assert by["int2-g64-dq+r16"] < by["int2-g64-dq+r4"] and by["int3-g64-dq+r16"] < by["int3-g64-dq+r4"]
+
+
+def corrected_only(model, stats):
+    """Menus whose every linear matrix must take int2-g64-dq with a rank-8 correction."""
+    menus = measure_formats(model, stats, formats=("int2-g64-dq", "int8"))
+    menus = with_corrections(menus, model, stats, bases=("int2-g64-dq",), ranks=(8,), progress=False)
+    corrected = {name: [c for c in menu if c.correction_rank] or menu for name, menu in menus.menus.items()}
+    return dataclasses.replace(menus, menus=corrected)
+
+
+def test_a_corrected_plan_is_stored_saved_and_reopened_in_the_bytes_it_planned(tmp_path):
+    model = tiny_llama(vocab_size=256)
+    stats = calibrated(model)
+    plan = corrected_only(model, stats).plan(10**9)
+    linear = {name for name in planned_matrices(model) if "layers" in name}
+    assert plan.corrections() == dict.fromkeys(linear, 8)
+    stored = copy.deepcopy(model)
+    _, structures = store_planned(stored, plan)
+    layers = quantized_layers(stored)
+    assert all(layers[name] == "int2-g64-dq+r8" for name in linear) and len(layers) == len(linear) + 1
+    for name in linear:  # each stored layer closer to its matrix than its base alone
+        weight, layer = planned_matrices(model)[name], stored.get_submodule(name)
+        corrected = relative_output_error(weight, weight - layer.to_dense(), stats[name])
+        assert corrected < relative_output_error(weight, weight - layer.base.to_dense(), stats[name])
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        logits = stored(ids).logits
+    tqc.save(stored, tmp_path / "corrected", plan=structures)
+    assert saved_tensor_bytes(tmp_path / "corrected") == plan.total_bytes  # exact: both parts' scales too
+    reopened = tqc.load(tmp_path / "corrected")
+    assert isinstance(reopened.get_submodule(NAME), CorrectedLinear)
+    with torch.no_grad():
+        assert torch.equal(reopened(ids).logits, logits)
+
+
+@pytest.mark.parametrize("learn_grids", [False, True])
+def test_a_byte_plan_trains_its_corrections_in_float_then_stores_them(learn_grids):
+    model = tiny_llama(vocab_size=256)
+    stats = calibrated(model)
+    plan = corrected_only(model, stats).plan(10**9)
+    stored, trained = copy.deepcopy(model), copy.deepcopy(model)
+    store_planned(stored, plan)
+    prepare_planned(trained, plan, learn_grids=learn_grids)
+    ids = torch.randint(0, 256, (2, 16))
+    trained(ids).logits.float().pow(2).mean().backward()
+    for name in plan.corrections():
+        correction = trained.get_submodule(name).correction
+        assert correction.u.grad is not None and torch.isfinite(correction.v.grad).all()
+    trained.zero_grad()
+    store_factors(trained, plan)  # untrained: the model store_planned makes
+    assert not [name for name, p in trained.named_parameters() if "correction" in name]  # stored in int8
+    with torch.no_grad():
+        assert torch.equal(trained(ids).logits, stored(ids).logits)
+
+
+def test_a_saved_correction_must_match_its_base():
+    base = {"type": "QuantizedLinear", "in_features": 8, "out_features": 4, "bias": False, "kind": "linear"}
+    base.update(bits=4, group_size=8)
+    correction = {"type": "LowRankLinear", "in_features": 8, "out_features": 4, "rank": 2, "bias": False}
+    correction["kind"] = "linear"
+    module_config({"type": "CorrectedLinear", "base": base, "correction": correction}, "here")
+    with pytest.raises(TQCError, match="correction is"):
+        module_config({"type": "CorrectedLinear", "base": base, "correction": {**correction, "in_features": 6}}, "x")
+    with pytest.raises(TQCError, match="QuantizedLinear base"):
+        module_config({"type": "CorrectedLinear", "base": correction, "correction": correction}, "here")
