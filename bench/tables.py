@@ -603,6 +603,34 @@ def low_bit_section() -> str:
     )
 
 
+def corrections_section() -> str:
+    """A low-bit format plus a low-rank correction of its rounding error, beside the formats alone."""
+    run = load("frontier/frontier-corrections.json")
+    planned = [p for p in run["points"] if p["kind"] == "planned"]
+    rows = []
+    for budget in sorted({p["budget_bytes"] for p in planned}):
+        alone, corrected = (next(p for p in planned if p["budget_bytes"] == budget and p["quantizer"] == q)
+                            for q in ("planned", "planned+corrections"))  # fmt: skip
+        count = sum("+r" in fmt for fmt in corrected["formats"].values())
+        rows.append([budget / MIB, alone["fidelity_kl"], corrected["fidelity_kl"], count])
+    return "\n".join(
+        [
+            "## A low-bit format plus a correction of its rounding error (held-out, one-shot)",
+            "",
+            f"`frontier-corrections.json` (commit {short(run['commit'])}, {run['device']}, "
+            f"{run['seconds'] / 60:.0f} min): each linear matrix's menu also holds int2, int3 and int4-g64 plus a "
+            f"rank-{run['settings']['correction_ranks'].replace(',', ' or ')} correction `U V` of the rounding error "
+            "(the activation-aware, output-weighted SVD of `W - Q(W)`, `U` and `V` in int8: `tqc quantize "
+            f"--corrections`), measured as stored ({run['correction_seconds']:.0f} s for SmolLM2-135M's 210 linear "
+            "matrices on 2 CPU cores). The planner's output-error proxy prices them well below what the held-out KL "
+            "finds: they help only where every matrix is at 2 or 3 bits, so they stay off `tqc run`'s menu. "
+            "![corrections](../bench/results/frontier/frontier-corrections.png)",
+            "",
+            table(["MiB saved", "formats: fidelity KL", "with corrections: fidelity KL", "matrices corrected"], rows),
+        ]
+    )
+
+
 def head_bits_section() -> str:
     """Why the logits' matrix keeps 4 bits: the least-used token rows in each format, as head or as lookup."""
     run = load("frontier/head-bits.json")
@@ -1173,6 +1201,7 @@ SECTIONS = (
     frontier_section,
     structures_section,
     low_bit_section,
+    corrections_section,
     head_bits_section,
     grids_section,
     throughput_section,

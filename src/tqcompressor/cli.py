@@ -56,6 +56,7 @@ from tqcompressor.pipeline import (
     run_pipeline,
 )
 from tqcompressor.planning.config import CompressionConfig, load_spec
+from tqcompressor.planning.corrections import RANKS as CORRECTION_RANKS
 from tqcompressor.planning.formats import check_below_model, parse_bytes
 from tqcompressor.planning.inventory import count_parameters, find_target_modules, target_summary, tied_embedding
 from tqcompressor.planning.mixed import measure_model_mixed
@@ -249,6 +250,22 @@ MaxKL = Annotated[
         "smallest --max-bytes plan within it is found by measuring each candidate"
     ),
 ]
+CompressMaxBytes = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-bytes",
+        help="instead of --ratio: the size the weights may take (90MiB, 90MB, 1.5GiB, bytes), each matrix in the "
+        "format that loses least per byte, as tqc quantize --max-bytes plans it (one-shot; tqc run distils it)",
+    ),
+]
+CompressMaxKL = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-kl",
+        help="instead of --ratio: the fidelity KL to the model (held-out, nats/token) the result may have; the "
+        "smallest --max-bytes plan within it, each candidate measured (as tqc quantize --max-kl)",
+    ),
+]
 QuantizeCalibration = Annotated[
     Optional[str],
     typer.Option(
@@ -261,6 +278,15 @@ PlannedStructures = Annotated[
         "--structures",
         help="with --max-bytes or --max-kl: structures a matrix may instead be stored as, its factors in a "
         "format too, comma-separated (svd: activation-aware SVD with --calibration); one budget spreads over both",
+    ),
+]
+PlannedCorrections = Annotated[
+    bool,
+    typer.Option(
+        "--corrections",
+        help="with --max-bytes or --max-kl: each linear matrix may also be stored in int2/int3/int4-g64 plus a "
+        "low-rank correction of its rounding error (ranks 16 and 32, int8): measured on SmolLM2-135M, closer "
+        "one-shot at 55 MiB, further at 60 and 65 MiB (bench/results/frontier/frontier-corrections.json)",
     ),
 ]
 QuantizeBits = Annotated[
@@ -295,9 +321,13 @@ def compress(
     output_weights: CompressOutputWeights = False,
     quantize: CompressQuantize = None,
     group_size: GroupSize = None,
+    max_bytes: CompressMaxBytes = None,
+    max_kl: CompressMaxKL = None,
+    structures: PlannedStructures = None,
     adopt: Adopt = False,
 ) -> None:
-    """Compress a model and write a model dir plus compression.json (and quantization.json with --quantize)."""
+    """Compress a model and write a model dir plus compression.json (and quantization.json with --quantize); with
+    --max-bytes or --max-kl, the closest model in a size or the smallest within a fidelity, as tqc quantize plans."""
 
     check_writable(out, inputs=[model, spec, calibration], adopt=adopt)  # before the long work, not after it
     if group_size is not None and quantize is None:
@@ -305,17 +335,12 @@ def compress(
     # what would plan without a spec file (a spec file is the whole plan: these are refused beside it)
     planning = dict(method=method, ratio=ratio, target_params=target_params, target_modules=target_modules)
     planning.update(steps=steps, auto_methods=auto_methods, prefer=prefer)
-    if spec is not None:
-        _check_spec_alone(**planning)
-    config = (
-        load_spec(spec) if spec is not None else _budget_config(planning, max_iterations, sequential, output_weights)
-    )
-    if output_weights and calibration is None:
-        raise TQCError("--output-weights weighs outputs by their gradients on calibration text: give --calibration")
-    if sequential and calibration is None:
-        raise TQCError(
-            "--sequential refits layers to calibration text: give --calibration (a text source or 'teacher')"
-        )
+    targeted = max_bytes is not None or max_kl is not None
+    if targeted or structures is not None:
+        _check_target_alone(planning, spec, quantize, sequential, output_weights, targeted)
+        targets = dict(max_bytes=max_bytes, max_kl=max_kl, structures=structures, calibration=calibration)
+        return _quantize_to_target(model, out, adopt, calibration_tokens=calibration_tokens, **targets)
+    config = _compression_config(spec, planning, max_iterations, sequential, output_weights, calibration)
     settings = QuantizeSettings.parse(quantize, group_size) if quantize is not None else None
     check_count("calibration-tokens", calibration_tokens, 1, MAX_CALIBRATION_TOKENS)
     check_count("max-iterations", max_iterations, 1, 10_000)
@@ -337,6 +362,47 @@ def compress(
     typer.echo(f"wrote {out}")
 
 
+def _check_target_alone(planning: dict, spec, quantize, sequential: bool, output_weights: bool, targeted) -> None:
+    """``tqc compress --max-bytes/--max-kl`` plans sizes and formats itself: no parameter budget, spec or format."""
+    if not targeted:
+        raise TQCError("--structures joins the formats a --max-bytes or --max-kl plan chooses from: give one of them")
+    given = [f"--{k.replace('_', '-')}" for k, v in planning.items() if v is not None]
+    given += [name for name, v in (("--spec", spec), ("--quantize", quantize)) if v is not None]
+    given += [name for name, v in (("--sequential", sequential), ("--output-weights", output_weights)) if v]
+    if given:
+        raise TQCError(
+            f"--max-bytes and --max-kl choose each matrix's format (and with --structures its factors) themselves: "
+            f"drop {', '.join(given)}"
+        )
+
+
+def _compression_config(
+    spec: Optional[Path], planning: dict, max_iterations: int, sequential: bool, output_weights: bool, calibration
+) -> CompressionConfig:
+    """A spec file's plan (nothing that plans beside it), or a budget's (:func:`_budget_config`); calibration
+    text where a refit or output weights need it."""
+    if spec is not None:
+        _check_spec_alone(**planning)
+    config = (
+        load_spec(spec) if spec is not None else _budget_config(planning, max_iterations, sequential, output_weights)
+    )
+    if output_weights and calibration is None:
+        raise TQCError("--output-weights weighs outputs by their gradients on calibration text: give --calibration")
+    if sequential and calibration is None:
+        raise TQCError(
+            "--sequential refits layers to calibration text: give --calibration (a text source or 'teacher')"
+        )
+    return config
+
+
+def _quantize_to_target(model: str, out: Path, adopt: bool, **targets) -> None:
+    """``tqc compress --max-bytes/--max-kl``: what ``tqc quantize`` does with them, its other options at their
+    defaults."""
+    defaults = dict(bits=None, group_size=None, quantizer=None, double_quant=False, fidelity_tokens=1024)
+    defaults.update(corrections=False)
+    quantize(model=model, out=out, adopt=adopt, **defaults, **targets)
+
+
 def _budget_config(planning: dict, max_iterations: int, sequential: bool, output_weights: bool) -> CompressionConfig:
     """``tqc compress``'s budget, with the defaults for what is not given."""
     method = "tq" if planning["method"] is None else planning["method"]
@@ -344,7 +410,7 @@ def _budget_config(planning: dict, max_iterations: int, sequential: bool, output
         raise TQCError("--ratio and --target-params are two budgets: give one of them")
     no_budget = planning["ratio"] is None and planning["target_params"] is None
     check_count("steps", planning["steps"], 1)
-    return CompressionConfig(
+    config = CompressionConfig(
         method=method,
         ratio=0.65 if no_budget else planning["ratio"],
         target_params=planning["target_params"],
@@ -356,6 +422,7 @@ def _budget_config(planning: dict, max_iterations: int, sequential: bool, output
         sequential=sequential,
         output_weights=output_weights,
     )
+    return config
 
 
 @app.command()
@@ -376,6 +443,7 @@ def quantize(
     max_bytes: MaxBytes = None,
     max_kl: MaxKL = None,
     structures: PlannedStructures = None,
+    corrections: PlannedCorrections = False,
     calibration: QuantizeCalibration = None,
     calibration_tokens: int = typer.Option(8192, help="with --calibration: tokens (in blocks of 256)"),
     fidelity_tokens: int = typer.Option(1024, help="with --max-kl: tokens of each held-out domain it is checked on"),
@@ -389,6 +457,9 @@ def quantize(
     check_writable(out, inputs=[model, calibration], adopt=adopt)
     target = _check_quantize_options(bits, group_size, max_bytes, max_kl, calibration, quantizer, double_quant)
     planned_structures = _planned_structures(structures, target)
+    if corrections and target is None:
+        raise TQCError("--corrections joins the formats a --max-bytes or --max-kl plan chooses from: give one of them")
+    ranks = CORRECTION_RANKS if corrections else ()
     check_count("calibration-tokens", calibration_tokens, 1, MAX_CALIBRATION_TOKENS)
     check_count("fidelity-tokens", fidelity_tokens, 2)
     settings = (
@@ -401,7 +472,7 @@ def quantize(
         plan = read_plan(model) if (Path(model) / STRUCTURE_FILE).is_file() else None
         compression = _read_compression_json(Path(model))  # ours: the plan's table stays with the model
         ids = calibration_ids(calibration, loaded.model, loaded.tokenizer, calibration_tokens) if calibration else None
-        formats, search = _planned_formats(loaded, target, ids, fidelity_tokens, planned_structures)
+        formats, search = _planned_formats(loaded, target, ids, fidelity_tokens, planned_structures, ranks)
         if formats is not None:
             report, plan = store_planned(loaded.model, formats)
         else:
@@ -456,17 +527,18 @@ def _planned_structures(structures: Optional[str], target) -> tuple[str, ...]:
     return names
 
 
-def _planned_formats(loaded, target, ids, fidelity_tokens: int, structures: tuple[str, ...] = ()):
-    """The plan of a byte or fidelity target (and the search behind a fidelity one); (None, None) for --bits."""
+def _planned_formats(loaded, target, ids, fidelity_tokens: int, structures: tuple[str, ...] = (), ranks=()):
+    """The plan of a byte or fidelity target (and the search behind a fidelity one); (None, None) for --bits.
+    ``ranks``: of the corrections on the menu (none: no corrections)."""
     if target is None:
         return None, None
     kind, value = target
     if kind == "bytes":
         check_below_model(loaded.model, int(value))
-        return measure_model_mixed(loaded.model, ids, structures).plan(int(value)), None
+        return measure_model_mixed(loaded.model, ids, structures, correction_ranks=ranks).plan(int(value)), None
     context = min(512, _positions(loaded.model) or 512, fidelity_tokens)
     domains = heldout_domains(loaded.model, loaded.tokenizer, fidelity_tokens, context)
-    menus = measure_model_mixed(loaded.model, ids, structures)
+    menus = measure_model_mixed(loaded.model, ids, structures, correction_ranks=ranks)
     search = smallest_within_kl(loaded.model, menus, value, domains, context, loaded.tokenizer)
     return search.plan, search
 

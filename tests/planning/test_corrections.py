@@ -3,12 +3,14 @@
 
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import tqcompressor as tqc
-from tests.conftest import tiny_llama
+from tests.conftest import TOY_TEXT, run_cli, tiny_llama
 from tests.planning.test_mixed import calibrated, saved_tensor_bytes
 from tqcompressor.errors import TQCError
 from tqcompressor.planning.corrections import corrected_menu, with_corrections
@@ -54,6 +56,7 @@ def test_a_corrected_plan_is_stored_saved_and_reopened_in_the_bytes_it_planned(t
     plan = corrected_only(model, stats).plan(10**9)
     linear = {name for name in planned_matrices(model) if "layers" in name}
     assert plan.corrections() == dict.fromkeys(linear, 8)
+    assert plan.to_dict()["format_counts"]["int2-g64-dq+r8"] == len(linear)
     stored = copy.deepcopy(model)
     _, structures = store_planned(stored, plan)
     layers = quantized_layers(stored)
@@ -103,3 +106,26 @@ def test_a_saved_correction_must_match_its_base():
         module_config({"type": "CorrectedLinear", "base": base, "correction": {**correction, "in_features": 6}}, "x")
     with pytest.raises(TQCError, match="QuantizedLinear base"):
         module_config({"type": "CorrectedLinear", "base": correction, "correction": correction}, "here")
+
+
+def test_tqc_quantize_corrections_puts_corrected_formats_on_each_linear_matrix_menu(tmp_path, gpt2_dir):
+    (tmp_path / "calibration.txt").write_text(TOY_TEXT * 4)
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    budget = (measure_formats(model).smallest + measure_formats(model).closest) // 2
+    args = ["quantize", gpt2_dir, "--max-bytes", str(budget), "--corrections", "--out", tmp_path / "q"]
+    result = run_cli(*args, "--calibration", tmp_path / "calibration.txt", "--calibration-tokens", "512")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    assert written["plan"]["total_bytes"] <= budget
+    assert saved_tensor_bytes(tmp_path / "q") == written["plan"]["total_bytes"]
+    # a random toy's rounding error is white, so no correction pays for its bytes here; each linear matrix was
+    # offered them (a corrected plan is stored, saved and reopened above)
+    for name, layer in written["plan"]["layers"].items():
+        offered = {c["format"] for c in layer["menu"] if c.get("correction_rank")}
+        assert bool(offered) == ("wte" not in name and "wpe" not in name), name
+
+
+def test_corrections_without_a_target_is_one_line(tmp_path, gpt2_dir):
+    result = run_cli("quantize", gpt2_dir, "--bits", "int8", "--corrections", "--out", tmp_path / "q")
+    assert result.returncode == 2 and "--corrections joins" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "q").exists()

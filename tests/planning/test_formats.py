@@ -310,3 +310,36 @@ def test_bands_are_kept_only_where_they_lose_less_than_the_table_whole():
     for name, fmt in smallest.formats.items():
         cheapest = [c for c in smallest.menus[name] if c.params == min(c.params for c in smallest.menus[name])]
         assert fmt == min(cheapest, key=lambda c: c.error).method
+
+
+def test_tqc_compress_takes_a_size_or_a_fidelity_as_tqc_quantize_plans_it(tmp_path, gpt2_dir):
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    budget = (measure_formats(model).smallest + plan_formats(model, 10**9).total_bytes) // 2
+    result = run_cli("compress", "--model", gpt2_dir, "--max-bytes", str(budget), "--out", tmp_path / "c")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "c" / "quantization.json").read_text())
+    assert (
+        written["plan"]["total_bytes"] <= budget
+        and saved_tensor_bytes(tmp_path / "c") == written["plan"]["total_bytes"]
+    )
+    result = run_cli("compress", "--model", gpt2_dir, "--max-kl", "10", "--out", tmp_path / "k")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "k" / "quantization.json").read_text())["target"]["met"] is True
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max-bytes", "1MiB", "--ratio", "0.5"], "drop --ratio"),
+        (["--max-kl", "0.1", "--method", "svd", "--quantize", "int8"], "drop --method, --quantize"),
+        (["--max-bytes", "1MiB", "--sequential"], "drop --sequential"),
+        (["--structures", "svd"], "--structures joins the formats"),
+        (["--max-bytes", "90 parsecs"], "--max-bytes takes a size"),
+        (["--max-kl", "-1"], "--max-kl"),
+    ],
+)
+def test_tqc_compress_refuses_a_target_beside_a_parameter_budget_in_one_line(tmp_path, gpt2_dir, extra, message):
+    result = run_cli("compress", "--model", gpt2_dir, "--out", tmp_path / "c", *extra)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr
+    assert not (tmp_path / "c").exists()

@@ -342,8 +342,9 @@ class FormatPlan:
     def to_dict(self) -> dict:
         settings = self.settings()
         counts: dict[str, int] = {}  # per matrix: a banded table counts once, under its bands' formats
-        for stored in settings.values():
-            label = getattr(stored, "label", stored.name)
+        corrections = self.corrections()
+        for name, stored in settings.items():
+            label = getattr(stored, "label", stored.name) + (f"+r{corrections[name]}" if name in corrections else "")
             counts[label] = counts.get(label, 0) + 1
         return {
             "budget_bytes": self.budget,

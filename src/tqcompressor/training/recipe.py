@@ -72,6 +72,10 @@ OUTPUT_WEIGHTS = True
 # formats alone, 1.119 with SVD; 65 MiB 0.331 against 0.561): the output-error proxy prices a rank's truncation
 # below what the held-out KL finds. `--structures svd` reaches budgets below the formats' smallest model
 BYTE_STRUCTURES: tuple[str, ...] = ()
+# nor a low-bit format plus a low-rank correction of its rounding error (planning/corrections.py): measured
+# one-shot (bench/results/frontier/frontier-corrections.json) it ended closer only at 55 MiB (1.839 against 2.029)
+# and further at 60 MiB (0.805 against 0.689), 65 MiB and 71.5 MiB, and its menus took 161 s to measure
+BYTE_CORRECTION_RANKS: tuple[int, ...] = ()
 # and the formats of its whole matrices: round-to-nearest only, int4 and int8 and below 4 bits. HQQ's six int4
 # formats took 125 of the 194 s measuring SmolLM2-135M's menus on 2 CPU cores (65 s for the token table alone),
 # minutes a 25-minute run spends distilling instead; tqc quantize --max-bytes keeps them (no distillation follows
