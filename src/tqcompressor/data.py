@@ -162,9 +162,14 @@ def check_teacher_start(start: str) -> None:
         raise TQCError(f"the teacher samples' start must be one of {', '.join(TEACHER_STARTS)}, got {start!r}")
 
 
+# sequences sampled at once: on 2 CPU cores SmolLM2-135M samples 186 tokens a second in batches of 64 against 155
+# in batches of 32 (fp32; a bfloat16 copy samples at a third of that speed)
+SAMPLING_BATCH = 64
+
+
 @torch.no_grad()
 def sample_blocks(
-    model, tokenizer, count: int, seq_len: int, seed: int, batch_size: int = 32, start: str = "bos"
+    model, tokenizer, count: int, seq_len: int, seed: int, batch_size: int = SAMPLING_BATCH, start: str = "bos"
 ) -> Iterator[torch.Tensor]:
     """Blocks of ``seq_len`` tokens sampled from ``model`` (temperature 1, top-k 50), seeded, each
     begun from ``start`` (:data:`TEACHER_STARTS`): after the start token (which the block leaves

@@ -27,7 +27,7 @@ from tqcompressor.data import (
     tokenize_text,
 )
 from tqcompressor.errors import TQCError, check_count
-from tqcompressor.evaluation.evaluate import greedy_continuations
+from tqcompressor.evaluation.evaluate import RememberedTeacher, greedy_continuations
 from tqcompressor.evaluation.fidelity import (
     EVAL_SEED,
     TEACHER_DOMAIN,
@@ -68,7 +68,13 @@ from tqcompressor.surgery.experts import split_experts
 from tqcompressor.training.blockwise import estimated_seconds
 from tqcompressor.training.budget import BudgetPlan, plan_steps, seconds_after_distillation, seconds_per_step
 from tqcompressor.training.distill import DistillConfig, blockwise_ids, multistep_distill, training_precision
-from tqcompressor.training.recipe import BYTE_FORMATS, LEARN_GRIDS, TEACHER_POOL, TEACHER_START
+from tqcompressor.training.recipe import (
+    BYTE_CORRECTION_RANKS,
+    BYTE_FORMATS,
+    LEARN_GRIDS,
+    TEACHER_POOL,
+    TEACHER_START,
+)
 from tqcompressor.versions import library_versions
 
 PROMPTS = [
@@ -170,10 +176,11 @@ def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int,
     its bytes and its fidelity, every row on the same first ``tokens`` of each held-out domain (a
     subset of the points' windows, so that eight models cost about two evaluations)."""
     subset = first_tokens(eval_sets, tokens, context, held_out_only=True)
-    student_measured, reference = measure_both(student, teacher, subset, context, tokenizer)
+    remembered = RememberedTeacher(teacher)  # every row scored against one pass of the teacher
+    student_measured, reference = measure_both(student, remembered, subset, context, tokenizer)
 
     def row(name: str, label: str, model, measured: dict | None = None) -> dict:
-        measured = measured or evaluate_domains(model, teacher, subset, context, tokenizer, reference)
+        measured = measured or evaluate_domains(model, remembered, subset, context, tokenizer, reference)
         return {
             "model": name,
             "format": label,
@@ -197,11 +204,12 @@ def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int,
 
 
 def comparison_evaluations(compare_tokens: int, eval_tokens: int, student_forms: bool = True) -> float:
-    """The quantized comparison's cost in evaluations of one point (for the time budget): seven
-    models scored against the teacher (its own figures come with the first), on a share of the tokens;
-    four without the student's quantized forms (a byte budget's student is stored as planned already)."""
+    """The quantized comparison's cost in evaluations of one point (for the time budget; one evaluation runs
+    the model and the teacher): seven models scored against one pass of the teacher, whose logits are
+    remembered (:class:`RememberedTeacher`), on a share of the tokens; four without the student's quantized
+    forms (a byte budget's student is stored as planned already)."""
     models = (2 if student_forms else 1) * len(QUANTIZED_FORMATS) + 1
-    return models * min(1.0, compare_tokens / eval_tokens)
+    return (models + 1) / 2 * min(1.0, compare_tokens / eval_tokens)
 
 
 def _domain_record(metrics: dict) -> dict:
@@ -506,7 +514,9 @@ def _byte_plan_and_one_shot(teacher, run: RunConfig, calibration, record: RunRec
     split_experts(student)
     if run.max_bytes is not None:
         check_below_model(student, run.max_bytes)
-    menus = measure_model_mixed(student, calibration, run.structures, formats=BYTE_FORMATS)
+    menus = measure_model_mixed(
+        student, calibration, run.structures, formats=BYTE_FORMATS, correction_ranks=BYTE_CORRECTION_RANKS
+    )
     formats = menus.plan(run.max_bytes) if run.max_kl is None else _search_max_kl(student, menus, run, record, points)
     record.byte_plan = _byte_plan_record(formats)
     _, structures = prepare_planned(student, formats, measure_error=False, learn_grids=LEARN_GRIDS)

@@ -185,3 +185,23 @@ def test_the_teachers_own_figures_come_from_the_same_passes(llama_model, tokeniz
         ratio = measured["domains"][name]["perplexity"] / own["domains"][name]["perplexity"]
         assert measured["domains"][name]["perplexity_ratio"] == pytest.approx(ratio)
     assert measured == measure(student, teacher, domains, 64, tokenizer)
+
+
+def test_a_remembered_teacher_runs_once_for_many_students_and_scores_them_alike(llama_model, tokenizer):
+    from tqcompressor.evaluation.evaluate import RememberedTeacher
+
+    ids = torch.randint(0, 256, (150,))
+    students = [copy.deepcopy(llama_model) for _ in range(3)]
+    for k, student in enumerate(students):
+        with torch.no_grad():
+            student.lm_head.weight.mul_(1 + 0.1 * (k + 1))
+    calls = []
+    llama_model.register_forward_hook(lambda *_: calls.append(1))
+    remembered = RememberedTeacher(llama_model)
+    for student in students:
+        plain = evaluate(student, ids, context=32, teacher=llama_model, tokenizer=tokenizer, progress=False)
+        calls_before = len(calls)
+        again = evaluate(student, ids, context=32, teacher=remembered, tokenizer=tokenizer, progress=False)
+        assert again == plain  # every figure the same, the teacher's own included
+        batches = len(range(0, len(windows(150, 32, 32)), 4))  # evaluate's default batch of 4 windows
+        assert len(calls) - calls_before == (batches if student is students[0] else 0)  # the teacher ran once

@@ -11,10 +11,13 @@ tokens (decoded window by window), as lm-evaluation-harness defines them for wik
 
 from __future__ import annotations
 
+import hashlib
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from tqcompressor.data import start_token
@@ -94,6 +97,28 @@ def evaluate(
         result["top1_agreement"] = agree / count
         result["teacher"] = _summary(teacher, teacher_nll, count, protocol, ids, plan, tokenizer)
     return result
+
+
+class RememberedTeacher(nn.Module):
+    """A teacher whose logits on each batch of windows are computed once and remembered (float32, as
+    :func:`evaluate` reads them): scoring many models against it on the same windows (the quantized
+    comparison of a run) runs the teacher once instead of once per model, the figures unchanged. Holds
+    ``4 * vocabulary`` bytes per token scored; meant for a few thousand tokens, then dropped."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.logits: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def config(self):
+        return self.teacher.config
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        key = (tuple(input_ids.shape), hashlib.sha1(input_ids.cpu().numpy().tobytes()).hexdigest())
+        if key not in self.logits:
+            self.logits[key] = self.teacher(input_ids).logits.float()
+        return SimpleNamespace(logits=self.logits[key])
 
 
 def _summary(model, nll: float, count: int, protocol: dict, ids, plan, tokenizer) -> dict:
