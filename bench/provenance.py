@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 
 from common import HERE
 
-from tqcompressor.versions import library_versions
+from tqcompressor.versions import library_versions, machine_record
 
 
 def git_commit() -> str:
@@ -35,5 +34,5 @@ def cpu_run(commit: str, args: argparse.Namespace) -> dict:
         "settings": {k: str(v) for k, v in vars(args).items() if k != "out"},
         "versions": library_versions(),
         "device": "cpu",
-        "cpu": {"cores": os.cpu_count(), "machine": platform.machine()},
+        "cpu": machine_record(),
     }

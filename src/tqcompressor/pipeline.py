@@ -75,7 +75,7 @@ from tqcompressor.training.recipe import (
     TEACHER_POOL,
     TEACHER_START,
 )
-from tqcompressor.versions import library_versions
+from tqcompressor.versions import library_versions, machine_record
 
 PROMPTS = [
     "The history of the city begins",
@@ -670,6 +670,7 @@ def write_results(record: RunRecord, extras: dict | None = None) -> dict:
         "counting": "every parameter counted once (tied embedding/head once); permutation index buffers excluded",
         "points": rows,
         "versions": library_versions(),
+        "machine": machine_record(),
         **(extras or {}),
         "phase_seconds": _phase_seconds(record.phases, time.perf_counter() - record.started),
         "seconds": time.perf_counter() - record.started,
