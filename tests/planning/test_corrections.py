@@ -15,7 +15,7 @@ from tests.planning.test_mixed import calibrated, saved_tensor_bytes
 from tqcompressor.errors import TQCError
 from tqcompressor.planning.corrections import corrected_menu, with_corrections
 from tqcompressor.planning.formats import measure_formats, planned_matrices, relative_output_error, settings_named
-from tqcompressor.quant.api import quantized_layers
+from tqcompressor.quant.api import kept_bytes, quantized_layers
 from tqcompressor.quant.modules import CorrectedLinear, QuantizedWeight
 from tqcompressor.schemas import module_config
 from tqcompressor.surgery.apply import prepare_planned, store_factors, store_planned
@@ -58,7 +58,12 @@ def test_a_corrected_plan_is_stored_saved_and_reopened_in_the_bytes_it_planned(t
     assert plan.corrections() == dict.fromkeys(linear, 8)
     assert plan.to_dict()["format_counts"]["int2-g64-dq+r8"] == len(linear)
     stored = copy.deepcopy(model)
-    _, structures = store_planned(stored, plan)
+    report, structures = store_planned(stored, plan)
+    # the report (quantization.json's layers) counts both parts of each corrected matrix, and its error; taken
+    # before any forward, which derives the kernels' layouts
+    assert report.stored_bytes + kept_bytes(stored) == plan.total_bytes
+    entry = next(layer for layer in report.layers if layer.name == NAME)
+    assert entry.format == "int2-g64-dq+r8" and entry.kind == "CorrectedLinear" and 0 < entry.error < 1
     layers = quantized_layers(stored)
     assert all(layers[name] == "int2-g64-dq+r8" for name in linear) and len(layers) == len(linear) + 1
     for name in linear:  # each stored layer closer to its matrix than its base alone

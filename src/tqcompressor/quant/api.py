@@ -172,6 +172,12 @@ def _layer(name: str, kind: str, before: tuple[int, Tensor | None], after: nn.Mo
     return QuantizedLayer(name, kind, weights, float_bytes, stored_bytes, error, formats)
 
 
+def restated(layer: QuantizedLayer, module: nn.Module, dense: Tensor | None = None) -> QuantizedLayer:
+    """``layer``'s entry again for ``module`` as it is stored now (a matrix given a correction after its entry
+    was made): its formats, all its stored bytes, and its error against ``dense`` where given."""
+    return _layer(layer.name, type(module).__name__, (layer.float_bytes, dense), module)
+
+
 def learn_grids_(model: nn.Module) -> int:
     """Every stored matrix of ``model`` learns its scales and offsets from here on, its integers kept
     (:meth:`QuantizedWeight.learn_grid`); how many matrices that is."""
@@ -238,5 +244,6 @@ __all__ = [
     "learn_grids_",
     "kept_bytes",
     "quantize_",
+    "restated",
     "tensor_bytes",
 ]

@@ -20,7 +20,14 @@ from tqcompressor.planning.inventory import count_parameters, find_target_module
 from tqcompressor.planning.mixed import structure_plan
 from tqcompressor.planning.plan import LayerPlan, Plan
 from tqcompressor.planning.planners import plan_compression
-from tqcompressor.quant.api import QuantizeReport, check_not_quantized, freeze_grids_, learn_grids_, quantize_
+from tqcompressor.quant.api import (
+    QuantizeReport,
+    check_not_quantized,
+    freeze_grids_,
+    learn_grids_,
+    quantize_,
+    restated,
+)
 from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.quant.modules import CorrectedLinear
 from tqcompressor.structures import all_structures, settings_dict
@@ -207,8 +214,16 @@ def store_planned(model: nn.Module, plan: FormatPlan, measure_error: bool = True
     stores as a structure's factors replaced by that structure's modules, then every matrix (or factor)
     quantized in its format. Returns quantize_'s report and the structure plan (what saving the model
     records; ``None`` where every matrix stays whole)."""
+    corrected = plan.corrections()
+    originals = {name: dense_weight_of(model.get_submodule(name))[0].clone() for name in corrected if measure_error}
     report, structures = prepare_planned(model, plan, measure_error)
     report.layers += store_factors(model, plan, measure_error).layers
+    report.layers = [  # a corrected matrix's entry, made before its correction: both parts now
+        restated(layer, model.get_submodule(layer.name), originals.get(layer.name))
+        if layer.name in corrected
+        else layer
+        for layer in report.layers
+    ]
     return report, structures
 
 
@@ -238,7 +253,8 @@ def _correct(model: nn.Module, name: str, weight: Tensor, rank: int, stats) -> N
     """The stored matrix ``name`` given a float rank-``rank`` correction of its rounding of ``weight``, fitted as
     the plan measured it (:func:`~tqcompressor.planning.corrections.correction_factors`)."""
     base = model.get_submodule(name)
-    factors = correction_factors(weight.to(base.to_dense().device), base.to_dense(), rank, stats)
+    stored = base.to_dense()
+    factors = correction_factors(weight.to(stored.device), stored, rank, stats)
     set_module(model, name, CorrectedLinear.from_factors(base, factors))
 
 
