@@ -336,8 +336,9 @@ def compress(
     planning = dict(method=method, ratio=ratio, target_params=target_params, target_modules=target_modules)
     planning.update(steps=steps, auto_methods=auto_methods, prefer=prefer)
     targeted = max_bytes is not None or max_kl is not None
-    if targeted or structures is not None:
-        _check_target_alone(planning, spec, quantize, sequential, output_weights, targeted)
+    _check_joins_target("--structures", structures is not None, targeted)
+    if targeted:
+        _check_target_alone(planning, spec, quantize, sequential, output_weights)
         targets = dict(max_bytes=max_bytes, max_kl=max_kl, structures=structures, calibration=calibration)
         return _quantize_to_target(model, out, adopt, calibration_tokens=calibration_tokens, **targets)
     config = _compression_config(spec, planning, max_iterations, sequential, output_weights, calibration)
@@ -362,10 +363,8 @@ def compress(
     typer.echo(f"wrote {out}")
 
 
-def _check_target_alone(planning: dict, spec, quantize, sequential: bool, output_weights: bool, targeted) -> None:
+def _check_target_alone(planning: dict, spec, quantize, sequential: bool, output_weights: bool) -> None:
     """``tqc compress --max-bytes/--max-kl`` plans sizes and formats itself: no parameter budget, spec or format."""
-    if not targeted:
-        raise TQCError("--structures joins the formats a --max-bytes or --max-kl plan chooses from: give one of them")
     given = [f"--{k.replace('_', '-')}" for k, v in planning.items() if v is not None]
     given += [name for name, v in (("--spec", spec), ("--quantize", quantize)) if v is not None]
     given += [name for name, v in (("--sequential", sequential), ("--output-weights", output_weights)) if v]
@@ -398,8 +397,9 @@ def _compression_config(
 def _quantize_to_target(model: str, out: Path, adopt: bool, **targets) -> None:
     """``tqc compress --max-bytes/--max-kl``: what ``tqc quantize`` does with them, its other options at their
     defaults."""
-    defaults = dict(bits=None, group_size=None, quantizer=None, double_quant=False, fidelity_tokens=1024)
-    defaults.update(corrections=False)
+    defaults = dict(
+        bits=None, group_size=None, quantizer=None, double_quant=False, corrections=False, fidelity_tokens=1024
+    )
     quantize(model=model, out=out, adopt=adopt, **defaults, **targets)
 
 
@@ -410,7 +410,7 @@ def _budget_config(planning: dict, max_iterations: int, sequential: bool, output
         raise TQCError("--ratio and --target-params are two budgets: give one of them")
     no_budget = planning["ratio"] is None and planning["target_params"] is None
     check_count("steps", planning["steps"], 1)
-    config = CompressionConfig(
+    return CompressionConfig(
         method=method,
         ratio=0.65 if no_budget else planning["ratio"],
         target_params=planning["target_params"],
@@ -422,7 +422,6 @@ def _budget_config(planning: dict, max_iterations: int, sequential: bool, output
         sequential=sequential,
         output_weights=output_weights,
     )
-    return config
 
 
 @app.command()
@@ -457,8 +456,7 @@ def quantize(
     check_writable(out, inputs=[model, calibration], adopt=adopt)
     target = _check_quantize_options(bits, group_size, max_bytes, max_kl, calibration, quantizer, double_quant)
     planned_structures = _planned_structures(structures, target)
-    if corrections and target is None:
-        raise TQCError("--corrections joins the formats a --max-bytes or --max-kl plan chooses from: give one of them")
+    _check_joins_target("--corrections", corrections, target is not None)
     ranks = CORRECTION_RANKS if corrections else ()
     check_count("calibration-tokens", calibration_tokens, 1, MAX_CALIBRATION_TOKENS)
     check_count("fidelity-tokens", fidelity_tokens, 2)
@@ -515,12 +513,17 @@ def _check_quantize_options(
     return target
 
 
+def _check_joins_target(option: str, given: bool, targeted: bool) -> None:
+    """One line for an option that only joins a --max-bytes or --max-kl plan, given without one."""
+    if given and not targeted:
+        raise TQCError(f"{option} joins the formats a --max-bytes or --max-kl plan chooses from: give one of them")
+
+
 def _planned_structures(structures: Optional[str], target) -> tuple[str, ...]:
     """``--structures``' names, checked: registered structures that compress, beside a byte or fidelity target."""
+    _check_joins_target("--structures", structures is not None, target is not None)
     if structures is None:
         return ()
-    if target is None:
-        raise TQCError("--structures joins the formats a --max-bytes or --max-kl plan chooses from: give one of them")
     names = tuple(name.strip() for name in structures.split(",") if name.strip())
     for name in names:
         get_structure(name)  # one line for a name that is not a structure that compresses

@@ -13,19 +13,17 @@ candidate; a byte run's distillation trains the chosen corrections in float, the
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 
-import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from tqcompressor.linalg.decompose import whitening
 from tqcompressor.planning.calibration import LayerStatistics
 from tqcompressor.planning.formats import (
     FormatCandidate,
     FormatMenus,
+    extend_menus,
     logit_matrices,
-    planned_matrices,
     relative_output_error,
     settings_named,
 )
@@ -86,13 +84,8 @@ def with_corrections(
     if not ranks or not bases:
         return menus
     skipped = logit_matrices(model) | {name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
-    matrices = {name: w for name, w in planned_matrices(model).items() if name in menus.menus and name not in skipped}
-    linear = {name: s for name, s in (stats or {}).items() if name in matrices and isinstance(s, LayerStatistics)}
-    extended = dict(menus.menus)
-    for name, weight in tqdm(matrices.items(), desc="measuring corrected formats", disable=not progress):
-        with torch.no_grad():
-            extended[name] = extended[name] + corrected_menu(weight, linear.get(name), bases, ranks)
-    return dataclasses.replace(menus, menus=extended, stats={**(menus.stats or {}), **linear})
+    measure = functools.partial(corrected_menu, bases=bases, ranks=ranks)
+    return extend_menus(menus, model, stats, measure, skipped, "measuring corrected formats", progress)
 
 
 __all__ = ["BASES", "RANKS", "corrected_menu", "correction_factors", "with_corrections"]

@@ -18,17 +18,20 @@ the loss sees of it, so they buy a finer format for a small share of its bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import dense_weight_of, factored_modules, module_name
 from tqcompressor.planning.auto import allocate, layer_scale, role_scales
-from tqcompressor.planning.calibration import EmbeddingStatistics, LookupStatistics, layer_statistics
+from tqcompressor.planning.calibration import EmbeddingStatistics, LayerStatistics, LookupStatistics, layer_statistics
 from tqcompressor.planning.inventory import tied_embedding
 from tqcompressor.quant.api import tensor_bytes
 from tqcompressor.quant.formats import QuantizeSettings, TokenBands
@@ -430,6 +433,26 @@ class FormatMenus:
         return FormatMenus(menus, weights, self.fixed, stats=self.stats)
 
 
+def extend_menus(
+    menus: FormatMenus,
+    model: nn.Module,
+    stats: dict | None,
+    measure: Callable[[Tensor, LayerStatistics | None], list[FormatCandidate]],
+    skipped: set[str],
+    desc: str,
+    progress: bool = True,
+) -> FormatMenus:
+    """``menus`` with each planned matrix that has one (``skipped`` aside) given more candidates,
+    ``measure(weight, its linear statistics or None)``; those statistics are kept with the menus (the chosen
+    candidates are fitted with them again)."""
+    matrices = {name: w for name, w in planned_matrices(model).items() if name in menus.menus and name not in skipped}
+    linear = {name: s for name, s in (stats or {}).items() if name in matrices and isinstance(s, LayerStatistics)}
+    extended = dict(menus.menus)
+    for name, weight in tqdm(matrices.items(), desc=desc, disable=not progress):
+        extended[name] = extended[name] + measure(weight, linear.get(name))
+    return dataclasses.replace(menus, menus=extended, stats={**(menus.stats or {}), **linear})
+
+
 def measure_formats(
     model: nn.Module, stats: dict | None = None, formats=MENU, band_rows: tuple[int, ...] = BAND_ROWS
 ) -> FormatMenus:
@@ -508,6 +531,7 @@ __all__ = [
     "FORMATS",
     "LOW_BIT_FORMATS",
     "check_below_model",
+    "extend_menus",
     "FormatMenus",
     "FormatPlan",
     "format_menu",

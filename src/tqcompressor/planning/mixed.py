@@ -13,10 +13,9 @@ over formats and structures at once. Token tables keep the formats' menus (and b
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from tqcompressor.errors import TQCError
 from tqcompressor.layers import factored_modules
@@ -29,6 +28,7 @@ from tqcompressor.planning.formats import (
     FormatCandidate,
     FormatMenus,
     FormatPlan,
+    extend_menus,
     measure_formats,
     planned_matrices,
     relative_output_error,
@@ -102,12 +102,8 @@ def with_structures(
     if not structures:
         return menus
     tables = {name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
-    matrices = {name: w for name, w in planned_matrices(model).items() if name in menus.menus and name not in tables}
-    linear = {name: s for name, s in (stats or {}).items() if name in matrices and isinstance(s, LayerStatistics)}
-    extended = dict(menus.menus)
-    for name, weight in tqdm(matrices.items(), desc="measuring factored candidates", disable=not progress):
-        extended[name] = extended[name] + factored_menu(weight, linear.get(name), structures)
-    return dataclasses.replace(menus, menus=extended, stats=linear)
+    measure = functools.partial(factored_menu, structures=structures)
+    return extend_menus(menus, model, stats, measure, tables, "measuring factored candidates", progress)
 
 
 def measure_model_mixed(

@@ -240,10 +240,11 @@ def prepare_planned(
         apply_plan(model, structures, progress=False)
     settings = plan.settings()
     whole = set(settings) - set(plan.structures())
-    corrected = {name: dense_weight_of(model.get_submodule(name))[0].clone() for name in plan.corrections()}
+    corrections = plan.corrections()
+    originals = {name: dense_weight_of(model.get_submodule(name))[0].clone() for name in corrections}
     report = quantize_(model, QuantizeSettings(8), measure_error=measure_error, per_layer=settings, only=whole)
-    for name, weight in corrected.items():
-        _correct(model, name, weight, plan.corrections()[name], (plan.stats or {}).get(name))
+    for name, rank in corrections.items():
+        _correct(model, name, originals[name], rank, (plan.stats or {}).get(name))
     if learn_grids:
         learn_grids_(model)
     return report, structures
