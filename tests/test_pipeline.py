@@ -61,6 +61,7 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
     assert results["complete"] and results["teacher_fraction"] == 0.5 and results["teacher_pool_blocks"] == 3
     assert results["teacher_start"] == "random"
     assert results["machine"]["cores"] >= 1 and results["machine"]["cpu_capability"]  # where it was measured
+    assert isinstance(results["machine"]["native_bf16"], bool)
     from safetensors.torch import load_file
 
     pool = load_file(str(out / "teacher_samples-random-start-seed0-3x32.safetensors"))["blocks"]

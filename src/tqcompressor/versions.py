@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
@@ -29,7 +30,18 @@ def machine_record() -> dict:
         "cores": os.cpu_count(),
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
     }
     if torch.cuda.is_available():
         found["accelerator"] = torch.cuda.get_device_name(0)
     return found
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). Elsewhere PyTorch emulates it,
+    at about ten times the cost of float32 (AVX2, 2 cores: a 1536x576 matrix on 1024 tokens in 100-130 ms
+    against 11 ms)."""
+    # private torch helpers (present since 2.1): absent ones mean "no"
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)

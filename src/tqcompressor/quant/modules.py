@@ -2,7 +2,9 @@
 
 - :class:`QuantizedWeight` holds one matrix and computes ``x @ W^T`` from the integers: on CPU
   with PyTorch's weight-only kernels (bfloat16 activations, which those kernels take), elsewhere
-  by dequantizing to bfloat16. Quantized layers therefore compute in bfloat16 on every device.
+  by dequantizing to bfloat16. Quantized layers therefore compute in bfloat16 on every device, with
+  one exception: a matrix that trains (a gradient through it, or its grid learning) on a CPU without
+  native bfloat16 multiplies its dequantized values in float32, where bfloat16 would be emulated.
 - :class:`QuantizedLinear` replaces an ``nn.Linear`` or GPT-2 ``Conv1D`` (the teacher's layers,
   the layers a plan kept dense); :class:`QuantizedLowRankLinear` an ``svd`` layer (both factors
   through the kernels); :class:`QuantizedEmbedding` an embedding, with :meth:`project` for a tied
@@ -45,6 +47,7 @@ from tqcompressor.quant.formats import (
     unpack_int4,
 )
 from tqcompressor.structures.lowrank import LowRankEmbedding, LowRankFactors, LowRankLinear
+from tqcompressor.versions import cpu_has_native_bf16
 
 COMPUTE_DTYPE = torch.bfloat16  # what the CPU kernels take; used on every device for the same numbers
 # What files hold of a double-quantized matrix's scales and offsets (besides ``qdata``)
@@ -53,6 +56,15 @@ DOUBLE_QUANT_BUFFERS = ("scale_codes", "scale_step", "zero_codes", "zero_step")
 # share of the bytes, and their values far from uniform)
 CORRECTION_SETTINGS = QuantizeSettings(8)
 FLAT_ROW = 256  # QuantizedFactored stores a factor as rows of this many values (int8: one scale per row)
+
+
+def dequantized_dtype(device: torch.device) -> torch.dtype:
+    """What a matrix that trains multiplies its dequantized values in: bfloat16, as the kernels do, except on a
+    CPU without native bfloat16 arithmetic, where float32 is about ten times faster (:func:`cpu_has_native_bf16`;
+    a 2-core AVX2 CPU took 203 s for one of make demo's training steps in emulated bfloat16)."""
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        return torch.float32
+    return COMPUTE_DTYPE
 
 
 class QuantizedWeight(QuantizedMatrix):
@@ -214,18 +226,20 @@ class QuantizedWeight(QuantizedMatrix):
         return w[..., : self.in_features]
 
     def linear(self, x: Tensor) -> Tensor:
-        """``x @ W^T`` computed in bfloat16, returned in ``x``'s dtype."""
+        """``x @ W^T`` computed in bfloat16 (see :func:`dequantized_dtype` for the one exception), returned
+        in ``x``'s dtype."""
         rows, inputs = self.padded_shape
-        flat = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
+        kernel = not (self.learning or (torch.is_grad_enabled() and x.requires_grad))  # the kernels have no backward
+        dtype = COMPUTE_DTYPE if kernel else dequantized_dtype(x.device)
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
         if inputs != self.in_features:
             flat = F.pad(flat, (0, inputs - self.in_features))
-        kernel = not (self.learning or (torch.is_grad_enabled() and x.requires_grad))  # the kernels have no backward
         if x.device.type == "cpu" and kernel:
             y = self._cpu_kernel(flat)
         else:
             if self.kernel_layout:  # moved off the CPU: back to the portable layout, once
                 self._back_to_portable()
-            w = self.dequantize_padded().to(COMPUTE_DTYPE)
+            w = self.dequantize_padded().to(dtype)
             y = flat @ w.T
         return y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 

@@ -38,6 +38,7 @@ from tqcompressor.surgery.apply import apply_plan
 from tqcompressor.surgery.baselines import decoder_layers
 from tqcompressor.training.blockwise import BlockwiseConfig, reconstruct_blocks
 from tqcompressor.training.losses import depth_mismatch, distillation_loss
+from tqcompressor.versions import cpu_has_native_bf16
 
 STATE_FILE = "trainer_state.pt"
 BLOCKWISE_BLOCKS = 32  # blocks of the distillation data block-wise reconstruction fits on without calibration text
@@ -174,7 +175,7 @@ def training_precision(requested: str, cuda: bool | None = None, cpu_bf16: bool 
     if requested != "auto":
         return requested
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    cpu_bf16 = _cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
+    cpu_bf16 = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
     return "bf16" if cuda or cpu_bf16 else "no"
 
 
@@ -186,12 +187,6 @@ def teacher_weights_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return TEACHER_DTYPES[requested]
-
-
-def _cpu_has_native_bf16() -> bool:
-    # private torch helpers (present since 2.1): absent ones mean "no"
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def _forget_other_precision(precision: str) -> None:
