@@ -1,3 +1,5 @@
+import io
+
 import pytest
 import torch
 from conftest import SHARED_DATA, TOY_TEXT
@@ -7,6 +9,7 @@ from tqcompressor.data import (
     iter_texts,
     iter_token_blocks,
     sample_blocks,
+    sampled_tokens,
     teacher_block_source,
     text_block_source,
     tokenize_text,
@@ -53,6 +56,17 @@ def test_teacher_samples_are_cached_and_reused(tmp_path, llama_model, tokenizer)
     assert torch.equal(first[3], first[0])  # cycles over the pool
     again = teacher_block_source(None, tokenizer, 12, count=3, seed=0, cache=cache)(1)
     assert torch.equal(next(again), first[1])
+
+
+@pytest.mark.parametrize("start", ["bos", "random"])
+def test_sampling_counts_every_token_into_its_progress_bar_and_samples_the_same(llama_model, tokenizer, start):
+    """The bar moves each decoding step (a batch of 64 sequences would otherwise move it once, minutes in)."""
+    from tqdm import tqdm
+
+    with tqdm(total=sampled_tokens(6, 10, start), file=io.StringIO()) as bar:
+        counted = torch.stack(list(sample_blocks(llama_model, tokenizer, 6, 10, 3, 4, start, progress=bar)))
+        assert bar.n == bar.total == 6 * (10 if start == "bos" else 9)
+    assert torch.equal(counted, torch.stack(list(sample_blocks(llama_model, tokenizer, 6, 10, 3, 4, start))))
 
 
 def test_teacher_samples_from_a_random_token_are_seeded_and_begin_with_no_special_token(llama_model, tokenizer):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria
 
 from tqcompressor.errors import TQCError
 from tqcompressor.outputs import is_main_process
@@ -169,12 +170,20 @@ SAMPLING_BATCH = 64
 
 @torch.no_grad()
 def sample_blocks(
-    model, tokenizer, count: int, seq_len: int, seed: int, batch_size: int = SAMPLING_BATCH, start: str = "bos"
+    model,
+    tokenizer,
+    count: int,
+    seq_len: int,
+    seed: int,
+    batch_size: int = SAMPLING_BATCH,
+    start: str = "bos",
+    progress: tqdm | None = None,
 ) -> Iterator[torch.Tensor]:
     """Blocks of ``seq_len`` tokens sampled from ``model`` (temperature 1, top-k 50), seeded, each
     begun from ``start`` (:data:`TEACHER_STARTS`): after the start token (which the block leaves
     out), or from a random first token (which the block keeps, as its first token). The model is the
-    teacher for the distillation data, the student for on-policy steps."""
+    teacher for the distillation data, the student for on-policy steps. ``progress`` counts every
+    token as it is sampled (:func:`sampled_tokens` of them in all)."""
     check_teacher_start(start)
     device = next(model.parameters()).device
     skip = 1 if start == "bos" else 0  # the start token is left out of the block; a random first token is kept
@@ -194,11 +203,29 @@ def sample_blocks(
                 max_new_tokens=new,
                 min_new_tokens=new,
                 pad_token_id=tokenizer.eos_token_id,
+                stopping_criteria=[_CountTokens(progress, n)] if progress is not None else None,
             )
             yield from out[:, skip : skip + seq_len].cpu()
             made += n
     finally:
         torch.random.set_rng_state(generator_state)
+
+
+def sampled_tokens(count: int, seq_len: int, start: str = "bos") -> int:
+    """The tokens :func:`sample_blocks` samples for ``count`` blocks (a start token's block samples one more)."""
+    return count * (seq_len + (1 if start == "bos" else 0) - 1)
+
+
+class _CountTokens(StoppingCriteria):
+    """Never stops generation: adds each decoding step's ``rows`` new tokens to a progress bar, so that its time
+    left reads right from the first step (in sequences, a batch of 64 moves the bar once, minutes in)."""
+
+    def __init__(self, progress: tqdm, rows: int):
+        self.progress, self.rows = progress, rows
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.progress.update(self.rows)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def _first_tokens(teacher, tokenizer, n: int, start: str) -> torch.Tensor:
@@ -239,16 +266,9 @@ def teacher_samples(
 
     if cache is not None and cache.is_file():
         return load_file(str(cache))["blocks"]
-    pool = torch.stack(
-        list(
-            tqdm(
-                sample_blocks(teacher, tokenizer, count, seq_len, seed, start=start),
-                total=count,
-                desc="sampling from teacher",
-                unit="seq",
-            )
-        )
-    )
+    total = sampled_tokens(count, seq_len, start)
+    with tqdm(total=total, desc=f"sampling {count} sequences from the teacher", unit="tok", unit_scale=True) as bar:
+        pool = torch.stack(list(sample_blocks(teacher, tokenizer, count, seq_len, seed, start=start, progress=bar)))
     if cache is not None and is_main_process():  # one writer under torchrun; the others sample the same
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_name(cache.name + ".partial")
