@@ -66,7 +66,13 @@ from tqcompressor.structures import get_structure
 from tqcompressor.surgery.apply import apply_plan, prepare_planned, store_factors
 from tqcompressor.surgery.experts import split_experts
 from tqcompressor.training.blockwise import estimated_seconds
-from tqcompressor.training.budget import BudgetPlan, plan_steps, seconds_after_distillation, seconds_per_step
+from tqcompressor.training.budget import (
+    BudgetPlan,
+    plan_steps,
+    quantized_forward_cost,
+    seconds_after_distillation,
+    seconds_per_step,
+)
 from tqcompressor.training.distill import DistillConfig, blockwise_ids, multistep_distill, training_precision
 from tqcompressor.training.recipe import (
     BYTE_CORRECTION_RANKS,
@@ -203,13 +209,16 @@ def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int,
     return rows
 
 
-def comparison_evaluations(compare_tokens: int, eval_tokens: int, student_forms: bool = True) -> float:
+def comparison_evaluations(
+    compare_tokens: int, eval_tokens: int, student_forms: bool = True, quantized_cost: float = 1.0
+) -> float:
     """The quantized comparison's cost in evaluations of one point (for the time budget; one evaluation runs
-    the model and the teacher): seven models scored against one pass of the teacher, whose logits are
-    remembered (:class:`RememberedTeacher`), on a share of the tokens; four without the student's quantized
-    forms (a byte budget's student is stored as planned already)."""
-    models = (2 if student_forms else 1) * len(QUANTIZED_FORMATS) + 1
-    return (models + 1) / 2 * min(1.0, compare_tokens / eval_tokens)
+    the model and the teacher: two forwards), on a share of the tokens: one pass of the teacher, whose logits
+    are remembered (:class:`RememberedTeacher`), the student's, and the quantized copies', each
+    ``quantized_cost`` forwards (:func:`~tqcompressor.training.budget.quantized_forward_cost`): the teacher's
+    and the student's, or only the teacher's where the student is stored as planned already (a byte budget)."""
+    quantized = (2 if student_forms else 1) * len(QUANTIZED_FORMATS)
+    return (2 + quantized * quantized_cost) / 2 * min(1.0, compare_tokens / eval_tokens)
 
 
 def _domain_record(metrics: dict) -> dict:
@@ -594,12 +603,15 @@ def _budget_plan(
     stream = blocks(0)
     batch = torch.stack([next(stream) for _ in range(run.distill.batch_size)])
     step = seconds_per_step(teacher, student, batch, run.distill, tokenizer=tokenizer)
+    # the comparison's kernels are timed on two sequences (a few seconds): their speed differs most between CPUs
+    cost = quantized_forward_cost(teacher, batch[:2], QUANTIZED_FORMATS[1]) if run.compare_tokens else 1.0
     spent = time.perf_counter() - record.started + 3 * step  # the timing itself
     forms = not run.plans_bytes
-    comparison = comparison_evaluations(run.compare_tokens, run.eval_tokens, forms) if run.compare_tokens else 0
+    comparison = comparison_evaluations(run.compare_tokens, run.eval_tokens, forms, cost) if run.compare_tokens else 0
     after = seconds_after_distillation(*evaluations, stages, comparison)
     refit = estimated_seconds(student, refit_ids, run.distill.blockwise) if refit_ids is not None else 0.0
     plan = plan_steps(run.time_budget, spent, step, evaluations[0], after, stages, refit)
+    plan = dataclasses.replace(plan, quantized_forward_cost=cost)
     if is_main_process():
         write_json_atomic(path, plan.to_dict())
     return plan

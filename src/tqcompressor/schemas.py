@@ -362,6 +362,7 @@ class BudgetFile(Strict):
     stages: Size
     steps_per_stage: Size
     blockwise_seconds_per_stage: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    quantized_forward_cost: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
 
 
 FILES: dict[str, type[BaseModel]] = {

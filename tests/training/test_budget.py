@@ -86,6 +86,7 @@ def test_a_budgeted_run_fixes_its_steps_once_and_resumes_with_them(tmp_path, gpt
     budget = json.loads((tmp_path / "run" / "budget.json").read_text())
     assert results["budget"] == budget and budget["budget"] == 30 and budget["steps_per_stage"] >= 1
     assert results["distill"]["steps"] == budget["steps_per_stage"]
+    assert budget["quantized_forward_cost"] == 1.0  # no comparison: nothing quantized was timed
     assert "Time budget: 0.5 min" in (tmp_path / "run" / "report.md").read_text()
     assert results["phase_seconds"][0]["phase"].startswith("distillation data")  # each phase and its seconds
     assert all(phase["seconds"] >= 0 for phase in results["phase_seconds"])
@@ -124,3 +125,18 @@ def test_budget_options_are_checked_before_any_work(tmp_path, capsys, extra, mes
     with pytest.raises(SystemExit) as exited:
         main(["run", "--model", "missing-model", "--out", str(tmp_path / "o"), *extra])
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_comparison_counts_each_quantized_copy_at_its_measured_cost(tokenizer):
+    from tqcompressor.pipeline import QUANTIZED_FORMATS, comparison_evaluations
+    from tqcompressor.training.budget import quantized_forward_cost
+
+    # one float pass of the teacher and one of the student, then six quantized copies (three: a byte budget)
+    assert comparison_evaluations(2048, 2048) == (2 + 2 * len(QUANTIZED_FORMATS)) / 2
+    assert comparison_evaluations(2048, 2048, quantized_cost=2.5) == (2 + 6 * 2.5) / 2
+    assert comparison_evaluations(1024, 4096, student_forms=False, quantized_cost=2.0) == (2 + 3 * 2.0) / 2 / 4
+    teacher = tiny_gpt2(vocab_size=len(tokenizer))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cost = quantized_forward_cost(teacher, torch.randint(0, len(tokenizer), (2, 16)), QUANTIZED_FORMATS[1])
+    assert cost > 0
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # a copy was quantized

@@ -234,7 +234,12 @@ def _time_section(phases: list[dict], budget: dict | None) -> list[str]:
             "before distillation; one distillation step took "
             f"{budget['seconds_per_step']:.1f} s, so {budget['steps_per_stage']} steps per stage fit beside the "
             f"{budget['reserved_after_distillation'] / 60:.1f} min kept for the evaluations, the quantized comparison "
-            "and saving.",
+            "and saving"
+            + (
+                f" (a quantized model's forward took {budget['quantized_forward_cost']:.1f}x the float teacher's here)."
+                if "quantized_forward_cost" in budget  # runs before it was measured lack it
+                else "."
+            ),
             "",
         ]
     return lines

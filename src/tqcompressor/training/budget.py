@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tqcompressor.errors import TQCError
+from tqcompressor.quant.api import quantize_
+from tqcompressor.quant.formats import QuantizeSettings
 from tqcompressor.training.distill import DistillConfig, new_optimizer, student_samples, training_precision
 from tqcompressor.training.losses import distillation_loss
 
@@ -40,6 +42,7 @@ class BudgetPlan:
     stages: int
     steps_per_stage: int
     blockwise_seconds_per_stage: float = 0.0  # block-wise reconstruction before each stage's steps (estimated)
+    quantized_forward_cost: float = 1.0  # a quantized copy's forward over the float model's (the comparison's)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +88,24 @@ def seconds_per_step(
         sampling = (time.perf_counter() - started) * config.grad_accum * config.on_policy
     del probe, optimizer
     return min(timings[1:]) + sampling
+
+
+def quantized_forward_cost(model, batch: torch.Tensor, settings: QuantizeSettings) -> float:
+    """How many float forwards of ``model`` on ``batch`` one forward of a ``settings`` copy of it takes, each
+    timed after a warm-up (the copy's first call lays its integers out for the kernels). The quantized
+    comparison's models run PyTorch's weight-only kernels, which take bfloat16: on a 2-core AVX2 CPU, which
+    emulates it, an int4 matrix multiplied in 2.5x float32's time; elsewhere they may be faster than float."""
+    quantized = copy.deepcopy(model)
+    quantize_(quantized, settings)
+    seconds = []
+    with torch.no_grad():
+        for forward in (model, quantized):
+            forward(batch)
+            started = time.perf_counter()
+            forward(batch)
+            seconds.append(time.perf_counter() - started)
+    del quantized
+    return seconds[1] / max(seconds[0], 1e-9)
 
 
 def seconds_after_distillation(
