@@ -31,6 +31,10 @@ def test_the_steps_fill_what_is_left_after_the_evaluations_still_to_come():
     with pytest.raises(TQCError, match="leaves no time to distill") as caught:
         plan_steps(1, spent=50, step_seconds=2.0, evaluation_seconds=30, after=after, stages=1)
     assert "\n" not in str(caught.value)
+    least = int(str(caught.value).split("give at least ")[1].split(" min")[0])  # what it asks for fits a step
+    assert plan_steps(least, spent=50, step_seconds=2.0, evaluation_seconds=30, after=after, stages=1).steps_per_stage
+    with pytest.raises(TQCError, match=f"give at least {least} min"):
+        plan_steps(least - 1, spent=50, step_seconds=2.0, evaluation_seconds=30, after=after, stages=1)
 
 
 def test_block_wise_refits_take_their_time_from_each_stage_before_the_steps():

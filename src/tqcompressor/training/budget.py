@@ -135,10 +135,13 @@ def plan_steps(
     available = budget - spent - after - blockwise_seconds * SAFETY * stages
     steps = math.floor(available / (step_seconds * SAFETY * stages)) if available > 0 else 0
     if steps < 1:
+        # the least whole minutes that fit one step a stage, as measured on this machine
+        least = math.ceil((spent + after + (blockwise_seconds + step_seconds) * SAFETY * stages) / 60)
         raise TQCError(
             f"--time-budget {budget_minutes:g} min leaves no time to distill: {spent / 60:.1f} min went to "
             f"sampling, planning and evaluating, {after / 60:.1f} min are needed after distillation, "
             f"{blockwise_seconds * stages / 60:.1f} min to refit blocks, and one step takes {step_seconds:.1f} s; "
-            "give a larger budget, or fewer --eval-tokens / --compare-tokens / --blockwise-steps"
+            f"give at least {least} min on this machine, or fewer --eval-tokens / --compare-tokens / "
+            "--blockwise-steps"
         )
     return BudgetPlan(budget, spent, step_seconds, evaluation_seconds, after, stages, steps, blockwise_seconds)
