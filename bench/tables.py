@@ -35,6 +35,8 @@ BYTE_DEMO = REPO / "docs" / "demo-results.json"
 BYTE_DEMO_COMMIT = "c3dcc33"
 # make demo-ratio at a later commit on a CPU without native bfloat16 (AVX2: training in fp32), beside DEMO
 RATIO_AVX2, RATIO_AVX2_COMMIT = REPO / "docs" / "demo-ratio-results-95bf43d.json", "95bf43d"
+# make demo-ratio again on the same kind of CPU, once the budget timed the comparison's quantized forwards
+RATIO_AVX2_COSTED, RATIO_AVX2_COSTED_COMMIT = REPO / "docs" / "demo-ratio-results-f5973a5.json", "f5973a5"
 # make demo at a later commit on the same kind of CPU, given 35 minutes (25 leave no time to distill there)
 BYTE_AVX2, BYTE_AVX2_COMMIT = REPO / "docs" / "demo-results-99444ed.json", "99444ed"
 SVD_DEMO, SVD_DEMO_COMMIT = REPO / "docs" / "demo-results-svd.json", "89a1c7a"  # make demo with --structures svd
@@ -342,6 +344,13 @@ def recovery_seconds(run: dict) -> float:
     return sum(p["seconds"] for p in run["phase_seconds"] if p["phase"].startswith(("refitting blocks", "distilling")))
 
 
+def seconds_after_distilling(run: dict) -> float:
+    """A run's seconds after its last distillation phase: the last evaluation, saving, the comparison, the rest."""
+    phases = [p["phase"] for p in run["phase_seconds"]]
+    last = max(i for i, phase in enumerate(phases) if phase.startswith("distilling"))
+    return sum(p["seconds"] for p in run["phase_seconds"][last + 1 :])
+
+
 def machines_table(runs: list[tuple[str, dict]]) -> str:
     """Runs of one demo, a column each (named by commit): seconds per phase, recovery, steps, fidelity KL."""
     seconds = [{p["phase"]: p["seconds"] for p in run["phase_seconds"] if p["seconds"] >= 0.5} for _, run in runs]
@@ -351,6 +360,8 @@ def machines_table(runs: list[tuple[str, dict]]) -> str:
     rows.append(["end to end", *[run["seconds"] for _, run in runs]])
     rows += [
         ["time budget (s)", *[run["budget"]["budget"] for _, run in runs]],
+        ["reserved after distillation (s)", *[run["budget"]["reserved_after_distillation"] for _, run in runs]],
+        ["taken after distillation (s)", *[seconds_after_distilling(run) for _, run in runs]],
         ["seconds per KD step (timed)", *[run["budget"]["seconds_per_step"] for _, run in runs]],
         ["KD steps", *[run["distill"]["steps"] for _, run in runs]],
         ["one-shot fidelity KL", *[run["points"][1]["fidelity_kl"] for _, run in runs]],
@@ -360,12 +371,14 @@ def machines_table(runs: list[tuple[str, dict]]) -> str:
 
 
 def ratio_machines_section() -> str:
-    """make demo-ratio's 25 minutes on two machines: where they went, phase by phase."""
+    """make demo-ratio's 25 minutes on two kinds of CPU: where they went, phase by phase."""
     runs = [(DEMO_COMMIT, load_demo().run), (RATIO_AVX2_COMMIT, json.loads(RATIO_AVX2.read_text(encoding="utf-8")))]
+    costed = json.loads(RATIO_AVX2_COSTED.read_text(encoding="utf-8"))
+    runs.append((RATIO_AVX2_COSTED_COMMIT, costed))
     new = runs[1][1]
     return "\n".join(
         [
-            "## Where make demo-ratio's 25 minutes go, on two machines",
+            "## Where make demo-ratio's 25 minutes go, on two kinds of CPU",
             "",
             f"`make demo-ratio` at commit {DEMO_COMMIT} ([docs/demo-ratio-results.json](demo-ratio-results.json)) ran "
             "on 2 cores of an AMD EPYC with AVX-512 BF16 (training in bf16); at commit "
@@ -378,7 +391,12 @@ def ratio_machines_section() -> str:
             "as the code. "
             "Seconds per phase; the recovery stages are the block refits and distillation. Before distillation and "
             "after it, sampling, planning and evaluation take the rest, and with them the 25 minutes leave "
-            f"{recovery_seconds(new) / 60:.1f} minutes to recovery on the slower machine.",
+            f"{recovery_seconds(new) / 60:.1f} minutes to recovery on the slower machine. At commit "
+            f"{RATIO_AVX2_COSTED_COMMIT} ([docs/{RATIO_AVX2_COSTED.name}]({RATIO_AVX2_COSTED.name})), on the same "
+            "kind of CPU, the budget timed a quantized copy's forward "
+            f"({costed['budget']['quantized_forward_cost']:.2f}x the float teacher's) and counted the comparison's "
+            "quantized models at that cost: what it keeps for after distillation now covers what that took, with "
+            "room to spare, and the steps it leaves are fewer.",
             "",
             machines_table(runs),
         ]
