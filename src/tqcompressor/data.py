@@ -187,7 +187,7 @@ def sample_blocks(
     check_teacher_start(start)
     device = next(model.parameters()).device
     skip = 1 if start == "bos" else 0  # the start token is left out of the block; a random first token is kept
-    new = seq_len + skip - 1
+    new = sampled_tokens(1, seq_len, start)
     made = 0
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -212,8 +212,9 @@ def sample_blocks(
 
 
 def sampled_tokens(count: int, seq_len: int, start: str = "bos") -> int:
-    """The tokens :func:`sample_blocks` samples for ``count`` blocks (a start token's block samples one more)."""
-    return count * (seq_len + (1 if start == "bos" else 0) - 1)
+    """The tokens :func:`sample_blocks` samples for ``count`` blocks: all of each block's, but a random first
+    token, which is drawn, not sampled."""
+    return count * (seq_len if start == "bos" else seq_len - 1)
 
 
 class _CountTokens(StoppingCriteria):

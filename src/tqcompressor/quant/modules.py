@@ -60,8 +60,9 @@ FLAT_ROW = 256  # QuantizedFactored stores a factor as rows of this many values 
 
 def dequantized_dtype(device: torch.device) -> torch.dtype:
     """What a matrix that trains multiplies its dequantized values in: bfloat16, as the kernels do, except on a
-    CPU without native bfloat16 arithmetic, where float32 is about ten times faster (:func:`cpu_has_native_bf16`;
-    a 2-core AVX2 CPU took 203 s for one of make demo's training steps in emulated bfloat16)."""
+    CPU without native bfloat16 arithmetic, where float32 is faster (:func:`cpu_has_native_bf16`; on a 2-core AVX2
+    CPU a 1536x576 int4 matrix's forward and backward on 1024 tokens took 967 ms in emulated bfloat16, 58 ms in
+    float32, and one of make demo's training steps 203 s against 12.7 s)."""
     if device.type == "cpu" and not cpu_has_native_bf16():
         return torch.float32
     return COMPUTE_DTYPE
