@@ -34,7 +34,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "teacher_pool" / "teacher-pool.json")
     args = parser.parse_args()
     results_file = args.run / "results.json"
-    pools = sorted(args.run.glob("teacher_samples-seed*.safetensors"))
+    # teacher_samples-*: the pool's name in runs before it grew in chunks
+    pools = sorted(
+        [*args.run.glob("teacher_pool-*seed*.safetensors"), *args.run.glob("teacher_samples-seed*.safetensors")]
+    )
     held = sorted(args.run.glob("eval_teacher_samples-seed*.safetensors"))
     if not (results_file.is_file() and (args.run / "model").is_dir() and pools and held):
         bad_input(

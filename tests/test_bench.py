@@ -185,7 +185,7 @@ def test_teacher_pool_scores_a_run_on_its_pool_and_held_out_samples(tmp_path, gp
     tqc.save(loaded.model, run / "model", tokenizer)
     (run / "results.json").write_text(json.dumps({"base_model": str(gpt2_dir), "teacher_pool_blocks": 4}))
     ids = torch.randint(0, len(tokenizer), (4, 24))
-    save_file({"blocks": ids}, str(run / "teacher_samples-seed0-4x24.safetensors"))
+    save_file({"blocks": ids}, str(run / "teacher_pool-seed0-4x24.safetensors"))
     save_file({"blocks": ids[:2]}, str(run / "eval_teacher_samples-seed12345-2x24.safetensors"))
     out = tmp_path / "pool.json"
     monkeypatch.setattr(sys, "argv", ["teacher_pool.py", "--run", str(run), "--context", "16", "--out", str(out)])

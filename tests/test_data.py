@@ -4,13 +4,13 @@ import pytest
 import torch
 from conftest import SHARED_DATA, TOY_TEXT
 
-from tqcompressor import TQCError
+from tqcompressor import TQCError, data
 from tqcompressor.data import (
+    TeacherPool,
     iter_texts,
     iter_token_blocks,
     sample_blocks,
     sampled_tokens,
-    teacher_block_source,
     text_block_source,
     tokenize_text,
 )
@@ -47,15 +47,37 @@ def test_bad_sources(tmp_path, tokenizer):
         tokenize_text(str(tmp_path / "empty.txt"), tokenizer)
 
 
-def test_teacher_samples_are_cached_and_reused(tmp_path, llama_model, tokenizer):
-    cache = tmp_path / "samples.safetensors"
-    source = teacher_block_source(llama_model, tokenizer, 12, count=3, seed=0, cache=cache)
-    stream = source(0)
-    first = [next(stream) for _ in range(4)]
-    assert cache.is_file() and all(b.shape == (12,) for b in first)
-    assert torch.equal(first[3], first[0])  # cycles over the pool
-    again = teacher_block_source(None, tokenizer, 12, count=3, seed=0, cache=cache)(1)
-    assert torch.equal(next(again), first[1])
+def test_a_teacher_pool_grows_in_seeded_chunks_begins_as_a_smaller_pool_did_and_is_read_back(
+    tmp_path, llama_model, tokenizer, monkeypatch
+):
+    monkeypatch.setattr(data, "POOL_CHUNK", 2)
+    cache = tmp_path / "pool.safetensors"
+    grown = TeacherPool(llama_model, tokenizer, 12, seed=0, cap=5, cache=cache)
+    assert len(grown) == 0 and grown.grow(3) > 0 and len(grown) == 4  # whole chunks
+    held = grown.blocks.clone()
+    stream = grown.stream(0)
+    first = [next(stream) for _ in range(5)]
+    assert torch.equal(first[4], first[0])  # cycles over the pool
+    assert grown.grow(4) == 0 and grown.grow(9) > 0 and len(grown) == 5  # at most the cap
+    assert torch.equal(grown.blocks[:4], held)  # growing keeps what it held
+    at_once = TeacherPool(llama_model, tokenizer, 12, seed=0, cap=5)
+    at_once.grow(5)
+    assert torch.equal(at_once.blocks, grown.blocks)  # grown in steps or at once: the same sequences
+    other = TeacherPool(llama_model, tokenizer, 12, seed=1, cap=5)
+    other.grow(2)
+    assert not torch.equal(other.blocks, grown.blocks[:2])
+    again = TeacherPool(None, tokenizer, 12, seed=0, cap=5, cache=cache)  # read back: no model needed
+    assert torch.equal(again.blocks, grown.blocks) and again.seconds_per_block == grown.seconds_per_block > 0
+    assert next(again.stream(1)).equal(grown.blocks[1])
+    with pytest.raises(TQCError, match="at least 1 block"):
+        TeacherPool(llama_model, tokenizer, 12, seed=0, cap=0)
+
+
+def test_pool_chunks_are_seeded_apart_from_every_run_seed_and_the_held_out_samples():
+    from tqcompressor.evaluation.fidelity import EVAL_SEED
+
+    seeds = {data.pool_chunk_seed(seed, chunk) for seed in range(3) for chunk in range(1000)}
+    assert len(seeds) == 3000 and 2**31 <= min(seeds) and max(seeds) < 2**32 and EVAL_SEED < 2**31
 
 
 @pytest.mark.parametrize("start", ["bos", "random"])

@@ -64,7 +64,7 @@ def test_run_reports_both_domains_the_plan_continuations_and_costs(tmp_path, gpt
     assert isinstance(results["machine"]["native_bf16"], bool)
     from safetensors.torch import load_file
 
-    pool = load_file(str(out / "teacher_samples-random-start-seed0-3x32.safetensors"))["blocks"]
+    pool = load_file(str(out / "teacher_pool-random-start-seed0-3x32.safetensors"))["blocks"]
     assert pool.shape == (3, 32)  # 2 stages x 2 steps x 2 blocks, half of them the teacher's: capped at 3
     assert [p["label"] for p in results["points"]] == [
         "teacher",
@@ -200,7 +200,7 @@ def test_a_teacher_fraction_outside_0_1_is_refused_before_sampling(tmp_path, gpt
         ],
     )
     assert "the teacher fraction must be in [0, 1], got 1.5" in str(result.exception)
-    assert not list((tmp_path / "o").glob("teacher_samples*"))  # nothing was sampled
+    assert not list((tmp_path / "o").glob("teacher_*"))  # nothing was sampled
 
 
 def test_a_one_stage_run_refits_once_and_distils_the_one_shot_model(tmp_path, gpt2_dir, monkeypatch):

@@ -370,11 +370,16 @@ def staged_file(
         remove_ours(final.with_name(final.name + ".partial"))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace one file we own in a single step: a reader sees the old text or the new one."""
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace one file we own (inside a directory the run claimed) in a single step: ``write`` writes the
+    path it is given, beside ``path``, which it then replaces; a reader sees the old file or the new one."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
+    write(partial)
     os.replace(partial, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda partial: partial.write_text(text))
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -19,10 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from tqcompressor.data import (
+    TeacherPool,
     check_teacher_fraction,
     check_teacher_start,
     mixed_block_source,
-    teacher_block_source,
     text_block_source,
     tokenize_text,
 )
@@ -80,6 +80,7 @@ from tqcompressor.training.recipe import (
     LEARN_GRIDS,
     TEACHER_POOL,
     TEACHER_START,
+    TEACHER_VIEWS,
 )
 from tqcompressor.versions import library_versions, machine_record
 
@@ -92,6 +93,28 @@ PROMPTS = [
 METRICS = ("perplexity", "kl_to_teacher", "top1_agreement", "tokens")
 
 
+def teacher_pool_for(
+    loaded: LoadedModel, config: DistillConfig, out_dir: Path, teacher_pool: int, teacher_start: str
+) -> TeacherPool:
+    """The run's pool of teacher samples (at most ``teacher_pool``, each begun at ``teacher_start``), cached in
+    ``out_dir``, as sampled so far (nothing, in a new run)."""
+    begun = "" if teacher_start == "bos" else f"{teacher_start}-start-"
+    cache = out_dir / f"teacher_pool-{begun}seed{config.seed}-{teacher_pool}x{config.seq_len}.safetensors"
+    seed, length = config.seed, config.seq_len
+    return TeacherPool(loaded.model, loaded.tokenizer, length, seed, teacher_pool, cache, teacher_start)
+
+
+def teacher_share(data: str, teacher_fraction: float) -> float:
+    """The share of distillation blocks that come from the teacher's pool."""
+    return 1.0 if data == "teacher" else teacher_fraction
+
+
+def teacher_blocks(total: int, share: float) -> int:
+    """The teacher blocks among the first ``total`` distillation blocks (:func:`mixed_block_source`'s count,
+    one more where it rounds down)."""
+    return total if share == 1 else int(total * share) + 1
+
+
 def block_source_for(
     data: str,
     loaded: LoadedModel,
@@ -102,41 +125,35 @@ def block_source_for(
     total_blocks: int | None = None,
     teacher_pool: int = TEACHER_POOL,
     teacher_start: str = TEACHER_START,
+    pool: TeacherPool | None = None,
 ):
     """The distillation (and calibration) blocks: text, teacher samples, or an even mix of both
     (``teacher_fraction`` of the blocks sampled from the teacher, with the run's seed). The teacher's
-    blocks are sampled once, at most ``teacher_pool`` of them, each begun at ``teacher_start``
-    (:data:`~tqcompressor.data.TEACHER_STARTS`), and cycled."""
+    blocks come from ``pool`` (by default :func:`teacher_pool_for`, grown to what ``total_blocks`` take, at
+    most ``teacher_pool``) and are cycled; each is begun at ``teacher_start``
+    (:data:`~tqcompressor.data.TEACHER_STARTS`)."""
     if config.seed == EVAL_SEED and (data == "teacher" or teacher_fraction > 0):
         raise TQCError(f"seed {EVAL_SEED} is reserved for the held-out evaluation samples; pick another --seed")
     if teacher_pool < 1:
         raise TQCError(f"the teacher pool must hold at least 1 block, got {teacher_pool}")
     check_teacher_fraction(teacher_fraction)  # before any sampling
     check_teacher_start(teacher_start)
-    total = total_blocks or config.steps * config.batch_size * config.grad_accum
-
-    def teacher_source(count: int):
-        count = max(1, min(count, teacher_pool))
-        # the start token's file name predates the choice, so that older runs resume
-        begun = "" if teacher_start == "bos" else f"{teacher_start}-start-"
-        cache = out_dir / f"teacher_samples-{begun}seed{config.seed}-{count}x{config.seq_len}.safetensors"
-        return teacher_block_source(
-            loaded.model, loaded.tokenizer, config.seq_len, count, config.seed, cache, teacher_start
-        )
-
-    if data == "teacher":
-        return teacher_source(total)
+    share = teacher_share(data, teacher_fraction)
+    if share > 0 and pool is None:
+        pool = teacher_pool_for(loaded, config, out_dir, teacher_pool, teacher_start)
+        pool.grow(teacher_blocks(total_blocks or config.steps * config.batch_size * config.grad_accum, share))
+    if share == 1:
+        return pool.stream
     text = text_block_source(data, loaded.tokenizer, config.seq_len, fraction=fraction)
-    if teacher_fraction <= 0:
-        return text
-    return mixed_block_source(text, teacher_source(int(total * teacher_fraction) + 1), teacher_fraction)
+    return text if share <= 0 else mixed_block_source(text, pool.stream, teacher_fraction)
 
 
 def data_name(
     data: str, teacher_fraction: float, teacher_pool: int = TEACHER_POOL, teacher_start: str = TEACHER_START
 ) -> str:
     """What identifies the distillation data of a run (for resume): the source and the teacher's share."""
-    pool = f"pool {teacher_pool}" + ("" if teacher_start == "bos" else f", {teacher_start} start")
+    # "seeded chunks": sampled as TeacherPool does, so that a run begun before it does not resume on other samples
+    pool = f"pool {teacher_pool} in seeded chunks" + ("" if teacher_start == "bos" else f", {teacher_start} start")
     if data == "teacher":
         return f"teacher ({pool})"
     return data if teacher_fraction <= 0 else f"{data} + {teacher_fraction:g} teacher samples ({pool})"
@@ -379,7 +396,7 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
     out_dir = claim_directory(run.out_dir, kind=RUN) if main else check_writable(run.out_dir, kind=RUN)
     started = time.perf_counter()
     phase, phase_log = _phases(started)
-    blocks, eval_sets = load_data(loaded, run, out_dir, phase)
+    blocks, pool, eval_sets = load_data(loaded, run, out_dir, phase)
     results_path = out_dir / "results.json"
     previous = read_json_file(results_path, RunResults) if run.resume and results_path.is_file() else {}
     measured = previous.get("points", [])
@@ -394,9 +411,12 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
         stages = len(plan.steps())
         refit_ids = blockwise_ids(calibration, blocks) if run.distill.blockwise_steps else None
         evaluations = _evaluation_costs(evaluation_seconds, points.interim_sets, eval_sets)
-        budget = _budget_plan(record, teacher, student, loaded.tokenizer, blocks, evaluations, stages, refit_ids)
+        budget = _budget_plan(record, teacher, student, loaded.tokenizer, blocks, evaluations, stages, refit_ids, pool)
         phase(f"time budget: {budget.steps_per_stage} steps per stage ({budget.seconds_per_step:.1f} s each)")
         record.distill, record.budget = dataclasses.replace(run.distill, steps=budget.steps_per_stage), budget.to_dict()
+        if pool is not None and budget.teacher_blocks > len(pool):
+            phase(f"sampling the teacher: the pool grows to the {budget.teacher_blocks} sequences those steps take")
+            pool.grow(budget.teacher_blocks)
     refit = f", each after refitting blocks ({record.distill.blockwise_steps} steps a block)"
     phase(
         f"distillation: {len(plan.steps())} stage(s) of {record.distill.steps} steps"
@@ -431,12 +451,17 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
 
 
 def load_data(loaded: LoadedModel, run: RunConfig, out_dir: Path, phase) -> tuple:
-    """The distillation blocks and the evaluation sets (both may sample from the teacher, cached in ``out_dir``)."""
-    sampling = run.data == "teacher" or run.teacher_fraction
-    phase("distillation data" + (" (sampling from the teacher)" if sampling else ""))
+    """The distillation blocks, the pool of teacher samples they draw on (``None`` for text alone) and the
+    evaluation sets (both may sample from the teacher, cached in ``out_dir``). With a time budget the steps
+    are not known yet: the pool holds what calibration takes, and grows once the budget fixes the steps."""
+    share = teacher_share(run.data, run.teacher_fraction)
+    phase("distillation data" + (" (sampling from the teacher)" if share else ""))
     distill = run.distill
-    # with a time budget the steps are not known yet: the teacher's pool is sampled at its cap
-    total = distill.steps * distill.batch_size * distill.grad_accum * run.stages if run.time_budget is None else 1 << 40
+    pool = teacher_pool_for(loaded, distill, out_dir, run.teacher_pool, run.teacher_start) if share else None
+    if run.time_budget is None:
+        total = distill.steps * distill.batch_size * distill.grad_accum * run.stages
+    else:  # the calibration blocks, or one batch to time a step on
+        total = max(run.calibration_tokens // distill.seq_len, distill.batch_size)
     blocks = block_source_for(
         run.data,
         loaded,
@@ -447,9 +472,12 @@ def load_data(loaded: LoadedModel, run: RunConfig, out_dir: Path, phase) -> tupl
         total,
         run.teacher_pool,
         run.teacher_start,
+        pool,
     )
+    if pool is not None:
+        pool.grow(teacher_blocks(total, share))
     phase("evaluation text and held-out teacher samples")
-    return blocks, evaluation_sets(run.eval_data, loaded, run.eval_tokens, run.context, out_dir)
+    return blocks, pool, evaluation_sets(run.eval_data, loaded, run.eval_tokens, run.context, out_dir)
 
 
 def evaluate_point(
@@ -589,11 +617,12 @@ def _evaluation_costs(one_shot_seconds: float | None, interim: dict, eval_sets: 
 
 
 def _budget_plan(
-    record: RunRecord, teacher, student, tokenizer, blocks, evaluations: tuple | None, stages: int, refit_ids
+    record: RunRecord, teacher, student, tokenizer, blocks, evaluations: tuple | None, stages: int, refit_ids, pool
 ):
     """The run's budget plan: measured now, or, on resume, the one the run fixed before (budget.json).
     ``evaluations``: :func:`_evaluation_costs`. ``refit_ids``: what block-wise reconstruction fits on, where
-    the run refits blocks (its time is estimated)."""
+    the run refits blocks (its time is estimated). ``pool``: the teacher's samples so far (``None``: the run
+    takes none), grown after for the steps fixed here, its sampling counted in the budget."""
     run = record.run
     path = record.out_dir / "budget.json"
     if run.resume and path.is_file():
@@ -610,11 +639,24 @@ def _budget_plan(
     comparison = comparison_evaluations(run.compare_tokens, run.eval_tokens, forms, cost) if run.compare_tokens else 0
     after = seconds_after_distillation(*evaluations, stages, comparison)
     refit = estimated_seconds(student, refit_ids, run.distill.blockwise) if refit_ids is not None else 0.0
-    plan = plan_steps(run.time_budget, spent, step, evaluations[0], after, stages, refit)
-    plan = dataclasses.replace(plan, quantized_forward_cost=cost)
+    pool_blocks = _pool_blocks(pool, run, stages)
+    sampling = None if pool is None else (lambda steps: (pool_blocks(steps) - len(pool)) * pool.seconds_per_block)
+    plan = plan_steps(run.time_budget, spent, step, evaluations[0], after, stages, refit, sampling)
+    teacher_blocks = 0 if pool is None else pool_blocks(plan.steps_per_stage)
+    plan = dataclasses.replace(plan, quantized_forward_cost=cost, teacher_blocks=teacher_blocks)
     if is_main_process():
         write_json_atomic(path, plan.to_dict())
     return plan
+
+
+def _pool_blocks(pool: TeacherPool | None, run: RunConfig, stages: int):
+    """``steps per stage -> the blocks the teacher's pool holds for them``: enough that distillation sees each
+    at most ``TEACHER_VIEWS`` times, in whole chunks, at most the pool's cap, never fewer than it holds."""
+    if pool is None:
+        return None
+    distill = run.distill
+    per_step = distill.batch_size * distill.grad_accum * teacher_share(run.data, run.teacher_fraction) * stages
+    return lambda steps: max(len(pool), pool.chunks_for(math.ceil(steps * per_step / TEACHER_VIEWS)))
 
 
 def footprint(teacher, student, model_dir: Path, ids: torch.Tensor, context: int) -> dict:

@@ -363,6 +363,8 @@ class BudgetFile(Strict):
     steps_per_stage: Size
     blockwise_seconds_per_stage: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     quantized_forward_cost: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    teacher_blocks: Annotated[int, Field(ge=0)] = 0
+    sampling_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
 
 
 FILES: dict[str, type[BaseModel]] = {

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from tqcompressor import TQCError
 from tqcompressor.cli import app
+from tqcompressor.training import recipe
 from tqcompressor.training.budget import SAFETY, plan_steps, seconds_after_distillation, seconds_per_step
 from tqcompressor.training.distill import DistillConfig
 
@@ -144,3 +145,39 @@ def test_the_comparison_counts_each_quantized_copy_at_its_measured_cost(tokenize
     cost = quantized_forward_cost(teacher, torch.randint(0, len(tokenizer), (2, 16)), QUANTIZED_FORMATS[1])
     assert cost > 0
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # a copy was quantized
+
+
+def test_steps_that_need_more_teacher_samples_pay_for_sampling_them():
+    def sampling(steps: int) -> float:  # the pool holds 10 steps' worth; each step beyond costs 1 s to sample
+        return max(0, steps - 10) * 1.0
+
+    plain = plan_steps(10, spent=120, step_seconds=2.0, evaluation_seconds=30, after=100, stages=1)
+    paid = plan_steps(10, spent=120, step_seconds=2.0, evaluation_seconds=30, after=100, stages=1, sampling=sampling)
+    available = 600 - 120 - 100
+    assert plain.sampling_seconds == 0 and paid.sampling_seconds == sampling(paid.steps_per_stage)
+    assert paid.steps_per_stage * 2.0 * SAFETY + paid.sampling_seconds <= available  # it fits
+    assert (paid.steps_per_stage + 1) * 2.0 * SAFETY + sampling(paid.steps_per_stage + 1) > available  # the most
+    assert 10 < paid.steps_per_stage < plain.steps_per_stage
+    free = plan_steps(10, 120, 2.0, 30, after=100, stages=1, sampling=lambda steps: 0.0)
+    assert free.steps_per_stage == plain.steps_per_stage
+
+
+def test_a_budgeted_run_grows_its_teacher_pool_to_what_its_steps_take(tmp_path, gpt2_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    from tqcompressor import data
+
+    monkeypatch.setattr(data, "POOL_CHUNK", 2)
+    (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
+    args = ["run", "--model", str(gpt2_dir), "--method", "svd", "--ratio", "0.8", "--data", str(tmp_path / "train.txt")]
+    args += ["--teacher-fraction", "0.5", "--calibration-tokens", "0", "--eval-tokens", "128", "--context", "64"]
+    args += ["--batch-size", "2", "--seq-len", "32", "--compare-tokens", "0", "--time-budget", "0.5"]
+    result = CliRunner().invoke(app, [*args, "--teacher-pool", "40", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    budget = json.loads((tmp_path / "run" / "budget.json").read_text())
+    pool = load_file(str(tmp_path / "run" / "teacher_pool-seed0-40x32.safetensors"))["blocks"]
+    # a step takes one teacher block (2 x 0.5), each seen at most TEACHER_VIEWS times, in chunks of 2
+    views = recipe.TEACHER_VIEWS
+    assert budget["teacher_blocks"] == len(pool) == min(40, max(2, 2 * -(-budget["steps_per_stage"] // (2 * views))))
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"The teacher's pool holds {len(pool)} samples for those steps" in report

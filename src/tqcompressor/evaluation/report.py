@@ -239,10 +239,22 @@ def _time_section(phases: list[dict], budget: dict | None) -> list[str]:
                 f" (a quantized model's forward took {budget['quantized_forward_cost']:.1f}x the float teacher's here)."
                 if "quantized_forward_cost" in budget  # runs before it was measured lack it
                 else "."
-            ),
+            )
+            + _pool_words(budget),
             "",
         ]
     return lines
+
+
+def _pool_words(budget: dict) -> str:
+    """How many teacher samples the budget's steps took, and what sampling those the pool lacked cost."""
+    if not budget.get("teacher_blocks"):  # no teacher samples, or a run before the pool grew with its budget
+        return ""
+    grown = f", {budget['sampling_seconds']:.0f} s of them to sample more" if budget["sampling_seconds"] else ""
+    return (
+        f" The teacher's pool holds {budget['teacher_blocks']} samples for those steps (sampled in chunks, the first "
+        f"for calibration{grown})."
+    )
 
 
 HELDOUT_WORDS = (

@@ -12,8 +12,10 @@ resumed run keeps it instead of measuring again on another machine state.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -43,6 +45,8 @@ class BudgetPlan:
     steps_per_stage: int
     blockwise_seconds_per_stage: float = 0.0  # block-wise reconstruction before each stage's steps (estimated)
     quantized_forward_cost: float = 1.0  # a quantized copy's forward over the float model's (the comparison's)
+    teacher_blocks: int = 0  # the teacher samples the pool holds for these steps (0: the run takes none)
+    sampling_seconds: float = 0.0  # to sample those the pool lacked when the budget was fixed (estimated)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,13 +131,18 @@ def plan_steps(
     after: float,
     stages: int,
     blockwise_seconds: float = 0.0,
+    sampling: Callable[[int], float] | None = None,
 ) -> BudgetPlan:
     """The steps per stage that fit: what is left after ``spent``, after the ``after`` seconds still needed
     once distillation ends (:func:`seconds_after_distillation`) and after each stage's block-wise
-    reconstruction (``blockwise_seconds`` a stage), over the step's time."""
+    reconstruction (``blockwise_seconds`` a stage), over the step's time and, where ``sampling`` is given,
+    the seconds that many steps per stage spend sampling more teacher data (``sampling(steps)``)."""
     budget = budget_minutes * 60
     available = budget - spent - after - blockwise_seconds * SAFETY * stages
-    steps = math.floor(available / (step_seconds * SAFETY * stages)) if available > 0 else 0
+    per_step = step_seconds * SAFETY * stages
+    steps = math.floor(available / per_step) if available > 0 else 0
+    if sampling is not None:
+        steps = _most_that_fit(steps, lambda n: n * per_step + sampling(n) <= available)
     if steps < 1:
         # the least whole minutes that fit one step a stage, as measured on this machine
         least = math.ceil((spent + after + (blockwise_seconds + step_seconds) * SAFETY * stages) / 60)
@@ -144,4 +153,15 @@ def plan_steps(
             f"give at least {least} min on this machine, or fewer --eval-tokens / --compare-tokens / "
             "--blockwise-steps"
         )
-    return BudgetPlan(budget, spent, step_seconds, evaluation_seconds, after, stages, steps, blockwise_seconds)
+    sampling_seconds = sampling(steps) if sampling is not None else 0.0
+    plan = BudgetPlan(budget, spent, step_seconds, evaluation_seconds, after, stages, steps, blockwise_seconds)
+    return dataclasses.replace(plan, sampling_seconds=sampling_seconds)
+
+
+def _most_that_fit(most: int, fits: Callable[[int], bool]) -> int:
+    """The largest ``n`` in ``[0, most]`` for which ``fits(n)`` (``fits`` true up to some ``n``, false after)."""
+    low, high = 0, most
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low

@@ -42,6 +42,9 @@ REVERSE_KL = 0.0  # share of the KL term taken in reverse, KL(student || teacher
 ON_POLICY = 0.0  # share of steps on the student's own samples, scored by the teacher
 ALPHA_BLOCKS = 0.0  # weight of block matching (losses.block_matching_loss)
 TEACHER_POOL = 128  # teacher blocks sampled once and cycled (sampling costs about a quarter of a KD step per block)
+# how often a time-budgeted run may show distillation each teacher sample before its pool grows: STEPS with
+# TEACHER_POOL show each about 4 times (260 steps x 2 teacher blocks / 128); 9 times (a pool of 64) was memorised
+TEACHER_VIEWS = 4
 # where each teacher sample begins (data.TEACHER_STARTS): the start token. Begun from a random token, as
 # LLM-QAT does, the samples hold more kinds of text, yet the student ended further from the teacher on every
 # held-out domain, code and docs included: fidelity KL 1.700 against 1.591 after 60 steps
