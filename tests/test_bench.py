@@ -77,6 +77,23 @@ def test_quantize_bench_measures_every_family_in_every_format(tmp_path):
     assert seen["svd_aware", "int8"] < seen["teacher", "int8"]
 
 
+def test_quantized_forward_times_both_ways_and_scores_each_against_the_float_model(tmp_path, gpt2_dir, monkeypatch):
+    bench = bench_module("quantized_forward")
+    out = tmp_path / "forward.json"
+    argv = ["quantized_forward.py", "--model", str(gpt2_dir), "--batch", "1", "--context", "16", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+    bench.main()
+    result = json.loads(out.read_text())
+    assert result["commit"] and result["cpu"]["cores"] >= 1 and result["float_seconds"] > 0
+    assert [row["format"] for row in result["models"]] == ["int8", "int4-g32", "int4-g128"]
+    for row in result["models"] + result["matrices"]:
+        assert set(row["seconds"]) == set(bench.WAYS) and all(s > 0 for s in row["seconds"].values())
+    for row in result["models"]:  # both ways compute the same model: close to each other, not to the float one
+        kernels, dequantized = row["kl_to_float"]["kernels"], row["kl_to_float"]["float32 dequantized"]
+        assert 0 < dequantized and abs(kernels - dequantized) < 0.5 * dequantized + 1e-3
+    assert {row["rows"] for row in result["matrices"]} == set(bench.ROWS)
+
+
 def test_moe_bench_shared_basis_finds_a_basis_the_experts_share():
     moe = bench_module("moe")
     torch.manual_seed(0)

@@ -85,11 +85,19 @@ def test_a_training_matrix_multiplies_in_bfloat16_only_where_the_cpu_has_it_nati
     assert (y - exact).norm() < (0.01 if native else 1e-5) * exact.norm()
 
 
-def test_a_frozen_matrix_keeps_the_kernels_bfloat16_on_any_cpu(monkeypatch):
-    monkeypatch.setattr(modules, "cpu_has_native_bf16", lambda: False)
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("name", ["int8", "int4-g32", "int3-g32"])
+def test_a_frozen_matrix_runs_the_kernels_a_token_at_a_time_and_many_rows_in_float32_where_bfloat16_is_emulated(
+    monkeypatch, native, name
+):
+    monkeypatch.setattr(modules, "cpu_has_native_bf16", lambda: native)
     torch.manual_seed(0)
-    weight = QuantizedWeight.from_weight(torch.randn(48, 64), settings_named("int4-g32"))
-    x = torch.randn(16, 64)
+    weight = QuantizedWeight.from_weight(torch.randn(48, 64), settings_named(name))
+    exact = lambda x: x @ weight.dequantize().T  # noqa: E731
+    few, many = torch.randn(modules.DEQUANTIZE_ROWS - 1, 64), torch.randn(2, modules.DEQUANTIZE_ROWS // 2, 64)
     with torch.no_grad():
-        y = weight.linear(x)
-    assert torch.equal(y, y.to(torch.bfloat16).float())  # the kernel computed it in bfloat16
+        for x in (few, many, few):  # the kernel's layout, made by the first call, serves both afterwards
+            y = weight.linear(x)
+            in_bfloat16 = torch.equal(y, y.to(torch.bfloat16).float())  # every value one bfloat16 holds
+            assert in_bfloat16 == (native or x is few), "the kernels compute in bfloat16"
+            assert (y - exact(x)).norm() < (0.01 if in_bfloat16 else 1e-5) * exact(x).norm()

@@ -24,6 +24,7 @@ in multiples of 16: matrices are padded with zeros up to that, and the padding i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -280,25 +281,36 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 def int4_from_cpu_layout(packed: Tensor, shape: tuple[int, int]) -> Tensor:
     """The portable packing (:func:`pack_int4`) of a ``shape`` matrix that PyTorch's CPU int4
-    converter (``_convert_weight_to_int4pack_for_cpu``) packed. That layout depends on the CPU's
-    vector width, so it is read off the converter itself: packing the base-16 digits of every
-    position's index, one digit at a time, shows where each value went."""
+    converter (``_convert_weight_to_int4pack_for_cpu``) packed."""
+    return pack_int4(int4_values_from_cpu_layout(packed, shape))
+
+
+def int4_values_from_cpu_layout(packed: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The ``shape`` uint8 values (0..15) that PyTorch's CPU int4 converter packed into ``packed``."""
+    nibbles = torch.cat([(packed.cpu() & 15).reshape(-1), (packed.cpu() >> 4).reshape(-1)])
+    return nibbles[_cpu_int4_order(tuple(shape))].reshape(shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _cpu_int4_order(shape: tuple[int, int]) -> Tensor:
+    """Where the CPU int4 converter puts each value of a ``shape`` matrix (row-major): an index into its packed
+    tensor's low nibbles followed by its high nibbles. That layout depends on the CPU's vector width, so it is
+    read off the converter itself: packing the base-16 digits of every position's index, one digit at a time,
+    shows where each value went. Kept per shape (4 bytes a value): a model has few shapes, and the reading takes
+    tens of milliseconds each time."""
     rows, inputs = shape
     count = rows * inputs
     index = torch.arange(count, dtype=torch.int64).reshape(rows, inputs)
-    low = torch.zeros(packed.shape, dtype=torch.int64)
-    high = torch.zeros_like(low)
-    shift = 0
+    low, high, shift = 0, 0, 0
     while shift == 0 or (count - 1) >> shift:
         digit = ((index >> shift) & 15).to(torch.int32)
         moved = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit, 1).to(torch.int64)
-        low |= (moved & 15) << shift
-        high |= (moved >> 4) << shift
+        low, high = low | ((moved & 15) << shift), high | ((moved >> 4) << shift)
         shift += 4
-    values = torch.empty(count, dtype=torch.uint8)
-    values[low.reshape(-1)] = (packed.cpu() & 15).reshape(-1)
-    values[high.reshape(-1)] = (packed.cpu() >> 4).reshape(-1)
-    return pack_int4(values.reshape(rows, inputs))
+    order = torch.empty(count, dtype=torch.int32)
+    slots = torch.arange(low.numel(), dtype=torch.int32)
+    order[low.reshape(-1)], order[high.reshape(-1)] = slots, slots + low.numel()
+    return order
 
 
 def dequantize_grouped(packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, bits: int = 4) -> Tensor:

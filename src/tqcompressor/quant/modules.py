@@ -3,8 +3,10 @@
 - :class:`QuantizedWeight` holds one matrix and computes ``x @ W^T`` from the integers: on CPU
   with PyTorch's weight-only kernels (bfloat16 activations, which those kernels take), elsewhere
   by dequantizing to bfloat16. Quantized layers therefore compute in bfloat16 on every device, with
-  one exception: a matrix that trains (a gradient through it, or its grid learning) on a CPU without
-  native bfloat16 multiplies its dequantized values in float32, where bfloat16 would be emulated.
+  one exception: on a CPU without native bfloat16, where it would be emulated, a matrix that trains
+  (a gradient through it, or its grid learning) or multiplies many rows at once (``DEQUANTIZE_ROWS``:
+  a prompt, an evaluation window) multiplies its dequantized values in float32; a token at a time
+  it runs the kernels.
 - :class:`QuantizedLinear` replaces an ``nn.Linear`` or GPT-2 ``Conv1D`` (the teacher's layers,
   the layers a plan kept dense); :class:`QuantizedLowRankLinear` an ``svd`` layer (both factors
   through the kernels); :class:`QuantizedEmbedding` an embedding, with :meth:`project` for a tied
@@ -56,13 +58,19 @@ DOUBLE_QUANT_BUFFERS = ("scale_codes", "scale_step", "zero_codes", "zero_step")
 # share of the bytes, and their values far from uniform)
 CORRECTION_SETTINGS = QuantizeSettings(8)
 FLAT_ROW = 256  # QuantizedFactored stores a factor as rows of this many values (int8: one scale per row)
+# on a CPU without native bfloat16, an input of this many rows (a prompt, an evaluation window) multiplies the
+# dequantized matrix in float32 rather than run the weight-only kernels, which emulate bfloat16 there. On 2 AVX2
+# cores SmolLM2-135M in int4 scored 4 windows of 512 tokens so in 0.8x the float model's time, through the kernels
+# in 1.6x; one matrix broke even near 256 rows (bench/results/quantized_forward/quantized-forward.json)
+DEQUANTIZE_ROWS = 256
 
 
 def dequantized_dtype(device: torch.device) -> torch.dtype:
     """What a matrix that trains multiplies its dequantized values in: bfloat16, as the kernels do, except on a
     CPU without native bfloat16 arithmetic, where float32 is faster (:func:`cpu_has_native_bf16`; on a 2-core AVX2
     CPU a 1536x576 int4 matrix's forward and backward on 1024 tokens took 967 ms in emulated bfloat16, 58 ms in
-    float32, and one of make demo's training steps 203 s against 12.7 s)."""
+    float32, and one of make demo's training steps 203 s against 12.7 s). There an input of at least
+    ``DEQUANTIZE_ROWS`` rows is multiplied so too, trained or not."""
     if device.type == "cpu" and not cpu_has_native_bf16():
         return torch.float32
     return COMPUTE_DTYPE
@@ -227,21 +235,22 @@ class QuantizedWeight(QuantizedMatrix):
         return w[..., : self.in_features]
 
     def linear(self, x: Tensor) -> Tensor:
-        """``x @ W^T`` computed in bfloat16 (see :func:`dequantized_dtype` for the one exception), returned
-        in ``x``'s dtype."""
+        """``x @ W^T`` computed in bfloat16, returned in ``x``'s dtype; in float32 where :func:`dequantized_dtype`
+        says so, for a matrix that trains or an input of at least ``DEQUANTIZE_ROWS`` rows."""
         rows, inputs = self.padded_shape
-        kernel = not (self.learning or (torch.is_grad_enabled() and x.requires_grad))  # the kernels have no backward
-        dtype = COMPUTE_DTYPE if kernel else dequantized_dtype(x.device)
-        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        trains = self.learning or (torch.is_grad_enabled() and x.requires_grad)  # the kernels have no backward
+        dtype = dequantized_dtype(x.device)
+        kernel = not trains and (dtype == COMPUTE_DTYPE or len(flat) < DEQUANTIZE_ROWS)
+        flat = flat.to(COMPUTE_DTYPE if kernel else dtype)
         if inputs != self.in_features:
             flat = F.pad(flat, (0, inputs - self.in_features))
         if x.device.type == "cpu" and kernel:
             y = self._cpu_kernel(flat)
         else:
-            if self.kernel_layout:  # moved off the CPU: back to the portable layout, once
+            if self.kernel_layout and x.device.type != "cpu":  # moved off the CPU: back to the portable layout, once
                 self._back_to_portable()
-            w = self.dequantize_padded().to(dtype)
-            y = flat @ w.T
+            y = flat @ self.dequantize_padded().to(flat.dtype).T
         return y[:, : self.out_features].to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantize_padded(self) -> Tensor:

@@ -97,8 +97,9 @@ def seconds_per_step(
 def quantized_forward_cost(model, batch: torch.Tensor, settings: QuantizeSettings) -> float:
     """How many float forwards of ``model`` on ``batch`` one forward of a ``settings`` copy of it takes, each
     timed after a warm-up (the copy's first call lays its integers out for the kernels). The quantized
-    comparison's models run PyTorch's weight-only kernels, which take bfloat16: on a 2-core AVX2 CPU, which
-    emulates it, an int4 matrix multiplied in 2.5x float32's time; elsewhere they may be faster than float."""
+    comparison's models run PyTorch's weight-only kernels, which take bfloat16, or, on a CPU that emulates it,
+    float32 matmuls of the dequantized matrices (:data:`~tqcompressor.quant.modules.DEQUANTIZE_ROWS`): their
+    speed against float differs most between CPUs."""
     quantized = copy.deepcopy(model)
     quantize_(quantized, settings)
     seconds = []
