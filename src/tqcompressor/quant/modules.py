@@ -60,8 +60,8 @@ CORRECTION_SETTINGS = QuantizeSettings(8)
 FLAT_ROW = 256  # QuantizedFactored stores a factor as rows of this many values (int8: one scale per row)
 # on a CPU without native bfloat16, an input of this many rows (a prompt, an evaluation window) multiplies the
 # dequantized matrix in float32 rather than run the weight-only kernels, which emulate bfloat16 there. On 2 AVX2
-# cores SmolLM2-135M in int4 scored 4 windows of 512 tokens so in 0.8x the float model's time, through the kernels
-# in 1.6x; one matrix broke even near 256 rows (bench/results/quantized_forward/quantized-forward.json)
+# cores SmolLM2-135M in int4-g32 scored 4 windows of 512 tokens so in 1.03x the float model's time, through the
+# kernels in 1.78x; one matrix broke even near 256 rows (bench/results/quantized_forward/quantized-forward.json)
 DEQUANTIZE_ROWS = 256
 
 
