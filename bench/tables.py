@@ -37,6 +37,8 @@ BYTE_DEMO_COMMIT = "c3dcc33"
 RATIO_AVX2, RATIO_AVX2_COMMIT = REPO / "docs" / "demo-ratio-results-95bf43d.json", "95bf43d"
 # make demo-ratio again on the same kind of CPU, once the budget timed the comparison's quantized forwards
 RATIO_AVX2_COSTED, RATIO_AVX2_COSTED_COMMIT = REPO / "docs" / "demo-ratio-results-f5973a5.json", "f5973a5"
+# make demo-ratio again there, the teacher's pool sized by the budget and quantized models scored in float32
+RATIO_AVX2_POOLED, RATIO_AVX2_POOLED_COMMIT = REPO / "docs" / "demo-ratio-results-c168667.json", "c168667"
 # make demo at a later commit on the same kind of CPU, given 35 minutes (25 leave no time to distill there)
 BYTE_AVX2, BYTE_AVX2_COMMIT = REPO / "docs" / "demo-results-99444ed.json", "99444ed"
 SVD_DEMO, SVD_DEMO_COMMIT = REPO / "docs" / "demo-results-svd.json", "89a1c7a"  # make demo with --structures svd
@@ -374,7 +376,8 @@ def ratio_machines_section() -> str:
     """make demo-ratio's 25 minutes on two kinds of CPU: where they went, phase by phase."""
     runs = [(DEMO_COMMIT, load_demo().run), (RATIO_AVX2_COMMIT, json.loads(RATIO_AVX2.read_text(encoding="utf-8")))]
     costed = json.loads(RATIO_AVX2_COSTED.read_text(encoding="utf-8"))
-    runs.append((RATIO_AVX2_COSTED_COMMIT, costed))
+    pooled = json.loads(RATIO_AVX2_POOLED.read_text(encoding="utf-8"))
+    runs += [(RATIO_AVX2_COSTED_COMMIT, costed), (RATIO_AVX2_POOLED_COMMIT, pooled)]
     new = runs[1][1]
     return "\n".join(
         [
@@ -396,11 +399,40 @@ def ratio_machines_section() -> str:
             "kind of CPU, the budget timed a quantized copy's forward "
             f"({costed['budget']['quantized_forward_cost']:.2f}x the float teacher's) and counted the comparison's "
             "quantized models at that cost: what it keeps for after distillation now covers what that took, with "
-            "room to spare, and the steps it leaves are fewer.",
+            "room to spare, and the steps it leaves are fewer." + pooled_words(costed, pooled),
             "",
             machines_table(runs),
         ]
     )
+
+
+def pooled_words(costed: dict, pooled: dict) -> str:
+    """What the run at RATIO_AVX2_POOLED_COMMIT changed against the one at RATIO_AVX2_COSTED_COMMIT, in words."""
+    budget, before = pooled["budget"], costed["budget"]
+    one_shot = [run["points"][1]["fidelity_kl"] for run in (costed, pooled)]
+    unused = budget["budget"] - pooled["seconds"]
+    return (
+        f" At commit {RATIO_AVX2_POOLED_COMMIT} ([docs/{RATIO_AVX2_POOLED.name}]({RATIO_AVX2_POOLED.name})), on the "
+        f"same kind of CPU, the teacher's pool held {budget['teacher_blocks']} samples, what calibration took (the "
+        "budget would grow it for more steps), and a quantized copy scored the evaluation windows as float32 "
+        f"matmuls of its dequantized matrices ({budget['quantized_forward_cost']:.2f}x the float teacher's forward "
+        f"as timed, against {before['quantized_forward_cost']:.2f}x): sampling and the comparison took "
+        f"{phase_seconds(pooled, 'distillation data') + phase_seconds(pooled, 'int8 and int4'):.0f} s against "
+        f"{phase_seconds(costed, 'distillation data') + phase_seconds(costed, 'int8 and int4'):.0f}. The pool's "
+        "samples are other ones (each chunk seeded apart), and so were calibration and the plan: its one-shot "
+        f"student was further from the teacher (fidelity KL {one_shot[1]:.3f} against {one_shot[0]:.3f}) and "
+        f"slower to train ({budget['seconds_per_step']:.1f} s a step against {before['seconds_per_step']:.1f}). "
+        f"It fixed {budget['steps_per_stage']} steps again and ended {unused:.0f} s inside the budget: it kept "
+        f"{budget['reserved_after_distillation']:.0f} s for after distillation and took "
+        f"{seconds_after_distilling(pooled):.0f}, because the forward it timed on two sequences overstates a "
+        "quantized copy's cost on whole evaluation windows, and one-shot evaluation's time, scaled to every "
+        "window, overstates the last one's."
+    )
+
+
+def phase_seconds(run: dict, begins: str) -> float:
+    """The seconds of a run's phases whose names begin with ``begins``."""
+    return sum(p["seconds"] for p in run["phase_seconds"] if p["phase"].startswith(begins))
 
 
 def byte_machines_section() -> str:
