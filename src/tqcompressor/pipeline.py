@@ -29,6 +29,7 @@ from tqcompressor.data import (
 from tqcompressor.errors import TQCError, check_count
 from tqcompressor.evaluation.evaluate import RememberedTeacher, greedy_continuations
 from tqcompressor.evaluation.fidelity import (
+    EVAL_BATCH,
     EVAL_SEED,
     TEACHER_DOMAIN,
     Domain,
@@ -632,8 +633,11 @@ def _budget_plan(
     stream = blocks(0)
     batch = torch.stack([next(stream) for _ in range(run.distill.batch_size)])
     step = seconds_per_step(teacher, student, batch, run.distill, tokenizer=tokenizer)
-    # the comparison's kernels are timed on two sequences (a few seconds): their speed differs most between CPUs
-    cost = quantized_forward_cost(teacher, batch[:2], QUANTIZED_FORMATS[1]) if run.compare_tokens else 1.0
+    # the comparison's speed against float differs most between CPUs, and with the rows a call multiplies: timed
+    # on one batch of evaluation windows (on 2 AVX2 cores int4 read 1.28x on two sequences of 256 tokens,
+    # docs/demo-ratio-results-c168667.json, and 1.03x on 4 windows of 512, quantized_forward/quantized-forward.json)
+    windows = _evaluation_batch(stream, run) if run.compare_tokens else None
+    cost = quantized_forward_cost(teacher, windows, QUANTIZED_FORMATS[1]) if run.compare_tokens else 1.0
     spent = time.perf_counter() - record.started + 3 * step  # the timing itself
     forms = not run.plans_bytes
     comparison = comparison_evaluations(run.compare_tokens, run.eval_tokens, forms, cost) if run.compare_tokens else 0
@@ -647,6 +651,14 @@ def _budget_plan(
     if is_main_process():
         write_json_atomic(path, plan.to_dict())
     return plan
+
+
+def _evaluation_batch(stream, run: RunConfig) -> torch.Tensor:
+    """``EVAL_BATCH`` windows of ``run.context`` tokens from the distillation blocks: what one forward of an
+    evaluation takes."""
+    tokens = EVAL_BATCH * run.context
+    ids = torch.cat(list(itertools.islice(stream, math.ceil(tokens / run.distill.seq_len))))
+    return ids[:tokens].reshape(EVAL_BATCH, run.context)
 
 
 def _pool_blocks(pool: TeacherPool | None, run: RunConfig, stages: int):

@@ -104,12 +104,14 @@ def test_a_budgeted_run_that_refits_blocks_counts_them_and_says_so(tmp_path, gpt
     (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
     args = ["run", "--model", str(gpt2_dir), "--method", "svd", "--ratio", "0.8", "--data", str(tmp_path / "train.txt")]
     args += ["--teacher-fraction", "0", "--calibration-tokens", "256", "--eval-tokens", "128", "--context", "64"]
-    args += ["--batch-size", "2", "--seq-len", "32", "--compare-tokens", "0", "--time-budget", "0.5"]
+    args += ["--batch-size", "2", "--seq-len", "32", "--compare-tokens", "64", "--time-budget", "0.5"]
     result = CliRunner().invoke(app, [*args, "--blockwise-steps", "2", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     budget = json.loads((tmp_path / "run" / "budget.json").read_text())
     assert budget["blockwise_seconds_per_stage"] > 0
+    assert budget["quantized_forward_cost"] > 0  # timed on windows of the evaluation's shape
     results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(results["quantized"]) == 2 + 6  # the comparison the budget counted ran
     assert results["distill"]["blockwise_steps"] == 2
     assert "refitting blocks (stage 1)" in [phase["phase"] for phase in results["phase_seconds"]]
 

@@ -42,6 +42,9 @@ class Domain:
     held_out: bool
 
 
+EVAL_BATCH = 4  # windows a forward scores at once
+
+
 def heldout_domains(teacher, tokenizer, tokens: int, context: int, cache_dir: Path | None = None) -> dict[str, Domain]:
     """The teacher's own samples and the shipped texts, ``tokens`` of each (teacher samples in
     whole windows of ``context``). Samples are cached in ``cache_dir`` when given."""
@@ -65,7 +68,7 @@ def measure(
     context: int,
     tokenizer=None,
     teacher_perplexity: dict[str, float] | None = None,
-    batch_size: int = 4,
+    batch_size: int = EVAL_BATCH,
 ) -> dict:
     """Per domain: the model's perplexity and, against ``teacher``, KL, top-1 agreement and the
     perplexity ratio; plus ``fidelity_kl`` and ``fidelity_top1`` (means over held-out domains).
@@ -81,7 +84,7 @@ def measure_both(
     context: int,
     tokenizer=None,
     teacher_perplexity: dict[str, float] | None = None,
-    batch_size: int = 4,
+    batch_size: int = EVAL_BATCH,
 ) -> tuple[dict, dict]:
     """:func:`measure` of ``model`` and of the teacher itself, from one pass of each over every window:
     the teacher's half is what ``measure(teacher, teacher, ...)`` returns (KL 0, top-1 1)."""

@@ -96,7 +96,8 @@ def seconds_per_step(
 
 def quantized_forward_cost(model, batch: torch.Tensor, settings: QuantizeSettings) -> float:
     """How many float forwards of ``model`` on ``batch`` one forward of a ``settings`` copy of it takes, each
-    timed after a warm-up (the copy's first call lays its integers out for the kernels). The quantized
+    timed once after a short warm-up (the copy's first call lays its integers out for the kernels); ``batch``
+    shaped as the calls to be estimated (their rows decide which way a quantized matrix multiplies). The quantized
     comparison's models run PyTorch's weight-only kernels, which take bfloat16, or, on a CPU that emulates it,
     float32 matmuls of the dequantized matrices (:data:`~tqcompressor.quant.modules.DEQUANTIZE_ROWS`): their
     speed against float differs most between CPUs."""
@@ -105,7 +106,7 @@ def quantized_forward_cost(model, batch: torch.Tensor, settings: QuantizeSetting
     seconds = []
     with torch.no_grad():
         for forward in (model, quantized):
-            forward(batch)
+            forward(batch[:1, :8])  # a warm-up a few tokens long: a whole batch would double the timing's cost
             started = time.perf_counter()
             forward(batch)
             seconds.append(time.perf_counter() - started)
