@@ -39,6 +39,8 @@ RATIO_AVX2, RATIO_AVX2_COMMIT = REPO / "docs" / "demo-ratio-results-95bf43d.json
 RATIO_AVX2_COSTED, RATIO_AVX2_COSTED_COMMIT = REPO / "docs" / "demo-ratio-results-f5973a5.json", "f5973a5"
 # make demo-ratio again there, the teacher's pool sized by the budget and quantized models scored in float32
 RATIO_AVX2_POOLED, RATIO_AVX2_POOLED_COMMIT = REPO / "docs" / "demo-ratio-results-c168667.json", "c168667"
+# and again once the budget timed the quantized copy on windows shaped as the evaluation's (the same pool and plan)
+RATIO_AVX2_WINDOWS, RATIO_AVX2_WINDOWS_COMMIT = REPO / "docs" / "demo-ratio-results-562ea9b.json", "562ea9b"
 # make demo at a later commit on the same kind of CPU, given 35 minutes (25 leave no time to distill there)
 BYTE_AVX2, BYTE_AVX2_COMMIT = REPO / "docs" / "demo-results-99444ed.json", "99444ed"
 SVD_DEMO, SVD_DEMO_COMMIT = REPO / "docs" / "demo-results-svd.json", "89a1c7a"  # make demo with --structures svd
@@ -377,7 +379,9 @@ def ratio_machines_section() -> str:
     runs = [(DEMO_COMMIT, load_demo().run), (RATIO_AVX2_COMMIT, json.loads(RATIO_AVX2.read_text(encoding="utf-8")))]
     costed = json.loads(RATIO_AVX2_COSTED.read_text(encoding="utf-8"))
     pooled = json.loads(RATIO_AVX2_POOLED.read_text(encoding="utf-8"))
+    windowed = json.loads(RATIO_AVX2_WINDOWS.read_text(encoding="utf-8"))
     runs += [(RATIO_AVX2_COSTED_COMMIT, costed), (RATIO_AVX2_POOLED_COMMIT, pooled)]
+    runs.append((RATIO_AVX2_WINDOWS_COMMIT, windowed))
     new = runs[1][1]
     return "\n".join(
         [
@@ -399,7 +403,9 @@ def ratio_machines_section() -> str:
             "kind of CPU, the budget timed a quantized copy's forward "
             f"({costed['budget']['quantized_forward_cost']:.2f}x the float teacher's) and counted the comparison's "
             "quantized models at that cost: what it keeps for after distillation now covers what that took, with "
-            "room to spare, and the steps it leaves are fewer." + pooled_words(costed, pooled),
+            "room to spare, and the steps it leaves are fewer."
+            + pooled_words(costed, pooled)
+            + windowed_words(pooled, windowed),
             "",
             machines_table(runs),
         ]
@@ -427,6 +433,23 @@ def pooled_words(costed: dict, pooled: dict) -> str:
         f"{seconds_after_distilling(pooled):.0f}, because the forward it timed on two sequences overstates a "
         "quantized copy's cost on whole evaluation windows, and one-shot evaluation's time, scaled to every "
         "window, overstates the last one's."
+    )
+
+
+def windowed_words(pooled: dict, windowed: dict) -> str:
+    """What the run at RATIO_AVX2_WINDOWS_COMMIT changed against the one at RATIO_AVX2_POOLED_COMMIT, in words."""
+    budget = windowed["budget"]
+    same = windowed["points"][1]["fidelity_kl"] == pooled["points"][1]["fidelity_kl"]
+    return (
+        f" At commit {RATIO_AVX2_WINDOWS_COMMIT} ([docs/{RATIO_AVX2_WINDOWS.name}]({RATIO_AVX2_WINDOWS.name})) the "
+        "budget timed the quantized copy on one batch of evaluation windows, the calls the comparison makes: "
+        f"{budget['quantized_forward_cost']:.2f}x the float teacher's forward. "
+        + ("The same pool, calibration and one-shot plan; it " if same else "Another one-shot plan; it ")
+        + f"kept {budget['reserved_after_distillation']:.0f} s for after distillation and took "
+        f"{seconds_after_distilling(windowed):.0f}, fixed {budget['steps_per_stage']} steps "
+        f"({budget['seconds_per_step']:.1f} s each), spent {recovery_seconds(windowed) / 60:.1f} min in recovery and "
+        f"ended {budget['budget'] - windowed['seconds']:.0f} s inside the budget, at fidelity KL "
+        f"{windowed['points'][-1]['fidelity_kl']:.3f}."
     )
 
 
