@@ -227,16 +227,22 @@ def quantized_rows(teacher, student, eval_sets: dict[str, Domain], context: int,
     return rows
 
 
-def comparison_evaluations(
-    compare_tokens: int, eval_tokens: int, student_forms: bool = True, quantized_cost: float = 1.0
-) -> float:
+def comparison_evaluations(share: float, student_forms: bool = True, quantized_cost: float = 1.0) -> float:
     """The quantized comparison's cost in evaluations of one point (for the time budget; one evaluation runs
-    the model and the teacher: two forwards), on a share of the tokens: one pass of the teacher, whose logits
-    are remembered (:class:`RememberedTeacher`), the student's, and the quantized copies', each
-    ``quantized_cost`` forwards (:func:`~tqcompressor.training.budget.quantized_forward_cost`): the teacher's
-    and the student's, or only the teacher's where the student is stored as planned already (a byte budget)."""
+    the model and the teacher: two forwards), on ``share`` of that evaluation's tokens
+    (:func:`comparison_share`): one pass of the teacher, whose logits are remembered (:class:`RememberedTeacher`),
+    the student's, and the quantized copies', each ``quantized_cost`` forwards
+    (:func:`~tqcompressor.training.budget.quantized_forward_cost`): the teacher's and the student's, or only the
+    teacher's where the student is stored as planned already (a byte budget)."""
     quantized = (2 if student_forms else 1) * len(QUANTIZED_FORMATS)
-    return (2 + quantized * quantized_cost) / 2 * min(1.0, compare_tokens / eval_tokens)
+    return (2 + quantized * quantized_cost) / 2 * share
+
+
+def comparison_share(eval_sets: dict[str, Domain], compare_tokens: int, context: int) -> float:
+    """The comparison's tokens (the first ``compare_tokens`` of each held-out domain) over the last point's
+    (every domain, the evaluation text included, whole)."""
+    compared = first_tokens(eval_sets, compare_tokens, context, held_out_only=True)
+    return sum(len(d.ids) for d in compared.values()) / sum(len(d.ids) for d in eval_sets.values())
 
 
 def _domain_record(metrics: dict) -> dict:
@@ -412,12 +418,12 @@ def run_pipeline(loaded: LoadedModel, run: RunConfig) -> dict:
         stages = len(plan.steps())
         refit_ids = blockwise_ids(calibration, blocks) if run.distill.blockwise_steps else None
         evaluations = _evaluation_costs(evaluation_seconds, points.interim_sets, eval_sets)
-        budget = _budget_plan(record, teacher, student, loaded.tokenizer, blocks, evaluations, stages, refit_ids, pool)
+        budget = _budget_plan(
+            record, teacher, student, loaded.tokenizer, blocks, evaluations, stages, refit_ids, pool, eval_sets
+        )
         phase(f"time budget: {budget.steps_per_stage} steps per stage ({budget.seconds_per_step:.1f} s each)")
         record.distill, record.budget = dataclasses.replace(run.distill, steps=budget.steps_per_stage), budget.to_dict()
-        if pool is not None and budget.teacher_blocks > len(pool):
-            phase(f"sampling the teacher: the pool grows to the {budget.teacher_blocks} sequences those steps take")
-            pool.grow(budget.teacher_blocks)
+        _grow_pool(pool, budget.teacher_blocks, phase)
     refit = f", each after refitting blocks ({record.distill.blockwise_steps} steps a block)"
     phase(
         f"distillation: {len(plan.steps())} stage(s) of {record.distill.steps} steps"
@@ -618,12 +624,23 @@ def _evaluation_costs(one_shot_seconds: float | None, interim: dict, eval_sets: 
 
 
 def _budget_plan(
-    record: RunRecord, teacher, student, tokenizer, blocks, evaluations: tuple | None, stages: int, refit_ids, pool
+    record: RunRecord,
+    teacher,
+    student,
+    tokenizer,
+    blocks,
+    evaluations: tuple | None,
+    stages: int,
+    refit_ids,
+    pool,
+    eval_sets: dict,
 ):
     """The run's budget plan: measured now, or, on resume, the one the run fixed before (budget.json).
-    ``evaluations``: :func:`_evaluation_costs`. ``refit_ids``: what block-wise reconstruction fits on, where
-    the run refits blocks (its time is estimated). ``pool``: the teacher's samples so far (``None``: the run
-    takes none), grown after for the steps fixed here, its sampling counted in the budget."""
+    ``evaluations``: :func:`_evaluation_costs` of ``eval_sets``, on which the comparison's share is counted
+    (:func:`comparison_share`). ``refit_ids``:
+    what block-wise reconstruction fits on, where the run refits blocks (its time is estimated). ``pool``: the
+    teacher's samples so far (``None``: the run takes none), grown after for the steps fixed here, its sampling
+    counted in the budget."""
     run = record.run
     path = record.out_dir / "budget.json"
     if run.resume and path.is_file():
@@ -640,7 +657,8 @@ def _budget_plan(
     cost = quantized_forward_cost(teacher, windows, QUANTIZED_FORMATS[1]) if run.compare_tokens else 1.0
     spent = time.perf_counter() - record.started + 3 * step  # the timing itself
     forms = not run.plans_bytes
-    comparison = comparison_evaluations(run.compare_tokens, run.eval_tokens, forms, cost) if run.compare_tokens else 0
+    compared = comparison_share(eval_sets, run.compare_tokens, run.context) if run.compare_tokens else 0.0
+    comparison = comparison_evaluations(compared, forms, cost) if run.compare_tokens else 0
     after = seconds_after_distillation(*evaluations, stages, comparison)
     refit = estimated_seconds(student, refit_ids, run.distill.blockwise) if refit_ids is not None else 0.0
     pool_blocks = _pool_blocks(pool, run, stages)
@@ -651,6 +669,13 @@ def _budget_plan(
     if is_main_process():
         write_json_atomic(path, plan.to_dict())
     return plan
+
+
+def _grow_pool(pool: TeacherPool | None, blocks: int, phase) -> None:
+    """The teacher's pool grown to the ``blocks`` the budget's steps take, where it holds fewer."""
+    if pool is not None and blocks > len(pool):
+        phase(f"sampling the teacher: the pool grows to the {blocks} sequences those steps take")
+        pool.grow(blocks)
 
 
 def _evaluation_batch(stream, run: RunConfig) -> torch.Tensor:

@@ -135,13 +135,18 @@ def test_budget_options_are_checked_before_any_work(tmp_path, capsys, extra, mes
 
 
 def test_the_comparison_counts_each_quantized_copy_at_its_measured_cost(tokenizer):
-    from tqcompressor.pipeline import QUANTIZED_FORMATS, comparison_evaluations
+    from tqcompressor.evaluation.fidelity import Domain
+    from tqcompressor.pipeline import QUANTIZED_FORMATS, comparison_evaluations, comparison_share
     from tqcompressor.training.budget import quantized_forward_cost
 
     # one float pass of the teacher and one of the student, then six quantized copies (three: a byte budget)
-    assert comparison_evaluations(2048, 2048) == (2 + 2 * len(QUANTIZED_FORMATS)) / 2
-    assert comparison_evaluations(2048, 2048, quantized_cost=2.5) == (2 + 6 * 2.5) / 2
-    assert comparison_evaluations(1024, 4096, student_forms=False, quantized_cost=2.0) == (2 + 3 * 2.0) / 2 / 4
+    assert comparison_evaluations(1.0) == (2 + 2 * len(QUANTIZED_FORMATS)) / 2
+    assert comparison_evaluations(1.0, quantized_cost=2.5) == (2 + 6 * 2.5) / 2
+    assert comparison_evaluations(0.25, student_forms=False, quantized_cost=2.0) == (2 + 3 * 2.0) / 2 / 4
+    # the comparison reads the first tokens of the held-out domains; the last point every token of every domain
+    sets = {"text": Domain(torch.zeros(4096, dtype=torch.long), False)}
+    sets |= {name: Domain(torch.zeros(4096, dtype=torch.long), True) for name in ("a", "b", "c", "d")}
+    assert comparison_share(sets, 1024, 512) == 4 * 1024 / (5 * 4096)
     teacher = tiny_gpt2(vocab_size=len(tokenizer))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     cost = quantized_forward_cost(teacher, torch.randint(0, len(tokenizer), (2, 16)), QUANTIZED_FORMATS[1])
