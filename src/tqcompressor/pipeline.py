@@ -130,8 +130,8 @@ def block_source_for(
 ):
     """The distillation (and calibration) blocks: text, teacher samples, or an even mix of both
     (``teacher_fraction`` of the blocks sampled from the teacher, with the run's seed). The teacher's
-    blocks come from ``pool`` (by default :func:`teacher_pool_for`, grown to what ``total_blocks`` take, at
-    most ``teacher_pool``) and are cycled; each is begun at ``teacher_start``
+    blocks come from ``pool`` (by default :func:`teacher_pool_for`), grown to what ``total_blocks`` take (at
+    most ``teacher_pool``), and are cycled; each is begun at ``teacher_start``
     (:data:`~tqcompressor.data.TEACHER_STARTS`)."""
     if config.seed == EVAL_SEED and (data == "teacher" or teacher_fraction > 0):
         raise TQCError(f"seed {EVAL_SEED} is reserved for the held-out evaluation samples; pick another --seed")
@@ -140,13 +140,13 @@ def block_source_for(
     check_teacher_fraction(teacher_fraction)  # before any sampling
     check_teacher_start(teacher_start)
     share = teacher_share(data, teacher_fraction)
-    if share > 0 and pool is None:
+    text = None if share == 1 else text_block_source(data, loaded.tokenizer, config.seq_len, fraction=fraction)
+    if share <= 0:
+        return text
+    if pool is None:
         pool = teacher_pool_for(loaded, config, out_dir, teacher_pool, teacher_start)
-        pool.grow(teacher_blocks(total_blocks or config.steps * config.batch_size * config.grad_accum, share))
-    if share == 1:
-        return pool.stream
-    text = text_block_source(data, loaded.tokenizer, config.seq_len, fraction=fraction)
-    return text if share <= 0 else mixed_block_source(text, pool.stream, teacher_fraction)
+    pool.grow(teacher_blocks(total_blocks or config.steps * config.batch_size * config.grad_accum, share))
+    return pool.stream if share == 1 else mixed_block_source(text, pool.stream, teacher_fraction)
 
 
 def data_name(
@@ -481,8 +481,6 @@ def load_data(loaded: LoadedModel, run: RunConfig, out_dir: Path, phase) -> tupl
         run.teacher_start,
         pool,
     )
-    if pool is not None:
-        pool.grow(teacher_blocks(total, share))
     phase("evaluation text and held-out teacher samples")
     return blocks, pool, evaluation_sets(run.eval_data, loaded, run.eval_tokens, run.context, out_dir)
 
@@ -637,10 +635,9 @@ def _budget_plan(
 ):
     """The run's budget plan: measured now, or, on resume, the one the run fixed before (budget.json).
     ``evaluations``: :func:`_evaluation_costs` of ``eval_sets``, on which the comparison's share is counted
-    (:func:`comparison_share`). ``refit_ids``:
-    what block-wise reconstruction fits on, where the run refits blocks (its time is estimated). ``pool``: the
-    teacher's samples so far (``None``: the run takes none), grown after for the steps fixed here, its sampling
-    counted in the budget."""
+    (:func:`comparison_share`). ``refit_ids``: what block-wise reconstruction fits on, where the run refits
+    blocks (its time is estimated). ``pool``: the teacher's samples so far (``None``: the run takes none),
+    grown after for the steps fixed here, its sampling counted in the budget."""
     run = record.run
     path = record.out_dir / "budget.json"
     if run.resume and path.is_file():
@@ -653,12 +650,12 @@ def _budget_plan(
     # the comparison's speed against float differs most between CPUs, and with the rows a call multiplies: timed
     # on one batch of evaluation windows (on 2 AVX2 cores int4 read 1.28x on two sequences of 256 tokens,
     # docs/demo-ratio-results-c168667.json, and 1.03x on 4 windows of 512, quantized_forward/quantized-forward.json)
-    windows = _evaluation_batch(stream, run) if run.compare_tokens else None
-    cost = quantized_forward_cost(teacher, windows, QUANTIZED_FORMATS[1]) if run.compare_tokens else 1.0
+    cost, comparison = 1.0, 0.0
+    if run.compare_tokens:
+        cost = quantized_forward_cost(teacher, _evaluation_batch(stream, run), QUANTIZED_FORMATS[1])
+        compared = comparison_share(eval_sets, run.compare_tokens, run.context)
+        comparison = comparison_evaluations(compared, not run.plans_bytes, cost)
     spent = time.perf_counter() - record.started + 3 * step  # the timing itself
-    forms = not run.plans_bytes
-    compared = comparison_share(eval_sets, run.compare_tokens, run.context) if run.compare_tokens else 0.0
-    comparison = comparison_evaluations(compared, forms, cost) if run.compare_tokens else 0
     after = seconds_after_distillation(*evaluations, stages, comparison)
     refit = estimated_seconds(student, refit_ids, run.distill.blockwise) if refit_ids is not None else 0.0
     pool_blocks = _pool_blocks(pool, run, stages)

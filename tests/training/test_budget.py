@@ -80,11 +80,17 @@ def test_timing_an_on_policy_step_times_the_students_sampling_on_a_copy(tokenize
     assert len(sampled_from) == 1  # off-policy steps sample nothing
 
 
-def test_a_budgeted_run_fixes_its_steps_once_and_resumes_with_them(tmp_path, gpt2_dir):
+def budgeted_run(tmp_path, gpt2_dir, teacher_fraction="0", calibration_tokens="0", compare_tokens="0") -> list[str]:
+    """The arguments of a `tqc run` of GPT-2 in half a minute's budget, on a toy text written to ``tmp_path``."""
     (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
     args = ["run", "--model", str(gpt2_dir), "--method", "svd", "--ratio", "0.8", "--data", str(tmp_path / "train.txt")]
-    args += ["--teacher-fraction", "0", "--calibration-tokens", "0", "--eval-tokens", "128", "--context", "64"]
-    args += ["--batch-size", "2", "--seq-len", "32", "--compare-tokens", "0", "--time-budget", "0.5"]
+    args += ["--teacher-fraction", teacher_fraction, "--calibration-tokens", calibration_tokens]
+    args += ["--eval-tokens", "128", "--context", "64", "--batch-size", "2", "--seq-len", "32"]
+    return [*args, "--compare-tokens", compare_tokens, "--time-budget", "0.5"]
+
+
+def test_a_budgeted_run_fixes_its_steps_once_and_resumes_with_them(tmp_path, gpt2_dir):
+    args = budgeted_run(tmp_path, gpt2_dir)
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -101,10 +107,7 @@ def test_a_budgeted_run_fixes_its_steps_once_and_resumes_with_them(tmp_path, gpt
 
 
 def test_a_budgeted_run_that_refits_blocks_counts_them_and_says_so(tmp_path, gpt2_dir):
-    (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
-    args = ["run", "--model", str(gpt2_dir), "--method", "svd", "--ratio", "0.8", "--data", str(tmp_path / "train.txt")]
-    args += ["--teacher-fraction", "0", "--calibration-tokens", "256", "--eval-tokens", "128", "--context", "64"]
-    args += ["--batch-size", "2", "--seq-len", "32", "--compare-tokens", "64", "--time-budget", "0.5"]
+    args = budgeted_run(tmp_path, gpt2_dir, calibration_tokens="256", compare_tokens="64")
     result = CliRunner().invoke(app, [*args, "--blockwise-steps", "2", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     budget = json.loads((tmp_path / "run" / "budget.json").read_text())
@@ -175,10 +178,7 @@ def test_a_budgeted_run_grows_its_teacher_pool_to_what_its_steps_take(tmp_path, 
     from tqcompressor import data
 
     monkeypatch.setattr(data, "POOL_CHUNK", 2)
-    (tmp_path / "train.txt").write_text(TOY_TEXT * 3)
-    args = ["run", "--model", str(gpt2_dir), "--method", "svd", "--ratio", "0.8", "--data", str(tmp_path / "train.txt")]
-    args += ["--teacher-fraction", "0.5", "--calibration-tokens", "0", "--eval-tokens", "128", "--context", "64"]
-    args += ["--batch-size", "2", "--seq-len", "32", "--compare-tokens", "0", "--time-budget", "0.5"]
+    args = budgeted_run(tmp_path, gpt2_dir, teacher_fraction="0.5")
     result = CliRunner().invoke(app, [*args, "--teacher-pool", "40", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     budget = json.loads((tmp_path / "run" / "budget.json").read_text())

@@ -287,7 +287,8 @@ def int4_from_cpu_layout(packed: Tensor, shape: tuple[int, int]) -> Tensor:
 
 def int4_values_from_cpu_layout(packed: Tensor, shape: tuple[int, int]) -> Tensor:
     """The ``shape`` uint8 values (0..15) that PyTorch's CPU int4 converter packed into ``packed``."""
-    nibbles = torch.cat([(packed.cpu() & 15).reshape(-1), (packed.cpu() >> 4).reshape(-1)])
+    packed = packed.cpu()
+    nibbles = torch.cat([(packed & 15).reshape(-1), (packed >> 4).reshape(-1)])
     return nibbles[_cpu_int4_order(tuple(shape))].reshape(shape)
 
 
